@@ -1,0 +1,90 @@
+"""The backend contract: five primitives, and the SAE ops composed from them once for every backend.
+
+A backend supplies the primitives below for already-validated, contiguous inputs (``ops.py`` validates and
+makes inputs contiguous; a backend never re-validates). Shapes: ``B`` rows, ``d`` model width, ``n`` latents,
+``k`` active latents per row. All float inputs of one call share one dtype; ``idx`` is int64. Outputs have
+the float dtype of the inputs (accumulation happens in at least float32).
+
+Primitives
+  encode(x [B,d], W_enc [n,d], b_enc [n], b_dec [d], k) -> (values [B,k], indices [B,k] int64)
+      values = the k largest entries of relu((x - b_dec) @ W_enc.T + b_enc) per row, indices distinct within a
+      row; order within a row unspecified; rows with fewer than k positive entries are padded with zeros at
+      distinct indices.
+  gather_accumulate(coef [B,k], idx [B,k], W [n,d]) -> out [B,d]
+      out[b] = sum_j coef[b,j] * W[idx[b,j]]                       (decoder forward, encoder dx)
+  transpose_reduce(coef [B,k], idx [B,k], X [B,d], n) -> (out [n,d], coef_sum [n])
+      out[i] = sum_{(b,j): idx[b,j]=i} coef[b,j] * X[b]; coef_sum[i] = sum of those coef; every row of ``out``
+      is written exactly once (zero for latents that never occur)   (dW_enc, dW_dec, db_enc)
+  sddmm(G [B,d], idx [B,k], W [n,d]) -> out [B,k]
+      out[b,j] = <G[b], W[idx[b,j]]>                                 (d_values of the decoder)
+  decoder_norm_step(W [n,d], grad [n,d], exp_avg [n,d], exp_avg_sq [n,d], step, lr, beta1, beta2, eps) -> None
+      in place: g = grad - <grad, w_hat> w_hat per row (w_hat = W row / its norm); Adam exactly as
+      torch.optim.Adam (bias-corrected, ``step`` counted from 1, eps added after the sqrt); then every row of W
+      rescaled to unit norm. ``grad`` is not modified.
+
+A backend may override ``decode_backward`` to fuse SDDMM into the transpose pass.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Backend:
+    """Base class. Subclasses set ``name`` and implement the primitives; composites are shared."""
+
+    name: str = "abstract"
+    #: float dtypes the primitives accept natively; others are computed in float32 and cast back.
+    native_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+    # ---- availability -------------------------------------------------------------------------------
+    def is_available(self) -> bool:
+        raise NotImplementedError
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can run on tensors of ``device``."""
+        raise NotImplementedError
+
+    # ---- primitives ---------------------------------------------------------------------------------
+    def encode(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def gather_accumulate(self, coef: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def transpose_reduce(self, coef: Tensor, idx: Tensor, X: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def sddmm(self, G: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decoder_norm_step(self, W, grad, exp_avg, exp_avg_sq, step: int, lr: float, beta1: float,
+                          beta2: float, eps: float) -> None:
+        raise NotImplementedError
+
+    # ---- composites (shared by every backend) -------------------------------------------------------
+    def decode(self, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+        """x_hat [B,d] = b_dec + sum_j values[b,j] W_dec[indices[b,j]]."""
+        out = self.gather_accumulate(values, indices, W_dec)
+        out += b_dec
+        return out
+
+    def encode_backward(self, d_values: Tensor, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor,
+                        b_dec: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gradients (dx [B,d], dW_enc [n,d], db_enc [n], db_dec [d]) of topk_encode from d_values [B,k].
+
+        Only the k selected pre-activations carry gradient, and only where relu passed (values > 0).
+        """
+        d_pre = torch.where(values > 0, d_values, torch.zeros_like(d_values))
+        dx = self.gather_accumulate(d_pre, indices, W_enc)
+        dW_enc, db_enc = self.transpose_reduce(d_pre, indices, x - b_dec, W_enc.shape[0])
+        db_dec = -dx.sum(0, dtype=torch.float32 if dx.dtype in (torch.bfloat16, torch.float16) else None)
+        return dx, dW_enc, db_enc, db_dec.to(b_dec.dtype)
+
+    def decode_backward(self, g: Tensor, values: Tensor, indices: Tensor,
+                        W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients (d_values [B,k], dW_dec [n,d], db_dec [d]) of sparse_decode from g = dL/dx_hat [B,d]."""
+        d_values = self.sddmm(g, indices, W_dec)
+        dW_dec, _ = self.transpose_reduce(values, indices, g, W_dec.shape[0])
+        db_dec = g.sum(0, dtype=torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else None)
+        return d_values, dW_dec, db_dec.to(g.dtype)

@@ -1,0 +1,340 @@
+"""Public ops: validated, differentiable, backend-dispatched, torch.compile-able.
+
+- ``topk_encode(x, W_enc, b_enc, b_dec, k) -> (values [..., k], indices [..., k] int64)``
+- ``sparse_decode(values, indices, W_dec, b_dec) -> x_hat [..., d]``
+- ``decoder_norm_step(W_dec, grad, exp_avg, exp_avg_sq, step, lr, betas, eps)`` (in place)
+
+Each is a ``torch.library.custom_op`` (namespace ``dlmscope``) with a fake (meta) implementation and an
+autograd formula whose backward is itself a custom op, so the ops pass ``torch.library.opcheck`` and trace
+inside ``torch.compile(fullgraph=True)``. Leading dimensions of ``x`` / ``values`` are flattened to one batch
+axis B and restored on the way out.
+
+Validation happens here, once, for every backend (bad input raises ``TypeError`` / ``ValueError`` naming the
+argument and the shapes). The value checks that need a device-to-host sync — NaN/Inf in activations, index
+range — are on by default and can be switched off for hot loops with ``set_value_checks(False)`` or
+``DLMSCOPE_VALUE_CHECKS=0``; they are skipped while ``torch.compile`` traces.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .backends import Backend, available_backends, get_backend, resolve_backend
+
+__all__ = [
+    "topk_encode",
+    "sparse_decode",
+    "decoder_norm_step",
+    "available_backends",
+    "set_value_checks",
+    "value_checks",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_value_checks = os.environ.get("DLMSCOPE_VALUE_CHECKS", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the host-syncing value checks (NaN/Inf in x, index range) on or off globally."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Context manager form of :func:`set_value_checks`."""
+    global _value_checks
+    previous, _value_checks = _value_checks, bool(enabled)
+    try:
+        yield
+    finally:
+        _value_checks = previous
+
+
+def _checking_values() -> bool:
+    return _value_checks and not torch.compiler.is_compiling()
+
+
+# ---- validation ---------------------------------------------------------------------------------------
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _require_tensor(name: str, t) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _require_float(name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def _require_same(names_and_tensors: Sequence[tuple[str, Tensor]], reference_name: str, reference: Tensor) -> None:
+    for name, t in names_and_tensors:
+        if t.dtype != reference.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {reference_name} has {reference.dtype}; "
+                            "cast them to one dtype")
+        if t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
+
+
+def _require_ndim(name: str, t: Tensor, ndim: int, what: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {what}, got shape {_shape(t)}")
+
+
+def _require_k(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= int(k) <= n:
+        raise ValueError(f"k must satisfy 1 <= k <= n (number of latents = {n}), got k={int(k)}")
+
+
+def _require_finite(name: str, t: Tensor) -> None:
+    if _checking_values() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name} {_shape(t)} contains NaN or Inf (first at index {tuple(bad)})")
+
+
+def _flatten_batch(name: str, t: Tensor, width_name: str) -> tuple[Tensor, tuple[int, ...]]:
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., {width_name}], got a scalar")
+    lead = tuple(t.shape[:-1])
+    flat = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if flat.shape[0] == 0:
+        raise ValueError(f"{name} {_shape(t)} is an empty batch")
+    return flat, lead
+
+
+def _validate_encode(x, W_enc, b_enc, b_dec, k):
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
+        _require_tensor(name, t)
+        _require_float(name, t)
+    _require_ndim("W_enc", W_enc, 2, "[n, d]")
+    n, d = W_enc.shape
+    if x.dim() < 1 or x.shape[-1] != d:
+        raise ValueError(f"x has shape {_shape(x)} but W_enc {_shape(W_enc)} expects last dimension d={d}")
+    if b_enc.shape != (n,):
+        raise ValueError(f"b_enc must have shape [n] = [{n}] to match W_enc {_shape(W_enc)}, got {_shape(b_enc)}")
+    if b_dec.shape != (d,):
+        raise ValueError(f"b_dec must have shape [d] = [{d}] to match W_enc {_shape(W_enc)}, got {_shape(b_dec)}")
+    _require_same((("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)), "x", x)
+    _require_k(k, n)
+    x2, lead = _flatten_batch("x", x, "d")
+    _require_finite("x", x2)
+    return x2, lead
+
+
+def _validate_decode(values, indices, W_dec, b_dec):
+    for name, t in (("values", values), ("indices", indices), ("W_dec", W_dec), ("b_dec", b_dec)):
+        _require_tensor(name, t)
+    for name, t in (("values", values), ("W_dec", W_dec), ("b_dec", b_dec)):
+        _require_float(name, t)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    _require_ndim("W_dec", W_dec, 2, "[n, d]")
+    n, d = W_dec.shape
+    if values.shape != indices.shape:
+        raise ValueError(f"values {_shape(values)} and indices {_shape(indices)} must have the same shape")
+    if b_dec.shape != (d,):
+        raise ValueError(f"b_dec must have shape [d] = [{d}] to match W_dec {_shape(W_dec)}, got {_shape(b_dec)}")
+    _require_same((("W_dec", W_dec), ("b_dec", b_dec)), "values", values)
+    if indices.device != values.device:
+        raise ValueError(f"indices is on {indices.device} but values is on {values.device}")
+    v2, lead = _flatten_batch("values", values, "k")
+    i2 = indices.reshape(v2.shape).long()
+    if _checking_values() and i2.numel():
+        lo, hi = int(i2.min()), int(i2.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"indices must lie in [0, n) = [0, {n}) for W_dec {_shape(W_dec)}, "
+                             f"got values in [{lo}, {hi}]")
+    _require_finite("values", v2)
+    return v2, i2, lead
+
+
+# ---- dtype adaptation shared by all backends -----------------------------------------------------------
+
+
+def _call(backend_name: str, method: str, *args):
+    """Run ``backend.method(*args)``, computing in float32 if the backend lacks the inputs' float dtype."""
+    backend: Backend = get_backend(backend_name)
+    dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+    if dtype is None or dtype in backend.native_dtypes:
+        return getattr(backend, method)(*args)
+    cast = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    out = getattr(backend, method)(*cast)
+    if isinstance(out, tuple):
+        return tuple(o.to(dtype) if o.is_floating_point() else o for o in out)
+    return out.to(dtype)
+
+
+# ---- custom ops -----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dlmscope::topk_encode", mutates_args=())
+def _topk_encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
+                    backend: str) -> tuple[Tensor, Tensor]:
+    values, indices = _call(backend, "encode", x, W_enc, b_enc, b_dec, k)
+    return values, indices.long()
+
+
+@_topk_encode_op.register_fake
+def _(x, W_enc, b_enc, b_dec, k, backend):
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.custom_op("dlmscope::topk_encode_backward", mutates_args=())
+def _topk_encode_backward_op(d_values: Tensor, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor,
+                             b_dec: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _call(backend, "encode_backward", d_values.contiguous(), values, indices, x, W_enc, b_dec)
+
+
+@_topk_encode_backward_op.register_fake
+def _(d_values, values, indices, x, W_enc, b_dec, backend):
+    return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[0]), torch.empty_like(b_dec)
+
+
+def _topk_encode_setup(ctx, inputs, output):
+    x, W_enc, _b_enc, b_dec, _k, backend = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(indices)
+
+
+def _topk_encode_backward(ctx, d_values, _d_indices):
+    x, W_enc, b_dec, values, indices = ctx.saved_tensors
+    dx, dW_enc, db_enc, db_dec = _topk_encode_backward_op(d_values, values, indices, x, W_enc, b_dec, ctx.backend)
+    return dx, dW_enc, db_enc, db_dec, None, None
+
+
+_topk_encode_op.register_autograd(_topk_encode_backward, setup_context=_topk_encode_setup)
+
+
+@torch.library.custom_op("dlmscope::sparse_decode", mutates_args=())
+def _sparse_decode_op(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, backend: str) -> Tensor:
+    return _call(backend, "decode", values, indices, W_dec, b_dec)
+
+
+@_sparse_decode_op.register_fake
+def _(values, indices, W_dec, b_dec, backend):
+    return values.new_empty(values.shape[0], W_dec.shape[1])
+
+
+@torch.library.custom_op("dlmscope::sparse_decode_backward", mutates_args=())
+def _sparse_decode_backward_op(g: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _call(backend, "decode_backward", g.contiguous(), values, indices, W_dec)
+
+
+@_sparse_decode_backward_op.register_fake
+def _(g, values, indices, W_dec, backend):
+    return torch.empty_like(values), torch.empty_like(W_dec), g.new_empty(g.shape[1])
+
+
+def _sparse_decode_setup(ctx, inputs, output):
+    values, indices, W_dec, _b_dec, backend = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+    ctx.backend = backend
+
+
+def _sparse_decode_backward(ctx, g):
+    values, indices, W_dec = ctx.saved_tensors
+    d_values, dW_dec, db_dec = _sparse_decode_backward_op(g, values, indices, W_dec, ctx.backend)
+    return d_values, None, dW_dec, db_dec, None
+
+
+_sparse_decode_op.register_autograd(_sparse_decode_backward, setup_context=_sparse_decode_setup)
+
+
+@torch.library.custom_op("dlmscope::decoder_norm_step", mutates_args=("W_dec", "exp_avg", "exp_avg_sq"))
+def _decoder_norm_step_op(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
+                          beta1: float, beta2: float, eps: float, backend: str) -> None:
+    impl = get_backend(backend)
+    if W_dec.dtype in impl.native_dtypes:
+        impl.decoder_norm_step(W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+        return
+    work = [t.float() for t in (W_dec, exp_avg, exp_avg_sq)]
+    impl.decoder_norm_step(work[0], grad.float(), work[1], work[2], step, lr, beta1, beta2, eps)
+    for target, result in zip((W_dec, exp_avg, exp_avg_sq), work):
+        target.copy_(result)
+
+
+@_decoder_norm_step_op.register_fake
+def _(W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, backend):
+    return None
+
+
+# ---- public API ---------------------------------------------------------------------------------------
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *,
+                backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Top-K SAE encoder: the k largest of ``relu((x - b_dec) @ W_enc.T + b_enc)`` per row.
+
+    x [..., d], W_enc [n, d], b_enc [n], b_dec [d] (one float dtype, one device), 1 <= k <= n.
+    Returns values [..., k] (x's dtype) and indices [..., k] int64, distinct within a row, order unspecified.
+    Differentiable in x, W_enc, b_enc, b_dec; only the selected pre-activations carry gradient.
+    """
+    x2, lead = _validate_encode(x, W_enc, b_enc, b_dec, k)
+    impl = resolve_backend(backend, x2.device)
+    values, indices = _topk_encode_op(x2.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(),
+                                      int(k), impl.name)
+    return values.reshape(*lead, int(k)), indices.reshape(*lead, int(k))
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,
+                  backend: str | None = None) -> Tensor:
+    """Top-K SAE decoder: ``x_hat[b] = b_dec + sum_j values[b, j] * W_dec[indices[b, j]]``.
+
+    values [..., k] float, indices [..., k] int64/int32 in [0, n), W_dec [n, d], b_dec [d]. Returns [..., d].
+    Duplicate indices within a row add up. Differentiable in values, W_dec, b_dec.
+    """
+    v2, i2, lead = _validate_decode(values, indices, W_dec, b_dec)
+    impl = resolve_backend(backend, v2.device)
+    x_hat = _sparse_decode_op(v2.contiguous(), i2.contiguous(), W_dec.contiguous(), b_dec.contiguous(), impl.name)
+    return x_hat.reshape(*lead, W_dec.shape[1])
+
+
+def decoder_norm_step(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
+                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
+                      backend: str | None = None) -> None:
+    """Fused decoder update, in place on W_dec, exp_avg, exp_avg_sq (all [n, d], contiguous, one dtype):
+
+    remove from each gradient row its component along the (unit) decoder row, take one Adam step exactly as
+    ``torch.optim.Adam`` would (``step`` counts from 1), renormalise every decoder row to unit norm.
+    ``grad`` is read only.
+    """
+    for name, t in (("W_dec", W_dec), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _require_tensor(name, t)
+        _require_float(name, t)
+        _require_ndim(name, t, 2, "[n, d]")
+        if t.shape != W_dec.shape:
+            raise ValueError(f"{name} has shape {_shape(t)} but W_dec has {_shape(W_dec)}")
+    _require_same((("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)), "W_dec", W_dec)
+    for name, t in (("W_dec", W_dec), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: it is updated in place")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (Adam counts steps from 1), got {step!r}")
+    beta1, beta2 = (float(b) for b in betas)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    _require_finite("grad", grad)
+    impl = resolve_backend(backend, W_dec.device)
+    with torch.no_grad():
+        _decoder_norm_step_op(W_dec, grad.contiguous(), exp_avg, exp_avg_sq, step, float(lr), beta1, beta2,
+                              float(eps), impl.name)
