@@ -1,0 +1,39 @@
+# dlmscope — `make demo` runs the main job, `make test` runs the suite CI runs.
+SHELL := /bin/bash
+PY ?= $(if $(VIRTUAL_ENV),python,$(if $(wildcard .venv/bin/python),.venv/bin/python,python3))
+VENV_PY := .venv/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv install test test-all bench gpu-check wheel demo clean
+
+# Create .venv (unless a virtualenv is active), install the CPU torch pin, the package and its test extras.
+venv:
+	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV_PY) ]; then python3 -m venv .venv; fi
+	@$(PYBIN) -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v -i warning || true
+
+PYBIN = $(if $(VIRTUAL_ENV),python,$(VENV_PY))
+
+install: venv
+	$(PYBIN) -m pip install -q "$(TORCH_PIN)"
+	$(PYBIN) -m pip install -q pybind11 ninja
+	$(PYBIN) -m pip install -q --no-build-isolation -e ".[test]"
+
+# The suite CI runs: everything but tests marked slow; Triton kernels run in the CPU interpreter.
+test: install
+	TRITON_INTERPRET=1 $(PYBIN) -m pytest -q -m "not slow and not gpu" tests
+
+test-all: install
+	TRITON_INTERPRET=1 $(PYBIN) -m pytest -q tests
+
+bench: install
+	$(PYBIN) benchmarks/report.py --device cpu
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+wheel: venv
+	$(PYBIN) -m pip install -q "$(TORCH_PIN)" build pybind11 ninja
+	DLMSCOPE_MARCH=x86-64-v3 $(PYBIN) -m build --wheel --no-isolation
+
+clean:
+	rm -rf build dist *.egg-info dlmscope/*.so .pytest_cache .benchmarks

@@ -1,0 +1,287 @@
+"""Every backend's ops equal the float64 reference (dlmscope.reference) — values, selections and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dlmscope
+from dlmscope import ops, reference
+from dlmscope.backends import get_backend
+
+from .conftest import backend_device, backend_params, native_float64, tolerance
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def make_sae(B, d, n, dtype, device, seed=0, bias_shift=0.0):
+    """Random SAE parameters and activations; decoder rows unit norm, W_enc = W_dec.T-style init plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    W_enc = W_dec + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    b_enc = 0.1 * torch.randn(n, generator=g, dtype=torch.float64) + bias_shift
+    b_dec = 0.1 * torch.randn(d, generator=g, dtype=torch.float64)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    return [t.to(dtype=dtype, device=device) for t in (x, W_enc, b_enc, W_dec, b_dec)]
+
+
+def check_topk(values, indices, x, W_enc, b_enc, b_dec, k, tol):
+    """The selection is a valid top-k of relu(pre): right values at the returned indices, right multiset."""
+    B = x.shape[0]
+    n = W_enc.shape[0]
+    assert values.shape == (B, k) and indices.shape == (B, k)
+    assert indices.dtype == torch.int64 and values.dtype == x.dtype
+    idx = indices.cpu()
+    assert int(idx.min()) >= 0 and int(idx.max()) < n
+    assert all(len(set(row.tolist())) == k for row in idx), "indices must be distinct within a row"
+    pre = reference.pre_activations(*(t.cpu().double() for t in (x, W_enc, b_enc, b_dec)))
+    relu = pre.clamp_min(0)
+    scale = max(float(pre.abs().max()), 1e-6)
+    at_idx = relu.gather(1, idx)
+    torch.testing.assert_close(values.cpu().double(), at_idx, atol=tol * scale, rtol=0)
+    ref_sorted = relu.topk(k, dim=1).values
+    got_sorted = values.cpu().double().sort(dim=1, descending=True).values
+    torch.testing.assert_close(got_sorted, ref_sorted, atol=tol * scale, rtol=0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+@pytest.mark.parametrize("backend_name", backend_params())
+def test_topk_encode_matches_reference(backend_name, data):
+    device = backend_device(backend_name)
+    B = data.draw(st.integers(1, 9), label="B")
+    d = data.draw(st.integers(1, 37), label="d")
+    n = data.draw(st.integers(1, 70), label="n")
+    k = data.draw(st.integers(1, n), label="k")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shift = data.draw(st.sampled_from([0.0, -1.5]), label="bias_shift")  # -1.5: many rows with < k positives
+    x, W_enc, b_enc, _, b_dec = make_sae(B, d, n, dtype, device, seed=data.draw(st.integers(0, 2**16)),
+                                         bias_shift=shift)
+    values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, k, backend=backend_name)
+    check_topk(values, indices, x, W_enc, b_enc, b_dec, k, tolerance(dtype, backend_name))
+
+
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_topk_encode_edge_k(backend, device, k):
+    """k = 1 and k = n, d not a power of two."""
+    x, W_enc, b_enc, _, b_dec = make_sae(5, 19, 64, torch.float32, device, seed=k)
+    values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, k, backend=backend)
+    check_topk(values, indices, x, W_enc, b_enc, b_dec, k, tolerance(torch.float32, backend))
+
+
+def test_topk_encode_ties(backend, device):
+    """Duplicate encoder rows give exactly tied pre-activations; any tie-break is valid, sets must be distinct."""
+    x, W_enc, b_enc, _, b_dec = make_sae(6, 10, 24, torch.float32, device, seed=3)
+    W_enc = W_enc[:6].repeat(4, 1)
+    b_enc = b_enc[:6].repeat(4)
+    values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, 9, backend=backend)
+    check_topk(values, indices, x, W_enc, b_enc, b_dec, 9, tolerance(torch.float32, backend))
+
+
+def test_topk_encode_all_negative_rows_pad_with_zeros(backend, device):
+    x, W_enc, b_enc, _, b_dec = make_sae(4, 12, 30, torch.float32, device, seed=5)
+    b_enc = torch.full_like(b_enc, -100.0)
+    values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, 5, backend=backend)
+    assert torch.equal(values.cpu(), torch.zeros(4, 5))
+    check_topk(values, indices, x, W_enc, b_enc, b_dec, 5, tolerance(torch.float32, backend))
+
+
+def test_topk_encode_non_contiguous_and_leading_dims(backend, device):
+    x, W_enc, b_enc, _, b_dec = make_sae(24, 16, 40, torch.float32, device, seed=7)
+    x_nc = x.T.contiguous().T.reshape(2, 12, 16)  # same values, column-major storage
+    assert not x_nc.is_contiguous()
+    W_big = torch.randn(40, 32, device=device)
+    W_big[:, ::2] = W_enc
+    W_nc = W_big[:, ::2]
+    assert not W_nc.is_contiguous()
+    values, indices = dlmscope.topk_encode(x_nc, W_nc, b_enc, b_dec, 6, backend=backend)
+    assert values.shape == (2, 12, 6) and indices.shape == (2, 12, 6)
+    check_topk(values.reshape(24, 6), indices.reshape(24, 6), x, W_enc, b_enc, b_dec, 6,
+               tolerance(torch.float32, backend))
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+@pytest.mark.parametrize("backend_name", backend_params())
+def test_sparse_decode_matches_reference(backend_name, data):
+    device = backend_device(backend_name)
+    B = data.draw(st.integers(1, 9), label="B")
+    d = data.draw(st.integers(1, 37), label="d")
+    n = data.draw(st.integers(1, 50), label="n")
+    k = data.draw(st.integers(1, 12), label="k")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    values = torch.randn(B, k, generator=g, dtype=torch.float64)
+    indices = torch.randint(0, n, (B, k), generator=g)  # duplicates allowed: they add up
+    W_dec = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b_dec = torch.randn(d, generator=g, dtype=torch.float64)
+    args = [t.to(device=device, dtype=dtype) for t in (values, W_dec, b_dec)]
+    out = dlmscope.sparse_decode(args[0], indices.to(device), args[1], args[2], backend=backend_name)
+    assert out.shape == (B, d) and out.dtype == dtype
+    ref = reference.sparse_decode(*(a.cpu().double() for a in args[:1]), indices, args[1].cpu().double(),
+                                  args[2].cpu().double())
+    scale = float((args[0].cpu().double().abs().sum(1).max()) * args[1].cpu().double().abs().max()) + 1.0
+    torch.testing.assert_close(out.cpu().double(), ref, atol=tolerance(dtype, backend_name) * scale, rtol=0)
+
+
+def test_sparse_decode_int32_indices_and_leading_dims(backend, device):
+    values = torch.rand(2, 3, 4, device=device)
+    indices = torch.randint(0, 10, (2, 3, 4), device=device, dtype=torch.int32)
+    W_dec, b_dec = torch.randn(10, 6, device=device), torch.randn(6, device=device)
+    out = dlmscope.sparse_decode(values, indices, W_dec, b_dec, backend=backend)
+    ref = reference.sparse_decode(values.reshape(6, 4).cpu(), indices.reshape(6, 4).long().cpu(), W_dec.cpu(),
+                                  b_dec.cpu())
+    torch.testing.assert_close(out.reshape(6, 6).cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_match_reference(backend, device, dtype):
+    """Full SAE loss: the backend's gradients equal autograd through the reference, at the same selection."""
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(11, 21, 53, dtype, device, seed=11)
+    k = 7
+    params = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
+    values, indices = dlmscope.topk_encode(params[0], params[1], params[2], params[4], k, backend=backend)
+    x_hat = dlmscope.sparse_decode(values, indices, params[3], params[4], backend=backend)
+    target = torch.randn_like(x_hat)
+    wide = torch.promote_types(dtype, torch.float32)
+    ((x_hat.to(wide) - target.to(wide)) ** 2).sum().backward()
+    got = [p.grad.cpu().double() for p in params]
+
+    ref_params = [p.detach().cpu().double().requires_grad_() for p in params]
+    rx, rWe, rbe, rWd, rbd = ref_params
+    pre = reference.pre_activations(rx, rWe, rbe, rbd)
+    ref_values = torch.relu(pre.gather(1, indices.cpu()))  # the backend's selection, reference arithmetic
+    ref_hat = reference.sparse_decode(ref_values, indices.cpu(), rWd, rbd)
+    ((ref_hat - target.cpu().double()) ** 2).sum().backward()
+    tol = tolerance(dtype, backend) * (10 if dtype in (torch.bfloat16, torch.float16) else 1)
+    for name, g, r in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], got, (p.grad for p in ref_params)):
+        scale = float(r.abs().max()) + 1e-6
+        torch.testing.assert_close(g, r, atol=tol * scale, rtol=0, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_gradcheck_float64(backend, device):
+    if not native_float64(backend):
+        pytest.skip(f"{backend} computes in float32; gradients are compared in test_gradients_match_reference")
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(5, 9, 17, torch.float64, device, seed=2)
+    inputs = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
+
+    def sae(x, W_enc, b_enc, W_dec, b_dec):
+        values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, 4, backend=backend)
+        return dlmscope.sparse_decode(values, indices, W_dec, b_dec, backend=backend)
+
+    assert torch.autograd.gradcheck(sae, inputs)
+
+
+def _opcheck_dtype(backend):
+    return torch.float64 if native_float64(backend) else torch.float32
+
+
+def test_opcheck_topk_encode(backend, device):
+    dtype = _opcheck_dtype(backend)
+    x, W_enc, b_enc, _, b_dec = make_sae(6, 10, 20, dtype, device, seed=4)
+    args = [t.requires_grad_() for t in (x, W_enc, b_enc, b_dec)]
+    torch.library.opcheck(ops._topk_encode_op, (*args, 5, backend))
+
+
+def test_opcheck_sparse_decode(backend, device):
+    dtype = _opcheck_dtype(backend)
+    values = torch.rand(6, 5, dtype=dtype, device=device, requires_grad=True)
+    indices = torch.randint(0, 20, (6, 5), device=device)
+    W_dec = torch.randn(20, 10, dtype=dtype, device=device, requires_grad=True)
+    b_dec = torch.randn(10, dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(ops._sparse_decode_op, (values, indices, W_dec, b_dec, backend))
+
+
+def test_opcheck_decoder_norm_step(backend, device):
+    dtype = _opcheck_dtype(backend)
+    W = torch.nn.functional.normalize(torch.randn(20, 10, dtype=dtype, device=device), dim=1)
+    grad = torch.randn_like(W)
+    torch.library.opcheck(ops._decoder_norm_step_op,
+                          (W, grad, torch.rand_like(W), torch.rand_like(W), 3, 1e-3, 0.9, 0.999, 1e-8, backend))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoder_norm_step_matches_reference(backend, device, dtype):
+    g = torch.Generator().manual_seed(9)
+    n, d = 37, 23
+    W = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    m = 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = 0.01 * torch.rand(n, d, generator=g, dtype=torch.float64)
+    ours = [t.to(device=device, dtype=dtype) for t in (W, m, v)]
+    refs = [t.to(dtype).double() for t in (W, m, v)]  # the same starting point, rounded to dtype
+    for step in (1, 2, 3):
+        grad = torch.randn(n, d, generator=g, dtype=torch.float64)
+        grad_ours = grad.to(device=device, dtype=dtype)
+        grad_copy = grad_ours.clone()
+        dlmscope.decoder_norm_step(ours[0], grad_ours, ours[1], ours[2], step, 1e-2, (0.9, 0.99), 1e-8,
+                                   backend=backend)
+        assert torch.equal(grad_ours, grad_copy), "grad must be read only"
+        reference.decoder_norm_step(refs[0], grad_ours.cpu().double(), refs[1], refs[2], step, 1e-2, (0.9, 0.99),
+                                    1e-8)
+    tol = tolerance(dtype, backend) * (5 if dtype in (torch.bfloat16, torch.float16) else 1)
+    for got, ref in zip(ours, refs):
+        torch.testing.assert_close(got.cpu().double(), ref, atol=tol * (float(ref.abs().max()) + 1e-12), rtol=0)
+    norms = ours[0].double().norm(dim=1).cpu()
+    torch.testing.assert_close(norms, torch.ones(n, dtype=torch.float64), atol=10 * tol, rtol=0)
+
+
+def test_reference_decoder_norm_step_is_adam_on_projected_grads():
+    """The oracle itself: identical to torch.optim.Adam fed projected gradients, then row renormalisation."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.nn.functional.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=1)
+    p = W.clone().requires_grad_()
+    opt = torch.optim.Adam([p], lr=3e-2, betas=(0.9, 0.999), eps=1e-8)
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
+    for step in range(1, 5):
+        grad = torch.randn(8, 5, generator=g, dtype=torch.float64)
+        p.grad = reference.project_out_parallel(grad, p.detach())
+        opt.step()
+        with torch.no_grad():
+            p.copy_(reference.normalize_rows(p))
+        reference.decoder_norm_step(W, grad, m, v, step, 3e-2, (0.9, 0.999), 1e-8)
+    torch.testing.assert_close(W, p.detach(), atol=1e-12, rtol=0)
+
+
+def test_compile_fullgraph_training_step(backend, device):
+    """The ops trace into one graph and the compiled step computes what eager does."""
+    if device.type == "cpu" and backend == "triton":
+        pytest.skip("triton under the CPU interpreter cannot be compiled by inductor; covered on CUDA")
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(16, 12, 40, torch.float32, device, seed=8)
+    params = [t.requires_grad_() for t in (W_enc, b_enc, W_dec, b_dec)]
+
+    def loss_fn(x, W_enc, b_enc, W_dec, b_dec):
+        values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, 5, backend=backend)
+        x_hat = dlmscope.sparse_decode(values, indices, W_dec, b_dec, backend=backend)
+        return (x - x_hat).pow(2).sum(-1).mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(x, *params)
+    grads_c = torch.autograd.grad(loss_c, params)
+    loss_e = loss_fn(x, *params)
+    grads_e = torch.autograd.grad(loss_e, params)
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+
+
+def test_backends_agree_with_each_other():
+    """All available backends pick the same latents on a tie-free problem and decode identically."""
+    names = [b for b in dlmscope.available_backends() if backend_device(b) is not None]
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(32, 24, 96, torch.float64, "cpu", seed=21)
+    results = {}
+    for name in names:
+        dev = backend_device(name)
+        args = [t.to(dev).float() for t in (x, W_enc, b_enc, b_dec)]
+        values, indices = dlmscope.topk_encode(*args, 8, backend=name)
+        order = values.argsort(dim=1, descending=True)
+        results[name] = (values.gather(1, order).cpu(), indices.gather(1, order).cpu())
+    base_values, base_indices = results["torch"]
+    for name, (values, indices) in results.items():
+        torch.testing.assert_close(values, base_values, atol=1e-4, rtol=1e-4)
+        assert torch.equal(indices, base_indices), f"{name} selected different latents than torch"
+
+
+def test_backend_reports_itself():
+    assert get_backend("torch").name == "torch"
+    assert "torch" in dlmscope.available_backends()
