@@ -35,5 +35,10 @@ wheel: venv
 	$(PYBIN) -m pip install -q "$(TORCH_PIN)" build pybind11 ninja
 	DLMSCOPE_MARCH=x86-64-v3 $(PYBIN) -m build --wheel --no-isolation
 
+# The main job. Today: a Top-K SAE trained with the fused ops on synthetic activations with a known
+# dictionary; the DLM pipeline on the embedded world takes over this target when it lands.
+demo: install
+	$(PYBIN) scripts/demo_synthetic.py
+
 clean:
 	rm -rf build dist *.egg-info dlmscope/*.so .pytest_cache .benchmarks
