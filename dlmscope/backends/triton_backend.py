@@ -1,0 +1,56 @@
+"""The ``triton`` backend: the five primitives as Triton kernels (``dlmscope.kernels``).
+
+Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (the interpreter, for tests).
+Inputs arrive validated and contiguous from ``dlmscope.ops``; float dtypes other than
+``native_dtypes`` are cast to float32 (and back) by ``ops``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .base import Backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    native_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def is_available(self) -> bool:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:
+            return False
+        return torch.cuda.is_available() or _interpreting()
+
+    def supports(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+    @staticmethod
+    def _k():
+        from .. import kernels  # imported lazily: importing triton costs ~1 s
+        return kernels
+
+    def encode(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return self._k().topk_encode(x, W_enc, b_enc, b_dec, k)
+
+    def gather_accumulate(self, coef: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+        return self._k().gather_accumulate(coef, idx, W)
+
+    def transpose_reduce(self, coef: Tensor, idx: Tensor, X: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        return self._k().transpose_reduce(coef, idx, X, n)
+
+    def sddmm(self, G: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+        return self._k().sddmm(G, idx, W)
+
+    def decoder_norm_step(self, W, grad, exp_avg, exp_avg_sq, step: int, lr: float, beta1: float,
+                          beta2: float, eps: float) -> None:
+        self._k().decoder_norm_step(W, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)

@@ -1,0 +1,163 @@
+"""Launch helpers shared by the Triton kernels: block sizes, dtype mapping, grids.
+
+Configs are fixed (no autotuning, so the first call does not pay a sweep and nothing syncs with the host).
+Two regimes: CUDA tensors get GPU-sized blocks; anything else runs under ``TRITON_INTERPRET=1`` where every
+block operation is a NumPy call, so the blocks are tiny and the loops short.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+
+def next_pow2(x: int) -> int:
+    return int(triton.next_power_of_2(max(int(x), 1)))
+
+
+def log2(x: int) -> int:
+    """log2 of a power of two."""
+    assert x > 0 and x & (x - 1) == 0, x
+    return int(x).bit_length() - 1
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def interpreted(t: torch.Tensor) -> bool:
+    """True when the kernel will run under the Triton interpreter (``TRITON_INTERPRET=1`` or non-CUDA)."""
+    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def num_sms(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 4
+    return _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def dot_upcast(t: torch.Tensor) -> bool:
+    """Whether ``tl.dot`` operands must be cast to fp32 first.
+
+    The Triton interpreter (3.6 and 3.9 alike) computes ``tl.dot`` of bfloat16 blocks on their raw bit
+    patterns, so under the interpreter bf16 tiles are upcast (bf16 x bf16 products are exact in fp32, so the
+    result equals a bf16 MMA with fp32 accumulation up to summation order).
+    """
+    return interpreted(t) and t.dtype == torch.bfloat16
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    """``input_precision`` of ``tl.dot``: exact fp32 products unless ``DLMSCOPE_TF32=1``; inert for 16-bit."""
+    if t.dtype == torch.float32:
+        return "tf32" if os.environ.get("DLMSCOPE_TF32", "0") == "1" and not interpreted(t) else "ieee"
+    if dot_upcast(t):
+        return "ieee"
+    return "tf32"
+
+
+# ---- topk_encode --------------------------------------------------------------------------------------
+class EncodeConfig:
+    __slots__ = ("KP", "BLOCK_B", "BLOCK_N", "BLOCK_D", "GROUP_B", "splits", "n_per_split", "num_warps",
+                 "num_stages")
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return "EncodeConfig(" + ", ".join(f"{s}={getattr(self, s)}" for s in self.__slots__) + ")"
+
+
+def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
+    """Tiles of the fused encoder: GEMM tile BLOCK_B x BLOCK_N (x BLOCK_D), running top-KP per row.
+
+    ``KP`` = next power of two >= k (at least 2, so every network has a pair to compare). ``BLOCK_N >= KP`` because each tile's top-KP is merged into the running top-KP by one
+    elementwise max + bitonic merge. The latent axis is cut into ``splits`` ranges (multiples of BLOCK_N)
+    so that there are enough programs; programs are ordered in groups of GROUP_B row blocks x all splits so
+    the x blocks and W tiles that run concurrently fit in L2.
+    """
+    B, d = x.shape
+    cfg = EncodeConfig()
+    KP = max(2, next_pow2(k))
+    cfg.KP = KP
+    if interpreted(x):
+        cfg.BLOCK_B = 16
+        cfg.BLOCK_N = max(16, KP)
+        cfg.BLOCK_D = 16 if d <= 16 else 32
+        cfg.GROUP_B = 2
+        cfg.num_warps, cfg.num_stages = 4, 1
+        target_programs = 1
+    else:
+        # Register budgets checked by compiling for sm_90 (cuobjdump -res-usage): KP<=128 at 64x128x32 and 8
+        # warps uses <=255 registers without spills; KP=256 spills ~88 B; KP=1024 spills (correct, slower).
+        if KP <= 128:
+            cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 64, 128, 32, 8, 3
+        elif KP <= 256:
+            cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 32, 256, 32, 8, 3
+        else:  # large k (e.g. 820 -> KP 1024): narrow row blocks, one KP-wide latent tile per step
+            cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 16, KP, 32, 16, 2
+        cfg.GROUP_B = 8
+        target_programs = 2 * num_sms(x)
+        if B <= 16:
+            cfg.BLOCK_B = 16
+        elif B <= 32:
+            cfg.BLOCK_B = min(cfg.BLOCK_B, 32)
+    n_tiles = cdiv(n, cfg.BLOCK_N)
+    row_blocks = cdiv(B, cfg.BLOCK_B)
+    if interpreted(x):
+        splits = min(2, n_tiles)
+    else:
+        # enough splits that GROUP_B row blocks x splits fill the GPU, and enough programs overall
+        splits = max(cdiv(num_sms(x), cfg.GROUP_B), cdiv(target_programs, row_blocks))
+        splits = max(1, min(splits, n_tiles))
+    tiles_per_split = cdiv(n_tiles, splits)
+    cfg.n_per_split = tiles_per_split * cfg.BLOCK_N
+    cfg.splits = cdiv(n, cfg.n_per_split)
+    cfg.GROUP_B = max(1, min(cfg.GROUP_B, row_blocks))
+    return cfg
+
+
+# ---- sparse row kernels ---------------------------------------------------------------------------------
+def row_block_d(t: torch.Tensor, d: int) -> int:
+    """Width of the d-tile of the row-gather kernels."""
+    if interpreted(t):
+        return min(next_pow2(d), 64)
+    return min(next_pow2(d), 512)
+
+
+def k_block(t: torch.Tensor, k: int) -> int:
+    if interpreted(t):
+        return min(next_pow2(k), 16)
+    return min(next_pow2(k), 32)
+
+
+def entry_block(t: torch.Tensor) -> int:
+    """How many (b, j) entries of one latent the transpose-reduce kernel takes per step."""
+    return 8 if interpreted(t) else 16
+
+
+def norm_block_d(t: torch.Tensor, d: int) -> int:
+    """d-tile of the decoder-norm kernel: the whole row in one block up to 8192, else 2048-wide sweeps
+    (sizes whose sm_90 builds need no spills)."""
+    if interpreted(t):
+        return min(next_pow2(d), 64) if d > 128 else next_pow2(d)
+    return next_pow2(d) if d <= 8192 else 2048
+
+
+def norm_warps(t: torch.Tensor, block_d: int) -> int:
+    if interpreted(t):
+        return 1
+    return max(1, min(16, block_d // 512))
+
+
+def warps_for(block_elems: int, interpreted_: bool) -> int:
+    if interpreted_:
+        return 1
+    if block_elems >= 8192:
+        return 8
+    if block_elems >= 2048:
+        return 4
+    return 2

@@ -1,0 +1,345 @@
+"""The Triton kernels against plain PyTorch in float64.
+
+Runs on CUDA, or on CPU under the Triton interpreter (``make test`` sets ``TRITON_INTERPRET=1``); skipped
+otherwise. Shapes are small (the interpreter runs every block op through NumPy) and chosen to hit the edges:
+d not a power of two, k = 1, k = n, k not a power of two, rows with fewer than k positive pre-activations,
+duplicate ids, unused latents, several d-tiles, several latent splits.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if __name__ != "__main__" and not (_INTERPRET or torch.cuda.is_available()):
+    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (the interpreter on CPU)",
+                allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not installed")
+
+from dlmscope import kernels as K  # noqa: E402
+from dlmscope.backends.triton_backend import TritonBackend  # noqa: E402
+
+DEV = torch.device("cpu" if _INTERPRET else "cuda")
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+# (rtol, atol) of a result against the float64 oracle computed from the same (rounded) inputs
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype=torch.float32, g=None, scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
+
+
+def _close(actual, expected, dtype, scale=1.0):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol * scale)
+
+
+# ---- topk_encode ------------------------------------------------------------------------------------------
+def _check_encode(x, W, be, bd, k, values, indices):
+    B = x.shape[0]
+    dtype = x.dtype
+    assert values.shape == (B, k) and indices.shape == (B, k)
+    assert values.dtype == dtype and indices.dtype == torch.int64
+    xc = (x - bd).double().cpu()  # same rounding of x - b_dec as the kernel's input
+    pre = (xc @ W.double().cpu().T + be.double().cpu()).clamp_min(0)
+    idx = indices.cpu()
+    assert int(idx.min()) >= 0 and int(idx.max()) < W.shape[0]
+    for r in range(B):
+        assert len(set(idx[r].tolist())) == k, f"row {r}: repeated indices"
+    scale = float(pre.abs().max()) + 1.0
+    # the values are the pre-activations at the returned indices ...
+    _close(values, pre.gather(1, idx), dtype, scale)
+    # ... and they are the k largest (compare the sorted values: robust to near-ties)
+    ref = pre.topk(k, dim=1).values
+    _close(values.double().cpu().sort(1, descending=True).values, ref, dtype, scale)
+    # every latent left out is no larger than the smallest kept one (up to rounding)
+    kept_min = pre.gather(1, idx).min(1).values
+    mask = torch.ones_like(pre, dtype=torch.bool).scatter_(1, idx, False)
+    left_max = pre.masked_fill(~mask, -1.0).max(1).values
+    rtol, atol = TOL[dtype]
+    assert bool((left_max <= kept_min + atol * scale + rtol * kept_min.abs()).all())
+
+
+@pytest.mark.parametrize("B,d,n,k,dtype", [
+    (5, 20, 70, 3, torch.float32),      # tiny, one row block
+    (37, 50, 300, 7, torch.float32),    # several row blocks and latent splits, ragged tails
+    (20, 33, 100, 1, torch.bfloat16),   # k = 1
+    (9, 24, 40, 40, torch.float16),     # k = n (padding keys never win)
+    (17, 40, 300, 20, torch.float32),   # KP = 32 > 16
+    (12, 19, 64, 16, torch.bfloat16),   # k a power of two, n = one tile
+])
+def test_topk_encode(B, d, n, k, dtype):
+    g = _gen(B * 1000 + n)
+    x, W = _randn(B, d, dtype=dtype, g=g), _randn(n, d, dtype=dtype, g=g)
+    be, bd = _randn(n, dtype=dtype, g=g, scale=0.1), _randn(d, dtype=dtype, g=g, scale=0.1)
+    values, indices = K.topk_encode(x, W, be, bd, k)
+    _check_encode(x, W, be, bd, k, values, indices)
+
+
+def test_topk_encode_fewer_positives_than_k():
+    """Rows with < k positive pre-activations: all positives kept, zeros padded at distinct indices."""
+    g = _gen(7)
+    B, d, n, k = 6, 24, 90, 10
+    x, W = _randn(B, d, g=g), _randn(n, d, g=g)
+    be = torch.full((n,), -1e3, dtype=torch.float32, device=DEV)
+    be[torch.tensor([3, 17, 50, 88])] = 1e3  # exactly 4 positive latents per row
+    x[0] = 0.0  # row 0 still has these 4; make one row have none at all
+    be_none = torch.full((n,), -1.0, dtype=torch.float32, device=DEV)
+    bd = torch.zeros(d, device=DEV)
+    values, indices = K.topk_encode(x, W, be, bd, k)
+    _check_encode(x, W, be, bd, k, values, indices)
+    for r in range(B):
+        row = dict(zip(indices[r].tolist(), values[r].tolist()))
+        assert {3, 17, 50, 88} <= set(row)
+        assert sorted(v for v in row.values() if v > 0) == sorted(row[i] for i in (3, 17, 50, 88))
+        assert sum(v == 0.0 for v in row.values()) == k - 4
+    values, indices = K.topk_encode(torch.zeros_like(x), W, be_none, bd, k)
+    assert bool((values == 0).all())
+    assert all(len(set(r)) == k for r in indices.tolist())
+
+
+def test_topk_encode_ties_prefer_lower_index():
+    B, d, n, k = 3, 16, 50, 4
+    x = torch.zeros(B, d, device=DEV)
+    W = torch.zeros(n, d, device=DEV)
+    be = torch.ones(n, device=DEV)  # every latent ties at 1.0
+    values, indices = K.topk_encode(x, W, be, torch.zeros(d, device=DEV), k)
+    assert bool((values == 1).all())
+    assert indices.sort(1).values.tolist() == [[0, 1, 2, 3]] * B
+
+
+def test_topk_encode_large_k():
+    """k = 130 -> KP = 256 (the wide-tile path)."""
+    g = _gen(11)
+    B, d, n, k = 5, 18, 300, 130
+    x, W, be, bd = _randn(B, d, g=g), _randn(n, d, g=g), _randn(n, g=g, scale=0.1), _randn(d, g=g, scale=0.1)
+    values, indices = K.topk_encode(x, W, be, bd, k)
+    _check_encode(x, W, be, bd, k, values, indices)
+
+
+def test_topk_encode_k820():
+    """The paper's largest k: KP = 1024, BLOCK_N = 1024."""
+    g = _gen(12)
+    B, d, n, k = 4, 16, 1100, 820
+    x, W, be, bd = _randn(B, d, g=g), _randn(n, d, g=g), _randn(n, g=g, scale=0.1), _randn(d, g=g, scale=0.1)
+    values, indices = K.topk_encode(x, W, be, bd, k)
+    _check_encode(x, W, be, bd, k, values, indices)
+
+
+# ---- sparse row primitives --------------------------------------------------------------------------------
+def _sparse_inputs(B, k, n, d, dtype, seed, dup=True):
+    g = _gen(seed)
+    idx = torch.randint(0, n, (B, k), generator=g)
+    if dup and k >= 2:
+        idx[0, 1] = idx[0, 0]  # a duplicate id within a row
+    return (_randn(B, k, dtype=dtype, g=g), idx.to(DEV), _randn(n, d, dtype=dtype, g=g),
+            _randn(B, d, dtype=dtype, g=g))
+
+
+SPARSE_SHAPES = [  # B, k, n, d
+    (13, 5, 40, 37),
+    (7, 1, 9, 100),     # k = 1, two d-tiles under the interpreter
+    (6, 12, 12, 70),    # k = n
+    (20, 33, 17, 5),    # many entries per latent (several BLOCK_E steps), k > BLOCK_K
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("B,k,n,d", SPARSE_SHAPES)
+def test_gather_accumulate(B, k, n, d, dtype):
+    coef, idx, W, _ = _sparse_inputs(B, k, n, d, dtype, seed=B + k + n + d)
+    out = K.gather_accumulate(coef, idx, W)
+    assert out.shape == (B, d) and out.dtype == dtype
+    ref = torch.einsum("bk,bkd->bd", coef.double().cpu(), W.double().cpu()[idx.cpu()])
+    _close(out, ref, dtype, scale=k ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("B,k,n,d", SPARSE_SHAPES)
+def test_sddmm(B, k, n, d, dtype):
+    _, idx, W, G = _sparse_inputs(B, k, n, d, dtype, seed=2 * (B + k + n + d))
+    out = K.sddmm(G, idx, W)
+    assert out.shape == (B, k) and out.dtype == dtype
+    ref = torch.einsum("bd,bkd->bk", G.double().cpu(), W.double().cpu()[idx.cpu()])
+    _close(out, ref, dtype, scale=d ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("B,k,n,d", SPARSE_SHAPES + [(4, 3, 50, 20)])  # last: mostly unused latents
+def test_transpose_reduce(B, k, n, d, dtype):
+    coef, idx, _, X = _sparse_inputs(B, k, n, d, dtype, seed=3 * (B + k + n + d))
+    out, coef_sum = K.transpose_reduce(coef, idx, X, n)
+    assert out.shape == (n, d) and out.dtype == dtype and coef_sum.shape == (n,) and coef_sum.dtype == dtype
+    c64, x64, flat = coef.double().cpu(), X.double().cpu(), idx.cpu().reshape(-1)
+    ref = torch.zeros(n, d, dtype=torch.float64).index_add_(0, flat, (c64[:, :, None] * x64[:, None, :]).reshape(-1, d))
+    ref_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, flat, c64.reshape(-1))
+    cnt = torch.bincount(flat, minlength=n)
+    _close(out, ref, dtype, scale=float(cnt.max()) ** 0.5)
+    _close(coef_sum, ref_sum, dtype, scale=float(cnt.max()) ** 0.5)
+    unused = cnt == 0
+    assert bool((out.cpu()[unused] == 0).all()) and bool((coef_sum.cpu()[unused] == 0).all())
+    # deterministic: a second run is bitwise identical (even though torch.empty gave fresh memory)
+    out2, coef_sum2 = K.transpose_reduce(coef, idx, X, n)
+    assert torch.equal(out, out2) and torch.equal(coef_sum, coef_sum2)
+
+
+def test_sort_by_latent():
+    idx = torch.tensor([[3, 1], [1, 0], [3, 3]], device=DEV)
+    perm, starts = K.sort_by_latent(idx, 5)
+    assert perm.tolist() == [3, 1, 2, 0, 4, 5]
+    assert starts.tolist() == [0, 1, 3, 3, 6, 6]
+
+
+# ---- decoder_norm_step ------------------------------------------------------------------------------------
+def _oracle_norm_step(W, grad, m, v, step, lr, b1, b2, eps):
+    W, grad, m, v = (t.double().cpu().clone() for t in (W, grad, m, v))
+    w_hat = W / W.norm(dim=1, keepdim=True)
+    g = grad - (grad * w_hat).sum(1, keepdim=True) * w_hat
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    W = W - (lr / bc1) * m / (v.sqrt() / bc2 ** 0.5 + eps)
+    return W / W.norm(dim=1, keepdim=True), m, v
+
+
+@pytest.mark.parametrize("n,d", [(7, 50), (5, 200)])  # one block per row / several d-tiles per row
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_decoder_norm_step(n, d, dtype):
+    g = _gen(n * d)
+    W = _randn(n, d, dtype=dtype, g=g)
+    W = (W.double() / W.double().norm(dim=1, keepdim=True)).to(dtype)
+    grad = _randn(n, d, dtype=dtype, g=g, scale=0.1)  # magnitudes that stay normal in float16
+    m = _randn(n, d, dtype=dtype, g=g, scale=1e-2)
+    v = _randn(n, d, dtype=dtype, g=g, scale=0.05) ** 2
+    grad0 = grad.clone()
+    args = (5, 1e-2, 0.9, 0.999, 1e-8)
+    W_ref, m_ref, v_ref = _oracle_norm_step(W, grad, m, v, *args)
+    K.decoder_norm_step(W, grad, m, v, *args)
+    assert torch.equal(grad, grad0), "grad must not be modified"
+    _close(W, W_ref, dtype)
+    _close(m, m_ref, dtype, scale=1e-2)
+    _close(v, v_ref, dtype, scale=1e-3)
+    norms = W.double().norm(dim=1)
+    _close(norms, torch.ones_like(norms), dtype)
+
+
+def test_decoder_norm_step_matches_torch_adam():
+    """float32 over three steps against torch.optim.Adam on the projected gradient, tightly."""
+    g = _gen(5)
+    n, d = 6, 45
+    W = _randn(n, d, g=g)
+    W = W / W.norm(dim=1, keepdim=True)
+    p = torch.nn.Parameter(W.clone())
+    opt = torch.optim.Adam([p], lr=3e-3, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
+    for step in range(1, 4):
+        grad = _randn(n, d, g=g)
+        with torch.no_grad():
+            w_hat = p / p.norm(dim=1, keepdim=True)
+            p.grad = grad - (grad * w_hat).sum(1, keepdim=True) * w_hat
+        opt.step()
+        with torch.no_grad():
+            p.div_(p.norm(dim=1, keepdim=True))
+        K.decoder_norm_step(W, grad, m, v, step, 3e-3, 0.9, 0.999, 1e-8)
+        torch.testing.assert_close(W, p.detach(), rtol=2e-6, atol=2e-6)
+        state = opt.state[p]
+        torch.testing.assert_close(m, state["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+# ---- the backend --------------------------------------------------------------------------------------------
+def test_backend_contract():
+    be = TritonBackend()
+    assert be.name == "triton" and be.is_available() and be.supports(DEV)
+    assert torch.float64 not in be.native_dtypes
+    g = _gen(21)
+    B, d, n, k = 9, 30, 60, 4
+    x, W_enc, W_dec = _randn(B, d, g=g), _randn(n, d, g=g), _randn(n, d, g=g)
+    b_enc, b_dec = _randn(n, g=g, scale=0.1), _randn(d, g=g, scale=0.1)
+    values, indices = be.encode(x, W_enc, b_enc, b_dec, k)
+    _check_encode(x, W_enc, b_enc, b_dec, k, values, indices)
+    x_hat = be.decode(values, indices, W_dec, b_dec)
+    ref = b_dec.double().cpu() + torch.einsum("bk,bkd->bd", values.double().cpu(), W_dec.double().cpu()[indices.cpu()])
+    _close(x_hat, ref, torch.float32, scale=3.0)
+    gy = _randn(B, d, g=g)
+    d_values, dW_dec, db_dec = be.decode_backward(gy, values, indices, W_dec)
+    _close(d_values, torch.einsum("bd,bkd->bk", gy.double().cpu(), W_dec.double().cpu()[indices.cpu()]),
+           torch.float32, scale=6.0)
+    assert dW_dec.shape == W_dec.shape and db_dec.shape == (d,)
+
+
+# ---- ahead-of-time build for the target GPU (no GPU needed) -------------------------------------------------
+@pytest.mark.slow
+def test_kernels_build_for_sm90():
+    """Every kernel, at the CUDA configs of ``_launch``, compiles for sm_90 (H100) through ptxas.
+
+    Runs in a subprocess without TRITON_INTERPRET (under it ``triton.jit`` gives interpreter functions).
+    """
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(K.__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, __file__, "--build-sm90"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _build_sm90() -> int:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def build(mod, kernel, sig, const, num_warps, num_stages=3):
+        fn = getattr(importlib.import_module("dlmscope.kernels." + mod), kernel)
+        sig = {**sig, **{c: "constexpr" for c in const}}
+        src = ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names}, constexprs=const)
+        try:
+            triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+        except (FileNotFoundError, PermissionError, RuntimeError) as exc:  # no usable ptxas here
+            if "ptxas" in str(exc):
+                print(f"no usable ptxas: {exc}")
+                raise SystemExit(77)
+            raise
+
+    dt = "bf16"
+    enc_sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", cand_ptr="*i64", B="i32", N="i32", D="i32",
+                   n_per_split="i32", num_splits="i32", stride_xb="i32", stride_wn="i32")
+    build("topk_encode", "_topk_encode_kernel", enc_sig,
+          dict(KP=64, BLOCK_B=64, BLOCK_N=128, BLOCK_D=32, GROUP_B=8, INPUT_PRECISION="tf32", DOT_FP32=False,
+               LOG_B=6, LOG_N=7, LOG_K=6), 8)
+    build("gather_accumulate", "_gather_accumulate_kernel",
+          dict(coef_ptr=f"*{dt}", idx_ptr="*i64", w_ptr=f"*{dt}", out_ptr=f"*{dt}", K="i32", D="i32",
+               stride_w="i32", stride_out="i32"), dict(BLOCK_K=32, BLOCK_D=512), 8)
+    build("sddmm", "_sddmm_kernel",
+          dict(g_ptr=f"*{dt}", idx_ptr="*i64", w_ptr=f"*{dt}", out_ptr=f"*{dt}", K="i32", D="i32",
+               stride_g="i32", stride_w="i32"), dict(BLOCK_K=32, BLOCK_D=128), 4)
+    build("transpose_reduce", "_transpose_reduce_kernel",
+          dict(coef_ptr=f"*{dt}", perm_ptr="*i64", starts_ptr="*i64", x_ptr=f"*{dt}", out_ptr=f"*{dt}",
+               csum_ptr=f"*{dt}", K="i32", D="i32", stride_x="i32", stride_out="i32"),
+          dict(BLOCK_E=16, BLOCK_D=512), 8)
+    norm_sig = dict(w_ptr="*fp32", g_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", D="i32", stride_w="i32",
+                    stride_g="i32", stride_m="i32", stride_v="i32", one_m_b1="fp32", beta2="fp32",
+                    one_m_b2="fp32", step_size="fp32", sqrt_bc2="fp32", eps="fp32")
+    build("decoder_norm", "_decoder_norm_kernel", norm_sig, dict(BLOCK_D=4096, SINGLE=True), 8, 1)
+    build("decoder_norm", "_decoder_norm_kernel", norm_sig, dict(BLOCK_D=2048, SINGLE=False), 4, 1)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--build-sm90" in sys.argv:
+        sys.exit(_build_sm90())
