@@ -1,0 +1,440 @@
+"""Benchmark workloads: one full Top-K SAE training step per variant, plus op-level callables.
+
+Every builder returns a :class:`Workload`: a zero-argument callable that does the work once (on CUDA it does
+*not* synchronize; the harness does), and a ``release()`` that drops its tensors so the next variant gets the
+memory back. Data are realistic and non-zero: unit-norm random decoder rows, ``W_enc = W_dec.T`` (as rows,
+i.e. ``W_enc = W_dec.clone()``), small random biases, random activations; the callables rotate among several
+``x`` batches so that repeated calls do not measure a cache-resident input.
+
+Step variants (DESIGN.md: the encoder GEMM is the floor of a step):
+
+- ``gemm``: the bare encoder GEMM ``x @ W_enc.T`` (no grad) — the floor everything is divided by.
+- ``dense``: the paper's plain-PyTorch step — ``reference.topk_encode`` + ``reference.sparse_decode`` (scatter
+  into B×n, dense matmul), autograd, W_dec grad projected with ``reference.project_out_parallel``,
+  ``torch.optim.Adam`` (default foreach) on all parameters, W_dec rows renormalised.
+- ``dense_compiled``: the same under ``torch.compile`` (GPU by default).
+- one variant per dlmscope backend that runs on the device (``torch``, ``cpu``, ``triton``, ``cuda``):
+  ``dlmscope.topk_encode`` + ``dlmscope.sparse_decode``, backward, ``dlmscope.decoder_norm_step`` for the
+  decoder, ``torch.optim.Adam(fused=True)`` for W_enc, b_enc, b_dec; all inside ``value_checks(False)``.
+
+Loss: ``mean_b ||x - x_hat||^2``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+from typing import Callable
+
+import torch
+
+import dlmscope
+from dlmscope import reference
+from dlmscope.backends import get_backend
+
+LR = 3e-4
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}
+_DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+#: default shapes (B, d, n, k, dtype) per device; ``quick`` is a seconds-long smoke test anywhere.
+DEFAULT_SHAPES = {
+    "cpu": (4096, 512, 16384, 32, "fp32"),
+    "cuda": (16384, 4096, 131072, 64, "bf16"),
+    "quick": (256, 64, 1024, 8, None),  # dtype: the device's default
+}
+#: (warmup, rounds) per (device, group); ``quick`` overrides both.
+DEFAULT_ROUNDS = {
+    ("cpu", "step"): (2, 5),
+    ("cpu", "ops"): (1, 5),
+    ("cuda", "step"): (3, 10),
+    ("cuda", "ops"): (3, 10),
+    ("quick", "step"): (1, 3),
+    ("quick", "ops"): (1, 3),
+}
+
+# ---- configuration --------------------------------------------------------------------------------------
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    device: str
+    B: int
+    d: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    quick: bool = False
+    backends: tuple[str, ...] = ()
+    compile_dense: bool = False
+    warmup: int | None = None   # None: DEFAULT_ROUNDS
+    rounds: int | None = None
+
+    @property
+    def tag(self) -> str:
+        t = f"B{self.B}-d{self.d}-n{self.n}-k{self.k}-{_DTYPE_TAGS.get(self.dtype, str(self.dtype))}"
+        return ("quick-" + t) if self.quick else t
+
+    def rounds_for(self, group: str) -> tuple[int, int]:
+        key = ("quick" if self.quick else self.device, group)
+        warmup, rounds = DEFAULT_ROUNDS.get(key, (1, 3))
+        return (self.warmup if self.warmup is not None else warmup,
+                self.rounds if self.rounds is not None else rounds)
+
+    def shape_dict(self) -> dict:
+        return {"B": self.B, "d": self.d, "n": self.n, "k": self.k, "dtype": _DTYPE_TAGS.get(self.dtype),
+                "device": self.device, "quick": self.quick}
+
+    @classmethod
+    def resolve(cls, device: str | None = None, quick: bool | None = None, shape: str | None = None,
+                dtype: str | None = None, backends: str | None = None, compile_dense: bool | None = None,
+                warmup: int | None = None, rounds: int | None = None) -> "BenchConfig":
+        """Explicit arguments > ``DLMSCOPE_BENCH_*`` environment variables > per-device defaults."""
+        env = os.environ.get
+        device = device or env("DLMSCOPE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        if quick is None:
+            quick = env("DLMSCOPE_BENCH_QUICK", "0") not in ("", "0")
+        shape = shape or env("DLMSCOPE_BENCH_SHAPE")
+        B, d, n, k, default_dtype = DEFAULT_SHAPES["quick" if quick else device]
+        if shape:
+            parts = [int(p) for p in shape.replace("x", ",").split(",")]
+            if len(parts) != 4:
+                raise ValueError(f"shape must be 'B,d,n,k', got {shape!r}")
+            B, d, n, k = parts
+        dtype = dtype or env("DLMSCOPE_BENCH_DTYPE") or default_dtype or DEFAULT_SHAPES[device][4]
+        backends = backends if backends is not None else env("DLMSCOPE_BENCH_BACKENDS", "")
+        requested = tuple(b.strip() for b in backends.split(",") if b.strip())
+        chosen = select_backends(device, requested)
+        if compile_dense is None:
+            flag = env("DLMSCOPE_BENCH_COMPILE")
+            compile_dense = (device == "cuda") if flag is None else flag not in ("", "0")
+        if warmup is None and env("DLMSCOPE_BENCH_WARMUP"):
+            warmup = int(env("DLMSCOPE_BENCH_WARMUP"))
+        if rounds is None and env("DLMSCOPE_BENCH_ROUNDS"):
+            rounds = int(env("DLMSCOPE_BENCH_ROUNDS"))
+        return cls(device=device, B=B, d=d, n=n, k=k, dtype=parse_dtype(dtype), quick=bool(quick),
+                   backends=chosen, compile_dense=bool(compile_dense), warmup=warmup, rounds=rounds)
+
+
+def select_backends(device: str, requested: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The dlmscope backends to benchmark on ``device``.
+
+    Default: every available backend that supports the device, except ``triton`` on CPU (that is the
+    interpreter: a correctness tool, hours at benchmark shapes). Naming backends explicitly overrides that;
+    an explicitly named backend that cannot run is an error.
+    """
+    dev = torch.device(device)
+    available = dlmscope.available_backends()
+    if requested:
+        for name in requested:
+            if not get_backend(name).supports(dev):  # raises with the reason if unavailable
+                raise ValueError(f"backend {name!r} cannot run on {device}; available: {available}")
+        return requested
+    out = []
+    for name in available:
+        if name == "triton" and device == "cpu":
+            continue
+        if get_backend(name).supports(dev):
+            out.append(name)
+    return tuple(out)
+
+
+def step_variants(cfg: BenchConfig) -> list[str]:
+    """Step-group variants in the order they are timed (the GEMM first, the heaviest baselines last)."""
+    names = ["gemm", *cfg.backends, "dense"]
+    if cfg.compile_dense:
+        names.append("dense_compiled")
+    return names
+
+
+def op_variants(cfg: BenchConfig) -> list[tuple[str, str]]:
+    """(op, variant) pairs: ``reference`` (and for the decoder update the foreach-Adam way) + each backend."""
+    out = []
+    for op in ("encode", "decode_fwd_bwd", "decoder_norm_step"):
+        out.append((op, "reference"))
+        if op == "decoder_norm_step":
+            out.append((op, "adam_foreach"))
+        out.extend((op, b) for b in cfg.backends)
+    return out
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+def _generator(device: str, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def n_batches_for(cfg: BenchConfig) -> int:
+    """Enough x batches to overflow a last-level cache (~128 MB covers CPU L3 and GPU L2), 2..8 of them."""
+    x_bytes = cfg.B * cfg.d * torch.empty((), dtype=cfg.dtype).element_size()
+    return int(min(8, max(2, math.ceil((128 << 20) / x_bytes))))
+
+
+def make_batches(cfg: BenchConfig, seed: int = 1234) -> list[torch.Tensor]:
+    """Anisotropic, non-centred random activations (like a residual stream), mean ||x||^2 ≈ d."""
+    g = _generator(cfg.device, seed)
+    scale = torch.rand(cfg.d, generator=g, device=cfg.device) * 1.5 + 0.25
+    offset = torch.randn(cfg.d, generator=g, device=cfg.device) * 0.3
+    return [(torch.randn(cfg.B, cfg.d, generator=g, device=cfg.device) * scale + offset).to(cfg.dtype)
+            for _ in range(n_batches_for(cfg))]
+
+
+def make_params(cfg: BenchConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Leaf parameters: unit-norm W_dec rows, W_enc = W_dec (rows; i.e. the encoder is W_dec^T), small biases."""
+    g = _generator(cfg.device, seed)
+    W_dec = torch.randn(cfg.n, cfg.d, generator=g, device=cfg.device)
+    W_dec = reference.normalize_rows(W_dec)
+    b_enc = torch.randn(cfg.n, generator=g, device=cfg.device) * 0.01
+    b_dec = torch.randn(cfg.d, generator=g, device=cfg.device) * 0.01
+    params = {"W_enc": W_dec.clone(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    return {name: t.to(cfg.dtype).contiguous().requires_grad_(True) for name, t in params.items()}
+
+
+class Rotation:
+    """Cycles through a list of inputs."""
+
+    def __init__(self, items):
+        self.items, self.i = list(items), 0
+
+    def next(self):
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+# ---- workloads ------------------------------------------------------------------------------------------
+
+
+class Workload:
+    """A zero-argument callable plus the state it keeps alive; ``release()`` frees that state."""
+
+    def __init__(self, name: str, fn: Callable[[], object], state: dict, info: dict | None = None):
+        self.name, self._fn, self.state, self.info = name, fn, state, dict(info or {})
+
+    def __call__(self):
+        return self._fn()
+
+    def release(self) -> None:
+        self.state.clear()
+        self._fn = None
+        if self.info.get("compiled"):
+            torch._dynamo.reset()  # compiled graphs and guards hold the parameters
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _adam(params, fused: bool):
+    """torch.optim.Adam, fused where asked and supported (falls back to foreach)."""
+    if fused:
+        try:
+            return torch.optim.Adam(params, lr=LR, betas=BETAS, eps=EPS, fused=True), "fused"
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return torch.optim.Adam(params, lr=LR, betas=BETAS, eps=EPS, foreach=True), "foreach"
+
+
+def _mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of ||x - x_hat||^2 (accumulated in float32)."""
+    return (x - x_hat).float().pow(2).sum(-1).mean()
+
+
+def build_gemm(cfg: BenchConfig) -> Workload:
+    """The bare encoder GEMM ``x @ W_enc.T``: the floor of a step."""
+    xs = Rotation(make_batches(cfg))
+    W_enc = make_params(cfg)["W_enc"].detach()
+    state = {"xs": xs, "W_enc": W_enc}
+
+    @torch.no_grad()
+    def fn():
+        return state["xs"].next() @ state["W_enc"].T
+
+    return Workload("gemm", fn, state, {"kind": "gemm"})
+
+
+def _dense_parts(cfg: BenchConfig):
+    p = make_params(cfg)
+    opt, mode = _adam(list(p.values()), fused=False)  # the default: foreach
+    xs = Rotation(make_batches(cfg))
+    k = cfg.k
+
+    def forward_loss(x):
+        values, indices = reference.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+        x_hat = reference.sparse_decode(values, indices, p["W_dec"], p["b_dec"])
+        return _mse(x, x_hat)
+
+    def update():
+        W_dec = p["W_dec"]
+        with torch.no_grad():
+            W_dec.grad.copy_(reference.project_out_parallel(W_dec.grad, W_dec))
+        opt.step()
+        with torch.no_grad():
+            W_dec.copy_(reference.normalize_rows(W_dec))
+
+    return p, opt, mode, xs, forward_loss, update
+
+
+def build_dense(cfg: BenchConfig, compiled: bool = False) -> Workload:
+    """The paper's plain-PyTorch step (optionally under torch.compile)."""
+    p, opt, mode, xs, forward_loss, update = _dense_parts(cfg)
+    if compiled:
+        forward_loss = torch.compile(forward_loss)
+        update = torch.compile(update)
+    state = {"p": p, "opt": opt, "xs": xs}
+
+    def fn():
+        x = state["xs"].next()
+        loss = forward_loss(x)
+        loss.backward()
+        update()
+        state["opt"].zero_grad(set_to_none=True)
+        return loss
+
+    name = "dense_compiled" if compiled else "dense"
+    return Workload(name, fn, state, {"kind": "step", "adam": mode, "compiled": compiled})
+
+
+def build_backend_step(cfg: BenchConfig, backend: str) -> Workload:
+    """dlmscope ops on ``backend``: fused encode/decode autograd ops, fused decoder update, fused Adam."""
+    p = make_params(cfg)
+    opt, mode = _adam([p["W_enc"], p["b_enc"], p["b_dec"]], fused=True)
+    m = torch.zeros_like(p["W_dec"], requires_grad=False)
+    v = torch.zeros_like(p["W_dec"], requires_grad=False)
+    xs = Rotation(make_batches(cfg))
+    state = {"p": p, "opt": opt, "m": m, "v": v, "xs": xs, "step": 0}
+    k = cfg.k
+
+    def fn():
+        P = state["p"]
+        x = state["xs"].next()
+        with dlmscope.value_checks(False):
+            values, indices = dlmscope.topk_encode(x, P["W_enc"], P["b_enc"], P["b_dec"], k, backend=backend)
+            x_hat = dlmscope.sparse_decode(values, indices, P["W_dec"], P["b_dec"], backend=backend)
+            loss = _mse(x, x_hat)
+            loss.backward()
+            state["step"] += 1
+            W_dec = P["W_dec"]
+            dlmscope.decoder_norm_step(W_dec.detach(), W_dec.grad, state["m"], state["v"], state["step"], LR,
+                                       BETAS, EPS, backend=backend)
+            W_dec.grad = None
+            state["opt"].step()
+            state["opt"].zero_grad(set_to_none=True)
+        return loss
+
+    return Workload(backend, fn, state, {"kind": "step", "backend": backend, "adam": mode})
+
+
+def build_step(cfg: BenchConfig, variant: str) -> Workload:
+    if variant == "gemm":
+        return build_gemm(cfg)
+    if variant == "dense":
+        return build_dense(cfg)
+    if variant == "dense_compiled":
+        return build_dense(cfg, compiled=True)
+    return build_backend_step(cfg, variant)
+
+
+# ---- op-level workloads ---------------------------------------------------------------------------------
+
+
+def build_op(cfg: BenchConfig, op: str, variant: str) -> Workload:
+    """One op on one implementation: ``reference`` (dense plain PyTorch), ``adam_foreach`` or a backend name."""
+    p = {name: t.detach() for name, t in make_params(cfg).items()}
+    xs = Rotation(make_batches(cfg))
+    k = cfg.k
+    info = {"kind": "op", "op": op}
+
+    if op == "encode":
+        state = {"p": p, "xs": xs}
+
+        if variant == "reference":
+            @torch.no_grad()
+            def fn():
+                P = state["p"]
+                return reference.topk_encode(state["xs"].next(), P["W_enc"], P["b_enc"], P["b_dec"], k)
+        else:
+            @torch.no_grad()
+            def fn():
+                P = state["p"]
+                with dlmscope.value_checks(False):
+                    return dlmscope.topk_encode(state["xs"].next(), P["W_enc"], P["b_enc"], P["b_dec"], k,
+                                                backend=variant)
+        return Workload(f"encode/{variant}", fn, state, info)
+
+    if op == "decode_fwd_bwd":
+        # realistic codes: the top-k of the actual encoder on each batch; a random upstream gradient.
+        codes = []
+        g = _generator(cfg.device, 99)
+        with torch.no_grad():
+            for x in xs.items:
+                values, indices = reference.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+                grad_out = torch.randn(cfg.B, cfg.d, generator=g, device=cfg.device).to(cfg.dtype)
+                codes.append((values.contiguous(), indices.contiguous(), grad_out))
+        W_dec = p["W_dec"].clone().requires_grad_(True)
+        b_dec = p["b_dec"].clone().requires_grad_(True)
+        state = {"codes": Rotation(codes), "W_dec": W_dec, "b_dec": b_dec}
+
+        def fn():
+            values, indices, grad_out = state["codes"].next()
+            values = values.detach().requires_grad_(True)
+            if variant == "reference":
+                x_hat = reference.sparse_decode(values, indices, state["W_dec"], state["b_dec"])
+            else:
+                with dlmscope.value_checks(False):
+                    x_hat = dlmscope.sparse_decode(values, indices, state["W_dec"], state["b_dec"], backend=variant)
+            grads = torch.autograd.grad(x_hat, (values, state["W_dec"], state["b_dec"]), grad_out)
+            return grads
+        return Workload(f"decode_fwd_bwd/{variant}", fn, state, info)
+
+    if op == "decoder_norm_step":
+        g = _generator(cfg.device, 7)
+        grads = [(torch.randn(cfg.n, cfg.d, generator=g, device=cfg.device) * 1e-3).to(cfg.dtype)
+                 for _ in range(2)]
+        W = p["W_dec"].clone()
+        m, v = torch.zeros_like(W), torch.zeros_like(W)
+        state = {"W": W, "m": m, "v": v, "grads": Rotation(grads), "step": 0}
+        if variant == "adam_foreach":
+            # what the dense step does for the decoder: project, torch.optim.Adam (foreach), renormalise
+            Wp = torch.nn.Parameter(W)
+            opt = torch.optim.Adam([Wp], lr=LR, betas=BETAS, eps=EPS, foreach=True)
+            state.update(Wp=Wp, opt=opt)
+
+            def fn():
+                Wp = state["Wp"]
+                with torch.no_grad():
+                    Wp.grad = reference.project_out_parallel(state["grads"].next(), Wp)
+                state["opt"].step()
+                with torch.no_grad():
+                    Wp.copy_(reference.normalize_rows(Wp))
+        elif variant == "reference":
+            def fn():
+                state["step"] += 1
+                reference.decoder_norm_step(state["W"], state["grads"].next(), state["m"], state["v"],
+                                            state["step"], LR, BETAS, EPS)
+        else:
+            def fn():
+                state["step"] += 1
+                with dlmscope.value_checks(False):
+                    dlmscope.decoder_norm_step(state["W"], state["grads"].next(), state["m"], state["v"],
+                                               state["step"], LR, BETAS, EPS, backend=variant)
+        return Workload(f"decoder_norm_step/{variant}", fn, state, info)
+
+    raise ValueError(f"unknown op {op!r}")
+
+
+__all__ = ["BenchConfig", "Workload", "build_step", "build_op", "step_variants", "op_variants", "select_backends",
+           "make_batches", "make_params", "parse_dtype"]
