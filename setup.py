@@ -14,7 +14,7 @@ from torch.utils import cpp_extension
 
 def _extension():
     march = os.environ.get("DLMSCOPE_MARCH", "native")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
     if march:
         cxx_flags.append(f"-march={march}")
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
