@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +28,8 @@ from .backends import Backend, available_backends, get_backend, resolve_backend
 
 __all__ = [
     "topk_encode",
+    "topk_encode_grouped",
+    "GroupedCodes",
     "sparse_decode",
     "decoder_norm_step",
     "available_backends",
@@ -220,6 +222,42 @@ def _topk_encode_backward(ctx, d_values, _d_indices):
 _topk_encode_op.register_autograd(_topk_encode_backward, setup_context=_topk_encode_setup)
 
 
+@torch.library.custom_op("dlmscope::topk_encode_grouped", mutates_args=())
+def _topk_encode_grouped_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, ks: list[int], sizes: list[int],
+                            aux_mask: Optional[Tensor], k_aux: list[int],
+                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    values, indices, aux_values, aux_indices = _call(backend, "encode_grouped", x, W_enc, b_enc, b_dec, list(ks),
+                                                     list(sizes), aux_mask, list(k_aux))
+    return values, indices.long(), aux_values, aux_indices.long()
+
+
+@_topk_encode_grouped_op.register_fake
+def _(x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux, backend):
+    B, k_main = x.shape[0], sum(ks)
+    k_side = sum(k_aux) if aux_mask is not None else 0
+    return (x.new_empty(B, k_main), x.new_empty(B, k_main, dtype=torch.int64), x.new_empty(B, k_side),
+            x.new_empty(B, k_side, dtype=torch.int64))
+
+
+def _topk_encode_grouped_setup(ctx, inputs, output):
+    x, W_enc, _b_enc, b_dec, _ks, _sizes, _aux_mask, _k_aux, backend = inputs
+    values, indices, aux_values, aux_indices = output
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(indices, aux_indices)
+
+
+def _topk_encode_grouped_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
+    x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    dx, dW_enc, db_enc, db_dec = _topk_encode_backward_op(
+        torch.cat([d_values, d_aux_values], 1), torch.cat([values, aux_values], 1),
+        torch.cat([indices, aux_indices], 1), x, W_enc, b_dec, ctx.backend)
+    return dx, dW_enc, db_enc, db_dec, None, None, None, None, None
+
+
+_topk_encode_grouped_op.register_autograd(_topk_encode_grouped_backward, setup_context=_topk_encode_grouped_setup)
+
+
 @torch.library.custom_op("dlmscope::sparse_decode", mutates_args=())
 def _sparse_decode_op(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, backend: str) -> Tensor:
     return _call(backend, "decode", values, indices, W_dec, b_dec)
@@ -290,6 +328,56 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, 
     values, indices = _topk_encode_op(x2.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(),
                                       int(k), impl.name)
     return values.reshape(*lead, int(k)), indices.reshape(*lead, int(k))
+
+
+class GroupedCodes(NamedTuple):
+    """Result of :func:`topk_encode_grouped`; indices are global rows of the stacked W_enc."""
+
+    values: Tensor
+    indices: Tensor
+    aux_values: Tensor
+    aux_indices: Tensor
+
+
+def topk_encode_grouped(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, ks: Sequence[int],
+                        sizes: Sequence[int], *, aux_mask: Tensor | None = None,
+                        k_aux: Sequence[int] | None = None, backend: str | None = None) -> GroupedCodes:
+    """Several Top-K encoders sharing one input, as one op (one GEMM where the backend fuses it).
+
+    W_enc [S, d] stacks segments of ``sizes`` latents (S = sum(sizes)); b_enc [S]; b_dec [d] is shared (fold a
+    per-segment b_dec into b_enc as ``b_enc_g - W_enc_g @ b_dec_g``). Segment g keeps its ``ks[g]`` largest
+    relu'd pre-activations. With ``aux_mask`` [S] bool, each segment also keeps its ``k_aux[g]`` largest among
+    latents where the mask is True (the AuxK selection over dead latents; padded with zeros if fewer).
+    x [B, d] (2-D). Returns GroupedCodes(values [B, sum(ks)], indices [B, sum(ks)] int64 global,
+    aux_values [B, sum(k_aux)], aux_indices), blocks in segment order; all values are differentiable.
+    """
+    x2, _ = _validate_encode(x, W_enc, b_enc, b_dec, 1)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, d] for the grouped encoder, got shape {_shape(x)}")
+    ks, sizes = [int(k) for k in ks], [int(s) for s in sizes]
+    if not ks or len(ks) != len(sizes):
+        raise ValueError(f"ks and sizes must be non-empty and of equal length, got {len(ks)} and {len(sizes)}")
+    if sum(sizes) != W_enc.shape[0]:
+        raise ValueError(f"sizes sum to {sum(sizes)} but W_enc {_shape(W_enc)} has {W_enc.shape[0]} latents")
+    for g, (k, size) in enumerate(zip(ks, sizes)):
+        if not 1 <= k <= size:
+            raise ValueError(f"segment {g}: k must satisfy 1 <= k <= size ({size}), got k={k}")
+    if aux_mask is None:
+        k_aux = [0] * len(ks)
+    else:
+        _require_tensor("aux_mask", aux_mask)
+        if aux_mask.dtype != torch.bool or aux_mask.shape != (W_enc.shape[0],):
+            raise ValueError(f"aux_mask must be a bool tensor of shape [{W_enc.shape[0]}], got {aux_mask.dtype} "
+                             f"{_shape(aux_mask)}")
+        if aux_mask.device != x.device:
+            raise ValueError(f"aux_mask is on {aux_mask.device} but x is on {x.device}")
+        k_aux = [int(k) for k in (k_aux if k_aux is not None else [])]
+        if len(k_aux) != len(ks) or any(not 0 <= ka <= size for ka, size in zip(k_aux, sizes)):
+            raise ValueError(f"k_aux must give one value in [0, size] per segment, got {k_aux} for sizes {sizes}")
+        aux_mask = aux_mask.contiguous()
+    impl = resolve_backend(backend, x2.device)
+    return GroupedCodes(*_topk_encode_grouped_op(x2.contiguous(), W_enc.contiguous(), b_enc.contiguous(),
+                                                 b_dec.contiguous(), ks, sizes, aux_mask, list(k_aux), impl.name))
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,

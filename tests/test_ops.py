@@ -285,3 +285,58 @@ def test_backends_agree_with_each_other():
 def test_backend_reports_itself():
     assert get_backend("torch").name == "torch"
     assert "torch" in dlmscope.available_backends()
+
+
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_topk_encode_grouped_matches_reference(backend, device, with_aux):
+    """Each segment is an independent top-k; the aux selection only picks masked latents; gradients agree."""
+    sizes, ks, k_aux = [17, 30, 9], [3, 1, 9], [4, 6, 2]
+    S, d, B = sum(sizes), 13, 7
+    x, W_enc, b_enc, _, _ = make_sae(B, d, S, torch.float32, device, seed=31)
+    b_dec = torch.zeros(d, device=device)
+    mask = (torch.rand(S, generator=torch.Generator().manual_seed(2)) < 0.4).to(device) if with_aux else None
+    params = [t.clone().requires_grad_() for t in (x, W_enc, b_enc)]
+    codes = dlmscope.ops.topk_encode_grouped(*params, b_dec, ks, sizes, aux_mask=mask,
+                                             k_aux=k_aux if with_aux else None, backend=backend)
+    tol = tolerance(torch.float32, backend)
+    start = col = acol = 0
+    for g, (k, size) in enumerate(zip(ks, sizes)):
+        v, i = codes.values[:, col:col + k], codes.indices[:, col:col + k]
+        assert int(i.min()) >= start and int(i.max()) < start + size
+        check_topk(v.detach(), i - start, x, W_enc[start:start + size], b_enc[start:start + size], b_dec, k, tol)
+        if with_aux:
+            va, ia = codes.aux_values[:, acol:acol + k_aux[g]], codes.aux_indices[:, acol:acol + k_aux[g]]
+            b_masked = torch.where(mask[start:start + size], b_enc[start:start + size], torch.tensor(-1e30,
+                                                                                                      device=device))
+            check_topk(va.detach(), ia - start, x, W_enc[start:start + size], b_masked, b_dec, k_aux[g], tol)
+            picked = mask[ia.reshape(-1)] | (va.reshape(-1) == 0)
+            assert bool(picked.all()), "aux selection picked an unmasked latent with a non-zero value"
+            acol += k_aux[g]
+        start += size
+        col += k
+    # gradients: the op's backward vs autograd through the reference at the same selection
+    all_v = torch.cat([codes.values, codes.aux_values], 1)
+    all_i = torch.cat([codes.indices, codes.aux_indices], 1)
+    weights = torch.randn_like(all_v)
+    (all_v * weights).sum().backward()
+    ref = [p.detach().cpu().double().requires_grad_() for p in params]
+    pre = reference.pre_activations(ref[0], ref[1], ref[2], b_dec.cpu().double())
+    selected = (all_v.detach() > 0).cpu()  # zero-padded aux slots carry no gradient, whatever their latent
+    (torch.relu(pre.gather(1, all_i.cpu())) * selected * weights.cpu().double()).sum().backward()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad.cpu().double(), r.grad, atol=tol * (float(r.grad.abs().max()) + 1), rtol=0)
+
+
+def test_topk_encode_grouped_bad_input():
+    x, W = torch.randn(3, 4), torch.randn(10, 4)
+    b, bd = torch.zeros(10), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"sizes sum to 9 but W_enc \[10, 4\] has 10 latents"):
+        dlmscope.ops.topk_encode_grouped(x, W, b, bd, [2, 2], [4, 5], backend="torch")
+    with pytest.raises(ValueError, match=r"segment 1: k must satisfy 1 <= k <= size \(5\), got k=6"):
+        dlmscope.ops.topk_encode_grouped(x, W, b, bd, [2, 6], [5, 5], backend="torch")
+    with pytest.raises(ValueError, match=r"aux_mask must be a bool tensor of shape \[10\]"):
+        dlmscope.ops.topk_encode_grouped(x, W, b, bd, [2, 2], [5, 5], aux_mask=torch.ones(10), k_aux=[1, 1],
+                                         backend="torch")
+    with pytest.raises(ValueError, match=r"k_aux must give one value in \[0, size\] per segment"):
+        dlmscope.ops.topk_encode_grouped(x, W, b, bd, [2, 2], [5, 5], aux_mask=torch.ones(10, dtype=torch.bool),
+                                         k_aux=[1], backend="torch")

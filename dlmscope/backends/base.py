@@ -22,7 +22,8 @@ Primitives
       torch.optim.Adam (bias-corrected, ``step`` counted from 1, eps added after the sqrt); then every row of W
       rescaled to unit norm. ``grad`` is not modified.
 
-A backend may override ``decode_backward`` to fuse SDDMM into the transpose pass.
+A backend may override ``decode_backward`` to fuse SDDMM into the transpose pass, and ``encode_grouped`` to run
+several SAEs' encoders (and their AuxK selections) off one GEMM.
 """
 from __future__ import annotations
 
@@ -63,6 +64,36 @@ class Backend:
         raise NotImplementedError
 
     # ---- composites (shared by every backend) -------------------------------------------------------
+    def encode_grouped(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, ks: list[int],
+                       sizes: list[int], aux_mask: Tensor | None,
+                       k_aux: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top-k per latent segment, plus an optional auxiliary top-k among masked latents of each segment.
+
+        W_enc [S,d] is the row-concatenation of segments of ``sizes`` latents (S = sum(sizes)); segment g keeps
+        its ``ks[g]`` largest relu'd pre-activations, and, if ``aux_mask`` [S] bool is given, also its
+        ``k_aux[g]`` largest among latents where aux_mask is True (others count as -inf, so a segment with
+        fewer masked latents than k_aux[g] pads with zeros). Returns values [B, sum(ks)], indices (global, in
+        [0, S)), aux_values [B, sum(k_aux)], aux_indices — blocks in segment order.
+        This default runs one encode per segment (and one more per segment for the aux selection).
+        """
+        values, indices, aux_values, aux_indices = [], [], [], []
+        start = 0
+        for k, size, ka in zip(ks, sizes, k_aux):
+            W, b = W_enc[start:start + size], b_enc[start:start + size]
+            v, i = self.encode(x, W, b, b_dec, k)
+            values.append(v)
+            indices.append(i + start)
+            if aux_mask is not None and ka > 0:
+                b_aux = torch.where(aux_mask[start:start + size], b, torch.full_like(b, float("-inf")))
+                v, i = self.encode(x, W, b_aux, b_dec, ka)
+                aux_values.append(v)
+                aux_indices.append(i + start)
+            start += size
+        empty_v, empty_i = x.new_empty(x.shape[0], 0), x.new_empty(x.shape[0], 0, dtype=torch.int64)
+        return (torch.cat(values, 1), torch.cat(indices, 1),
+                torch.cat(aux_values, 1) if aux_values else empty_v,
+                torch.cat(aux_indices, 1) if aux_indices else empty_i)
+
     def decode(self, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
         """x_hat [B,d] = b_dec + sum_j values[b,j] W_dec[indices[b,j]]."""
         out = self.gather_accumulate(values, indices, W_dec)
