@@ -1,0 +1,169 @@
+"""Shared reading / validation helpers for the checkpoint formats.
+
+Every failure is a ``ValueError`` that names the file (and the key or field) at fault, so a user holding a bad
+checkpoint learns what is wrong with which file without reading a traceback into the library.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+#: Key under which a peer-format cfg carries dlmscope's own ``SAEConfig.meta`` (peers ignore unknown keys).
+META_KEY = "dlmscope_meta"
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# ---- files --------------------------------------------------------------------------------------------------
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        present = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+        raise ValueError(f"{path}: missing {what} (the checkpoint directory holds {present})")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    require_file(path, "config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt JSON config ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"cannot write {path.name}: config (including SAEConfig.meta) is not plain JSON: {e}") from e
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    require_file(path, "weights file")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+# ---- cfg fields ---------------------------------------------------------------------------------------------
+
+
+def cfg_int(cfg: Mapping[str, Any], key: str, file: Path, *, where: str = "") -> int:
+    if key not in cfg:
+        raise ValueError(f"{file}: config{where} lacks field {key!r} (has {sorted(cfg)})")
+    value = cfg[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{file}: config field {where}{key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+# ---- tensors ------------------------------------------------------------------------------------------------
+
+
+def require_tensors(tensors: Mapping[str, Any], keys: Iterable[str], file: Path) -> None:
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise ValueError(f"{file}: missing tensor(s) {missing} (found {sorted(tensors)})")
+    for k in keys:
+        t = tensors[k]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{file}: entry {k!r} must be a tensor, got {type(t).__name__}")
+
+
+def require_shape(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ...], file: Path, why: str) -> None:
+    got = tuple(tensors[key].shape)
+    if got != tuple(shape):
+        raise ValueError(f"{file}: tensor {key!r} has shape {list(got)}, expected {list(shape)} ({why})")
+
+
+def require_float_finite(tensors: Mapping[str, Tensor], keys: Iterable[str], file: Path) -> None:
+    for k in keys:
+        t = tensors[k]
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{file}: tensor {k!r} must be float32/float64/bfloat16/float16, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{file}: tensor {k!r} has {bad} non-finite value(s) (NaN or Inf)")
+
+
+def require_k(k: int, n: int, file: Path) -> None:
+    if k > n:
+        raise ValueError(f"{file}: k={k} exceeds the number of latents n={n}")
+
+
+# ---- building the module ------------------------------------------------------------------------------------
+
+
+def build_sae(*, d: int, n: int, k: int, meta: dict, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+              file: Path):
+    """A TopKSAE holding exactly these tensors (no copy of the random init is ever materialised)."""
+    from ..sae import SAEConfig, TopKSAE
+
+    try:
+        SAEConfig(d=d, n=n, k=k, meta=meta)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+    with torch.device("meta"):
+        sae = TopKSAE(d, n, k, meta=meta)
+    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        setattr(sae, name, nn.Parameter(t.contiguous()))
+    return sae
+
+
+def sae_tensors(sae) -> dict[str, Tensor]:
+    """The four parameters, detached, on CPU, contiguous (ready to serialise)."""
+    return {name: getattr(sae, name).detach().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+
+def meta_from_peer(cfg: dict, fmt: str, file: Path, **extra) -> dict:
+    """``SAEConfig.meta`` for a loaded peer checkpoint.
+
+    A file written by dlmscope carries our meta under :data:`META_KEY` and gets it back verbatim; a file written by
+    the peer library itself gets ``{"source": {"format": fmt, "cfg": <its cfg>, ...extra}}`` (provenance, and what
+    re-exporting to the same format needs to reproduce the peer's fields).
+    """
+    if META_KEY in cfg:
+        meta = cfg.pop(META_KEY)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{file}: field {META_KEY!r} must be a JSON object, got {type(meta).__name__}")
+        return meta
+    return {"source": {"format": fmt, "cfg": cfg, **extra}}
+
+
+def peer_base(meta: dict, fmt: str) -> tuple[dict, dict | None]:
+    """(the peer's own fields to start from, the meta to embed or None) when exporting to ``fmt``."""
+    source = meta.get("source")
+    if isinstance(source, dict) and source.get("format") == fmt:
+        base = json.loads(json.dumps(source.get("cfg") or {}))
+        rest = {k: v for k, v in meta.items() if k != "source"}
+        # meta that is nothing but this format's provenance is written as the peer's own file, untouched
+        return base, (meta if rest else None)
+    return {}, meta  # even when empty: its presence tells load() this file came from dlmscope
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

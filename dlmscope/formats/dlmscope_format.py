@@ -1,0 +1,61 @@
+"""dlmscope's own format: ``sae.safetensors`` + ``cfg.json``.
+
+- ``sae.safetensors``: ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` in the parameters' dtype.
+- ``cfg.json``: ``{"format": "dlmscope", "version": 1, "d": .., "n": .., "k": .., "meta": {...}}``
+  (``SAEConfig.to_dict()`` plus the two header fields).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import _checks as C
+
+NAME = "dlmscope"
+VERSION = 1
+CFG = "cfg.json"
+WEIGHTS = "sae.safetensors"
+KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+DESCRIPTION = f"{CFG} with \"format\": \"dlmscope\" + {WEIGHTS}"
+
+
+def detect(path: Path, files: set[str], cfg: dict | None) -> bool:
+    return CFG in files and isinstance(cfg, dict) and cfg.get("format") == NAME
+
+
+def save(sae, directory: Path) -> None:
+    C.write_safetensors(directory / WEIGHTS, C.sae_tensors(sae), metadata={"format": "pt"})
+    C.write_json(directory / CFG, {"format": NAME, "version": VERSION, **sae.cfg.to_dict()})
+
+
+def load(path: Path):
+    from ..sae import SAEConfig
+
+    cfg_file, weights_file = path / CFG, path / WEIGHTS
+    cfg = C.read_json(cfg_file)
+    if cfg.get("format") != NAME:
+        raise ValueError(f"{cfg_file}: field 'format' is {cfg.get('format')!r}, expected {NAME!r}")
+    version = cfg.get("version")
+    if version != VERSION:
+        raise ValueError(f"{cfg_file}: unsupported dlmscope format version {version!r} (this build reads {VERSION})")
+    fields = {k: v for k, v in cfg.items() if k not in ("format", "version")}
+    for key in ("d", "n", "k"):
+        C.cfg_int(fields, key, cfg_file)
+    if not isinstance(fields.get("meta", {}), dict):
+        raise ValueError(f"{cfg_file}: field 'meta' must be a JSON object, got {type(fields['meta']).__name__}")
+    try:
+        sc = SAEConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: {e}") from e
+
+    t = C.read_safetensors(weights_file)
+    C.require_tensors(t, KEYS, weights_file)
+    extra = sorted(set(t) - set(KEYS))
+    if extra:
+        raise ValueError(f"{weights_file}: unexpected tensor(s) {extra} (a dlmscope SAE holds {list(KEYS)})")
+    d, n = sc.d, sc.n
+    C.require_shape(t, "W_enc", (n, d), weights_file, f"[n, d] with n={n}, d={d} from {CFG}")
+    C.require_shape(t, "b_enc", (n,), weights_file, f"[n] with n={n} from {CFG}")
+    C.require_shape(t, "W_dec", (n, d), weights_file, f"[n, d] with n={n}, d={d} from {CFG}")
+    C.require_shape(t, "b_dec", (d,), weights_file, f"[d] with d={d} from {CFG}")
+    C.require_float_finite(t, KEYS, weights_file)
+    return C.build_sae(d=d, n=n, k=sc.k, meta=sc.meta, file=cfg_file, **{k: t[k] for k in KEYS})
