@@ -1,0 +1,140 @@
+"""Atomic trainer checkpoints: a directory ``step-000000123/`` holding ``state.safetensors`` + ``meta.json``.
+
+Writing goes to a hidden temporary directory next to the target, every file is fsync'ed, then the directory is
+renamed into place (atomic on POSIX file systems) and the parent directory fsync'ed. A reader therefore only
+ever sees complete checkpoints: a ``step-*`` directory exists iff it was written completely. Older checkpoints
+are removed after the new one is in place (``keep`` most recent are kept).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints under ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The most recent complete checkpoint under ``directory``, or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, Tensor], meta: dict, *,
+                    keep: int = 1) -> Path:
+    """Atomically write checkpoint ``step`` under ``directory``; returns its path. Keeps the ``keep`` newest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / checkpoint_name(step)
+    tmp = directory / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+        save_file(cpu, str(tmp / STATE_FILE))
+        (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+        for name in (STATE_FILE, META_FILE):
+            _fsync_path(tmp / name)
+        _fsync_path(tmp)
+        if target.exists():  # re-writing the same step (e.g. the final checkpoint after a resume)
+            trash = directory / f".old-{target.name}-{os.getpid()}"
+            os.replace(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, target)
+        _fsync_path(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, meta) of the checkpoint directory ``path``."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() or not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a dlmscope trainer checkpoint (needs {STATE_FILE} and {META_FILE})")
+    tensors = load_file(str(path / STATE_FILE), device=str(device) if device is not None else "cpu")
+    meta = json.loads((path / META_FILE).read_text())
+    return tensors, meta
+
+
+# ---- RNG state ----------------------------------------------------------------------------------------------
+
+
+def _to_jsonable(obj):
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_jsonable(o) for o in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
+def _from_jsonable(obj):
+    if isinstance(obj, dict) and "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if isinstance(obj, list):
+        return tuple(_from_jsonable(o) for o in obj)
+    return obj
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict]:
+    """The process's RNG states: torch CPU / CUDA (tensors) and python / numpy (JSON-able)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    return tensors, {"python": _to_jsonable(random.getstate()), "numpy": _to_jsonable(np.random.get_state())}
+
+
+def set_rng_state(tensors: dict[str, Tensor], meta: dict) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only for devices present)."""
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"].to("cpu", torch.uint8))
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        for i, state in cuda[:torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(state.to("cpu", torch.uint8), i)
+    if "python" in meta:
+        py = _from_jsonable(meta["python"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in meta:
+        np.random.set_state(_from_jsonable(meta["numpy"]))

@@ -1,0 +1,102 @@
+"""torch.distributed helpers for the trainer: init under torchrun, collectives that are no-ops when alone.
+
+Every helper works unchanged in a single process (world size 1, nothing initialised), so the trainer's code
+path is the same with and without ``torchrun``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment says this process is one of several ranks (RANK / WORLD_SIZE set, > 1)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def maybe_init(device: torch.device | str | None = None, timeout_s: float = 600.0) -> bool:
+    """Initialise the default process group if launched by torchrun and nobody did; returns ``is_distributed()``.
+
+    Backend: nccl when ``device`` is CUDA (and the current CUDA device is set to LOCAL_RANK), gloo otherwise.
+    """
+    if dist.is_available() and not dist.is_initialized() and launched_by_torchrun():
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return is_distributed()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
+    """In-place all-reduce (``sum``, ``max`` or ``min``) of ``t``; returns ``t``. No-op when alone."""
+    if is_distributed():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+
+def all_reduce_tensors_(tensors: list[Tensor], op: str = "sum") -> None:
+    """All-reduce a list of same-dtype tensors through one flat buffer (one collective), in place."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    all_reduce_(flat, op)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_gather_rows(x: Tensor) -> Tensor:
+    """Concatenate every rank's ``x`` [B_r, ...] along dim 0 in rank order (B_r may differ between ranks)."""
+    if not is_distributed():
+        return x
+    sizes = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
+    dist.all_gather(all_sizes, sizes)
+    all_sizes = [int(s) for s in all_sizes]
+    longest = max(all_sizes)
+    padded = x.new_zeros(longest, *x.shape[1:])
+    padded[:x.shape[0]] = x
+    gathered = [torch.empty_like(padded) for _ in all_sizes]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:s] for g, s in zip(gathered, all_sizes)])
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (pickled)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
