@@ -196,13 +196,14 @@ def _(x, W_enc, b_enc, b_dec, k, backend):
 
 @torch.library.custom_op("dlmscope::topk_encode_backward", mutates_args=())
 def _topk_encode_backward_op(d_values: Tensor, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor,
-                             b_dec: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _call(backend, "encode_backward", d_values.contiguous(), values, indices, x, W_enc, b_dec)
+                             b_dec: Tensor, need_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _call(backend, "encode_backward", d_values.contiguous(), values, indices, x, W_enc, b_dec, need_dx)
 
 
 @_topk_encode_backward_op.register_fake
-def _(d_values, values, indices, x, W_enc, b_dec, backend):
-    return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[0]), torch.empty_like(b_dec)
+def _(d_values, values, indices, x, W_enc, b_dec, need_dx, backend):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[0]), torch.empty_like(b_dec)
 
 
 def _topk_encode_setup(ctx, inputs, output):
@@ -215,8 +216,10 @@ def _topk_encode_setup(ctx, inputs, output):
 
 def _topk_encode_backward(ctx, d_values, _d_indices):
     x, W_enc, b_dec, values, indices = ctx.saved_tensors
-    dx, dW_enc, db_enc, db_dec = _topk_encode_backward_op(d_values, values, indices, x, W_enc, b_dec, ctx.backend)
-    return dx, dW_enc, db_enc, db_dec, None, None
+    need_dx = bool(ctx.needs_input_grad[0])
+    dx, dW_enc, db_enc, db_dec = _topk_encode_backward_op(d_values, values, indices, x, W_enc, b_dec, need_dx,
+                                                          ctx.backend)
+    return dx if need_dx else None, dW_enc, db_enc, db_dec, None, None
 
 
 _topk_encode_op.register_autograd(_topk_encode_backward, setup_context=_topk_encode_setup)
@@ -249,10 +252,11 @@ def _topk_encode_grouped_setup(ctx, inputs, output):
 
 def _topk_encode_grouped_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
     x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    need_dx = bool(ctx.needs_input_grad[0])
     dx, dW_enc, db_enc, db_dec = _topk_encode_backward_op(
         torch.cat([d_values, d_aux_values], 1), torch.cat([values, aux_values], 1),
-        torch.cat([indices, aux_indices], 1), x, W_enc, b_dec, ctx.backend)
-    return dx, dW_enc, db_enc, db_dec, None, None, None, None, None
+        torch.cat([indices, aux_indices], 1), x, W_enc, b_dec, need_dx, ctx.backend)
+    return dx if need_dx else None, dW_enc, db_enc, db_dec, None, None, None, None, None
 
 
 _topk_encode_grouped_op.register_autograd(_topk_encode_grouped_backward, setup_context=_topk_encode_grouped_setup)

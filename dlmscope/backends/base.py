@@ -101,15 +101,18 @@ class Backend:
         return out
 
     def encode_backward(self, d_values: Tensor, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor,
-                        b_dec: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        b_dec: Tensor, need_dx: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients (dx [B,d], dW_enc [n,d], db_enc [n], db_dec [d]) of topk_encode from d_values [B,k].
 
         Only the k selected pre-activations carry gradient, and only where relu passed (values > 0).
+        db_dec = -sum_b dx[b] = -(db_enc @ W_enc), so dx (a gather over B·k rows) is computed only when
+        ``need_dx``; otherwise an empty tensor is returned in its place (SAE training never needs dx).
         """
         d_pre = torch.where(values > 0, d_values, torch.zeros_like(d_values))
-        dx = self.gather_accumulate(d_pre, indices, W_enc)
         dW_enc, db_enc = self.transpose_reduce(d_pre, indices, x - b_dec, W_enc.shape[0])
-        db_dec = -dx.sum(0, dtype=torch.float32 if dx.dtype in (torch.bfloat16, torch.float16) else None)
+        wide = torch.float32 if W_enc.dtype in (torch.bfloat16, torch.float16) else W_enc.dtype
+        db_dec = -(db_enc.to(wide) @ W_enc.to(wide))
+        dx = self.gather_accumulate(d_pre, indices, W_enc) if need_dx else x.new_empty(0)
         return dx, dW_enc, db_enc, db_dec.to(b_dec.dtype)
 
     def decode_backward(self, g: Tensor, values: Tensor, indices: Tensor,
