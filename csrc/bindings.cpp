@@ -18,6 +18,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int64); order within a row unspecified; rows with < k positive entries padded with zeros at unused ids",
         py::arg("x"), py::arg("W_enc"), py::arg("b_enc"), py::arg("b_dec"), py::arg("k"), py::arg("row_block") = 0,
         py::arg("latent_block") = 0);
+  m.def("topk_encode_grouped", &topk_encode_grouped,
+        "Several stacked SAEs' top-k (segments of ``sizes`` latents, one k each) plus an optional per-segment AuxK "
+        "top-k among aux_mask latents, off one tiled GEMM pass; returns (values [B,sum(ks)], indices, aux_values "
+        "[B,sum(k_aux)], aux_indices), indices global int64, blocks in segment order",
+        py::arg("x"), py::arg("W_enc"), py::arg("b_enc"), py::arg("b_dec"), py::arg("ks"), py::arg("sizes"),
+        py::arg("aux_mask") = py::none(), py::arg("k_aux") = std::vector<int64_t>{}, py::arg("row_block") = 0,
+        py::arg("latent_block") = 0);
   m.def("gather_accumulate", &gather_accumulate, "out[b] = sum_j coef[b,j] * W[idx[b,j]]", py::arg("coef"),
         py::arg("idx"), py::arg("W"));
   m.def("transpose_reduce", &transpose_reduce,

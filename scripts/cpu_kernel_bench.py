@@ -4,6 +4,7 @@
     python scripts/cpu_kernel_bench.py --check-only
     python scripts/cpu_kernel_bench.py --bench-only --reps 7 --B 4096 --d 512 --n 16384 --k 32
     python scripts/cpu_kernel_bench.py --tiles 256x512 128x1024   # tune topk_encode tile shapes
+    python scripts/cpu_kernel_bench.py --bench-only --grouped --reps 3  # six SAEs (paper sweep) off one input
 
 Every time is printed as a multiple of the bare encoder GEMM ``x @ W_enc.T`` measured in the same run, interleaved
 with the op (one GEMM right before every op measurement), so that a noisy shared machine affects both alike; the
@@ -92,6 +93,76 @@ def check_topk(dtype, gen):
     print(f"  topk_encode        {str(dtype):14s} ok ({len(cases)} shapes)")
 
 
+def _check_selection(vals, idx, pre, k, lo, hi, allowed, tol, what):
+    """vals/idx [B,k] is a valid top-k of relu(pre) restricted to latents [lo, hi) where ``allowed``."""
+    B = pre.shape[0]
+    assert vals.shape == (B, k) and idx.shape == (B, k), what
+    if k == 0:
+        return
+    assert bool((idx >= lo).all()) and bool((idx < hi).all()), f"{what}: ids outside the segment"
+    assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all()), f"{what}: ids not distinct within a row"
+    masked = torch.where(allowed[lo:hi], torch.relu(pre[:, lo:hi]), torch.full_like(pre[:, lo:hi], -1.0))
+    rv = masked.topk(k, dim=-1).values.clamp_min(0)  # fewer than k allowed positives: zero padding
+    assert torch.allclose(vals.sort(-1, descending=True).values, rv, atol=tol, rtol=tol), \
+        f"{what}: wrong values {(vals.sort(-1, descending=True).values - rv).abs().max()}"
+    at = torch.relu(pre).gather(1, idx)
+    nz = vals > 0
+    assert torch.allclose(at[nz], vals[nz], atol=tol, rtol=tol), f"{what}: values != relu(pre) at indices"
+    assert bool(allowed[idx[nz]].all()), f"{what}: a non-zero value at a latent outside the mask"
+    assert bool((vals >= 0).all()), what
+
+
+def check_grouped(dtype, gen):
+    """topk_encode_grouped vs plain torch per segment; ids global; aux only masked latents (zero padding)."""
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    cases = [  # B, d, sizes, ks, k_aux (None: no mask), mask kind, row_block, latent_block, negative-bias fraction
+        (7, 33, [17, 30, 9], [3, 1, 9], [4, 6, 2], "rand", 0, 0, 0.0),
+        (9, 40, [600, 700, 1100], [50, 80, 160], [64, 0, 128], "rand", 0, 0, 0.0),   # k_aux = 0 for one
+        (33, 20, [5] * 40 + [13] * 20, [1, 5] * 20 + [3] * 20, [2, 0, 5, 1] * 15, "rand", 0, 0, 0.3),  # many small
+        (1, 64, [1000, 1500, 700, 40, 3000], [16, 1500, 3, 40, 64], [32, 7, 700, 40, 0], "rand", 0, 0, 0.5),  # B=1
+        (5, 24, [300, 257, 100], [300, 1, 99], [300, 257, 100], "all", 0, 0, 0.9),   # k_g = size_g, all masked
+        (6, 24, [300, 257, 100], [7, 8, 9], [5, 6, 7], "none", 0, 0, 0.0),          # mask all False
+        (300, 50, [2048, 513, 1531], [32, 64, 128], [16, 16, 16], "rand", 0, 0, 0.0),  # several row blocks
+        (13, 24, [257, 40, 300], [7, 40, 5], [9, 3, 300], "rand", 3, 17, 0.5),     # odd tiles, segments span tiles
+        (600, 100, [1100, 7], [32, 7], None, None, 0, 0, 0.0),                      # no aux
+        (4, 8, [60, 40], [50, 20], [10, 40], "rand", 0, 0, 1.0),                    # everything negative
+    ]
+    for B, d, sizes, ks, k_aux, mask_kind, R, N, neg in cases:
+        S = sum(sizes)
+        x = torch.randn(B, d, dtype=dtype, generator=gen)
+        W = torch.randn(S, d, dtype=dtype, generator=gen) / d**0.5
+        be = torch.randn(S, dtype=dtype, generator=gen) * 0.1
+        if neg > 0:
+            be[torch.rand(S, generator=gen) < neg] -= 100.0
+        bd = torch.randn(d, dtype=dtype, generator=gen) * 0.1
+        if mask_kind is None:
+            mask = None
+        else:
+            mask = {"rand": torch.rand(S, generator=gen) < 0.3, "all": torch.ones(S, dtype=torch.bool),
+                    "none": torch.zeros(S, dtype=torch.bool)}[mask_kind]
+        v, i, av, ai = _C.topk_encode_grouped(x, W, be, bd, ks, sizes, mask, k_aux or [], R, N)
+        assert v.dtype == dtype and i.dtype == torch.int64 and v.shape == (B, sum(ks))
+        assert av.shape == (B, sum(k_aux) if mask is not None else 0) and ai.shape == av.shape
+        pre = ref_pre(x, W, be, bd)
+        everything = torch.ones(S, dtype=torch.bool)
+        lo = col = acol = 0
+        for g, (size, k) in enumerate(zip(sizes, ks)):
+            _check_selection(v[:, col:col + k], i[:, col:col + k], pre, k, lo, lo + size, everything, tol,
+                             f"segment {g} of {sizes}")
+            if mask is not None:
+                ka = k_aux[g]
+                _check_selection(av[:, acol:acol + ka], ai[:, acol:acol + ka], pre, ka, lo, lo + size, mask, tol,
+                                 f"aux segment {g} of {sizes}")
+                acol += ka
+            lo += size
+            col += k
+        # one segment, no aux == topk_encode (same plan, same kernel: identical output)
+        v1, i1 = _C.topk_encode(x, W, be, bd, ks[0] if sizes == [S] else min(ks[0], S), R, N)
+        v2, i2, _, _ = _C.topk_encode_grouped(x, W, be, bd, [v1.shape[1]], [S], None, [], R, N)
+        assert torch.equal(v1, v2) and torch.equal(i1, i2), "topk_encode != one-segment topk_encode_grouped"
+    print(f"  topk_encode_grouped {str(dtype):13s} ok ({len(cases)} shapes)")
+
+
 def check_sparse(dtype, gen):
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for B, d, n, k in [(5, 33, 20, 1), (17, 100, 7, 6), (31, 129, 500, 9), (64, 512, 3000, 32), (3, 5, 1, 4)]:
@@ -139,6 +210,7 @@ def run_checks():
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float64, torch.float32):
         check_topk(dtype, gen)
+        check_grouped(dtype, gen)
         check_sparse(dtype, gen)
         check_decoder_norm(dtype, gen)
 
@@ -230,6 +302,61 @@ def run_bench(B, d, n, k, reps, tiles):
     bench("SAE training step (primitives)", step)
 
 
+def run_grouped_bench(B, d, n, ks, k_aux, aux_fraction, reps):
+    """The paper's sweep: len(ks) SAEs of n latents off one input; fused grouped encode vs separate encodes vs the
+    bare GEMM over all stacked latents; with AuxK, fused vs the unfused composite (two encodes per SAE)."""
+    from dlmscope.backends import get_backend
+    from dlmscope.backends.base import Backend
+
+    torch.manual_seed(0)
+    G = len(ks)
+    S = n * G
+    x = torch.randn(B, d)
+    W_all = F.normalize(torch.randn(S, d), dim=1)
+    b_all = torch.randn(S) * 0.01
+    b_dec = torch.randn(d) * 0.1
+    sizes = [n] * G
+    mask = torch.rand(S) < aux_fraction
+    kas = [k_aux] * G
+    cpu = get_backend("cpu")
+    gemm = lambda: x @ W_all.T  # noqa: E731
+    gemm()
+    print(f"\ngrouped: B={B} d={d} {G} SAEs x n={n} (S={S}) ks={ks}; AuxK k_aux={k_aux} on {mask.float().mean():.0%} "
+          f"of latents; threads={torch.get_num_threads()}; every ratio over the bare GEMM x @ W_all.T (S latents)")
+    variants = {
+        "gemm": gemm,
+        "gemm_per_sae": lambda: [x @ W_all[g * n:(g + 1) * n].T for g in range(G)],
+        "fused": lambda: _C.topk_encode_grouped(x, W_all, b_all, b_dec, ks, sizes),
+        "separate": lambda: [_C.topk_encode(x, W_all[g * n:(g + 1) * n], b_all[g * n:(g + 1) * n], b_dec, k)
+                             for g, k in enumerate(ks)],
+        "fused_aux": lambda: _C.topk_encode_grouped(x, W_all, b_all, b_dec, ks, sizes, mask, kas),
+        "composite_aux": lambda: Backend.encode_grouped(cpu, x, W_all, b_all, b_dec, ks, sizes, mask, kas),
+    }
+    labels = {"gemm": "bare GEMM x @ W_all.T", "gemm_per_sae": f"{G} GEMMs x @ W_g.T (one per SAE)",
+              "fused": "grouped fused (one GEMM pass)", "separate": f"{G} separate topk_encode",
+              "fused_aux": "grouped fused + AuxK", "composite_aux": "composite + AuxK (2 encodes/SAE)"}
+    # Round-robin: every rep times every variant once (order rotated per rep), so a noisy neighbour hits all of them
+    # alike; ratios are medians of the per-rep ratios (paired), plus min/min.
+    names = list(variants)
+    times = {v: [] for v in names}
+    for rep in range(reps):
+        for v in names[rep % len(names):] + names[:rep % len(names)]:
+            times[v].append(_t(variants[v]))
+    g = times["gemm"]
+    for v in names:
+        ts = times[v]
+        paired = statistics.median(t / gg for t, gg in zip(ts, g))
+        print(f"  {labels[v]:34s} {statistics.median(ts) * 1e3:9.1f} ms   {paired:6.3f}x GEMM (median of paired)   "
+              f"{min(ts) / min(g):6.3f}x (min/min)", flush=True)
+
+    def pair(a, b):
+        return (statistics.median(x / y for x, y in zip(times[a], times[b])), min(times[a]) / min(times[b]))
+
+    for a, b in (("separate", "fused"), ("composite_aux", "fused_aux"), ("fused_aux", "fused")):
+        med, mn = pair(a, b)
+        print(f"  => {a} / {b} = {med:.2f}x (median of paired)  {mn:.2f}x (min/min)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--B", type=int, default=4096)
@@ -239,11 +366,20 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--bench-only", action="store_true")
+    ap.add_argument("--grouped", action="store_true",
+                    help="bench the grouped encoder on the paper's sweep (six SAEs of --n latents, --ks, --k-aux)")
+    ap.add_argument("--ks", type=int, nargs="*", default=[50, 80, 160, 320, 520, 820])
+    ap.add_argument("--k-aux", type=int, default=256)
+    ap.add_argument("--aux-fraction", type=float, default=0.3)
     ap.add_argument("--tiles", nargs="*", default=None, help="RxN tile shapes of topk_encode to compare")
     a = ap.parse_args()
     if not a.bench_only:
         run_checks()
-    if not a.check_only:
+    if a.check_only:
+        return
+    if a.grouped:
+        run_grouped_bench(a.B, a.d, a.n, a.ks, a.k_aux, a.aux_fraction, a.reps)
+    else:
         run_bench(a.B, a.d, a.n, a.k, a.reps, a.tiles)
 
 

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace dlmscope {
 namespace cpu {
@@ -18,6 +19,16 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor> topk_encode(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc,
                                                const at::Tensor& b_dec, int64_t k, int64_t row_block,
                                                int64_t latent_block);
+
+// Several Top-K encoders stacked along the latent axis (W_enc [S,d] = segments of ``sizes`` latents), off ONE tiled
+// GEMM pass: segment g keeps its ks[g] largest relu'd pre-activations and, with ``aux_mask`` [S] bool, also its
+// k_aux[g] largest among masked latents (unmasked count as -inf; padded with zeros at distinct unused ids of the
+// segment). Returns (values [B,sum(ks)], indices, aux_values [B,sum(k_aux)] (width 0 without a mask), aux_indices),
+// indices int64 global in [0,S), blocks in segment order. ``topk_encode`` is its one-segment, no-aux case.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_grouped(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec,
+    const std::vector<int64_t>& ks, const std::vector<int64_t>& sizes, const std::optional<at::Tensor>& aux_mask,
+    const std::vector<int64_t>& k_aux, int64_t row_block, int64_t latent_block);
 
 // out[b] = sum_j coef[b,j] * W[idx[b,j]]
 at::Tensor gather_accumulate(const at::Tensor& coef, const at::Tensor& idx, const at::Tensor& W);

@@ -5,6 +5,8 @@
   is in cache (running per-row threshold, vectorised reject test) — the B x n pre-activations never exist.
 * ``gather_accumulate`` / ``sddmm`` are parallel over rows; ``transpose_reduce`` is a stable counting sort of the
   B·k ids followed by a cost-balanced parallel pass over latents (every output row written once).
+* ``encode_grouped`` runs several SAEs stacked along the latent axis (and their AuxK selections) through the same
+  tiled kernel in one pass: one GEMM over all S latents, per-segment selections while each tile is in cache.
 * ``decode_backward`` fuses the SDDMM (d_values) into the transpose pass that builds dW_dec, so g[b] is read once.
 * ``decoder_norm_step`` is one pass per row: project, Adam, renormalise.
 
@@ -56,7 +58,22 @@ class CpuBackend(Backend):
         _C.decoder_norm_step(W, grad, exp_avg, exp_avg_sq, int(step), float(lr), float(beta1), float(beta2),
                              float(eps))
 
-    # ---- fused composite ----------------------------------------------------------------------------
+    # ---- fused composites ---------------------------------------------------------------------------
+    def encode_grouped(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, ks: list[int],
+                       sizes: list[int], aux_mask: Tensor | None,
+                       k_aux: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """All segments' top-k (and their AuxK selections) off ONE tiled GEMM pass over the S stacked latents.
+
+        Each row keeps one selection per segment and, with ``aux_mask``, a second one over the masked latents only
+        (bias -inf elsewhere), both fed from the same cached tile — the aux selection costs a second scan of the
+        tile, not a second GEMM. Without ``aux_mask`` the aux outputs are [B, 0].
+        """
+        if not hasattr(_C, "topk_encode_grouped"):  # an extension built before the grouped kernel existed
+            return super().encode_grouped(x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux)
+        k_aux = [int(k) for k in k_aux] if aux_mask is not None else []
+        return _C.topk_encode_grouped(x, W_enc, b_enc, b_dec, [int(k) for k in ks], [int(s) for s in sizes],
+                                      aux_mask, k_aux)
+
     def decode_backward(self, g: Tensor, values: Tensor, indices: Tensor,
                         W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(d_values, dW_dec, db_dec) with the SDDMM fused into the transpose-reduce pass over g."""
