@@ -130,36 +130,6 @@ inline void scan_row<float>(RowSel<float>& s, const float* t, const float* bias,
   for (; c < N; ++c) push(s, t[c] + bias[c], id0 + c, k, cap);
 }
 
-template <>
-inline void scan_row<double>(RowSel<double>& s, const double* t, const double* bias, int64_t N, int64_t id0,
-                             int64_t k, int64_t cap) {
-  int64_t c = 0;
-  __m512d vt = _mm512_set1_pd(s.thr);
-  alignas(64) double tmp[32];
-  for (; c + 32 <= N; c += 32) {
-    const __m512d v0 = _mm512_add_pd(_mm512_loadu_pd(t + c), _mm512_loadu_pd(bias + c));
-    const __m512d v1 = _mm512_add_pd(_mm512_loadu_pd(t + c + 8), _mm512_loadu_pd(bias + c + 8));
-    const __m512d v2 = _mm512_add_pd(_mm512_loadu_pd(t + c + 16), _mm512_loadu_pd(bias + c + 16));
-    const __m512d v3 = _mm512_add_pd(_mm512_loadu_pd(t + c + 24), _mm512_loadu_pd(bias + c + 24));
-    const __m512d mx = _mm512_max_pd(_mm512_max_pd(v0, v1), _mm512_max_pd(v2, v3));
-    if (__builtin_expect(_mm512_cmp_pd_mask(mx, vt, _CMP_GT_OQ) == 0, 1)) continue;
-    uint32_t m = (uint32_t)_mm512_cmp_pd_mask(v0, vt, _CMP_GT_OQ) |
-                 ((uint32_t)_mm512_cmp_pd_mask(v1, vt, _CMP_GT_OQ) << 8) |
-                 ((uint32_t)_mm512_cmp_pd_mask(v2, vt, _CMP_GT_OQ) << 16) |
-                 ((uint32_t)_mm512_cmp_pd_mask(v3, vt, _CMP_GT_OQ) << 24);
-    _mm512_store_pd(tmp, v0);
-    _mm512_store_pd(tmp + 8, v1);
-    _mm512_store_pd(tmp + 16, v2);
-    _mm512_store_pd(tmp + 24, v3);
-    while (m) {
-      const int bit = __builtin_ctz(m);
-      m &= m - 1;
-      push(s, tmp[bit], id0 + c + bit, k, cap);
-    }
-    vt = _mm512_set1_pd(s.thr);
-  }
-  for (; c < N; ++c) push(s, t[c] + bias[c], id0 + c, k, cap);
-}
 #endif
 
 #if defined(__AVX512F__)
