@@ -1,0 +1,168 @@
+"""Command line: ``dlmscope train`` and ``dlmscope eval`` (more commands arrive with their issues).
+
+    dlmscope train --model DIR --layers 1 3 --policy mask --k 8 16 32 --n 512 --tokens 200000 --out runs/x
+    dlmscope eval  --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000
+
+Text comes from the embedded world's corpus (``--corpus world``, default) or a text file with one document
+per line (``--corpus PATH``), tokenized with the model's tokenizer and packed into ``--seq-len`` rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _token_rows(adapter, corpus: str, seq_len: int, heldout: bool, n_sentences: int, seed: int) -> torch.Tensor:
+    """[N, seq_len] token ids of the training (or held-out) text."""
+    if adapter.tokenizer is None:
+        raise ValueError("the model has no tokenizer files next to its weights; cannot tokenize text")
+    if corpus == "world":
+        from .world import generate, pack, split
+
+        train, held = split(generate(n_sentences, seed=seed))
+        return pack(held if heldout else train, adapter.tokenizer, seq_len)
+    path = Path(corpus)
+    if not path.is_file():
+        raise ValueError(f"--corpus must be 'world' or a text file, got {corpus!r} (not a file)")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    cut = max(1, len(lines) // 10)
+    lines = lines[:cut] if heldout else lines[cut:] or lines
+    ids = [i for line in lines for i in adapter.tokenizer(line)["input_ids"]]
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise ValueError(f"{corpus} holds {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
+    return torch.tensor(ids[: rows * seq_len]).reshape(rows, seq_len)
+
+
+def _lm_batches(rows: torch.Tensor, lm_batch: int) -> list[torch.Tensor]:
+    return [rows[i:i + lm_batch] for i in range(0, len(rows), lm_batch)]
+
+
+def cmd_train(args) -> int:
+    from . import models
+    from .activations import ActivationStream
+    from .sae import TopKSAE
+    from .splice import evaluate_sae
+    from .train import TrainConfig, Trainer
+
+    adapter = models.load(args.model)
+    layers = adapter.check_layers(args.layers)
+    rows = _token_rows(adapter, args.corpus, args.seq_len, False, args.sentences, args.seed)
+    out = Path(args.out)
+    stream = ActivationStream(adapter, _lm_batches(rows, args.lm_batch), layers, args.policy,
+                              batch_size=args.batch_size, buffer_tokens=max(args.buffer_tokens, args.batch_size),
+                              seed=args.seed, max_tokens=args.tokens,
+                              cache_dir=out / "activation_cache" if len(layers) > 1 else None)
+    held = _token_rows(adapter, args.corpus, args.seq_len, True, args.sentences, args.seed)
+    held_stream = ActivationStream(adapter, _lm_batches(held, args.lm_batch), layers, args.policy,
+                                   batch_size=args.batch_size, buffer_tokens=max(args.buffer_tokens, args.batch_size),
+                                   seed=args.seed + 1, max_tokens=args.eval_tokens, drop_last=False)
+    summary = {"model": args.model, "policy": args.policy, "layers": {}}
+    for layer in layers:
+        saes = [TopKSAE(adapter.d_model, args.n, k, meta={"model": args.model, "layer": layer,
+                                                            "policy": args.policy, "hook": "resid_post"})
+                for k in args.k]
+        cfg = TrainConfig(total_tokens=args.tokens, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
+                          dead_tokens=args.dead_tokens, norm_batches=args.norm_batches, backend=args.backend,
+                          log_every=args.log_every, checkpoint_dir=str(out / f"layer_{layer}" / "checkpoints"),
+                          checkpoint_every=args.checkpoint_every)
+        Trainer(saes, cfg).fit(stream.for_layer(layer), resume=args.resume)
+        summary["layers"][layer] = {}
+        for sae in saes:
+            sae.save(out / f"layer_{layer}" / f"k_{sae.k}")
+            metrics = evaluate_sae(sae, held_stream.for_layer(layer))
+            summary["layers"][layer][sae.k] = metrics
+            print(f"layer {layer} k={sae.k}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import models
+    from .activations import ActivationStream
+    from .sae import TopKSAE
+    from .splice import average_results, dlm_delta_loss, ar_delta_loss, evaluate_sae
+
+    adapter = models.load(args.model)
+    layer = adapter.check_layer(args.layer)
+    sae = TopKSAE.load(args.sae)
+    rows = _token_rows(adapter, args.corpus, args.seq_len, True, args.sentences, args.seed)
+    policy = args.policy or ("mask" if adapter.is_diffusion and adapter.mask_token_id is not None else "clean")
+    stream = ActivationStream(adapter, _lm_batches(rows, args.lm_batch), [layer], policy,
+                              batch_size=args.batch_size, buffer_tokens=max(args.batch_size * 4, 4096),
+                              seed=args.seed, max_tokens=args.tokens, drop_last=False)
+    result = {"sae": args.sae, "layer": layer, "policy": policy, **evaluate_sae(sae, stream.for_layer(layer))}
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = _lm_batches(rows, args.lm_batch)[: args.loss_batches]
+    if adapter.mask_token_id is not None:
+        result["dlm_delta"] = average_results([dlm_delta_loss(adapter, sae, layer, ids, generator=gen)
+                                               for ids in batches])
+    else:
+        result["ar_delta"] = average_results([ar_delta_loss(adapter, sae, layer, ids) for ids in batches])
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dlmscope", description="SAE interpretability for diffusion LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def text_options(p):
+        p.add_argument("--model", required=True, help="model directory (LLaDA / Dream / Llama / Qwen2 format)")
+        p.add_argument("--corpus", default="world", help="'world' (embedded corpus) or a text file")
+        p.add_argument("--sentences", type=int, default=20000, help="world corpus size to draw from")
+        p.add_argument("--seq-len", type=int, default=64)
+        p.add_argument("--lm-batch", type=int, default=32, help="sequences per model forward")
+        p.add_argument("--batch-size", type=int, default=1024, help="activations per SAE batch")
+        p.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="harvest activations and train Top-K SAEs (a k sweep per layer)")
+    text_options(t)
+    t.add_argument("--layers", type=int, nargs="+", required=True)
+    t.add_argument("--policy", default="mask", help="mask | unmask | all | clean")
+    t.add_argument("--k", type=int, nargs="+", default=[8, 16, 32])
+    t.add_argument("--n", type=int, default=1024, help="latents per SAE")
+    t.add_argument("--tokens", type=int, default=200_000, help="training tokens per layer")
+    t.add_argument("--eval-tokens", type=int, default=20_000)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--dead-tokens", type=int, default=100_000)
+    t.add_argument("--norm-batches", type=int, default=10)
+    t.add_argument("--buffer-tokens", type=int, default=65536)
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--backend", default=None)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="FVE / L0 / dead and delta-LM of a trained SAE")
+    text_options(e)
+    e.add_argument("--sae", required=True, help="SAE directory (any supported format)")
+    e.add_argument("--layer", type=int, required=True)
+    e.add_argument("--policy", default=None, help="default: mask for DLMs, clean for AR models")
+    e.add_argument("--tokens", type=int, default=20_000)
+    e.add_argument("--loss-batches", type=int, default=4)
+    e.add_argument("--out", default=None, help="also write the JSON here")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dlmscope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
