@@ -366,10 +366,11 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # trust_remote_code=False: LLaDA/Dream configs carry an auto_map; never prompt, never run hub code
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception:
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
+            return PreTrainedTokenizerFast.from_pretrained(path)
         raise
 
 

@@ -12,7 +12,9 @@ Writes under ``DIR`` (default ``dlmscope/world/assets``):
                        training as whole sentences, so a held-out one tests generalisation, not recall)
 
 The corpora themselves are not stored: :func:`build_world` regenerates them from the seed in seconds.
-Tiny-model training plugs in at :func:`train_models` (not implemented yet: it writes nothing).
+``models/{dlm,ar,instruct}/`` the tiny trained models (:mod:`dlmscope.world.train_models`): a LLaDA-format masked
+                       DLM, its AR twin (Llama format) and the instruct twin (LLaDA format), each with the
+                       tokenizer files; skipped for worlds under ``train_models.MIN_PRETRAIN`` sentences.
 """
 from __future__ import annotations
 
@@ -77,11 +79,12 @@ def _digest(samples) -> str:
 
 
 def train_models(world: World, tokenizer, out_dir: str, log=print) -> dict:
-    """Hook for the tiny trained models (LLaDA-format masked DLM, AR twin, instruct twin) that will live in
-    ``out_dir/{dlm,ar,instruct}``. Not implemented yet: it trains and writes nothing and returns ``{}``
-    (the per-model metrics — masked-token accuracy, perplexity vs unigram — go in the returned dict)."""
-    log("[world] model training: not implemented yet (corpus + tokenizer only)")
-    return {}
+    """Train the tiny models (LLaDA-format masked DLM, AR twin, instruct twin) into
+    ``out_dir/models/{dlm,ar,instruct}``; returns their metrics (masked-token accuracy, perplexity vs unigram,
+    Q&A accuracy), stored as ``world.json["models"]``. See :mod:`dlmscope.world.train_models`."""
+    from .train_models import train_models as _train
+
+    return _train(world, tokenizer, out_dir, log=log)
 
 
 def build(out_dir: str = DEFAULT_OUT, cfg: WorldConfig = WorldConfig(), models: bool = True, log=print) -> dict:

@@ -1,0 +1,358 @@
+"""Train the embedded world's three tiny models and write them in their real checkpoint formats.
+
+``out_dir/models/dlm/``       LLaDA-format masked diffusion LM (``model_type: "llada"``, LLaDA key names),
+                              trained with the masked-diffusion objective: per sequence ``t ~ U(eps, 1)``,
+                              every position except 0 replaced by ``[MASK]`` with probability ``t``,
+                              ``loss = Σ_masked CE / t / #tokens`` (LLaDA's 1/t-weighted ELBO).
+``out_dir/models/ar/``        the AR twin: the same architecture with causal attention, next-token CE on the
+                              same packed corpus and budget, saved as a plain transformers Llama checkpoint.
+``out_dir/models/instruct/``  the DLM fine-tuned on the Q&A slice (LLaDA-style SFT: the prompt is never
+                              masked, only answer / ``[EOS]`` positions are), LLaDA format.
+
+Each directory also holds the world's tokenizer files, so ``dlmscope.models.load(dir)`` and
+``AutoTokenizer.from_pretrained(dir)`` work. Training is deterministic on one machine (fixed seeds, fixed
+thread count, ``torch.use_deterministic_algorithms``); :func:`evaluate_models` computes the quality numbers
+stored in ``world.json["models"]``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import corpus as C
+
+__all__ = ["ModelConfig", "TrainConfig", "train_models", "evaluate_models", "masked_accuracy", "ar_perplexity",
+           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN"]
+
+#: Worlds smaller than this many pre-training sentences get no models (a model trained on a toy slice would
+#: be meaningless, and the corpus-only build tests stay fast).
+MIN_PRETRAIN = 50_000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden: int = 384
+    max_len: int = 128
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    threads: int = 2
+    seq_len: int = 64
+    batch: int = 32
+    steps: int = 3000
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    t_eps: float = 1e-3
+    #: instruct fine-tuning
+    sft_steps: int = 600
+    sft_lr: float = 1e-3
+    sft_batch: int = 32
+    sft_seq_len: int = 32
+    #: evaluation
+    eval_rows: int = 256
+    eval_mask_rates: tuple = (0.15, 0.5, 0.9)
+
+
+def llama_config(tok, mc: ModelConfig, causal: bool):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=len(tok), hidden_size=mc.d_model, intermediate_size=mc.mlp_hidden,
+              num_hidden_layers=mc.n_layers, num_attention_heads=mc.n_heads, num_key_value_heads=mc.n_heads,
+              hidden_act="silu", max_position_embeddings=mc.max_len, rms_norm_eps=1e-5, rope_theta=mc.rope_theta,
+              tie_word_embeddings=False, attention_bias=False, mlp_bias=False, use_cache=False,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if not causal:
+        kw.update(is_causal=False, mask_token_id=tok.mask_token_id)
+    return LlamaConfig(**kw)
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def _optimizer(model, lr, wd):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-8, foreach=False)
+
+
+def _batches(n_rows: int, batch: int, steps: int, gen: torch.Generator):
+    """Row indices for ``steps`` batches: reshuffled epochs, deterministic under ``gen``."""
+    perm, pos = torch.randperm(n_rows, generator=gen), 0
+    for _ in range(steps):
+        if pos + batch > n_rows:
+            perm, pos = torch.randperm(n_rows, generator=gen), 0
+        yield perm[pos:pos + batch]
+        pos += batch
+
+
+def diffusion_mask(ids: torch.Tensor, t: torch.Tensor, gen: torch.Generator, mask_id: int, pad_id: int,
+                   maskable: torch.Tensor | None = None):
+    """``(noisy_ids, masked)``: each maskable position (non-pad, not position 0, and ``maskable`` if given)
+    replaced by ``mask_id`` with probability ``t`` (one rate per row)."""
+    u = torch.rand(ids.shape, generator=gen)
+    can = ids != pad_id
+    can[:, 0] = False
+    if maskable is not None:
+        can &= maskable
+    masked = (u < t[:, None]) & can
+    return torch.where(masked, torch.full_like(ids, mask_id), ids), masked
+
+
+def dlm_loss(model, ids, t, masked, noisy, attention_mask=None, norm=None):
+    """Masked-diffusion loss ``Σ_masked CE / t / norm`` (``norm`` defaults to the number of tokens)."""
+    logits = model(input_ids=noisy, attention_mask=attention_mask).logits
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none")
+    ce = ce.view_as(ids) * masked / t[:, None]
+    if norm is None:
+        return ce.sum() / ids.numel()
+    return (ce.sum(1) / norm).mean()
+
+
+def _train_loop(model, opt, steps, lr, warmup, clip, step_fn, log, name, log_every=100):
+    model.train()
+    t0, run = time.perf_counter(), 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * _schedule(step, steps, warmup)
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log(f"[world] {name} step {step + 1}/{steps} loss {run:.3f} ({time.perf_counter() - t0:.0f}s)")
+    model.eval()
+    return time.perf_counter() - t0
+
+
+def train_dlm(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(tc.seed)
+    model = LlamaForCausalLM(llama_config(tok, mc, causal=False))
+    opt = _optimizer(model, tc.lr, tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed + 10)
+    batches = _batches(train_ids.shape[0], tc.batch, tc.steps, gen)
+
+    def step_fn(_):
+        ids = train_ids[next(batches)]
+        t = (1 - tc.t_eps) * torch.rand(ids.shape[0], generator=gen) + tc.t_eps
+        noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id)
+        return dlm_loss(model, ids, t, masked, noisy)
+
+    secs = _train_loop(model, opt, tc.steps, tc.lr, tc.warmup, tc.clip, step_fn, log, "dlm")
+    return model, secs
+
+
+def train_ar(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(tc.seed + 1)
+    model = LlamaForCausalLM(llama_config(tok, mc, causal=True))
+    opt = _optimizer(model, tc.lr, tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed + 11)
+    batches = _batches(train_ids.shape[0], tc.batch, tc.steps, gen)
+
+    def step_fn(_):
+        ids = train_ids[next(batches)]
+        logits = model(input_ids=ids).logits[:, :-1]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    secs = _train_loop(model, opt, tc.steps, tc.lr, tc.warmup, tc.clip, step_fn, log, "ar")
+    return model, secs
+
+
+def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=print):
+    """LLaDA-style SFT of a copy of ``base_model``: prompt positions never masked; answer + [EOS] positions
+    masked with probability ``t``; loss normalised by the answer length."""
+    import copy
+
+    torch.manual_seed(tc.seed + 2)
+    model = copy.deepcopy(base_model)
+    opt = _optimizer(model, tc.sft_lr, tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed + 12)
+    batches = _batches(qa_ids.shape[0], tc.sft_batch, tc.sft_steps, gen)
+
+    def step_fn(_):
+        rows = next(batches)
+        ids, prompt = qa_ids[rows], qa_prompt[rows]
+        att = (ids != tok.pad_token_id).long()
+        answer = ~prompt & (ids != tok.pad_token_id)
+        t = (1 - tc.t_eps) * torch.rand(ids.shape[0], generator=gen) + tc.t_eps
+        noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id, maskable=answer)
+        return dlm_loss(model, ids, t, masked, noisy, attention_mask=att, norm=answer.sum(1).clamp(min=1))
+
+    secs = _train_loop(model, opt, tc.sft_steps, tc.sft_lr, min(tc.warmup, tc.sft_steps // 10), tc.clip, step_fn,
+                       log, "instruct", log_every=50)
+    return model, secs
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def unigram_counts(ids: torch.Tensor, vocab_size: int, pad_id: int) -> torch.Tensor:
+    flat = ids.flatten()
+    flat = flat[flat != pad_id]
+    return torch.bincount(flat, minlength=vocab_size).double()
+
+
+@torch.no_grad()
+def _logits(model, ids, attention_mask=None, chunk=64):
+    out = [model(input_ids=ids[i:i + chunk],
+                 attention_mask=None if attention_mask is None else attention_mask[i:i + chunk]).logits.float()
+           for i in range(0, ids.shape[0], chunk)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def masked_accuracy(model, ids, rate: float, mask_id: int, pad_id: int, unigram: torch.Tensor, seed: int = 0):
+    """Masked-token accuracy at mask rate ``rate`` (argmax at masked positions; position 0 never masked), with
+    the unigram baseline (always predict the most frequent training token) on the same positions, and the
+    mean masked CE (nats)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.full((ids.shape[0],), float(rate))
+    noisy, masked = diffusion_mask(ids, t, gen, mask_id, pad_id)
+    logits = _logits(model, noisy)
+    tgt = ids[masked]
+    pred = logits[masked].argmax(-1)
+    ce = F.cross_entropy(logits[masked], tgt).item()
+    return {"accuracy": (pred == tgt).double().mean().item(),
+            "unigram_accuracy": (tgt == int(unigram.argmax())).double().mean().item(),
+            "ce": ce, "n_masked": int(masked.sum())}
+
+
+@torch.no_grad()
+def ar_perplexity(model, ids, unigram: torch.Tensor):
+    """Next-token perplexity of the AR model on ``ids`` vs a unigram model (training counts, add-one)."""
+    logits = _logits(model, ids)[:, :-1]
+    tgt = ids[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)).item()
+    p = (unigram + 1) / (unigram + 1).sum()
+    uni = -(p.log()[tgt.flatten()]).mean().item()
+    acc = (logits.argmax(-1) == tgt).double().mean().item()
+    return {"ppl": math.exp(ce), "unigram_ppl": math.exp(uni), "next_token_accuracy": acc}
+
+
+@torch.no_grad()
+def qa_accuracy(model, samples, tok, seq_len: int):
+    """Exact-match accuracy on Q&A items: ``[BOS] prompt [MASK]*len(answer) [EOS]`` (padded), one-shot argmax
+    at the answer positions."""
+    ids, prompt = C.encode_prompted(samples, tok, seq_len)
+    answer = ~prompt & (ids != tok.pad_token_id) & (ids != tok.eos_token_id)
+    noisy = torch.where(answer, torch.full_like(ids, tok.mask_token_id), ids)
+    att = (ids != tok.pad_token_id).long()
+    pred = _logits(model, noisy, att).argmax(-1)
+    ok = ((pred == ids) | ~answer).all(1)
+    return {"accuracy": ok.double().mean().item(), "n": len(samples)}
+
+
+@torch.no_grad()
+def task_accuracy(model, tasks, tok):
+    """One-shot fill-in accuracy (fraction of answer words right) per decoding-task kind."""
+    by_kind: dict[str, list[float]] = {}
+    for task in tasks:
+        inp, tgt, pos = task.encode(tok)
+        pred = model(input_ids=torch.tensor([inp])).logits[0].argmax(-1)
+        score = sum(int(pred[p]) == tgt[p] for p in pos) / len(pos)
+        by_kind.setdefault(task.kind, []).append(score)
+    return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+
+
+def evaluate_models(dlm, ar, instruct, world, tok, tc: TrainConfig) -> dict:
+    train_ids = C.pack(world.train, tok, tc.seq_len)
+    unigram = unigram_counts(train_ids, len(tok), tok.pad_token_id)
+    held = C.pack(world.heldout, tok, tc.seq_len)[:tc.eval_rows]
+    out: dict = {"heldout_rows": int(held.shape[0]), "seq_len": tc.seq_len}
+    out["dlm_masked"] = {f"t={r}": masked_accuracy(dlm, held, r, tok.mask_token_id, tok.pad_token_id, unigram,
+                                                   seed=tc.seed + 100) for r in tc.eval_mask_rates}
+    out["ar"] = ar_perplexity(ar, held, unigram)
+    qa = world.instruct_heldout
+    out["qa_accuracy"] = {"dlm": qa_accuracy(dlm, qa, tok, tc.sft_seq_len),
+                          "instruct": qa_accuracy(instruct, qa, tok, tc.sft_seq_len)}
+    out["tasks_dlm"] = task_accuracy(dlm, world.tasks, tok)
+    out["tasks_instruct"] = task_accuracy(instruct, world.tasks, tok)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def save_model(model, tok, models_dir: str, name: str) -> int:
+    """Write one checkpoint (+ tokenizer files) to ``models_dir/name``: LLaDA format for the diffusion models
+    (``dlm``, ``instruct``), transformers Llama format for ``ar``. Returns the weight file's size in bytes."""
+    from ..models.llada import save_llada_checkpoint
+    from .tokenizer import save_tokenizer
+
+    d = os.path.join(models_dir, name)
+    os.makedirs(d, exist_ok=True)
+    if name == "ar":
+        model.save_pretrained(d, safe_serialization=True)
+    else:
+        save_llada_checkpoint(model, d, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    save_tokenizer(tok, d)
+    return os.path.getsize(os.path.join(d, "model.safetensors"))
+
+
+def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = ModelConfig(),
+                 tc: TrainConfig | None = None) -> dict:
+    """Train the DLM, its AR twin and the instruct twin; write them under ``out_dir/models/{dlm,ar,instruct}``
+    and return the metrics (stored as ``world.json["models"]``)."""
+    tc = tc or TrainConfig(seed=world.config.seed, seq_len=world.config.seq_len)
+    if world.config.n_pretrain < MIN_PRETRAIN:
+        log(f"[world] models: skipped (n_pretrain {world.config.n_pretrain} < {MIN_PRETRAIN})")
+        return {"skipped": f"n_pretrain < {MIN_PRETRAIN}"}
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(tc.threads)
+    torch.use_deterministic_algorithms(True)
+    # denormal floats can slow CPU training by 10x+ once weights/gradients get tiny
+    torch.set_flush_denormal(True)
+    try:
+        t0 = time.perf_counter()
+        train_ids = C.pack(world.train, tokenizer, tc.seq_len)
+        log(f"[world] models: {train_ids.shape[0]} packed rows of {tc.seq_len} tokens "
+            f"({train_ids.numel()} tokens); {tc.steps} steps x {tc.batch} rows")
+        models_dir, sizes = os.path.join(out_dir, "models"), {}
+        dlm, t_dlm = train_dlm(train_ids, tokenizer, mc, tc, log)
+        sizes["dlm"] = save_model(dlm, tokenizer, models_dir, "dlm")
+        ar, t_ar = train_ar(train_ids, tokenizer, mc, tc, log)
+        sizes["ar"] = save_model(ar, tokenizer, models_dir, "ar")
+        qa_ids, qa_prompt = C.encode_prompted(world.instruct_train, tokenizer, tc.sft_seq_len)
+        instruct, t_sft = train_instruct(dlm, qa_ids, qa_prompt, tokenizer, tc, log)
+        sizes["instruct"] = save_model(instruct, tokenizer, models_dir, "instruct")
+        metrics = evaluate_models(dlm, ar, instruct, world, tokenizer, tc)
+        metrics.update({
+            "model_config": asdict(mc), "train_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                         for k, v in asdict(tc).items()},
+            "n_params": sum(p.numel() for p in dlm.parameters()),
+            "file_bytes": sizes,
+        })
+        # wall times are logged, not stored: world.json stays byte-identical across rebuilds
+        log(f"[world] models trained in {time.perf_counter() - t0:.0f}s (dlm {t_dlm:.0f}s, ar {t_ar:.0f}s, "
+            f"instruct {t_sft:.0f}s)")
+        m = metrics
+        log(f"[world] dlm masked acc " + ", ".join(f"{k}: {v['accuracy']:.3f} (unigram {v['unigram_accuracy']:.3f})"
+                                                   for k, v in m["dlm_masked"].items()))
+        log(f"[world] ar ppl {m['ar']['ppl']:.2f} (unigram {m['ar']['unigram_ppl']:.2f}); qa acc dlm "
+            f"{m['qa_accuracy']['dlm']['accuracy']:.3f} instruct {m['qa_accuracy']['instruct']['accuracy']:.3f}")
+        return metrics
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_flush_denormal(False)

@@ -1,0 +1,162 @@
+"""The embedded world's committed tiny models (dlmscope/world/assets/models/): formats and quality.
+
+These tests load the committed checkpoints and never train (``python -m dlmscope.world.build`` does).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dlmscope.world import ASSETS_DIR
+from dlmscope.world import corpus as C
+from dlmscope.world import train_models as TM
+
+MODELS_DIR = os.path.join(ASSETS_DIR, "models")
+pytestmark = pytest.mark.skipif(not all(os.path.isfile(os.path.join(MODELS_DIR, n, "model.safetensors"))
+                                        for n in ("dlm", "ar", "instruct")),
+                                reason="world models not built (python -m dlmscope.world.build)")
+
+#: margins the committed models must clear (the measured values are in world.json["models"])
+MASKED_ACC_MARGIN = 0.25     # DLM masked-token accuracy at t=0.15 minus the unigram baseline's
+AR_PPL_RATIO = 0.5           # AR held-out perplexity must be below this fraction of the unigram perplexity
+
+
+def _load(name):
+    from dlmscope import models
+
+    return models.load(os.path.join(MODELS_DIR, name))
+
+
+@pytest.fixture(scope="module")
+def adapters():
+    torch.manual_seed(0)
+    return {n: _load(n) for n in ("dlm", "ar", "instruct")}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from dlmscope.world.tokenizer import load_tokenizer
+
+    return load_tokenizer(os.path.join(ASSETS_DIR, "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def data(tok):
+    """A held-out slice of the committed world's corpus (the first samples of the same generator and seed, on
+    the held-out side of the same hash split) plus training-side unigram counts."""
+    cfg = json.load(open(os.path.join(ASSETS_DIR, "world.json")))["config"]
+    pre = C.generate(12000, seed=cfg["seed"])
+    train, held = C.split(pre, cfg["heldout_frac"], seed=cfg["seed"])
+    qa = C.generate(4000, seed=cfg["seed"] + 1, mix={"qa": 1.0})
+    _, qa_held = C.split(qa, cfg["heldout_frac"], seed=cfg["seed"])
+    held_ids = C.pack(held, tok, cfg["seq_len"])
+    unigram = TM.unigram_counts(C.pack(train, tok, cfg["seq_len"]), len(tok), tok.pad_token_id)
+    return {"held": held_ids, "unigram": unigram, "qa_held": qa_held}
+
+
+def _state_keys(name):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(MODELS_DIR, name, "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def _config(name):
+    with open(os.path.join(MODELS_DIR, name, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", ["dlm", "instruct"])
+def test_dlm_checkpoints_are_llada_format(name, adapters, tok):
+    cfg = _config(name)
+    assert cfg["model_type"] == "llada" and cfg["architectures"] == ["LLaDAModelLM"]
+    for field in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "embedding_size",
+                  "rope_theta", "rms_norm_eps", "weight_tying", "include_bias", "mask_token_id"):
+        assert field in cfg, field
+    keys = _state_keys(name)
+    assert "model.transformer.wte.weight" in keys and "model.transformer.ln_f.weight" in keys
+    assert "model.transformer.ff_out.weight" in keys
+    assert f"model.transformer.blocks.{cfg['n_layers'] - 1}.attn_out.weight" in keys
+    assert not any(k.startswith("model.layers.") for k in keys)
+    a = adapters[name]
+    assert a.family == "llada" and a.num_layers == cfg["n_layers"] and a.logit_shift == 0
+    # the mask id agrees everywhere: checkpoint config, adapter, the model dir's tokenizer, the world tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    dir_tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(MODELS_DIR, name))
+    assert cfg["mask_token_id"] == a.mask_token_id == dir_tok.mask_token_id == tok.mask_token_id
+    assert dir_tok.get_vocab() == tok.get_vocab() and a.tokenizer.get_vocab() == tok.get_vocab()
+    assert cfg["embedding_size"] == cfg["vocab_size"] == len(tok)
+
+
+def test_ar_checkpoint_is_llama_format(adapters, tok):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _config("ar")
+    assert cfg["model_type"] == "llama" and cfg.get("is_causal", True) is not False
+    keys = _state_keys("ar")
+    assert "model.embed_tokens.weight" in keys and "model.layers.0.self_attn.q_proj.weight" in keys
+    a = adapters["ar"]
+    assert a.family == "llama" and a.mask_token_id is None
+    direct = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS_DIR, "ar"))
+    x = torch.tensor([tok("the capital of france is paris .")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(direct(input_ids=x).logits, a.logits(x))
+    assert AutoTokenizer.from_pretrained(os.path.join(MODELS_DIR, "ar")).get_vocab() == tok.get_vocab()
+    # same architecture as the DLM
+    d = _config("dlm")
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]) == (
+        d["d_model"], d["n_layers"], d["mlp_hidden_size"])
+
+
+def test_sizes_are_small():
+    for name in ("dlm", "ar", "instruct"):
+        size = os.path.getsize(os.path.join(MODELS_DIR, name, "model.safetensors"))
+        assert 0.5e6 < size < 6e6, (name, size)
+
+
+def test_dlm_is_bidirectional_ar_is_causal(adapters, data):
+    x = data["held"][:2].clone()
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 7) % 400 + 5
+    with torch.no_grad():
+        for name in ("dlm", "instruct"):
+            a = adapters[name]
+            assert (a.logits(x)[:, 0] - a.logits(y)[:, 0]).abs().max() > 1e-3, name
+        ar = adapters["ar"]
+        torch.testing.assert_close(ar.logits(x)[:, :-1], ar.logits(y)[:, :-1])
+
+
+def test_dlm_masked_accuracy_beats_unigram(adapters, data, tok):
+    res = {r: TM.masked_accuracy(adapters["dlm"].model, data["held"], r, tok.mask_token_id, tok.pad_token_id,
+                                 data["unigram"], seed=1) for r in (0.15, 0.5)}
+    assert res[0.15]["n_masked"] > 200
+    assert res[0.15]["accuracy"] > res[0.15]["unigram_accuracy"] + MASKED_ACC_MARGIN, res
+    assert res[0.5]["accuracy"] > res[0.5]["unigram_accuracy"] + MASKED_ACC_MARGIN / 2, res
+    # more context, better predictions
+    assert res[0.15]["accuracy"] > res[0.5]["accuracy"]
+
+
+def test_ar_perplexity_beats_unigram(adapters, data):
+    res = TM.ar_perplexity(adapters["ar"].model, data["held"], data["unigram"])
+    assert res["ppl"] < AR_PPL_RATIO * res["unigram_ppl"], res
+
+
+def test_instruct_answers_qa_better_than_base(adapters, data, tok):
+    items = data["qa_held"]
+    assert len(items) > 100
+    base = TM.qa_accuracy(adapters["dlm"].model, items, tok, 32)["accuracy"]
+    inst = TM.qa_accuracy(adapters["instruct"].model, items, tok, 32)["accuracy"]
+    assert inst > base, (inst, base)
+
+
+def test_world_json_records_model_metrics():
+    meta = json.load(open(os.path.join(ASSETS_DIR, "world.json")))
+    m = meta["models"]
+    for key in ("dlm_masked", "ar", "qa_accuracy", "tasks_dlm", "model_config", "train_config", "file_bytes"):
+        assert key in m, key
+    assert m["dlm_masked"]["t=0.15"]["accuracy"] > m["dlm_masked"]["t=0.15"]["unigram_accuracy"]
+    assert m["ar"]["ppl"] < m["ar"]["unigram_ppl"]
