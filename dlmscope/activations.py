@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import atomic
+
 __all__ = [
     "POLICIES",
     "check_policy",
@@ -286,24 +288,6 @@ def shuffle_batches(
 
 
 # ---------------------------------------------------------------------------------------------- disk cache
-def _atomic_json(path: str, obj: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(path: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
-
-
 def write_cache(
     chunks: Iterable[dict[int, Tensor]],
     cache_dir: str | os.PathLike,
@@ -337,7 +321,7 @@ def write_cache(
         name = f"shard_{len(shards):05d}.safetensors"
         tensors = {f"layer_{k}": torch.cat([p[k] for p in pending]).detach().to("cpu").contiguous()
                    for k in layers}
-        _atomic_safetensors(os.path.join(cache_dir, name), tensors)
+        atomic.save_safetensors(os.path.join(cache_dir, name), tensors)
         shards.append({"file": name, "tokens": n_pending})
         pending, n_pending = [], 0
 
@@ -366,7 +350,7 @@ def write_cache(
         "shards": shards,
         "meta": dict(meta or {}),
     }
-    _atomic_json(index_path, index)
+    atomic.write_json(index_path, index)
 
 
 def load_cache_index(cache_dir: str | os.PathLike) -> dict:

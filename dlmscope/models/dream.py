@@ -7,10 +7,11 @@ convention that logits at position i predict token i+1, so the adapter shifts th
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+
+from .. import atomic
 
 __all__ = ["DREAM_DEFAULT_MASK_TOKEN_ID", "is_dream_config", "dream_config_to_qwen2", "qwen2_config_to_dream",
            "save_dream_checkpoint", "load_dream"]
@@ -88,7 +89,6 @@ def qwen2_config_to_dream(config, *, mask_token_id: int, pad_token_id=None, eos_
 def save_dream_checkpoint(model, out_dir: str | os.PathLike, *, mask_token_id: int, pad_token_id: int | None = None,
                           eos_token_id: int | None = None, bos_token_id: int | None = None) -> str:
     """Write ``model`` (a ``Qwen2ForCausalLM``) in Dream's published format: Dream config.json + Qwen2 keys."""
-    from safetensors.torch import save_file
 
     sd = model.state_dict()
     if model.config.tie_word_embeddings:
@@ -100,14 +100,8 @@ def save_dream_checkpoint(model, out_dir: str | os.PathLike, *, mask_token_id: i
                                 dtype=dtypes.pop() if len(dtypes) == 1 else None)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    tmp = os.path.join(out_dir, ".config.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    atomic.save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+    atomic.write_json(os.path.join(out_dir, "config.json"), cfg)
     return out_dir
 
 

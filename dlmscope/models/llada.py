@@ -8,11 +8,12 @@ how the embedded world's tiny DLM is stored.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import torch
+
+from .. import atomic
 
 __all__ = [
     "LLADA_DEFAULT_MASK_TOKEN_ID",
@@ -278,7 +279,6 @@ def save_llada_checkpoint(
     (``model.transformer.blocks.{i}.q_proj.weight``, ...). Tensors are saved in their current dtype.
     Other files in ``out_dir`` (a tokenizer, say) are left alone. Returns ``out_dir``.
     """
-    from safetensors.torch import save_file
 
     config = model.config
     llada_cfg = llama_config_to_llada(
@@ -291,14 +291,8 @@ def save_llada_checkpoint(
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) == 1:
         llada_cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    tmp = os.path.join(out_dir, ".model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    tmp = os.path.join(out_dir, ".config.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(llada_cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    atomic.save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+    atomic.write_json(os.path.join(out_dir, "config.json"), llada_cfg)
     return out_dir
 
 
