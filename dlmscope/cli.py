@@ -1,7 +1,8 @@
-"""Command line: ``dlmscope train`` and ``dlmscope eval`` (more commands arrive with their issues).
+"""Command line: ``dlmscope train``, ``dlmscope eval`` and ``dlmscope demo``.
 
     dlmscope train --model DIR --layers 1 3 --policy mask --k 8 16 32 --n 512 --tokens 200000 --out runs/x
     dlmscope eval  --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000
+    dlmscope demo  --out runs/demo            # the embedded-world job behind `make demo`
 
 Text comes from the embedded world's corpus (``--corpus world``, default) or a text file with one document
 per line (``--corpus PATH``), tokenized with the model's tokenizer and packed into ``--seq-len`` rows.
@@ -92,7 +93,8 @@ def cmd_eval(args) -> int:
     layer = adapter.check_layer(args.layer)
     sae = TopKSAE.load(args.sae)
     rows = _token_rows(adapter, args.corpus, args.seq_len, True, args.sentences, args.seed)
-    policy = args.policy or ("mask" if adapter.is_diffusion and adapter.mask_token_id is not None else "clean")
+    policy = args.policy if args.policy is not None else \
+        ("mask" if adapter.is_diffusion and adapter.mask_token_id is not None else "clean")
     stream = ActivationStream(adapter, _lm_batches(rows, args.lm_batch), [layer], policy,
                               batch_size=args.batch_size, buffer_tokens=max(args.batch_size * 4, 4096),
                               seed=args.seed, max_tokens=args.tokens, drop_last=False)
@@ -107,6 +109,26 @@ def cmd_eval(args) -> int:
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import dataclasses
+
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    overrides = {"layers": args.layers, "ks": args.k, "n_latents": args.n, "train_tokens": args.tokens,
+                 "eval_tokens": args.eval_tokens, "sentences": args.sentences, "delta_batches": args.delta_batches,
+                 "concept_batches": args.concept_batches, "k_ref": args.k_ref}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "ks" in overrides and "k_ref" not in overrides and cfg.k_ref not in overrides["ks"]:
+        overrides["k_ref"] = min(overrides["ks"])
+    cfg = dataclasses.replace(cfg, **overrides)
+    results = run_demo(args.out, cfg)
+    out = Path(args.out)
+    print(f"wrote {out / 'report.md'} (+ results.json, fve_vs_k.png, delta_lm.png, concept_f1.png) in "
+          f"{results['timings_s']['total'] / 60:.1f} min")
     return 0
 
 
@@ -152,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--loss-batches", type=int, default=4)
     e.add_argument("--out", default=None, help="also write the JSON here")
     e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the main job on the embedded world: Mask/Unmask/AR SAEs, report with plots")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="smaller settings (two layers, two k; about a minute)")
+    d.add_argument("--layers", type=int, nargs="+", default=None)
+    d.add_argument("--k", type=int, nargs="+", default=None)
+    d.add_argument("--k-ref", type=int, default=None, help="the k shown in the per-layer plots")
+    d.add_argument("--n", type=int, default=None, help="latents per SAE")
+    d.add_argument("--tokens", type=int, default=None, help="kept training tokens per (model, policy, layer)")
+    d.add_argument("--eval-tokens", type=int, default=None)
+    d.add_argument("--sentences", type=int, default=None, help="world corpus size")
+    d.add_argument("--delta-batches", type=int, default=None)
+    d.add_argument("--concept-batches", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

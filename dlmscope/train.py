@@ -107,6 +107,8 @@ class TrainConfig:
     #: ops backend (None: best for the device)
     backend: str | None = None
     progress: bool = True
+    #: label of the progress bar
+    progress_desc: str = "SAE training"
     #: NaN/Inf check of the stream: "auto" (per batch on CPU, deferred device flag elsewhere), "batch", "deferred"
     nan_check: str = "auto"
     wandb_project: str | None = None
@@ -654,7 +656,7 @@ class Trainer:
         bar = None
         if cfg.progress and D.is_main():
             from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="SAE training")
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=cfg.progress_desc)
         t_last, tok_last = time.perf_counter(), self.tokens_seen
         try:
             while self.step < self.total_steps:

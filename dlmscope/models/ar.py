@@ -12,7 +12,7 @@ def load_ar(path: str, cfg: dict, *, device=None, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .base import Adapter, load_tokenizer
+    from .base import Adapter, from_pretrained_strict, load_tokenizer
 
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "is_causal", True) is False:
@@ -20,7 +20,7 @@ def load_ar(path: str, cfg: dict, *, device=None, dtype=None):
     kw = {"config": config}
     if dtype is not None:
         kw["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    model = from_pretrained_strict(AutoModelForCausalLM, path, **kw)
     model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
     return Adapter(model, load_tokenizer(path), family=str(cfg.get("model_type")), mask_token_id=None,
                    is_diffusion=False, logit_shift=0, source=path)

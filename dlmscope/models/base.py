@@ -165,7 +165,13 @@ class Adapter:
             layers = layers.reshape(-1).tolist()
         elif hasattr(layers, "__index__") or isinstance(layers, (str, bytes)):
             layers = [layers]
-        layers = list(layers)
+        try:
+            layers = list(layers)
+        except TypeError:  # None, a float, ...: not a layer index and not an iterable of them
+            raise ValueError(
+                f"layers must be an int or an iterable of ints in [0, {self.num_layers - 1}] for {self.source!r}, "
+                f"got {layers!r}"
+            ) from None
         if not layers:
             raise ValueError("no layers requested")
         return sorted({self.check_layer(layer) for layer in layers})
@@ -272,9 +278,39 @@ def read_config(path: str) -> dict:
     return cfg
 
 
+def from_pretrained_strict(cls, path: str, **kwargs):
+    """``cls.from_pretrained(path)``, but a checkpoint with missing or wrong-shape weights is a ValueError
+    naming the keys (transformers would silently random-initialise them)."""
+    from safetensors import SafetensorError
+
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except SafetensorError as e:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        raise ValueError(f"{path}: unreadable safetensors file among {files} ({e})") from None
+    missing = sorted(info.get("missing_keys", ()))
+    mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        unexpected = sorted(info.get("unexpected_keys", ()))
+        raise ValueError(
+            f"{path}: checkpoint does not match {type(model).__name__}: missing keys {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, wrong-shape keys {mismatched[:8]}, unexpected keys "
+            f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    return model
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint directory (single file or sharded with an index)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load_file
+
+    def load_file(file: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load_file(file)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # SafetensorError / OSError: truncated or not a safetensors file
+            raise ValueError(f"{file}: unreadable safetensors file ({type(e).__name__}: {e})") from None
 
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
@@ -364,14 +400,21 @@ def load_tokenizer(path: str):
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
         return None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
+    # both read config.json, whose model_type ("llada", "dream") transformers does not know: it would warn
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        # trust_remote_code=False: LLaDA/Dream configs carry an auto_map; never prompt, never run hub code
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception:
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return PreTrainedTokenizerFast.from_pretrained(path)
-        raise
+        try:
+            # trust_remote_code=False: LLaDA/Dream configs carry an auto_map; never prompt, never run hub code
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except Exception:
+            if os.path.isfile(os.path.join(path, "tokenizer.json")):
+                return PreTrainedTokenizerFast.from_pretrained(path)
+            raise
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def resolve_mask_token_id(cfg: dict, tokenizer, *, vocab_size: int, default: int | None, family: str, source: str) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, load_tokenizer
+from .base import Adapter, from_pretrained_strict, load_tokenizer
 
 __all__ = ["DiffusionGemmaAdapter", "load_diffusion_gemma"]
 
@@ -81,7 +81,7 @@ class DiffusionGemmaAdapter(Adapter):
 def load_diffusion_gemma(path: str, cfg: dict, *, device=None, dtype=None) -> DiffusionGemmaAdapter:
     cls = _model_class()
     kw = {} if dtype is None else {"dtype": dtype}
-    model = cls.from_pretrained(path, **kw)
+    model = from_pretrained_strict(cls, path, **kw)
     model = model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
     return DiffusionGemmaAdapter(model, load_tokenizer(path), family="diffusion_gemma", mask_token_id=None,
                                  is_diffusion=True, logit_shift=0, source=path, noise="uniform")

@@ -1,0 +1,113 @@
+"""`make demo` end to end on a miniature setting: results, plots, report, findings; and the CLI entry."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from dlmscope import cli
+from dlmscope.demo import RUNS, DemoConfig, findings, run_demo
+
+TINY = DemoConfig(layers=(0, 3), ks=(4, 8), k_ref=8, n_latents=128, train_tokens=6_000, eval_tokens=2_000,
+                  delta_batches=1, concept_batches=1, sentences=6_000, sae_batch=512, warmup_steps=2,
+                  norm_batches=2, dead_tokens=4_000)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, TINY)
+
+
+def test_results_cover_every_run_layer_and_k(demo_run):
+    out, results = demo_run
+    assert json.loads((out / "results.json").read_text())["findings"] == json.loads(json.dumps(results["findings"]))
+    for model, policy in RUNS:
+        run = results["runs"][f"{model}/{policy}"]
+        assert sorted(run) == ["0", "3"]
+        for layer in run.values():
+            assert sorted(layer, key=int) == ["4", "8"]
+            for k, e in layer.items():
+                assert 0.0 < e["fve"] <= 1.0 and e["l0"] == pytest.approx(int(k), abs=1e-6)
+                assert e["n_tokens"] == TINY.eval_tokens
+                d = e["delta"]
+                if model == "dlm":
+                    assert d["mask_delta"] == pytest.approx(d["mask_sae"] - d["mask_clean"])
+                    assert d["n_masked"] > 0 and math.isfinite(d["mask_recovered"])
+                    # zero-ablating a block hurts more than any trained SAE
+                    assert d["mask_zero"] > d["mask_clean"]
+                else:
+                    assert d["delta"] == pytest.approx(d["sae"] - d["clean"]) and d["zero"] > d["clean"]
+                c = e["concepts_clean"]
+                assert set(c["concepts"]) == {"colour", "animal", "number", "place", "positive", "negative",
+                                              "family", "food", "weather", "time"}
+                assert 0.0 <= c["median_f1"] <= 1.0
+                assert ("concepts_masked" in e) == (policy == "mask")
+    # the SAEs are saved and load back
+    from dlmscope.sae import TopKSAE
+
+    sae = TopKSAE.load(out / "saes" / "dlm_mask" / "layer_3" / "k_8")
+    assert (sae.d, sae.n, sae.k) == (128, 128, 8) and sae.cfg.meta["policy"] == "mask"
+
+
+def test_plots_and_report(demo_run):
+    out, results = demo_run
+    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    report = (out / "report.md").read_text()
+    for heading in ("## Reconstruction", "## Splice-in", "## Planted concepts", "## The paper's findings"):
+        assert heading in report
+    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png"):
+        assert f"]({name})" in report
+    # every FVE in the table is the one in results.json
+    fve = results["runs"]["dlm/unmask"]["3"]["8"]["fve"]
+    assert f"{fve:.3f}" in report
+    f = results["findings"]
+    assert report.count("**reproduced**") + report.count("**not reproduced**") == 3
+    assert isinstance(f["mask_vs_unmask"]["reproduced"], bool)
+    assert f["mask_vs_unmask"]["pairs"] == 4 and 0 <= f["mask_vs_unmask"]["mask_worse"] <= 4
+    assert not (out / "cache").exists()  # the scratch activation cache is removed
+
+
+def test_findings_follow_the_numbers(demo_run):
+    _, results = demo_run
+    fake = json.loads(json.dumps(results))
+    for layer in ("0", "3"):
+        for k in ("4", "8"):
+            fake["runs"]["dlm/mask"][layer][k]["fve"] = 0.5
+            fake["runs"]["dlm/unmask"][layer][k]["fve"] = 0.9
+            for key in ("dlm/mask", "dlm/unmask"):
+                fake["runs"][key][layer][k]["delta"]["mask_delta"] = -0.1 if layer == "0" else 0.2
+            fake["runs"]["ar/clean"][layer][k]["delta"]["delta"] = 0.3
+    f = findings(fake, TINY)
+    assert f["mask_vs_unmask"]["reproduced"] and f["mask_vs_unmask"]["mean_gap"] == pytest.approx(-0.4)
+    assert f["negative_delta"]["reproduced"] and f["negative_delta"]["dlm_layers"] == [0]
+    assert f["ar_contrast"]["reproduced"]
+    for layer in ("0", "3"):
+        for k in ("4", "8"):
+            fake["runs"]["dlm/mask"][layer][k]["fve"] = 0.95
+            for key in ("dlm/mask", "dlm/unmask"):
+                fake["runs"][key][layer][k]["delta"]["mask_delta"] = 0.2
+    f = findings(fake, TINY)
+    assert not f["mask_vs_unmask"]["reproduced"] and not f["negative_delta"]["reproduced"]
+    assert not f["ar_contrast"]["reproduced"]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="k_ref"):
+        dataclasses.replace(TINY, k_ref=16)
+    with pytest.raises(ValueError, match="n_latents"):
+        dataclasses.replace(TINY, ks=(4, 8, 256), k_ref=8)
+    with pytest.raises(ValueError, match="at least one layer"):
+        dataclasses.replace(TINY, layers=())
+
+
+def test_cli_demo_reports_bad_layers(tmp_path, capsys):
+    rc = cli.main(["demo", "--out", str(tmp_path / "d"), "--layers", "0", "4", "--k", "4", "--tokens", "2000"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "layer" in err and "0..3" in err
