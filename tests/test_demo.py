@@ -46,6 +46,10 @@ def test_results_cover_every_run_layer_and_k(demo_run):
                                               "family", "food", "weather", "time"}
                 assert 0.0 <= c["median_f1"] <= 1.0
                 assert ("concepts_masked" in e) == (policy == "mask")
+    base = results["concept_baselines"]
+    assert set(base) == {f"{m}/{p}" for m, p in RUNS} and set(base["dlm/mask"]["0"]) == {"concepts_clean",
+                                                                                          "concepts_masked"}
+    assert all(0.0 <= v <= 1.0 for run in base.values() for layer in run.values() for v in layer.values())
     # the SAEs are saved and load back
     from dlmscope.sae import TopKSAE
 
