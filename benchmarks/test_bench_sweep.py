@@ -66,17 +66,7 @@ def _dense_round():
     def run(states, stream):
         for x in stream:
             for sae, opt in states:
-                values, indices = reference.topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
-                x_hat = reference.sparse_decode(values, indices, sae.W_dec, sae.b_dec)
-                loss = (x - x_hat).pow(2).sum(-1).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    sae.W_dec.grad.copy_(reference.project_out_parallel(sae.W_dec.grad, sae.W_dec))
-                torch.nn.utils.clip_grad_norm_([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], 1.0)
-                opt.step()
-                with torch.no_grad():
-                    sae.W_dec.copy_(reference.normalize_rows(sae.W_dec))
+                reference.dense_train_step(sae, opt, x, 1.0)
 
     return setup, run
 

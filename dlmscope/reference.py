@@ -74,3 +74,22 @@ def decoder_norm_step(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
 def fraction_of_variance_explained(x: Tensor, x_hat: Tensor) -> Tensor:
     """FVE = 1 - sum_d Var_b(x - x_hat) / sum_d Var_b(x)  (REFERENCE.md §4)."""
     return 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+
+
+def dense_train_step(sae, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float | None = 1.0) -> Tensor:
+    """One step of the paper's plain-PyTorch recipe (the speed baseline): dense Top-K encode, scatter decode,
+    MSE, autograd, decoder gradient projected off the unit rows, global grad-norm clip, ``opt.step()``,
+    decoder rows renormalised. ``sae`` has ``W_enc, b_enc, W_dec, b_dec, k``; ``x`` is ``[B, d]``. Returns the loss."""
+    values, indices = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
+    x_hat = sparse_decode(values, indices, sae.W_dec, sae.b_dec)
+    loss = (x - x_hat).pow(2).sum(-1).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        sae.W_dec.grad.copy_(project_out_parallel(sae.W_dec.grad, sae.W_dec))
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], grad_clip)
+    opt.step()
+    with torch.no_grad():
+        sae.W_dec.copy_(normalize_rows(sae.W_dec))
+    return loss.detach()
