@@ -20,6 +20,7 @@ Two views for a DLM (:func:`labelled_activations`):
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -44,7 +45,7 @@ class ConceptScores:
     def median_f1(self) -> float:
         """Median over the concepts that occur at least once."""
         vals = [f for f, s in zip(self.f1, self.support) if s > 0]
-        return float(torch.tensor(vals).median()) if vals else float("nan")
+        return float(statistics.median(vals)) if vals else float("nan")  # the mean of the middle two if even
 
     def as_dict(self) -> dict:
         return {"median_f1": self.median_f1,
@@ -81,15 +82,25 @@ def concept_counts(values: Tensor, indices: Tensor, labels: Tensor, n_latents: i
     return tp.view(n_latents, n_concepts), fires, count
 
 
-def concept_f1(tp: Tensor, fires: Tensor, count: Tensor, names: Sequence[str]) -> ConceptScores:
-    """:class:`ConceptScores` from the counts of :func:`concept_counts` (ties: the lowest latent index)."""
-    tp_f, fires_f, count_f = tp.double(), fires.double(), count.double()
-    denom = fires_f[:, None] + count_f[None, :]
-    f1 = torch.where(denom > 0, 2 * tp_f / denom.clamp_min(1), torch.zeros_like(denom))
-    best = f1.argmax(0)
+def _f1_matrix(tp: Tensor, fires: Tensor, count: Tensor) -> Tensor:
+    tp_f, denom = tp.double(), fires.double()[:, None] + count.double()[None, :]
+    return torch.where(denom > 0, 2 * tp_f / denom.clamp_min(1), torch.zeros_like(denom))
+
+
+def concept_f1(tp: Tensor, fires: Tensor, count: Tensor, names: Sequence[str],
+               select: tuple[Tensor, Tensor, Tensor] | None = None) -> ConceptScores:
+    """:class:`ConceptScores` from the counts of :func:`concept_counts` (ties: the lowest latent index).
+
+    ``select``: counts ``(tp, fires, count)`` of a *separate* set of tokens on which the best latent per concept
+    is chosen; the scores are then those of that latent on the first set (no selection bias: the max over
+    ``n`` latents of an F1 measured on the same tokens is optimistic, most for rare concepts). Default: choose
+    and score on the same tokens.
+    """
+    f1 = _f1_matrix(tp, fires, count)
+    best = (_f1_matrix(*select) if select is not None else f1).argmax(0)
     cols = torch.arange(f1.shape[1])
-    tp_best = tp_f[best, cols]
-    fires_best = fires_f[best]
+    tp_best = tp.double()[best, cols]
+    fires_best, count_f = fires.double()[best], count.double()
     precision = torch.where(fires_best > 0, tp_best / fires_best.clamp_min(1), torch.zeros_like(tp_best))
     recall = torch.where(count_f > 0, tp_best / count_f.clamp_min(1), torch.zeros_like(tp_best))
     return ConceptScores(names=list(names), best_latent=best.tolist(), f1=f1[best, cols].tolist(),
@@ -125,21 +136,31 @@ def labelled_activations(adapter, token_batches: Iterable[Tensor], layer: int, l
 
 
 @torch.no_grad()
-def score_concepts(sae, activations: Tensor, labels: Tensor, names: Sequence[str], *,
-                   batch_size: int = 8192) -> ConceptScores:
-    """Best-latent F1 per concept of ``sae`` on labelled activations (see the module docstring)."""
+def _counts(sae, activations: Tensor, labels: Tensor, n_concepts: int, batch_size: int):
     if activations.dim() != 2 or activations.shape[0] != labels.shape[0]:
         raise ValueError(f"activations must be [N, d] with N = len(labels) = {labels.shape[0]}, "
                          f"got {tuple(activations.shape)}")
     n_lat = int(sae.n)
-    tp = torch.zeros(n_lat, len(names), dtype=torch.int64)
+    tp = torch.zeros(n_lat, n_concepts, dtype=torch.int64)
     fires = torch.zeros(n_lat, dtype=torch.int64)
-    count = torch.zeros(len(names), dtype=torch.int64)
+    count = torch.zeros(n_concepts, dtype=torch.int64)
     dtype = next(sae.parameters()).dtype
     for x, lab in zip(activations.split(batch_size), labels.split(batch_size)):
         values, indices = sae.encode(x.to(dtype))
-        a, b, c = concept_counts(values, indices, lab, n_lat, len(names))
+        a, b, c = concept_counts(values, indices, lab, n_lat, n_concepts)
         tp += a.cpu()
         fires += b.cpu()
         count += c.cpu()
-    return concept_f1(tp, fires, count, names)
+    return tp, fires, count
+
+
+def score_concepts(sae, activations: Tensor, labels: Tensor, names: Sequence[str], *,
+                   select_on: tuple[Tensor, Tensor] | None = None, batch_size: int = 8192) -> ConceptScores:
+    """Best-latent F1 per concept of ``sae`` on labelled activations (see the module docstring).
+
+    ``select_on = (activations, labels)`` of other tokens: choose each concept's best latent there and score
+    it on ``activations`` (held-out F1). Without it, choice and score use the same tokens (optimistic).
+    """
+    counts = _counts(sae, activations, labels, len(names), batch_size)
+    select = _counts(sae, *select_on, len(names), batch_size) if select_on is not None else None
+    return concept_f1(*counts, names, select=select)

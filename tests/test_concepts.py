@@ -11,10 +11,12 @@ from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_
 from dlmscope.sae import TopKSAE
 from dlmscope.world import CONCEPTS, concept_id_table
 
-#: The bar the trained demo SAE must pass: median over the 10 planted concepts of the best latent's F1.
-#: Measured: 0.754 for the demo's Unmask-SAE (layer 1, k = 8, seed 0); 0.59–0.81 over other init seeds;
-#: an untrained SAE of the same shape scores 0.50–0.54 (the world's residual stream clusters by concept).
-MEDIAN_F1_BAR = 0.6
+#: The bar the trained demo SAE must pass: median over the 10 planted concepts of the best latent's F1, the latent
+#: chosen on one half of the held-out text and scored on the other (as the demo does). Measured: 0.799 for the
+#: demo's Unmask-SAE (layer 1, k = 8, seed 0); an untrained SAE of the same shape scores 0.605 (the world's
+#: residual stream already clusters by concept). With in-sample choice and the lower median, three init seeds gave
+#: 0.59–0.75, so the bar leaves room for seed-to-seed spread, not for a broken trainer.
+MEDIAN_F1_BAR = 0.65
 #: ... and it must beat the untrained SAE by this much.
 RANDOM_MARGIN = 0.1
 
@@ -53,6 +55,13 @@ def test_counts_and_f1_match_brute_force(seed):
     assert torch.equal(tp, tp_ref) and torch.equal(fires, fires_ref) and torch.equal(count, count_ref)
     scores = concept_f1(tp, fires, count, [f"c{i}" for i in range(n_con)])
     torch.testing.assert_close(scores.f1_matrix, f1_ref, rtol=0, atol=1e-12)
+    # choosing the latent on other tokens: the score is that latent's F1 here, never above the in-sample best
+    other = concept_counts(values.flip(0), indices, labels, n_lat, n_con)
+    held = concept_f1(tp, fires, count, [f"c{i}" for i in range(n_con)], select=other)
+    _, _, _, f1_other = brute_force_f1(values.flip(0), indices, labels, n_lat, n_con)
+    for c in range(n_con):
+        assert held.best_latent[c] == int(f1_other[:, c].argmax())
+        assert held.f1[c] == pytest.approx(float(f1_ref[held.best_latent[c], c])) and held.f1[c] <= scores.f1[c]
     for c in range(n_con):
         j = scores.best_latent[c]
         assert scores.f1[c] == pytest.approx(float(f1_ref[:, c].max()))
@@ -104,16 +113,19 @@ def test_demo_sae_latents_recover_planted_concepts(demo_unmask_sae):
     names, table = concept_id_table(dlm.tokenizer)
     assert names == list(CONCEPTS)
     batches = [held_rows[i:i + cfg.lm_batch] for i in range(0, cfg.concept_batches * cfg.lm_batch, cfg.lm_batch)]
-    acts, labels = labelled_activations(dlm, batches, 1, table, "clean")
-    assert acts.shape == (sum(b.numel() for b in batches), dlm.d_model)
-    scores = score_concepts(sae, acts, labels, names)
+    choose = labelled_activations(dlm, batches[0::2], 1, table, "clean")  # as the demo: choose on one half,
+    acts, labels = labelled_activations(dlm, batches[1::2], 1, table, "clean")  # score on the other
+    assert acts.shape == (sum(b.numel() for b in batches[1::2]), dlm.d_model)
+    scores = score_concepts(sae, acts, labels, names, select_on=choose)
     assert all(s > 50 for s in scores.support), scores.support  # every concept occurs in the held-out text
     print({n: round(f, 3) for n, f in zip(names, scores.f1)})
     assert scores.median_f1 >= MEDIAN_F1_BAR, scores.as_dict()
     # a random SAE of the same shape is far below the bar: the score measures training, not chance
     torch.manual_seed(0)
     random_sae = TopKSAE(sae.d, sae.n, sae.k)
-    assert score_concepts(random_sae, acts, labels, names).median_f1 < scores.median_f1 - RANDOM_MARGIN
+    chance = score_concepts(random_sae, acts, labels, names, select_on=choose).median_f1
+    print("trained", scores.median_f1, "untrained", chance)
+    assert chance < scores.median_f1 - RANDOM_MARGIN
     # the best latents are distinct for most concepts (not one catch-all latent)
     assert len(set(scores.best_latent)) >= 7
 
