@@ -108,10 +108,10 @@ def load_adapter():
 
 def token_batches(adapter, s: Settings, heldout: bool = False) -> list[torch.Tensor]:
     """LM batches ``[lm_batch, seq_len]`` of the world corpus, tokenized as ``dlmscope train`` does."""
-    from dlmscope.cli import _lm_batches, _token_rows
+    from dlmscope.world import token_rows
 
-    rows = _token_rows(adapter, "world", s.seq_len, heldout, s.sentences, s.seed)
-    return _lm_batches(rows, s.lm_batch)
+    train, held = token_rows(adapter.tokenizer, s.sentences, s.seq_len, s.seed)
+    return list((held if heldout else train).split(s.lm_batch))
 
 
 def make_saes(adapter, s: Settings) -> dict[int, list[TopKSAE]]:

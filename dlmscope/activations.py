@@ -61,6 +61,7 @@ __all__ = [
     "ActivationStream",
     "CachedActivationStream",
     "LayerStream",
+    "collect",
     "write_cache",
     "read_cache",
     "load_cache_index",
@@ -615,3 +616,15 @@ class CachedActivationStream:
         if layer not in self.layers:
             raise ValueError(f"layer {layer!r} is not in this cache's stream (layers {self.layers})")
         return _CachedLayerStream(self, layer)
+
+
+def collect(stream: Iterable[dict[int, Tensor]]) -> dict[int, Tensor]:
+    """One pass of a multi-layer stream concatenated: ``{layer: [N, d]}`` (e.g. held-out data that several
+    SAEs are evaluated on, harvested once instead of once per SAE)."""
+    parts: dict[int, list[Tensor]] = {}
+    for batch in stream:
+        for layer, x in batch.items():
+            parts.setdefault(layer, []).append(x)
+    if not parts:
+        raise ValueError("collect: the stream yielded no batches")
+    return {layer: torch.cat(xs) for layer, xs in parts.items()}

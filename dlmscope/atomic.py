@@ -14,16 +14,20 @@ def _tmp_path(path: str) -> str:
     return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
     path = os.fspath(path)
     tmp = _tmp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -17,51 +17,51 @@ from pathlib import Path
 import torch
 
 
-def _token_rows(adapter, corpus: str, seq_len: int, heldout: bool, n_sentences: int, seed: int) -> torch.Tensor:
-    """[N, seq_len] token ids of the training (or held-out) text."""
+def _token_rows(adapter, corpus: str, seq_len: int, n_sentences: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_rows, heldout_rows)``: [N, seq_len] token ids of the text (world corpus: its hash split; a text
+    file: the first tenth of its lines is held out)."""
     if adapter.tokenizer is None:
         raise ValueError("the model has no tokenizer files next to its weights; cannot tokenize text")
     if corpus == "world":
-        from .world import generate, pack, split
+        from .world import token_rows
 
-        train, held = split(generate(n_sentences, seed=seed))
-        return pack(held if heldout else train, adapter.tokenizer, seq_len)
+        return token_rows(adapter.tokenizer, n_sentences, seq_len, seed)
     path = Path(corpus)
     if not path.is_file():
         raise ValueError(f"--corpus must be 'world' or a text file, got {corpus!r} (not a file)")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     cut = max(1, len(lines) // 10)
-    lines = lines[:cut] if heldout else lines[cut:] or lines
-    ids = [i for line in lines for i in adapter.tokenizer(line)["input_ids"]]
-    rows = len(ids) // seq_len
-    if rows == 0:
-        raise ValueError(f"{corpus} holds {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
-    return torch.tensor(ids[: rows * seq_len]).reshape(rows, seq_len)
 
+    def rows_of(part: list[str]) -> torch.Tensor:
+        ids = [i for line in part for i in adapter.tokenizer(line)["input_ids"]]
+        rows = len(ids) // seq_len
+        if rows == 0:
+            raise ValueError(f"{corpus} holds {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
+        return torch.tensor(ids[: rows * seq_len]).reshape(rows, seq_len)
 
-def _lm_batches(rows: torch.Tensor, lm_batch: int) -> list[torch.Tensor]:
-    return [rows[i:i + lm_batch] for i in range(0, len(rows), lm_batch)]
+    return rows_of(lines[cut:] or lines), rows_of(lines[:cut])
 
 
 def cmd_train(args) -> int:
-    from . import models
-    from .activations import ActivationStream
+    from . import atomic, models
+    from .activations import ActivationStream, collect
     from .sae import TopKSAE
     from .splice import evaluate_sae
     from .train import TrainConfig, Trainer
 
     adapter = models.load(args.model)
     layers = adapter.check_layers(args.layers)
-    rows = _token_rows(adapter, args.corpus, args.seq_len, False, args.sentences, args.seed)
+    rows, held = _token_rows(adapter, args.corpus, args.seq_len, args.sentences, args.seed)
     out = Path(args.out)
-    stream = ActivationStream(adapter, _lm_batches(rows, args.lm_batch), layers, args.policy,
+    stream = ActivationStream(adapter, list(rows.split(args.lm_batch)), layers, args.policy,
                               batch_size=args.batch_size, buffer_tokens=max(args.buffer_tokens, args.batch_size),
                               seed=args.seed, max_tokens=args.tokens,
                               cache_dir=out / "activation_cache" if len(layers) > 1 else None)
-    held = _token_rows(adapter, args.corpus, args.seq_len, True, args.sentences, args.seed)
-    held_stream = ActivationStream(adapter, _lm_batches(held, args.lm_batch), layers, args.policy,
-                                   batch_size=args.batch_size, buffer_tokens=max(args.buffer_tokens, args.batch_size),
-                                   seed=args.seed + 1, max_tokens=args.eval_tokens, drop_last=False)
+    # held-out activations of every layer, harvested once and shared by every SAE's evaluation
+    held_acts = collect(ActivationStream(adapter, list(held.split(args.lm_batch)), layers, args.policy,
+                                         batch_size=args.batch_size,
+                                         buffer_tokens=max(args.buffer_tokens, args.batch_size), seed=args.seed + 1,
+                                         max_tokens=args.eval_tokens, drop_last=False))
     summary = {"model": args.model, "policy": args.policy, "layers": {}}
     for layer in layers:
         saes = [TopKSAE(adapter.d_model, args.n, k, meta={"model": args.model, "layer": layer,
@@ -75,16 +75,16 @@ def cmd_train(args) -> int:
         summary["layers"][layer] = {}
         for sae in saes:
             sae.save(out / f"layer_{layer}" / f"k_{sae.k}")
-            metrics = evaluate_sae(sae, held_stream.for_layer(layer))
+            metrics = evaluate_sae(sae, held_acts[layer])
             summary["layers"][layer][sae.k] = metrics
             print(f"layer {layer} k={sae.k}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_json(out / "summary.json", summary)
     print(f"wrote {out / 'summary.json'}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from . import models
+    from . import atomic, models
     from .activations import ActivationStream
     from .sae import TopKSAE
     from .splice import average_results, dlm_delta_loss, ar_delta_loss, evaluate_sae
@@ -92,15 +92,15 @@ def cmd_eval(args) -> int:
     adapter = models.load(args.model)
     layer = adapter.check_layer(args.layer)
     sae = TopKSAE.load(args.sae)
-    rows = _token_rows(adapter, args.corpus, args.seq_len, True, args.sentences, args.seed)
+    _, rows = _token_rows(adapter, args.corpus, args.seq_len, args.sentences, args.seed)
     policy = args.policy if args.policy is not None else \
         ("mask" if adapter.is_diffusion and adapter.mask_token_id is not None else "clean")
-    stream = ActivationStream(adapter, _lm_batches(rows, args.lm_batch), [layer], policy,
+    stream = ActivationStream(adapter, list(rows.split(args.lm_batch)), [layer], policy,
                               batch_size=args.batch_size, buffer_tokens=max(args.batch_size * 4, 4096),
                               seed=args.seed, max_tokens=args.tokens, drop_last=False)
     result = {"sae": args.sae, "layer": layer, "policy": policy, **evaluate_sae(sae, stream.for_layer(layer))}
     gen = torch.Generator().manual_seed(args.seed)
-    batches = _lm_batches(rows, args.lm_batch)[: args.loss_batches]
+    batches = list(rows.split(args.lm_batch))[: args.loss_batches]
     if adapter.mask_token_id is not None:
         result["dlm_delta"] = average_results([dlm_delta_loss(adapter, sae, layer, ids, generator=gen)
                                                for ids in batches])
@@ -108,7 +108,7 @@ def cmd_eval(args) -> int:
         result["ar_delta"] = average_results([ar_delta_loss(adapter, sae, layer, ids) for ids in batches])
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        atomic.write_json(args.out, result)
     return 0
 
 

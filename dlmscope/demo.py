@@ -17,7 +17,6 @@ whether the embedded world reproduces it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -95,14 +94,9 @@ def load_world_model(name: str):
 
 def world_rows(tokenizer, cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train_rows, heldout_rows)``: packed ``[N, seq_len]`` token ids of the world corpus."""
-    from .world import generate, pack, split
+    from .world import token_rows
 
-    train, held = split(generate(cfg.sentences, seed=cfg.seed))
-    return pack(train, tokenizer, cfg.seq_len), pack(held, tokenizer, cfg.seq_len)
-
-
-def _lm_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
+    return token_rows(tokenizer, cfg.sentences, cfg.seq_len, cfg.seed)
 
 
 def train_layer_saes(adapter, rows: torch.Tensor, policy: str, cfg: DemoConfig, *, layers=None,
@@ -119,7 +113,7 @@ def train_layer_saes(adapter, rows: torch.Tensor, policy: str, cfg: DemoConfig, 
     layers = adapter.check_layers(cfg.layers if layers is None else layers)
     if len(layers) > 1 and cache_dir is None:
         raise ValueError("train_layer_saes needs a cache_dir to train several layers from one harvest")
-    stream = ActivationStream(adapter, _lm_batches(rows, cfg.lm_batch), layers, policy,
+    stream = ActivationStream(adapter, list(rows.split(cfg.lm_batch)), layers, policy,
                               batch_size=cfg.sae_batch, buffer_tokens=max(64 * cfg.sae_batch, 65536),
                               seed=cfg.seed, max_tokens=cfg.train_tokens, dtype=torch.float32,
                               cache_dir=cache_dir if len(layers) > 1 else None)
@@ -141,7 +135,7 @@ def train_layer_saes(adapter, rows: torch.Tensor, policy: str, cfg: DemoConfig, 
 def _heldout_stream(adapter, rows, layers, policy, cfg: DemoConfig):
     from .activations import ActivationStream
 
-    return ActivationStream(adapter, _lm_batches(rows, cfg.lm_batch), layers, policy, batch_size=cfg.sae_batch,
+    return ActivationStream(adapter, list(rows.split(cfg.lm_batch)), layers, policy, batch_size=cfg.sae_batch,
                             buffer_tokens=max(16 * cfg.sae_batch, 16384), seed=cfg.seed + 1,
                             max_tokens=cfg.eval_tokens, drop_last=False, dtype=torch.float32)
 
@@ -172,6 +166,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     """
     from tqdm.auto import tqdm
 
+    from .activations import collect
     from .concepts import labelled_activations, score_concepts
     from .sae import TopKSAE
     from .splice import evaluate_sae
@@ -192,8 +187,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     tokenizer = adapters["dlm"].tokenizer
     train_rows, held_rows = world_rows(tokenizer, cfg)
     names, table = concept_id_table(tokenizer)
-    delta_batches = _lm_batches(held_rows, cfg.lm_batch)[: cfg.delta_batches]
-    concept_rows = _lm_batches(held_rows, cfg.lm_batch)[: cfg.concept_batches]
+    delta_batches = list(held_rows.split(cfg.lm_batch))[: cfg.delta_batches]
+    concept_rows = list(held_rows.split(cfg.lm_batch))[: cfg.concept_batches]
     results["corpus"] = {"train_tokens": train_rows.numel(), "heldout_tokens": held_rows.numel()}
 
     for model_name, policy in RUNS:
@@ -206,10 +201,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
         shutil.rmtree(out / "cache", ignore_errors=True)
         t_train = time.perf_counter() - t0
         # held-out activations of every layer from one pass (the same tokens for every SAE of a layer)
-        held: dict[int, list] = {layer: [] for layer in cfg.layers}
-        for batch in _heldout_stream(adapter, held_rows, cfg.layers, policy, cfg):
-            for layer, x in batch.items():
-                held[layer].append(x)
+        held = collect(_heldout_stream(adapter, held_rows, cfg.layers, policy, cfg))
         run: dict = {}
         for layer in tqdm(cfg.layers, desc=f"evaluate {run_key}", unit="layer"):
             # view -> (choose-on (acts, labels), score-on (acts, labels)): two disjoint halves of the text
@@ -322,7 +314,6 @@ def observations(results: dict, cfg: DemoConfig) -> list[str]:
     unmask_hurts = [L for L, k in pairs if _get(results, "dlm/unmask", L, k, "delta", "mask_delta")
                     > _get(results, "dlm/mask", L, k, "delta", "mask_delta")]
     base = results.get("concept_baselines", {})
-    fmt = lambda xs: ", ".join(f"L{L} {x:.2f}" for L, x in zip(cfg.layers, xs))  # noqa: E731
     med = {(key, view): [_get(results, key, L, cfg.k_ref, view, "median_f1") for L in cfg.layers]
            for key in ("dlm/mask", "dlm/unmask", "ar/clean") for view in ("concepts_clean", "concepts_masked")
            if view in results["runs"][key][str(cfg.layers[0])][str(cfg.k_ref)]}
@@ -359,7 +350,6 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, len(cfg.layers)).tolist())
     styles = {"dlm/mask": ("-", "o", "DLM Mask-SAE"), "dlm/unmask": ("--", "s", "DLM Unmask-SAE"),
               "ar/clean": (":", "^", "AR twin SAE")}
 
@@ -526,9 +516,7 @@ def write_report(results: dict, cfg: DemoConfig, out: Path, *, plots: bool = Tru
               "trained for minutes on a templated corpus: a finding that does not appear here says nothing about 8B "
               "models, and one that does is a sanity check of the pipeline, not a replication.", ""]
     path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic.write_text(path, "\n".join(lines))
     return path
 
 

@@ -21,19 +21,9 @@ from dlmscope.splice import (
     zero_ablate,
 )
 
-from .test_activations import (  # noqa: F401  (single_thread is an autouse fixture)
-    D, LAYERS, MASK, make_ar, make_dream, make_llada, single_thread, token_batch,
+from .test_activations import (  # noqa: F401  (fixtures: single_thread is autouse; llada, ar are module-scoped)
+    D, LAYERS, MASK, ar, llada, make_dream, single_thread, token_batch,
 )
-
-
-@pytest.fixture(scope="module")
-def llada(tmp_path_factory):
-    return make_llada(tmp_path_factory.mktemp("llada"))
-
-
-@pytest.fixture(scope="module")
-def ar(tmp_path_factory):
-    return make_ar(tmp_path_factory.mktemp("ar"))
 
 
 @pytest.fixture(scope="module")

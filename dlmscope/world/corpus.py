@@ -550,6 +550,13 @@ def pack(samples: Sequence[Sample], tokenizer, seq_len: int, mode: str = "concat
     raise ValueError(f"unknown pack mode {mode!r}; expected 'concat' or 'pad'")
 
 
+def token_rows(tokenizer, n_sentences: int, seq_len: int, seed: int = 0):
+    """``(train_rows, heldout_rows)``: packed ``[N, seq_len]`` token ids of ``generate(n_sentences, seed)``, split
+    by :func:`split` (one generation for both halves)."""
+    train, held = split(generate(n_sentences, seed=seed))
+    return pack(train, tokenizer, seq_len), pack(held, tokenizer, seq_len)
+
+
 def concept_id_table(tokenizer) -> tuple[list[str], "torch.Tensor"]:
     """``(names, table)``: ``names`` = the concept names in :data:`CONCEPTS` order and ``table[token_id]`` =
     the index of that token's concept in ``names``, or -1 (special tokens, unlabelled words). ``table[ids]``
