@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -53,7 +52,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from dlmscope import reference  # noqa: E402
+from dlmscope import atomic, reference  # noqa: E402
 from dlmscope.sae import TopKSAE  # noqa: E402
 from dlmscope.schedule import lr_factor  # noqa: E402
 
@@ -151,15 +150,13 @@ def run_dlmscope(adapter, batches: list[torch.Tensor], s: Settings, saes: dict[i
 
 
 def plain_corrupt(ids: torch.Tensor, mask_id: int, s: Settings, gen: torch.Generator):
-    """REFERENCE §3 in plain torch: p ~ U[t_min, t_max] per batch, mask non-pad positions except 0 w.p. p.
+    """REFERENCE §3: p ~ U[t_min, t_max] per batch, mask positions except 0 w.p. p (the world rows have no
+    padding). ``activations.corrupt`` is plain torch (no fused op); drawing p first, as ``harvest`` does, keeps
+    the same positions on both sides."""
+    from dlmscope.activations import corrupt
 
-    (The world rows are packed without padding, so every position is text.) Draws its random numbers in the
-    same order as ``dlmscope.activations.harvest`` — the same seed keeps the same positions on both sides.
-    """
     p = s.t_min + (s.t_max - s.t_min) * float(torch.rand((), generator=gen))
-    masked = torch.rand(ids.shape, generator=gen) < p
-    masked[:, 0] = False
-    return ids.masked_fill(masked, mask_id), masked
+    return corrupt(ids, None, mask_id, p, gen)
 
 
 @torch.no_grad()
@@ -198,27 +195,11 @@ def plain_harvest(adapter, batches: Iterable[torch.Tensor], layers: Iterable[int
 
 
 def plain_shuffle(chunks: Iterable[dict[int, torch.Tensor]], s: Settings) -> Iterator[dict[int, torch.Tensor]]:
-    """A plain shuffle buffer: fill to buffer_tokens, permute, hand out full batches down to half, refill."""
-    gen = torch.Generator().manual_seed(s.seed + 1)
-    buf: dict[int, torch.Tensor] | None = None
-    B = s.batch_size
+    """The shuffle buffer: ``activations.shuffle_batches`` is plain torch (cat / randperm / slicing), so the
+    baseline uses it as is (an ad-hoc buffer that re-concatenates per chunk would only handicap the baseline)."""
+    from dlmscope.activations import shuffle_batches
 
-    def drain(buf, keep_rows):
-        n = next(iter(buf.values())).shape[0]
-        perm = torch.randperm(n, generator=gen)
-        buf = {L: v[perm] for L, v in buf.items()}
-        pos = 0
-        while n - pos >= B and n - pos > keep_rows:
-            yield {L: v[pos:pos + B] for L, v in buf.items()}
-            pos += B
-        return {L: v[pos:] for L, v in buf.items()}
-
-    for chunk in chunks:
-        buf = chunk if buf is None else {L: torch.cat([buf[L], chunk[L]]) for L in buf}
-        if next(iter(buf.values())).shape[0] >= s.buffer_tokens:
-            buf = yield from drain(buf, s.buffer_tokens // 2)
-    if buf is not None:
-        yield from drain(buf, 0)
+    return shuffle_batches(chunks, s.batch_size, s.buffer_tokens, seed=s.seed + 1)
 
 
 class PlainSweep:
@@ -306,25 +287,19 @@ RUNNERS = {
 
 def heldout_activations(adapter, s: Settings) -> dict[int, torch.Tensor]:
     """Held-out masked-position activations ``{layer: [N, d]}`` (the held-out side of the world split)."""
-    from dlmscope.activations import ActivationStream
+    from dlmscope.activations import ActivationStream, collect
 
-    stream = ActivationStream(adapter, token_batches(adapter, s, heldout=True), list(s.layers), "mask",
-                              batch_size=s.batch_size, buffer_tokens=s.buffer_tokens, seed=s.seed + 1,
-                              t_min=s.t_min, t_max=s.t_max, max_tokens=s.eval_tokens, drop_last=False)
-    parts: dict[int, list[torch.Tensor]] = {L: [] for L in s.layers}
-    for batch in stream:
-        for L in s.layers:
-            parts[L].append(batch[L])
-    return {L: torch.cat(v) for L, v in parts.items()}
+    return collect(ActivationStream(adapter, token_batches(adapter, s, heldout=True), list(s.layers), "mask",
+                                    batch_size=s.batch_size, buffer_tokens=s.buffer_tokens, seed=s.seed + 1,
+                                    t_min=s.t_min, t_max=s.t_max, max_tokens=s.eval_tokens, drop_last=False))
 
 
 def heldout_metrics(saes: dict[int, list[TopKSAE]], held: dict[int, torch.Tensor]) -> dict:
     from dlmscope.splice import evaluate_sae
 
-    with torch.no_grad():
-        return {str(L): {str(sae.k): {key: round(float(v), 5) for key, v in evaluate_sae(sae, held[L]).items()
-                                      if key in ("fve", "l0")} for sae in group}
-                for L, group in saes.items()}
+    return {str(L): {str(sae.k): {key: round(float(v), 5) for key, v in evaluate_sae(sae, held[L]).items()
+                                  if key in ("fve", "l0")} for sae in group}
+            for L, group in saes.items()}
 
 
 # ---- report -----------------------------------------------------------------------------------------------
@@ -383,7 +358,7 @@ def render_markdown(result: dict) -> str:
         "Baseline choice: `plain` is what the paper's code does — it trains one layer per run, so each layer's run "
         "re-runs the full model (all blocks + LM head) with a forward hook on that block; `plain_one_forward` is "
         "the stronger plain baseline (one full forward with hooks on both layers feeds both sweeps). Both plain "
-        "variants use the same masking (same seed, same kept positions), a plain shuffle buffer, and per SAE "
+        "variants use the same masking (same seed, same kept positions), the same shuffle buffer (`activations.shuffle_batches`, plain torch), and per SAE "
         "`reference.topk_encode` (dense B×n pre-activations + `torch.topk`) + `reference.sparse_decode` (scatter "
         "into B×n + matmul), MSE, autograd, W_dec-gradient projection, grad clip, `torch.optim.Adam` + LambdaLR, "
         "decoder renorm. Same init, norm factor, geometric-median `b_dec`, lr schedule and step count as dlmscope's "
@@ -464,11 +439,9 @@ def main(argv=None) -> int:
               "max_fve_gap": max(gaps) if gaps else None, "machine": machine}
     tag = "cpu-pipeline-world-dlm" + ("-quick" if args.quick else "")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic.write_json(os.path.join(args.out, f"{tag}.json"), result)
     md = render_markdown(result)
-    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-        f.write(md)
+    atomic.write_text(os.path.join(args.out, f"{tag}.md"), md)
     print(md)
     return 0
 

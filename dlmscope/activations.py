@@ -93,6 +93,13 @@ def _check_t_range(t_min: float, t_max: float) -> tuple[float, float]:
     return t_min, t_max
 
 
+def _check_batching(batch_size: Any, buffer_tokens: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(buffer_tokens, bool) or not isinstance(buffer_tokens, int) or buffer_tokens < batch_size:
+        raise ValueError(f"buffer_tokens must be an int >= batch_size ({batch_size}), got {buffer_tokens!r}")
+
+
 def _split_batch(item: Any) -> tuple[Tensor, Tensor | None]:
     """(input_ids, attention_mask) from a tensor, an (ids, mask) pair or a mapping with those keys."""
     if isinstance(item, Tensor):
@@ -242,10 +249,7 @@ def shuffle_batches(
     refills. At the end the rest is drained; the last partial batch is yielded only when ``drop_last=False``.
     The output depends only on the concatenated row sequence, not on chunk boundaries.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(buffer_tokens, bool) or not isinstance(buffer_tokens, int) or buffer_tokens < batch_size:
-        raise ValueError(f"buffer_tokens must be an int >= batch_size ({batch_size}), got {buffer_tokens!r}")
+    _check_batching(batch_size, buffer_tokens)
     gen = torch.Generator().manual_seed(int(seed))
     low_water = max(buffer_tokens // 2, batch_size)
     src = iter(chunks)
@@ -466,10 +470,7 @@ class ActivationStream:
             if mask_id is None:
                 adapter.require_mask_token()  # raises with the model-specific message
         self.t_min, self.t_max = _check_t_range(t_min, t_max)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(buffer_tokens, bool) or not isinstance(buffer_tokens, int) or buffer_tokens < batch_size:
-            raise ValueError(f"buffer_tokens must be an int >= batch_size ({batch_size}), got {buffer_tokens!r}")
+        _check_batching(batch_size, buffer_tokens)
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         self.token_batches = token_batches
@@ -583,10 +584,7 @@ class CachedActivationStream:
         self.cache_dir = os.fspath(cache_dir)
         self.index = load_cache_index(self.cache_dir)
         self.layers = _cache_layers(self.index, layers, self.cache_dir)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(buffer_tokens, bool) or not isinstance(buffer_tokens, int) or buffer_tokens < batch_size:
-            raise ValueError(f"buffer_tokens must be an int >= batch_size ({batch_size}), got {buffer_tokens!r}")
+        _check_batching(batch_size, buffer_tokens)
         self.batch_size = batch_size
         self.buffer_tokens = buffer_tokens
         self.seed = int(seed)

@@ -101,7 +101,7 @@ def cmd_eval(args) -> int:
     result = {"sae": args.sae, "layer": layer, "policy": policy, **evaluate_sae(sae, stream.for_layer(layer))}
     gen = torch.Generator().manual_seed(args.seed)
     batches = list(rows.split(args.lm_batch))[: args.loss_batches]
-    if adapter.mask_token_id is not None:
+    if adapter.is_diffusion:  # dlm_delta_loss names a missing mask token (DiffusionGemma) itself
         result["dlm_delta"] = average_results([dlm_delta_loss(adapter, sae, layer, ids, generator=gen)
                                                for ids in batches])
     else:

@@ -119,11 +119,10 @@ def train_layer_saes(adapter, rows: torch.Tensor, policy: str, cfg: DemoConfig, 
                               cache_dir=cache_dir if len(layers) > 1 else None)
     out = {}
     for layer in layers:
-        with torch.random.fork_rng(devices=[]):  # the SAE init depends only on (seed, layer)
-            torch.manual_seed(cfg.seed * 1009 + layer)
-            saes = [TopKSAE(adapter.d_model, cfg.n_latents, k,
-                            meta={"model": str(getattr(adapter, "source", "")), "layer": layer, "policy": policy,
-                                  "hook": "resid_post"}) for k in cfg.ks]
+        init = torch.Generator().manual_seed(cfg.seed * 1009 + layer)  # the SAE init depends only on (seed, layer)
+        saes = [TopKSAE(adapter.d_model, cfg.n_latents, k, generator=init,
+                        meta={"model": str(getattr(adapter, "source", "")), "layer": layer, "policy": policy,
+                              "hook": "resid_post"}) for k in cfg.ks]
         tcfg = TrainConfig(total_tokens=cfg.train_tokens, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                            dead_tokens=cfg.dead_tokens, norm_batches=cfg.norm_batches, seed=cfg.seed,
                            log_every=25, progress_desc=f"train {label or policy} L{layer}")
@@ -140,21 +139,26 @@ def _heldout_stream(adapter, rows, layers, policy, cfg: DemoConfig):
                             max_tokens=cfg.eval_tokens, drop_last=False, dtype=torch.float32)
 
 
-def _delta_lm(adapter, sae, layer: int, batches, seed: int) -> dict:
-    """ΔLM of one SAE, averaged over ``batches`` with a corruption seeded by ``seed`` (same for every SAE)."""
+def _delta_lm(adapter, saes: list, layer: int, batches, seed: int) -> list[dict]:
+    """ΔLM of each SAE of a layer, averaged over ``batches`` with a corruption seeded by ``seed`` (the same for
+    every SAE; the clean and zero-ablated forwards run once per batch for all of them) plus standard errors."""
     from .splice import ar_delta_loss, average_results, dlm_delta_loss
 
     if adapter.is_diffusion:
         gen = torch.Generator().manual_seed(seed)
-        per_batch = [dlm_delta_loss(adapter, sae, layer, ids, generator=gen) for ids in batches]
+        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, generator=gen) for ids in batches]
     else:
-        per_batch = [ar_delta_loss(adapter, sae, layer, ids) for ids in batches]
-    out = average_results(per_batch)
-    for key in ("mask_delta", "unmask_delta", "delta"):  # standard error over batches (corruption + text noise)
-        if key in out:
-            vals = torch.tensor([r[key] for r in per_batch], dtype=torch.float64)
-            out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
-    return out
+        per_batch = [ar_delta_loss(adapter, saes, layer, ids) for ids in batches]
+    results = []
+    for i in range(len(saes)):
+        mine = [batch[i] for batch in per_batch]
+        out = average_results(mine)
+        for key in ("mask_delta", "unmask_delta", "delta"):  # standard error over batches (corruption + text)
+            if key in out:
+                vals = torch.tensor([r[key] for r in mine], dtype=torch.float64)
+                out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
+        results.append(out)
+    return results
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -211,16 +215,17 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
                 views["concepts_masked"] = tuple(
                     labelled_activations(adapter, rows, layer, table, "masked", t=cfg.concept_t, seed=cfg.seed + i)
                     for i, rows in enumerate((concept_rows[0::2], concept_rows[1::2])))
-            with torch.random.fork_rng(devices=[]):  # chance level: an untrained SAE of the same shape
-                torch.manual_seed(cfg.seed)
-                untrained = TopKSAE(adapter.d_model, cfg.n_latents, cfg.k_ref)
+            # chance level: an untrained SAE of the same shape
+            untrained = TopKSAE(adapter.d_model, cfg.n_latents, cfg.k_ref,
+                                generator=torch.Generator().manual_seed(cfg.seed))
             results["concept_baselines"].setdefault(run_key, {})[str(layer)] = {
                 view: score_concepts(untrained, *score, names, select_on=choose).median_f1
                 for view, (choose, score) in views.items()}
-            for sae in saes[layer]:
+            deltas = _delta_lm(adapter, saes[layer], layer, delta_batches, seed=cfg.seed + 7)
+            for sae, delta in zip(saes[layer], deltas):
                 sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}")
                 entry = evaluate_sae(sae, held[layer])
-                entry["delta"] = _delta_lm(adapter, sae, layer, delta_batches, seed=cfg.seed + 7)
+                entry["delta"] = delta
                 for view, (choose, score) in views.items():
                     entry[view] = score_concepts(sae, *score, names, select_on=choose).as_dict()
                 run.setdefault(str(layer), {})[str(sae.k)] = entry

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import _check_t_range, _draw_t, corrupt
+from .models.base import _block_output
 
 __all__ = [
     "splice",
@@ -43,10 +44,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------- hooks
-def _block_out(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _replace_out(out: Any, new: Tensor) -> Any:
     if isinstance(out, tuple):
         return (new,) + tuple(out[1:])
@@ -120,7 +117,7 @@ def splice(adapter, layer: int, sae, *, error_term: bool = False, positions=None
         state["ids"] = ids if isinstance(ids, Tensor) else None
 
     def hook(_module, _args, out):
-        x = _block_out(out)
+        x = _block_output(out)
         xs = x.to(sae_dtype) if sae_dtype is not None and x.dtype != sae_dtype else x
         if error_term:
             xs = xs.detach()
@@ -150,19 +147,10 @@ class _Zero(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-@contextlib.contextmanager
-def zero_ablate(adapter, layer: int) -> Iterator[None]:
-    """Within the block, block ``layer``'s output (resid_post) is replaced by zeros."""
-    module = adapter.hook_module(layer)
-
-    def hook(_module, _args, out):
-        return _replace_out(out, torch.zeros_like(_block_out(out)))
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+def zero_ablate(adapter, layer: int, positions=None):
+    """Context manager: within it, block ``layer``'s output (resid_post) is replaced by zeros (at ``positions``,
+    as in :func:`splice`)."""
+    return splice(adapter, layer, _Zero(), positions=positions)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -185,6 +173,26 @@ def fraction_recovered(clean: float, sae: float, zero: float) -> float:
     return (zero - sae) / denom
 
 
+def _run_variants(adapter, layer: int, saes: list, loss_fn, ids, attention_mask, *, zero_ablation: bool,
+                  positions=None) -> dict:
+    """Loss tensors of one batch: ``{"clean": ..., i: ... per SAE, "zero": ...}``. Clean and zero-ablated
+    forwards run once however many SAEs are compared on the batch."""
+    runs = [("clean", contextlib.nullcontext())]
+    runs += [(i, splice(adapter, layer, sae, positions=positions)) for i, sae in enumerate(saes)]
+    if zero_ablation:
+        runs.append(("zero", zero_ablate(adapter, layer, positions)))
+    vals = {}
+    for name, ctx in runs:
+        with ctx:
+            vals[name] = loss_fn(adapter.logits(ids, attention_mask))
+    return vals
+
+
+def _as_list(sae) -> tuple[list, bool]:
+    """``(saes, many)``: a list/tuple of SAEs is compared on the same batch; a single one gives one result."""
+    return (list(sae), True) if isinstance(sae, (list, tuple)) else ([sae], False)
+
+
 @torch.no_grad()
 def dlm_delta_loss(
     adapter,
@@ -202,6 +210,8 @@ def dlm_delta_loss(
 ) -> dict[str, float]:
     """DLM ΔLM loss of one batch (REFERENCE.md §4), clean vs SAE spliced at every position (no error term).
 
+    ``sae`` may be a list of SAEs: each is spliced in on the same corrupted batch, the clean and zero-ablated
+    forwards run once, and a list of result dicts comes back.
     ``t`` (if given) fixes the masking rate instead of drawing it from ``U[t_min, t_max]``. ``positions``
     (default: every position, as in the paper) limits the splice (and the zero-ablation), see :func:`splice`,
     e.g. ``"masked"``. Returns floats:
@@ -227,26 +237,25 @@ def dlm_delta_loss(
         ce = _token_ce(logits, input_ids)
         return _masked_mean(ce, masked) / t, _masked_mean(ce, unmasked) / (1.0 - t)
 
-    runs = {"clean": contextlib.nullcontext(), "sae": splice(adapter, layer, sae, positions=positions)}
-    if zero_ablation:
-        runs["zero"] = splice(adapter, layer, _Zero(), positions=positions) if positions is not None \
-            else zero_ablate(adapter, layer)
-    vals = {}
-    for name, ctx in runs.items():
-        with ctx:
-            vals[name] = losses(adapter.logits(noisy, attention_mask))
+    saes, many = _as_list(sae)
+    vals = _run_variants(adapter, layer, saes, losses, noisy, attention_mask, zero_ablation=zero_ablation,
+                         positions=positions)
     counts = torch.stack([masked.sum(), unmasked.sum()]).to(device=vals["clean"][0].device, dtype=torch.float32)
     flat = torch.cat([torch.stack([v for pair in vals.values() for v in pair]), counts]).tolist()  # one host sync
-    out: dict[str, float] = {"t": t, "n_masked": int(flat[-2]), "n_unmasked": int(flat[-1])}
-    for i, name in enumerate(vals):
-        out[f"mask_{name}"] = flat[2 * i]
-        out[f"unmask_{name}"] = flat[2 * i + 1]
-    out["mask_delta"] = out["mask_sae"] - out["mask_clean"]
-    out["unmask_delta"] = out["unmask_sae"] - out["unmask_clean"]
-    if zero_ablation:
-        out["mask_recovered"] = fraction_recovered(out["mask_clean"], out["mask_sae"], out["mask_zero"])
-        out["unmask_recovered"] = fraction_recovered(out["unmask_clean"], out["unmask_sae"], out["unmask_zero"])
-    return out
+    got = {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(vals)}
+    results = []
+    for i in range(len(saes)):
+        out: dict[str, float] = {"t": t, "n_masked": int(flat[-2]), "n_unmasked": int(flat[-1])}
+        for name, key in (("clean", "clean"), (i, "sae"), ("zero", "zero")):
+            if name in got:
+                out[f"mask_{key}"], out[f"unmask_{key}"] = got[name]
+        out["mask_delta"] = out["mask_sae"] - out["mask_clean"]
+        out["unmask_delta"] = out["unmask_sae"] - out["unmask_clean"]
+        if zero_ablation:
+            out["mask_recovered"] = fraction_recovered(out["mask_clean"], out["mask_sae"], out["mask_zero"])
+            out["unmask_recovered"] = fraction_recovered(out["unmask_clean"], out["unmask_sae"], out["unmask_zero"])
+        results.append(out)
+    return results if many else results[0]
 
 
 @torch.no_grad()
@@ -262,7 +271,8 @@ def ar_delta_loss(
     """AR ΔLM loss of one batch: mean next-token CE on clean text, clean vs SAE (every position) vs zero.
 
     Position i's logits score token i+1; a target counts when both it and its context position are non-pad.
-    Returns ``clean, sae, delta, n_tokens`` and, with ``zero_ablation``, ``zero, recovered``.
+    Returns ``clean, sae, delta, n_tokens`` and, with ``zero_ablation``, ``zero, recovered`` (a list of such
+    dicts when ``sae`` is a list: clean and zero-ablated forwards run once for all of them).
     """
     if getattr(adapter, "is_diffusion", False):
         raise ValueError("ar_delta_loss is for autoregressive models; use dlm_delta_loss for diffusion LMs")
@@ -277,20 +287,21 @@ def ar_delta_loss(
     def loss(logits: Tensor) -> Tensor:
         return _masked_mean(_token_ce(logits[:, :-1], targets), sel)
 
-    runs = {"clean": contextlib.nullcontext(), "sae": splice(adapter, layer, sae)}
-    if zero_ablation:
-        runs["zero"] = zero_ablate(adapter, layer)
-    vals = []
-    for ctx in runs.values():
-        with ctx:
-            vals.append(loss(adapter.logits(input_ids, attention_mask)))
-    flat = torch.stack(vals).tolist()
-    out: dict[str, float] = dict(zip(runs.keys(), flat))
-    out["delta"] = out["sae"] - out["clean"]
-    out["n_tokens"] = int(sel.sum())
-    if zero_ablation:
-        out["recovered"] = fraction_recovered(out["clean"], out["sae"], out["zero"])
-    return out
+    saes, many = _as_list(sae)
+    vals = _run_variants(adapter, layer, saes, loss, input_ids, attention_mask, zero_ablation=zero_ablation)
+    stacked = torch.stack(list(vals.values()) + [sel.sum().to(vals["clean"])]).tolist()  # one host sync
+    flat, n_tokens = dict(zip(vals, stacked)), int(stacked[-1])
+    results = []
+    for i in range(len(saes)):
+        out: dict[str, float] = {"clean": flat["clean"], "sae": flat[i]}
+        if zero_ablation:
+            out["zero"] = flat["zero"]
+        out["delta"] = out["sae"] - out["clean"]
+        out["n_tokens"] = n_tokens
+        if zero_ablation:
+            out["recovered"] = fraction_recovered(out["clean"], out["sae"], out["zero"])
+        results.append(out)
+    return results if many else results[0]
 
 
 def average_results(results: Sequence[dict[str, float]]) -> dict[str, float]:

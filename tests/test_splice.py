@@ -196,6 +196,27 @@ def test_dlm_delta_loss_matches_hand_computation(request, which):
     assert got["mask_recovered"] == pytest.approx(rec, rel=1e-4)
 
 
+def test_delta_losses_of_several_saes_equal_one_call_each(llada, ar):
+    """A list of SAEs shares the batch's corruption and its clean / zero-ablated forwards: each result equals
+    the single-SAE call with the same generator."""
+    ids, am = token_batch(seed=11, batch=3, seq=14)
+    saes = [random_sae(s, k=k) for s, k in ((1, 4), (2, 8), (3, 16))]
+    together = dlm_delta_loss(llada, saes, 2, ids, am, generator=torch.Generator().manual_seed(5))
+    assert isinstance(together, list) and len(together) == 3
+    for sae, got in zip(saes, together):
+        alone = dlm_delta_loss(llada, sae, 2, ids, am, generator=torch.Generator().manual_seed(5))
+        assert got.keys() == alone.keys()
+        for key in alone:
+            assert got[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-7), key
+    together = ar_delta_loss(ar, saes, 1, ids, am)
+    for sae, got in zip(saes, together):
+        alone = ar_delta_loss(ar, sae, 1, ids, am)
+        assert got.keys() == alone.keys()
+        for key in alone:
+            assert got[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-7), key
+    assert together[0]["sae"] != together[2]["sae"]  # the SAEs really differ
+
+
 def test_dream_shift_is_applied(dream, monkeypatch):
     """Fails if dlm_delta_loss scores Dream's raw (unshifted) logits."""
     ids, am = token_batch(seed=8, batch=3, seq=14)
