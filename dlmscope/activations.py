@@ -240,7 +240,6 @@ def shuffle_batches(
     *,
     seed: int = 0,
     drop_last: bool = True,
-    device: str | torch.device | None = None,
 ) -> Iterator[dict[int, Tensor]]:
     """Shuffle-buffer a sequence of ``{layer: [n_i, d]}`` chunks into ``{layer: [batch_size, d]}`` batches.
 
@@ -265,8 +264,6 @@ def shuffle_batches(
                 if carry is None:
                     exhausted = True
                     break
-                if device is not None:
-                    carry = {k: v.to(device, non_blocking=True) for k, v in carry.items()}
             m = _chunk_len(carry)
             take = min(m, buffer_tokens - n)
             if take > 0:
