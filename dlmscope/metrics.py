@@ -1,0 +1,81 @@
+"""Reconstruction metrics of an SAE, computed once for the trainer's logs and for held-out evaluation.
+
+    FVE = 1 - Σ_d Var_b(x - x̂) / Σ_d Var_b(x)        (REFERENCE.md §4; FVU = 1 - FVE)
+
+:class:`ReconstructionStats` accumulates the sums FVE, MSE, L0 and firing counts need over batches in float64,
+so a held-out set of any size is scored in bounded memory; :func:`fve` is the one-batch case. The oracle
+``reference.fraction_of_variance_explained`` is kept independent of this module and tests compare the two.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["ReconstructionStats", "fve"]
+
+
+class ReconstructionStats:
+    """Running sums over batches of activations ``x [B, d]``, residuals ``e = x - x̂ [B, d]`` and codes.
+
+    All sums stay on the batches' device (no host sync until :meth:`result`).
+    """
+
+    def __init__(self, n_latents: int | None = None):
+        self.n_latents = n_latents
+        self.tokens = 0
+        self._sx = self._sx2 = self._se = self._se2 = None
+        self._active: Tensor | None = None
+        self.fires: Tensor | None = None  #: [n_latents] int64: how often each latent was active
+
+    def add(self, x: Tensor, residual: Tensor, values: Tensor | None = None, indices: Tensor | None = None) -> None:
+        """Add a batch: ``x``, ``residual`` ``[B, d]``; optionally its codes ``values``/``indices`` ``[B, k]``."""
+        xd, ed = x.detach().double(), residual.detach().double()
+        sums = (xd.sum(0), (xd * xd).sum(0), ed.sum(0), (ed * ed).sum(0))
+        if self._sx is None:
+            self._sx, self._sx2, self._se, self._se2 = sums
+        else:
+            for acc, s in zip((self._sx, self._sx2, self._se, self._se2), sums):
+                acc += s
+        if values is not None:
+            on = values.detach() > 0
+            active = on.sum()
+            self._active = active if self._active is None else self._active + active
+            if self.n_latents is not None and indices is not None:
+                if self.fires is None:
+                    self.fires = torch.zeros(self.n_latents, dtype=torch.int64, device=values.device)
+                self.fires.index_add_(0, indices.reshape(-1).long(), on.reshape(-1).to(torch.int64))
+        self.tokens += x.shape[0]
+
+    def fve_tensor(self) -> Tensor:
+        """FVE as a 0-d float64 tensor on the batches' device (no host sync)."""
+        if self._sx is None:
+            raise ValueError("no activations were added")
+        n = self.tokens
+        var_x = (self._sx2 / n - (self._sx / n) ** 2).sum()
+        var_e = (self._se2 / n - (self._se / n) ** 2).sum()
+        return 1 - var_e / var_x
+
+    def result(self, dead_max_fires: int = 0) -> dict[str, float]:
+        """``fve``, ``fvu``, ``mse`` (mean Σ_d e²), and with codes ``l0`` and ``dead_fraction`` (latents that
+        fired ``<= dead_max_fires`` times), plus ``n_tokens``; one host sync."""
+        n = self.tokens
+        parts = [self.fve_tensor(), self._se2.sum() / n]
+        if self._active is not None:
+            parts.append(self._active.double() / n)
+        if self.fires is not None:
+            parts.append((self.fires <= dead_max_fires).double().mean())
+        vals = torch.stack(parts).tolist()
+        out = {"fve": vals[0], "fvu": 1 - vals[0], "mse": vals[1]}
+        if self._active is not None:
+            out["l0"] = vals[2]
+        if self.fires is not None:
+            out["dead_fraction"] = vals[3]
+        out["n_tokens"] = n
+        return out
+
+
+def fve(x: Tensor, residual: Tensor) -> Tensor:
+    """FVE of one batch ``x [B, d]`` with residual ``x - x̂ [B, d]``, as a 0-d float64 tensor."""
+    stats = ReconstructionStats()
+    stats.add(x, residual)
+    return stats.fve_tensor()
