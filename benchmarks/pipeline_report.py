@@ -52,9 +52,19 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from dlmscope import atomic, reference  # noqa: E402
+from dlmscope import atomic, models, reference  # noqa: E402
+from dlmscope.geometric_median import geometric_median  # noqa: E402
+from dlmscope.noise import corrupt  # noqa: E402
+from dlmscope.pipeline import SweepSpec, train_sweep  # noqa: E402
+from dlmscope.pipeline import heldout_activations as pipeline_heldout  # noqa: E402
+from dlmscope.pipeline import make_saes as make_layer_saes  # noqa: E402
 from dlmscope.sae import TopKSAE  # noqa: E402
 from dlmscope.schedule import lr_factor  # noqa: E402
+from dlmscope.shuffle_buffer import shuffle_batches  # noqa: E402
+from dlmscope.splice import evaluate_sae  # noqa: E402
+from dlmscope.train import TrainConfig  # noqa: E402
+from dlmscope.train_log import LogConfig  # noqa: E402
+from dlmscope.world import token_rows  # noqa: E402
 
 MODEL_DIR = os.path.join(ROOT, "dlmscope", "world", "assets", "models", "dlm")
 VARIANTS = ("dlmscope", "plain", "plain_one_forward")
@@ -100,23 +110,25 @@ class Settings:
 
 
 def load_adapter():
-    from dlmscope import models
-
     return models.load(MODEL_DIR)
 
 
 def token_batches(adapter, s: Settings, heldout: bool = False) -> list[torch.Tensor]:
     """LM batches ``[lm_batch, seq_len]`` of the world corpus, tokenized as ``dlmscope train`` does."""
-    from dlmscope.world import token_rows
-
     train, held = token_rows(adapter.tokenizer, s.sentences, s.seq_len, s.seed)
     return list((held if heldout else train).split(s.lm_batch))
 
 
+def sweep_spec(s: Settings) -> SweepSpec:
+    """The harvest-and-train settings every variant runs (mask policy, both layers, the k sweep)."""
+    return SweepSpec(layers=s.layers, ks=s.ks, n_latents=s.n, policy="mask", tokens=s.tokens,
+                     batch_size=s.batch_size, buffer_tokens=s.buffer_tokens, t_min=s.t_min, t_max=s.t_max,
+                     seed=s.seed)
+
+
 def make_saes(adapter, s: Settings) -> dict[int, list[TopKSAE]]:
-    """Identically initialised SAEs for every variant (seeded per layer and k)."""
-    return {L: [TopKSAE(adapter.d_model, s.n, k, generator=torch.Generator().manual_seed(1000 * L + i))
-                for i, k in enumerate(s.ks)] for L in s.layers}
+    """Identically initialised SAEs for every variant (``pipeline.make_saes``: seeded per layer)."""
+    return {L: make_layer_saes(adapter.d_model, sweep_spec(s), L) for L in s.layers}
 
 
 # ---- dlmscope pipeline ------------------------------------------------------------------------------------
@@ -124,26 +136,18 @@ def make_saes(adapter, s: Settings) -> dict[int, list[TopKSAE]]:
 
 def run_dlmscope(adapter, batches: list[torch.Tensor], s: Settings, saes: dict[int, list[TopKSAE]],
                  workdir: str) -> dict:
-    """``dlmscope train``'s pipeline: one harvest (cached on disk) for all layers, one Trainer per layer."""
-    from dlmscope.activations import ActivationStream
-    from dlmscope.train import TrainConfig, Trainer
-
-    layer_s = {}
-    stream = ActivationStream(adapter, batches, list(s.layers), "mask", batch_size=s.batch_size,
-                              buffer_tokens=s.buffer_tokens, seed=s.seed, t_min=s.t_min, t_max=s.t_max,
-                              max_tokens=s.tokens,
-                              cache_dir=os.path.join(workdir, "activation_cache") if len(s.layers) > 1 else None)
-    for L in s.layers:
-        t0 = time.perf_counter()
-        cfg = TrainConfig(total_tokens=s.tokens, lr=s.lr, warmup_steps=s.warmup_steps,
-                          decay_fraction=s.decay_fraction, grad_clip=s.grad_clip, norm_batches=s.norm_batches,
-                          seed=s.seed, log_every=0, progress=False)
-        trainer = Trainer(saes[L], cfg)
-        trainer.fit(stream.for_layer(L))
-        if trainer.tokens_seen != s.tokens:
-            raise RuntimeError(f"dlmscope layer {L} trained on {trainer.tokens_seen} tokens, not {s.tokens}")
-        layer_s[L] = time.perf_counter() - t0
-    return {"per_layer_s": layer_s}
+    """``dlmscope train``'s pipeline (``pipeline.train_sweep``): one harvest cached on disk for all layers, one
+    grouped Trainer per layer."""
+    train = TrainConfig(lr=s.lr, warmup_steps=s.warmup_steps, decay_fraction=s.decay_fraction,
+                        grad_clip=s.grad_clip, norm_batches=s.norm_batches)
+    t0 = time.perf_counter()
+    trained = train_sweep(adapter, batches, sweep_spec(s), train, cache_dir=os.path.join(workdir, "activation_cache"),
+                          saes=saes, log=LogConfig(log_every=0, progress=False))
+    for L, group in trained.items():
+        if any(sae.cfg.meta["trained_tokens"] != s.tokens for sae in group):
+            raise RuntimeError(f"dlmscope layer {L} trained on {group[0].cfg.meta['trained_tokens']} tokens, "
+                               f"not {s.tokens}")
+    return {"per_layer_s": {"+".join(map(str, s.layers)): time.perf_counter() - t0}}
 
 
 # ---- plain-PyTorch pipeline -------------------------------------------------------------------------------
@@ -151,10 +155,8 @@ def run_dlmscope(adapter, batches: list[torch.Tensor], s: Settings, saes: dict[i
 
 def plain_corrupt(ids: torch.Tensor, mask_id: int, s: Settings, gen: torch.Generator):
     """REFERENCE §3: p ~ U[t_min, t_max] per batch, mask positions except 0 w.p. p (the world rows have no
-    padding). ``activations.corrupt`` is plain torch (no fused op); drawing p first, as ``harvest`` does, keeps
+    padding). ``noise.corrupt`` is plain torch (no fused op); drawing p first, as ``harvest`` does, keeps
     the same positions on both sides."""
-    from dlmscope.activations import corrupt
-
     p = s.t_min + (s.t_max - s.t_min) * float(torch.rand((), generator=gen))
     return corrupt(ids, None, mask_id, p, gen)
 
@@ -195,10 +197,8 @@ def plain_harvest(adapter, batches: Iterable[torch.Tensor], layers: Iterable[int
 
 
 def plain_shuffle(chunks: Iterable[dict[int, torch.Tensor]], s: Settings) -> Iterator[dict[int, torch.Tensor]]:
-    """The shuffle buffer: ``activations.shuffle_batches`` is plain torch (cat / randperm / slicing), so the
+    """The shuffle buffer: ``shuffle_buffer.shuffle_batches`` is plain torch (cat / randperm / slicing), so the
     baseline uses it as is (an ad-hoc buffer that re-concatenates per chunk would only handicap the baseline)."""
-    from dlmscope.activations import shuffle_batches
-
     return shuffle_batches(chunks, s.batch_size, s.buffer_tokens, seed=s.seed + 1)
 
 
@@ -226,8 +226,6 @@ class PlainSweep:
         self._step(x)
 
     def _start(self) -> None:
-        from dlmscope.geometric_median import geometric_median
-
         self.norm = float(torch.cat(self.pending).double().pow(2).sum(-1).mean().sqrt())
         with torch.no_grad():
             median = geometric_median(self.pending[0] / self.norm)
@@ -287,16 +285,10 @@ RUNNERS = {
 
 def heldout_activations(adapter, s: Settings) -> dict[int, torch.Tensor]:
     """Held-out masked-position activations ``{layer: [N, d]}`` (the held-out side of the world split)."""
-    from dlmscope.activations import ActivationStream, collect
-
-    return collect(ActivationStream(adapter, token_batches(adapter, s, heldout=True), list(s.layers), "mask",
-                                    batch_size=s.batch_size, buffer_tokens=s.buffer_tokens, seed=s.seed + 1,
-                                    t_min=s.t_min, t_max=s.t_max, max_tokens=s.eval_tokens, drop_last=False))
+    return pipeline_heldout(adapter, token_batches(adapter, s, heldout=True), sweep_spec(s), tokens=s.eval_tokens)
 
 
 def heldout_metrics(saes: dict[int, list[TopKSAE]], held: dict[int, torch.Tensor]) -> dict:
-    from dlmscope.splice import evaluate_sae
-
     return {str(L): {str(sae.k): {key: round(float(v), 5) for key, v in evaluate_sae(sae, held[L]).items()
                                   if key in ("fve", "l0")} for sae in group}
             for L, group in saes.items()}
@@ -358,7 +350,7 @@ def render_markdown(result: dict) -> str:
         "Baseline choice: `plain` is what the paper's code does — it trains one layer per run, so each layer's run "
         "re-runs the full model (all blocks + LM head) with a forward hook on that block; `plain_one_forward` is "
         "the stronger plain baseline (one full forward with hooks on both layers feeds both sweeps). Both plain "
-        "variants use the same masking (same seed, same kept positions), the same shuffle buffer (`activations.shuffle_batches`, plain torch), and per SAE "
+        "variants use the same masking (same seed, same kept positions), the same shuffle buffer (`shuffle_buffer.shuffle_batches`, plain torch), and per SAE "
         "`reference.topk_encode` (dense B×n pre-activations + `torch.topk`) + `reference.sparse_decode` (scatter "
         "into B×n + matmul), MSE, autograd, W_dec-gradient projection, grad clip, `torch.optim.Adam` + LambdaLR, "
         "decoder renorm. Same init, norm factor, geometric-median `b_dec`, lr schedule and step count as dlmscope's "

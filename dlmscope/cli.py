@@ -4,76 +4,56 @@
     dlmscope eval  --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000
     dlmscope demo  --out runs/demo            # the embedded-world job behind `make demo`
 
-Text comes from the embedded world's corpus (``--corpus world``, default) or a text file with one document
-per line (``--corpus PATH``), tokenized with the model's tokenizer and packed into ``--seq-len`` rows.
+Text comes from the embedded world's corpus (``--corpus world``, default), a text file with one document per
+line, or a Hugging Face dataset (data files or a dataset directory, streamed); documents are EOS-joined and
+packed into ``--seq-len`` contexts, every tenth document held out (:mod:`dlmscope.text_sources`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from . import atomic, models
+from .activations import ActivationStream
+from .demo import DemoConfig, run_demo
+from .pipeline import SweepSpec, heldout_activations, train_sweep
+from .sae import TopKSAE
+from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
+from .text_sources import text_batches
+from .train import TrainConfig
+from .train_log import LogConfig
 
-def _token_rows(adapter, corpus: str, seq_len: int, n_sentences: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train_rows, heldout_rows)``: [N, seq_len] token ids of the text (world corpus: its hash split; a text
-    file: the first tenth of its lines is held out)."""
-    if adapter.tokenizer is None:
-        raise ValueError("the model has no tokenizer files next to its weights; cannot tokenize text")
-    if corpus == "world":
-        from .world import token_rows
 
-        return token_rows(adapter.tokenizer, n_sentences, seq_len, seed)
-    path = Path(corpus)
-    if not path.is_file():
-        raise ValueError(f"--corpus must be 'world' or a text file, got {corpus!r} (not a file)")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    cut = max(1, len(lines) // 10)
-
-    def rows_of(part: list[str]) -> torch.Tensor:
-        ids = [i for line in part for i in adapter.tokenizer(line)["input_ids"]]
-        rows = len(ids) // seq_len
-        if rows == 0:
-            raise ValueError(f"{corpus} holds {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
-        return torch.tensor(ids[: rows * seq_len]).reshape(rows, seq_len)
-
-    return rows_of(lines[cut:] or lines), rows_of(lines[:cut])
+def _text(adapter, args):
+    """``(train, heldout)`` LM batches of ``--corpus`` (see :mod:`dlmscope.text_sources`)."""
+    return text_batches(args.corpus, adapter.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch,
+                        text_field=args.text_field, split=args.split, world_sentences=args.sentences, seed=args.seed)
 
 
 def cmd_train(args) -> int:
-    from . import atomic, models
-    from .activations import ActivationStream, collect
-    from .sae import TopKSAE
-    from .splice import evaluate_sae
-    from .train import TrainConfig, Trainer
-
     adapter = models.load(args.model)
     layers = adapter.check_layers(args.layers)
-    rows, held = _token_rows(adapter, args.corpus, args.seq_len, args.sentences, args.seed)
+    train_batches, held_batches = _text(adapter, args)
     out = Path(args.out)
-    stream = ActivationStream(adapter, list(rows.split(args.lm_batch)), layers, args.policy,
-                              batch_size=args.batch_size, buffer_tokens=max(args.buffer_tokens, args.batch_size),
-                              seed=args.seed, max_tokens=args.tokens,
-                              cache_dir=out / "activation_cache" if len(layers) > 1 else None)
+    spec = SweepSpec(layers=tuple(layers), ks=tuple(args.k), n_latents=args.n, policy=args.policy,
+                     tokens=args.tokens, batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, seed=args.seed)
+    train = TrainConfig(lr=args.lr, warmup_steps=args.warmup, dead_tokens=args.dead_tokens,
+                        norm_batches=args.norm_batches, backend=args.backend,
+                        checkpoint_every=args.checkpoint_every)
     # held-out activations of every layer, harvested once and shared by every SAE's evaluation
-    held_acts = collect(ActivationStream(adapter, list(held.split(args.lm_batch)), layers, args.policy,
-                                         batch_size=args.batch_size,
-                                         buffer_tokens=max(args.buffer_tokens, args.batch_size), seed=args.seed + 1,
-                                         max_tokens=args.eval_tokens, drop_last=False))
-    summary = {"model": args.model, "policy": args.policy, "layers": {}}
-    for layer in layers:
-        saes = [TopKSAE(adapter.d_model, args.n, k, meta={"model": args.model, "layer": layer,
-                                                            "policy": args.policy, "hook": "resid_post"})
-                for k in args.k]
-        cfg = TrainConfig(total_tokens=args.tokens, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
-                          dead_tokens=args.dead_tokens, norm_batches=args.norm_batches, backend=args.backend,
-                          log_every=args.log_every, checkpoint_dir=str(out / f"layer_{layer}" / "checkpoints"),
-                          checkpoint_every=args.checkpoint_every)
-        Trainer(saes, cfg).fit(stream.for_layer(layer), resume=args.resume)
+    held_acts = heldout_activations(adapter, held_batches, spec, tokens=args.eval_tokens)
+    saes = train_sweep(adapter, train_batches, spec, train, cache_dir=out / "activation_cache",
+                       checkpoint_root=out, resume=args.resume, log=LogConfig(log_every=args.log_every))
+    summary = {"model": args.model, "policy": args.policy, "corpus": args.corpus, "layers": {}}
+    for layer, layer_saes in saes.items():
         summary["layers"][layer] = {}
-        for sae in saes:
+        for sae in layer_saes:
             sae.save(out / f"layer_{layer}" / f"k_{sae.k}")
             metrics = evaluate_sae(sae, held_acts[layer])
             summary["layers"][layer][sae.k] = metrics
@@ -84,23 +64,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import atomic, models
-    from .activations import ActivationStream
-    from .sae import TopKSAE
-    from .splice import average_results, dlm_delta_loss, ar_delta_loss, evaluate_sae
-
     adapter = models.load(args.model)
     layer = adapter.check_layer(args.layer)
     sae = TopKSAE.load(args.sae)
-    _, rows = _token_rows(adapter, args.corpus, args.seq_len, args.sentences, args.seed)
+    _, held_batches = _text(adapter, args)
     policy = args.policy if args.policy is not None else \
         ("mask" if adapter.is_diffusion and adapter.mask_token_id is not None else "clean")
-    stream = ActivationStream(adapter, list(rows.split(args.lm_batch)), [layer], policy,
-                              batch_size=args.batch_size, buffer_tokens=max(args.batch_size * 4, 4096),
-                              seed=args.seed, max_tokens=args.tokens, drop_last=False)
+    stream = ActivationStream(adapter, held_batches, [layer], policy, batch_size=args.batch_size,
+                              buffer_tokens=max(args.batch_size * 4, 4096), seed=args.seed, max_tokens=args.tokens,
+                              drop_last=False)
     result = {"sae": args.sae, "layer": layer, "policy": policy, **evaluate_sae(sae, stream.for_layer(layer))}
     gen = torch.Generator().manual_seed(args.seed)
-    batches = list(rows.split(args.lm_batch))[: args.loss_batches]
+    batches = list(itertools.islice(held_batches, args.loss_batches))
     if adapter.is_diffusion:  # dlm_delta_loss names a missing mask token (DiffusionGemma) itself
         result["dlm_delta"] = average_results([dlm_delta_loss(adapter, sae, layer, ids, generator=gen)
                                                for ids in batches])
@@ -113,10 +88,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import dataclasses
-
-    from .demo import DemoConfig, run_demo
-
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     overrides = {"layers": args.layers, "ks": args.k, "n_latents": args.n, "train_tokens": args.tokens,
                  "eval_tokens": args.eval_tokens, "sentences": args.sentences, "delta_batches": args.delta_batches,
@@ -138,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def text_options(p):
         p.add_argument("--model", required=True, help="model directory (LLaDA / Dream / Llama / Qwen2 format)")
-        p.add_argument("--corpus", default="world", help="'world' (embedded corpus) or a text file")
+        p.add_argument("--corpus", default="world",
+                       help="'world' (embedded corpus), a .txt file (a document per line), a .jsonl/.json/.parquet/"
+                            ".csv file or a dataset directory (streamed with `datasets`)")
+        p.add_argument("--text-field", default="text", help="the documents' field in a dataset")
+        p.add_argument("--split", default="train", help="the dataset split to read")
         p.add_argument("--sentences", type=int, default=20000, help="world corpus size to draw from")
         p.add_argument("--seq-len", type=int, default=64)
         p.add_argument("--lm-batch", type=int, default=32, help="sequences per model forward")
@@ -157,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--dead-tokens", type=int, default=100_000)
     t.add_argument("--norm-batches", type=int, default=10)
-    t.add_argument("--buffer-tokens", type=int, default=65536)
+    t.add_argument("--buffer-tokens", type=int, default=None, help="shuffle-buffer rows (default max(64·batch, 65536))")
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

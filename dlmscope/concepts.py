@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .activations import harvest
+
 __all__ = ["ConceptScores", "concept_counts", "concept_f1", "labelled_activations", "score_concepts"]
 
 
@@ -117,8 +119,6 @@ def labelled_activations(adapter, token_batches: Iterable[Tensor], layer: int, l
     ``view="clean"``: every position of the clean text; ``view="masked"``: the masked positions of the text
     corrupted at rate ``t`` (position 0 never masked), labelled by the hidden token.
     """
-    from .activations import harvest
-
     if view not in ("clean", "masked"):
         raise ValueError(f"view must be 'clean' or 'masked', got {view!r}")
     layer = adapter.check_layer(layer)

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import _check_t_range, _draw_t, corrupt
+from .metrics import ReconstructionStats
 from .models.base import _block_output
+from .noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, valid_positions
 
 __all__ = [
     "splice",
@@ -200,14 +201,14 @@ def dlm_delta_loss(
     layer: int,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
-    t_min: float = 0.05,
-    t_max: float = 0.5,
+    t_min: float = T_MIN,
+    t_max: float = T_MAX,
     generator: torch.Generator | None = None,
     *,
     zero_ablation: bool = True,
     t: float | None = None,
     positions=None,
-) -> dict[str, float]:
+) -> dict[str, float] | list[dict[str, float]]:
     """DLM ΔLM loss of one batch (REFERENCE.md §4), clean vs SAE spliced at every position (no error term).
 
     ``sae`` may be a list of SAEs: each is spliced in on the same corrupted batch, the clean and zero-ablated
@@ -218,18 +219,18 @@ def dlm_delta_loss(
     ``t, n_masked, n_unmasked, mask_clean, mask_sae, mask_delta, unmask_clean, unmask_sae, unmask_delta`` and,
     with ``zero_ablation``, ``mask_zero, unmask_zero, mask_recovered, unmask_recovered``.
     """
-    if not getattr(adapter, "is_diffusion", True):
+    if not adapter.is_diffusion:
         raise ValueError("dlm_delta_loss needs a diffusion LM; use ar_delta_loss for autoregressive models")
     mask_id = adapter.require_mask_token()
     adapter.hook_module(layer)  # validates the layer
-    t_min, t_max = _check_t_range(t_min, t_max)
+    t_min, t_max = check_t_range(t_min, t_max)
     if t is None:
-        t = _draw_t(t_min, t_max, generator)
+        t = draw_t(t_min, t_max, generator)
     t = float(t)
     if not 0.0 < t < 1.0:
         raise ValueError(f"the masking rate t must lie in (0, 1), got {t}")
     noisy, masked = corrupt(input_ids, attention_mask, mask_id, t, generator)
-    valid = attention_mask.to(input_ids.device) != 0 if attention_mask is not None else torch.ones_like(masked)
+    valid = valid_positions(input_ids, attention_mask)
     unmasked = valid & ~masked
     unmasked[:, 0] = False
 
@@ -267,20 +268,19 @@ def ar_delta_loss(
     attention_mask: Tensor | None = None,
     *,
     zero_ablation: bool = True,
-) -> dict[str, float]:
+) -> dict[str, float] | list[dict[str, float]]:
     """AR ΔLM loss of one batch: mean next-token CE on clean text, clean vs SAE (every position) vs zero.
 
     Position i's logits score token i+1; a target counts when both it and its context position are non-pad.
     Returns ``clean, sae, delta, n_tokens`` and, with ``zero_ablation``, ``zero, recovered`` (a list of such
     dicts when ``sae`` is a list: clean and zero-ablated forwards run once for all of them).
     """
-    if getattr(adapter, "is_diffusion", False):
+    if adapter.is_diffusion:
         raise ValueError("ar_delta_loss is for autoregressive models; use dlm_delta_loss for diffusion LMs")
     adapter.hook_module(layer)
     if input_ids.shape[1] < 2:
         raise ValueError("ar_delta_loss needs sequences of at least 2 tokens")
-    valid = attention_mask.to(input_ids.device) != 0 if attention_mask is not None else \
-        torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    valid = valid_positions(input_ids, attention_mask)
     sel = valid[:, 1:] & valid[:, :-1]
     targets = input_ids[:, 1:]
 
@@ -381,41 +381,17 @@ def evaluate_sae(
         sdevice = next(sae.parameters()).device
     except (AttributeError, StopIteration):
         sdevice = None
-    n_lat = int(sae.n if hasattr(sae, "n") else sae.cfg.n)
-    sx = sx2 = se = se2 = None
-    fires = None
-    active = None
-    n = 0
+    stats = ReconstructionStats(int(sae.n if hasattr(sae, "n") else sae.cfg.n))
     for x in batches:
-        if max_tokens is not None and n >= max_tokens:
-            break
-        if max_tokens is not None and n + x.shape[0] > max_tokens:
-            x = x[: max_tokens - n]
         if isinstance(x, dict):
             raise ValueError("evaluate_sae takes [B, d] batches; for a multi-layer stream pass stream.for_layer(L)")
+        if max_tokens is not None and stats.tokens >= max_tokens:
+            break
+        if max_tokens is not None and stats.tokens + x.shape[0] > max_tokens:
+            x = x[: max_tokens - stats.tokens]
         x = x.reshape(-1, x.shape[-1]).to(device=sdevice if sdevice is not None else x.device, dtype=sdtype)
         values, indices = sae.encode(x)
-        x_hat = sae.decode(values, indices)
-        xd, ed = x.double(), (x - x_hat).double()
-        if sx is None:
-            sx, sx2 = xd.sum(0), (xd * xd).sum(0)
-            se, se2 = ed.sum(0), (ed * ed).sum(0)
-            fires = torch.zeros(n_lat, dtype=torch.int64, device=x.device)
-            active = torch.zeros((), dtype=torch.int64, device=x.device)
-        else:
-            sx += xd.sum(0)
-            sx2 += (xd * xd).sum(0)
-            se += ed.sum(0)
-            se2 += (ed * ed).sum(0)
-        on = values > 0
-        active += on.sum()
-        fires.index_add_(0, indices.reshape(-1).long(), on.reshape(-1).to(torch.int64))
-        n += x.shape[0]
-    if n == 0:
+        stats.add(x, x - sae.decode(values, indices), values, indices)
+    if stats.tokens == 0:
         raise ValueError("evaluate_sae got no activations")
-    var_x = (sx2 / n - (sx / n) ** 2).sum()
-    var_e = (se2 / n - (se / n) ** 2).sum()
-    res = torch.stack([1 - var_e / var_x, se2.sum() / n, active.double() / n,
-                       (fires <= dead_max_fires).double().mean()]).tolist()
-    return {"fve": res[0], "fvu": 1 - res[0], "mse": res[1], "l0": res[2], "dead_fraction": res[3],
-            "n_tokens": n}
+    return stats.result(dead_max_fires)

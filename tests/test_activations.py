@@ -12,14 +12,10 @@ import pytest
 import torch
 
 from dlmscope import models
-from dlmscope.activations import (
-    ActivationStream,
-    CachedActivationStream,
-    corrupt,
-    harvest,
-    load_cache_index,
-    shuffle_batches,
-)
+from dlmscope.activation_cache import CachedActivationStream, load_cache_index
+from dlmscope.activations import ActivationStream, harvest
+from dlmscope.noise import corrupt
+from dlmscope.shuffle_buffer import shuffle_batches
 
 VOCAB, D, LAYERS = 50, 32, 3
 MASK = 49  # the mask token id of the tiny DLMs

@@ -136,7 +136,7 @@ def test_masked_view_labels_the_hidden_token():
     rows, _ = world_rows(dlm.tokenizer, dataclasses.replace(DemoConfig(), sentences=400))
     batch = rows[:4]
     acts, labels = labelled_activations(dlm, [batch], 2, table, "masked", t=0.4, seed=3)
-    from dlmscope.activations import corrupt
+    from dlmscope.noise import corrupt
 
     gen = torch.Generator().manual_seed(3)
     torch.rand((), generator=gen)  # harvest draws t first (a fixed t still consumes one draw)

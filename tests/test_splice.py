@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dlmscope import reference
-from dlmscope.activations import corrupt
+from dlmscope.noise import corrupt
 from dlmscope.sae import TopKSAE
 from dlmscope.splice import (
     ar_delta_loss,

@@ -1,0 +1,25 @@
+"""The main job on the embedded world: DLM-Scope's core experiments in minutes on a CPU.
+
+``dlmscope demo --out runs/demo`` (``make demo``):
+
+1. harvests resid_post activations of every demo layer of the embedded LLaDA-format DLM under the ``mask``
+   and ``unmask`` policies, and of its AR twin on clean text (one truncated forward per LM batch feeds all
+   layers; the activations are cached on disk for the per-layer trainers, then deleted);
+2. trains a k sweep of Top-K SAEs per (model, policy, layer), all k of a layer in one grouped trainer;
+3. evaluates each SAE on held-out text of the same policy: FVE / L0 / dead, the DLM ΔLM loss (mask and
+   unmask variants, REFERENCE.md §4) or the AR ΔLM loss, each with the fraction of loss recovered vs
+   zero-ablation, and the planted-concept F1 of its best latents (:mod:`dlmscope.concepts`);
+4. writes ``results.json``, PNG plots and ``report.md`` comparing what it found with the paper's findings.
+
+Every number in the report is computed by this run; the findings section states, for each paper claim,
+whether the embedded world reproduces it.
+
+Modules: :mod:`.config` (settings), :mod:`.run` (the job), :mod:`.findings` (the paper's claims checked on the
+numbers), :mod:`.plots`, :mod:`.report` (``report.md``, one function per section).
+"""
+from .config import RUNS, DemoConfig
+from .findings import findings, observations
+from .run import load_world_model, run_demo, train_layer_saes, world_rows
+
+__all__ = ["DemoConfig", "RUNS", "run_demo", "train_layer_saes", "world_rows", "load_world_model", "findings",
+           "observations"]

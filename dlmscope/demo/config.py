@@ -1,0 +1,59 @@
+"""The demo's settings (:class:`DemoConfig`) and the (model, policy) runs it trains SAEs for."""
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["DemoConfig", "RUNS"]
+
+#: (model, harvest policy) pairs the demo trains SAEs for.
+RUNS = (("dlm", "mask"), ("dlm", "unmask"), ("ar", "clean"))
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Settings of the demo (defaults: the full demo, ≈ 5–10 min on 2 CPU cores)."""
+
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    ks: tuple[int, ...] = (4, 8, 16, 32)
+    n_latents: int = 512
+    #: kept training activations per (model, policy, layer)
+    train_tokens: int = 200_000
+    #: held-out activations per (model, policy, layer) for FVE / L0 / dead
+    eval_tokens: int = 30_000
+    #: held-out LM batches for the ΔLM losses (the same corruption for every SAE and layer)
+    delta_batches: int = 12
+    #: held-out LM batches for concept scoring: the best latent is chosen on the even ones, scored on the odd ones
+    concept_batches: int = 16
+    #: masking rate of the ``masked`` concept view
+    concept_t: float = 0.3
+    #: the k shown in the per-layer ΔLM and concept plots
+    k_ref: int = 8
+    sentences: int = 100_000
+    seq_len: int = 64
+    lm_batch: int = 32
+    sae_batch: int = 1024
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    dead_tokens: int = 100_000
+    norm_batches: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        self.layers = tuple(sorted({int(x) for x in self.layers}))
+        self.ks = tuple(sorted(int(k) for k in self.ks))
+        if not self.layers or not self.ks:
+            raise ValueError("DemoConfig needs at least one layer and one k")
+        if self.k_ref not in self.ks:
+            raise ValueError(f"k_ref={self.k_ref} must be one of ks={self.ks}")
+        if self.concept_batches < 2:
+            raise ValueError("concept_batches must be >= 2 (one half chooses the best latent, the other scores it)")
+        if self.ks[-1] > self.n_latents:
+            raise ValueError(f"every k must be <= n_latents={self.n_latents}, got ks={self.ks}")
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        """A smaller demo (two layers, two k, fewer tokens) for smoke tests: about a minute."""
+        return cls(layers=(0, 2), ks=(8, 16), train_tokens=40_000, eval_tokens=8_000, delta_batches=2,
+                   concept_batches=4, sentences=40_000)
+
+

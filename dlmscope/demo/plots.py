@@ -1,0 +1,83 @@
+"""The demo's plots: FVE vs k, ΔLM per layer, planted-concept F1 heatmap (PNG files)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure  # figures without pyplot: no global backend state is touched
+
+from .config import DemoConfig
+from .findings import get
+
+__all__ = ["write_plots"]
+
+
+def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
+    """``fve_vs_k.png``, ``delta_lm.png`` and ``concept_f1.png`` under ``out``."""
+    paths = []
+    styles = {"dlm/mask": ("-", "o", "DLM Mask-SAE"), "dlm/unmask": ("--", "s", "DLM Unmask-SAE"),
+              "ar/clean": (":", "^", "AR twin SAE")}
+
+    fig = Figure(figsize=(3.2 * len(cfg.layers), 3.2))
+    axes = fig.subplots(1, len(cfg.layers), sharey=True, squeeze=False)
+    for ax, L in zip(axes[0], cfg.layers):
+        for key, (ls, mk, label) in styles.items():
+            ax.plot(cfg.ks, [get(results, key, L, k, "fve") for k in cfg.ks], ls=ls, marker=mk, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cfg.ks, [str(k) for k in cfg.ks])
+        ax.set_title(f"layer {L}")
+        ax.set_xlabel("k")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out FVE")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"FVE vs k (n = {cfg.n_latents} latents, d_model = {results['d_model']})")
+    fig.tight_layout()
+    paths.append(out / "fve_vs_k.png")
+    fig.savefig(paths[-1], dpi=110)
+
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
+    x = torch.arange(len(cfg.layers)).float()
+    w = 0.27
+    series = [("dlm/mask", "mask_delta", "mask_clean", "DLM Mask-SAE (L_mask)"),
+              ("dlm/unmask", "mask_delta", "mask_clean", "DLM Unmask-SAE (L_mask)"),
+              ("ar/clean", "delta", "clean", "AR twin SAE (next-token CE)")]
+    for i, (key, dk, ck, label) in enumerate(series):
+        d = [get(results, key, L, cfg.k_ref, "delta", dk) for L in cfg.layers]
+        rel = [get(results, key, L, cfg.k_ref, "delta", dk) / get(results, key, L, cfg.k_ref, "delta", ck)
+               for L in cfg.layers]
+        axes[0].bar((x + (i - 1) * w).tolist(), d, w, label=label)
+        axes[1].bar((x + (i - 1) * w).tolist(), rel, w, label=label)
+    for ax, title in zip(axes, ("ΔLM loss (SAE − clean), each model's own objective",
+                                "scale-free: ΔLM / clean loss")):
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x.tolist(), [f"L{L}" for L in cfg.layers])
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Splicing the SAE in at every position (k = {cfg.k_ref})")
+    fig.tight_layout()
+    paths.append(out / "delta_lm.png")
+    fig.savefig(paths[-1], dpi=110)
+
+    names = list(next(iter(results["runs"]["dlm/unmask"].values()))[str(cfg.k_ref)]["concepts_clean"]["concepts"])
+    rows, labels = [], []
+    for key in ("dlm/mask", "dlm/unmask", "ar/clean"):
+        for L in cfg.layers:
+            c = get(results, key, L, cfg.k_ref, "concepts_clean", "concepts")
+            rows.append([c[n]["f1"] for n in names])
+            labels.append(f"{styles[key][2]} L{L}")
+    fig = Figure(figsize=(1.0 + 0.6 * len(names), 0.9 + 0.32 * len(rows)))
+    ax = fig.subplots()
+    im = ax.imshow(rows, vmin=0, vmax=1, cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="best-latent F1")
+    ax.set_title(f"Planted concepts: best latent's F1 on clean held-out text (k = {cfg.k_ref})", fontsize=10)
+    fig.tight_layout()
+    paths.append(out / "concept_f1.png")
+    fig.savefig(paths[-1], dpi=110)
+    return paths

@@ -1,0 +1,148 @@
+"""The demo's run: harvest and train the SAEs of every (model, policy), evaluate them, write the outputs.
+
+See :mod:`dlmscope.demo` for what the run does; training goes through :func:`dlmscope.pipeline.train_sweep`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import atomic, models
+from ..concepts import labelled_activations, score_concepts
+from ..pipeline import SweepSpec, heldout_activations, train_sweep
+from ..sae import TopKSAE
+from ..splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
+from ..train import TrainConfig
+from ..train_log import LogConfig
+from ..world import ASSETS_DIR, concept_id_table, token_rows
+from .config import RUNS, DemoConfig
+from .findings import findings
+from .plots import write_plots
+from .report import write_report
+
+__all__ = ["load_world_model", "world_rows", "sweep_spec", "train_layer_saes", "run_demo"]
+
+
+def load_world_model(name: str):
+    """The embedded world's ``dlm`` (LLaDA format), ``ar`` (Llama) or ``instruct`` model as an adapter."""
+    if name not in ("dlm", "ar", "instruct"):
+        raise ValueError(f"unknown embedded-world model {name!r}; expected 'dlm', 'ar' or 'instruct'")
+    return models.load(os.path.join(ASSETS_DIR, "models", name))
+
+
+def world_rows(tokenizer, cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_rows, heldout_rows)``: packed ``[N, seq_len]`` token ids of the world corpus."""
+    return token_rows(tokenizer, cfg.sentences, cfg.seq_len, cfg.seed)
+
+
+def sweep_spec(cfg: DemoConfig, policy: str, layers=None) -> SweepSpec:
+    """The demo's harvest-and-train settings for one policy."""
+    return SweepSpec(layers=tuple(cfg.layers if layers is None else layers), ks=cfg.ks, n_latents=cfg.n_latents,
+                     policy=policy, tokens=cfg.train_tokens, batch_size=cfg.sae_batch, seed=cfg.seed)
+
+
+def train_layer_saes(adapter, rows: torch.Tensor, policy: str, cfg: DemoConfig, *, layers=None,
+                     cache_dir: str | os.PathLike | None = None, label: str = "") -> dict[int, list[TopKSAE]]:
+    """Train the demo's k sweep on each layer (one harvest, :func:`~dlmscope.pipeline.train_sweep`);
+    returns ``{layer: [SAE per k]}``. Several layers need ``cache_dir``."""
+    train = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, dead_tokens=cfg.dead_tokens,
+                        norm_batches=cfg.norm_batches)
+    return train_sweep(adapter, list(rows.split(cfg.lm_batch)), sweep_spec(cfg, policy, layers), train,
+                       cache_dir=cache_dir, log=LogConfig(log_every=25), label=label)
+
+
+def _delta_lm(adapter, saes: list, layer: int, batches, seed: int) -> list[dict]:
+    """ΔLM of each SAE of a layer, averaged over ``batches`` with a corruption seeded by ``seed`` (the same for
+    every SAE; the clean and zero-ablated forwards run once per batch for all of them) plus standard errors."""
+    if adapter.is_diffusion:
+        gen = torch.Generator().manual_seed(seed)
+        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, generator=gen) for ids in batches]
+    else:
+        per_batch = [ar_delta_loss(adapter, saes, layer, ids) for ids in batches]
+    results = []
+    for i in range(len(saes)):
+        mine = [batch[i] for batch in per_batch]
+        out = average_results(mine)
+        for key in ("mask_delta", "unmask_delta", "delta"):  # standard error over batches (corruption + text)
+            if key in out:
+                vals = torch.tensor([r[key] for r in mine], dtype=torch.float64)
+                out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
+        results.append(out)
+    return results
+
+
+def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = None, *,
+             plots: bool = True) -> dict:
+    """Run the whole demo; writes ``results.json``, ``*.png`` and ``report.md`` under ``out_dir``.
+
+    Returns the results dict (also in ``results.json``). SAEs are saved under ``out_dir/saes``.
+    """
+    cfg = cfg or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads":
+                     torch.get_num_threads(), "runs": {}, "concept_baselines": {}, "timings_s": {}}
+    adapters = {name: load_world_model(name) for name in {m for m, _ in RUNS}}
+    for a in adapters.values():
+        a.check_layers(cfg.layers)
+    results["num_layers"] = adapters["dlm"].num_layers
+    results["d_model"] = adapters["dlm"].d_model
+    results["n_params"] = sum(p.numel() for p in adapters["dlm"].model.parameters())
+    tokenizer = adapters["dlm"].tokenizer
+    train_rows, held_rows = world_rows(tokenizer, cfg)
+    names, table = concept_id_table(tokenizer)
+    delta_batches = list(held_rows.split(cfg.lm_batch))[: cfg.delta_batches]
+    concept_rows = list(held_rows.split(cfg.lm_batch))[: cfg.concept_batches]
+    results["corpus"] = {"train_tokens": train_rows.numel(), "heldout_tokens": held_rows.numel()}
+
+    for model_name, policy in RUNS:
+        adapter = adapters[model_name]
+        run_key = f"{model_name}/{policy}"
+        t0 = time.perf_counter()
+        cache = out / "cache" / f"{model_name}_{policy}"
+        shutil.rmtree(cache, ignore_errors=True)  # the demo's cache is scratch: always harvest afresh
+        saes = train_layer_saes(adapter, train_rows, policy, cfg, cache_dir=cache, label=run_key)
+        shutil.rmtree(out / "cache", ignore_errors=True)
+        t_train = time.perf_counter() - t0
+        # held-out activations of every layer from one pass (the same tokens for every SAE of a layer)
+        held = heldout_activations(adapter, list(held_rows.split(cfg.lm_batch)), sweep_spec(cfg, policy),
+                                   tokens=cfg.eval_tokens)
+        run: dict = {}
+        for layer in tqdm(cfg.layers, desc=f"evaluate {run_key}", unit="layer"):
+            # view -> (choose-on (acts, labels), score-on (acts, labels)): two disjoint halves of the text
+            views = {"concepts_clean": tuple(labelled_activations(adapter, rows, layer, table, "clean")
+                                             for rows in (concept_rows[0::2], concept_rows[1::2]))}
+            if policy != "clean":
+                views["concepts_masked"] = tuple(
+                    labelled_activations(adapter, rows, layer, table, "masked", t=cfg.concept_t, seed=cfg.seed + i)
+                    for i, rows in enumerate((concept_rows[0::2], concept_rows[1::2])))
+            # chance level: an untrained SAE of the same shape
+            untrained = TopKSAE(adapter.d_model, cfg.n_latents, cfg.k_ref,
+                                generator=torch.Generator().manual_seed(cfg.seed))
+            results["concept_baselines"].setdefault(run_key, {})[str(layer)] = {
+                view: score_concepts(untrained, *score, names, select_on=choose).median_f1
+                for view, (choose, score) in views.items()}
+            deltas = _delta_lm(adapter, saes[layer], layer, delta_batches, seed=cfg.seed + 7)
+            for sae, delta in zip(saes[layer], deltas):
+                sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}")
+                entry = evaluate_sae(sae, held[layer])
+                entry["delta"] = delta
+                for view, (choose, score) in views.items():
+                    entry[view] = score_concepts(sae, *score, names, select_on=choose).as_dict()
+                run.setdefault(str(layer), {})[str(sae.k)] = entry
+        results["runs"][run_key] = run
+        results["timings_s"][run_key] = {"harvest_and_train": t_train, "total": time.perf_counter() - t0}
+    results["findings"] = findings(results, cfg)
+    results["timings_s"]["total"] = time.perf_counter() - started
+    atomic.write_json(out / "results.json", results)
+    if plots:
+        write_plots(results, cfg, out)
+    write_report(results, cfg, out, plots=plots)
+    return results
