@@ -1,14 +1,14 @@
-"""Atomic trainer checkpoints: a directory ``step-000000123/`` holding ``state.safetensors`` + ``meta.json``.
+"""Trainer checkpoints: a directory ``step-000000123/`` holding ``state.safetensors`` + ``meta.json``.
 
-Writing goes to a hidden temporary directory next to the target, every file is fsync'ed, then the directory is
-renamed into place (atomic on POSIX file systems) and the parent directory fsync'ed. A reader therefore only
-ever sees complete checkpoints: a ``step-*`` directory exists iff it was written completely. Older checkpoints
-are removed after the new one is in place (``keep`` most recent are kept).
+Each checkpoint is written through :func:`dlmscope.atomic.atomic_directory`: into a hidden temp sibling, fsynced,
+then put at its name (swapped in atomically when re-writing an existing step). So at every instant a ``step-*``
+directory is a complete checkpoint, the old or the new one. Older checkpoints are pruned only after the new one is
+in place (the ``keep`` newest are kept), each vanishing in one rename; hidden leftovers of crashed writes are
+swept then too. One writer per directory (under DDP, rank 0).
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -19,17 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import atomic
+
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 _NAME = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_HIDDEN = re.compile(r"^\.step-\d+\.")  # the hidden siblings atomic.atomic_directory makes for a step-* target
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,10 +32,17 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints under ``directory``, oldest first."""
+    """Complete checkpoints under ``directory``, oldest first (hidden temp / old siblings are not checkpoints).
+
+    A re-write of an existing step interrupted between the two renames of the fallback path is rolled back first,
+    so its step is listed with the previous contents.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    for p in list(directory.iterdir()):
+        if _HIDDEN.match(p.name) and p.name.endswith(atomic.OLD_MARKER):
+            atomic.restore_directory(directory / p.name[1:-len(atomic.OLD_MARKER)])
     found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 
@@ -53,33 +55,25 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, Tensor], meta: dict, *,
                     keep: int = 1) -> Path:
-    """Atomically write checkpoint ``step`` under ``directory``; returns its path. Keeps the ``keep`` newest."""
+    """Atomically write checkpoint ``step`` under ``directory``; returns its path. Keeps the ``keep`` newest.
+
+    ``meta`` (JSON-able) is stored with ``"step": step`` added.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / checkpoint_name(step)
-    tmp = directory / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    with atomic.atomic_directory(target) as tmp:
         save_file(cpu, str(tmp / STATE_FILE))
-        (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
-        for name in (STATE_FILE, META_FILE):
-            _fsync_path(tmp / name)
-        _fsync_path(tmp)
-        if target.exists():  # re-writing the same step (e.g. the final checkpoint after a resume)
-            trash = directory / f".old-{target.name}-{os.getpid()}"
-            os.replace(target, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, target)
-        _fsync_path(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        atomic.crash_point("checkpoint:state-written")
+        atomic.write_json(tmp / META_FILE, {**meta, "step": step})
+    found = list_checkpoints(directory)
+    for old in found[:-keep] if keep > 0 else []:
         if old != target:
-            shutil.rmtree(old, ignore_errors=True)
+            atomic.remove_directory(old)
+            atomic.crash_point("checkpoint:pruned")
+    for p in directory.iterdir():  # leftovers of crashed writes (nothing else writes here)
+        if _HIDDEN.match(p.name) and atomic.is_leftover(p):
+            shutil.rmtree(p, ignore_errors=True)
     return target
 
 

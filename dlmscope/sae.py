@@ -7,49 +7,23 @@ direction of latent i), ``b_dec [d]``. Works on any leading shape ``[..., d]``. 
 a wider dtype than the activations (fp32 master weights, bf16 activations): they are cast to the activations'
 dtype for the op call and gradients flow back to the stored dtype.
 
-Saving and loading (several checkpoint formats, detected from the files) live in :mod:`dlmscope.formats`;
-``TopKSAE.save`` / ``TopKSAE.load`` are thin entry points to it.
+Persistence: an SAE's state is an :class:`SAEConfig` plus its four tensors (:mod:`dlmscope.formats.config`).
+``TopKSAE.from_state`` / ``TopKSAE.state`` convert between the module and that state; :mod:`dlmscope.formats` reads
+and writes it in several checkpoint formats, and ``TopKSAE.save`` / ``TopKSAE.load`` join the two.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import formats, ops
+from .formats import PARAMS, SAEConfig, param_shapes
 
-
-@dataclasses.dataclass
-class SAEConfig:
-    """Shape and metadata of one SAE; round-trips through JSON (``cfg.json``)."""
-
-    d: int
-    n: int
-    k: int
-    #: free-form provenance: model, layer, hook point, mask policy, training tokens, norm factor...
-    meta: dict = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        for name in ("d", "n", "k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
-        if self.k > self.n:
-            raise ValueError(f"SAEConfig.k must be <= n, got k={self.k}, n={self.n}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown SAEConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+__all__ = ["SAEConfig", "TopKSAE"]
 
 
 class TopKSAE(nn.Module):
@@ -122,20 +96,39 @@ class TopKSAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny))
 
     # ---- persistence --------------------------------------------------------------------------------
+    @classmethod
+    def from_state(cls, cfg: SAEConfig | dict, tensors: Mapping[str, Tensor], *,
+                   backend: str | None = None) -> "TopKSAE":
+        """An SAE whose parameters are exactly ``tensors`` (``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]``,
+        ``b_dec [d]``; kept as they are, made contiguous) and whose config is ``cfg`` (an SAEConfig or its dict).
+        No random initialisation is materialised."""
+        if isinstance(cfg, dict):
+            cfg = SAEConfig.from_dict(cfg)
+        for name, shape in param_shapes(cfg).items():
+            if name not in tensors:
+                raise ValueError(f"from_state: missing tensor {name!r} (got {sorted(tensors)})")
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"from_state: {name} has shape {list(tensors[name].shape)}, the cfg (d={cfg.d}, "
+                                 f"n={cfg.n}) needs {list(shape)}")
+        with torch.device("meta"):
+            sae = cls(cfg.d, cfg.n, cfg.k, meta=cfg.meta, backend=backend)
+        for name in PARAMS:
+            setattr(sae, name, nn.Parameter(tensors[name].contiguous()))
+        return sae
+
+    def state(self) -> tuple[SAEConfig, dict[str, Tensor]]:
+        """(config, parameters detached on their device): what :func:`dlmscope.formats.save` writes."""
+        return self.cfg, {name: getattr(self, name).detach() for name in PARAMS}
+
     def save(self, path: str | Path, format: str = "dlmscope") -> Path:
         """Write the SAE to directory ``path`` (atomically) in ``format``; returns the directory."""
-        from . import formats
-
-        return formats.save(self, path, format)
+        return formats.save(*self.state(), path, format)
 
     @classmethod
     def load(cls, path: str | Path, *, device=None, dtype: torch.dtype | None = None,
              backend: str | None = None) -> "TopKSAE":
         """Load an SAE from ``path``, detecting its format (dlmscope, dictionary_learning, sparsify, SAELens)."""
-        from . import formats
-
-        sae = formats.load(path)
-        sae.backend = backend
+        sae = cls.from_state(*formats.load(path), backend=backend)
         if device is not None or dtype is not None:
             sae.to(device=device, dtype=dtype)
         return sae

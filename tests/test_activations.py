@@ -294,12 +294,13 @@ def test_stream_feeds_the_trainer(llada, tmp_path):
     """One harvest (cached) feeds one Trainer per layer; a cached stream knows its length."""
     from dlmscope.sae import TopKSAE
     from dlmscope.train import TrainConfig, Trainer
+    from dlmscope.train_log import LogConfig
 
     data = [token_batch(seed=s, batch=4, seq=16) for s in range(3)]
     stream = ActivationStream(llada, data, [0, 2], "mask", batch_size=8, buffer_tokens=32, cache_dir=tmp_path / "c")
     cached = stream.build_cache()
     for layer in (0, 2):
         sae = TopKSAE(D, 16, 4, generator=torch.Generator().manual_seed(layer))
-        cfg = TrainConfig(warmup_steps=1, norm_batches=1, log_every=0, progress=False, seed=0)
-        Trainer([sae], cfg).fit(cached.for_layer(layer))  # steps = len(stream)
+        cfg = TrainConfig(warmup_steps=1, norm_batches=1, seed=0)
+        Trainer([sae], cfg, log=LogConfig(log_every=0, progress=False)).fit(cached.for_layer(layer))  # steps = len(stream)
         assert sae.cfg.meta["trained_steps"] == len(cached) > 0

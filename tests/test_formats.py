@@ -19,8 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlmscope import formats
-from dlmscope.formats import _atomic
+from dlmscope import atomic, formats
 from dlmscope.sae import TopKSAE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
@@ -47,6 +46,16 @@ def make_sae(dtype=torch.float32, meta=None, seed=0) -> TopKSAE:
     return sae
 
 
+def save(sae: TopKSAE, path, format: str = "dlmscope") -> Path:
+    """formats.save of the SAE's state."""
+    return formats.save(*sae.state(), path, format=format)
+
+
+def load(path) -> TopKSAE:
+    """The SAE built from formats.load."""
+    return TopKSAE.from_state(*formats.load(path))
+
+
 def assert_same_sae(a: TopKSAE, b: TopKSAE) -> None:
     assert a.cfg == b.cfg
     for name in PARAMS:
@@ -59,7 +68,7 @@ def assert_same_sae(a: TopKSAE, b: TopKSAE) -> None:
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if _atomic.TMP_MARKER in p.name or _atomic.OLD_MARKER in p.name)
+    return sorted(p.name for p in parent.iterdir() if atomic.TMP_MARKER in p.name or atomic.OLD_MARKER in p.name)
 
 
 # ---- real peer checkpoints ----------------------------------------------------------------------------------------
@@ -70,7 +79,7 @@ def test_peer_fixture_reproduces_the_peer_outputs(name):
     path = FIXTURE_DIRS[name]
     fmt = name.split("_")[0] if name.startswith("saelens") else name
     assert formats.detect_format(path) == fmt
-    sae = formats.load(path)
+    sae = load(path)
     assert (sae.d, sae.n, sae.k) == (D, N, K)
     assert sae.cfg.meta["source"]["format"] == fmt
     expected = load_file(str(path / "expected.safetensors"))
@@ -80,21 +89,21 @@ def test_peer_fixture_reproduces_the_peer_outputs(name):
 
 
 def test_peer_fixture_provenance():
-    dl = formats.load(FIXTURE_DIRS["dictionary_learning"])
+    dl = load(FIXTURE_DIRS["dictionary_learning"])
     source = dl.cfg.meta["source"]
     assert source["cfg"]["trainer"]["lm_name"] == "tiny-dlm" and source["cfg"]["trainer"]["layer"] == 3
     assert source["threshold"] == pytest.approx(0.05)
-    rescaled = formats.load(FIXTURE_DIRS["saelens_rescaled"])
+    rescaled = load(FIXTURE_DIRS["saelens_rescaled"])
     assert rescaled.cfg.meta["source"]["folded"] == ["apply_b_dec_to_input=false", "rescale_acts_by_decoder_norm=true"]
     torch.testing.assert_close(rescaled.W_dec.norm(dim=1), torch.ones(N))  # the norms were folded into the encoder
-    legacy = formats.load(FIXTURE_DIRS["saelens_legacy"])
+    legacy = load(FIXTURE_DIRS["saelens_legacy"])
     assert legacy.cfg.meta["source"]["cfg"]["activation_fn_kwargs"] == {"k": K}
 
 
 def test_a_checkpoint_file_path_stands_for_its_directory():
     path = FIXTURE_DIRS["dictionary_learning"] / "ae.pt"
     assert formats.detect_format(path) == "dictionary_learning"
-    assert_same_sae(formats.load(path), formats.load(path.parent))
+    assert_same_sae(load(path), load(path.parent))
 
 
 def _tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
@@ -111,24 +120,24 @@ def _cfg(path: Path, fmt: str) -> dict:
 def test_peer_file_reexports_to_the_same_files(tmp_path, name):
     """load(peer file) -> save(same format) reproduces the peer's tensors bitwise and its config fields."""
     src = FIXTURE_DIRS[name]
-    sae = formats.load(src)
-    out = formats.save(sae, tmp_path / name, format=name)
+    sae = load(src)
+    out = save(sae, tmp_path / name, format=name)
     a, b = _tensors(src, name), _tensors(out, name)
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
     assert _cfg(out, name) == _cfg(src, name)
-    assert_same_sae(formats.load(out), sae)
+    assert_same_sae(load(out), sae)
 
 
 def test_legacy_saelens_file_reexports_in_the_v6_layout(tmp_path):
-    sae = formats.load(FIXTURE_DIRS["saelens_legacy"])
-    out = formats.save(sae, tmp_path / "v6", format="saelens")
+    sae = load(FIXTURE_DIRS["saelens_legacy"])
+    out = save(sae, tmp_path / "v6", format="saelens")
     cfg = _cfg(out, "saelens")
     assert cfg["architecture"] == "topk" and cfg["k"] == K
     assert cfg["metadata"]["model_name"] == "tiny-dlm" and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     assert "activation_fn_kwargs" not in cfg
-    again = formats.load(out)
+    again = load(out)
     for name in PARAMS:
         assert torch.equal(getattr(again, name), getattr(sae, name))
 
@@ -140,15 +149,15 @@ def test_legacy_saelens_file_reexports_in_the_v6_layout(tmp_path):
 @pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 def test_round_trip_is_exact(tmp_path, fmt, dtype):
     sae = make_sae(dtype)
-    out = formats.save(sae, tmp_path / "ckpt", format=fmt)
+    out = save(sae, tmp_path / "ckpt", format=fmt)
     assert formats.detect_format(out) == fmt
-    assert_same_sae(formats.load(out), sae)
+    assert_same_sae(load(out), sae)
 
 
 @pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 def test_round_trip_with_empty_meta(tmp_path, fmt):
     sae = make_sae(meta={})
-    assert_same_sae(formats.load(formats.save(sae, tmp_path / "ckpt", format=fmt)), sae)
+    assert_same_sae(load(save(sae, tmp_path / "ckpt", format=fmt)), sae)
 
 
 def test_chain_through_every_format_is_exact(tmp_path):
@@ -156,22 +165,22 @@ def test_chain_through_every_format_is_exact(tmp_path):
     current = sae
     for i, fmt in enumerate(["dictionary_learning", "sparsify", "saelens", "dlmscope", "saelens", "sparsify",
                              "dictionary_learning", "dlmscope"]):
-        current = formats.load(formats.save(current, tmp_path / f"{i}_{fmt}", format=fmt))
+        current = load(save(current, tmp_path / f"{i}_{fmt}", format=fmt))
     assert_same_sae(current, sae)
 
 
 def test_peer_provenance_survives_other_formats(tmp_path):
-    sae = formats.load(FIXTURE_DIRS["sparsify"])
-    via = formats.load(formats.save(sae, tmp_path / "ours", format="dlmscope"))
-    via = formats.load(formats.save(via, tmp_path / "dl", format="dictionary_learning"))
+    sae = load(FIXTURE_DIRS["sparsify"])
+    via = load(save(sae, tmp_path / "ours", format="dlmscope"))
+    via = load(save(via, tmp_path / "dl", format="dictionary_learning"))
     assert_same_sae(via, sae)
-    back = formats.save(via, tmp_path / "sparsify", format="sparsify")
+    back = save(via, tmp_path / "sparsify", format="sparsify")
     assert _cfg(back, "sparsify") == _cfg(FIXTURE_DIRS["sparsify"], "sparsify")
 
 
 def test_dlmscope_files(tmp_path):
     sae = make_sae()
-    out = formats.save(sae, tmp_path / "ckpt")
+    out = save(sae, tmp_path / "ckpt")
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae.safetensors"]
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg == {"format": "dlmscope", "version": 1, "d": D, "n": N, "k": K, "meta": sae.cfg.meta}
@@ -182,16 +191,16 @@ def test_dlmscope_files(tmp_path):
 
 def test_save_accepts_aliases_and_rejects_unknown_formats(tmp_path):
     sae = make_sae()
-    assert formats.detect_format(formats.save(sae, tmp_path / "a", format="sae_lens")) == "saelens"
+    assert formats.detect_format(save(sae, tmp_path / "a", format="sae_lens")) == "saelens"
     with pytest.raises(ValueError, match=r"unknown checkpoint format 'onnx'; known: \['dictionary_learning', "):
-        formats.save(sae, tmp_path / "b", format="onnx")
+        save(sae, tmp_path / "b", format="onnx")
     assert not (tmp_path / "b").exists()
 
 
 def test_save_from_a_parameter_that_requires_grad_and_lives_in_a_wider_graph(tmp_path):
     sae = make_sae()
     sae(torch.randn(3, D)).sum().backward()
-    assert_same_sae(formats.load(formats.save(sae, tmp_path / "g")), sae)
+    assert_same_sae(load(save(sae, tmp_path / "g")), sae)
 
 
 # ---- atomic writes --------------------------------------------------------------------------------------------------
@@ -209,74 +218,104 @@ def _raise(*args, **kwargs):
 @pytest.mark.parametrize("where", ["weights", "config"])
 def test_failed_overwrite_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fmt, where):
     old = make_sae(seed=1)
-    target = formats.save(old, tmp_path / "ckpt", format="dlmscope")
+    target = save(old, tmp_path / "ckpt", format="dlmscope")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     if where == "weights":
         if fmt == "dictionary_learning":
             monkeypatch.setattr(torch, "save", _raise)
         else:
-            monkeypatch.setattr("safetensors.torch.save_file", _raise)
+            monkeypatch.setattr("dlmscope.formats._checks.save_file", _raise)
     else:  # the weights are already written when the config write fails
-        monkeypatch.setattr("dlmscope.formats._checks.write_json", _raise)
+        monkeypatch.setattr("dlmscope.atomic.write_json", _raise)
     with pytest.raises(Boom):
-        formats.save(make_sae(seed=2), target, format=fmt)
+        save(make_sae(seed=2), target, format=fmt)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert_same_sae(formats.load(target), old)
+    assert_same_sae(load(target), old)
     assert leftovers(tmp_path) == []
 
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr("safetensors.torch.save_file", _raise)
+    monkeypatch.setattr("dlmscope.formats._checks.save_file", _raise)
     with pytest.raises(Boom):
-        formats.save(make_sae(), tmp_path / "new" / "ckpt")
+        save(make_sae(), tmp_path / "new" / "ckpt")
     assert not (tmp_path / "new" / "ckpt").exists()
     assert leftovers(tmp_path / "new") == []
 
 
 def test_non_json_meta_fails_before_touching_the_target(tmp_path):
-    target = formats.save(make_sae(seed=1), tmp_path / "ckpt")
+    target = save(make_sae(seed=1), tmp_path / "ckpt")
     bad = make_sae(meta={"tensor": torch.ones(1)})
     with pytest.raises(TypeError, match=r"not plain JSON"):
-        formats.save(bad, target)
-    assert_same_sae(formats.load(target), make_sae(seed=1))
+        save(bad, target)
+    assert_same_sae(load(target), make_sae(seed=1))
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("exchange", ["renameat2", "rename-aside"])
 def test_overwrite_replaces_the_whole_directory(tmp_path, monkeypatch, exchange):
     if exchange == "rename-aside":
-        monkeypatch.setattr(_atomic, "_exchange", None)
-    target = formats.save(make_sae(seed=1), tmp_path / "ckpt", format="dictionary_learning")
+        monkeypatch.setattr(atomic, "_exchange", None)
+    target = save(make_sae(seed=1), tmp_path / "ckpt", format="dictionary_learning")
     new = make_sae(seed=2)
-    formats.save(new, target, format="saelens")
+    save(new, target, format="saelens")
     assert sorted(p.name for p in target.iterdir()) == ["cfg.json", "sae_weights.safetensors"]  # no stale ae.pt
-    assert_same_sae(formats.load(target), new)
+    assert_same_sae(load(target), new)
     assert leftovers(tmp_path) == []
 
 
 def test_rename_aside_puts_the_old_checkpoint_back_when_the_final_rename_fails(tmp_path, monkeypatch):
-    monkeypatch.setattr(_atomic, "_exchange", None)
+    monkeypatch.setattr(atomic, "_exchange", None)
     old = make_sae(seed=1)
-    target = formats.save(old, tmp_path / "ckpt")
+    target = save(old, tmp_path / "ckpt")
     real_rename = os.rename
 
     def flaky_rename(src, dst):
-        if Path(dst) == target and _atomic.TMP_MARKER in Path(src).name:
+        if Path(dst) == target and atomic.TMP_MARKER in Path(src).name:
             raise OSError("simulated failure of the final rename")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(_atomic.os, "rename", flaky_rename)
+    monkeypatch.setattr(atomic.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="simulated"):
-        formats.save(make_sae(seed=2), target)
+        save(make_sae(seed=2), target)
     monkeypatch.undo()
-    assert_same_sae(formats.load(target), old)
+    assert_same_sae(load(target), old)
     assert leftovers(tmp_path) == []
+
+
+def test_fallback_overwrite_stopped_between_its_renames_is_rolled_back_on_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_exchange", None)
+    old = make_sae(seed=1)
+    target = save(old, tmp_path / "ckpt")
+
+    def stop(point):
+        if point == "old-aside":
+            raise Boom("stopped with the old checkpoint renamed aside")
+
+    monkeypatch.setattr(atomic, "hook", stop)
+    with pytest.raises(Boom):
+        save(make_sae(seed=2), target)
+    monkeypatch.setattr(atomic, "hook", None)
+    assert not target.exists() and leftovers(tmp_path) == [".ckpt" + atomic.OLD_MARKER]
+    assert_same_sae(load(target), old)  # the reader puts the old checkpoint back
+    assert leftovers(tmp_path) == []
+    new = make_sae(seed=3)
+    stale = tmp_path / f".ckpt{atomic.OLD_MARKER}"
+    stale.mkdir()  # a stale .old beside an existing target is replaced, never restored
+    assert_same_sae(load(save(new, target)), new)
+    assert leftovers(tmp_path) == []
+
+
+def test_config_json_keeps_field_order_and_layout(tmp_path):
+    out = save(make_sae(meta={"z": 1, "a": [1, 2]}), tmp_path / "ckpt")
+    text = (out / "cfg.json").read_text()
+    assert text == json.dumps({"format": "dlmscope", "version": 1, "d": D, "n": N, "k": K,
+                               "meta": {"z": 1, "a": [1, 2]}}, indent=2) + "\n"
 
 
 def test_atomic_directory_creates_parents_and_respects_the_umask(tmp_path):
     target = tmp_path / "a" / "b" / "ckpt"
-    with _atomic.atomic_directory(target) as tmp:
+    with atomic.atomic_directory(target) as tmp:
         (tmp / "f.txt").write_text("x")
         assert not target.exists()
     assert (target / "f.txt").read_text() == "x"
@@ -290,18 +329,18 @@ def test_save_refuses_to_replace_an_unrelated_directory(tmp_path):
     victim.mkdir()
     (victim / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=r"not an SAE checkpoint; refusing to replace it"):
-        formats.save(make_sae(), victim)
+        save(make_sae(), victim)
     assert (victim / "notes.txt").read_text() == "keep me"
     empty = tmp_path / "empty"
     empty.mkdir()
-    formats.save(make_sae(), empty)  # an empty directory is fine
+    save(make_sae(), empty)  # an empty directory is fine
     assert formats.detect_format(empty) == "dlmscope"
 
 
 def test_save_refuses_to_replace_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError, match=r"is not a directory"):
-        formats.save(make_sae(), tmp_path / "f")
+        save(make_sae(), tmp_path / "f")
     assert (tmp_path / "f").read_text() == "x"
 
 
@@ -310,9 +349,9 @@ def test_save_rejects_non_finite_weights_and_wrong_objects(tmp_path):
     with torch.no_grad():
         sae.W_dec[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"cannot save: W_dec holds non-finite values"):
-        formats.save(sae, tmp_path / "x")
+        save(sae, tmp_path / "x")
     with pytest.raises(TypeError, match=r"save expects a TopKSAE"):
-        formats.save(torch.nn.Linear(2, 2), tmp_path / "y")
+        formats.save(torch.nn.Linear(2, 2), {}, tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -321,7 +360,7 @@ def test_save_rejects_non_finite_weights_and_wrong_objects(tmp_path):
 
 def test_missing_path_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist"):
-        formats.load(tmp_path / "nope")
+        load(tmp_path / "nope")
 
 
 def test_unknown_directory_names_path_and_files(tmp_path):
@@ -336,21 +375,21 @@ def test_unknown_directory_names_path_and_files(tmp_path):
 
 def test_empty_directory_is_unknown(tmp_path):
     with pytest.raises(ValueError, match=r"found files \[\]"):
-        formats.load(tmp_path)
+        load(tmp_path)
 
 
 def test_a_run_directory_points_at_its_hookpoints(tmp_path):
-    formats.save(make_sae(), tmp_path / "run" / "layers.3", format="sparsify")
-    formats.save(make_sae(), tmp_path / "run" / "layers.5", format="sparsify")
+    save(make_sae(), tmp_path / "run" / "layers.3", format="sparsify")
+    save(make_sae(), tmp_path / "run" / "layers.5", format="sparsify")
     with pytest.raises(ValueError, match=r"subdirectories \['layers.3', 'layers.5'\] look like checkpoints: pass one"):
-        formats.load(tmp_path / "run")
+        load(tmp_path / "run")
 
 
 def test_ambiguous_directory(tmp_path):
-    out = formats.save(make_sae(), tmp_path / "a", format="saelens")
+    out = save(make_sae(), tmp_path / "a", format="saelens")
     (out / "ae.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"ambiguous SAE checkpoint.*\['saelens', 'dictionary_learning'\]"):
-        formats.load(out)
+        load(out)
 
 
 def _edit_json(path: Path, fn) -> None:
@@ -476,10 +515,10 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_bad_checkpoints_raise_clear_errors(tmp_path, case):
     fmt, corrupt, pattern = CORRUPTIONS[case]
-    path = formats.save(make_sae(), tmp_path / "ckpt", format=fmt)
+    path = save(make_sae(), tmp_path / "ckpt", format=fmt)
     corrupt(path)
     with pytest.raises(ValueError, match=pattern) as info:
-        formats.load(path)
+        load(path)
     assert str(path) in str(info.value)  # the message names the file
 
 
@@ -492,9 +531,9 @@ def test_corrupt_cfg_without_other_markers_is_reported_as_corrupt(tmp_path):
 
 def test_dictionary_learning_without_config_uses_the_k_buffer(tmp_path):
     sae = make_sae()
-    path = formats.save(sae, tmp_path / "ckpt", format="dictionary_learning")
+    path = save(sae, tmp_path / "ckpt", format="dictionary_learning")
     (path / "config.json").unlink()
-    loaded = formats.load(path)
+    loaded = load(path)
     for name in PARAMS:
         assert torch.equal(getattr(loaded, name), getattr(sae, name))
     assert loaded.k == K
@@ -563,7 +602,7 @@ def peer_outputs(tmp_path_factory):
     x = torch.randn(8, D, generator=torch.Generator().manual_seed(5)) * 2
     save_file({"x": x}, str(root / "x.safetensors"))
     for fmt in available:
-        formats.save(sae, root / fmt, format=fmt)
+        save(sae, root / fmt, format=fmt)
     proc = subprocess.run([python, "-c", _PEER_SCRIPT, str(root), *available], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

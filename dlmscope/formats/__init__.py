@@ -1,5 +1,7 @@
-"""Checkpoint formats: save / load a :class:`~dlmscope.sae.TopKSAE` in dlmscope's own format and in the formats
-of the peer libraries, detected from the files present.
+"""Checkpoint formats: save / load an SAE's state — an :class:`SAEConfig` and the tensors ``W_enc [n, d]``,
+``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` (:mod:`.config`) — in dlmscope's own format and in the formats of
+the peer libraries, detected from the files present. :class:`dlmscope.sae.TopKSAE` is built from that state
+(``TopKSAE.from_state``) and hands it over to be saved (``TopKSAE.state``); this package imports nothing of it.
 
 | format | files | notes |
 |---|---|---|
@@ -8,11 +10,11 @@ of the peer libraries, detected from the files present.
 | ``sparsify`` | ``cfg.json`` (with ``d_in``) + ``sae.safetensors`` | EleutherAI eai-sparsify, one hookpoint directory |
 | ``saelens`` | ``cfg.json`` + ``sae_weights.safetensors`` | SAELens, v6 layout written, pre-6 Top-K read too |
 
-``save(sae, path, format)`` writes atomically (see :mod:`._atomic`): a failure leaves any previous checkpoint at
-``path`` intact. Every format round-trips bit-exactly (tensors and ``SAEConfig``): peer configs carry our
-``SAEConfig.meta`` under the extra key ``"dlmscope_meta"``, which the peer libraries ignore. A checkpoint written
-by a peer library loads with ``meta = {"source": {"format": ..., "cfg": <its config>}}`` and re-exports to that
-format with the peer's own fields intact.
+``save(cfg, tensors, path, format)`` writes atomically (:func:`dlmscope.atomic.atomic_directory`): a failure leaves
+any previous checkpoint at ``path`` intact. Every format round-trips bit-exactly (tensors and ``SAEConfig``): peer
+configs carry our ``SAEConfig.meta`` under the extra key ``"dlmscope_meta"``, which the peer libraries ignore. A
+checkpoint written by a peer library loads with ``meta = {"source": {"format": ..., "cfg": <its config>}}`` and
+re-exports to that format with the peer's own fields intact.
 
 ``load`` validates what it reads — missing files or tensors, shapes that disagree with each other or with the
 config, ``k > n``, non-finite weights, unsupported variants of a peer format — and raises ``ValueError`` naming the
@@ -20,15 +22,22 @@ file and the key.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Mapping
 
+import torch
+from torch import Tensor
+
+from .. import atomic
 from . import _checks, dictionary_learning, dlmscope_format, saelens, sparsify
-from ._atomic import atomic_directory
+from .config import PARAMS, SAEConfig, param_shapes
 
-__all__ = ["FORMATS", "save", "load", "detect_format", "atomic_directory"]
+__all__ = ["FORMATS", "PARAMS", "SAEConfig", "param_shapes", "save", "load", "detect_format"]
 
-#: format name -> module with ``save(sae, directory)``, ``load(directory)``, ``detect(...)``, ``DESCRIPTION``
+#: format name -> module with ``save(cfg, tensors, directory)``, ``load(directory) -> (cfg, tensors)``,
+#: ``detect(...)``, ``DESCRIPTION``
 FORMATS = {
     "dlmscope": dlmscope_format,
     "dictionary_learning": dictionary_learning,
@@ -56,7 +65,7 @@ def _format_name(format: str) -> str:
 
 def _checkpoint_dir(path) -> Path:
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not atomic.restore_directory(path):
         raise FileNotFoundError(f"no SAE checkpoint at {path}: the path does not exist")
     if path.is_file():  # a checkpoint's file (cfg.json, ae.pt, ...) stands for its directory
         return path.parent
@@ -95,39 +104,43 @@ def detect_format(path: str | os.PathLike) -> str:
                      f"{' and directories ' + str(subdirs) if subdirs else ''}{hint}. Expected one of — {expected}")
 
 
-def load(path: str | os.PathLike):
-    """Load the SAE checkpoint at ``path`` (format detected) as a :class:`~dlmscope.sae.TopKSAE` on CPU."""
+def load(path: str | os.PathLike) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """(config, tensors on CPU) of the SAE checkpoint at ``path`` (format detected); tensors as in :data:`PARAMS`."""
     name = detect_format(path)
     return FORMATS[name].load(_checkpoint_dir(path))
 
 
-def _check_sae(sae) -> None:
-    import torch
-
-    for attr in ("cfg", "W_enc", "b_enc", "W_dec", "b_dec"):
-        if not hasattr(sae, attr):
-            raise TypeError(f"save expects a TopKSAE, got {type(sae).__name__} (no attribute {attr!r})")
-    d, n = sae.cfg.d, sae.cfg.n
-    shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-    for name, shape in shapes.items():
-        t = getattr(sae, name)
+def _check_state(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> None:
+    """Reject a state no format can represent, before anything is written."""
+    if not isinstance(cfg, SAEConfig) or not isinstance(tensors, Mapping):
+        raise TypeError(f"save expects a TopKSAE's state (an SAEConfig and a dict of tensors), got "
+                        f"{type(cfg).__name__} and {type(tensors).__name__}")
+    keys = sorted(tensors)
+    if keys != sorted(PARAMS) or not all(isinstance(t, Tensor) for t in tensors.values()):
+        raise TypeError(f"save expects a TopKSAE's state: tensors {list(PARAMS)}, got {keys}")
+    try:
+        json.dumps(cfg.meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"cannot save: the config (including SAEConfig.meta) is not plain JSON: {e}") from e
+    for name, shape in param_shapes(cfg).items():
+        t = tensors[name]
         if tuple(t.shape) != shape:
-            raise ValueError(f"cannot save: {name} has shape {list(t.shape)}, the SAE's cfg (d={d}, n={n}) needs "
-                             f"{list(shape)}")
+            raise ValueError(f"cannot save: {name} has shape {list(t.shape)}, the SAE's cfg (d={cfg.d}, n={cfg.n}) "
+                             f"needs {list(shape)}")
         if t.is_meta:
             raise ValueError(f"cannot save: {name} is on the meta device (no data)")
         if not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"cannot save: {name} holds non-finite values (NaN or Inf)")
 
 
-def save(sae, path: str | os.PathLike, format: str = "dlmscope") -> Path:
-    """Write ``sae`` to the directory ``path`` in ``format``, atomically; returns the directory.
+def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike, format: str = "dlmscope") -> Path:
+    """Write the SAE state ``(cfg, tensors)`` to the directory ``path`` in ``format``, atomically; returns it.
 
     An existing checkpoint directory at ``path`` is replaced as a whole. A non-empty directory that holds no
     recognisable checkpoint is never replaced (``FileExistsError``), so a mistyped path cannot wipe unrelated files.
     """
     name = _format_name(format)
-    _check_sae(sae)
+    _check_state(cfg, tensors)
     path = Path(path)
     if path.is_dir() and any(path.iterdir()):
         try:
@@ -135,6 +148,6 @@ def save(sae, path: str | os.PathLike, format: str = "dlmscope") -> Path:
         except ValueError as e:
             raise FileExistsError(f"{path} is a non-empty directory that is not an SAE checkpoint; refusing to "
                                   f"replace it ({e})") from None
-    with atomic_directory(path) as tmp:
-        FORMATS[name].save(sae, tmp)
+    with atomic.atomic_directory(path) as tmp:
+        FORMATS[name].save(cfg, tensors, tmp)
     return path

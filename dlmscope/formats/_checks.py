@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from torch import Tensor, nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import PARAMS, SAEConfig
 
 #: Key under which a peer-format cfg carries dlmscope's own ``SAEConfig.meta`` (peers ignore unknown keys).
 META_KEY = "dlmscope_meta"
@@ -41,19 +45,7 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def write_json(path: Path, data: dict) -> None:
-    try:
-        text = json.dumps(data, indent=2, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"cannot write {path.name}: config (including SAEConfig.meta) is not plain JSON: {e}") from e
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-
-
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     require_file(path, "weights file")
     try:
         return load_file(str(path), device="cpu")
@@ -62,8 +54,7 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
+    """Plain write: the caller writes inside :func:`dlmscope.atomic.atomic_directory`, which makes it durable."""
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
@@ -115,28 +106,23 @@ def require_k(k: int, n: int, file: Path) -> None:
         raise ValueError(f"{file}: k={k} exceeds the number of latents n={n}")
 
 
-# ---- building the module ------------------------------------------------------------------------------------
+# ---- the loaded state ---------------------------------------------------------------------------------------
 
 
-def build_sae(*, d: int, n: int, k: int, meta: dict, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
-              file: Path):
-    """A TopKSAE holding exactly these tensors (no copy of the random init is ever materialised)."""
-    from ..sae import SAEConfig, TopKSAE
-
+def build_state(*, d: int, n: int, k: int, meta: dict, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                file: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """(config, contiguous tensors) of a loaded checkpoint; a config failing SAEConfig's checks names ``file``."""
     try:
-        SAEConfig(d=d, n=n, k=k, meta=meta)
+        cfg = SAEConfig(d=d, n=n, k=k, meta=meta)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
-    with torch.device("meta"):
-        sae = TopKSAE(d, n, k, meta=meta)
-    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
-        setattr(sae, name, nn.Parameter(t.contiguous()))
-    return sae
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    return cfg, {name: t.contiguous() for name, t in tensors.items()}
 
 
-def sae_tensors(sae) -> dict[str, Tensor]:
+def cpu_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The four parameters, detached, on CPU, contiguous (ready to serialise)."""
-    return {name: getattr(sae, name).detach().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    return {name: tensors[name].detach().cpu().contiguous() for name in PARAMS}
 
 
 def meta_from_peer(cfg: dict, fmt: str, file: Path, **extra) -> dict:

@@ -24,8 +24,11 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from .. import atomic
 from . import _checks as C
+from .config import SAEConfig
 
 NAME = "dictionary_learning"
 CFG = "config.json"
@@ -67,8 +70,8 @@ def _first(meta: dict, *keys):
     return None
 
 
-def save(sae, directory: Path) -> None:
-    meta = sae.cfg.meta
+def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
+    meta = sc.meta
     base, embed = C.peer_base(meta, NAME)
     threshold = -1.0
     source = meta.get("source")
@@ -83,21 +86,21 @@ def save(sae, directory: Path) -> None:
         trainer["submodule_name"] = _first(meta, "submodule_name", "hook_point", "hook_name")
         config = {"trainer": trainer}
     trainer = config.setdefault("trainer", {})
-    trainer.update(dict_class=DICT_CLASS, activation_dim=sae.d, dict_size=sae.n, k=sae.k)
+    trainer.update(dict_class=DICT_CLASS, activation_dim=sc.d, dict_size=sc.n, k=sc.k)
     trainer.setdefault("trainer_class", "TopKTrainer")
     if embed is not None:
         config[C.META_KEY] = embed
-    t = C.sae_tensors(sae)
+    t = C.cpu_tensors(tensors)
     state = {  # the order of AutoEncoderTopK.state_dict()
         "b_dec": t["b_dec"],
-        "k": torch.tensor(sae.k, dtype=torch.int),
+        "k": torch.tensor(sc.k, dtype=torch.int),
         "threshold": torch.tensor(threshold, dtype=torch.float32),
         "decoder.weight": t["W_dec"].T.contiguous(),
         "encoder.weight": t["W_enc"],
         "encoder.bias": t["b_enc"],
     }
     torch.save(state, directory / WEIGHTS)
-    C.write_json(directory / CFG, config)
+    atomic.write_json(directory / CFG, config, sort_keys=False, allow_nan=False)
 
 
 def _read_state(file: Path) -> dict:
@@ -111,7 +114,7 @@ def _read_state(file: Path) -> dict:
     return state
 
 
-def load(path: Path):
+def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     weights_file, cfg_file = path / WEIGHTS, path / CFG
     config = C.read_json(cfg_file) if cfg_file.exists() else None
     trainer: dict = {}
@@ -165,5 +168,5 @@ def load(path: Path):
     if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
         extra["threshold"] = float(threshold.item())
     meta = C.meta_from_peer(dict(config) if config is not None else {}, NAME, cfg_file, **extra)
-    return C.build_sae(d=d, n=n, k=k, meta=meta, file=weights_file, W_enc=state["encoder.weight"],
+    return C.build_state(d=d, n=n, k=k, meta=meta, file=weights_file, W_enc=state["encoder.weight"],
                        b_enc=state["encoder.bias"], W_dec=state["decoder.weight"].T, b_dec=state["b_dec"])

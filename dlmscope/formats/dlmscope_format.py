@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
+from .. import atomic
 from . import _checks as C
+from .config import SAEConfig
 
 NAME = "dlmscope"
 VERSION = 1
@@ -22,14 +26,13 @@ def detect(path: Path, files: set[str], cfg: dict | None) -> bool:
     return CFG in files and isinstance(cfg, dict) and cfg.get("format") == NAME
 
 
-def save(sae, directory: Path) -> None:
-    C.write_safetensors(directory / WEIGHTS, C.sae_tensors(sae), metadata={"format": "pt"})
-    C.write_json(directory / CFG, {"format": NAME, "version": VERSION, **sae.cfg.to_dict()})
+def save(cfg: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
+    C.write_safetensors(directory / WEIGHTS, C.cpu_tensors(tensors), metadata={"format": "pt"})
+    atomic.write_json(directory / CFG, {"format": NAME, "version": VERSION, **cfg.to_dict()}, sort_keys=False,
+                      allow_nan=False)
 
 
-def load(path: Path):
-    from ..sae import SAEConfig
-
+def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     cfg_file, weights_file = path / CFG, path / WEIGHTS
     cfg = C.read_json(cfg_file)
     if cfg.get("format") != NAME:
@@ -58,4 +61,4 @@ def load(path: Path):
     C.require_shape(t, "W_dec", (n, d), weights_file, f"[n, d] with n={n}, d={d} from {CFG}")
     C.require_shape(t, "b_dec", (d,), weights_file, f"[d] with d={d} from {CFG}")
     C.require_float_finite(t, KEYS, weights_file)
-    return C.build_sae(d=d, n=n, k=sc.k, meta=sc.meta, file=cfg_file, **{k: t[k] for k in KEYS})
+    return C.build_state(d=d, n=n, k=sc.k, meta=sc.meta, file=cfg_file, **{k: t[k] for k in KEYS})

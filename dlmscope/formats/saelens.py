@@ -26,8 +26,11 @@ import json
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from .. import atomic
 from . import _checks as C
+from .config import SAEConfig
 
 NAME = "saelens"
 CFG = "cfg.json"
@@ -84,12 +87,12 @@ def _topk_k(cfg: dict, file: Path) -> int:
                      f"activation_fn={activation!r}; only Top-K SAEs load as TopKSAE")
 
 
-def save(sae, directory: Path) -> None:
-    base, embed = C.peer_base(sae.cfg.meta, NAME)
+def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
+    base, embed = C.peer_base(sc.meta, NAME)
     if base and not _is_v6(base):  # a pre-6 file re-exported: carry its model fields into v6 metadata
         metadata = {_PRE6_RENAMES.get(k, k): v for k, v in base.items() if _PRE6_RENAMES.get(k, k) in _METADATA_KEYS}
         base = {"metadata": metadata}
-    t = C.sae_tensors(sae)
+    t = C.cpu_tensors(tensors)
     dtype = t["W_enc"].dtype
     if any(v.dtype != dtype for v in t.values()):
         raise ValueError(f"SAELens stores one dtype per SAE; parameters have {[str(v.dtype) for v in t.values()]}")
@@ -97,19 +100,19 @@ def save(sae, directory: Path) -> None:
     metadata.setdefault("sae_lens_version", LAYOUT_VERSION)
     cfg = dict(base)
     cfg.update({
-        "d_in": sae.d, "d_sae": sae.n, "dtype": _DTYPE_NAMES[dtype], "device": cfg.get("device", "cpu"),
+        "d_in": sc.d, "d_sae": sc.n, "dtype": _DTYPE_NAMES[dtype], "device": cfg.get("device", "cpu"),
         "apply_b_dec_to_input": True, "normalize_activations": "none",
         "reshape_activations": cfg.get("reshape_activations", "none"), "metadata": metadata,
-        "architecture": "topk", "k": sae.k, "rescale_acts_by_decoder_norm": False,
+        "architecture": "topk", "k": sc.k, "rescale_acts_by_decoder_norm": False,
     })
     if embed is not None:
         cfg[C.META_KEY] = embed
     C.write_safetensors(directory / WEIGHTS, {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"],
                                               "b_dec": t["b_dec"]})
-    C.write_json(directory / CFG, cfg)
+    atomic.write_json(directory / CFG, cfg, sort_keys=False, allow_nan=False)
 
 
-def load(path: Path):
+def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     cfg_file, weights_file = path / CFG, path / WEIGHTS
     cfg = C.read_json(cfg_file)
     k = _topk_k(cfg, cfg_file)
@@ -159,4 +162,4 @@ def load(path: Path):
         folded.append("rescale_acts_by_decoder_norm=true")
     cfg_copy = json.loads(json.dumps(cfg))
     meta = C.meta_from_peer(cfg_copy, NAME, cfg_file, **({"folded": folded} if folded else {}))
-    return C.build_sae(d=d, n=n, k=k, meta=meta, file=cfg_file, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec)
+    return C.build_state(d=d, n=n, k=k, meta=meta, file=cfg_file, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec)

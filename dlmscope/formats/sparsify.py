@@ -18,7 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
+from .. import atomic
 from . import _checks as C
+from .config import SAEConfig
 
 NAME = "sparsify"
 CFG = "cfg.json"
@@ -42,24 +46,24 @@ def detect(path: Path, files: set[str], cfg: dict | None) -> bool:
     return WEIGHTS in files and isinstance(cfg, dict) and "d_in" in cfg and cfg.get("format") is None
 
 
-def save(sae, directory: Path) -> None:
-    base, embed = C.peer_base(sae.cfg.meta, NAME)
+def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
+    base, embed = C.peer_base(sc.meta, NAME)
     cfg = {**_DEFAULTS, **{k: v for k, v in base.items() if k != "d_in"}}
-    cfg.update(activation="topk", k=sae.k, skip_connection=False, transcode=False)
-    if sae.n % sae.d == 0:
-        cfg["expansion_factor"] = sae.n // sae.d
-    if not (base.get("num_latents") == 0 and sae.n % sae.d == 0):  # keep a peer file's "0 = by expansion factor"
-        cfg["num_latents"] = sae.n
-    cfg["d_in"] = sae.d
+    cfg.update(activation="topk", k=sc.k, skip_connection=False, transcode=False)
+    if sc.n % sc.d == 0:
+        cfg["expansion_factor"] = sc.n // sc.d
+    if not (base.get("num_latents") == 0 and sc.n % sc.d == 0):  # keep a peer file's "0 = by expansion factor"
+        cfg["num_latents"] = sc.n
+    cfg["d_in"] = sc.d
     if embed is not None:
         cfg[C.META_KEY] = embed
-    t = C.sae_tensors(sae)
+    t = C.cpu_tensors(tensors)
     C.write_safetensors(directory / WEIGHTS, {"encoder.weight": t["W_enc"], "encoder.bias": t["b_enc"],
                                               "W_dec": t["W_dec"], "b_dec": t["b_dec"]}, metadata={"format": "pt"})
-    C.write_json(directory / CFG, cfg)
+    atomic.write_json(directory / CFG, cfg, sort_keys=False, allow_nan=False)
 
 
-def load(path: Path):
+def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     cfg_file, weights_file = path / CFG, path / WEIGHTS
     cfg = C.read_json(cfg_file)
     d = C.cfg_int(cfg, "d_in", cfg_file)
@@ -89,5 +93,5 @@ def load(path: Path):
     C.require_shape(t, "b_dec", (d,), weights_file, f"[d_in] with {why}")
     C.require_float_finite(t, KEYS, weights_file)
     meta = C.meta_from_peer(cfg, NAME, cfg_file)
-    return C.build_sae(d=d, n=n, k=k, meta=meta, file=cfg_file, W_enc=t["encoder.weight"], b_enc=t["encoder.bias"],
+    return C.build_state(d=d, n=n, k=k, meta=meta, file=cfg_file, W_enc=t["encoder.weight"], b_enc=t["encoder.bias"],
                        W_dec=t["W_dec"], b_dec=t["b_dec"])

@@ -1,0 +1,193 @@
+"""Crash safety of durable writes: a child process overwriting a checkpoint is SIGKILLed at every named point of the
+write (:data:`dlmscope.atomic.POINTS`, reported through :data:`dlmscope.atomic.hook`), on the renameat2 path and on
+the rename-aside fallback (``atomic._exchange = None``). After each kill the parent finds a complete checkpoint
+that is exactly the old one (killed before the new one is put in place) or exactly the new one (killed after).
+
+The children are forked (``os.fork``: a real process, a real SIGKILL, no interpreter start-up per kill); one case
+also runs in a freshly started interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from dlmscope import atomic, formats
+from dlmscope import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+PATHS = [pytest.param("renameat2", marks=pytest.mark.skipif(atomic._exchange is None, reason="no renameat2 here")),
+         "rename-aside"]
+
+OLD = ({"w": torch.arange(6.0).reshape(2, 3), "i": torch.tensor([1, 2, 3])}, {"tag": "old"})
+NEW = ({"w": -torch.arange(8.0).reshape(2, 4), "i": torch.tensor([7, 8])}, {"tag": "new"})
+
+# the points an overwrite passes, in order, and the first one at which the new checkpoint is in place
+SAME_STEP = {
+    "renameat2": (["tmp-created", "checkpoint:state-written", "written", "synced", "exchanged", "old-removed"],
+                  "exchanged"),
+    "rename-aside": (["tmp-created", "checkpoint:state-written", "written", "synced", "old-aside", "renamed-in",
+                      "old-removed"], "renamed-in"),
+}
+NEW_STEP = (["tmp-created", "checkpoint:state-written", "written", "synced", "renamed-in", "trashed",
+             "checkpoint:pruned"], "renamed-in")
+
+
+@pytest.fixture
+def path_kind(request, monkeypatch):
+    if request.param == "rename-aside":
+        monkeypatch.setattr(atomic, "_exchange", None)  # inherited by the forked children
+    return request.param
+
+
+def record_points(fn: Callable[[], object]) -> list[str]:
+    """The points ``fn`` passes, in order (run in this process)."""
+    seen: list[str] = []
+    atomic.hook = seen.append
+    try:
+        fn()
+    finally:
+        atomic.hook = None
+    return seen
+
+
+def kill_child_at(point: str, fn: Callable[[], object]) -> None:
+    """Run ``fn`` in a forked child that SIGKILLs itself on reaching ``point``; assert that it died so."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            def hook(name: str) -> None:
+                if name == point:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            atomic.hook = hook
+            fn()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(4)
+        os._exit(3)  # finished without reaching the point
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (point, status)
+
+
+def assert_checkpoint(directory: Path, expected: tuple[dict, dict], step: int) -> None:
+    latest = ckpt.latest_checkpoint(directory)
+    assert latest is not None, sorted(p.name for p in directory.iterdir())
+    assert latest.name == ckpt.checkpoint_name(step)
+    tensors, meta = ckpt.load_checkpoint(latest)
+    want_tensors, want_meta = expected
+    assert meta == {**want_meta, "step": step}
+    assert sorted(tensors) == sorted(want_tensors)
+    for name, t in want_tensors.items():
+        assert tensors[name].dtype == t.dtype and torch.equal(tensors[name], t), name
+
+
+def assert_clean_after_next_save(directory: Path) -> None:
+    """The next checkpoint (what a resumed run writes) sweeps every leftover of the killed write."""
+    ckpt.save_checkpoint(directory, 99, *NEW, keep=1)
+    assert [p.name for p in directory.iterdir()] == [ckpt.checkpoint_name(99)]
+
+
+def _kill_everywhere(tmp_path: Path, old_step: int, new_step: int, points: list[str], commit: str,
+                     check_target: bool) -> None:
+    rehearsal = tmp_path / "rehearsal"
+    ckpt.save_checkpoint(rehearsal, old_step, *OLD)
+    assert record_points(lambda: ckpt.save_checkpoint(rehearsal, new_step, *NEW, keep=1)) == points
+    for i, point in enumerate(points):
+        directory = tmp_path / point
+        ckpt.save_checkpoint(directory, old_step, *OLD)
+        kill_child_at(point, lambda: ckpt.save_checkpoint(directory, new_step, *NEW, keep=1))
+        if check_target:  # before any reader looks: the target names a checkpoint at this instant
+            assert (directory / ckpt.checkpoint_name(new_step) / ckpt.META_FILE).is_file(), point
+        committed = i >= points.index(commit)
+        assert_checkpoint(directory, NEW if committed else OLD, new_step if committed else old_step)
+        assert_clean_after_next_save(directory)
+
+
+@pytest.mark.parametrize("path_kind", PATHS, indirect=True)
+def test_killed_rewrite_of_the_same_step_leaves_the_old_or_the_new_checkpoint(tmp_path, path_kind):
+    points, commit = SAME_STEP[path_kind]
+    # renameat2: the step's directory is a complete checkpoint at every instant, with no reader's help
+    _kill_everywhere(tmp_path, 5, 5, points, commit, check_target=path_kind == "renameat2")
+
+
+@pytest.mark.parametrize("path_kind", PATHS, indirect=True)
+def test_killed_write_of_a_new_step_with_keep_1_leaves_the_old_or_the_new_checkpoint(tmp_path, path_kind):
+    points, commit = NEW_STEP
+    _kill_everywhere(tmp_path, 5, 6, points, commit, check_target=False)
+
+
+def test_fallback_rewrite_killed_between_its_renames_is_rolled_back(tmp_path, monkeypatch):
+    """What the rename-aside path leaves at its one gap, and how a reader repairs it."""
+    monkeypatch.setattr(atomic, "_exchange", None)
+    ckpt.save_checkpoint(tmp_path, 5, *OLD)
+    kill_child_at("old-aside", lambda: ckpt.save_checkpoint(tmp_path, 5, *NEW, keep=1))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert ckpt.checkpoint_name(5) not in names and f".{ckpt.checkpoint_name(5)}{atomic.OLD_MARKER}" in names
+    assert ckpt.list_checkpoints(tmp_path) == [tmp_path / ckpt.checkpoint_name(5)]  # restored, hidden ones ignored
+    assert_checkpoint(tmp_path, OLD, 5)
+
+
+_CHILD = """
+import os, signal, sys
+import torch
+from dlmscope import atomic, checkpoint as ckpt
+directory, point, fallback = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+if fallback:
+    atomic._exchange = None
+atomic.hook = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == point else None
+ckpt.save_checkpoint(directory, 5, {"w": -torch.arange(8.0).reshape(2, 4), "i": torch.tensor([7, 8])},
+                     {"tag": "new"}, keep=1)
+"""
+
+
+def test_kill_in_a_fresh_interpreter(tmp_path):
+    """The fork-free version of the fallback's gap: a new interpreter killed between the two renames."""
+    ckpt.save_checkpoint(tmp_path, 5, *OLD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path), "old-aside", "1"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert_checkpoint(tmp_path, OLD, 5)
+
+
+# ---- SAE checkpoints (dlmscope.formats) go through the same atomic_directory --------------------------------------
+
+
+def _sae_state(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    d, n = 4, 8
+    return formats.SAEConfig(d=d, n=n, k=2, meta={"seed": seed}), {
+        "W_enc": torch.randn(n, d, generator=g), "b_enc": torch.randn(n, generator=g),
+        "W_dec": torch.randn(n, d, generator=g), "b_dec": torch.randn(d, generator=g)}
+
+
+@pytest.mark.parametrize("path_kind", PATHS, indirect=True)
+def test_killed_sae_overwrite_loads_the_old_or_the_new(tmp_path, path_kind):
+    old, new = _sae_state(1), _sae_state(2)
+    rehearsal = formats.save(*old, tmp_path / "rehearsal")
+    points = record_points(lambda: formats.save(*new, rehearsal))
+    commit = "exchanged" if path_kind == "renameat2" else "renamed-in"
+    assert points == [p for p in SAME_STEP[path_kind][0] if not p.startswith("checkpoint:")]
+    for i, point in enumerate(points):
+        target = formats.save(*old, tmp_path / point / "sae")
+        kill_child_at(point, lambda: formats.save(*new, target))
+        cfg, tensors = formats.load(target)
+        want_cfg, want = new if i >= points.index(commit) else old
+        assert cfg == want_cfg and all(torch.equal(tensors[k], want[k]) for k in formats.PARAMS), point
+        assert json.loads((target / "cfg.json").read_text())["meta"] == want_cfg.meta
+
+
+def test_hook_is_unset_by_default():
+    assert atomic.hook is None
