@@ -1,9 +1,11 @@
 """Trainer: several Top-K SAEs on one activation stream, the DLM-Scope paper's recipe (REFERENCE.md §2).
 
-    trainer = Trainer([TopKSAE(d, n, k) for k in (50, 80, 160, 320, 520, 820)], TrainConfig(total_tokens=...))
+    trainer = Trainer([TopKSAE(d, n, k) for k in (50, 80, 160, 320, 520, 820)], TrainConfig(total_tokens=...),
+                      log=LogConfig(log_every=100))
     saes = trainer.fit(stream)          # stream yields [B, d] float tensors; returns the trained SAEs
 
-Recipe, per step and per SAE (DESIGN.md "Trainer"):
+Recipe, per step and per SAE (DESIGN.md "Trainer"); :class:`TrainConfig` holds it, :class:`LogConfig` only says
+what is logged where:
 
 - loss = ``mean_b |x - x_hat|^2`` (sum over d) + ``auxk_alpha * AuxK``. AuxK: the top ``k_aux = min(d/2, n)``
   relu'd pre-activations among *dead* latents (zero-padded when fewer are dead), decoded without ``b_dec``,
@@ -21,6 +23,10 @@ Recipe, per step and per SAE (DESIGN.md "Trainer"):
   trained on), training on ``x / s``; at the end ``b_enc`` and ``b_dec`` are multiplied by ``s`` so the returned
   SAEs run on raw activations (top-k commutes with positive scaling: the raw SAE's codes are ``s`` times the
   normalised ones and its reconstruction is ``s * x_hat'``); ``s`` is recorded in ``sae.cfg.meta["norm_factor"]``.
+
+Layout: this module holds the configuration and the run (init, the step as a sequence of phases, checkpoints);
+:mod:`.train_step` the phases of a step over small dataclasses; :mod:`.train_stream` the checked, rank-agreed
+batches; :mod:`.train_log` the logging options and sinks (tqdm, wandb, TensorBoard).
 
 Grouping: SAEs sharing device and dtype run their encoders as ONE :func:`dlmscope.ops.topk_encode_grouped` call
 (stacked ``W_enc``, each SAE's ``b_dec`` folded into its bias as ``b_enc - W_enc @ b_dec``; autograd carries the
@@ -46,10 +52,8 @@ import dataclasses
 import json
 import math
 import random
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -61,16 +65,17 @@ from . import ops
 from .geometric_median import geometric_median
 from .sae import TopKSAE
 from .schedule import lr_at
+from .train_log import LogConfig, Trackers
+from .train_step import (ADAM_PARAMS, PARAMS, SAEOptimizer, backward, make_groups, reduce_across_ranks,
+                         sae_loss, step_metrics, terms_by_sae)
+from .train_stream import CheckedBatches
 
-__all__ = ["TrainConfig", "Trainer"]
-
-_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-_ADAM_PARAMS = ("W_enc", "b_enc", "b_dec")
+__all__ = ["TrainConfig", "LogConfig", "Trainer"]
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Training hyper-parameters; defaults follow the paper's code. Round-trips through JSON."""
+    """Training hyper-parameters (what is trained); defaults follow the paper's code. Round-trips through JSON."""
 
     #: training length: ``steps`` (batches) or ``total_tokens`` (steps = ceil(total_tokens / global batch of the
     #: first step)); if both are None, ``len(stream)``.
@@ -97,8 +102,6 @@ class TrainConfig:
     autocast_dtype: str | None = None
     #: one grouped encoder op for SAEs sharing device/dtype (False: one op call per SAE)
     group_encoders: bool = True
-    #: metrics (FVE, L0, dead, AuxK, tokens/s) every this many steps (host sync); 0 = only at the end
-    log_every: int = 100
     checkpoint_dir: str | None = None
     #: checkpoint every this many steps (None/0: only at the end, if checkpoint_dir is set)
     checkpoint_every: int | None = None
@@ -106,14 +109,8 @@ class TrainConfig:
     seed: int | None = 0
     #: ops backend (None: best for the device)
     backend: str | None = None
-    progress: bool = True
-    #: label of the progress bar
-    progress_desc: str = "SAE training"
     #: NaN/Inf check of the stream: "auto" (per batch on CPU, deferred device flag elsewhere), "batch", "deferred"
     nan_check: str = "auto"
-    wandb_project: str | None = None
-    wandb_run_name: str | None = None
-    tensorboard_dir: str | None = None
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -125,8 +122,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"TrainConfig.{name} must be a non-negative int or None, got {value!r}")
-        if self.dead_tokens < 1 or self.norm_batches < 0 or self.warmup_steps < 0 or self.log_every < 0:
-            raise ValueError("dead_tokens must be >= 1 and norm_batches, warmup_steps, log_every >= 0")
+        if self.dead_tokens < 1 or self.norm_batches < 0 or self.warmup_steps < 0:
+            raise ValueError("dead_tokens must be >= 1 and norm_batches, warmup_steps >= 0")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
 
@@ -137,11 +134,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        """From a dict of TrainConfig fields. Logging keys (LogConfig's fields, which configs saved in
+        checkpoints may still hold) are ignored; read them with ``LogConfig.from_dict``. Others raise."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        logging_keys = {f.name for f in dataclasses.fields(LogConfig)}
+        unknown = set(data) - known - logging_keys
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -154,37 +154,16 @@ class TrainConfig:
         return cls.from_dict(json.loads(text))
 
 
-class _Group:
-    """SAEs whose encoders run as one op call (same device and dtype)."""
-
-    def __init__(self, members: list[int], saes: list[TopKSAE]):
-        self.members = members
-        self.sizes = [saes[i].n for i in members]
-        self.ks = [saes[i].k for i in members]
-        self.offsets = [0]
-        for s in self.sizes:
-            self.offsets.append(self.offsets[-1] + s)
-        self.k_offsets = [0]
-        for k in self.ks:
-            self.k_offsets.append(self.k_offsets[-1] + k)
-        first = saes[members[0]]
-        self.device, self.dtype = first.W_dec.device, first.W_dec.dtype
-        self.total = self.offsets[-1]
-        #: tokens since each latent last fired, [total] int64 on device
-        self.since = torch.zeros(self.total, dtype=torch.int64, device=self.device)
-
-
-def _make_adam(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Adam:
-    try:
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
 class Trainer:
-    """Trains a list of :class:`TopKSAE` on one activation stream (see the module docstring)."""
+    """Trains a list of :class:`TopKSAE` on one activation stream (see the module docstring).
 
-    def __init__(self, saes: list[TopKSAE] | TopKSAE, cfg: TrainConfig | None = None):
+    ``cfg`` is the recipe (default: the paper's), ``log`` where metrics go (default: a progress bar and a
+    history entry every 100 steps). After :meth:`fit`: ``history`` (one record per log step), ``step``,
+    ``tokens_seen``, ``norm_factor``, ``last_checkpoint``.
+    """
+
+    def __init__(self, saes: list[TopKSAE] | TopKSAE, cfg: TrainConfig | None = None, *,
+                 log: LogConfig | None = None):
         if isinstance(saes, TopKSAE):
             saes = [saes]
         saes = list(saes)
@@ -193,8 +172,13 @@ class Trainer:
         ds = {s.d for s in saes}
         if len(ds) != 1:
             raise ValueError(f"all SAEs of one stream must share d, got d values {sorted(ds)}")
+        if cfg is not None and not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        if log is not None and not isinstance(log, LogConfig):
+            raise TypeError(f"log must be a LogConfig, got {type(log).__name__}")
         self.saes = saes
         self.cfg = cfg if cfg is not None else TrainConfig()
+        self.log = log if log is not None else LogConfig()
         self.d = saes[0].d
         self.history: list[dict] = []
         self.step = 0                 # optimisation steps done (== batches trained on, per rank)
@@ -203,378 +187,46 @@ class Trainer:
         self.norm_factor: float | None = None
         self.last_checkpoint: Path | None = None
         self._pulled = 0              # index of the next raw batch to pull from this rank's stream
-        self._bad_step: Tensor | None = None
+        self._batches: CheckedBatches | None = None
         self._fitted = False
-        self._build_state()
-
-    # ---- state --------------------------------------------------------------------------------------------
-    def _build_state(self) -> None:
         cfg = self.cfg
-        keys: dict[tuple, list[int]] = {}
-        for i, s in enumerate(self.saes):
-            key = (str(s.W_dec.device), s.W_dec.dtype) if cfg.group_encoders else (i,)
-            keys.setdefault(key, []).append(i)
-        self.groups = [_Group(members, self.saes) for members in keys.values()]
-        self.adams = [_make_adam([getattr(s, p) for p in _ADAM_PARAMS], cfg) for s in self.saes]
-        self.dec_state = [(torch.zeros_like(s.W_dec), torch.zeros_like(s.W_dec)) for s in self.saes]
-        self.k_aux = [min(cfg.k_aux if cfg.k_aux is not None else self.d // 2, s.n) for s in self.saes]
-        self._zeros: dict[tuple, Tensor] = {}
-
-    def _zero_bias(self, device, dtype) -> Tensor:
-        key = (str(device), dtype)
-        if key not in self._zeros:
-            self._zeros[key] = torch.zeros(self.d, device=device, dtype=dtype)
-        return self._zeros[key]
-
-    def _compute_dtype(self, group: _Group) -> torch.dtype:
-        if self.cfg.autocast_dtype is None:
-            return group.dtype
-        return getattr(torch, self.cfg.autocast_dtype)
-
-    def _backend(self, sae: TopKSAE) -> str | None:
-        return self.cfg.backend or sae.backend
+        self.k_aux = [min(cfg.k_aux if cfg.k_aux is not None else self.d // 2, s.n) for s in saes]
+        compute_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype is not None else None
+        self.groups = make_groups(saes, self.k_aux, grouped=cfg.group_encoders, compute_dtype=compute_dtype,
+                                  backend=cfg.backend)
+        self.optimizers = [SAEOptimizer(s, cfg.lr, cfg.betas, cfg.eps, cfg.grad_clip, cfg.backend) for s in saes]
 
     @property
     def device(self) -> torch.device:
         return self.saes[0].W_dec.device
 
-    # ---- the stream -----------------------------------------------------------------------------------------
-    def _check_shape(self, x) -> str | None:
-        if not isinstance(x, Tensor):
-            return f"the stream yielded a {type(x).__name__}, expected a [B, d={self.d}] tensor"
-        if x.dim() < 1 or x.shape[-1] != self.d or x.numel() == 0:
-            return (f"activation batch {self._pulled} has shape {list(x.shape)} but the SAEs expect "
-                    f"[B, d={self.d}] (SAE d={self.d}, n={[s.n for s in self.saes]})")
-        if not x.is_floating_point():
-            return f"activation batch {self._pulled} has dtype {x.dtype}; expected a float tensor"
-        return None
-
-    def _nan_message(self, step: int) -> str:
-        return (f"activation batch at step {step} (0-based batch index of the stream) contains NaN or Inf; "
-                "training stopped before anything was saved for it")
-
-    def _batches(self, it: Iterator) -> Iterator[tuple[Tensor, int]]:
-        """(x [B, d] in the master dtype on the SAE device, global batch size) per step, all ranks agreeing."""
-        dist = D.is_distributed()
-        mode = self.cfg.nan_check
-        while True:
-            try:
-                x = next(it)
-            except StopIteration:
-                x = None
-            index = self._pulled
-            error = self._check_shape(x) if x is not None else None
-            if x is not None and error is None:
-                x = x.reshape(-1, self.d).to(device=self.device, dtype=self.saes[0].W_dec.dtype)
-            if dist:
-                bad = (~torch.isfinite(x).all()).long() if x is not None and error is None else \
-                    torch.zeros((), dtype=torch.int64, device=self.device)
-                flags = torch.stack([torch.tensor(int(x is not None), device=self.device),
-                                     torch.tensor(x.shape[0] if x is not None and error is None else 0,
-                                                  device=self.device),
-                                     bad, torch.tensor(int(error is not None), device=self.device)])
-                has, total, n_bad, n_err = D.all_reduce_(flags).tolist()
-                if n_err:
-                    raise ValueError(error or f"a stream on another rank yielded a bad batch at step {index}")
-                if n_bad:
-                    raise ValueError(self._nan_message(index))
-                if has < D.world_size():
-                    return
-                self._pulled += 1
-                yield x, int(total)
-            else:
-                if x is None:
-                    return
-                if error is not None:
-                    raise ValueError(error)
-                if mode == "batch" or (mode == "auto" and x.device.type == "cpu"):
-                    if not bool(torch.isfinite(x).all()):
-                        raise ValueError(self._nan_message(index))
-                else:
-                    ok = torch.isfinite(x).all()
-                    if self._bad_step is None:
-                        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-                    self._bad_step = torch.where((self._bad_step < 0) & ~ok, index, self._bad_step)
-                self._pulled += 1
-                yield x, int(x.shape[0])
-
-    def _check_deferred(self) -> None:
-        """Raise if a deferred NaN/Inf flag was set (one host sync)."""
-        if self._bad_step is not None:
-            bad = int(self._bad_step)
-            if bad >= 0:
-                raise ValueError(self._nan_message(bad))
-
-    # ---- init -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _estimate_norm(self, buffered: list[tuple[Tensor, int]]) -> float:
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for x, _ in buffered:
-            acc[0] += x.double().pow(2).sum()
-            acc[1] += x.shape[0]
-        D.all_reduce_(acc)
-        mean_sq = float(acc[0] / acc[1])
-        if not math.isfinite(mean_sq) or mean_sq <= 0:
-            raise ValueError(f"cannot normalise activations: mean squared norm is {mean_sq}")
-        return math.sqrt(mean_sq)
-
-    @torch.no_grad()
-    def _init_b_dec(self, x_first: Tensor) -> None:
-        points = D.all_gather_rows(x_first)
-        median = geometric_median(points, max_iter=self.cfg.geometric_median_iters)
-        for s in self.saes:
-            s.b_dec.copy_(median.to(device=s.b_dec.device, dtype=s.b_dec.dtype))
-
-    @torch.no_grad()
-    def _broadcast_params(self) -> None:
-        if D.is_distributed():
-            import torch.distributed as dist
-            for s in self.saes:
-                for p in _PARAMS:
-                    dist.broadcast(getattr(s, p).data, src=0)
-
     # ---- one step ---------------------------------------------------------------------------------------------
     def _train_step(self, x: Tensor, batch_total: int, log: bool) -> dict | None:
+        """One optimisation step on this rank's ``x`` [B, d] (``batch_total`` global rows); the record if ``log``."""
         cfg = self.cfg
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, cfg.decay_fraction)
         # a counter can reach dead_tokens only once that many tokens were seen: until then AuxK is exactly 0
         aux_on = cfg.auxk_alpha > 0 and self.tokens_seen >= cfg.dead_tokens
         xs = x / self.norm_factor if self.norm_factor is not None else x
-        per_sae: list[dict[str, Any]] = [None] * len(self.saes)  # type: ignore[list-item]
-        fired_list, stats_list = [], []
-        for group in self.groups:
-            cd = self._compute_dtype(group)
-            xg = xs.to(device=group.device, dtype=cd)
-            dead = group.since >= cfg.dead_tokens if aux_on else None
-            saes = [self.saes[i] for i in group.members]
-            backend = self._backend(saes[0])
-            k_aux = [self.k_aux[i] for i in group.members]
-            if len(saes) == 1:
-                s = saes[0]
-                codes = ops.topk_encode_grouped(xg, s.W_enc.to(cd), s.b_enc.to(cd), s.b_dec.to(cd), [s.k], [s.n],
-                                                aux_mask=dead, k_aux=k_aux if aux_on else None, backend=backend)
-            else:
-                W = torch.cat([s.W_enc for s in saes]).to(cd)
-                b = torch.cat([s.b_enc - s.W_enc @ s.b_dec for s in saes]).to(cd)
-                codes = ops.topk_encode_grouped(xg, W, b, self._zero_bias(group.device, cd), group.ks, group.sizes,
-                                                aux_mask=dead, k_aux=k_aux if aux_on else None, backend=backend)
-            # fired latents of this step (value > 0 among the selected); index `total` is a sink for the rest
-            sink = torch.zeros(group.total + 1, dtype=torch.bool, device=group.device)
-            sink[torch.where(codes.values > 0, codes.indices, group.total).reshape(-1)] = True
-            fired_list.append(sink[:group.total])
-            ka_off = 0
-            for j, i in enumerate(group.members):
-                s = self.saes[i]
-                lo, hi = group.k_offsets[j], group.k_offsets[j + 1]
-                values, indices = codes.values[:, lo:hi], codes.indices[:, lo:hi] - group.offsets[j]
-                W_dec = s.W_dec.to(cd)
-                x_hat = ops.sparse_decode(values, indices, W_dec, s.b_dec.to(cd), backend=backend)
-                e = xs.to(group.device) - x_hat.to(xs.dtype)
-                entry: dict[str, Any] = {"recon_sum": e.pow(2).sum(), "values": values, "e": e}
-                if aux_on:
-                    a_v = codes.aux_values[:, ka_off:ka_off + k_aux[j]]
-                    a_i = codes.aux_indices[:, ka_off:ka_off + k_aux[j]] - group.offsets[j]
-                    ka_off += k_aux[j]
-                    e_det = e.detach()
-                    a_hat = ops.sparse_decode(a_v, a_i, W_dec, self._zero_bias(group.device, cd), backend=backend)
-                    entry["aux_sum"] = (e_det - a_hat.to(e_det.dtype)).pow(2).sum()
-                    entry["any_dead"] = dead[group.offsets[j]:group.offsets[j + 1]].any()
-                    ed = e_det.double()
-                    entry["stats_index"] = len(stats_list)
-                    stats_list.append(torch.cat([ed.sum(0), ed.pow(2).sum().reshape(1)]).to(self.device))
-                per_sae[i] = entry
 
-        # one collective for the fired masks (OR across ranks) and the AuxK normalisers (global sums)
-        if D.is_distributed():
-            fired_flat = D.all_reduce_(torch.cat([f.to(self.device, torch.float64) for f in fired_list] + stats_list))
-            offset = 0
-            fired_global = []
-            for group in self.groups:
-                fired_global.append(fired_flat[offset:offset + group.total].to(group.device) > 0)
-                offset += group.total
-            stats = [fired_flat[offset + t * (self.d + 1):offset + (t + 1) * (self.d + 1)]
-                     for t in range(len(stats_list))]
-        else:
-            fired_global, stats = fired_list, stats_list
-
-        loss = None
-        for i, entry in enumerate(per_sae):
-            sae_loss = entry["recon_sum"] / batch_total
-            if aux_on:
-                st = stats[entry["stats_index"]]
-                denom = st[-1] - st[:-1].pow(2).sum() / batch_total
-                denom = denom.to(entry["aux_sum"].device, torch.float32)
-                aux = torch.where(denom > 0, entry["aux_sum"] / denom.clamp_min(1e-30), 0.0)
-                aux = aux * entry["any_dead"].to(aux.dtype)
-                entry["auxk"] = aux.detach()
-                sae_loss = sae_loss + cfg.auxk_alpha * aux
-            entry["loss"] = sae_loss
-            loss = sae_loss if loss is None else loss + sae_loss.to(loss.device)
-        loss.backward()
-
-        if D.is_distributed():
-            grads: dict[tuple, list[Tensor]] = {}
-            for s in self.saes:
-                for p in _PARAMS:
-                    g = getattr(s, p).grad
-                    grads.setdefault((str(g.device), g.dtype), []).append(g)
-            for tensors in grads.values():
-                D.all_reduce_tensors_(tensors)
-
-        with torch.no_grad():
-            for i, s in enumerate(self.saes):
-                g = s.W_dec.grad
-                g.sub_((g * s.W_dec).sum(1, keepdim=True) * s.W_dec)
-                if cfg.grad_clip is not None and cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([getattr(s, p) for p in _PARAMS], cfg.grad_clip)
-                adam = self.adams[i]
-                for pg in adam.param_groups:
-                    pg["lr"] = lr
-                adam.step()
-                m, v = self.dec_state[i]
-                ops.decoder_norm_step(s.W_dec, g, m, v, self.step + 1, lr, cfg.betas, cfg.eps,
-                                      backend=self._backend(s))
-                for p in _PARAMS:
-                    getattr(s, p).grad = None
-            for group, fired in zip(self.groups, fired_global):
-                group.since = torch.where(fired, torch.zeros_like(group.since), group.since + batch_total)
-
+        # encode per group -> each SAE's terms -> one cross-rank reduction -> losses -> backward (gradients summed
+        # over ranks) -> per-SAE update -> dead counters (see dlmscope.train_step for the shapes)
+        codes = [group.encode(xs, auxk=aux_on, dead_tokens=cfg.dead_tokens) for group in self.groups]
+        terms = terms_by_sae(self.groups, xs, codes)
+        sums = reduce_across_ranks(self.groups, codes, terms, self.device)
+        losses = [sae_loss(t, r, batch_total, cfg.auxk_alpha) for t, r in zip(terms, sums.residual_sums)]
+        backward(losses, self.saes)
+        for sae, optimizer in zip(self.saes, self.optimizers):
+            optimizer.step(sae, lr, self.step + 1)
+        for group, fired in zip(self.groups, sums.fired):
+            group.count_tokens(fired, batch_total)
         self.step += 1
         self.tokens_seen += batch_total
+
         if not log:
             return None
-        out = {"step": self.step, "tokens": self.tokens_seen, "lr": lr, "sae": []}
-        with torch.no_grad():
-            x_var = xs.var(0, unbiased=False).sum()
-            for i, (s, entry) in enumerate(zip(self.saes, per_sae)):
-                group = next(g for g in self.groups if i in g.members)
-                j = group.members.index(i)
-                dead_count = (group.since[group.offsets[j]:group.offsets[j + 1]] >= cfg.dead_tokens).sum()
-                e = entry["e"].detach()
-                out["sae"].append({
-                    "k": s.k, "n": s.n,
-                    "fve": float(1 - e.var(0, unbiased=False).sum().to(x_var.device) / x_var),
-                    "mse": float(entry["recon_sum"].detach()) / x.shape[0],
-                    "l0": float((entry["values"].detach() > 0).sum(1).float().mean()),
-                    "dead": int(dead_count),
-                    "auxk": float(entry["auxk"]) if "auxk" in entry else 0.0,
-                    "loss": float(entry["loss"].detach()),
-                })
-        return out
-
-    # ---- checkpoints ------------------------------------------------------------------------------------------
-    def _state_tensors(self) -> dict[str, Tensor]:
-        tensors: dict[str, Tensor] = {}
-        for i, s in enumerate(self.saes):
-            for p in _PARAMS:
-                tensors[f"sae.{i}.{p}"] = getattr(s, p).detach()
-            state = self.adams[i].state_dict()["state"]
-            for j, pstate in state.items():
-                for key, value in pstate.items():
-                    tensors[f"adam.{i}.{j}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
-            m, v = self.dec_state[i]
-            tensors[f"dec.{i}.exp_avg"], tensors[f"dec.{i}.exp_avg_sq"] = m, v
-        for group in self.groups:
-            for j, i in enumerate(group.members):
-                tensors[f"dead.{i}"] = group.since[group.offsets[j]:group.offsets[j + 1]]
-        return tensors
-
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current state to ``cfg.checkpoint_dir`` (rank 0 writes; all ranks wait)."""
-        if not self.cfg.checkpoint_dir:
-            return None
-        self._check_deferred()
-        D.barrier()
-        path = Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(self.step)
-        if D.is_main():
-            rng_tensors, rng_meta = ckpt.rng_state()
-            meta = {
-                "format": "dlmscope-trainer-checkpoint", "version": 1,
-                "step": self.step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
-                "batches_consumed": self.step, "norm_factor": self.norm_factor, "world_size": D.world_size(),
-                "config": self.cfg.to_dict(), "saes": [s.cfg.to_dict() for s in self.saes], "rng": rng_meta,
-            }
-            path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, {**self._state_tensors(), **rng_tensors},
-                                        meta)
-        D.barrier()
-        self.last_checkpoint = path
-        return path
-
-    @torch.no_grad()
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore the trainer state (SAEs, optimisers, counters, schedule, RNG, stream position) from ``path``."""
-        tensors, meta = ckpt.load_checkpoint(path)
-        saved = [(c["d"], c["n"], c["k"]) for c in meta["saes"]]
-        ours = [(s.d, s.n, s.k) for s in self.saes]
-        if saved != ours:
-            raise ValueError(f"checkpoint {path} holds SAEs (d, n, k) = {saved}, but this trainer has {ours}")
-        for i, s in enumerate(self.saes):
-            for p in _PARAMS:
-                getattr(s, p).copy_(tensors[f"sae.{i}.{p}"])
-            adam = self.adams[i]
-            sd = adam.state_dict()
-            state = {}
-            for j in range(len(_ADAM_PARAMS)):
-                prefix = f"adam.{i}.{j}."
-                entry = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-                if entry:
-                    state[j] = entry
-            sd["state"] = state
-            adam.load_state_dict(sd)
-            m, v = self.dec_state[i]
-            m.copy_(tensors[f"dec.{i}.exp_avg"])
-            v.copy_(tensors[f"dec.{i}.exp_avg_sq"])
-        for group in self.groups:
-            group.since = torch.cat([tensors[f"dead.{i}"] for i in group.members]).to(group.device)
-        self.step = int(meta["step"])
-        self.total_steps = meta["total_steps"]
-        self.tokens_seen = int(meta["tokens_seen"])
-        self.norm_factor = meta["norm_factor"]
-        self._pulled = int(meta["batches_consumed"])
-        ckpt.set_rng_state(tensors, meta.get("rng", {}))
-        self.last_checkpoint = Path(path)
-
-    # ---- logging ---------------------------------------------------------------------------------------------
-    def _open_loggers(self) -> None:
-        self._wandb = self._tb = None
-        if not D.is_main():
-            return
-        if self.cfg.wandb_project:
-            try:
-                import wandb  # type: ignore[import-not-found]
-                self._wandb = wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name,
-                                         config=self.cfg.to_dict())
-            except ImportError:
-                warnings.warn("wandb_project is set but wandb is not installed; not logging to wandb", stacklevel=3)
-        if self.cfg.tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(self.cfg.tensorboard_dir)
-            except ImportError:
-                warnings.warn("tensorboard_dir is set but tensorboard is not installed; not logging to it",
-                              stacklevel=3)
-
-    def _emit(self, record: dict, bar) -> None:
-        self.history.append(record)
-        if bar is not None:
-            fves = [r["fve"] for r in record["sae"]]
-            bar.set_postfix(fve=f"{min(fves):.3f}-{max(fves):.3f}", dead=sum(r["dead"] for r in record["sae"]),
-                            tok_s=f"{record.get('tokens_per_s', 0):.3g}")
-        flat = {"lr": record["lr"], "tokens": record["tokens"], "tokens_per_s": record.get("tokens_per_s", 0.0)}
-        for r in record["sae"]:
-            for key in ("fve", "mse", "l0", "dead", "auxk", "loss"):
-                flat[f"k{r['k']}_n{r['n']}/{key}"] = r[key]
-        if getattr(self, "_wandb", None) is not None:
-            self._wandb.log(flat, step=record["step"])
-        if getattr(self, "_tb", None) is not None:
-            for key, value in flat.items():
-                self._tb.add_scalar(key, value, record["step"])
-
-    def _close_loggers(self) -> None:
-        if getattr(self, "_wandb", None) is not None:
-            self._wandb.finish()
-        if getattr(self, "_tb", None) is not None:
-            self._tb.close()
+        return {"step": self.step, "tokens": self.tokens_seen, "lr": lr,
+                "sae": step_metrics(xs, self.saes, self.groups, terms, losses, cfg.dead_tokens)}
 
     # ---- fit ---------------------------------------------------------------------------------------------------
     def fit(self, stream: Iterable[Tensor], *, resume: bool = False,
@@ -610,17 +262,41 @@ class Trainer:
             except StopIteration:
                 raise ValueError(f"the stream ended after {skipped} batches, but the checkpoint {path} had "
                                  f"consumed {self._pulled}: is it the same stream?") from None
-        batches = self._batches(it)
-        self._open_loggers()
-        try:
-            with ops.value_checks(False):
-                self._run(stream, batches, fresh)
-        finally:
-            self._close_loggers()
+        self._batches = CheckedBatches(it, d=self.d, device=self.device, dtype=self.saes[0].W_dec.dtype,
+                                       nan_check=cfg.nan_check, index=self._pulled, latents=[s.n for s in self.saes])
+        with ops.value_checks(False):
+            self._run(stream, iter(self._batches), fresh)
         self._finish()
         return self.saes
 
     def _run(self, stream, batches: Iterator[tuple[Tensor, int]], fresh: bool) -> None:
+        """Set the length and the init, then step until ``total_steps`` or the end of the stream."""
+        pending = self._prepare(stream, batches, fresh)
+        trackers = Trackers(self.log, self.cfg.to_dict(), self.total_steps, self.step, self.tokens_seen)
+        try:
+            while self.step < self.total_steps:
+                nxt = pending.pop(0) if pending else next(batches, None)
+                if nxt is None:
+                    break
+                log = self.log.logs_at(self.step + 1, self.total_steps)
+                if log:
+                    self._check_deferred()
+                record = self._train_step(*nxt, log)
+                trackers.advance()
+                if record is not None:
+                    self.history.append(record)
+                    trackers.emit(record)
+                every = self.cfg.checkpoint_every
+                if every and self.step % every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            trackers.close()
+        self._check_deferred()
+        self.save_checkpoint()
+
+    def _prepare(self, stream, batches: Iterator[tuple[Tensor, int]], fresh: bool) -> list[tuple[Tensor, int]]:
+        """``total_steps``, and on a fresh run the norm factor and ``b_dec``; returns the batches it pulled for
+        that (they are trained on first)."""
         cfg = self.cfg
         pending: list[tuple[Tensor, int]] = []
         if self.total_steps is None or (fresh and cfg.normalize_activations) or (fresh and cfg.init_b_dec):
@@ -652,40 +328,41 @@ class Trainer:
             self._check_deferred()
             x0 = pending[0][0]
             self._init_b_dec(x0 / self.norm_factor if self.norm_factor is not None else x0)
+        return pending
 
-        bar = None
-        if cfg.progress and D.is_main():
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=cfg.progress_desc)
-        t_last, tok_last = time.perf_counter(), self.tokens_seen
-        try:
-            while self.step < self.total_steps:
-                if pending:
-                    x, batch_total = pending.pop(0)
-                else:
-                    nxt = next(batches, None)
-                    if nxt is None:
-                        break
-                    x, batch_total = nxt
-                last = self.step + 1 == self.total_steps
-                log = last or (bool(cfg.log_every) and (self.step + 1) % cfg.log_every == 0)
-                if log:
-                    self._check_deferred()
-                record = self._train_step(x, batch_total, log)
-                if bar is not None:
-                    bar.update(1)
-                if record is not None:
-                    now = time.perf_counter()
-                    record["tokens_per_s"] = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, self.tokens_seen
-                    self._emit(record, bar)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-        self._check_deferred()
-        self.save_checkpoint()
+    def _check_deferred(self) -> None:
+        """Raise if the stream's deferred NaN/Inf flag was set (one host sync)."""
+        if self._batches is not None:
+            self._batches.check_deferred()
+
+    # ---- init -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _estimate_norm(self, buffered: list[tuple[Tensor, int]]) -> float:
+        """``sqrt(mean_b |x_b|^2)`` over the buffered batches of every rank."""
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x, _ in buffered:
+            acc[0] += x.double().pow(2).sum()
+            acc[1] += x.shape[0]
+        D.all_reduce_(acc)
+        mean_sq = float(acc[0] / acc[1])
+        if not math.isfinite(mean_sq) or mean_sq <= 0:
+            raise ValueError(f"cannot normalise activations: mean squared norm is {mean_sq}")
+        return math.sqrt(mean_sq)
+
+    @torch.no_grad()
+    def _init_b_dec(self, x_first: Tensor) -> None:
+        points = D.all_gather_rows(x_first)
+        median = geometric_median(points, max_iter=self.cfg.geometric_median_iters)
+        for s in self.saes:
+            s.b_dec.copy_(median.to(device=s.b_dec.device, dtype=s.b_dec.dtype))
+
+    @torch.no_grad()
+    def _broadcast_params(self) -> None:
+        if D.is_distributed():
+            import torch.distributed as dist
+            for s in self.saes:
+                for p in PARAMS:
+                    dist.broadcast(getattr(s, p).data, src=0)
 
     @torch.no_grad()
     def _finish(self) -> None:
@@ -700,3 +377,76 @@ class Trainer:
             sae.cfg.meta["trained_tokens"] = int(self.tokens_seen)
             sae.cfg.meta["trained_steps"] = int(self.step)
         self._fitted = True
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, Tensor]:
+        """Everything that determines the next step, by name: ``sae.{i}.{param}``, ``adam.{i}.{j}.{key}``,
+        ``dec.{i}.exp_avg(_sq)``, ``dead.{i}`` (tokens since each latent fired)."""
+        tensors: dict[str, Tensor] = {}
+        for i, (s, optimizer) in enumerate(zip(self.saes, self.optimizers)):
+            for p in PARAMS:
+                tensors[f"sae.{i}.{p}"] = getattr(s, p).detach()
+            for j, pstate in optimizer.adam.state_dict()["state"].items():
+                for key, value in pstate.items():
+                    tensors[f"adam.{i}.{j}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+            tensors[f"dec.{i}.exp_avg"] = optimizer.dec_exp_avg
+            tensors[f"dec.{i}.exp_avg_sq"] = optimizer.dec_exp_avg_sq
+        for group in self.groups:
+            for j, i in enumerate(group.members):
+                tensors[f"dead.{i}"] = group.since[group.latents(j)]
+        return tensors
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current state to ``cfg.checkpoint_dir`` (rank 0 writes; all ranks wait)."""
+        if not self.cfg.checkpoint_dir:
+            return None
+        self._check_deferred()
+        D.barrier()
+        path = Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(self.step)
+        if D.is_main():
+            rng_tensors, rng_meta = ckpt.rng_state()
+            meta = {
+                "format": "dlmscope-trainer-checkpoint", "version": 1,
+                "step": self.step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
+                "batches_consumed": self.step, "norm_factor": self.norm_factor, "world_size": D.world_size(),
+                "config": self.cfg.to_dict(), "saes": [s.cfg.to_dict() for s in self.saes], "rng": rng_meta,
+            }
+            path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, {**self._state_tensors(), **rng_tensors},
+                                        meta)
+        D.barrier()
+        self.last_checkpoint = path
+        return path
+
+    @torch.no_grad()
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the trainer state (SAEs, optimisers, counters, schedule, RNG, stream position) from ``path``.
+
+        The saved ``config`` is not applied (this trainer's ``cfg`` is); it may hold keys of any age."""
+        tensors, meta = ckpt.load_checkpoint(path)
+        saved = [(c["d"], c["n"], c["k"]) for c in meta["saes"]]
+        ours = [(s.d, s.n, s.k) for s in self.saes]
+        if saved != ours:
+            raise ValueError(f"checkpoint {path} holds SAEs (d, n, k) = {saved}, but this trainer has {ours}")
+        for i, (s, optimizer) in enumerate(zip(self.saes, self.optimizers)):
+            for p in PARAMS:
+                getattr(s, p).copy_(tensors[f"sae.{i}.{p}"])
+            sd = optimizer.adam.state_dict()
+            state = {}
+            for j in range(len(ADAM_PARAMS)):
+                prefix = f"adam.{i}.{j}."
+                entry = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+                if entry:
+                    state[j] = entry
+            sd["state"] = state
+            optimizer.adam.load_state_dict(sd)
+            optimizer.dec_exp_avg.copy_(tensors[f"dec.{i}.exp_avg"])
+            optimizer.dec_exp_avg_sq.copy_(tensors[f"dec.{i}.exp_avg_sq"])
+        for group in self.groups:
+            group.since = torch.cat([tensors[f"dead.{i}"] for i in group.members]).to(group.device)
+        self.step = int(meta["step"])
+        self.total_steps = meta["total_steps"]
+        self.tokens_seen = int(meta["tokens_seen"])
+        self.norm_factor = meta["norm_factor"]
+        self._pulled = int(meta["batches_consumed"])
+        ckpt.set_rng_state(tensors, meta.get("rng", {}))
+        self.last_checkpoint = Path(path)

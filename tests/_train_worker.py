@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from dlmscope.sae import TopKSAE
-from dlmscope.train import Trainer, TrainConfig
+from dlmscope.train import LogConfig, Trainer, TrainConfig
 
 D, N, KS = 16, 48, (3, 6)
 GLOBAL_BATCH, LAST_BATCH, N_BATCHES = 64, 37, 13
@@ -31,9 +31,13 @@ def make_saes() -> list[TopKSAE]:
 
 def make_config(**overrides) -> TrainConfig:
     base = dict(steps=N_BATCHES, lr=1e-2, warmup_steps=2, decay_fraction=0.3, auxk_alpha=1 / 32, dead_tokens=64,
-                norm_batches=3, log_every=4, progress=False, seed=0)
+                norm_batches=3, seed=0)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def make_log() -> LogConfig:
+    return LogConfig(log_every=4, progress=False)
 
 
 def global_batch(i: int) -> torch.Tensor:
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     cfg = make_config(steps=args.steps, checkpoint_dir=args.ckpt,
                       checkpoint_every=args.checkpoint_every if args.ckpt else None)
-    trainer = Trainer(make_saes(), cfg)
+    trainer = Trainer(make_saes(), cfg, log=make_log())
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         stream = rank_stream(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     else:

@@ -15,7 +15,7 @@ from dlmscope import reference as R
 from dlmscope.geometric_median import geometric_median, weiszfeld_objective
 from dlmscope.sae import TopKSAE
 from dlmscope.schedule import lr_at, lr_factor
-from dlmscope.train import Trainer, TrainConfig
+from dlmscope.train import LogConfig, Trainer, TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +37,14 @@ def _sparse_stream(n_batches: int, d: int = 32, n_true: int = 64, batch: int = 1
 
 
 def _quiet(**overrides) -> TrainConfig:
-    base = dict(lr=3e-3, warmup_steps=3, norm_batches=4, log_every=10, progress=False)
+    base = dict(lr=3e-3, warmup_steps=3, norm_batches=4)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def _log(**overrides) -> LogConfig:
+    """Metrics every 10 steps, no progress bar."""
+    return LogConfig(**{"log_every": 10, "progress": False, **overrides})
 
 
 # ---- ground truth recovery ---------------------------------------------------------------------------------
@@ -63,9 +68,8 @@ def test_recovers_known_sparse_dictionary():
             yield batch(gen, 256)
 
     sae = TopKSAE(d, 128, 6, generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(steps=1000, lr=3e-3, warmup_steps=50, dead_tokens=256 * 50, norm_batches=10, log_every=0,
-                      progress=False)
-    Trainer([sae], cfg).fit(stream(1000))
+    cfg = TrainConfig(steps=1000, lr=3e-3, warmup_steps=50, dead_tokens=256 * 50, norm_batches=10)
+    Trainer([sae], cfg, log=_log(log_every=0)).fit(stream(1000))
     held_out = batch(torch.Generator().manual_seed(99), 4096)
     with torch.no_grad():
         fve = float(R.fraction_of_variance_explained(held_out, sae(held_out)))
@@ -126,7 +130,7 @@ def test_steps_match_plain_pytorch_recipe(group):
     cfg = _quiet(steps=15, lr=1e-2, dead_tokens=64, normalize_activations=False, init_b_dec=False,
                  decay_fraction=0.4, grad_clip=0.5, group_encoders=group)
     expected = [_reference_run(s, batches, cfg, 15) for s in saes]
-    trainer = Trainer(saes, cfg)
+    trainer = Trainer(saes, cfg, log=_log())
     trainer.fit(iter(batches))
     for i, (s, (params, since, aux_seen)) in enumerate(zip(saes, expected)):
         assert aux_seen, "the comparison should exercise AuxK"
@@ -147,7 +151,7 @@ def test_sweep_grouped_equals_ungrouped():
     results = {}
     for grouped in (True, False):
         saes = [TopKSAE(32, 128, k, generator=torch.Generator().manual_seed(k)) for k in ks]
-        trainer = Trainer(saes, _quiet(steps=24, dead_tokens=256, group_encoders=grouped))
+        trainer = Trainer(saes, _quiet(steps=24, dead_tokens=256, group_encoders=grouped), log=_log())
         assert len(trainer.groups) == (1 if grouped else len(ks))
         trainer.fit(_sparse_stream(30))
         results[grouped] = (saes, trainer.history)
@@ -165,7 +169,7 @@ def test_sweep_grouped_equals_ungrouped():
 def test_norm_factor_folded_into_saved_weights(tmp_path):
     batches = list(_sparse_stream(12, offset=5.0, scale=20.0))
     sae = TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(0))
-    trainer = Trainer([sae], _quiet(steps=12, norm_batches=5, checkpoint_dir=str(tmp_path)))
+    trainer = Trainer([sae], _quiet(steps=12, norm_batches=5, checkpoint_dir=str(tmp_path)), log=_log())
     trainer.fit(iter(batches))
     s = math.sqrt(float(torch.cat(batches[:5]).double().pow(2).sum(1).mean()))
     assert sae.cfg.meta["norm_factor"] == pytest.approx(s, rel=1e-9)
@@ -191,7 +195,7 @@ def test_norm_factor_folded_into_saved_weights(tmp_path):
 def test_b_dec_initialised_to_geometric_median_of_first_batch():
     batches = list(_sparse_stream(3))
     sae = TopKSAE(32, 64, 4)
-    trainer = Trainer([sae], _quiet(steps=1, lr=0.0, norm_batches=1))
+    trainer = Trainer([sae], _quiet(steps=1, lr=0.0, norm_batches=1), log=_log())
     trainer.fit(iter(batches))  # lr 0: one step changes nothing, b_dec stays at the (rescaled) median
     s = trainer.norm_factor
     expected = geometric_median(batches[0] / s) * s
@@ -254,8 +258,9 @@ def test_dead_counting_and_auxk_revives_dead_latents():
     for alpha in (0.0, 1 / 32):
         sae = _sae_with_muted_latents(muted)
         W_enc0 = sae.W_enc.detach().clone()
-        trainer = Trainer([sae], _quiet(steps=60, lr=1e-2, auxk_alpha=alpha, dead_tokens=128, log_every=1,
-                                        normalize_activations=False, init_b_dec=False, decay_fraction=0.0))
+        trainer = Trainer([sae], _quiet(steps=60, lr=1e-2, auxk_alpha=alpha, dead_tokens=128,
+                                        normalize_activations=False, init_b_dec=False, decay_fraction=0.0),
+                          log=_log(log_every=1))
         trainer.fit(_sparse_stream(60, d=16, n_true=32, batch=64, offset=0.0, noise=0.5))
         moved = (sae.W_enc.detach() - W_enc0)[-muted:].abs().amax(1)
         runs[alpha] = (trainer, moved)
@@ -281,7 +286,7 @@ def test_dead_counting_and_auxk_revives_dead_latents():
 
 def test_train_config_json_round_trip(tmp_path):
     cfg = TrainConfig(total_tokens=12345, lr=1e-3, betas=(0.8, 0.99), autocast_dtype="bfloat16",
-                      checkpoint_dir="/tmp/x", checkpoint_every=7, wandb_project="p", progress=False)
+                      checkpoint_dir="/tmp/x", checkpoint_every=7)
     text = cfg.to_json()
     assert TrainConfig.from_json(text) == cfg
     assert TrainConfig.from_dict(json.loads(text)) == cfg
@@ -294,13 +299,25 @@ def test_train_config_json_round_trip(tmp_path):
         TrainConfig.from_dict({"lr": 1.0, "learning_rate": 2.0})
     with pytest.raises(ValueError):
         TrainConfig(autocast_dtype="int8")
+    # logging options live in LogConfig; a saved dict holding both (older checkpoints' config) splits into the two
+    saved = {**cfg.to_dict(), "log_every": 7, "progress": False, "progress_desc": "x", "wandb_project": "p",
+             "wandb_run_name": None, "tensorboard_dir": None}
+    assert TrainConfig.from_dict(saved) == cfg
+    assert LogConfig.from_dict(saved) == LogConfig(log_every=7, progress=False, progress_desc="x", wandb_project="p")
+    assert LogConfig.from_dict(LogConfig(log_every=3).to_dict()) == LogConfig(log_every=3)
+    with pytest.raises(ValueError, match="unknown"):
+        LogConfig.from_dict({"log_every": 1, "log_evry": 2})
+    with pytest.raises(ValueError):
+        LogConfig(log_every=-1)
+    with pytest.raises(TypeError):
+        TrainConfig(log_every=10)
 
 
 def test_bf16_autocast_keeps_fp32_master_weights():
     runs = {}
     for autocast in (None, "bfloat16"):
         saes = [TopKSAE(32, 64, k, generator=torch.Generator().manual_seed(k)) for k in (4, 8)]
-        trainer = Trainer(saes, _quiet(steps=40, autocast_dtype=autocast, dead_tokens=256))
+        trainer = Trainer(saes, _quiet(steps=40, autocast_dtype=autocast, dead_tokens=256), log=_log())
         trainer.fit(_sparse_stream(40))
         runs[autocast] = (saes, [r["fve"] for r in trainer.history[-1]["sae"]])
     saes, fves = runs["bfloat16"]
@@ -315,31 +332,31 @@ def test_bf16_autocast_keeps_fp32_master_weights():
 
 def test_total_tokens_and_short_stream():
     sae = TopKSAE(32, 64, 4)
-    trainer = Trainer([sae], _quiet(total_tokens=128 * 10 + 1, progress=True))  # with a tqdm bar
+    trainer = Trainer([sae], _quiet(total_tokens=128 * 10 + 1), log=_log(progress=True))  # with a tqdm bar
     trainer.fit(_sparse_stream(50))
     assert trainer.total_steps == 11 and trainer.step == 11 and trainer.tokens_seen == 128 * 11
     sae = TopKSAE(32, 64, 4)
-    trainer = Trainer([sae], _quiet(steps=100))
+    trainer = Trainer([sae], _quiet(steps=100), log=_log())
     trainer.fit(_sparse_stream(7))  # the stream ends first: stop cleanly
     assert trainer.step == 7 and sae.cfg.meta["trained_tokens"] == 7 * 128
-    trainer = Trainer([TopKSAE(32, 64, 4)], _quiet())
+    trainer = Trainer([TopKSAE(32, 64, 4)], _quiet(), log=_log())
     trainer.fit(list(_sparse_stream(5)))  # no steps / tokens: len(stream)
     assert trainer.step == 5
     with pytest.raises(ValueError, match="steps or total_tokens"):
-        Trainer([TopKSAE(32, 64, 4)], _quiet()).fit(_sparse_stream(5))
+        Trainer([TopKSAE(32, 64, 4)], _quiet(), log=_log()).fit(_sparse_stream(5))
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 
 def test_wrong_d_raises_with_shapes():
-    trainer = Trainer([TopKSAE(32, 64, 4)], _quiet(steps=5))
+    trainer = Trainer([TopKSAE(32, 64, 4)], _quiet(steps=5), log=_log())
     with pytest.raises(ValueError, match=r"\[128, 16\].*d=32"):
         trainer.fit(_sparse_stream(5, d=16))
     with pytest.raises(ValueError, match="share d"):
         Trainer([TopKSAE(32, 64, 4), TopKSAE(16, 64, 4)])
     with pytest.raises(ValueError, match="empty"):
-        Trainer([TopKSAE(32, 64, 4)], _quiet(steps=5)).fit(iter([]))
+        Trainer([TopKSAE(32, 64, 4)], _quiet(steps=5), log=_log()).fit(iter([]))
 
 
 @pytest.mark.parametrize("mode", ["auto", "deferred"])
@@ -351,11 +368,10 @@ def test_nan_mid_stream_names_step_and_saves_nothing_half_written(tmp_path, mode
                 x[3, 5] = float("nan")
             yield x
 
-    cfg = _quiet(steps=12, norm_batches=2, checkpoint_dir=str(tmp_path), checkpoint_every=3, log_every=5,
-                 nan_check=mode)
+    cfg = _quiet(steps=12, norm_batches=2, checkpoint_dir=str(tmp_path), checkpoint_every=3, nan_check=mode)
     sae = TopKSAE(32, 64, 4)
     with pytest.raises(ValueError, match=r"step 7\b"):
-        Trainer([sae], cfg).fit(poisoned())
+        Trainer([sae], cfg, log=_log(log_every=5)).fit(poisoned())
     names = sorted(p.name for p in tmp_path.iterdir())
     # the checkpoint of step 6 (written before the bad batch) is there and complete; nothing else
     assert names == ["step-000000006"], names
@@ -387,13 +403,35 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
     batches = list(_sparse_stream(16))
     make = lambda: [TopKSAE(32, 64, k, generator=torch.Generator().manual_seed(k)) for k in (4, 8)]  # noqa: E731
     cfg = _quiet(steps=16, dead_tokens=256, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=5)
-    full = Trainer(make(), cfg).fit(iter(batches))
+    full = Trainer(make(), cfg, log=_log()).fit(iter(batches))
     # a run whose stream stops after 11 batches (last periodic checkpoint: step 10)
-    cut = Trainer(make(), cfg.__class__.from_dict({**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "b")}))
+    cut = Trainer(make(), cfg.__class__.from_dict({**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "b")}),
+                  log=_log())
     cut.fit(iter(batches[:11]))
-    resumed = Trainer(make(), cfg.__class__.from_dict({**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "c")}))
+    resumed = Trainer(make(), cfg.__class__.from_dict({**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "c")}),
+                      log=_log())
     resumed.fit(iter(batches), resume_from=tmp_path / "b" / "step-000000011")
     for a, b in zip(full, resumed.saes):
         for p in ("W_enc", "b_enc", "W_dec", "b_dec"):
             assert torch.equal(getattr(a, p), getattr(b, p)), p
     assert resumed.step == 16
+
+
+def test_resume_from_checkpoint_whose_config_has_logging_keys(tmp_path):
+    """A checkpoint whose saved config still holds the logging keys (log_every, progress, ...) resumes."""
+    batches = list(_sparse_stream(8))
+    make = lambda: [TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(4))]  # noqa: E731
+    cfg = _quiet(steps=8, dead_tokens=256, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=4)
+    full = Trainer(make(), cfg, log=_log()).fit(iter(batches))
+    Trainer(make(), cfg, log=_log()).fit(iter(batches[:5]))  # stopped by its stream: last checkpoint at step 5
+    tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "a"))
+    meta["config"].update(log_every=100, progress=True, progress_desc="SAE training", wandb_project=None,
+                          wandb_run_name=None, tensorboard_dir=None)
+    old = ckpt.save_checkpoint(tmp_path / "old", meta["step"], tensors, meta)
+    assert TrainConfig.from_dict(ckpt.load_checkpoint(old)[1]["config"]) == cfg
+    resumed = Trainer(make(), TrainConfig.from_dict({**meta["config"], "checkpoint_dir": str(tmp_path / "c")}),
+                      log=_log())
+    resumed.fit(iter(batches), resume_from=old)
+    assert resumed.step == 8
+    for p in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(full[0], p), getattr(resumed.saes[0], p)), p

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_two_process_gloo_equals_single_process(tmp_path):
-    from tests._train_worker import N_BATCHES, final_tensors, global_stream, make_config, make_saes
+    from tests._train_worker import N_BATCHES, final_tensors, global_stream, make_config, make_log, make_saes
     from dlmscope.train import Trainer
 
     out = tmp_path / "ddp.safetensors"
@@ -45,7 +45,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     # rank 0 alone wrote the checkpoints
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"step-{N_BATCHES:09d}"]
 
-    trainer = Trainer(make_saes(), make_config(steps=20))
+    trainer = Trainer(make_saes(), make_config(steps=20), log=make_log())
     expected = final_tensors(trainer.fit(global_stream()))
     assert trainer.step == N_BATCHES
     got = load_file(str(out))
