@@ -34,8 +34,8 @@ sys.path.insert(0, HERE)
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)  # the repo's dlmscope, also when it is not installed
 
-CPU_TARGET = 1.8
-CONTENTION_CORES = 0.25  # other processes using more than this many cores while we time: flag the run  # our CPU step <= 1.8x the bare encoder GEMM (DESIGN.md)
+CPU_TARGET = 1.8  # our CPU step <= 1.8x the bare encoder GEMM (DESIGN.md)
+CONTENTION_CORES = 0.25  # other processes using more than this many cores while we time: flag the run
 BASELINES = ("gemm", "dense", "dense_compiled")
 OP_BASELINES = ("reference", "adam_foreach")
 OPS = ("encode", "decode_fwd_bwd", "decoder_norm_step")
@@ -224,7 +224,6 @@ STEP_LABELS = {
     "torch": "dlmscope `torch` backend (embedding_bag / index_add, fused Adam)",
     "cpu": "dlmscope `cpu` backend (C++/OpenMP kernels)",
     "triton": "dlmscope `triton` backend",
-    "cuda": "dlmscope `cuda` backend (CUDA C++)",
 }
 
 

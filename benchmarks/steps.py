@@ -9,15 +9,17 @@ i.e. ``W_enc = W_dec.clone()``), small random biases, random activations; the ca
 Step variants (DESIGN.md: the encoder GEMM is the floor of a step):
 
 - ``gemm``: the bare encoder GEMM ``x @ W_enc.T`` (no grad) — the floor everything is divided by.
-- ``dense``: the paper's plain-PyTorch step — ``reference.topk_encode`` + ``reference.sparse_decode`` (scatter
-  into B×n, dense matmul), autograd, W_dec grad projected with ``reference.project_out_parallel``,
-  ``torch.optim.Adam`` (default foreach) on all parameters, W_dec rows renormalised.
-- ``dense_compiled``: the same under ``torch.compile`` (GPU by default).
-- one variant per dlmscope backend that runs on the device (``torch``, ``cpu``, ``triton``, ``cuda``):
+- ``dense``: the paper's plain-PyTorch step, ``reference.dense_train_step`` — ``reference.topk_encode`` +
+  ``reference.sparse_decode`` (scatter into B×n, dense matmul), autograd, W_dec grad projected off the unit rows,
+  ``torch.optim.Adam`` (foreach) on all parameters, W_dec rows renormalised; no gradient clipping (the backend
+  steps do not clip either).
+- ``dense_compiled``: the same with its two halves (``reference.dense_loss``, ``reference.dense_update``) under
+  ``torch.compile`` (GPU by default).
+- one variant per dlmscope backend that runs on the device (``torch``, ``cpu``, ``triton``):
   ``dlmscope.topk_encode`` + ``dlmscope.sparse_decode``, backward, ``dlmscope.decoder_norm_step`` for the
   decoder, ``torch.optim.Adam(fused=True)`` for W_enc, b_enc, b_dec; all inside ``value_checks(False)``.
 
-Loss: ``mean_b ||x - x_hat||^2``.
+Loss: ``reference.mse_loss``, ``mean_b ||x - x_hat||^2`` (summed in float32 for bf16/fp16).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import dataclasses
 import gc
 import math
 import os
+import types
 from typing import Callable
 
 import torch
@@ -248,11 +251,6 @@ def _adam(params, fused: bool):
     return torch.optim.Adam(params, lr=LR, betas=BETAS, eps=EPS, foreach=True), "foreach"
 
 
-def _mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of ||x - x_hat||^2 (accumulated in float32)."""
-    return (x - x_hat).float().pow(2).sum(-1).mean()
-
-
 def build_gemm(cfg: BenchConfig) -> Workload:
     """The bare encoder GEMM ``x @ W_enc.T``: the floor of a step."""
     xs = Rotation(make_batches(cfg))
@@ -266,43 +264,26 @@ def build_gemm(cfg: BenchConfig) -> Workload:
     return Workload("gemm", fn, state, {"kind": "gemm"})
 
 
-def _dense_parts(cfg: BenchConfig):
-    p = make_params(cfg)
-    opt, mode = _adam(list(p.values()), fused=False)  # the default: foreach
-    xs = Rotation(make_batches(cfg))
-    k = cfg.k
-
-    def forward_loss(x):
-        values, indices = reference.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
-        x_hat = reference.sparse_decode(values, indices, p["W_dec"], p["b_dec"])
-        return _mse(x, x_hat)
-
-    def update():
-        W_dec = p["W_dec"]
-        with torch.no_grad():
-            W_dec.grad.copy_(reference.project_out_parallel(W_dec.grad, W_dec))
-        opt.step()
-        with torch.no_grad():
-            W_dec.copy_(reference.normalize_rows(W_dec))
-
-    return p, opt, mode, xs, forward_loss, update
-
-
 def build_dense(cfg: BenchConfig, compiled: bool = False) -> Workload:
-    """The paper's plain-PyTorch step (optionally under torch.compile)."""
-    p, opt, mode, xs, forward_loss, update = _dense_parts(cfg)
+    """The paper's plain-PyTorch step, ``reference.dense_train_step`` without clipping (optionally compiled)."""
+    p = make_params(cfg)
+    sae = types.SimpleNamespace(**p, k=cfg.k)  # what the reference step reads: W_enc, b_enc, W_dec, b_dec, k
+    opt, mode = _adam(list(p.values()), fused=False)  # the default: foreach
     if compiled:
-        forward_loss = torch.compile(forward_loss)
-        update = torch.compile(update)
-    state = {"p": p, "opt": opt, "xs": xs}
+        loss_fn, update_fn = torch.compile(reference.dense_loss), torch.compile(reference.dense_update)
+
+        def step(sae, opt, x, grad_clip):  # reference.dense_train_step, its two halves compiled
+            loss = loss_fn(sae, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            update_fn(sae, opt, grad_clip)
+            return loss.detach()
+    else:
+        step = reference.dense_train_step
+    state = {"sae": sae, "opt": opt, "xs": Rotation(make_batches(cfg))}
 
     def fn():
-        x = state["xs"].next()
-        loss = forward_loss(x)
-        loss.backward()
-        update()
-        state["opt"].zero_grad(set_to_none=True)
-        return loss
+        return step(state["sae"], state["opt"], state["xs"].next(), None)
 
     name = "dense_compiled" if compiled else "dense"
     return Workload(name, fn, state, {"kind": "step", "adam": mode, "compiled": compiled})
@@ -324,7 +305,7 @@ def build_backend_step(cfg: BenchConfig, backend: str) -> Workload:
         with dlmscope.value_checks(False):
             values, indices = dlmscope.topk_encode(x, P["W_enc"], P["b_enc"], P["b_dec"], k, backend=backend)
             x_hat = dlmscope.sparse_decode(values, indices, P["W_dec"], P["b_dec"], backend=backend)
-            loss = _mse(x, x_hat)
+            loss = reference.mse_loss(x, x_hat)
             loss.backward()
             state["step"] += 1
             W_dec = P["W_dec"]

@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_report.py [--quick]
 
-Targets (issue 3): grouped sweep ≥ 3× the plain-PyTorch dense sweep, and ≥ 1.5× six separate SAEs.
+Targets: grouped sweep ≥ 3× the plain-PyTorch dense sweep, and ≥ 1.5× six separate SAEs.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import torch
 import dlmscope
 from dlmscope import reference
 from dlmscope.sae import TopKSAE
-from dlmscope.train import Trainer, TrainConfig
+from dlmscope.train import LogConfig, Trainer, TrainConfig
 
 QUICK = os.environ.get("DLMSCOPE_BENCH_QUICK") == "1"
 D, N, B = (64, 1024, 256) if QUICK else (512, 16384, 2048)
@@ -41,11 +41,11 @@ def _saes() -> list[TopKSAE]:
 
 def _trainer_round(group: bool):
     batches = _batches(STEPS)
-    cfg = TrainConfig(steps=STEPS, warmup_steps=1, norm_batches=1, progress=False, log_every=0,
-                      group_encoders=group, seed=0)
+    cfg = TrainConfig(steps=STEPS, warmup_steps=1, norm_batches=1, group_encoders=group, seed=0)
+    log = LogConfig(progress=False, log_every=0)
 
     def setup():
-        return (Trainer(_saes(), cfg), batches), {}
+        return (Trainer(_saes(), cfg, log=log), batches), {}
 
     def run(trainer, stream):
         trainer.fit(stream)

@@ -1,15 +1,10 @@
-// The one binding file of dlmscope._C (pybind11 through torch/extension.h).
-// CPU kernels (csrc/cpu) are always exposed; a CUDA build adds its launchers under DLMSCOPE_WITH_CUDA.
+// The one binding file of dlmscope._C (pybind11 through torch/extension.h): the CPU kernels of csrc/cpu.
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
 
-#ifdef DLMSCOPE_WITH_CUDA
-// CUDA entry points are declared and registered here by the CUDA build (csrc/cuda).
-#endif
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dlmscope native kernels (CPU C++/OpenMP; CUDA when built with DLMSCOPE_WITH_CUDA)";
+  m.doc() = "dlmscope native kernels (CPU, C++/OpenMP)";
   namespace py = pybind11;
   using namespace dlmscope::cpu;
 
@@ -36,8 +31,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "In place: project grad off W's unit rows, Adam step (torch.optim.Adam semantics), renormalise rows",
         py::arg("W"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"));
-
-#ifdef DLMSCOPE_WITH_CUDA
-  // m.def("cuda_...", ...);  -- added by the CUDA build
-#endif
 }

@@ -4,6 +4,10 @@ Written for clarity, not speed: dense B×n pre-activations, dense scatter-then-m
 DLM-Scope paper's code does), gradients by ordinary autograd. It imports no kernel and no backend, so it stays
 an independent judge of them. Works in any float dtype, float64 included.
 
+Contents: the public ops (``topk_encode``, ``sparse_decode``, ``decoder_norm_step``), the backend primitives
+(``gather_accumulate``, ``transpose_reduce``, ``sddmm``), the metric ``fraction_of_variance_explained`` and the
+plain-PyTorch training step ``dense_train_step`` (= ``dense_loss`` + backward + ``dense_update``).
+
 Conventions (DESIGN.md): x [B,d]; W_enc [n,d]; b_enc [n]; W_dec [n,d] with unit-norm rows; b_dec [d].
 """
 from __future__ import annotations
@@ -32,6 +36,26 @@ def densify(values: Tensor, indices: Tensor, n: int) -> Tensor:
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     """x_hat [B,d] = b_dec + sum_j values[b,j] W_dec[indices[b,j]], computed densely (scatter into B×n, matmul)."""
     return densify(values, indices, W_dec.shape[0]) @ W_dec + b_dec
+
+
+# ---- the backend primitives (dlmscope/backends/base.py), densely --------------------------------------------
+
+
+def gather_accumulate(coef: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+    """out [B,d]: out[b] = sum_j coef[b,j] W[idx[b,j]] for coef, idx [B,k] and W [n,d]."""
+    return densify(coef, idx, W.shape[0]) @ W
+
+
+def transpose_reduce(coef: Tensor, idx: Tensor, X: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(out [n,d], coef_sum [n]): out[i] = sum over (b,j) with idx[b,j] = i of coef[b,j] X[b]; coef_sum[i] the
+    sum of those coef. coef, idx [B,k]; X [B,d]; latents that never occur get zero rows."""
+    dense = densify(coef, idx, n)
+    return dense.T @ X, dense.sum(0)
+
+
+def sddmm(G: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+    """out [B,k]: out[b,j] = <G[b], W[idx[b,j]]> for G [B,d], idx [B,k], W [n,d] (all B×n products, then gather)."""
+    return (G @ W.T).gather(1, idx.long())
 
 
 def forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int) -> Tensor:
@@ -76,15 +100,24 @@ def fraction_of_variance_explained(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
 
 
-def dense_train_step(sae, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float | None = 1.0) -> Tensor:
-    """One step of the paper's plain-PyTorch recipe (the speed baseline): dense Top-K encode, scatter decode,
-    MSE, autograd, decoder gradient projected off the unit rows, global grad-norm clip, ``opt.step()``,
-    decoder rows renormalised. ``sae`` has ``W_enc, b_enc, W_dec, b_dec, k``; ``x`` is ``[B, d]``. Returns the loss."""
+def mse_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """The training loss: mean over b of ||x[b] - x_hat[b]||^2 for x, x_hat [B,d] (0-d; summed in float32 for
+    bfloat16/float16 inputs)."""
+    err = x - x_hat
+    if err.dtype in (torch.bfloat16, torch.float16):
+        err = err.float()
+    return err.pow(2).sum(-1).mean()
+
+
+def dense_loss(sae, x: Tensor) -> Tensor:
+    """``mse_loss`` of the dense Top-K reconstruction of ``x`` [B,d]; ``sae`` has ``W_enc, b_enc, W_dec, b_dec, k``."""
     values, indices = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
-    x_hat = sparse_decode(values, indices, sae.W_dec, sae.b_dec)
-    loss = (x - x_hat).pow(2).sum(-1).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    return mse_loss(x, sparse_decode(values, indices, sae.W_dec, sae.b_dec))
+
+
+def dense_update(sae, opt: torch.optim.Optimizer, grad_clip: float | None = 1.0) -> None:
+    """The update after ``backward``: W_dec's gradient projected off its unit rows, the global grad norm of the four
+    parameters clipped to ``grad_clip`` (None: no clipping), ``opt.step()``, W_dec's rows renormalised."""
     with torch.no_grad():
         sae.W_dec.grad.copy_(project_out_parallel(sae.W_dec.grad, sae.W_dec))
     if grad_clip is not None:
@@ -92,4 +125,14 @@ def dense_train_step(sae, opt: torch.optim.Optimizer, x: Tensor, grad_clip: floa
     opt.step()
     with torch.no_grad():
         sae.W_dec.copy_(normalize_rows(sae.W_dec))
+
+
+def dense_train_step(sae, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float | None = 1.0) -> Tensor:
+    """One step of the paper's plain-PyTorch recipe (the speed baseline): ``dense_loss`` (dense Top-K encode,
+    scatter decode, MSE), autograd, ``dense_update``. ``sae`` has ``W_enc, b_enc, W_dec, b_dec, k`` (leaf
+    parameters that ``opt`` updates); ``x`` is ``[B, d]``. Returns the loss (detached)."""
+    loss = dense_loss(sae, x)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    dense_update(sae, opt, grad_clip)
     return loss.detach()

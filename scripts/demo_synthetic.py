@@ -1,8 +1,8 @@
-"""A first job for `make demo`: train a Top-K SAE with dlmscope's fused ops on synthetic activations.
+"""The synthetic job behind `make demo-synthetic`: train a Top-K SAE with dlmscope's fused ops, no model.
 
 The activations are sparse combinations of a known dictionary (ground truth), so the run shows both speed
-and correctness: FVE, L0, and how many true directions the SAE recovered (max cosine > 0.9). The DLM
-pipeline on the embedded world replaces this once the model side lands (see the issues).
+and correctness: FVE, L0, and how many true directions the SAE recovered (max cosine > 0.9). `make demo`
+runs the full job on the embedded world's models instead.
 
     python scripts/demo_synthetic.py [--steps 300] [--backend cpu]
 """
@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import dlmscope
-from dlmscope import reference
+from dlmscope import metrics
 
 
 def synthetic_batches(d: int, n_true: int, active: int, batch: int, seed: int):
@@ -25,7 +25,7 @@ def synthetic_batches(d: int, n_true: int, active: int, batch: int, seed: int):
     while True:
         idx = torch.rand(batch, n_true, generator=g).topk(active, dim=1).indices
         weights = torch.rand(batch, active, generator=g) + 0.5
-        yield dictionary, reference.sparse_decode(weights, idx, dictionary, torch.zeros(d))
+        yield dictionary, dlmscope.sparse_decode(weights, idx, dictionary, torch.zeros(d))
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     with torch.no_grad():
         values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, args.k)
         x_hat = dlmscope.sparse_decode(values, indices, W_dec, b_dec)
-        fve = float(reference.fraction_of_variance_explained(x, x_hat))
+        fve = float(metrics.fve(x, x - x_hat))
         l0 = float((values > 0).sum(1).float().mean())
         max_cos = (dictionary @ W_dec.T).max(dim=1).values
     recovered = float((max_cos > 0.9).float().mean())

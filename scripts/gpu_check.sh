@@ -11,7 +11,7 @@
 #
 # Phases (each under its own `timeout`, so one hang cannot eat the call; a failed phase does not stop the
 # next; a status table is printed at the end):
-#   env      nvidia-smi, python / torch / triton / nvcc versions, which test plugins exist
+#   env      nvidia-smi, python / torch / triton versions, which test plugins exist
 #   install  carried wheels from .whl/ (if any) into /tmp/site, then `pip install --no-build-isolation
 #            --no-deps -e .` (works offline with the image's torch 2.11 / triton 3.6); if dlmscope._C still
 #            does not import from the checkout, `python setup.py build_ext --inplace` as a fallback
@@ -120,7 +120,6 @@ env_info() {
   nproc; free -g
   "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
   "$PY" -c "import triton; print('triton', triton.__version__)"
-  nvcc --version
   "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pytest|pytest-benchmark|pytest-timeout|hypothesis|setuptools|pybind11|ninja|numpy|safetensors|transformers) '
   set +x
 }

@@ -1,4 +1,5 @@
-"""Bad input → clear errors, through the entry points a user touches (issue 4).
+"""Bad input → clear errors, through the entry points a user touches (API and CLI): model loading, layers,
+mask policies, SAE width.
 
 Every case checks the exception type *and* a message fragment naming the problem. Models: the embedded
 world's LLaDA-format DLM and its Llama AR twin, tiny checkpoints written to tmp_path, and a tiny

@@ -224,7 +224,7 @@ def test_decoder_norm_step_matches_reference(backend, device, dtype):
     m = 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)
     v = 0.01 * torch.rand(n, d, generator=g, dtype=torch.float64)
     ours = [t.to(device=device, dtype=dtype) for t in (W, m, v)]
-    refs = [t.to(dtype).double() for t in (W, m, v)]  # the same starting point, rounded to dtype
+    refs = [t.to(dtype).double().clone() for t in (W, m, v)]  # the same start, rounded to dtype; never aliases ours
     for step in (1, 2, 3):
         grad = torch.randn(n, d, generator=g, dtype=torch.float64)
         grad_ours = grad.to(device=device, dtype=dtype)
@@ -239,6 +239,35 @@ def test_decoder_norm_step_matches_reference(backend, device, dtype):
         torch.testing.assert_close(got.cpu().double(), ref, atol=tol * (float(ref.abs().max()) + 1e-12), rtol=0)
     norms = ours[0].double().norm(dim=1).cpu()
     torch.testing.assert_close(norms, torch.ones(n, dtype=torch.float64), atol=10 * tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_primitives_match_reference(backend, device, dtype):
+    """The sparse primitives of the backend contract (backends/base.py) equal the dense reference ones; duplicate
+    ids within a row add up, latents that never occur get zero rows."""
+    g = torch.Generator().manual_seed(13)
+    B, k, n, d = 9, 6, 40, 19
+    idx = torch.randint(0, n // 2, (B, k), generator=g)
+    idx[0] = idx[0, 0]  # a row of one id repeated
+    coef, W, X = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, k), (n, d), (B, d)))
+    ours = [t.to(device=device, dtype=dtype) for t in (coef, W, X)]
+    c64, W64, X64 = (t.cpu().double() for t in ours)  # the same inputs, rounded to dtype
+    tol = tolerance(dtype, backend) * 5
+    cases = {  # name: (backend outputs, reference outputs)
+        "gather_accumulate": ((ops._call(backend, "gather_accumulate", ours[0], idx.to(device), ours[1]),),
+                              (reference.gather_accumulate(c64, idx, W64),)),
+        "transpose_reduce": (ops._call(backend, "transpose_reduce", ours[0], idx.to(device), ours[2], n),
+                             reference.transpose_reduce(c64, idx, X64, n)),
+        "sddmm": ((ops._call(backend, "sddmm", ours[2], idx.to(device), ours[1]),),
+                  (reference.sddmm(X64, idx, W64),)),
+    }
+    for name, (outs, refs) in cases.items():
+        for out, ref in zip(outs, refs, strict=True):
+            assert out.dtype == dtype and out.shape == ref.shape, name
+            torch.testing.assert_close(out.cpu().double(), ref, atol=tol * (float(ref.abs().max()) + 1), rtol=0,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    unused = torch.bincount(idx.reshape(-1), minlength=n) == 0
+    assert bool((cases["transpose_reduce"][0][0].cpu()[unused] == 0).all())
 
 
 def test_reference_decoder_norm_step_is_adam_on_projected_grads():

@@ -1,4 +1,4 @@
-"""The Triton kernels against plain PyTorch in float64.
+"""The Triton kernels against the plain-PyTorch oracle (``dlmscope.reference``) in float64.
 
 Runs on CUDA, or on CPU under the Triton interpreter (``make test`` sets ``TRITON_INTERPRET=1``); skipped
 otherwise. Shapes are small (the interpreter runs every block op through NumPy) and chosen to hit the edges:
@@ -19,6 +19,7 @@ if __name__ != "__main__" and not (_INTERPRET or torch.cuda.is_available()):
 pytest.importorskip("triton", reason="triton is not installed")
 
 from dlmscope import kernels as K  # noqa: E402
+from dlmscope import reference  # noqa: E402
 from dlmscope.backends.triton_backend import TritonBackend  # noqa: E402
 
 DEV = torch.device("cpu" if _INTERPRET else "cuda")
@@ -156,7 +157,7 @@ def test_gather_accumulate(B, k, n, d, dtype):
     coef, idx, W, _ = _sparse_inputs(B, k, n, d, dtype, seed=B + k + n + d)
     out = K.gather_accumulate(coef, idx, W)
     assert out.shape == (B, d) and out.dtype == dtype
-    ref = torch.einsum("bk,bkd->bd", coef.double().cpu(), W.double().cpu()[idx.cpu()])
+    ref = reference.gather_accumulate(coef.double().cpu(), idx.cpu(), W.double().cpu())
     _close(out, ref, dtype, scale=k ** 0.5)
 
 
@@ -166,7 +167,7 @@ def test_sddmm(B, k, n, d, dtype):
     _, idx, W, G = _sparse_inputs(B, k, n, d, dtype, seed=2 * (B + k + n + d))
     out = K.sddmm(G, idx, W)
     assert out.shape == (B, k) and out.dtype == dtype
-    ref = torch.einsum("bd,bkd->bk", G.double().cpu(), W.double().cpu()[idx.cpu()])
+    ref = reference.sddmm(G.double().cpu(), idx.cpu(), W.double().cpu())
     _close(out, ref, dtype, scale=d ** 0.5)
 
 
@@ -176,10 +177,8 @@ def test_transpose_reduce(B, k, n, d, dtype):
     coef, idx, _, X = _sparse_inputs(B, k, n, d, dtype, seed=3 * (B + k + n + d))
     out, coef_sum = K.transpose_reduce(coef, idx, X, n)
     assert out.shape == (n, d) and out.dtype == dtype and coef_sum.shape == (n,) and coef_sum.dtype == dtype
-    c64, x64, flat = coef.double().cpu(), X.double().cpu(), idx.cpu().reshape(-1)
-    ref = torch.zeros(n, d, dtype=torch.float64).index_add_(0, flat, (c64[:, :, None] * x64[:, None, :]).reshape(-1, d))
-    ref_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, flat, c64.reshape(-1))
-    cnt = torch.bincount(flat, minlength=n)
+    ref, ref_sum = reference.transpose_reduce(coef.double().cpu(), idx.cpu(), X.double().cpu(), n)
+    cnt = torch.bincount(idx.cpu().reshape(-1), minlength=n)
     _close(out, ref, dtype, scale=float(cnt.max()) ** 0.5)
     _close(coef_sum, ref_sum, dtype, scale=float(cnt.max()) ** 0.5)
     unused = cnt == 0
@@ -198,14 +197,10 @@ def test_sort_by_latent():
 
 # ---- decoder_norm_step ------------------------------------------------------------------------------------
 def _oracle_norm_step(W, grad, m, v, step, lr, b1, b2, eps):
+    """reference.decoder_norm_step in float64 on copies: (W, m, v) after the step."""
     W, grad, m, v = (t.double().cpu().clone() for t in (W, grad, m, v))
-    w_hat = W / W.norm(dim=1, keepdim=True)
-    g = grad - (grad * w_hat).sum(1, keepdim=True) * w_hat
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-    W = W - (lr / bc1) * m / (v.sqrt() / bc2 ** 0.5 + eps)
-    return W / W.norm(dim=1, keepdim=True), m, v
+    reference.decoder_norm_step(W, grad, m, v, step, lr, (b1, b2), eps)
+    return W, m, v
 
 
 @pytest.mark.parametrize("n,d", [(7, 50), (5, 200)])  # one block per row / several d-tiles per row
@@ -265,12 +260,12 @@ def test_backend_contract():
     values, indices = be.encode(x, W_enc, b_enc, b_dec, k)
     _check_encode(x, W_enc, b_enc, b_dec, k, values, indices)
     x_hat = be.decode(values, indices, W_dec, b_dec)
-    ref = b_dec.double().cpu() + torch.einsum("bk,bkd->bd", values.double().cpu(), W_dec.double().cpu()[indices.cpu()])
+    ref = reference.sparse_decode(values.double().cpu(), indices.cpu(), W_dec.double().cpu(), b_dec.double().cpu())
     _close(x_hat, ref, torch.float32, scale=3.0)
     gy = _randn(B, d, g=g)
     d_values, dW_dec, db_dec = be.decode_backward(gy, values, indices, W_dec)
-    _close(d_values, torch.einsum("bd,bkd->bk", gy.double().cpu(), W_dec.double().cpu()[indices.cpu()]),
-           torch.float32, scale=6.0)
+    _close(d_values, reference.sddmm(gy.double().cpu(), indices.cpu(), W_dec.double().cpu()), torch.float32,
+           scale=6.0)
     assert dW_dec.shape == W_dec.shape and db_dec.shape == (d,)
 
 

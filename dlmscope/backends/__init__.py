@@ -1,8 +1,7 @@
 """Backend registry and selection: explicit ``backend=`` > ``DLMSCOPE_BACKEND`` > best available for the device.
 
 Backends: ``torch`` (plain PyTorch, always available), ``cpu`` (C++/OpenMP extension ``dlmscope._C``),
-``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++ in ``dlmscope._C``
-when built against a CUDA torch).
+``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -18,10 +17,9 @@ _SPECS = {
     "torch": "dlmscope.backends.torch_backend:TorchBackend",
     "cpu": "dlmscope.backends.cpu_backend:CpuBackend",
     "triton": "dlmscope.backends.triton_backend:TritonBackend",
-    "cuda": "dlmscope.backends.cuda_backend:CudaBackend",
 }
 #: preference order per device type when nothing is requested.
-_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
 _instances: dict[str, Backend | None] = {}
 _import_errors: dict[str, str] = {}
@@ -37,7 +35,7 @@ def _load(name: str) -> Backend | None:
             _instances[name] = backend if backend.is_available() else None
             if _instances[name] is None:
                 _import_errors[name] = "not available in this environment"
-        except Exception as exc:  # a missing extension, triton, or CUDA build
+        except Exception as exc:  # a missing extension or triton
             _instances[name] = None
             _import_errors[name] = f"{type(exc).__name__}: {exc}"
     return _instances[name]

@@ -1,16 +1,18 @@
 """The ``torch`` backend: the sparse primitives in plain PyTorch (embedding_bag / index_add_), any device.
 
 This is what a careful PyTorch user writes without custom kernels: the encoder is the unfused
-``addmm`` + ``relu`` + ``topk`` over the full B×n pre-activations, the decoder is ``embedding_bag``.
-It is the second benchmark baseline (the first, dense scatter-then-matmul, is ``dlmscope.reference``).
+``addmm`` + ``relu`` + ``topk`` over the full B×n pre-activations, the decoder is ``embedding_bag``, the decoder
+update is whole-tensor in-place ops. It is the second benchmark baseline (the first, dense scatter-then-matmul,
+is ``dlmscope.reference``) and, like every backend, is checked against ``reference``, so it imports none of it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
 from .base import Backend
 
 
@@ -41,4 +43,25 @@ class TorchBackend(Backend):
         return torch.bmm(F.embedding(idx, W), G.unsqueeze(-1)).squeeze(-1)
 
     def decoder_norm_step(self, W, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
-        reference.decoder_norm_step(W, grad, exp_avg, exp_avg_sq, step, lr, (beta1, beta2), eps)
+        """W, grad, exp_avg, exp_avg_sq [n,d]: project, Adam, renormalise rows — in place, ``grad`` read only.
+
+        The math runs in float32 for bfloat16/float16 tensors (results stored back in their dtype), in the
+        tensors' dtype otherwise. A zero row of W has no direction to project off: its gradient is used as is.
+        """
+        wide = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
+        w, m, v = W.to(wide), exp_avg.to(wide), exp_avg_sq.to(wide)  # the tensors themselves when already wide
+        g = grad.to(wide)
+        # g -= (<g, w> / |w|^2) w: the component along each row's direction (out of place: grad is read only)
+        ww = (w * w).sum(-1, keepdim=True)
+        along = torch.where(ww > 0, (g * w).sum(-1, keepdim=True) / ww, torch.zeros_like(ww))
+        g = g - along * w
+        # Adam as torch.optim.Adam's single-tensor path: lerp for the first moment, eps after the corrected sqrt
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+        norm = w.norm(dim=-1, keepdim=True)
+        w.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))
+        if wide != W.dtype:  # computed on float32 copies: store back
+            for target, result in ((W, w), (exp_avg, m), (exp_avg_sq, v)):
+                target.copy_(result)

@@ -2,11 +2,11 @@
 
 Per row (one program per row): ``w_hat = W / |W|``; ``g = grad - <grad, w_hat> w_hat``;
 ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``; ``W -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)``
-exactly as torch.optim.Adam; then ``W /= |W|``. Math in fp32 (IEEE sqrt and division), stores in the tensors' dtypes; a zero row is left
-zero instead of turning into NaN; ``grad`` is
-read only. When the row fits one block it stays in registers (one read, one write of each tensor);
-otherwise three sweeps: norms, new-row norm (recomputed, nothing stored), final update and stores — the
-update is recomputed bit-identically from the original values, so the stored row is exactly the
+exactly as torch.optim.Adam; then ``W /= |W|``. Math in fp32 (IEEE sqrt and division), stores in the tensors'
+dtypes; never NaN from a zero row: a zero row of W takes its gradient unprojected, a row that is zero after the
+update stays zero; ``grad`` is read only. When the row fits one block it stays in registers (one read, one
+write of each tensor); otherwise three sweeps: norms, new-row norm (recomputed, nothing stored), final update and
+stores — the update is recomputed bit-identically from the original values, so the stored row is exactly the
 normalised one.
 """
 from __future__ import annotations
