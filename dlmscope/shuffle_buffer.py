@@ -54,7 +54,8 @@ def shuffle_batches(
     """
     check_batching(batch_size, buffer_tokens)
     gen = torch.Generator().manual_seed(int(seed))
-    low_water = max(buffer_tokens // 2, batch_size)
+    # refill below half full, keeping at least a batch; below buffer_tokens so a full buffer always yields
+    low_water = min(max(buffer_tokens // 2, batch_size), buffer_tokens - 1)
     src = iter(chunks)
     carry: Chunk | None = None
     rest: Chunk | None = None

@@ -193,6 +193,15 @@ def _numbered_chunks(sizes, layers=(0, 3)):
         start += m
 
 
+@pytest.mark.parametrize("batch, buffer", [(16, 16), (16, 17), (16, 31), (16, 32)])
+def test_shuffle_buffer_terminates_for_any_buffer_of_at_least_one_batch(batch, buffer):
+    """A buffer of exactly one batch (the smallest allowed) still yields: every row once, then it stops."""
+    batches = list(shuffle_batches(_numbered_chunks([7, 30, 13, 50]), batch, buffer, seed=1, drop_last=False))
+    seen = sorted((torch.cat([b[0][:, 0] for b in batches]) / 10).round().long().tolist())
+    assert seen == list(range(100))
+    assert all(b[0].shape[0] == batch for b in batches[:-1])
+
+
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_shuffle_buffer_exact_batches_every_token_once(drop_last):
     sizes = [7, 30, 1, 0, 13, 50, 9]  # 110 tokens

@@ -57,3 +57,22 @@ def test_bad_input_is_reported(tiny_llada, capsys):
     rc = cli.main(["train", "--model", str(tiny_llada), "--layers", "0", "--policy", "masked", "--out", "unused",
                    "--sentences", "200", "--seq-len", "16"])
     assert rc == 2 and "policy" in capsys.readouterr().err
+
+
+def test_train_on_a_jsonl_corpus_and_resume(tiny_llada, tmp_path):
+    """`--corpus` a Hugging Face data file (streamed, EOS-joined); a second run with --resume reuses the
+    finished checkpoints and ends with the same SAEs."""
+    pytest.importorskip("datasets")
+    corpus = tmp_path / "docs.jsonl"
+    words = ["red", "blue", "cat", "dog", "the", "sky", "is", "two", "plus", "three"]
+    corpus.write_text("".join(json.dumps({"body": " ".join(words[(i + j) % 10] for j in range(12))}) + "\n"
+                              for i in range(400)))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_llada), "--corpus", str(corpus), "--text-field", "body", "--seq-len", "16",
+            "--lm-batch", "8", "--batch-size", "64", "--layers", "1", "--k", "2", "--n", "32", "--tokens", "512",
+            "--eval-tokens", "256", "--warmup", "1", "--log-every", "0", "--norm-batches", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert first["corpus"] == str(corpus) and -1.0 < first["layers"]["1"]["2"]["fve"] <= 1.0
+    assert cli.main(args + ["--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["layers"] == first["layers"]
