@@ -135,13 +135,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         """From a dict of TrainConfig fields. Logging keys (LogConfig's fields, which configs saved in
-        checkpoints may still hold) are ignored; read them with ``LogConfig.from_dict``. Others raise."""
+        checkpoints may still hold) are ignored; :meth:`split_dict` reads both. Others raise."""
         known = {f.name for f in dataclasses.fields(cls)}
         logging_keys = {f.name for f in dataclasses.fields(LogConfig)}
         unknown = set(data) - known - logging_keys
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def split_dict(cls, data: dict) -> tuple["TrainConfig", LogConfig]:
+        """``(recipe, logging)`` from one dict that holds both (e.g. a config saved before they were split)."""
+        recipe = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict(data), LogConfig.from_dict(data, ignore=recipe)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

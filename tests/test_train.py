@@ -303,7 +303,8 @@ def test_train_config_json_round_trip(tmp_path):
     saved = {**cfg.to_dict(), "log_every": 7, "progress": False, "progress_desc": "x", "wandb_project": "p",
              "wandb_run_name": None, "tensorboard_dir": None}
     assert TrainConfig.from_dict(saved) == cfg
-    assert LogConfig.from_dict(saved) == LogConfig(log_every=7, progress=False, progress_desc="x", wandb_project="p")
+    assert TrainConfig.split_dict(saved) == (cfg, LogConfig(log_every=7, progress=False, progress_desc="x",
+                                                          wandb_project="p"))
     assert LogConfig.from_dict(LogConfig(log_every=3).to_dict()) == LogConfig(log_every=3)
     with pytest.raises(ValueError, match="unknown"):
         LogConfig.from_dict({"log_every": 1, "log_evry": 2})

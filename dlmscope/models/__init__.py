@@ -21,9 +21,11 @@ import re
 
 import torch
 
+from .ar import AR_MODEL_TYPES, load_ar
 from .base import Adapter, read_config
-from .dream import save_dream_checkpoint
-from .llada import save_llada_checkpoint
+from .dream import is_dream_config, load_dream, save_dream_checkpoint
+from .gemma import load_diffusion_gemma
+from .llada import is_llada_config, load_llada, save_llada_checkpoint
 
 __all__ = ["Adapter", "load", "detect_family", "save_llada_checkpoint", "save_dream_checkpoint"]
 
@@ -32,10 +34,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def detect_family(cfg: dict, *, source: str = "") -> str:
     """``"llada" | "dream" | "diffusion_gemma" | "ar"`` from a config.json dict (ValueError if unknown)."""
-    from .ar import AR_MODEL_TYPES
-    from .dream import is_dream_config
-    from .llada import is_llada_config
-
     model_type = cfg.get("model_type")
     if is_llada_config(cfg):
         return "llada"
@@ -90,19 +88,11 @@ def load(
     cfg = read_config(path)
     family = detect_family(cfg, source=path)
     if family == "llada":
-        from .llada import load_llada
-
         adapter = load_llada(path, cfg, device=device, dtype=dtype)
     elif family == "dream":
-        from .dream import load_dream
-
         adapter = load_dream(path, cfg, device=device, dtype=dtype)
     elif family == "diffusion_gemma":
-        from .gemma import load_diffusion_gemma
-
         adapter = load_diffusion_gemma(path, cfg, device=device, dtype=dtype)
     else:
-        from .ar import load_ar
-
         adapter = load_ar(path, cfg, device=device, dtype=dtype)
     return adapter

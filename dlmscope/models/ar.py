@@ -1,6 +1,10 @@
 """Autoregressive baselines (Llama-3, Qwen2.5, ...) loaded natively and left causal."""
 from __future__ import annotations
 
+import torch
+
+from .base import Adapter, from_pretrained_strict, load_tokenizer
+
 __all__ = ["AR_MODEL_TYPES", "load_ar"]
 
 #: transformers model types whose ``*ForCausalLM`` exposes ``model.model.layers`` like Llama does.
@@ -9,10 +13,7 @@ AR_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 def load_ar(path: str, cfg: dict, *, device=None, dtype=None):
     """An Adapter over ``AutoModelForCausalLM`` (causal attention, next-token logits, no mask token)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .base import Adapter, from_pretrained_strict, load_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM  # transformers loads model code on first use
 
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "is_causal", True) is False:

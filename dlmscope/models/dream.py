@@ -12,6 +12,7 @@ import os
 import torch
 
 from .. import atomic
+from .base import Adapter, build_from_state_dict, load_tokenizer, read_state_dict, resolve_mask_token_id
 
 __all__ = ["DREAM_DEFAULT_MASK_TOKEN_ID", "is_dream_config", "dream_config_to_qwen2", "qwen2_config_to_dream",
            "save_dream_checkpoint", "load_dream"]
@@ -107,9 +108,7 @@ def save_dream_checkpoint(model, out_dir: str | os.PathLike, *, mask_token_id: i
 
 def load_dream(path: str, cfg: dict, *, device=None, dtype=None):
     """Load a Dream-format directory into an Adapter over ``Qwen2ForCausalLM(is_causal=False)``, logit shift 1."""
-    from transformers import Qwen2ForCausalLM
-
-    from .base import Adapter, build_from_state_dict, load_tokenizer, read_state_dict, resolve_mask_token_id
+    from transformers import Qwen2ForCausalLM  # transformers loads model code on first use
 
     config = dream_config_to_qwen2(cfg, source=path)
     tokenizer = load_tokenizer(path)

@@ -14,6 +14,7 @@ import re
 import torch
 
 from .. import atomic
+from .base import Adapter, build_from_state_dict, load_tokenizer, read_state_dict, resolve_mask_token_id
 
 __all__ = [
     "LLADA_DEFAULT_MASK_TOKEN_ID",
@@ -298,9 +299,7 @@ def save_llada_checkpoint(
 
 def load_llada(path: str, cfg: dict, *, device=None, dtype=None):
     """Load a LLaDA-format directory into an Adapter over ``LlamaForCausalLM(is_causal=False)``."""
-    from transformers import LlamaForCausalLM
-
-    from .base import Adapter, build_from_state_dict, load_tokenizer, read_state_dict, resolve_mask_token_id
+    from transformers import LlamaForCausalLM  # transformers loads model code on first use
 
     config = llada_config_to_llama(cfg, source=path)
     tokenizer = load_tokenizer(path)

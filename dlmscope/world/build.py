@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from . import corpus as C
 from .tokenizer import build_tokenizer, save_tokenizer
+from .train_models import train_models as _train_models
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -82,9 +83,7 @@ def train_models(world: World, tokenizer, out_dir: str, log=print) -> dict:
     """Train the tiny models (LLaDA-format masked DLM, AR twin, instruct twin) into
     ``out_dir/models/{dlm,ar,instruct}``; returns their metrics (masked-token accuracy, perplexity vs unigram,
     Q&A accuracy), stored as ``world.json["models"]``. See :mod:`dlmscope.world.train_models`."""
-    from .train_models import train_models as _train
-
-    return _train(world, tokenizer, out_dir, log=log)
+    return _train_models(world, tokenizer, out_dir, log=log)
 
 
 def build(out_dir: str = DEFAULT_OUT, cfg: WorldConfig = WorldConfig(), models: bool = True, log=print) -> dict:

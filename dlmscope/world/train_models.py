@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models.llada import save_llada_checkpoint
 from . import corpus as C
+from .tokenizer import save_tokenizer
 
 __all__ = ["ModelConfig", "TrainConfig", "train_models", "evaluate_models", "masked_accuracy", "ar_perplexity",
            "qa_accuracy", "unigram_counts", "MIN_PRETRAIN"]
@@ -295,9 +297,6 @@ def evaluate_models(dlm, ar, instruct, world, tok, tc: TrainConfig) -> dict:
 def save_model(model, tok, models_dir: str, name: str) -> int:
     """Write one checkpoint (+ tokenizer files) to ``models_dir/name``: LLaDA format for the diffusion models
     (``dlm``, ``instruct``), transformers Llama format for ``ar``. Returns the weight file's size in bytes."""
-    from ..models.llada import save_llada_checkpoint
-    from .tokenizer import save_tokenizer
-
     d = os.path.join(models_dir, name)
     os.makedirs(d, exist_ok=True)
     if name == "ar":
