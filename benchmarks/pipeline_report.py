@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from dlmscope import atomic, models, reference  # noqa: E402
 from dlmscope.geometric_median import geometric_median  # noqa: E402
-from dlmscope.noise import corrupt  # noqa: E402
+from dlmscope.noise import T_MAX, T_MIN, corrupt, draw_t  # noqa: E402
 from dlmscope.pipeline import SweepSpec, train_sweep  # noqa: E402
 from dlmscope.pipeline import heldout_activations as pipeline_heldout  # noqa: E402
 from dlmscope.pipeline import make_saes as make_layer_saes  # noqa: E402
@@ -64,7 +64,7 @@ from dlmscope.shuffle_buffer import shuffle_batches  # noqa: E402
 from dlmscope.splice import evaluate_sae  # noqa: E402
 from dlmscope.train import TrainConfig  # noqa: E402
 from dlmscope.train_log import LogConfig  # noqa: E402
-from dlmscope.world import token_rows  # noqa: E402
+from dlmscope.text_sources import world_batches  # noqa: E402
 
 MODEL_DIR = os.path.join(ROOT, "dlmscope", "world", "assets", "models", "dlm")
 VARIANTS = ("dlmscope", "plain", "plain_one_forward")
@@ -92,8 +92,8 @@ class Settings:
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
     norm_batches: int = 10
-    t_min: float = 0.05
-    t_max: float = 0.5
+    t_min: float = T_MIN
+    t_max: float = T_MAX
     eval_tokens: int = 20_480
     seed: int = 0
 
@@ -114,9 +114,9 @@ def load_adapter():
 
 
 def token_batches(adapter, s: Settings, heldout: bool = False) -> list[torch.Tensor]:
-    """LM batches ``[lm_batch, seq_len]`` of the world corpus, tokenized as ``dlmscope train`` does."""
-    train, held = token_rows(adapter.tokenizer, s.sentences, s.seq_len, s.seed)
-    return list((held if heldout else train).split(s.lm_batch))
+    """LM batches ``[lm_batch, seq_len]`` of the world corpus, as ``dlmscope train --corpus world`` reads them."""
+    train, held = world_batches(adapter.tokenizer, s.sentences, s.seq_len, s.lm_batch, s.seed)
+    return held if heldout else train
 
 
 def sweep_spec(s: Settings) -> SweepSpec:
@@ -157,8 +157,7 @@ def plain_corrupt(ids: torch.Tensor, mask_id: int, s: Settings, gen: torch.Gener
     """REFERENCE §3: p ~ U[t_min, t_max] per batch, mask positions except 0 w.p. p (the world rows have no
     padding). ``noise.corrupt`` is plain torch (no fused op); drawing p first, as ``harvest`` does, keeps
     the same positions on both sides."""
-    p = s.t_min + (s.t_max - s.t_min) * float(torch.rand((), generator=gen))
-    return corrupt(ids, None, mask_id, p, gen)
+    return corrupt(ids, None, mask_id, draw_t(s.t_min, s.t_max, gen), gen)
 
 
 @torch.no_grad()

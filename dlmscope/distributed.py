@@ -88,6 +88,13 @@ def all_gather_rows(x: Tensor) -> Tensor:
     return torch.cat([g[:s] for g, s in zip(gathered, all_sizes)])
 
 
+def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values (in place; nothing when alone)."""
+    if is_distributed():
+        for t in tensors:
+            dist.broadcast(t, src=src)
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (pickled)."""
     if not is_distributed():

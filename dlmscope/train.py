@@ -75,7 +75,8 @@ __all__ = ["TrainConfig", "LogConfig", "Trainer"]
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Training hyper-parameters (what is trained); defaults follow the paper's code. Round-trips through JSON."""
+    """What is trained and how the run is kept (length, recipe, checkpoints, seed, backend, NaN checks); defaults
+    follow the paper's code. Where metrics go is :class:`~dlmscope.train_log.LogConfig`. Round-trips through JSON."""
 
     #: training length: ``steps`` (batches) or ``total_tokens`` (steps = ceil(total_tokens / global batch of the
     #: first step)); if both are None, ``len(stream)``.
@@ -134,20 +135,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        """From a dict of TrainConfig fields. Logging keys (LogConfig's fields, which configs saved in
-        checkpoints may still hold) are ignored; :meth:`split_dict` reads both. Others raise."""
+        """From a dict of TrainConfig fields; any other key raises (logging options name :meth:`split_dict`)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        logging_keys = {f.name for f in dataclasses.fields(LogConfig)}
-        unknown = set(data) - known - logging_keys
+        logging_keys = sorted(set(data) & {f.name for f in dataclasses.fields(LogConfig)})
+        if logging_keys:
+            raise ValueError(f"{logging_keys} are logging options (LogConfig), not TrainConfig fields; read a dict "
+                             "holding both with TrainConfig.split_dict(data)")
+        unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**data)
 
     @classmethod
     def split_dict(cls, data: dict) -> tuple["TrainConfig", LogConfig]:
-        """``(recipe, logging)`` from one dict that holds both (e.g. a config saved before they were split)."""
+        """``(TrainConfig, LogConfig)`` from one dict holding fields of both (e.g. one JSON file for a whole run)."""
         recipe = {f.name for f in dataclasses.fields(cls)}
-        return cls.from_dict(data), LogConfig.from_dict(data, ignore=recipe)
+        return cls.from_dict({k: v for k, v in data.items() if k in recipe}), LogConfig.from_dict(data, ignore=recipe)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -364,11 +367,7 @@ class Trainer:
 
     @torch.no_grad()
     def _broadcast_params(self) -> None:
-        if D.is_distributed():
-            import torch.distributed as dist
-            for s in self.saes:
-                for p in PARAMS:
-                    dist.broadcast(getattr(s, p).data, src=0)
+        D.broadcast_([getattr(s, p).data for s in self.saes for p in PARAMS], src=0)
 
     @torch.no_grad()
     def _finish(self) -> None:

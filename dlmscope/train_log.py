@@ -7,6 +7,8 @@ import time
 import warnings
 from collections.abc import Iterable
 
+from tqdm.auto import tqdm
+
 from . import distributed as D
 
 __all__ = ["LogConfig", "Trackers"]
@@ -64,7 +66,6 @@ class Trackers:
         if not D.is_main():
             return
         if log.progress:
-            from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=step, unit="step", desc=log.progress_desc)
         if log.wandb_project:
             try:

@@ -255,6 +255,7 @@ class SAEOptimizer:
         g = sae.W_dec.grad
         # The projection comes before clipping: it removes the part of the gradient that renormalising the rows
         # would undo anyway, so the clip norm measures only the update that takes effect (the paper's order).
+        # decoder_norm_step projects again inside its fused pass; on a projected gradient that is a no-op.
         g.sub_((g * sae.W_dec).sum(1, keepdim=True) * sae.W_dec)
         if self.grad_clip is not None and self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([getattr(sae, p) for p in PARAMS], self.grad_clip)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dlmscope.concepts import concept_counts, concept_f1, labelled_activations, score_concepts
-from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_rows
+from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_batches
 from dlmscope.sae import TopKSAE
 from dlmscope.world import CONCEPTS, concept_id_table
 
@@ -102,17 +102,17 @@ def demo_unmask_sae():
     """The demo's Unmask-SAE sweep at layer 1, trained exactly as `make demo` trains it (one layer only)."""
     cfg = DemoConfig()
     dlm = load_world_model("dlm")
-    train_rows, held_rows = world_rows(dlm.tokenizer, cfg)
-    saes = train_layer_saes(dlm, train_rows, "unmask", cfg, layers=[1])[1]
+    train_batches, held_batches = world_batches(dlm.tokenizer, cfg)
+    saes = train_layer_saes(dlm, train_batches, "unmask", cfg, layers=[1])[1]
     sae = next(s for s in saes if s.k == cfg.k_ref)
-    return dlm, sae, held_rows, cfg
+    return dlm, sae, held_batches, cfg
 
 
 def test_demo_sae_latents_recover_planted_concepts(demo_unmask_sae):
-    dlm, sae, held_rows, cfg = demo_unmask_sae
+    dlm, sae, held_batches, cfg = demo_unmask_sae
     names, table = concept_id_table(dlm.tokenizer)
     assert names == list(CONCEPTS)
-    batches = [held_rows[i:i + cfg.lm_batch] for i in range(0, cfg.concept_batches * cfg.lm_batch, cfg.lm_batch)]
+    batches = held_batches[: cfg.concept_batches]
     choose = labelled_activations(dlm, batches[0::2], 1, table, "clean")  # as the demo: choose on one half,
     acts, labels = labelled_activations(dlm, batches[1::2], 1, table, "clean")  # score on the other
     assert acts.shape == (sum(b.numel() for b in batches[1::2]), dlm.d_model)
@@ -133,8 +133,8 @@ def test_demo_sae_latents_recover_planted_concepts(demo_unmask_sae):
 def test_masked_view_labels_the_hidden_token():
     dlm = load_world_model("dlm")
     names, table = concept_id_table(dlm.tokenizer)
-    rows, _ = world_rows(dlm.tokenizer, dataclasses.replace(DemoConfig(), sentences=400))
-    batch = rows[:4]
+    train_batches, _ = world_batches(dlm.tokenizer, dataclasses.replace(DemoConfig(), sentences=400))
+    batch = train_batches[0][:4]
     acts, labels = labelled_activations(dlm, [batch], 2, table, "masked", t=0.4, seed=3)
     from dlmscope.noise import corrupt
 

@@ -299,10 +299,11 @@ def test_train_config_json_round_trip(tmp_path):
         TrainConfig.from_dict({"lr": 1.0, "learning_rate": 2.0})
     with pytest.raises(ValueError):
         TrainConfig(autocast_dtype="int8")
-    # logging options live in LogConfig; a saved dict holding both (older checkpoints' config) splits into the two
+    # logging options live in LogConfig; a dict holding both splits into the two, and from_dict names them
     saved = {**cfg.to_dict(), "log_every": 7, "progress": False, "progress_desc": "x", "wandb_project": "p",
              "wandb_run_name": None, "tensorboard_dir": None}
-    assert TrainConfig.from_dict(saved) == cfg
+    with pytest.raises(ValueError, match=r"logging options.*split_dict"):
+        TrainConfig.from_dict(saved)
     assert TrainConfig.split_dict(saved) == (cfg, LogConfig(log_every=7, progress=False, progress_desc="x",
                                                           wandb_project="p"))
     assert LogConfig.from_dict(LogConfig(log_every=3).to_dict()) == LogConfig(log_every=3)
@@ -429,9 +430,9 @@ def test_resume_from_checkpoint_whose_config_has_logging_keys(tmp_path):
     meta["config"].update(log_every=100, progress=True, progress_desc="SAE training", wandb_project=None,
                           wandb_run_name=None, tensorboard_dir=None)
     old = ckpt.save_checkpoint(tmp_path / "old", meta["step"], tensors, meta)
-    assert TrainConfig.from_dict(ckpt.load_checkpoint(old)[1]["config"]) == cfg
-    resumed = Trainer(make(), TrainConfig.from_dict({**meta["config"], "checkpoint_dir": str(tmp_path / "c")}),
-                      log=_log())
+    assert TrainConfig.split_dict(ckpt.load_checkpoint(old)[1]["config"])[0] == cfg
+    saved_cfg, _ = TrainConfig.split_dict({**meta["config"], "checkpoint_dir": str(tmp_path / "c")})
+    resumed = Trainer(make(), saved_cfg, log=_log())
     resumed.fit(iter(batches), resume_from=old)
     assert resumed.step == 8
     for p in ("W_enc", "b_enc", "W_dec", "b_dec"):

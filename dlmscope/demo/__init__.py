@@ -19,7 +19,7 @@ numbers), :mod:`.plots`, :mod:`.report` (``report.md``, one function per section
 """
 from .config import RUNS, DemoConfig
 from .findings import findings, observations
-from .run import load_world_model, run_demo, train_layer_saes, world_rows
+from .run import load_world_model, run_demo, train_layer_saes, world_batches
 
-__all__ = ["DemoConfig", "RUNS", "run_demo", "train_layer_saes", "world_rows", "load_world_model", "findings",
+__all__ = ["DemoConfig", "RUNS", "run_demo", "train_layer_saes", "world_batches", "load_world_model", "findings",
            "observations"]

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["DemoConfig", "RUNS"]
+__all__ = ["DemoConfig", "RUNS", "RUN_LABELS"]
 
 #: (model, harvest policy) pairs the demo trains SAEs for.
 RUNS = (("dlm", "mask"), ("dlm", "unmask"), ("ar", "clean"))
+#: each run's key in ``results["runs"]`` -> its label in tables and plots
+RUN_LABELS = {"dlm/mask": "DLM Mask-SAE", "dlm/unmask": "DLM Unmask-SAE", "ar/clean": "AR twin SAE"}
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ import torch
 from matplotlib.figure import Figure  # figures without pyplot: no global backend state is touched
 
 from .config import DemoConfig
+from .config import RUN_LABELS
 from .findings import get
 
 __all__ = ["write_plots"]
@@ -15,14 +16,14 @@ __all__ = ["write_plots"]
 def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
     """``fve_vs_k.png``, ``delta_lm.png`` and ``concept_f1.png`` under ``out``."""
     paths = []
-    styles = {"dlm/mask": ("-", "o", "DLM Mask-SAE"), "dlm/unmask": ("--", "s", "DLM Unmask-SAE"),
-              "ar/clean": (":", "^", "AR twin SAE")}
+    styles = dict(zip(RUN_LABELS, (("-", "o"), ("--", "s"), (":", "^"))))  # line style, marker per run
 
     fig = Figure(figsize=(3.2 * len(cfg.layers), 3.2))
     axes = fig.subplots(1, len(cfg.layers), sharey=True, squeeze=False)
     for ax, L in zip(axes[0], cfg.layers):
-        for key, (ls, mk, label) in styles.items():
-            ax.plot(cfg.ks, [get(results, key, L, k, "fve") for k in cfg.ks], ls=ls, marker=mk, label=label)
+        for key, (ls, mk) in styles.items():
+            ax.plot(cfg.ks, [get(results, key, L, k, "fve") for k in cfg.ks], ls=ls, marker=mk,
+                    label=RUN_LABELS[key])
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg.ks, [str(k) for k in cfg.ks])
         ax.set_title(f"layer {L}")
@@ -39,10 +40,11 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
     axes = fig.subplots(1, 2)
     x = torch.arange(len(cfg.layers)).float()
     w = 0.27
-    series = [("dlm/mask", "mask_delta", "mask_clean", "DLM Mask-SAE (L_mask)"),
-              ("dlm/unmask", "mask_delta", "mask_clean", "DLM Unmask-SAE (L_mask)"),
-              ("ar/clean", "delta", "clean", "AR twin SAE (next-token CE)")]
-    for i, (key, dk, ck, label) in enumerate(series):
+    # (run, its delta key, its clean-loss key, the objective)
+    series = [("dlm/mask", "mask_delta", "mask_clean", "L_mask"), ("dlm/unmask", "mask_delta", "mask_clean", "L_mask"),
+              ("ar/clean", "delta", "clean", "next-token CE")]
+    for i, (key, dk, ck, objective) in enumerate(series):
+        label = f"{RUN_LABELS[key]} ({objective})"
         d = [get(results, key, L, cfg.k_ref, "delta", dk) for L in cfg.layers]
         rel = [get(results, key, L, cfg.k_ref, "delta", dk) / get(results, key, L, cfg.k_ref, "delta", ck)
                for L in cfg.layers]
@@ -62,11 +64,11 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
 
     names = list(next(iter(results["runs"]["dlm/unmask"].values()))[str(cfg.k_ref)]["concepts_clean"]["concepts"])
     rows, labels = [], []
-    for key in ("dlm/mask", "dlm/unmask", "ar/clean"):
+    for key in RUN_LABELS:
         for L in cfg.layers:
             c = get(results, key, L, cfg.k_ref, "concepts_clean", "concepts")
             rows.append([c[n]["f1"] for n in names])
-            labels.append(f"{styles[key][2]} L{L}")
+            labels.append(f"{RUN_LABELS[key]} L{L}")
     fig = Figure(figsize=(1.0 + 0.6 * len(names), 0.9 + 0.32 * len(rows)))
     ax = fig.subplots()
     im = ax.imshow(rows, vmin=0, vmax=1, cmap="magma", aspect="auto")

@@ -12,7 +12,8 @@ from pathlib import Path
 from .. import atomic
 from ..noise import T_MAX, T_MIN
 from .config import DemoConfig
-from .findings import get, observations
+from .config import RUN_LABELS
+from .findings import PAPER_FVE_MASK, PAPER_FVE_UNMASK, get, observations
 
 __all__ = ["SECTIONS", "write_report"]
 
@@ -45,11 +46,11 @@ def header(results: dict, cfg: DemoConfig) -> list[str]:
 def reconstruction(results: dict, cfg: DemoConfig) -> list[str]:
     """Held-out FVE, L0 and dead fraction per (layer, k) and run."""
     lines = ["## Reconstruction: held-out FVE (L0, dead fraction)", "",
-             "| layer | k | DLM Mask-SAE | DLM Unmask-SAE | AR twin SAE |", "|---|---|---|---|---|"]
+             "| layer | k | " + " | ".join(RUN_LABELS.values()) + " |", "|---|---|" + "---|" * len(RUN_LABELS)]
     for L in cfg.layers:
         for k in cfg.ks:
             cells = []
-            for key in ("dlm/mask", "dlm/unmask", "ar/clean"):
+            for key in RUN_LABELS:
                 e = results["runs"][key][str(L)][str(k)]
                 cells.append(f"{e['fve']:.3f} ({e['l0']:.1f}, {e['dead_fraction']:.2f})")
             lines.append(f"| {L} | {k} | " + " | ".join(cells) + " |")
@@ -102,7 +103,7 @@ def concepts(results: dict, cfg: DemoConfig) -> list[str]:
 
 
 def plot_gallery(results: dict, cfg: DemoConfig) -> list[str]:
-    """The PNGs written next to the report (see :mod:`dlmscope.demo.plots`)."""
+    """The PNGs written next to the report (see :mod:`dlmscope.demo.plots`); only when they were written."""
     return ["## Plots", "", "![FVE vs k](fve_vs_k.png)", "", "![delta LM](delta_lm.png)", "",
             "![concept F1](concept_f1.png)", ""]
 
@@ -116,7 +117,8 @@ def paper_findings(results: dict, cfg: DemoConfig) -> list[str]:
                                    for pol, L, k, d, se in items) or "no (layer, k) pair"
     lines = ["## The paper's findings in the embedded world", "",
              "A ΔLM counts as negative only below −2 standard errors over the ΔLM batches (± values below).", "",
-             f"1. *Mask-SAEs fit worse than Unmask-SAEs* (paper, LLaDA L16 k=50: FVE 0.711 vs 0.857, gap "
+             f"1. *Mask-SAEs fit worse than Unmask-SAEs* (paper, LLaDA L16 k=50: FVE {PAPER_FVE_MASK} vs "
+             f"{PAPER_FVE_UNMASK}, gap "
              f"{mv['paper_gap']:+.3f}): {yes[mv['reproduced']]}"
              + (f" in sign, with a gap {abs(mv['paper_gap'] / mv['mean_gap']):.0f}× smaller than the paper's"
                 if mv["reproduced"] and mv["mean_gap"] < 0 else "")
@@ -141,16 +143,18 @@ def paper_findings(results: dict, cfg: DemoConfig) -> list[str]:
     return lines
 
 
-#: The report's sections, in order.
+plot_gallery.needs_plots = True
+
+#: The report's sections, in order; a section with ``needs_plots = True`` is left out of a run without plots.
 SECTIONS: tuple[Section, ...] = (header, reconstruction, splice_in, concepts, plot_gallery, paper_findings)
 
 
 def write_report(results: dict, cfg: DemoConfig, out: Path, *, plots: bool = True,
                  sections: tuple[Section, ...] = SECTIONS) -> Path:
-    """Write ``out/report.md`` from ``sections`` (the plots section only when ``plots``); returns its path."""
+    """Write ``out/report.md`` from ``sections`` (those that show plots only when ``plots``); returns its path."""
     lines: list[str] = []
     for section in sections:
-        if plots or section is not plot_gallery:
+        if plots or not getattr(section, "needs_plots", False):
             lines += section(results, cfg)
     path = out / "report.md"
     atomic.write_text(path, "\n".join(lines))

@@ -20,13 +20,14 @@ from ..sae import TopKSAE
 from ..splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
 from ..train import TrainConfig
 from ..train_log import LogConfig
-from ..world import ASSETS_DIR, concept_id_table, token_rows
+from ..text_sources import world_batches as text_world_batches
+from ..world import ASSETS_DIR, concept_id_table
 from .config import RUNS, DemoConfig
 from .findings import findings
 from .plots import write_plots
 from .report import write_report
 
-__all__ = ["load_world_model", "world_rows", "sweep_spec", "train_layer_saes", "run_demo"]
+__all__ = ["load_world_model", "world_batches", "sweep_spec", "train_layer_saes", "run_demo"]
 
 
 def load_world_model(name: str):
@@ -36,9 +37,9 @@ def load_world_model(name: str):
     return models.load(os.path.join(ASSETS_DIR, "models", name))
 
 
-def world_rows(tokenizer, cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train_rows, heldout_rows)``: packed ``[N, seq_len]`` token ids of the world corpus."""
-    return token_rows(tokenizer, cfg.sentences, cfg.seq_len, cfg.seed)
+def world_batches(tokenizer, cfg: DemoConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(train, heldout)`` LM batches ``[lm_batch, seq_len]`` of the world corpus at the demo's settings."""
+    return text_world_batches(tokenizer, cfg.sentences, cfg.seq_len, cfg.lm_batch, cfg.seed)
 
 
 def sweep_spec(cfg: DemoConfig, policy: str, layers=None) -> SweepSpec:
@@ -47,13 +48,13 @@ def sweep_spec(cfg: DemoConfig, policy: str, layers=None) -> SweepSpec:
                      policy=policy, tokens=cfg.train_tokens, batch_size=cfg.sae_batch, seed=cfg.seed)
 
 
-def train_layer_saes(adapter, rows: torch.Tensor, policy: str, cfg: DemoConfig, *, layers=None,
+def train_layer_saes(adapter, batches: list[torch.Tensor], policy: str, cfg: DemoConfig, *, layers=None,
                      cache_dir: str | os.PathLike | None = None, label: str = "") -> dict[int, list[TopKSAE]]:
     """Train the demo's k sweep on each layer (one harvest, :func:`~dlmscope.pipeline.train_sweep`);
     returns ``{layer: [SAE per k]}``. Several layers need ``cache_dir``."""
     train = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, dead_tokens=cfg.dead_tokens,
                         norm_batches=cfg.norm_batches)
-    return train_sweep(adapter, list(rows.split(cfg.lm_batch)), sweep_spec(cfg, policy, layers), train,
+    return train_sweep(adapter, batches, sweep_spec(cfg, policy, layers), train,
                        cache_dir=cache_dir, log=LogConfig(log_every=25), label=label)
 
 
@@ -96,11 +97,12 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     results["d_model"] = adapters["dlm"].d_model
     results["n_params"] = sum(p.numel() for p in adapters["dlm"].model.parameters())
     tokenizer = adapters["dlm"].tokenizer
-    train_rows, held_rows = world_rows(tokenizer, cfg)
+    train_batches, held_batches = world_batches(tokenizer, cfg)
     names, table = concept_id_table(tokenizer)
-    delta_batches = list(held_rows.split(cfg.lm_batch))[: cfg.delta_batches]
-    concept_rows = list(held_rows.split(cfg.lm_batch))[: cfg.concept_batches]
-    results["corpus"] = {"train_tokens": train_rows.numel(), "heldout_tokens": held_rows.numel()}
+    delta_batches = held_batches[: cfg.delta_batches]
+    concept_rows = held_batches[: cfg.concept_batches]
+    results["corpus"] = {"train_tokens": sum(b.numel() for b in train_batches),
+                         "heldout_tokens": sum(b.numel() for b in held_batches)}
 
     for model_name, policy in RUNS:
         adapter = adapters[model_name]
@@ -108,11 +110,11 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
         t0 = time.perf_counter()
         cache = out / "cache" / f"{model_name}_{policy}"
         shutil.rmtree(cache, ignore_errors=True)  # the demo's cache is scratch: always harvest afresh
-        saes = train_layer_saes(adapter, train_rows, policy, cfg, cache_dir=cache, label=run_key)
+        saes = train_layer_saes(adapter, train_batches, policy, cfg, cache_dir=cache, label=run_key)
         shutil.rmtree(out / "cache", ignore_errors=True)
         t_train = time.perf_counter() - t0
         # held-out activations of every layer from one pass (the same tokens for every SAE of a layer)
-        held = heldout_activations(adapter, list(held_rows.split(cfg.lm_batch)), sweep_spec(cfg, policy),
+        held = heldout_activations(adapter, held_batches, sweep_spec(cfg, policy),
                                    tokens=cfg.eval_tokens)
         run: dict = {}
         for layer in tqdm(cfg.layers, desc=f"evaluate {run_key}", unit="layer"):
