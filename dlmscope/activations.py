@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from .activation_cache import CachedActivationStream, cache_layers, load_cache_index, read_cache, write_cache
-from .noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, valid_positions
-from .shuffle_buffer import LayerStream, check_batching, chunk_len, collect, shuffle_batches, slice_chunk
+from .noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, generator_device, valid_positions
+from .shuffle_buffer import LayerStream, check_batching, chunk_len, shuffle_batches, slice_chunk
 
 __all__ = [
     "POLICIES",
@@ -48,15 +48,6 @@ __all__ = [
     "keep_mask",
     "harvest",
     "ActivationStream",
-    # re-exported: the stream's building blocks, for users who compose their own
-    "corrupt",
-    "shuffle_batches",
-    "collect",
-    "LayerStream",
-    "CachedActivationStream",
-    "write_cache",
-    "read_cache",
-    "load_cache_index",
 ]
 
 POLICIES = ("mask", "unmask", "all", "clean")
@@ -127,17 +118,15 @@ def harvest(
     hooked layer never run). With ``return_info=True`` also returns ``{"t", "masked", "keep", "noisy_ids"}``.
     """
     policy = check_policy(policy)
-    layers = adapter.check_layers(layers) if hasattr(adapter, "check_layers") else sorted(set(layers))
+    layers = adapter.check_layers(layers)
     t_min, t_max = check_t_range(t_min, t_max)
     model_device = _adapter_device(adapter)
-    gdev = generator.device if generator is not None else torch.device("cpu")
+    gdev = generator_device(generator)
     valid = valid_positions(input_ids, attention_mask, gdev)
     if policy == "clean":
         t, masked, noisy = 0.0, None, input_ids
     else:
-        mask_id = adapter.require_mask_token() if hasattr(adapter, "require_mask_token") else adapter.mask_token_id
-        if mask_id is None:
-            raise ValueError(f"policy {policy!r} needs a mask token, but this model has none; use policy 'clean'")
+        mask_id = adapter.require_mask_token()  # raises, naming the model, when there is none
         t = draw_t(t_min, t_max, generator)
         # corrupt where the random numbers are drawn, so `keep` below needs no device round trip
         am_g = attention_mask.to(gdev) if attention_mask is not None else None
@@ -211,9 +200,7 @@ class ActivationStream:
         self.adapter = adapter
         self.layers = adapter.check_layers(layers)
         if self.policy != "clean":
-            mask_id = adapter.mask_token_id
-            if mask_id is None:
-                adapter.require_mask_token()  # raises with the model-specific message
+            adapter.require_mask_token()  # raises, naming the model, when there is none
         self.t_min, self.t_max = check_t_range(t_min, t_max)
         check_batching(batch_size, buffer_tokens)
         if max_tokens is not None and max_tokens < 1:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["T_MIN", "T_MAX", "check_t_range", "draw_t", "valid_positions", "corrupt"]
+__all__ = ["T_MIN", "T_MAX", "generator_device", "check_t_range", "draw_t", "valid_positions", "corrupt"]
 
 #: The paper's masking-rate range.
 T_MIN, T_MAX = 0.05, 0.5
 
 
-def _generator_device(generator: torch.Generator | None) -> torch.device:
+def generator_device(generator: torch.Generator | None) -> torch.device:
+    """Where ``generator`` draws (CPU for None, torch's default generator)."""
     return generator.device if generator is not None else torch.device("cpu")
 
 
@@ -32,7 +33,7 @@ def check_t_range(t_min: float, t_max: float) -> tuple[float, float]:
 
 def draw_t(t_min: float, t_max: float, generator: torch.Generator | None = None) -> float:
     """One masking rate ``t ~ U[t_min, t_max]`` as a host float (no device sync with a CPU generator)."""
-    u = torch.rand((), generator=generator, device=_generator_device(generator))
+    u = torch.rand((), generator=generator, device=generator_device(generator))
     return t_min + (t_max - t_min) * float(u)
 
 
@@ -56,7 +57,7 @@ def corrupt(
     Returns ``(noisy_ids [B, T], masked [B, T] bool)`` on ``input_ids``' device; the random draw happens on the
     generator's device (CPU when ``generator`` is None).
     """
-    gdev = _generator_device(generator)
+    gdev = generator_device(generator)
     u = torch.rand(input_ids.shape, generator=generator, device=gdev)
     eligible = valid_positions(input_ids, attention_mask, gdev)
     eligible[:, 0] = False

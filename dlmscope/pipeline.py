@@ -90,17 +90,22 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
     """Harvest ``spec.layers`` of ``adapter`` from ``token_batches`` and train the k sweep per layer.
 
     ``token_batches``: a re-iterable of LM batches (see :class:`~dlmscope.activations.ActivationStream`).
-    ``train``: the trainer recipe (``total_tokens`` is set to ``spec.tokens``, ``seed`` to ``spec.seed``).
+    ``train``: the trainer recipe; the spec owns the run's length and seed (``total_tokens = spec.tokens``,
+    ``seed = spec.seed``), so a ``train`` that sets ``steps`` or ``total_tokens`` is refused.
     ``cache_dir``: required for several layers (the harvest is cached there once and replayed per layer).
     ``checkpoint_root``: trainer checkpoints under ``<root>/layer_<L>/checkpoints``; ``resume`` continues them.
     ``saes``: pre-built SAEs per layer (default :func:`make_saes`). Returns ``{layer: [SAE per k]}``, trained,
     ready for raw activations. ``log``: the trainers' logging (their progress bars read ``train <label> L<layer>``).
     """
+    train = train or TrainConfig()
+    if train.steps is not None or train.total_tokens is not None:
+        raise ValueError(f"train_sweep trains spec.tokens={spec.tokens} tokens per layer; leave TrainConfig.steps "
+                         f"and total_tokens unset (got steps={train.steps}, total_tokens={train.total_tokens})")
     layers = adapter.check_layers(spec.layers)
     if len(layers) > 1 and cache_dir is None:
         raise ValueError("train_sweep needs a cache_dir to train several layers from one harvest")
     stream = training_stream(adapter, token_batches, spec, cache_dir if len(layers) > 1 else None)
-    train = dataclasses.replace(train or TrainConfig(), total_tokens=spec.tokens, seed=spec.seed)
+    train = dataclasses.replace(train, total_tokens=spec.tokens, seed=spec.seed)
     source = str(getattr(adapter, "source", ""))
     out = {}
     for layer in layers:

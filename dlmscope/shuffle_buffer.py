@@ -1,4 +1,5 @@
-"""Multi-layer activation chunks and the seeded shuffle buffer that turns them into training batches.
+"""Multi-layer activation chunks, the seeded shuffle buffer that turns them into training batches, and the
+views a trainer or an evaluation takes of such a stream (one layer; everything concatenated).
 
 A *chunk* is ``dict[layer, Tensor[n, d]]``: the kept activations of one LM batch at every hooked layer, row ``i``
 of every layer coming from the same token position. :func:`shuffle_batches` buffers chunks up to

@@ -76,6 +76,8 @@ def test_bad_specs_name_the_problem(setup):
     adapter, batches, spec = setup
     with pytest.raises(ValueError, match="cache_dir"):
         train_sweep(adapter, batches, spec, log=QUIET)
+    with pytest.raises(ValueError, match="leave TrainConfig.steps"):
+        train_sweep(adapter, batches, spec, TrainConfig(steps=3), cache_dir="unused", log=QUIET)
     with pytest.raises(ValueError, match="every k must lie in"):
         SweepSpec(layers=(0,), ks=(64,), n_latents=48)
     with pytest.raises(ValueError, match="unknown mask policy"):

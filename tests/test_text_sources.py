@@ -10,7 +10,6 @@ from dlmscope.text_sources import PackedDocuments, read_documents, text_batches
 from dlmscope.world import load_tokenizer
 from dlmscope.world import TOKENIZER_DIR
 
-datasets = pytest.importorskip("datasets")
 
 DOCS = [f"the {c} cat sat on the mat number {i}" for i, c in enumerate(["red", "blue", "green", "black"] * 10)]
 
@@ -34,6 +33,7 @@ def _flatten(batches):
 
 def _write_sources(tmp_path):
     """The same documents as a .txt, .jsonl, .parquet, .csv, a directory of jsonl files and a saved dataset."""
+    datasets = pytest.importorskip("datasets")
     paths = {}
     paths["txt"] = tmp_path / "docs.txt"
     paths["txt"].write_text("\n".join(DOCS[:5]) + "\n\n   \n" + "\n".join(DOCS[5:]) + "\n")  # blank lines skipped
@@ -113,6 +113,7 @@ def test_world_source_is_the_world_split(tokenizer):
 
 
 def test_bad_sources_name_the_problem(tmp_path, tokenizer):
+    pytest.importorskip("datasets")
     with pytest.raises(ValueError, match="does not exist"):
         read_documents(tmp_path / "missing.jsonl")
     (tmp_path / "x.docx").write_text("hi")
