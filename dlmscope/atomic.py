@@ -9,12 +9,18 @@ a whole:
 
 - with ``renameat2(RENAME_EXCHANGE)`` (Linux, where the file system supports it) the two directories swap names in
   one step, so the target path names a complete directory, the old or the new, at every instant;
-- elsewhere (``_exchange is None``) the old directory is renamed to ``.<name>.old``, the new one renamed in, and
-  the old one deleted. Between those two renames the target is missing; :func:`restore_directory` (which the
+- elsewhere (``_exchange is None``, or the kernel / file system answers that it cannot exchange: EINVAL, ENOSYS,
+  EOPNOTSUPP; any other error is raised) the old directory is renamed to ``.<name>.old``, the new one renamed in,
+  and the old one deleted. Between those two renames the target is missing; :func:`restore_directory` (which the
   readers :func:`dlmscope.checkpoint.list_checkpoints` and :func:`dlmscope.formats.load` call, and every new write
   calls first) renames ``.<name>.old`` back. There is at most one ``.<name>.old``: a stale one is deleted before a
   new one is made, and it is only ever deleted while the target exists. (A reader that restores while another
   process is between those two renames would undo that write: one writer, and no reads during its writes.)
+
+Files written inside the temp directory are written plainly (``write_json(..., durable=False)``, a plain
+safetensors / torch save): the tree is fsynced as a whole before it is put in place. The writers
+(:func:`dlmscope.checkpoint.save_checkpoint`, :func:`dlmscope.formats.save`) end a successful write with
+:func:`sweep_leftovers`, which deletes the hidden siblings that crashed writes of their targets left behind.
 
 The steps of a replacement are named points (:data:`POINTS`); :data:`hook`, when set, is called at each one (crash
 tests kill the process there).
@@ -24,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -36,12 +44,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = ["write_text", "write_json", "save_safetensors", "atomic_directory", "restore_directory",
-           "remove_directory", "is_leftover", "TMP_MARKER", "OLD_MARKER", "POINTS", "crash_point"]
+           "remove_directory", "is_leftover", "leftover_target", "sweep_leftovers", "TMP_MARKER", "OLD_MARKER",
+           "POINTS", "crash_point"]
 
 #: Infixes of the hidden siblings of a directory target: ``.<name>.tmp-XXXX`` (being written, or an old directory
 #: being deleted after an exchange) and ``.<name>.old`` (an old directory renamed aside).
 TMP_MARKER = ".tmp-"
 OLD_MARKER = ".old"
+_TOKEN_LEN = 12  # hex digits of the random part of a temp name
+#: ``.<name>.tmp-<hex>`` or ``.<name>.old``; group 1 is the target's name
+_LEFTOVER = re.compile(rf"^\.(.+)(?:{re.escape(TMP_MARKER)}[0-9a-f]{{{_TOKEN_LEN}}}|{re.escape(OLD_MARKER)})$")
 
 #: The points of :func:`atomic_directory` (in order) and :func:`remove_directory`; each is reached right after the
 #: step it names.
@@ -95,17 +107,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = True, allow_nan: bool = True) -> None:
-    """Write ``obj`` as 2-space indented JSON plus a newline to ``path`` atomically.
+def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = True, allow_nan: bool = True,
+               durable: bool = True) -> None:
+    """Write ``obj`` as 2-space indented JSON plus a newline to ``path``, atomically (see :func:`write_text`).
 
     ``sort_keys=False`` keeps the dict order (peer checkpoint configs); ``allow_nan=False`` rejects NaN/Inf, which
     strict JSON readers cannot parse. Data that is not plain JSON raises ``TypeError`` before anything is written.
+    ``durable=False`` writes the file plainly (no temp file, no fsync): for files inside :func:`atomic_directory`,
+    whose tree is fsynced as a whole before it is put in place. Both ways write the same bytes.
     """
     try:
-        text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan)
+        text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan) + "\n"
     except (TypeError, ValueError) as e:
         raise TypeError(f"cannot write {os.path.basename(os.fspath(path))}: the data is not plain JSON: {e}") from e
-    write_text(path, text + "\n")
+    if durable:
+        write_text(path, text)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -141,8 +160,29 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath), directory=True)
 
 
+#: errno values of renameat2(RENAME_EXCHANGE) that mean "this kernel / file system cannot exchange" (the caller
+#: then takes the rename-aside path); any other failure is a real error and raised.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
+
+
+def _exchange_with(renameat2: Callable[..., int]) -> Callable[[Path, Path], bool]:
+    """The exchange function over the C function ``renameat2`` (errno read through ctypes)."""
+
+    def exchange(a: Path, b: Path) -> bool:
+        """Swap the paths ``a`` and ``b`` in one step: True on success, False where the kernel or the file system
+        does not support it; any other failure raises ``OSError`` (e.g. ``FileNotFoundError`` for a missing path)."""
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in _UNSUPPORTED:
+            return False
+        raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+    return exchange
+
+
 def _renameat2_exchange():
-    """A callable swapping two paths atomically (True on success), or None where renameat2 is unavailable."""
+    """A callable swapping two paths atomically (see :func:`_exchange_with`), or None where libc lacks renameat2."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -152,12 +192,7 @@ def _renameat2_exchange():
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
-
-    def exchange(a: Path, b: Path) -> bool:
-        # False on EINVAL / ENOSYS (file system or kernel without support): the caller falls back
-        return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
-
-    return exchange
+    return _exchange_with(fn)
 
 
 #: Swaps two directories atomically, or None (then replacements take the rename-aside path).
@@ -168,10 +203,38 @@ def _old_path(target: Path) -> Path:
     return target.parent / f".{target.name}{OLD_MARKER}"
 
 
-def is_leftover(path: Path) -> bool:
+def _tmp_path(target: Path) -> Path:
+    return target.parent / f".{target.name}{TMP_MARKER}{uuid.uuid4().hex[:_TOKEN_LEN]}"
+
+
+def leftover_target(path: str | os.PathLike) -> str | None:
+    """The name of the target whose hidden sibling ``path`` is (``.<name>.tmp-XXXX`` or ``.<name>.old``, as this
+    module names them), or None when ``path`` is no such sibling. Judged by the name alone."""
+    m = _LEFTOVER.match(os.path.basename(os.fspath(path)))
+    return m.group(1) if m else None
+
+
+def is_leftover(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a hidden sibling this module creates (a temp or an old directory), by its name."""
-    name = path.name
-    return name.startswith(".") and (TMP_MARKER in name or name.endswith(OLD_MARKER))
+    return leftover_target(path) is not None
+
+
+def sweep_leftovers(parent: str | os.PathLike, owns: Callable[[str], bool]) -> list[Path]:
+    """Delete the hidden siblings (:func:`is_leftover`) in ``parent`` whose target name satisfies ``owns``; returns
+    the paths deleted. Called at the end of a successful write, when no other write of those targets runs (one
+    writer). A ``.<name>.old`` is only deleted while ``<name>`` exists: without it, it is what
+    :func:`restore_directory` puts back."""
+    parent = Path(parent)
+    swept = []
+    for p in sorted(parent.iterdir()):
+        name = leftover_target(p)
+        if name is None or not owns(name):
+            continue
+        if p.name.endswith(OLD_MARKER) and not os.path.lexists(parent / name):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        swept.append(p)
+    return swept
 
 
 def restore_directory(target: str | os.PathLike) -> bool:
@@ -195,7 +258,7 @@ def remove_directory(path: str | os.PathLike) -> None:
     """Delete the directory ``path`` so that it vanishes at once: renamed to a hidden temp name, then deleted (a
     crash mid-delete leaves a hidden leftover, never a half-deleted ``path``)."""
     path = Path(path)
-    trash = path.parent / f".{path.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    trash = _tmp_path(path)
     try:
         os.rename(path, trash)
     except FileNotFoundError:
@@ -256,7 +319,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     # os.mkdir (not tempfile.mkdtemp, whose 0700 mode would stick to the result) so the umask applies
-    tmp = parent / f".{target.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    tmp = _tmp_path(target)
     os.mkdir(tmp, 0o777)
     try:
         crash_point("tmp-created")

@@ -2,16 +2,15 @@
 
 Each checkpoint is written through :func:`dlmscope.atomic.atomic_directory`: into a hidden temp sibling, fsynced,
 then put at its name (swapped in atomically when re-writing an existing step). So at every instant a ``step-*``
-directory is a complete checkpoint, the old or the new one. Older checkpoints are pruned only after the new one is
-in place (the ``keep`` newest are kept), each vanishing in one rename; hidden leftovers of crashed writes are
-swept then too. One writer per directory (under DDP, rank 0).
+directory is a complete checkpoint, the old or the new one. Checkpoints beyond the ``keep`` newest are pruned only
+after the new one is in place, each vanishing in one rename; hidden leftovers of crashed writes of any step are
+swept just before (:func:`dlmscope.atomic.sweep_leftovers`). One writer per directory (under DDP, rank 0).
 """
 from __future__ import annotations
 
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from . import atomic
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 _NAME = re.compile(r"^step-(\d+)$")
-_HIDDEN = re.compile(r"^\.step-\d+\.")  # the hidden siblings atomic.atomic_directory makes for a step-* target
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,8 +39,9 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     for p in list(directory.iterdir()):
-        if _HIDDEN.match(p.name) and p.name.endswith(atomic.OLD_MARKER):
-            atomic.restore_directory(directory / p.name[1:-len(atomic.OLD_MARKER)])
+        name = atomic.leftover_target(p)
+        if name is not None and _NAME.match(name) and p.name.endswith(atomic.OLD_MARKER):
+            atomic.restore_directory(directory / name)
     found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 
@@ -63,17 +62,18 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, Tensor]
     target = directory / checkpoint_name(step)
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     with atomic.atomic_directory(target) as tmp:
+        # plain writes: atomic_directory fsyncs the tree before putting it in place
         save_file(cpu, str(tmp / STATE_FILE))
         atomic.crash_point("checkpoint:state-written")
-        atomic.write_json(tmp / META_FILE, {**meta, "step": step})
-    found = list_checkpoints(directory)
+        atomic.write_json(tmp / META_FILE, {**meta, "step": step}, durable=False)
+    found = list_checkpoints(directory)  # rolls back any interrupted fallback rewrite first
+    # leftovers of crashed writes of any step (one writer), swept while every step's directory is still there: a
+    # stale .old of a step pruned below would otherwise outlive it, and be restored as that step by a later reader
+    atomic.sweep_leftovers(directory, _NAME.match)
     for old in found[:-keep] if keep > 0 else []:
         if old != target:
             atomic.remove_directory(old)
             atomic.crash_point("checkpoint:pruned")
-    for p in directory.iterdir():  # leftovers of crashed writes (nothing else writes here)
-        if _HIDDEN.match(p.name) and atomic.is_leftover(p):
-            shutil.rmtree(p, ignore_errors=True)
     return target
 
 

@@ -13,6 +13,7 @@ and writes it in several checkpoint formats, and ``TopKSAE.save`` / ``TopKSAE.lo
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Mapping
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import formats, ops
-from .formats import PARAMS, SAEConfig, param_shapes
+from .formats import PARAMS, SAEConfig, check_state
 
 __all__ = ["SAEConfig", "TopKSAE"]
 
@@ -99,25 +100,27 @@ class TopKSAE(nn.Module):
     @classmethod
     def from_state(cls, cfg: SAEConfig | dict, tensors: Mapping[str, Tensor], *,
                    backend: str | None = None) -> "TopKSAE":
-        """An SAE whose parameters are exactly ``tensors`` (``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]``,
-        ``b_dec [d]``; kept as they are, made contiguous) and whose config is ``cfg`` (an SAEConfig or its dict).
-        No random initialisation is materialised."""
+        """An SAE whose parameters equal ``tensors`` (``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]``;
+        same values, dtype and device) and whose config is ``cfg`` (an SAEConfig or its dict).
+
+        The parameters are contiguous copies (clones) and the config is copied too: the SAE owns its storage, so
+        ``TopKSAE.from_state(*other.state())`` is an independent copy of ``other`` (training either leaves the other
+        unchanged) and later writes to ``tensors`` do not reach it. No random initialisation is materialised."""
         if isinstance(cfg, dict):
             cfg = SAEConfig.from_dict(cfg)
-        for name, shape in param_shapes(cfg).items():
-            if name not in tensors:
-                raise ValueError(f"from_state: missing tensor {name!r} (got {sorted(tensors)})")
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"from_state: {name} has shape {list(tensors[name].shape)}, the cfg (d={cfg.d}, "
-                                 f"n={cfg.n}) needs {list(shape)}")
+        check_state(cfg, tensors, where="from_state")
         with torch.device("meta"):
-            sae = cls(cfg.d, cfg.n, cfg.k, meta=cfg.meta, backend=backend)
+            sae = cls(cfg.d, cfg.n, cfg.k, meta=copy.deepcopy(cfg.meta), backend=backend)
         for name in PARAMS:
-            setattr(sae, name, nn.Parameter(tensors[name].contiguous()))
+            setattr(sae, name, nn.Parameter(tensors[name].detach().clone(memory_format=torch.contiguous_format)))
         return sae
 
     def state(self) -> tuple[SAEConfig, dict[str, Tensor]]:
-        """(config, parameters detached on their device): what :func:`dlmscope.formats.save` writes."""
+        """(config, parameters detached on their device): what :func:`dlmscope.formats.save` writes.
+
+        Both are the SAE's own objects, not copies — the tensors are views of the parameters' storage, so saving
+        copies nothing — and they change as the SAE trains: copy them (or use :meth:`from_state`, which does) to keep
+        a snapshot."""
         return self.cfg, {name: getattr(self, name).detach() for name in PARAMS}
 
     def save(self, path: str | Path, format: str = "dlmscope") -> Path:

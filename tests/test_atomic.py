@@ -4,12 +4,18 @@ the rename-aside fallback (``atomic._exchange = None``). After each kill the par
 that is exactly the old one (killed before the new one is put in place) or exactly the new one (killed after).
 
 The children are forked (``os.fork``: a real process, a real SIGKILL, no interpreter start-up per kill); one case
-also runs in a freshly started interpreter.
+also runs in a freshly started interpreter. The renameat2 cases run only where an exchange works on the file system
+of ``tmp_path`` (probed there), and are skipped otherwise.
+
+Also here: which renameat2 failures fall back to the rename-aside path (unsupported) and which are raised.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
-PATHS = [pytest.param("renameat2", marks=pytest.mark.skipif(atomic._exchange is None, reason="no renameat2 here")),
-         "rename-aside"]
+PATHS = ["renameat2", "rename-aside"]
 
 OLD = ({"w": torch.arange(6.0).reshape(2, 3), "i": torch.tensor([1, 2, 3])}, {"tag": "old"})
 NEW = ({"w": -torch.arange(8.0).reshape(2, 4), "i": torch.tensor([7, 8])}, {"tag": "new"})
@@ -44,10 +49,32 @@ NEW_STEP = (["tmp-created", "checkpoint:state-written", "written", "synced", "re
              "checkpoint:pruned"], "renamed-in")
 
 
+def exchange_unsupported(where: Path) -> str | None:
+    """Why ``renameat2(RENAME_EXCHANGE)`` cannot be used on the file system of ``where``, or None where it works
+    (probed: two fresh directories there are exchanged, and checked, then removed)."""
+    if atomic._exchange is None:
+        return "libc has no renameat2 (or this is not Linux)"
+    a, b = where / "exchange-probe-a", where / "exchange-probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        (a / "a").touch()
+        (b / "b").touch()
+        if not atomic._exchange(a, b):
+            return f"the file system of {where} does not support renameat2(RENAME_EXCHANGE)"
+        assert (a / "b").exists() and (b / "a").exists(), "renameat2 reported success but swapped nothing"
+        return None
+    finally:
+        shutil.rmtree(a)
+        shutil.rmtree(b)
+
+
 @pytest.fixture
-def path_kind(request, monkeypatch):
+def path_kind(request, monkeypatch, tmp_path):
     if request.param == "rename-aside":
         monkeypatch.setattr(atomic, "_exchange", None)  # inherited by the forked children
+    elif (reason := exchange_unsupported(tmp_path)) is not None:
+        pytest.skip(reason)
     return request.param
 
 
@@ -187,7 +214,73 @@ def test_killed_sae_overwrite_loads_the_old_or_the_new(tmp_path, path_kind):
         want_cfg, want = new if i >= points.index(commit) else old
         assert cfg == want_cfg and all(torch.equal(tensors[k], want[k]) for k in formats.PARAMS), point
         assert json.loads((target / "cfg.json").read_text())["meta"] == want_cfg.meta
+        formats.save(*new, target)  # the next save sweeps what the killed one left beside the target
+        assert [p.name for p in target.parent.iterdir()] == ["sae"], point
 
 
 def test_hook_is_unset_by_default():
     assert atomic.hook is None
+
+
+# ---- renameat2 failures: unsupported -> the rename-aside path; anything else is raised ------------------------------
+
+
+def fake_renameat2(err: int):
+    """A stand-in for the C function: fails with ``err`` (through ctypes' errno), or succeeds when ``err`` is 0."""
+    def renameat2(*args) -> int:
+        if err == 0:
+            return 0
+        ctypes.set_errno(err)
+        return -1
+    return renameat2
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP])
+def test_exchange_reports_unsupported_as_false(tmp_path, err):
+    assert atomic._exchange_with(fake_renameat2(err))(tmp_path / "a", tmp_path / "b") is False
+
+
+def test_exchange_reports_success_as_true(tmp_path):
+    assert atomic._exchange_with(fake_renameat2(0))(tmp_path / "a", tmp_path / "b") is True
+
+
+@pytest.mark.parametrize("err, exc", [(errno.EACCES, PermissionError), (errno.ENOENT, FileNotFoundError),
+                                      (errno.EBUSY, OSError), (errno.EXDEV, OSError)])
+def test_exchange_raises_real_errors(tmp_path, err, exc):
+    with pytest.raises(exc) as info:
+        atomic._exchange_with(fake_renameat2(err))(tmp_path / "a", tmp_path / "b")
+    assert info.value.errno == err and info.value.strerror == os.strerror(err)
+    assert info.value.filename == str(tmp_path / "a") and info.value.filename2 == str(tmp_path / "b")
+
+
+def test_exchange_of_a_missing_path_raises_file_not_found(tmp_path):
+    if (reason := exchange_unsupported(tmp_path)) is not None:
+        pytest.skip(reason)
+    present = tmp_path / "present"
+    present.mkdir()
+    with pytest.raises(FileNotFoundError):
+        atomic._exchange(tmp_path / "missing", present)
+    assert present.is_dir() and not (tmp_path / "missing").exists()  # no fallback rename happened
+
+
+def test_a_real_exchange_error_fails_the_write_and_keeps_the_old_directory(tmp_path, monkeypatch):
+    old = _sae_state(1)
+    target = formats.save(*old, tmp_path / "sae")
+    monkeypatch.setattr(atomic, "_exchange", atomic._exchange_with(fake_renameat2(errno.EBUSY)))
+    with pytest.raises(OSError) as info:
+        formats.save(*_sae_state(2), target)
+    assert info.value.errno == errno.EBUSY
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]  # no .old, the temp directory removed
+    cfg, tensors = formats.load(target)
+    assert cfg == old[0] and all(torch.equal(tensors[k], old[1][k]) for k in formats.PARAMS)
+
+
+def test_an_unsupported_exchange_falls_back_to_rename_aside(tmp_path, monkeypatch):
+    target = formats.save(*_sae_state(1), tmp_path / "sae")
+    monkeypatch.setattr(atomic, "_exchange", atomic._exchange_with(fake_renameat2(errno.EINVAL)))
+    new = _sae_state(2)
+    points = record_points(lambda: formats.save(*new, target))
+    assert points == [p for p in SAME_STEP["rename-aside"][0] if not p.startswith("checkpoint:")]
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]
+    cfg, tensors = formats.load(target)
+    assert cfg == new[0] and all(torch.equal(tensors[k], new[1][k]) for k in formats.PARAMS)

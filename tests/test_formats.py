@@ -355,6 +355,82 @@ def test_save_rejects_non_finite_weights_and_wrong_objects(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_save_rejects_wrong_shapes_and_missing_tensors_with_the_shared_check(tmp_path):
+    cfg, tensors = make_sae().state()
+    bad = {**tensors, "W_dec": tensors["W_dec"][:, :8]}
+    with pytest.raises(ValueError, match=r"^cannot save: W_dec has shape \[64, 8\], the SAE's cfg \(d=16, n=64\) "
+                                         r"needs \[64, 16\]$"):
+        formats.save(cfg, bad, tmp_path / "x")
+    with pytest.raises(ValueError, match=r"^cannot save: b_dec has shape \[15\]"):
+        formats.check_state(cfg, {**tensors, "b_dec": tensors["b_dec"][:15]})
+    with pytest.raises(ValueError, match=r"^cannot save: missing tensor 'b_enc'"):
+        formats.check_state(cfg, {k: v for k, v in tensors.items() if k != "b_enc"})
+    formats.check_state(cfg, tensors)
+    assert not (tmp_path / "x").exists()
+
+
+def _hidden(parent: Path, name: str) -> Path:
+    path = parent / name
+    path.mkdir()
+    (path / "junk").write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+def test_save_sweeps_the_leftovers_of_its_target_only(tmp_path, fmt):
+    target = save(make_sae(seed=1), tmp_path / "ckpt", format=fmt)
+    ours = [_hidden(tmp_path, f".ckpt{atomic.TMP_MARKER}0123456789ab"),
+            _hidden(tmp_path, f".ckpt{atomic.TMP_MARKER}ba9876543210"),
+            _hidden(tmp_path, f".ckpt{atomic.OLD_MARKER}")]
+    assert all(atomic.is_leftover(p) and atomic.leftover_target(p) == "ckpt" for p in ours)
+    others = [_hidden(tmp_path, f".ckpt2{atomic.TMP_MARKER}0123456789ab"),  # other targets'
+              _hidden(tmp_path, f".other{atomic.OLD_MARKER}"),
+              _hidden(tmp_path, f".ckpt{atomic.TMP_MARKER}not-ours"),  # not names atomic makes
+              _hidden(tmp_path, ".ckpt.tmp")]
+    new = make_sae(seed=2)
+    save(new, target, format=fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", *(p.name for p in others)])
+    assert_same_sae(load(target), new)
+
+
+def test_a_first_save_sweeps_what_a_crashed_first_save_left(tmp_path):
+    crashed = _hidden(tmp_path, f".ckpt{atomic.TMP_MARKER}0123456789ab")  # killed before its directory was put in place
+    (crashed / "sae.safetensors").write_bytes(b"partial")
+    sae = make_sae()
+    save(sae, tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert_same_sae(load(tmp_path / "ckpt"), sae)
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+def test_files_inside_the_atomic_directory_are_written_plainly(tmp_path, monkeypatch, fmt):
+    """No per-file temp + fsync + rename inside the directory (atomic_directory fsyncs the tree as a whole); the JSON
+    keeps its layout: 2-space indent, the dict's order, a final newline."""
+
+    def no_per_file_write(path):
+        raise AssertionError(f"per-file durable write of {path} inside an atomic directory")
+
+    monkeypatch.setattr(atomic, "_replacing", no_per_file_write)
+    sae = make_sae(seed=1, meta={"z": [1.5], "a": {"b": None}})
+    target = save(sae, tmp_path / "ckpt", format=fmt)
+    for file in target.glob("*.json"):
+        text = file.read_text(encoding="utf-8")
+        assert text == json.dumps(json.loads(text), indent=2) + "\n", file.name
+    assert_same_sae(load(target), sae)
+
+
+def test_plain_and_durable_json_writes_give_the_same_bytes(tmp_path):
+    obj = {"z": 1, "a": [1.5, None, "é"], "m": {"y": True, "b": float("inf")}}
+    for kwargs in ({"sort_keys": True}, {"sort_keys": False}):
+        atomic.write_json(tmp_path / "durable.json", obj, **kwargs)
+        atomic.write_json(tmp_path / "plain.json", obj, durable=False, **kwargs)
+        assert (tmp_path / "plain.json").read_bytes() == (tmp_path / "durable.json").read_bytes()
+        assert (tmp_path / "plain.json").read_text(encoding="utf-8") == json.dumps(obj, indent=2, **kwargs) + "\n"
+    with pytest.raises(TypeError, match=r"cannot write x.json: the data is not plain JSON"):
+        atomic.write_json(tmp_path / "x.json", {"nan": float("nan")}, allow_nan=False, durable=False)
+    assert not (tmp_path / "x.json").exists()
+
+
 # ---- detection and validation errors -------------------------------------------------------------------------------
 
 

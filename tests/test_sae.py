@@ -280,3 +280,67 @@ def test_save_and_load_entry_points(tmp_path):
     as_double = TopKSAE.load(out, dtype=torch.float64)
     assert as_double.W_enc.dtype == torch.float64
     assert torch.equal(as_double.W_enc, sae.W_enc.double())
+
+
+# ---- from_state / state ------------------------------------------------------------------------------------------
+
+
+def test_from_state_owns_its_parameters():
+    """A copy made through the state is independent: training either leaves the other unchanged."""
+    original = make_sae()
+    snapshot = {name: p.detach().clone() for name, p in original.named_parameters()}
+    copy = TopKSAE.from_state(*original.state())
+    assert copy.cfg == original.cfg and copy.cfg is not original.cfg
+    for name, p in copy.named_parameters():
+        assert torch.equal(p, snapshot[name]) and p.is_contiguous() and p.requires_grad, name
+        assert p.untyped_storage().data_ptr() != getattr(original, name).untyped_storage().data_ptr(), name
+
+    opt = torch.optim.SGD(copy.parameters(), lr=0.1)
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(1))
+    (copy(x) - x).pow(2).sum().backward()
+    opt.step()
+    copy.normalize_decoder()
+    assert not torch.equal(copy.W_enc, snapshot["W_enc"])  # the copy did train
+    for name, p in original.named_parameters():
+        assert torch.equal(p, snapshot[name]) and p.grad is None, name
+
+    with torch.no_grad():
+        original.b_dec.add_(1.0)  # and the other way round
+    assert not torch.equal(copy.b_dec, original.b_dec)
+
+
+def test_from_state_copies_the_given_tensors_and_config():
+    cfg, tensors = make_sae().state()
+    tensors = {name: t.clone() for name, t in tensors.items()}
+    tensors["W_enc"] = tensors["W_enc"].T.contiguous().T  # a non-contiguous input is fine
+    cfg.meta["source"] = {"layer": 3}
+    sae = TopKSAE.from_state(cfg, tensors)
+    assert sae.W_enc.is_contiguous() and torch.equal(sae.W_enc, tensors["W_enc"])
+    tensors["b_enc"].fill_(7.0)
+    cfg.meta["source"]["layer"] = 4
+    assert not bool((sae.b_enc == 7.0).any()) and sae.cfg.meta["source"] == {"layer": 3}
+
+
+def test_state_is_a_view_of_the_parameters():
+    """state() copies nothing (cheap to save): its tensors share the parameters' storage, without autograd."""
+    sae = make_sae()
+    cfg, tensors = sae.state()
+    assert cfg is sae.cfg
+    for name, t in tensors.items():
+        p = getattr(sae, name)
+        assert t.data_ptr() == p.data_ptr() and not t.requires_grad, name
+    with torch.no_grad():
+        sae.b_dec.add_(1.0)
+    assert torch.equal(tensors["b_dec"], sae.b_dec)
+
+
+def test_from_state_rejects_wrong_shapes_and_missing_tensors():
+    cfg, tensors = make_sae().state()
+    with pytest.raises(ValueError, match=r"^from_state: W_enc has shape \[64, 15\], the SAE's cfg \(d=16, n=64\) "
+                                         r"needs \[64, 16\]$"):
+        TopKSAE.from_state(cfg, {**tensors, "W_enc": tensors["W_enc"][:, :15]})
+    with pytest.raises(ValueError, match=r"^from_state: missing tensor 'b_dec' \(got \['W_dec', 'W_enc', 'b_enc'\]\)$"):
+        TopKSAE.from_state(cfg, {k: v for k, v in tensors.items() if k != "b_dec"})
+    with pytest.raises(ValueError, match=r"^from_state: b_enc has shape \[64\], the SAE's cfg \(d=16, n=32\)"):
+        TopKSAE.from_state({"d": D, "n": 32, "k": K}, {**tensors, "W_enc": tensors["W_enc"][:32],
+                                                       "W_dec": tensors["W_dec"][:32]})

@@ -10,11 +10,13 @@ the peer libraries, detected from the files present. :class:`dlmscope.sae.TopKSA
 | ``sparsify`` | ``cfg.json`` (with ``d_in``) + ``sae.safetensors`` | EleutherAI eai-sparsify, one hookpoint directory |
 | ``saelens`` | ``cfg.json`` + ``sae_weights.safetensors`` | SAELens, v6 layout written, pre-6 Top-K read too |
 
-``save(cfg, tensors, path, format)`` writes atomically (:func:`dlmscope.atomic.atomic_directory`): a failure leaves
-any previous checkpoint at ``path`` intact. Every format round-trips bit-exactly (tensors and ``SAEConfig``): peer
-configs carry our ``SAEConfig.meta`` under the extra key ``"dlmscope_meta"``, which the peer libraries ignore. A
-checkpoint written by a peer library loads with ``meta = {"source": {"format": ..., "cfg": <its config>}}`` and
-re-exports to that format with the peer's own fields intact.
+``save(cfg, tensors, path, format)`` writes atomically (:func:`dlmscope.atomic.atomic_directory`; the savers write
+their files plainly into its temp directory): a failure leaves any previous checkpoint at ``path`` intact, and a
+successful save deletes the hidden leftovers that crashed saves to ``path`` left beside it. Every format round-trips
+bit-exactly (tensors and ``SAEConfig``): peer configs carry our ``SAEConfig.meta`` under the extra key
+``"dlmscope_meta"``, which the peer libraries ignore. A checkpoint written by a peer library loads with
+``meta = {"source": {"format": ..., "cfg": <its config>}}`` and re-exports to that format with the peer's own fields
+intact. Both :func:`save` and ``TopKSAE.from_state`` check the tensors' shapes with :func:`check_state`.
 
 ``load`` validates what it reads — missing files or tensors, shapes that disagree with each other or with the
 config, ``k > n``, non-finite weights, unsupported variants of a peer format — and raises ``ValueError`` naming the
@@ -32,9 +34,9 @@ from torch import Tensor
 
 from .. import atomic
 from . import _checks, dictionary_learning, dlmscope_format, saelens, sparsify
-from .config import PARAMS, SAEConfig, param_shapes
+from .config import PARAMS, SAEConfig, check_state, param_shapes
 
-__all__ = ["FORMATS", "PARAMS", "SAEConfig", "param_shapes", "save", "load", "detect_format"]
+__all__ = ["FORMATS", "PARAMS", "SAEConfig", "check_state", "param_shapes", "save", "load", "detect_format"]
 
 #: format name -> module with ``save(cfg, tensors, directory)``, ``load(directory) -> (cfg, tensors)``,
 #: ``detect(...)``, ``DESCRIPTION``
@@ -122,11 +124,9 @@ def _check_state(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> None:
         json.dumps(cfg.meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise TypeError(f"cannot save: the config (including SAEConfig.meta) is not plain JSON: {e}") from e
-    for name, shape in param_shapes(cfg).items():
+    check_state(cfg, tensors)
+    for name in PARAMS:
         t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"cannot save: {name} has shape {list(t.shape)}, the SAE's cfg (d={cfg.d}, n={cfg.n}) "
-                             f"needs {list(shape)}")
         if t.is_meta:
             raise ValueError(f"cannot save: {name} is on the meta device (no data)")
         if not bool(torch.isfinite(t.detach()).all()):
@@ -138,6 +138,8 @@ def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike,
 
     An existing checkpoint directory at ``path`` is replaced as a whole. A non-empty directory that holds no
     recognisable checkpoint is never replaced (``FileExistsError``), so a mistyped path cannot wipe unrelated files.
+    Hidden leftovers of crashed saves to ``path`` (``.<name>.tmp-*``, ``.<name>.old``) are deleted at the end; those
+    of other targets in the same parent are left alone.
     """
     name = _format_name(format)
     _check_state(cfg, tensors)
@@ -150,4 +152,5 @@ def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike,
                                   f"replace it ({e})") from None
     with atomic.atomic_directory(path) as tmp:
         FORMATS[name].save(cfg, tensors, tmp)
+    atomic.sweep_leftovers(path.parent, lambda owner: owner == path.name)
     return path

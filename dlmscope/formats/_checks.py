@@ -1,4 +1,4 @@
-"""Shared reading / validation helpers for the checkpoint formats.
+"""Shared reading / writing / validation helpers for the checkpoint formats.
 
 Every failure is a ``ValueError`` that names the file (and the key or field) at fault, so a user holding a bad
 checkpoint learns what is wrong with which file without reading a traceback into the library.
@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .. import atomic
 from .config import PARAMS, SAEConfig
 
 #: Key under which a peer-format cfg carries dlmscope's own ``SAEConfig.meta`` (peers ignore unknown keys).
@@ -53,9 +54,18 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
 
 
+# The savers write into the temp directory of :func:`dlmscope.atomic.atomic_directory`, which fsyncs the tree as a
+# whole before putting it in place: every file is written plainly.
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Plain write: the caller writes inside :func:`dlmscope.atomic.atomic_directory`, which makes it durable."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """Plain write of CPU, contiguous tensors (:func:`cpu_tensors`; a transposed one made contiguous by the caller)."""
+    save_file(dict(tensors), str(path), metadata=metadata)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Plain write of a format's JSON config: 2-space indent, keys in the dict's order, no NaN/Inf, a newline."""
+    atomic.write_json(path, obj, sort_keys=False, allow_nan=False, durable=False)
 
 
 # ---- cfg fields ---------------------------------------------------------------------------------------------

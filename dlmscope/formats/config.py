@@ -7,6 +7,7 @@ saved; the formats layer knows nothing else of the module.
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 #: The parameter tensors of a Top-K SAE, in the order the savers write them.
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -46,3 +47,15 @@ def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """The shape each of :data:`PARAMS` must have for ``cfg``."""
     d, n = cfg.d, cfg.n
     return {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+
+
+def check_state(cfg: SAEConfig, tensors: Mapping, *, where: str = "cannot save") -> None:
+    """Check that ``tensors`` holds each of :data:`PARAMS` in the shape ``cfg`` needs (:func:`param_shapes`);
+    ``ValueError`` otherwise, its message starting with ``where`` (who is checking)."""
+    for name, shape in param_shapes(cfg).items():
+        if name not in tensors:
+            raise ValueError(f"{where}: missing tensor {name!r} (got {sorted(tensors)})")
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise ValueError(f"{where}: {name} has shape {list(got)}, the SAE's cfg (d={cfg.d}, n={cfg.n}) "
+                             f"needs {list(shape)}")

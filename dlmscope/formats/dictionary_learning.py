@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import atomic
 from . import _checks as C
 from .config import SAEConfig
 
@@ -100,7 +99,7 @@ def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
         "encoder.bias": t["b_enc"],
     }
     torch.save(state, directory / WEIGHTS)
-    atomic.write_json(directory / CFG, config, sort_keys=False, allow_nan=False)
+    C.write_json(directory / CFG, config)
 
 
 def _read_state(file: Path) -> dict:

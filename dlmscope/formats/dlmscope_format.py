@@ -10,7 +10,6 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .. import atomic
 from . import _checks as C
 from .config import SAEConfig
 
@@ -28,8 +27,7 @@ def detect(path: Path, files: set[str], cfg: dict | None) -> bool:
 
 def save(cfg: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
     C.write_safetensors(directory / WEIGHTS, C.cpu_tensors(tensors), metadata={"format": "pt"})
-    atomic.write_json(directory / CFG, {"format": NAME, "version": VERSION, **cfg.to_dict()}, sort_keys=False,
-                      allow_nan=False)
+    C.write_json(directory / CFG, {"format": NAME, "version": VERSION, **cfg.to_dict()})
 
 
 def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:

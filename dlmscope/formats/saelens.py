@@ -14,7 +14,7 @@ Config, two generations (checked against sae-lens 6.54.12, whose loader converts
 Semantics: ``pre = (x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc``, optionally ``* ‖W_dec_i‖``
 (``rescale_acts_by_decoder_norm``); acts = relu of the top-k pre-activations; decode ``acts (/ ‖W_dec_i‖) @ W_dec +
 b_dec``. ``apply_b_dec_to_input=false`` and ``rescale_acts_by_decoder_norm=true`` are folded into the weights on load
-(same outputs, weights no longer bit-identical to the file; recorded in ``meta["source"]["folded"]``).
+(same outputs, but the weights differ bitwise from the file's; recorded in ``meta["source"]["folded"]``).
 Rejected: any other architecture, ``normalize_activations`` other than none (the scale is not in the file),
 a non-trivial finetuning scaling factor. SAELens casts weights to ``cfg["dtype"]`` on load; so do we.
 We write the v6 layout with ``metadata.sae_lens_version = "6.0.0"`` (the layout version; SAELens' own writer
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import atomic
 from . import _checks as C
 from .config import SAEConfig
 
@@ -107,9 +106,9 @@ def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
     })
     if embed is not None:
         cfg[C.META_KEY] = embed
-    C.write_safetensors(directory / WEIGHTS, {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"],
-                                              "b_dec": t["b_dec"]})
-    atomic.write_json(directory / CFG, cfg, sort_keys=False, allow_nan=False)
+    C.write_safetensors(directory / WEIGHTS, {"W_enc": t["W_enc"].T.contiguous(), "b_enc": t["b_enc"],
+                                              "W_dec": t["W_dec"], "b_dec": t["b_dec"]})
+    C.write_json(directory / CFG, cfg)
 
 
 def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .. import atomic
 from . import _checks as C
 from .config import SAEConfig
 
@@ -60,7 +59,7 @@ def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
     t = C.cpu_tensors(tensors)
     C.write_safetensors(directory / WEIGHTS, {"encoder.weight": t["W_enc"], "encoder.bias": t["b_enc"],
                                               "W_dec": t["W_dec"], "b_dec": t["b_dec"]}, metadata={"format": "pt"})
-    atomic.write_json(directory / CFG, cfg, sort_keys=False, allow_nan=False)
+    C.write_json(directory / CFG, cfg)
 
 
 def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
