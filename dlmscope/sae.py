@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import formats, ops
 from .formats import PARAMS, SAEConfig, check_state
 
-__all__ = ["SAEConfig", "TopKSAE"]
+__all__ = ["PARAMS", "SAEConfig", "TopKSAE"]
 
 
 class TopKSAE(nn.Module):

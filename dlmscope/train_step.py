@@ -22,14 +22,14 @@ from torch import Tensor
 from . import distributed as D
 from . import ops
 from .metrics import fve
-from .sae import TopKSAE
+from .sae import PARAMS, TopKSAE
 
 __all__ = ["PARAMS", "ADAM_PARAMS", "EncoderGroup", "GroupCodes", "SAETerms", "GlobalSums", "SAELoss",
            "SAEOptimizer", "make_groups", "terms_by_sae", "reduce_across_ranks", "sae_loss", "backward",
            "step_metrics"]
 
-#: every SAE parameter (gradients, checkpoints, clipping) and those ``torch.optim.Adam`` updates
-PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+#: the SAE parameters ``torch.optim.Adam`` updates (``W_dec`` gets the fused decoder-norm step); ``PARAMS`` is
+#: every SAE parameter (gradients, checkpoints, clipping)
 ADAM_PARAMS = ("W_enc", "b_enc", "b_dec")
 
 
