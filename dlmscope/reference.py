@@ -4,11 +4,22 @@ Written for clarity, not speed: dense B×n pre-activations, dense scatter-then-m
 DLM-Scope paper's code does), gradients by ordinary autograd. It imports no kernel and no backend, so it stays
 an independent judge of them. Works in any float dtype, float64 included.
 
-Contents: the public ops (``topk_encode``, ``sparse_decode``, ``decoder_norm_step``), the backend primitives
-(``gather_accumulate``, ``transpose_reduce``, ``sddmm``), the metric ``fraction_of_variance_explained`` and the
-plain-PyTorch training step ``dense_train_step`` (= ``dense_loss`` + backward + ``dense_update``).
+Contents
+  the public ops: ``topk_encode`` (via ``pre_activations``), ``sparse_decode`` (via ``densify``),
+  ``decoder_norm_step`` (= ``project_out_parallel`` + ``adam_update`` + ``normalize_rows``) and ``forward``
+  (encode then decode);
+  the backend primitives (dlmscope/backends/base.py): ``gather_accumulate``, ``transpose_reduce``, ``sddmm``;
+  the metric ``fraction_of_variance_explained``;
+  the plain-PyTorch training step ``dense_train_step`` = ``dense_loss`` (``mse_loss`` of the dense
+  reconstruction) + backward + ``dense_update``.
 
-Conventions (DESIGN.md): x [B,d]; W_enc [n,d]; b_enc [n]; W_dec [n,d] with unit-norm rows; b_dec [d].
+Zero decoder rows (the definition every backend follows): a row of W_dec with zero norm has no direction, so
+``project_out_parallel`` leaves its gradient row unprojected and ``normalize_rows`` leaves it exactly zero; hence
+``decoder_norm_step`` turns a zero row into a unit row when its Adam update is nonzero and keeps it exactly zero
+when the update is zero (a zero gradient row with a zero ``exp_avg`` row). Nothing here produces NaN or Inf
+from a zero row.
+
+Conventions (DESIGN.md): x [B,d]; W_enc [n,d]; b_enc [n]; W_dec [n,d] with unit-norm (or zero) rows; b_dec [d].
 """
 from __future__ import annotations
 
@@ -64,15 +75,22 @@ def forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tenso
     return sparse_decode(values, indices, W_dec, b_dec)
 
 
+def _row_norms(W: Tensor) -> Tensor:
+    """[..., 1]: each row's L2 norm, with 1 in place of 0 (dividing a zero row by it leaves the row zero)."""
+    norm = W.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
 def project_out_parallel(grad: Tensor, W: Tensor) -> Tensor:
-    """grad with each row's component along the unit direction of the matching row of W removed."""
-    w_hat = W / W.norm(dim=-1, keepdim=True)
+    """grad with each row's component along the unit direction of the matching row of W removed; where that row of
+    W is zero (no direction) the grad row is returned unchanged."""
+    w_hat = W / _row_norms(W)  # a zero row gives w_hat = 0: nothing removed
     return grad - (grad * w_hat).sum(-1, keepdim=True) * w_hat
 
 
 def normalize_rows(W: Tensor) -> Tensor:
-    """W with every row scaled to unit L2 norm."""
-    return W / W.norm(dim=-1, keepdim=True)
+    """W with every nonzero row scaled to unit L2 norm; zero rows stay exactly zero (never NaN)."""
+    return W / _row_norms(W)
 
 
 def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
@@ -89,7 +107,10 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
 @torch.no_grad()
 def decoder_norm_step(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float,
                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-    """The paper's decoder update, in place: project the gradient off the unit decoder rows, Adam, renormalise."""
+    """The paper's decoder update, in place: project the gradient off the unit decoder rows, Adam, renormalise.
+
+    A zero row of ``W_dec`` takes its gradient unprojected; after the Adam step a row of nonzero norm is rescaled
+    to unit norm and a row still zero stays exactly zero (see the module docstring)."""
     g = project_out_parallel(grad, W_dec)
     adam_update(W_dec, g, exp_avg, exp_avg_sq, step, lr, betas[0], betas[1], eps)
     W_dec.copy_(normalize_rows(W_dec))

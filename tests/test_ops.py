@@ -241,6 +241,71 @@ def test_decoder_norm_step_matches_reference(backend, device, dtype):
     torch.testing.assert_close(norms, torch.ones(n, dtype=torch.float64), atol=10 * tol, rtol=0)
 
 
+#: decoder rows made zero by _zero_row_case (see there)
+ZERO_STAY, ZERO_GROW, ZERO_PUSHED = [0, 5, 11], [3, 8], [9]
+
+
+def _zero_row_case(n, d, seed):
+    """(W, grad, m, v) in float64 with zero decoder rows: STAY (zero W, grad, moments: must stay exactly zero),
+    GROW (zero W and moments, nonzero grad: a unit row after the step), PUSHED (zero W and grad, nonzero exp_avg:
+    also a unit row); the other rows are ordinary unit rows with nonzero grads."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    grad = torch.randn(n, d, generator=g, dtype=torch.float64)
+    m = 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = 0.01 * torch.rand(n, d, generator=g, dtype=torch.float64)
+    W[ZERO_STAY + ZERO_GROW + ZERO_PUSHED] = 0
+    grad[ZERO_STAY + ZERO_PUSHED] = 0
+    m[ZERO_STAY + ZERO_GROW] = 0
+    v[ZERO_STAY + ZERO_GROW] = 0
+    return W, grad, m, v
+
+
+def test_reference_zero_rows():
+    """The oracle's definition: a zero row has no direction (grad unprojected, normalize keeps it zero)."""
+    W, grad, m, v = _zero_row_case(12, 7, seed=4)
+    projected = reference.project_out_parallel(grad, W)
+    assert torch.equal(projected[ZERO_GROW], grad[ZERO_GROW])
+    normalized = reference.normalize_rows(W)
+    assert torch.equal(normalized[ZERO_STAY + ZERO_GROW], W[ZERO_STAY + ZERO_GROW])
+    reference.decoder_norm_step(W, grad, m, v, 1, 1e-2, (0.9, 0.99), 1e-8)
+    assert all(bool(t.isfinite().all()) for t in (W, m, v))
+    assert bool((W[ZERO_STAY] == 0).all() and (m[ZERO_STAY] == 0).all() and (v[ZERO_STAY] == 0).all())
+    nonzero = [i for i in range(12) if i not in ZERO_STAY]
+    torch.testing.assert_close(W[nonzero].norm(dim=1), torch.ones(len(nonzero), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_norm_step_zero_rows(backend, device, dtype):
+    """Zero decoder rows as the reference defines them, on every backend: no NaN/Inf; a zero row with zero grad
+    and moments stays exactly zero, one with a nonzero grad (or exp_avg) becomes a unit row; all rows, and the
+    moments, equal the reference's, over steps 1..3 (the stay-zero rows keep a zero grad throughout)."""
+    n, d = 12, 19
+    W, grad, m, v = _zero_row_case(n, d, seed=21)
+    ours = [t.to(device=device, dtype=dtype) for t in (W, m, v)]
+    refs = [t.to(dtype).double().clone() for t in (W, m, v)]
+    g = torch.Generator().manual_seed(22)
+    tol = tolerance(dtype, backend) * (5 if dtype == torch.bfloat16 else 1)
+    for step in (1, 2, 3):
+        if step > 1:
+            grad = torch.randn(n, d, generator=g, dtype=torch.float64)
+            grad[ZERO_STAY] = 0
+        grad_ours = grad.to(device=device, dtype=dtype)
+        dlmscope.decoder_norm_step(ours[0], grad_ours, ours[1], ours[2], step, 1e-2, (0.9, 0.99), 1e-8,
+                                   backend=backend)
+        reference.decoder_norm_step(refs[0], grad_ours.cpu().double(), refs[1], refs[2], step, 1e-2, (0.9, 0.99),
+                                    1e-8)
+        got = [t.cpu().double() for t in ours]
+        for name, t in zip(("W", "exp_avg", "exp_avg_sq"), got):
+            assert bool(t.isfinite().all()), f"step {step}: non-finite {name}"
+            assert bool((t[ZERO_STAY] == 0).all()), f"step {step}: zero row of {name} did not stay zero"
+        for t, ref in zip(got, refs):
+            torch.testing.assert_close(t, ref, atol=tol * (float(ref.abs().max()) + 1e-12), rtol=0)
+        live = [i for i in range(n) if i not in ZERO_STAY]
+        torch.testing.assert_close(got[0][live].norm(dim=1), torch.ones(len(live), dtype=torch.float64),
+                                   atol=10 * tol, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_primitives_match_reference(backend, device, dtype):
     """The sparse primitives of the backend contract (backends/base.py) equal the dense reference ones; duplicate

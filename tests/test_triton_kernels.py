@@ -224,6 +224,33 @@ def test_decoder_norm_step(n, d, dtype):
     _close(norms, torch.ones_like(norms), dtype)
 
 
+@pytest.mark.parametrize("n,d", [(6, 50), (6, 200)])  # one block per row / several d-tiles per row
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_norm_step_zero_rows(n, d, dtype):
+    """Zero rows of W (reference.py's definition): row 0 (zero grad, zero moments) stays exactly zero, row 2
+    (nonzero grad) becomes a unit row, the rest are ordinary; no NaN/Inf, all equal to the oracle."""
+    g = _gen(n + d)
+    W = _randn(n, d, dtype=dtype, g=g)
+    W = (W.double() / W.double().norm(dim=1, keepdim=True)).to(dtype)
+    grad = _randn(n, d, dtype=dtype, g=g, scale=0.1)
+    m = _randn(n, d, dtype=dtype, g=g, scale=1e-2)
+    v = _randn(n, d, dtype=dtype, g=g, scale=0.05) ** 2
+    W[[0, 2]] = 0
+    grad[0] = 0
+    m[[0, 2]] = 0
+    v[[0, 2]] = 0
+    args = (1, 1e-2, 0.9, 0.999, 1e-8)
+    W_ref, m_ref, v_ref = _oracle_norm_step(W, grad, m, v, *args)
+    K.decoder_norm_step(W, grad, m, v, *args)
+    for t in (W, m, v):
+        assert bool(t.isfinite().all()) and bool((t[0] == 0).all())
+    _close(W, W_ref, dtype)
+    _close(m, m_ref, dtype, scale=1e-2)
+    _close(v, v_ref, dtype, scale=1e-3)
+    norms = W[1:].double().norm(dim=1)
+    _close(norms, torch.ones_like(norms), dtype)
+
+
 def test_decoder_norm_step_matches_torch_adam():
     """float32 over three steps against torch.optim.Adam on the projected gradient, tightly."""
     g = _gen(5)

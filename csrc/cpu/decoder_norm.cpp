@@ -3,6 +3,8 @@
 //   2. Adam as torch.optim.Adam (no weight decay, no amsgrad): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 //      w -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps); accumulate <w,w> of the updated row
 //   3. w /= ||w||
+// Zero rows (dlmscope/reference.py): a row with ww == 0 has no direction, so its gradient is used unprojected
+// (proj = 0); a row whose updated <w,w> is 0 is left as it is (exactly zero) -- per-row selects, no extra pass.
 // grad is read only; W, exp_avg, exp_avg_sq are updated in place.
 #include "kernels.h"
 
@@ -112,9 +114,9 @@ void decoder_norm_step_impl(T* W, const T* G, T* M, T* V, int64_t n, int64_t d, 
         ww += w[t] * w[t];
         gw += g[t] * w[t];
       }
-      const T proj = gw / ww;
+      const T proj = ww > T(0) ? gw / ww : T(0);  // zero row: nothing to project off
       const T nn = adam_row<T>(w, g, m, v, d, proj, b1, omb1, b2, omb2, bc2_sqrt, ep, step_size);
-      const T inv = T(1) / std::sqrt(nn);
+      const T inv = nn > T(0) ? T(1) / std::sqrt(nn) : T(1);  // a row still zero stays zero
 #pragma omp simd
       for (int64_t t = 0; t < d; ++t) w[t] *= inv;
     }

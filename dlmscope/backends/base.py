@@ -20,7 +20,9 @@ Primitives
   decoder_norm_step(W [n,d], grad [n,d], exp_avg [n,d], exp_avg_sq [n,d], step, lr, beta1, beta2, eps) -> None
       in place: g = grad - <grad, w_hat> w_hat per row (w_hat = W row / its norm); Adam exactly as
       torch.optim.Adam (bias-corrected, ``step`` counted from 1, eps added after the sqrt); then every row of W
-      rescaled to unit norm. ``grad`` is not modified.
+      rescaled to unit norm. ``grad`` is not modified. Zero rows (as dlmscope/reference.py): a zero row of W has
+      no w_hat, its gradient is used unprojected; a row whose norm is 0 after the Adam step stays exactly zero —
+      never NaN or Inf (a per-row select on the norm, no extra pass over the matrix).
 
 A backend may override ``decode_backward`` to fuse SDDMM into the transpose pass, and ``encode_grouped`` to run
 several SAEs' encoders (and their AuxK selections) off one GEMM.

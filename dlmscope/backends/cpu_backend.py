@@ -8,7 +8,7 @@
 * ``encode_grouped`` runs several SAEs stacked along the latent axis (and their AuxK selections) through the same
   tiled kernel in one pass: one GEMM over all S latents, per-segment selections while each tile is in cache.
 * ``decode_backward`` fuses the SDDMM (d_values) into the transpose pass that builds dW_dec, so g[b] is read once.
-* ``decoder_norm_step`` is one pass per row: project, Adam, renormalise.
+* ``decoder_norm_step`` is one pass per row: project, Adam, renormalise (zero rows as ``reference`` defines them).
 
 Inputs arrive validated and contiguous (``ops.py``); float32/float64 natively (others are upcast by ``ops.py``).
 Output rows of ``encode`` are in no particular order (deterministic for a given shape and thread count); rows with

@@ -46,7 +46,9 @@ class TorchBackend(Backend):
         """W, grad, exp_avg, exp_avg_sq [n,d]: project, Adam, renormalise rows — in place, ``grad`` read only.
 
         The math runs in float32 for bfloat16/float16 tensors (results stored back in their dtype), in the
-        tensors' dtype otherwise. A zero row of W has no direction to project off: its gradient is used as is.
+        tensors' dtype otherwise. Zero rows as ``dlmscope.reference`` defines them (per-row selects, no extra
+        pass): a zero row of W has no direction to project off, so its gradient is used as is; a row whose norm is
+        still 0 after the Adam step is divided by 1 and stays exactly zero (never NaN).
         """
         wide = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype
         w, m, v = W.to(wide), exp_avg.to(wide), exp_avg_sq.to(wide)  # the tensors themselves when already wide
