@@ -403,8 +403,9 @@ def decoder_norm_step(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
     """Fused decoder update, in place on W_dec, exp_avg, exp_avg_sq (all [n, d], contiguous, one dtype):
 
     remove from each gradient row its component along the (unit) decoder row, take one Adam step exactly as
-    ``torch.optim.Adam`` would (``step`` counts from 1), renormalise every decoder row to unit norm.
-    ``grad`` is read only.
+    ``torch.optim.Adam`` would (``step`` counts from 1), renormalise every decoder row to unit norm. A zero row
+    takes its gradient unprojected and stays exactly zero while its update is zero (never NaN; see
+    ``reference.decoder_norm_step``). ``grad`` is read only.
     """
     for name, t in (("W_dec", W_dec), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _require_tensor(name, t)
