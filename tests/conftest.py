@@ -5,9 +5,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 import dlmscope
 from dlmscope.backends import get_backend
+
+# The same examples on every run, so CI is reproducible; DLMSCOPE_HYPOTHESIS=explore draws new ones each run.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("explore" if os.environ.get("DLMSCOPE_HYPOTHESIS") == "explore" else "ci")
 
 #: Where backends that run on CUDA (triton, torch) are tested: ``DLMSCOPE_TEST_DEVICE=cuda`` on a GPU machine.
 TEST_DEVICE = os.environ.get("DLMSCOPE_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
