@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ReconstructionStats", "fve"]
+__all__ = ["ReconstructionStats", "fve", "fves"]
 
 
 class ReconstructionStats:
@@ -74,8 +74,20 @@ class ReconstructionStats:
         return out
 
 
+def _total_variance(t: Tensor) -> Tensor:
+    """``Σ_d Var_b(t)`` in float64, from the sums as :class:`ReconstructionStats` forms them."""
+    t = t.detach().double()
+    n = t.shape[0]
+    return (t.pow(2).sum(0) / n - (t.sum(0) / n) ** 2).sum()
+
+
+def fves(x: Tensor, residuals: list[Tensor]) -> Tensor:
+    """FVE of several reconstructions of one batch ``x [B, d]`` (residuals ``x - x̂_i [B, d]``): ``[R]`` float64;
+    the statistics of ``x`` are computed once."""
+    var_x = _total_variance(x)
+    return torch.stack([1 - _total_variance(e.to(x.device)) / var_x for e in residuals])
+
+
 def fve(x: Tensor, residual: Tensor) -> Tensor:
     """FVE of one batch ``x [B, d]`` with residual ``x - x̂ [B, d]``, as a 0-d float64 tensor."""
-    stats = ReconstructionStats()
-    stats.add(x, residual)
-    return stats.fve_tensor()
+    return fves(x, [residual])[0]

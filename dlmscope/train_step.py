@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import distributed as D
 from . import ops
-from .metrics import fve
+from .metrics import fves
 from .sae import PARAMS, TopKSAE
 
 __all__ = ["PARAMS", "ADAM_PARAMS", "EncoderGroup", "GroupCodes", "SAETerms", "GlobalSums", "SAELoss",
@@ -273,6 +273,7 @@ def step_metrics(xs: Tensor, saes: list[TopKSAE], groups: list[EncoderGroup], te
                  losses: list[SAELoss], dead_tokens: int) -> list[dict]:
     """Per SAE ``k, n, fve, mse, l0, dead, auxk, loss`` of this rank's batch ``xs`` [B, d] (after the update of
     the dead counters); one host sync for all of them."""
+    fve = fves(xs, [t.residual for t in terms]).to(xs.device)  # the statistics of xs once for every SAE
     rows = [None] * len(saes)
     for group in groups:
         for j, i in enumerate(group.members):
@@ -280,7 +281,7 @@ def step_metrics(xs: Tensor, saes: list[TopKSAE], groups: list[EncoderGroup], te
             e = t.residual.detach()
             zero = torch.zeros((), dtype=torch.float64, device=e.device)
             rows[i] = torch.stack([
-                fve(xs.to(e.device), e),
+                fve[i].to(e.device),
                 t.recon_sum.detach().double() / xs.shape[0],
                 (t.values.detach() > 0).sum(1).float().mean().double(),
                 (group.since[group.latents(j)] >= dead_tokens).sum().double(),
