@@ -27,7 +27,9 @@ from tests.test_models import dream_config, gemma, llada_config, llada_tensors, 
 
 MODELS_DIR = os.path.join(ASSETS_DIR, "models")
 DLM_DIR, AR_DIR = os.path.join(MODELS_DIR, "dlm"), os.path.join(MODELS_DIR, "ar")
-N_LAYERS, D_MODEL = 4, 128  # the embedded world models
+with open(os.path.join(DLM_DIR, "config.json")) as _f:
+    _DLM_CONFIG = json.load(_f)
+N_LAYERS, D_MODEL = _DLM_CONFIG["n_layers"], _DLM_CONFIG["d_model"]  # the embedded world models
 RANGE = rf"0\.\.{N_LAYERS - 1}"
 VALID_POLICIES = "valid policies: mask, unmask, all, clean"
 POLICY_TYPOS = ["Mask", "masked", "unmasked", "", "MASK ", None, 1]
@@ -151,7 +153,7 @@ def test_llada_weights_missing_a_block(tmp_path):
 
 
 def test_llada_config_deeper_than_its_weights(tmp_path):
-    with pytest.raises(ValueError, match=r"missing keys \['model\.layers\.4\."):
+    with pytest.raises(ValueError, match=rf"missing keys \['model\.layers\.{N_LAYERS}\."):
         models.load(_with_weights(tmp_path, "dlm", _world_tensors("dlm"), n_layers=N_LAYERS + 1))
 
 

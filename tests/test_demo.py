@@ -8,7 +8,7 @@ import math
 import pytest
 
 from dlmscope import cli
-from dlmscope.demo import RUNS, DemoConfig, findings, run_demo
+from dlmscope.demo import RUNS, DemoConfig, findings, load_world_model, run_demo
 
 TINY = DemoConfig(layers=(0, 3), ks=(4, 8), k_ref=8, n_latents=128, train_tokens=6_000, eval_tokens=2_000,
                   delta_batches=2, concept_batches=2, sentences=6_000, sae_batch=512, warmup_steps=2,
@@ -125,7 +125,8 @@ def test_config_validation():
 
 
 def test_cli_demo_reports_bad_layers(tmp_path, capsys):
-    rc = cli.main(["demo", "--out", str(tmp_path / "d"), "--layers", "0", "4", "--k", "4", "--tokens", "2000"])
+    n = load_world_model("dlm").num_layers
+    rc = cli.main(["demo", "--out", str(tmp_path / "d"), "--layers", "0", str(n), "--k", "4", "--tokens", "2000"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "layer" in err and "0..3" in err
+    assert "layer" in err and f"0..{n - 1}" in err

@@ -97,9 +97,9 @@ def test_arithmetic_is_correct(samples):
         w = list(s.words)
         if w[0] == "counting":
             nums = [WORDS_OF[x] for x in w[2:-1]]
-            assert nums == list(range(nums[0], nums[0] + len(nums)))
+            assert nums == list(range(nums[0], nums[0] + C.COUNT_LENGTH))
         else:
-            lines = " ".join(w).split(" . ")
+            lines = " ".join(w).split(" , then ")
             prev = None
             for line in lines:
                 parts = line.rstrip(" .").split()
@@ -189,13 +189,25 @@ def test_decoding_tasks_have_right_answers(tok):
         m = t.masked()
         assert [i for i, x in enumerate(m) if x == "[MASK]"] == list(t.answer_positions)
         assert t.score(list(t.words)) == 1.0 and t.score(list(t.answers)) == 1.0
-        if t.kind in ("arith", "arith_chain"):
-            lines = t.text.split(" . ")
+        if t.kind in ("arith", "arith_chain", "chain3"):
+            lines = t.text.split(" , then ")
+            assert len(lines) == {"arith": 1, "arith_chain": 2, "chain3": 3}[t.kind]
+            prev = None
             for line in lines:
-                _check_arith_line(line.rstrip(" .").split())
+                parts = line.rstrip(" .").split()
+                _check_arith_line(parts)
+                assert prev is None or parts[0] == prev
+                prev = parts[-1]
+            # every result is hidden, and every repetition of it
+            assert len(t.answer_positions) == 2 * len(lines) - 1
         elif t.kind == "count":
             nums = [WORDS_OF[x] for x in t.words[2:-1]]
-            assert nums == list(range(nums[0], nums[0] + len(nums)))
+            assert nums == list(range(nums[0], nums[0] + C.COUNT_LENGTH))
+            assert 2 <= len(t.answer_positions) <= 4 and t.answer_positions[-1] == len(t.words) - 2
+        elif t.kind == "neutral":
+            assert t.meta["open"] and len(t.answer_positions) == 1
+            assert t.words[t.answer_positions[0]] in C.TOPICS
+            assert " ".join(t.masked("{topic}")).replace(t.words[0], "{name}", 1) in C.NEUTRAL_TEMPLATES
         elif t.kind == "qa":
             assert list(t.answers) == _qa_expected(list(t.words), t.meta["prompt_len"])
         inp, tgt, pos = t.encode(tok)
@@ -310,7 +322,7 @@ def test_pack_shapes(samples, tok):
 # ---------------------------------------------------------------------------------------------- build
 
 def test_build_is_deterministic(tmp_path):
-    cfg = B.WorldConfig(n_pretrain=3000, n_instruct=500, n_tasks=50, n_sample_lines=5)
+    cfg = B.WorldConfig(n_pretrain=3000, n_instruct=500, n_anneal=500, n_tasks=50, n_sample_lines=5)
     logs = []
     m1 = B.build(str(tmp_path / "a"), cfg, log=logs.append)
     m2 = B.build(str(tmp_path / "b"), cfg, log=logs.append)
@@ -320,7 +332,33 @@ def test_build_is_deterministic(tmp_path):
     assert m1["vocab_size"] == len(C.vocabulary()) + 5 and m1["special_tokens"]["[MASK]"] == 4
     assert m1["stats"]["train"]["n_samples"] + m1["stats"]["heldout"]["n_samples"] == 3000
     tasks = [json.loads(line) for line in (tmp_path / "a" / "tasks.jsonl").read_text().splitlines()]
-    assert len(tasks) == 50 and all(t["heldout"] == C.is_heldout(" ".join(t["words"]), 0.05, 0) for t in tasks)
+    assert len(tasks) == 50
+    for t in tasks:
+        task = C.Task(t["kind"], tuple(t["words"]), tuple(t["answer_positions"]))
+        assert t["heldout"] == C.task_heldout(task, 0.05, 0)
+        assert t["heldout"] == (t["kind"] == "chain3" or C.is_heldout(task.text, 0.05, 0))
     w = B.build_world(cfg)
     held = {s.text for s in w.heldout + w.instruct_heldout}
     assert not held & {s.text for s in w.train + w.instruct_train}
+
+
+def test_build_with_models_is_byte_identical(tmp_path):
+    """Two short builds with (tiny) models write the same bytes: corpus files, world.json and checkpoints."""
+    from dlmscope import models
+    from dlmscope.world import train_models as TM
+
+    cfg = B.WorldConfig(n_pretrain=TM.MIN_PRETRAIN, n_instruct=400, n_anneal=2000, n_tasks=70, n_sample_lines=2)
+    short = dict(mc=TM.ModelConfig(n_layers=2, d_model=32, mlp_hidden=64, n_heads=2),
+                 tc=TM.TrainConfig(dlm_steps=4, ar_steps=4, anneal_steps=3, anneal_warmup=1, sft_steps=2, batch=8,
+                                   warmup=1, probe_every=2, probe_tasks=20))
+    m1 = B.build(str(tmp_path / "a"), cfg, log=lambda *_: None, **short)
+    B.build(str(tmp_path / "b"), cfg, log=lambda *_: None, **short)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert {str(f) for f in files} >= {"world.json", "tasks.jsonl", "models/dlm/model.safetensors",
+                                       "models/ar/model.safetensors", "models/instruct/model.safetensors"}
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    q = m1["models"]["quality"]
+    assert set(q) == {"dlm", "ar", "instruct"}
+    assert set(q["dlm"]["heldout"]) >= {"chain3"} and "neutral" not in q["dlm"]["in_distribution"]
+    assert models.load(str(tmp_path / "a" / "models" / "dlm")).num_layers == 2

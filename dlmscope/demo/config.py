@@ -15,7 +15,7 @@ RUN_LABELS = {"dlm/mask": "DLM Mask-SAE", "dlm/unmask": "DLM Unmask-SAE", "ar/cl
 class DemoConfig:
     """Settings of the demo (defaults: the full demo, ≈ 5–10 min on 2 CPU cores)."""
 
-    layers: tuple[int, ...] = (0, 1, 2, 3)
+    layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)  # every block of the world's models
     ks: tuple[int, ...] = (4, 8, 16, 32)
     n_latents: int = 512
     #: kept training activations per (model, policy, layer)

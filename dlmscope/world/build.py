@@ -9,7 +9,8 @@ Writes under ``DIR`` (default ``dlmscope/world/assets``):
 ``corpus_sample.txt``  the first lines of each split (for reading, not for training)
 ``tasks.jsonl``        the fixed decoding-order / steering evaluation tasks with their answers; ``heldout``
                        says whether the task's full text is held out of training (facts and sums occur in
-                       training as whole sentences, so a held-out one tests generalisation, not recall)
+                       training as whole sentences, so a held-out one tests generalisation, not recall;
+                       ``chain3`` never occurs in training); ``neutral`` prompts are for steering, unscored
 
 The corpora themselves are not stored: :func:`build_world` regenerates them from the seed in seconds.
 ``models/{dlm,ar,instruct}/`` the tiny trained models (:mod:`dlmscope.world.train_models`): a LLaDA-format masked
@@ -37,16 +38,18 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 class WorldConfig:
     seed: int = 0
     #: pre-training sentences (base DLM and AR twin), before the held-out split
-    n_pretrain: int = 200_000
+    n_pretrain: int = 800_000
     #: Q&A items for the instruct twin's fine-tuning, before the held-out split
     n_instruct: int = 20_000
+    #: sentences of the DLM's annealing corpus (task-rich mix; its held-out side is dropped)
+    n_anneal: int = 150_000
     #: fraction of distinct texts held out (the same hash split for both corpora, so a held-out text is
     #: held out everywhere)
     heldout_frac: float = 0.05
     #: packed sequence length for training
     seq_len: int = 64
-    #: fixed evaluation tasks (decoding order, steering)
-    n_tasks: int = 500
+    #: fixed evaluation tasks (decoding order, steering): 100 per kind
+    n_tasks: int = 700
     #: lines per split in corpus_sample.txt
     n_sample_lines: int = 100
 
@@ -59,6 +62,8 @@ class World:
     instruct_train: list
     instruct_heldout: list
     tasks: list
+    #: the DLM's annealing corpus (training side of the hash split only)
+    anneal: list = dataclasses.field(default_factory=list)
 
 
 def build_world(cfg: WorldConfig = WorldConfig()) -> World:
@@ -68,7 +73,8 @@ def build_world(cfg: WorldConfig = WorldConfig()) -> World:
     qa = C.generate(cfg.n_instruct, seed=cfg.seed + 1, mix={"qa": 1.0})
     i_train, i_heldout = C.split(qa, cfg.heldout_frac, seed=cfg.seed)
     tasks = C.decoding_tasks(cfg.n_tasks, seed=cfg.seed + 2)
-    return World(cfg, train, heldout, i_train, i_heldout, tasks)
+    anneal, _ = C.split(C.generate(cfg.n_anneal, seed=cfg.seed + 3, mix=C.ANNEAL_MIX), cfg.heldout_frac, seed=cfg.seed)
+    return World(cfg, train, heldout, i_train, i_heldout, tasks, anneal)
 
 
 def _digest(samples) -> str:
@@ -79,15 +85,17 @@ def _digest(samples) -> str:
     return h.hexdigest()
 
 
-def train_models(world: World, tokenizer, out_dir: str, log=print) -> dict:
+def train_models(world: World, tokenizer, out_dir: str, log=print, **configs) -> dict:
     """Train the tiny models (LLaDA-format masked DLM, AR twin, instruct twin) into
     ``out_dir/models/{dlm,ar,instruct}``; returns their metrics (masked-token accuracy, perplexity vs unigram,
-    Q&A accuracy), stored as ``world.json["models"]``. See :mod:`dlmscope.world.train_models`."""
-    return _train_models(world, tokenizer, out_dir, log=log)
+    Q&A accuracy, exact match per task kind), stored as ``world.json["models"]``. See :mod:`dlmscope.world.train_models`."""
+    return _train_models(world, tokenizer, out_dir, log=log, **configs)
 
 
-def build(out_dir: str = DEFAULT_OUT, cfg: WorldConfig = WorldConfig(), models: bool = True, log=print) -> dict:
-    """Write the world's assets to ``out_dir``; returns the metadata written to ``world.json``."""
+def build(out_dir: str = DEFAULT_OUT, cfg: WorldConfig = WorldConfig(), models: bool = True, log=print,
+          **configs) -> dict:
+    """Write the world's assets to ``out_dir``; returns the metadata written to ``world.json``. ``configs``
+    (``mc=ModelConfig(...)``, ``tc=TrainConfig(...)``) override the models' defaults (short builds in tests)."""
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     world = build_world(cfg)
@@ -99,7 +107,7 @@ def build(out_dir: str = DEFAULT_OUT, cfg: WorldConfig = WorldConfig(), models: 
     log(f"[world] tokenizer: {len(tok)} tokens (mask id {tok.mask_token_id})")
 
     splits = {"train": world.train, "heldout": world.heldout, "instruct_train": world.instruct_train,
-              "instruct_heldout": world.instruct_heldout}
+              "instruct_heldout": world.instruct_heldout, "anneal": world.anneal}
     with open(os.path.join(out_dir, "corpus_sample.txt"), "w") as f:
         for name, samples in splits.items():
             f.write(f"# {name}\n")
@@ -109,9 +117,9 @@ def build(out_dir: str = DEFAULT_OUT, cfg: WorldConfig = WorldConfig(), models: 
         for t in world.tasks:
             f.write(json.dumps({"kind": t.kind, "words": list(t.words), "answer_positions": list(t.answer_positions),
                                 "answers": list(t.answers), "meta": t.meta,
-                                "heldout": C.is_heldout(t.text, cfg.heldout_frac, cfg.seed)}, sort_keys=True) + "\n")
+                                "heldout": C.task_heldout(t, cfg.heldout_frac, cfg.seed)}, sort_keys=True) + "\n")
 
-    model_metrics = train_models(world, tok, out_dir, log=log) if models else {}
+    model_metrics = train_models(world, tok, out_dir, log=log, **configs) if models else {}
 
     meta = {
         "config": dataclasses.asdict(cfg),

@@ -29,18 +29,18 @@ words to tokens one to one (token position = word position + 1 once ``[BOS]`` is
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Iterable, Sequence
 
 import torch
 
-from .samples import DEFAULT_MIX, KINDS, Sample, arith_value, generate, vocabulary
-from .tasks import TASK_KINDS, Task, decoding_tasks
+from .samples import ANNEAL_MIX, COUNT_LENGTH, DEFAULT_MIX, KINDS, Sample, arith_value, chain_words, generate, is_heldout, vocabulary
+from .tasks import (COMPOSITION_KINDS, NEUTRAL_TEMPLATES, SCORED_KINDS, TASK_KINDS, Task, decoding_tasks,
+                    task_heldout)
 from .templates import (ADVERBS, ANIMALS, ANIMALS_PLURAL, ANIMAL_FOOD_FACTS, CAPITALS, CITIES, COLOURS,
                         COLOUR_FACTS, CONCEPTS, CONCEPT_GROUPS, COUNTRIES, DAYS, DAY_PARTS, FACTS, FAMILY,
                         FAMILY_FACTS, FEEL_VERBS, FOODS, MAX_NUMBER, MONTHS, NAMES, NEGATIVE, NUMBER_DIGITS,
                         NUMBER_WORDS, OBJECTS, OPPOSITES, PLACES_GENERIC, PLAIN_TEMPLATES, POSITIVE, RELATIVE_DAYS,
-                        SEASONS, SEASON_WEATHER, SLOTS, TIME, VERBS_ANIMAL, VERBS_FOOD, VERBS_MOVE, WEATHER,
+                        SEASONS, SEASON_WEATHER, SLOTS, TIME, TOPICS, VERBS_ANIMAL, VERBS_FOOD, VERBS_MOVE, WEATHER,
                         WEATHER_ADJS, WEATHER_NOUNS, concept_of)
 
 __all__ = ["ADVERBS", "ANIMAL_FOOD_FACTS", "ANIMALS", "ANIMALS_PLURAL", "arith_value", "CAPITALS", "CITIES",
@@ -49,18 +49,13 @@ __all__ = ["ADVERBS", "ANIMAL_FOOD_FACTS", "ANIMALS", "ANIMALS_PLURAL", "arith_v
            "FACTS", "FAMILY", "FAMILY_FACTS", "FEEL_VERBS", "FOODS", "generate", "is_heldout", "KINDS",
            "MAX_NUMBER", "MONTHS", "NAMES", "NEGATIVE", "NUMBER_DIGITS", "NUMBER_WORDS", "OBJECTS", "OPPOSITES",
            "pack", "PLACES_GENERIC", "PLAIN_TEMPLATES", "POSITIVE", "RELATIVE_DAYS", "Sample", "SEASON_WEATHER",
-           "SEASONS", "SLOTS", "split", "Task", "TASK_KINDS", "TIME", "token_rows", "VERBS_ANIMAL", "VERBS_FOOD",
+           "SEASONS", "SLOTS", "TOPICS", "ANNEAL_MIX", "COUNT_LENGTH", "chain_words", "NEUTRAL_TEMPLATES", "split", "Task", "TASK_KINDS", "SCORED_KINDS", "COMPOSITION_KINDS", "task_heldout", "TIME", "token_rows", "VERBS_ANIMAL", "VERBS_FOOD",
            "VERBS_MOVE", "vocabulary", "WEATHER", "WEATHER_ADJS", "WEATHER_NOUNS"]
 
 
 # --------------------------------------------------------------------------------------------------------
 # Split, statistics
 # --------------------------------------------------------------------------------------------------------
-
-def _bucket(text: str, seed: int) -> float:
-    h = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0 ** 64
-
 
 def split(samples: Iterable[Sample], heldout_frac: float = 0.1, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """(train, held-out) by a stable hash of each text: identical texts land on the same side, so no
@@ -71,11 +66,6 @@ def split(samples: Iterable[Sample], heldout_frac: float = 0.1, seed: int = 0) -
     for s in samples:
         (held if is_heldout(s.text, heldout_frac, seed) else train).append(s)
     return train, held
-
-
-def is_heldout(text: str, heldout_frac: float = 0.05, seed: int = 0) -> bool:
-    """Whether :func:`split` with these arguments puts ``text`` on the held-out side."""
-    return _bucket(text, seed) < heldout_frac
 
 
 def corpus_stats(samples: Sequence[Sample]) -> dict:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,7 +19,9 @@ from .templates import (ANIMAL_FOOD_FACTS, ANIMALS, ANIMALS_PLURAL, CAPITALS, CI
 KINDS = ("plain", "fact", "arith", "qa")
 #: Default mix of the pre-training corpus (the base DLM and the AR twin see a little Q&A, as real
 #: pre-training corpora do; the instruct twin is fine-tuned on ``generate(..., mix={"qa": 1.0})``).
-DEFAULT_MIX = {"plain": 0.62, "fact": 0.15, "arith": 0.15, "qa": 0.08}
+DEFAULT_MIX = {"plain": 0.40, "fact": 0.25, "arith": 0.25, "qa": 0.10}
+#: The DLM's annealing mix: the kinds with multi-cue answers (Q&A, chains) weighted up.
+ANNEAL_MIX = {"plain": 0.25, "fact": 0.15, "arith": 0.30, "qa": 0.30}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -124,6 +127,22 @@ def arith_value(a: int, op: str, b: int) -> int:
     return {"plus": a + b, "minus": a - b, "times": a * b}[op]
 
 
+#: How many numbers a counting sample lists.
+COUNT_LENGTH = 5
+
+
+def chain_words(rng: random.Random, steps: int, digits: bool = False) -> list[str]:
+    """``a op b is c , then c op d is e .`` (``steps`` operations, each starting from the last result); the
+    connector tells a left-to-right reader that the chain goes on."""
+    a, op, b, c = rand_op(rng)
+    words = [number_word(a, digits), op, number_word(b, digits), "is", number_word(c, digits)]
+    for _ in range(steps - 1):
+        _, op2, d, e = rand_op(rng, a=c)
+        words += [",", "then", number_word(c, digits), op2, number_word(d, digits), "is", number_word(e, digits)]
+        c = e
+    return words + ["."]
+
+
 def _arith(rng: random.Random) -> Sample:
     digits = rng.random() < 0.35
     r = rng.random()
@@ -131,13 +150,10 @@ def _arith(rng: random.Random) -> Sample:
         a, op, b, c = rand_op(rng)
         words = [number_word(a, digits), op, number_word(b, digits), "is", number_word(c, digits), "."]
         return _sample(words, "arith", answer=(4, 5), template="arith_digits" if digits else "arith")
-    if r < 0.8:  # chain: the second line starts from the first line's result
-        a, op, b, c = rand_op(rng)
-        _, op2, d, e = rand_op(rng, a=c)
-        words = [number_word(a, digits), op, number_word(b, digits), "is", number_word(c, digits), ".",
-                 number_word(c, digits), op2, number_word(d, digits), "is", number_word(e, digits), "."]
-        return _sample(words, "arith", answer=(10, 11), template="arith_chain")
-    n = rng.randint(3, 6)  # counting
+    if r < 0.8:  # chain: the second step starts from the first step's result
+        words = chain_words(rng, 2, digits)
+        return _sample(words, "arith", answer=(len(words) - 2, len(words) - 1), template="arith_chain")
+    n = COUNT_LENGTH  # counting: a fixed length, so a left-to-right reader knows where it ends
     start = rng.randint(0, MAX_NUMBER + 1 - n)
     words = ["counting", ":"] + [number_word(start + i, digits) for i in range(n)] + ["."]
     return _sample(words, "arith", answer=(1 + n, 2 + n), template="arith_count")
@@ -212,6 +228,13 @@ def qa_sample(rng: random.Random) -> Sample:
                    template=tmpl)
 
 
+def is_heldout(text: str, heldout_frac: float = 0.05, seed: int = 0) -> bool:
+    """Whether ``text`` is on the held-out side of the corpus's split (:func:`.corpus.split`): a stable hash of
+    the text and the seed, so identical texts always land on the same side."""
+    h = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64 < heldout_frac
+
+
 _MAKERS = {"plain": _plain, "fact": _fact, "arith": _arith, "qa": qa_sample}
 
 
@@ -253,6 +276,6 @@ def vocabulary() -> list[str]:
     words.update(["everyone", "knows", "that", "counting", ":", "question", "answer", "?", ".", "what",
                   "colour", "is", "the", "capital", "of", "day", "comes", "after", "opposite", "who", "my",
                   "does", "give", "us", "has", "a", "and", "lives", "in", "where", "live", "likes", "like",
-                  "how", "many", "have", "plus", "minus", "times", "sky", "sea"])
+                  "how", "many", "have", ",", "then", "plus", "minus", "times", "sky", "sea"])
     words.update(o for o, _ in COLOUR_FACTS)
     return sorted(words)

@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .samples import number_word, qa_sample, rand_op
-from .templates import FACTS, MAX_NUMBER
+from .samples import COUNT_LENGTH, chain_words, is_heldout, number_word, qa_sample, rand_op
+from .templates import FACTS, MAX_NUMBER, NAMES, TOPICS
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,37 @@ class Task:
         return inp, tgt, [p + 1 for p in self.answer_positions]
 
 
-#: The task kinds :func:`decoding_tasks` cycles through by default.
-TASK_KINDS = ("arith", "arith_chain", "count", "fact", "qa")
+#: The scored task kinds :func:`decoding_tasks` cycles through by default. ``chain3`` never occurs in the
+#: corpus (its chains have two steps): a composition, always held out.
+SCORED_KINDS = ("arith", "arith_chain", "count", "fact", "qa", "chain3")
+#: Kinds whose task text never occurs in training, whatever the hash split says.
+COMPOSITION_KINDS = ("chain3",)
+#: Every kind: the scored ones plus ``neutral`` prompts for steering (any concept may fill the slot; not scored).
+TASK_KINDS = SCORED_KINDS + ("neutral",)
+#: The templates of the neutral prompts (``{}`` is the open slot); the corpus has them as plain sentences
+#: whose slot takes a word of any concept (``templates.TOPICS``).
+NEUTRAL_TEMPLATES = ("{name} wrote a story about {topic} .", "{name} talked about {topic} all day .")
+
+
+def _chain(rng: random.Random, steps: int) -> tuple[list[str], tuple[int, ...]]:
+    """A chain of ``steps`` operations with every result and every repeated result hidden."""
+    words = chain_words(rng, steps)
+    answers = [4] + [p for p in range(7, len(words), 7) for p in (p, p + 4)]
+    return words, tuple(answers)
 
 
 def decoding_tasks(n: int, seed: int = 0, kinds: Sequence[str] = TASK_KINDS) -> list[Task]:
     """``n`` fill-in tasks (cycling through ``kinds``) drawn with ``random.Random(seed)``:
 
     ``arith``        "three plus four is [M] ." (1 answer)
-    ``arith_chain``  "three plus four is [M] . [M] plus two is [M] ." (the last answer depends on the first:
-                     left-to-right order has it easy, an order that commits to the end first does not)
-    ``count``        "counting : four five six [M] [M] ." (the answers only follow from the sequence)
+    ``arith_chain``  "three plus four is [M] , then [M] plus two is [M] ." (the last answer depends on the
+                     first: left-to-right order has it easy, an order that commits to the end first does not)
+    ``count``        "counting : four five [M] [M] [M] ." (counting continued over 2–4 positions)
     ``fact``         "the capital of france is [M] ." and the other fact relations
-    ``qa``           "question : what colour is the sky ? answer : [M]" (closed and context items)"""
+    ``qa``           "question : what colour is the sky ? answer : [M]" (closed and context items)
+    ``chain3``       a three-step chain, 5 answers (never in the corpus: a held-out composition)
+    ``neutral``      "anna wrote a story about [M] ." — any concept fits the slot (steering prompts); the
+                     stored answer is one draw, not a right answer, and the kind is not scored"""
     bad = set(kinds) - set(TASK_KINDS)
     if bad:
         raise ValueError(f"unknown task kind(s) {sorted(bad)}; expected some of {TASK_KINDS}")
@@ -78,29 +96,36 @@ def decoding_tasks(n: int, seed: int = 0, kinds: Sequence[str] = TASK_KINDS) -> 
     tasks = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        digits = False
         if kind == "arith":
             a, op, b, c = rand_op(rng)
-            words = [number_word(a, digits), op, number_word(b, digits), "is", number_word(c, digits), "."]
+            words = [number_word(a, False), op, number_word(b, False), "is", number_word(c, False), "."]
             tasks.append(Task(kind, tuple(words), (4,), {"a": a, "op": op, "b": b}))
-        elif kind == "arith_chain":
-            a, op, b, c = rand_op(rng)
-            _, op2, d, e = rand_op(rng, a=c)
-            words = [number_word(a, digits), op, number_word(b, digits), "is", number_word(c, digits), ".",
-                     number_word(c, digits), op2, number_word(d, digits), "is", number_word(e, digits), "."]
-            tasks.append(Task(kind, tuple(words), (4, 6, 10), {"a": a, "op": op, "b": b, "op2": op2, "d": d}))
+        elif kind in ("arith_chain", "chain3"):
+            words, answers = _chain(rng, 2 if kind == "arith_chain" else 3)
+            tasks.append(Task(kind, tuple(words), answers))
         elif kind == "count":
-            m = rng.randint(4, 6)
-            start = rng.randint(0, MAX_NUMBER + 1 - m)
-            words = ["counting", ":"] + [number_word(start + j, digits) for j in range(m)] + ["."]
-            tasks.append(Task(kind, tuple(words), (m, m + 1), {"start": start}))
+            start = rng.randint(0, MAX_NUMBER + 1 - COUNT_LENGTH)
+            shown = rng.randint(1, 3)
+            words = ["counting", ":"] + [number_word(start + j, False) for j in range(COUNT_LENGTH)] + ["."]
+            tasks.append(Task(kind, tuple(words), tuple(range(2 + shown, 2 + COUNT_LENGTH)), {"start": start}))
         elif kind == "fact":
             rel, prefix, ans, end = rng.choice(FACTS)
             words = prefix + ans + [end]
             tasks.append(Task(kind, tuple(words), tuple(range(len(prefix), len(prefix) + len(ans))),
                               {"relation": rel}))
-        else:
+        elif kind == "qa":
             s = qa_sample(rng)
             tasks.append(Task(kind, s.words, tuple(range(*s.answer)), {"template": s.template,
                                                                        "prompt_len": s.prompt_len}))
+        else:
+            template = rng.choice(NEUTRAL_TEMPLATES)
+            words = template.format(name=rng.choice(NAMES), topic=rng.choice(TOPICS)).split()
+            slot = template.split().index("{topic}")
+            tasks.append(Task(kind, tuple(words), (slot,), {"template": template, "open": True}))
     return tasks
+
+
+def task_heldout(task: Task, heldout_frac: float, seed: int) -> bool:
+    """Whether ``task``'s full text is absent from training: on the held-out side of the corpus's hash split,
+    or a composition kind the corpus never contains."""
+    return task.kind in COMPOSITION_KINDS or is_heldout(task.text, heldout_frac, seed)

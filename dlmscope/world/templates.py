@@ -124,6 +124,10 @@ SEASON_WEATHER = [("winter", "snowy"), ("summer", "sunny"), ("autumn", "windy"),
 # --------------------------------------------------------------------------------------------------------
 # A template is a space-separated string; "{slot}" draws a fresh filler, "{slot#k}" reuses binding k.
 
+#: Words of every concept, eight each (so each concept is equally likely): the open slot of the neutral
+#: sentences ("anna wrote a story about {topic} ."), where any concept may follow.
+TOPICS = [w for ws in CONCEPTS.values() for w in ws[:8]]
+
 #: Slot name -> its fillers (a filler may be several words, e.g. "on monday").
 SLOTS: dict[str, list[str]] = {
     "colour": COLOURS, "animal": ANIMALS, "animals": ANIMALS_PLURAL, "country": COUNTRIES, "city": CITIES,
@@ -132,7 +136,7 @@ SLOTS: dict[str, list[str]] = {
     "month": MONTHS, "season": SEASONS, "part": DAY_PARTS, "rel": RELATIVE_DAYS, "name": NAMES,
     "object": OBJECTS, "spot": PLACES_GENERIC, "vanimal": VERBS_ANIMAL, "vfood": VERBS_FOOD,
     "vmove": VERBS_MOVE, "adv": ADVERBS, "feel": FEEL_VERBS,
-    "count": NUMBER_WORDS[2:], "countd": NUMBER_DIGITS[2:],
+    "topic": TOPICS, "count": NUMBER_WORDS[2:], "countd": NUMBER_DIGITS[2:],
     "when": ["on " + d for d in DAYS] + ["in " + m for m in MONTHS] + ["in the " + p for p in DAY_PARTS[:3]]
     + ["at night"] + RELATIVE_DAYS + ["in " + s for s in SEASONS],
 }
@@ -175,6 +179,9 @@ PLAIN_TEMPLATES = [
     "the {wnoun} made the {animal} {adv} {neg} .",
     "{name} is a {pos} friend of my {family} .",
     "after the {wnoun} , the {spot} looked {sent} and {colour} .",
+    # neutral sentences: any concept fills the slot (tasks.NEUTRAL_TEMPLATES are the steering prompts)
+    "{name} wrote a story about {topic} .",
+    "{name} talked about {topic} all day .",
 ]
 
 

@@ -7,12 +7,18 @@
 ``out_dir/models/ar/``        the AR twin: the same architecture with causal attention, next-token CE on the
                               same packed corpus and budget, saved as a plain transformers Llama checkpoint.
 ``out_dir/models/instruct/``  the DLM fine-tuned on the Q&A slice (LLaDA-style SFT: the prompt is never
-                              masked, only answer / ``[EOS]`` positions are), LLaDA format.
+                              masked, only answer / ``[EOS]`` positions are), with base-corpus sentences mixed
+                              in (whole sentence maskable) so it keeps the base facts; LLaDA format.
+
+The AR twin trains first; the DLM starts from its weights (as Dream-7B starts from Qwen2.5), trains 4x
+longer with the LLaDA objective and ends with an annealing phase on a task-rich mix (as LLaDA's last
+pre-training tokens): masked diffusion learns a fact from a sentence only when the answer is masked and its
+cues are not, so it needs more training per token to know what the AR twin knows.
 
 Each directory also holds the world's tokenizer files, so ``dlmscope.models.load(dir)`` and
 ``AutoTokenizer.from_pretrained(dir)`` work. Training is deterministic on one machine (fixed seeds, fixed
 thread count, ``torch.use_deterministic_algorithms``); :func:`evaluate_models` computes the quality numbers
-stored in ``world.json["models"]``.
+stored in ``world.json["models"]``, among them exact match per decoding-task kind (:mod:`.quality`).
 """
 from __future__ import annotations
 
@@ -26,10 +32,11 @@ import torch.nn.functional as F
 
 from ..models.llada import save_llada_checkpoint
 from . import corpus as C
+from .quality import task_quality
 from .tokenizer import save_tokenizer
 
 __all__ = ["ModelConfig", "TrainConfig", "train_models", "evaluate_models", "masked_accuracy", "ar_perplexity",
-           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN"]
+           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "draw_t", "anneal_dlm", "sft_samples", "quality_summary"]
 
 #: Worlds smaller than this many pre-training sentences get no models (a model trained on a toy slice would
 #: be meaningless, and the corpus-only build tests stay fast).
@@ -39,7 +46,7 @@ MIN_PRETRAIN = 50_000
 @dataclass(frozen=True)
 class ModelConfig:
     d_model: int = 128
-    n_layers: int = 4
+    n_layers: int = 8
     n_heads: int = 4
     mlp_hidden: int = 384
     max_len: int = 128
@@ -51,18 +58,34 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     seq_len: int = 64
-    batch: int = 32
-    steps: int = 3000
-    lr: float = 2e-3
-    warmup: int = 100
+    batch: int = 64
+    #: the masked DLM's steps and the AR twin's (rows of ``batch`` x ``seq_len`` tokens)
+    dlm_steps: int = 4500
+    ar_steps: int = 1200
+    lr: float = 3e-3
+    warmup: int = 200
     weight_decay: float = 0.01
     clip: float = 1.0
     t_eps: float = 1e-3
     #: instruct fine-tuning
     sft_steps: int = 600
     sft_lr: float = 1e-3
-    sft_batch: int = 32
+    sft_batch: int = 64
     sft_seq_len: int = 32
+    #: fraction of the fine-tuning rows that are base-corpus sentences (against forgetting)
+    sft_base_frac: float = 0.5
+    #: the DLM starts from the trained AR twin's weights ("ar") or from scratch ("scratch")
+    dlm_init: str = "ar"
+    #: the DLM's annealing phase (as LLaDA's last pre-training tokens): a fresh optimiser, the task-rich
+    #: ``anneal`` corpus, and half of every batch at low mask rates ``t < anneal_low_t``, where a long
+    #: question or a chain keeps the several cue words its answer needs
+    anneal_steps: int = 1000
+    anneal_lr: float = 1e-3
+    anneal_warmup: int = 50
+    anneal_low_t: float = 0.3
+    #: log in-distribution exact match on the first scored tasks every this many steps (0: never)
+    probe_every: int = 500
+    probe_tasks: int = 240
     #: evaluation
     eval_rows: int = 256
     eval_mask_rates: tuple = (0.15, 0.5, 0.9)
@@ -105,6 +128,13 @@ def _batches(n_rows: int, batch: int, steps: int, gen: torch.Generator):
         pos += batch
 
 
+def draw_t(n: int, eps: float, gen: torch.Generator) -> torch.Tensor:
+    """``n`` mask rates in ``[eps, 1)``, stratified: one per equal slice of ``[0, 1)``, shuffled (the same
+    marginal ``U(eps, 1)`` as independent draws, with less variance across the batch)."""
+    u = (torch.arange(n, dtype=torch.float32) + torch.rand(n, generator=gen)) / n
+    return ((1 - eps) * u + eps)[torch.randperm(n, generator=gen)]
+
+
 def diffusion_mask(ids: torch.Tensor, t: torch.Tensor, gen: torch.Generator, mask_id: int, pad_id: int,
                    maskable: torch.Tensor | None = None):
     """``(noisy_ids, masked)``: each maskable position (non-pad, not position 0, and ``maskable`` if given)
@@ -128,7 +158,10 @@ def dlm_loss(model, ids, t, masked, noisy, attention_mask=None, norm=None):
     return (ce.sum(1) / norm).mean()
 
 
-def _train_loop(model, opt, steps, lr, warmup, clip, step_fn, log, name, log_every=100):
+def _train_loop(model, opt, steps, lr, warmup, clip, step_fn, log, name, log_every=100, probe=None,
+                probe_every=0):
+    """AdamW steps of ``step_fn`` under the warmup + cosine schedule; every ``probe_every`` steps logs
+    ``probe(model)`` (a quality line) too."""
     model.train()
     t0, run = time.perf_counter(), 0.0
     for step in range(steps):
@@ -142,50 +175,82 @@ def _train_loop(model, opt, steps, lr, warmup, clip, step_fn, log, name, log_eve
         run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             log(f"[world] {name} step {step + 1}/{steps} loss {run:.3f} ({time.perf_counter() - t0:.0f}s)")
+        if probe is not None and probe_every and ((step + 1) % probe_every == 0 or step + 1 == steps):
+            model.eval()
+            log(f"[world] {name} step {step + 1}: {probe(model)}")
+            model.train()
     model.eval()
     return time.perf_counter() - t0
 
 
-def train_dlm(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print):
+def train_dlm(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print, init=None, probe=None):
+    """The masked DLM, from ``init``'s weights when given (the AR twin: same shapes, causal mask dropped,
+    as Dream-7B starts from Qwen2.5; LLaDA's no-shift alignment is learnt here) or from scratch."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(tc.seed)
     model = LlamaForCausalLM(llama_config(tok, mc, causal=False))
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     opt = _optimizer(model, tc.lr, tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed + 10)
-    batches = _batches(train_ids.shape[0], tc.batch, tc.steps, gen)
+    batches = _batches(train_ids.shape[0], tc.batch, tc.dlm_steps, gen)
 
     def step_fn(_):
         ids = train_ids[next(batches)]
-        t = (1 - tc.t_eps) * torch.rand(ids.shape[0], generator=gen) + tc.t_eps
+        t = draw_t(ids.shape[0], tc.t_eps, gen)
         noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id)
         return dlm_loss(model, ids, t, masked, noisy)
 
-    secs = _train_loop(model, opt, tc.steps, tc.lr, tc.warmup, tc.clip, step_fn, log, "dlm")
+    secs = _train_loop(model, opt, tc.dlm_steps, tc.lr, tc.warmup, tc.clip, step_fn, log, "dlm", probe=probe,
+                       probe_every=tc.probe_every)
     return model, secs
 
 
-def train_ar(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print):
+def train_ar(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print, probe=None):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(tc.seed + 1)
     model = LlamaForCausalLM(llama_config(tok, mc, causal=True))
     opt = _optimizer(model, tc.lr, tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed + 11)
-    batches = _batches(train_ids.shape[0], tc.batch, tc.steps, gen)
+    batches = _batches(train_ids.shape[0], tc.batch, tc.ar_steps, gen)
 
     def step_fn(_):
         ids = train_ids[next(batches)]
         logits = model(input_ids=ids).logits[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
-    secs = _train_loop(model, opt, tc.steps, tc.lr, tc.warmup, tc.clip, step_fn, log, "ar")
+    secs = _train_loop(model, opt, tc.ar_steps, tc.lr, tc.warmup, tc.clip, step_fn, log, "ar", probe=probe,
+                       probe_every=tc.probe_every)
+    return model, secs
+
+
+def anneal_dlm(model, anneal_ids, tok, tc: TrainConfig, log=print, probe=None):
+    """The DLM's annealing phase, in place: ``tc.anneal_steps`` steps of the same 1/t-weighted loss on
+    ``anneal_ids``; one half of each batch draws ``t`` from ``[eps, 1)``, the other from
+    ``[eps, anneal_low_t)`` (both stratified)."""
+    torch.manual_seed(tc.seed + 3)
+    opt = _optimizer(model, tc.anneal_lr, tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed + 13)
+    batches = _batches(anneal_ids.shape[0], tc.batch, tc.anneal_steps, gen)
+    low = tc.batch // 2
+
+    def step_fn(_):
+        ids = anneal_ids[next(batches)]
+        t = torch.cat([draw_t(ids.shape[0] - low, tc.t_eps, gen), tc.anneal_low_t * draw_t(low, tc.t_eps, gen)])
+        noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id)
+        return dlm_loss(model, ids, t, masked, noisy)
+
+    secs = _train_loop(model, opt, tc.anneal_steps, tc.anneal_lr, tc.anneal_warmup, tc.clip, step_fn, log,
+                       "dlm anneal", probe=probe, probe_every=tc.probe_every)
     return model, secs
 
 
 def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=print):
     """LLaDA-style SFT of a copy of ``base_model``: prompt positions never masked; answer + [EOS] positions
-    masked with probability ``t``; loss normalised by the answer length."""
+    masked with probability ``t``; loss normalised by the answer length. Rows without a prompt (base-corpus
+    sentences mixed in) have only ``[BOS]`` as prompt."""
     import copy
 
     torch.manual_seed(tc.seed + 2)
@@ -199,7 +264,7 @@ def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=prin
         ids, prompt = qa_ids[rows], qa_prompt[rows]
         att = (ids != tok.pad_token_id).long()
         answer = ~prompt & (ids != tok.pad_token_id)
-        t = (1 - tc.t_eps) * torch.rand(ids.shape[0], generator=gen) + tc.t_eps
+        t = draw_t(ids.shape[0], tc.t_eps, gen)
         noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id, maskable=answer)
         return dlm_loss(model, ids, t, masked, noisy, attention_mask=att, norm=answer.sum(1).clamp(min=1))
 
@@ -265,18 +330,6 @@ def qa_accuracy(model, samples, tok, seq_len: int):
     return {"accuracy": ok.double().mean().item(), "n": len(samples)}
 
 
-@torch.no_grad()
-def task_accuracy(model, tasks, tok):
-    """One-shot fill-in accuracy (fraction of answer words right) per decoding-task kind."""
-    by_kind: dict[str, list[float]] = {}
-    for task in tasks:
-        inp, tgt, pos = task.encode(tok)
-        pred = model(input_ids=torch.tensor([inp])).logits[0].argmax(-1)
-        score = sum(int(pred[p]) == tgt[p] for p in pos) / len(pos)
-        by_kind.setdefault(task.kind, []).append(score)
-    return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
-
-
 def evaluate_models(dlm, ar, instruct, world, tok, tc: TrainConfig) -> dict:
     train_ids = C.pack(world.train, tok, tc.seq_len)
     unigram = unigram_counts(train_ids, len(tok), tok.pad_token_id)
@@ -288,9 +341,31 @@ def evaluate_models(dlm, ar, instruct, world, tok, tc: TrainConfig) -> dict:
     qa = world.instruct_heldout
     out["qa_accuracy"] = {"dlm": qa_accuracy(dlm, qa, tok, tc.sft_seq_len),
                           "instruct": qa_accuracy(instruct, qa, tok, tc.sft_seq_len)}
-    out["tasks_dlm"] = task_accuracy(dlm, world.tasks, tok)
-    out["tasks_instruct"] = task_accuracy(instruct, world.tasks, tok)
+    heldout = [C.task_heldout(t, world.config.heldout_frac, world.config.seed) for t in world.tasks]
+    out["quality"] = {name: task_quality(model, world.tasks, heldout, tok, causal=name == "ar")
+                      for name, model in (("dlm", dlm), ("ar", ar), ("instruct", instruct))}
     return out
+
+
+def sft_samples(world, frac_base: float, seq_len: int, seed: int) -> list:
+    """The instruct twin's fine-tuning samples: the Q&A training slice plus base-corpus sentences (a fraction
+    ``frac_base`` of the total, those that fit ``seq_len`` tokens), shuffled with ``random.Random(seed)``."""
+    import random
+
+    qa = list(world.instruct_train)
+    n_base = round(len(qa) * frac_base / (1 - frac_base)) if frac_base < 1 else 0
+    base = [s for s in world.train if len(s.words) + 2 <= seq_len][:n_base]
+    mixed = qa + base
+    random.Random(seed).shuffle(mixed)
+    return mixed
+
+
+def quality_summary(quality: dict, prefix: str = "[world] ") -> str:
+    """One line per model: in-distribution exact match per task kind, then the held-out tasks'."""
+    return "\n".join(f"{prefix}{name}: " + ", ".join(f"{k} {v['exact_match']:.2f}"
+                                                                 for k, v in q["in_distribution"].items())
+                     + " | held out: " + ", ".join(f"{k} {v['exact_match']:.2f}" for k, v in q["heldout"].items())
+                     for name, q in quality.items())
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -326,13 +401,28 @@ def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = Mo
         t0 = time.perf_counter()
         train_ids = C.pack(world.train, tokenizer, tc.seq_len)
         log(f"[world] models: {train_ids.shape[0]} packed rows of {tc.seq_len} tokens "
-            f"({train_ids.numel()} tokens); {tc.steps} steps x {tc.batch} rows")
+            f"({train_ids.numel()} tokens); dlm {tc.dlm_steps} / ar {tc.ar_steps} steps x {tc.batch} rows")
         models_dir, sizes = os.path.join(out_dir, "models"), {}
-        dlm, t_dlm = train_dlm(train_ids, tokenizer, mc, tc, log)
-        sizes["dlm"] = save_model(dlm, tokenizer, models_dir, "dlm")
-        ar, t_ar = train_ar(train_ids, tokenizer, mc, tc, log)
+        probe_tasks = [t for t in world.tasks if t.kind in C.SCORED_KINDS][:tc.probe_tasks]
+        probe_held = [C.task_heldout(t, world.config.heldout_frac, world.config.seed) for t in probe_tasks]
+
+        def probe(causal):
+            return lambda model: quality_summary(
+                {"exact match": task_quality(model, probe_tasks, probe_held, tokenizer, causal=causal)}, prefix="")
+
+        ar, t_ar = train_ar(train_ids, tokenizer, mc, tc, log, probe=probe(True))
         sizes["ar"] = save_model(ar, tokenizer, models_dir, "ar")
-        qa_ids, qa_prompt = C.encode_prompted(world.instruct_train, tokenizer, tc.sft_seq_len)
+        if tc.dlm_init not in ("ar", "scratch"):
+            raise ValueError(f"dlm_init must be 'ar' or 'scratch', got {tc.dlm_init!r}")
+        dlm, t_dlm = train_dlm(train_ids, tokenizer, mc, tc, log, init=ar if tc.dlm_init == "ar" else None,
+                               probe=probe(False))
+        if tc.anneal_steps:
+            dlm, t_anneal = anneal_dlm(dlm, C.pack(world.anneal, tokenizer, tc.seq_len), tokenizer, tc, log,
+                                       probe=probe(False))
+            t_dlm += t_anneal
+        sizes["dlm"] = save_model(dlm, tokenizer, models_dir, "dlm")
+        qa_ids, qa_prompt = C.encode_prompted(sft_samples(world, tc.sft_base_frac, tc.sft_seq_len, tc.seed),
+                                              tokenizer, tc.sft_seq_len)
         instruct, t_sft = train_instruct(dlm, qa_ids, qa_prompt, tokenizer, tc, log)
         sizes["instruct"] = save_model(instruct, tokenizer, models_dir, "instruct")
         metrics = evaluate_models(dlm, ar, instruct, world, tokenizer, tc)
@@ -346,10 +436,11 @@ def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = Mo
         log(f"[world] models trained in {time.perf_counter() - t0:.0f}s (dlm {t_dlm:.0f}s, ar {t_ar:.0f}s, "
             f"instruct {t_sft:.0f}s)")
         m = metrics
-        log(f"[world] dlm masked acc " + ", ".join(f"{k}: {v['accuracy']:.3f} (unigram {v['unigram_accuracy']:.3f})"
+        log("[world] dlm masked acc " + ", ".join(f"{k}: {v['accuracy']:.3f} (unigram {v['unigram_accuracy']:.3f})"
                                                    for k, v in m["dlm_masked"].items()))
         log(f"[world] ar ppl {m['ar']['ppl']:.2f} (unigram {m['ar']['unigram_ppl']:.2f}); qa acc dlm "
             f"{m['qa_accuracy']['dlm']['accuracy']:.3f} instruct {m['qa_accuracy']['instruct']['accuracy']:.3f}")
+        log(quality_summary(m["quality"]))
         return metrics
     finally:
         torch.set_num_threads(prev_threads)
