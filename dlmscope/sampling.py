@@ -13,6 +13,8 @@ The algorithms follow REFERENCE.md §8 (LLaDA's ``generate`` and Dream's ``diffu
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -21,11 +23,41 @@ import torch
 
 from .models import Adapter
 
-__all__ = ["Generation", "SamplerState", "llada_generate", "dream_generate", "ar_generate", "REMASKING",
-           "DREAM_ALGS"]
+__all__ = ["Generation", "SamplerState", "Progress", "current_progress", "llada_generate", "dream_generate",
+           "ar_generate", "REMASKING", "DREAM_ALGS"]
 
 REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running sampler is, for hooks inside the model (steering): the step whose forward is running."""
+
+    step: int
+    steps: int
+    #: ``[B]``: each row's prompt length (generated positions start there)
+    prompt_lengths: torch.Tensor
+    #: AR generation: the forward may see only the newest positions (a KV cache); the canvas then holds
+    #: ``prompt + step`` tokens, and the forward's positions are its last ones
+    causal: bool = False
+
+
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("dlmscope_sampling_progress", default=None)
+
+
+def current_progress() -> Progress | None:
+    """The :class:`Progress` of the sampler whose model forward is running, or None outside a sampler."""
+    return _PROGRESS.get()
+
+
+@contextlib.contextmanager
+def _publishing(progress: Progress):
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 @dataclass
@@ -218,11 +250,13 @@ def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int,
         masked_gen = ids.gather(1, gen_pos) == mask_id                               # [B, G]
         if cfg_scale > 0:
             uncond = torch.where(prompt, torch.full_like(ids, mask_id), ids)
-            both = adapter.logits(torch.cat([ids, uncond]), torch.cat([attention, attention]))
+            with _publishing(Progress(s, steps, torch.cat([lengths, lengths]))):
+                both = adapter.logits(torch.cat([ids, uncond]), torch.cat([attention, attention]))
             cond, un = both.chunk(2)
             logits = un + (cfg_scale + 1) * (cond - un)
         else:
-            logits = adapter.logits(ids, attention)
+            with _publishing(Progress(s, steps, lengths)):
+                logits = adapter.logits(ids, attention)
         gl = logits.gather(1, gen_pos[..., None].expand(-1, -1, logits.shape[-1])).float()   # [B, G, V]
         if temperature > 0:
             u = torch.rand(gl.shape, generator=gen, device=gl.device, dtype=torch.float64)
@@ -320,7 +354,8 @@ def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: 
     rec = _Recorder(ids, history, callback, steps)
     for s in range(steps):
         masked_gen = ids.gather(1, gen_pos) == mask_id
-        logits = adapter.logits(ids, attention)
+        with _publishing(Progress(s, steps, lengths)):
+            logits = adapter.logits(ids, attention)
         gl = logits.gather(1, gen_pos[..., None].expand(-1, -1, logits.shape[-1])).float()
         x0, conf = _dream_tokens(gl, alg, temperature, top_p, top_k, gen)
         if alg == "origin":
@@ -365,12 +400,17 @@ def ar_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, temperatur
     left_att = (torch.arange(P, device=ids.device) >= pad[:, None]).long()
     left = torch.where(left_att.bool(), ids[:, :P].gather(1, src), torch.full_like(ids[:, :P], pad_id))
 
+    # the prompt lengths as the model sees them inside generate (left-padded rows): P for every row
+    seen = torch.full_like(lengths, P)
+
     class _Watch(LogitsProcessor):
         def __call__(self, input_ids, scores):
             s = input_ids.shape[1] - P
+            _PROGRESS.set(Progress(s + 1, max_new_tokens, seen, causal=True))     # the next forward is step s + 1
+            if callback is None:
+                return scores
             cur = ids.clone()
-            written = (gen_pos[:, :s] if s else gen_pos[:, :0])
-            cur.scatter_(1, written, input_ids[:, P:P + s])
+            cur.scatter_(1, gen_pos[:, :s], input_ids[:, P:P + s])
             commit = _to_canvas(torch.arange(max_new_tokens, device=ids.device)[None].expand(B, -1) == s,
                                 gen_pos, T)
             callback(SamplerState(s, max_new_tokens, cur, torch.zeros_like(commit), scores.clone(), commit))
@@ -380,9 +420,9 @@ def ar_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, temperatur
               pad_token_id=pad_id)
     if temperature > 0:
         kw.update(temperature=temperature, top_p=1.0 if top_p is None else top_p, top_k=0)
-    if callback is not None:
-        kw["logits_processor"] = LogitsProcessorList([_Watch()])
-    with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+    kw["logits_processor"] = LogitsProcessorList([_Watch()])
+    with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []), \
+            _publishing(Progress(0, max_new_tokens, seen, causal=True)):
         torch.manual_seed(0 if seed is None else int(seed))
         out = adapter.model.generate(input_ids=left, attention_mask=left_att, **kw)
     new = out[:, P:P + max_new_tokens]

@@ -1,0 +1,176 @@
+"""Steering with SAE features during generation (REFERENCE.md §5): ``h ← h + Σ_f α_f · m(h) · v_f`` at a block.
+
+``v_f`` is feature f's unit decoder row; ``m(h)`` is the position's largest SAE activation computed with the
+SAE's exact encoder (``b_dec`` subtracted, as in training — the paper's steering code forgot it), or 1 with
+``strength="constant"``. :func:`steer` is a context manager: inside it, every forward of the model adds the
+vector at block ``layer``'s output, at the positions of ``scope`` and the denoising steps of ``schedule``.
+Samplers (:mod:`dlmscope.sampling`) publish their step, so schedules and the ``generation`` / ``decoded``
+scopes know where a run is; outside a sampler a forward counts as step 0 of 1.
+
+Scopes: ``all`` (every position: the paper), ``generation`` (not the prompt), ``masked`` (still masked at
+this step), ``decoded`` (generated and already committed), ``top_active`` (per feature, the ``top_active``
+positions of each row where the feature's own activation is largest: the paper's ``topk_tokens``), a bool
+tensor ``[B, T]`` / ``[T]``, or a callable ``(input_ids [B, T], progress) -> bool [B, T]``.
+Schedules: ``all``, ``("first", frac)`` / ``("last", frac)`` of the steps, a collection of step indices, or a
+callable ``(step, steps) -> bool``.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .sampling import Progress, current_progress
+from .splice import _block_output, _replace_out
+
+__all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors"]
+
+SCOPES = ("all", "generation", "masked", "decoded", "top_active")
+STRENGTHS = ("max_act", "constant")
+
+
+def _did_you_mean(name, value, choices) -> ValueError:
+    near = difflib.get_close_matches(str(value), choices, n=1)
+    return ValueError(f"unknown {name} {value!r}: expected one of {', '.join(map(repr, choices))}"
+                      + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def _features(sae, features) -> Tensor:
+    ids = torch.as_tensor(features if not isinstance(features, int) else [features])
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"features must be a latent index or a non-empty list of them, got {features!r}")
+    bad = ids[(ids < 0) | (ids >= sae.n)]
+    if bad.numel():
+        raise ValueError(f"feature index {int(bad[0])} out of range for an SAE with n={sae.n} latents")
+    return ids.long()
+
+
+def _alphas(alpha, n: int) -> Tensor:
+    a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
+    if a.numel() == 1:
+        a = a.expand(n)
+    if a.numel() != n:
+        raise ValueError(f"alpha has {a.numel()} values for {n} features")
+    if not torch.isfinite(a).all():
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    return a.clone()
+
+
+def _schedule(schedule):
+    """``(step, steps) -> bool``."""
+    if callable(schedule):
+        return schedule
+    if schedule == "all":
+        return lambda step, steps: True
+    if isinstance(schedule, tuple) and len(schedule) == 2 and schedule[0] in ("first", "last"):
+        which, frac = schedule
+        if not (isinstance(frac, (int, float)) and 0 < frac <= 1):
+            raise ValueError(f"schedule fraction must be in (0, 1], got {frac!r}")
+        if which == "first":
+            return lambda step, steps: step < max(1, math.ceil(frac * steps))
+        return lambda step, steps: step >= steps - max(1, math.ceil(frac * steps))
+    if isinstance(schedule, (list, set, frozenset, range)):
+        chosen = {int(s) for s in schedule}
+        return lambda step, steps: step in chosen
+    if isinstance(schedule, str):
+        raise _did_you_mean("schedule", schedule, ("all",))
+    raise ValueError(f"schedule must be 'all', ('first' | 'last', fraction), a list of steps or a callable, "
+                     f"got {schedule!r}")
+
+
+def steering_vectors(sae, features) -> Tensor:
+    """``[F, d]``: the unit decoder rows of ``features``."""
+    W = sae.W_dec.detach()[_features(sae, features)].float()
+    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _positions(scope, ids: Tensor | None, progress: Progress, T: int, mask_id: int | None, device) -> Tensor | None:
+    """``[B, T]`` bool of the positions a (non-``top_active``) scope steers; None = all."""
+    if scope == "all":
+        return None
+    if isinstance(scope, Tensor):
+        return scope.to(device=device, dtype=torch.bool).expand(ids.shape if ids is not None else (1, T))
+    if callable(scope):
+        return scope(ids, progress).to(device=device, dtype=torch.bool)
+    if ids is None:
+        raise RuntimeError(f"scope {scope!r} needs the input ids, but the model was called without them")
+    B = ids.shape[0]
+    total = int(progress.prompt_lengths.max()) + progress.step if progress.causal else T
+    pos = torch.arange(total - T, total, device=device).expand(B, T)
+    generated = pos >= progress.prompt_lengths.to(device)[:, None]
+    masked = ids == mask_id if mask_id is not None else torch.zeros_like(generated)
+    if scope == "generation":
+        return generated
+    if scope == "masked":
+        return masked
+    return generated & ~masked                                                  # decoded
+
+
+@contextlib.contextmanager
+def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act", scope="all", schedule="all",
+          top_active: int = 3) -> Iterator[None]:
+    """Within the block, every forward of ``adapter``'s model adds ``Σ_f alpha_f · m(h) · v_f`` to block
+    ``layer``'s output (module docstring). ``features`` is one latent index or several; ``alpha`` one value
+    or one per feature."""
+    module = adapter.hook_module(layer)  # ValueError if out of range
+    if getattr(sae, "d", None) != adapter.d_model:
+        raise ValueError(f"SAE input size d={getattr(sae, 'd', None)} does not match the model's hidden size "
+                         f"{adapter.d_model}")
+    feats = _features(sae, features)
+    alphas = _alphas(alpha, feats.numel())
+    if strength not in STRENGTHS:
+        raise _did_you_mean("strength", strength, STRENGTHS)
+    if isinstance(scope, str) and scope not in SCOPES:
+        raise _did_you_mean("scope", scope, SCOPES)
+    if not isinstance(scope, (str, Tensor)) and not callable(scope):
+        raise ValueError(f"scope must be one of {SCOPES}, a bool tensor or a callable, got {type(scope).__name__}")
+    if scope in ("masked", "decoded"):
+        adapter.require_mask_token()
+    if isinstance(top_active, bool) or not isinstance(top_active, int) or top_active < 1:
+        raise ValueError(f"top_active must be a positive integer, got {top_active!r}")
+    active = _schedule(schedule)
+    mask_id = adapter.mask_token_id
+    vectors = steering_vectors(sae, feats)                                      # [F, d]
+    state: dict = {"ids": None}
+
+    def capture_ids(_module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
+        state["ids"] = ids if isinstance(ids, Tensor) else None
+
+    @torch.no_grad()
+    def hook(_module, _args, out):
+        x = _block_output(out)                                                  # [B, T, d]
+        progress = current_progress() or Progress(0, 1, torch.zeros(x.shape[0], dtype=torch.long))
+        if not active(progress.step, progress.steps):
+            return out
+        sae_dtype = sae.W_enc.dtype
+        xs = x.to(sae_dtype)
+        if strength == "max_act":
+            m = sae.encode(xs)[0].max(-1).values.clamp_min(0).float()           # [B, T]
+        else:
+            m = torch.ones(x.shape[:2], device=x.device)
+        v = vectors.to(x.device)
+        a = alphas.to(device=x.device, dtype=torch.float32)
+        if scope == "top_active":
+            W_enc, b_enc, b_dec = sae.W_enc[feats], sae.b_enc[feats], sae.b_dec
+            act = torch.relu((xs - b_dec) @ W_enc.T + b_enc).float()            # [B, T, F]
+            k = min(top_active, x.shape[1])
+            top = torch.zeros_like(act, dtype=torch.bool).scatter_(1, act.topk(k, dim=1).indices, True)
+            delta = torch.einsum("btf,f,fd->btd", top.float() * m[..., None], a, v)
+        else:
+            pm = _positions(scope, state["ids"], progress, x.shape[1], mask_id, x.device)
+            weight = m if pm is None else m * pm.float()
+            delta = weight[..., None] * (a @ v)                                 # [B, T, d]
+        return _replace_out(out, x + delta.to(x.dtype))
+
+    handles = [adapter.model.get_input_embeddings().register_forward_pre_hook(capture_ids, with_kwargs=True),
+               module.register_forward_hook(hook)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

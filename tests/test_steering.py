@@ -1,0 +1,124 @@
+"""dlmscope.steering: the added vector against its formula, scopes, schedules, and bad arguments."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlmscope.demo import load_world_model
+from dlmscope.sae import TopKSAE
+from dlmscope.sampling import Progress, _publishing, llada_generate
+from dlmscope.steering import steer, steering_vectors
+
+LAYER = 3
+
+
+@pytest.fixture(scope="module")
+def dlm():
+    return load_world_model("dlm")
+
+
+@pytest.fixture(scope="module")
+def sae(dlm):
+    torch.manual_seed(0)
+    s = TopKSAE(dlm.d_model, 64, 4)
+    with torch.no_grad():
+        s.b_dec.normal_(0, 0.3)          # a non-zero b_dec: the encoder must subtract it
+        s.b_enc.normal_(0, 0.1)
+    return s
+
+
+def _prompt(dlm, text, masks=0):
+    tok = dlm.tokenizer
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"] + [dlm.mask_token_id] * masks
+    return torch.tensor([ids])
+
+
+def _block(dlm, ids):
+    return dlm.forward_until(ids, [LAYER])[LAYER]
+
+
+def test_added_vector_is_alpha_times_max_activation_times_unit_decoder_row(dlm, sae):
+    ids = _prompt(dlm, "the capital of france is", masks=2)
+    h = _block(dlm, ids)
+    feats, alpha = [5, 17], [2.0, -0.5]
+    with steer(dlm, LAYER, sae, feats, alpha):
+        h_steered = _block(dlm, ids)
+    m = sae.encode(h)[0].max(-1).values                                   # exact encoder, b_dec subtracted
+    ref = sae.W_dec[:, :].detach()[feats]
+    v = ref / ref.norm(dim=-1, keepdim=True)
+    expected = h + m[..., None] * (torch.tensor(alpha) @ v)
+    torch.testing.assert_close(h_steered, expected, rtol=1e-5, atol=1e-5)
+    # the hook is gone afterwards
+    torch.testing.assert_close(_block(dlm, ids), h)
+    # constant strength adds alpha · v everywhere
+    with steer(dlm, LAYER, sae, 5, 1.5, strength="constant"):
+        torch.testing.assert_close(_block(dlm, ids), h + 1.5 * steering_vectors(sae, [5])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_scope_and_top_active(dlm, sae):
+    ids = _prompt(dlm, "my mother has a", masks=3)
+    h = _block(dlm, ids)
+    with steer(dlm, LAYER, sae, 7, 3.0, scope="masked"):
+        d = (_block(dlm, ids) - h).norm(dim=-1)[0]
+    masked = ids[0] == dlm.mask_token_id
+    assert (d[~masked] == 0).all() and (d[masked] > 0).all()
+    with steer(dlm, LAYER, sae, 7, 3.0, scope="top_active", top_active=2):
+        d = (_block(dlm, ids) - h).norm(dim=-1)[0]
+    act = torch.relu((h - sae.b_dec) @ sae.W_enc[7] + sae.b_enc[7])[0]
+    assert set(torch.nonzero(d > 0).flatten().tolist()) <= set(act.topk(2).indices.tolist())
+
+
+def test_generation_and_decoded_scopes_follow_the_sampler(dlm, sae):
+    ids = torch.cat([_prompt(dlm, "anna wrote a story about"), torch.tensor([[dlm.mask_token_id] * 3])], 1)
+    ids[0, -3] = 50                                                       # one generated position decoded
+    h = _block(dlm, ids)
+    P = ids.shape[1] - 3
+    with _publishing(Progress(1, 3, torch.tensor([P]))):
+        for scope, want in (("generation", torch.arange(ids.shape[1]) >= P),
+                            ("decoded", torch.arange(ids.shape[1]) == P)):
+            with steer(dlm, LAYER, sae, 3, 2.0, scope=scope):
+                d = (_block(dlm, ids) - h).norm(dim=-1)[0]
+            assert torch.equal(d > 0, want), scope
+
+
+def test_schedule_picks_denoising_steps(dlm, sae):
+    prompt = [_prompt(dlm, "the sky is")[0].tolist()]
+    for schedule, steps_on in ((("first", 0.5), [0, 1]), (("last", 0.25), [3]), ([0, 2], [0, 2]), ("all", [0, 1, 2, 3])):
+        seen = []
+
+        def record(ids, progress):
+            seen.append((progress.step, progress.steps, int(progress.prompt_lengths[0])))
+            return torch.ones_like(ids, dtype=torch.bool)
+
+        with steer(dlm, LAYER, sae, 1, 1.0, scope=record, schedule=schedule):
+            llada_generate(dlm, prompt, gen_length=4, steps=4)
+        assert [s for s, _, _ in seen] == steps_on, schedule
+        assert all(n == 4 and p == len(prompt[0]) for _, n, p in seen)
+
+
+def test_steering_changes_generation_and_leaves_no_trace(dlm, sae):
+    prompt = [_prompt(dlm, "anna wrote a story about")[0].tolist()]
+    base = llada_generate(dlm, prompt, gen_length=4, steps=4).sequences
+    with steer(dlm, LAYER, sae, 2, 5000.0, strength="constant"):   # residual norms here are ~100–800
+        pushed = llada_generate(dlm, prompt, gen_length=4, steps=4).sequences
+    assert not torch.equal(base, pushed)
+    assert torch.equal(llada_generate(dlm, prompt, gen_length=4, steps=4).sequences, base)
+
+
+def test_bad_arguments_name_the_problem(dlm, sae):
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        steer(dlm, LAYER, sae, 1, float("nan")).__enter__()
+    with pytest.raises(ValueError, match="feature index 64 out of range"):
+        steer(dlm, LAYER, sae, [1, 64], 1.0).__enter__()
+    with pytest.raises(ValueError, match="does not match the model's hidden size"):
+        steer(dlm, LAYER, TopKSAE(dlm.d_model + 1, 8, 2), 1, 1.0).__enter__()
+    with pytest.raises(ValueError, match="did you mean 'masked'"):
+        steer(dlm, LAYER, sae, 1, 1.0, scope="maskd").__enter__()
+    with pytest.raises(ValueError, match="did you mean 'max_act'"):
+        steer(dlm, LAYER, sae, 1, 1.0, strength="max_acts").__enter__()
+    with pytest.raises(ValueError, match="schedule fraction"):
+        steer(dlm, LAYER, sae, 1, 1.0, schedule=("first", 0)).__enter__()
+    with pytest.raises(ValueError, match="alpha has 3 values for 2 features"):
+        steer(dlm, LAYER, sae, [1, 2], [1.0, 2.0, 3.0]).__enter__()
+    with pytest.raises(ValueError, match="layer"):
+        steer(dlm, dlm.num_layers, sae, 1, 1.0).__enter__()
