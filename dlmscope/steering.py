@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,7 +28,11 @@ from torch import Tensor
 from .sampling import Progress, current_progress
 from .splice import _block_output, _replace_out
 
-__all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors"]
+__all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors", "SteeringResult", "steering_score",
+           "generation_perplexity", "FLUENCY_WEIGHT"]
+
+#: The weight of fluency in the steering score (REFERENCE.md §5).
+FLUENCY_WEIGHT = 0.3
 
 SCOPES = ("all", "generation", "masked", "decoded", "top_active")
 STRENGTHS = ("max_act", "constant")
@@ -174,3 +179,78 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
     finally:
         for h in handles:
             h.remove()
+
+
+# ------------------------------------------------------------------------------------------------ score
+def _texts(adapter, gen, gen_length: int) -> tuple[list[str], list[str]]:
+    """``(prompts, generations)`` as text (special tokens dropped)."""
+    tok = adapter.tokenizer
+    prompts, outs = [], []
+    for b in range(gen.sequences.shape[0]):
+        n = int(gen.prompt_lengths[b])
+        prompts.append(tok.decode(gen.sequences[b, :n].tolist(), skip_special_tokens=True))
+        outs.append(tok.decode(gen.sequences[b, n:n + gen_length].tolist(), skip_special_tokens=True))
+    return prompts, outs
+
+
+@torch.no_grad()
+def generation_perplexity(ref_lm, prompts: Sequence[str], generations: Sequence[str]) -> list[float]:
+    """Per text, the perplexity of the generation given its prompt under the causal LM ``ref_lm`` (an
+    adapter); texts are re-tokenised with its tokenizer, so any reference model works."""
+    tok = ref_lm.tokenizer
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    out = []
+    for prompt, text in zip(prompts, generations):
+        p = bos + tok(prompt, add_special_tokens=False)["input_ids"]
+        g = tok(text, add_special_tokens=False)["input_ids"]
+        if not g:
+            out.append(float("nan"))
+            continue
+        ids = torch.tensor([p + g], device=ref_lm.device)
+        logits = ref_lm.logits(ids)[0, len(p) - 1:-1].float()
+        ce = torch.nn.functional.cross_entropy(logits, ids[0, len(p):])
+        out.append(math.exp(ce.item()))
+    return out
+
+
+@dataclass
+class SteeringResult:
+    """One feature's steering score over a set of prompts (the baseline and the steered run share the seed)."""
+
+    #: mean judge score of the baseline and steered generations (failed judgements dropped), in [0, 1]
+    concept_before: float
+    concept_after: float
+    #: mean reference-LM perplexity of the generations
+    ppl_before: float
+    ppl_after: float
+    #: ``(concept_after − concept_before) + FLUENCY_WEIGHT · (ppl_before − ppl_after) / ppl_before``
+    score: float
+    #: judgements that failed (excluded from the means)
+    failed: int
+    generations_before: list[str]
+    generations_after: list[str]
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def steering_score(adapter, prompts, generate: Callable, gen_length: int, layer: int, sae, features, alpha,
+                   concept: str, judge, ref_lm, *, seed: int = 0, **steer_kw) -> SteeringResult:
+    """Steer ``features`` at ``layer`` while ``generate(adapter, prompts, seed=seed)`` runs (a sampler of
+    :mod:`dlmscope.sampling` with its settings bound), against the same call without steering and the same
+    seed; the judge scores the generations (not the prompt) for ``concept``; fluency is the perplexity of
+    the generations under ``ref_lm``."""
+    base = generate(adapter, prompts, seed=seed)
+    with steer(adapter, layer, sae, features, alpha, **steer_kw):
+        after = generate(adapter, prompts, seed=seed)
+    p_text, before_text = _texts(adapter, base, gen_length)
+    _, after_text = _texts(adapter, after, gen_length)
+    c_before, c_after = judge.score(concept, before_text), judge.score(concept, after_text)
+    failed = sum(x is None for x in c_before + c_after)
+    cb, ca = _mean(c_before), _mean(c_after)
+    pb = _mean(generation_perplexity(ref_lm, p_text, before_text))
+    pa = _mean(generation_perplexity(ref_lm, p_text, after_text))
+    return SteeringResult(cb, ca, pb, pa, (ca - cb) + FLUENCY_WEIGHT * (pb - pa) / pb, failed, before_text,
+                          after_text)

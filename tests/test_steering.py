@@ -122,3 +122,29 @@ def test_bad_arguments_name_the_problem(dlm, sae):
         steer(dlm, LAYER, sae, [1, 2], [1.0, 2.0, 3.0]).__enter__()
     with pytest.raises(ValueError, match="layer"):
         steer(dlm, dlm.num_layers, sae, 1, 1.0).__enter__()
+
+
+def test_steering_score_same_seed_baseline_and_formula(dlm, sae):
+    import functools
+    import math
+
+    from dlmscope.judges import PlantedJudge
+    from dlmscope.steering import FLUENCY_WEIGHT, generation_perplexity, steering_score
+
+    ar = load_world_model("ar")
+    prompts = [_prompt(dlm, t)[0].tolist() for t in ("anna wrote a story about", "ben talked about")]
+    gen = functools.partial(llada_generate, gen_length=3, steps=3, temperature=0.7)
+    # alpha 0: the steered run is the baseline (same seed), so the score is exactly 0
+    r0 = steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 0.0, "food", PlantedJudge(), ar, seed=5)
+    assert r0.generations_before == r0.generations_after and r0.score == 0.0 and r0.failed == 0
+    r = steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(), ar, seed=5)
+    assert r.generations_before == r0.generations_before
+    expected = (r.concept_after - r.concept_before) + FLUENCY_WEIGHT * (r.ppl_before - r.ppl_after) / r.ppl_before
+    assert math.isclose(r.score, expected)
+    # perplexity of a generation given its prompt, by hand
+    tok = ar.tokenizer
+    p = [tok.bos_token_id] + tok("the sky is", add_special_tokens=False)["input_ids"]
+    g = tok("blue .", add_special_tokens=False)["input_ids"]
+    logits = ar.logits(torch.tensor([p + g]))[0]
+    ce = torch.nn.functional.cross_entropy(logits[len(p) - 1:-1], torch.tensor(g))
+    assert generation_perplexity(ar, ["the sky is"], ["blue ."])[0] == pytest.approx(math.exp(ce.item()), rel=1e-5)
