@@ -190,3 +190,31 @@ def test_bad_arguments_name_the_problem(dlm, ar):
         ar_generate(dlm, p, max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one token"):
         llada_generate(dlm, [[]], gen_length=4, steps=4)
+
+
+def test_dream_format_model_with_its_logit_shift(tmp_path):
+    """A tiny Dream-format checkpoint (shifted logits, no tokenizer): the committed token is the argmax of the
+    aligned logits the callback sees, and batched prompts of different lengths equal one at a time."""
+    from dlmscope import models
+    from tests.test_models import DREAM_MASK, dream_config, dream_tensors, write_dir
+
+    dream = models.load(write_dir(tmp_path / "dream", dream_config(), dream_tensors()))
+    assert dream.logit_shift == 1 and dream.tokenizer is None
+    prompts = [[1, 5, 9], [1, 7, 8, 11, 12]]
+    seen = []
+
+    def check(state):
+        pos = torch.nonzero(state.commit)
+        for b, t in pos.tolist():
+            seen.append((b, t, int(state.logits[b, t].argmax())))
+
+    out = dream_generate(dream, prompts, max_new_tokens=4, steps=4, alg="maskgit_plus", callback=check,
+                         history=True)
+    for b, t, tok in seen:
+        assert out.sequences[b, t] == tok
+    assert (out.sequences != DREAM_MASK).all()
+    for fn, kw in ((dream_generate, dict(max_new_tokens=4, steps=2, alg="topk_margin")),
+                   (llada_generate, dict(gen_length=4, steps=4, block_length=2))):
+        batched = fn(dream, prompts, **kw)
+        for b, p in enumerate(prompts):
+            assert batched.generated(4)[b].tolist() == fn(dream, [p], **kw).generated(4)[0].tolist()
