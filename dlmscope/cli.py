@@ -3,6 +3,7 @@
     dlmscope train --model DIR --layers 1 3 --policy mask --k 8 16 32 --n 512 --tokens 200000 --out runs/x
     dlmscope eval  --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000
     dlmscope demo  --out runs/demo            # the embedded-world job behind `make demo`
+    dlmscope steer --model DIR --sae DIR --layer 4 --concepts food place --alpha 1 2 4 --out runs/steer
 
 Text comes from the embedded world's corpus (``--corpus world``, default), a text file with one document per
 line, or a Hugging Face dataset (data files or a dataset directory, streamed); documents are EOS-joined and
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 
 from . import atomic, models
+from .world import ASSETS_DIR
 from .activations import ActivationStream
 from .demo import DemoConfig, run_demo
 from .pipeline import SweepSpec, heldout_activations, train_sweep
 from .sae import TopKSAE
+from .steer_run import SteerSpec, concept_features, neutral_prompts, plot_sweep, run_steer
 from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
 from .text_sources import text_batches
 from .train import TrainConfig
@@ -103,6 +106,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _schedule_arg(text: str):
+    """``all``, ``first:0.1``, ``last:0.5`` or ``0,3,5`` (step indices)."""
+    if text == "all":
+        return "all"
+    which, _, frac = text.partition(":")
+    if which in ("first", "last") and frac:
+        return (which, float(frac))
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--schedule must be all, first:FRAC, last:FRAC or step indices like 0,3,5; got {text!r}")
+
+
+def cmd_steer(args) -> int:
+    adapter = models.load(args.model)
+    layer = adapter.check_layer(args.layer)
+    sae = TopKSAE.load(args.sae)
+    ref = models.load(args.ref_model) if args.ref_model else models.load(str(Path(ASSETS_DIR) / "models" / "ar"))
+    if args.features:
+        if not args.judge_concept:
+            raise ValueError("--features needs --judge-concept (the planted concept the generations are judged on)")
+        features = [(args.judge_concept, f) for f in args.features]
+    elif args.concepts:
+        features = list(concept_features(adapter, sae, layer, args.concepts, seed=args.seed).items())
+    else:
+        raise ValueError("give --features (latent ids) or --concepts (planted concepts)")
+    spec = SteerSpec(layer=layer, alphas=args.alpha, sampler=args.sampler, gen_length=args.gen_length,
+                     steps=args.steps, temperature=args.temperature, scope=args.scope,
+                     schedule=_schedule_arg(args.schedule), seed=args.seed)
+    prompts = neutral_prompts(adapter.tokenizer, args.n_prompts, args.prompts)
+    result = run_steer(adapter, sae, prompts, features, spec, ref)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "steer.json", result)
+    plot_sweep(result, out / "steer.png")
+    for key, entry in result["features"].items():
+        print(f"{key}: " + ", ".join(
+            f"α={p['alpha']:g} concept {p['concept_before']:.2f}->{p['concept_after']:.2f} "
+            f"ppl {p['ppl_before']:.1f}->{p['ppl_after']:.1f} score {p['score']:+.3f}" for p in entry["sweep"]))
+    print(f"wrote {out / 'steer.json'} and {out / 'steer.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmscope", description="SAE interpretability for diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--delta-batches", type=int, default=None)
     d.add_argument("--concept-batches", type=int, default=None)
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("steer", help="steer SAE features during generation: an α sweep, judged, JSON + plot")
+    s.add_argument("--model", required=True, help="the model to steer (a DLM for llada/dream, AR for ar)")
+    s.add_argument("--sae", required=True)
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--features", type=int, nargs="+", default=None, help="latent ids (with --judge-concept)")
+    s.add_argument("--judge-concept", default=None, help="planted concept the --features runs are judged on")
+    s.add_argument("--concepts", nargs="+", default=None, help="planted concepts: steer each one's best latent")
+    s.add_argument("--alpha", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    s.add_argument("--scope", default="all", help="all | generation | masked | decoded | top_active")
+    s.add_argument("--schedule", default="all", help="all | first:FRAC | last:FRAC | step indices 0,3,5")
+    s.add_argument("--sampler", default="llada", help="llada | dream | ar")
+    s.add_argument("--gen-length", type=int, default=8)
+    s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the world's)")
+    s.add_argument("--n-prompts", type=int, default=20)
+    s.add_argument("--ref-model", default=None, help="causal LM for perplexity (default: the world's AR twin)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_steer)
     return parser
 
 

@@ -148,3 +148,30 @@ def test_steering_score_same_seed_baseline_and_formula(dlm, sae):
     logits = ar.logits(torch.tensor([p + g]))[0]
     ce = torch.nn.functional.cross_entropy(logits[len(p) - 1:-1], torch.tensor(g))
     assert generation_perplexity(ar, ["the sky is"], ["blue ."])[0] == pytest.approx(math.exp(ce.item()), rel=1e-5)
+
+
+def test_cli_steer_writes_a_sweep(dlm, sae, tmp_path, capsys):
+    import json
+    import os
+
+    from dlmscope import cli
+    from dlmscope.world import ASSETS_DIR
+
+    sae_dir = tmp_path / "sae"
+    sae.save(sae_dir)
+    model = os.path.join(ASSETS_DIR, "models", "dlm")
+    base = ["steer", "--model", model, "--sae", str(sae_dir), "--layer", str(LAYER), "--n-prompts", "4",
+            "--gen-length", "4", "--steps", "4", "--out", str(tmp_path / "out")]
+    assert cli.main(base + ["--features", "5", "--judge-concept", "food", "--alpha", "0", "3",
+                            "--schedule", "first:0.5"]) == 0
+    result = json.loads((tmp_path / "out" / "steer.json").read_text())
+    sweep = result["features"]["food/5"]["sweep"]
+    assert [p["alpha"] for p in sweep] == [0.0, 3.0] and sweep[0]["score"] == 0.0
+    assert result["n_prompts"] == 4 and (tmp_path / "out" / "steer.png").stat().st_size > 1000
+    assert cli.main(base + ["--concepts", "food", "--alpha", "2"]) == 0
+    assert list(json.loads((tmp_path / "out" / "steer.json").read_text())["features"])[0].startswith("food/")
+    capsys.readouterr()
+    assert cli.main(base + ["--features", "5"]) == 2
+    assert "--judge-concept" in capsys.readouterr().err
+    assert cli.main(base + ["--features", "5", "--judge-concept", "food", "--schedule", "frist:0.1"]) == 2
+    assert "--schedule" in capsys.readouterr().err
