@@ -5,7 +5,7 @@
                                          [--out benchmarks/results]
 
 The job (both pipelines do exactly this): harvest resid_post of layers 1 and 3 of the embedded LLaDA-format DLM
-(``dlmscope/world/assets/models/dlm``: 4 layers, d_model 128) under the ``mask`` policy (REFERENCE §3: per LM
+(``dlmscope/world/assets/models/dlm``: 8 blocks, d_model 128) under the ``mask`` policy (REFERENCE §3: per LM
 batch ``p ~ U[0.05, 0.5]``, every non-pad position except 0 masked with probability ``p``, keep the masked
 positions), and train a k sweep of Top-K SAEs (n=1024, k = 8, 16, 32, batch 1024 tokens) per layer on the same
 number of kept training tokens per layer. Same recipe on both sides: one scalar norm factor from the first
@@ -314,11 +314,21 @@ def _foreign(rows: dict) -> str:
     return f"≤ {max(vals):.2f}" if vals else "?"
 
 
+def _truncation_note(s: dict) -> str:
+    deepest, n = max(s["layers"]), s.get("num_layers", 4)
+    saved = "only the final norm + LM head" if deepest == n - 1 else \
+        f"blocks {deepest + 1}–{n - 1}, the final norm and the LM head"
+    return (f"The deepest hooked layer is {deepest} of blocks 0–{n - 1}, so truncation saves {saved}; the rest of "
+            f"dlmscope's gain comes from one forward for all layers (activation cache; layer {deepest}'s phase "
+            "reads it back) and the fused SAE training.")
+
+
 def render_markdown(result: dict) -> str:
     s, m, rows = result["settings"], result["machine"], result["variants"]
     base = rows.get("plain")
     lines = [
-        f"#### Harvest + train, embedded DLM (LLaDA format, 4 layers, d=128) — layers {s['layers']}, mask policy, "
+        f"#### Harvest + train, embedded DLM (LLaDA format, {s.get('num_layers', 4)} blocks, d={s.get('d_model', 128)})"
+        f" — layers {s['layers']}, mask policy, "
         f"n={s['n']}, k={s['ks']}, B={s['batch_size']}, {s['tokens']:,} kept tokens per layer, fp32, CPU", "",
         f"{m['cpu_model']}; torch {m['torch']}; {m['cpu_count']} CPU cores ({m['torch_threads']} torch threads); "
         f"`uptime` at start: {m.get('uptime')}; other processes kept {_foreign(rows)} cores busy on average "
@@ -354,9 +364,8 @@ def render_markdown(result: dict) -> str:
         "into B×n + matmul), MSE, autograd, W_dec-gradient projection, grad clip, `torch.optim.Adam` + LambdaLR, "
         "decoder renorm. Same init, norm factor, geometric-median `b_dec`, lr schedule and step count as dlmscope's "
         "Trainer. Held-out FVE: `evaluate_sae` on the same held-out masked-position activations for every variant. "
-        "Layer 3 is the model's last block, so here truncation saves only the final norm + LM head: dlmscope's gain "
-        "comes from one forward for all layers (activation cache; layer 3's phase reads it back) and the fused "
-        "SAE training. Wall time includes writing/reading the cache (tmp dir on local disk).",
+        + _truncation_note(s) +
+        " Wall time includes writing/reading the cache (tmp dir on local disk).",
         "",
         "Per-phase wall seconds: " + "; ".join(
             f"{name} " + ", ".join(f"layer {L}: {t:.1f} s" for L, t in r["per_layer_s"].items())
@@ -425,7 +434,7 @@ def main(argv=None) -> int:
             for L in rows[o]["heldout"] for k in rows[o]["heldout"][L]]
     settings = dataclasses.asdict(s)
     settings.update(steps=s.steps, model=os.path.relpath(MODEL_DIR, ROOT), policy="mask", hook="resid_post",
-                    dtype="float32", device="cpu")
+                    dtype="float32", device="cpu", num_layers=adapter.num_layers, d_model=adapter.d_model)
     result = {"settings": settings, "variants": rows, "ratios": ratios,
               "max_fve_gap": max(gaps) if gaps else None, "machine": machine}
     tag = "cpu-pipeline-world-dlm" + ("-quick" if args.quick else "")
