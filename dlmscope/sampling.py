@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import difflib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
+from .choices import check_choice
 from .models import Adapter
 
 __all__ = ["Generation", "SamplerState", "Progress", "current_progress", "llada_generate", "dream_generate",
@@ -98,14 +98,6 @@ class Generation:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        near = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(map(repr, choices))}{hint}")
-    return value
-
-
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -173,19 +165,27 @@ class _Recorder:
         self.committed: list[torch.Tensor] | None = [] if history else None
         self.callback, self.steps = callback, steps
 
-    def step(self, s, ids, masked, logits, commit):
+    def commit(self, s: int, ids, logits, commit_gen, x0, gen_pos, mask_id: int) -> torch.Tensor:
+        """The canvas after step ``s``: ``x0`` ``[B, G]`` written at the committed generated positions
+        ``commit_gen`` ``[B, G]``; the callback sees the step before, the history records it after."""
+        commit = _to_canvas(commit_gen, gen_pos, ids.shape[1])
         if self.callback is not None:
-            self.callback(SamplerState(s, self.steps, ids.clone(), masked.clone(), logits.clone(), commit.clone()))
-
-    def after(self, ids, commit):
+            self.callback(SamplerState(s, self.steps, ids.clone(), ids == mask_id, logits.clone(), commit.clone()))
+        new = ids.scatter(1, gen_pos, torch.where(commit_gen, x0, ids.gather(1, gen_pos)))
         if self.history is not None:
-            self.history.append(ids.clone())
-            self.committed.append(commit.clone())
+            self.history.append(new)          # a fresh tensor every step: nothing writes to it later
+            self.committed.append(commit)
+        return new
 
     def result(self, ids, lengths) -> Generation:
         if self.history is None:
             return Generation(ids, lengths)
         return Generation(ids, lengths, torch.stack(self.history), torch.stack(self.committed))
+
+
+def _at_generated(logits: torch.Tensor, gen_pos: torch.Tensor) -> torch.Tensor:
+    """``[B, G, V]`` float32: the logits at the generated positions."""
+    return logits.gather(1, gen_pos[..., None].expand(-1, -1, logits.shape[-1])).float()
 
 
 def _to_canvas(gen_mask: torch.Tensor, gen_pos: torch.Tensor, T: int) -> torch.Tensor:
@@ -228,7 +228,7 @@ def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int,
     mask_id = adapter.require_mask_token()
     gen_length, steps = _positive_int("gen_length", gen_length), _positive_int("steps", steps)
     block_length = gen_length if block_length is None else _positive_int("block_length", block_length)
-    _choice("remasking", remasking, REMASKING)
+    check_choice("remasking", remasking, REMASKING)
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
     n_blocks = gen_length // block_length
@@ -238,7 +238,7 @@ def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int,
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"temperature and cfg_scale must be >= 0, got {temperature}, {cfg_scale}")
     ids, attention, gen_pos, lengths = _canvas(adapter, prompt_ids, gen_length, mask_id)
-    B, T = ids.shape
+    T = ids.shape[1]
     per_block = steps // n_blocks
     counts = _step_counts(block_length, per_block)
     gen = _generator(seed, ids.device)
@@ -257,7 +257,7 @@ def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int,
         else:
             with _publishing(Progress(s, steps, lengths)):
                 logits = adapter.logits(ids, attention)
-        gl = logits.gather(1, gen_pos[..., None].expand(-1, -1, logits.shape[-1])).float()   # [B, G, V]
+        gl = _at_generated(logits, gen_pos)                                       # [B, G, V]
         if temperature > 0:
             u = torch.rand(gl.shape, generator=gen, device=gl.device, dtype=torch.float64)
             gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
@@ -270,11 +270,7 @@ def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int,
             conf = torch.rand(x0.shape, generator=gen, device=gl.device)
         conf = torch.where(masked_gen & (block_of == block), conf, torch.full_like(conf, -torch.inf))
         commit_gen = _top(conf, counts[i]) & masked_gen
-        commit = _to_canvas(commit_gen, gen_pos, T)
-        canvas_x0 = ids.clone().scatter_(1, gen_pos, x0)
-        rec.step(s, ids, ids == mask_id, logits, commit)
-        ids = torch.where(commit, canvas_x0, ids)
-        rec.after(ids, commit)
+        ids = rec.commit(s, ids, logits, commit_gen, x0, gen_pos, mask_id)
     return rec.result(ids, lengths)
 
 
@@ -341,13 +337,12 @@ def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: 
     sampled from ``softmax(confidence / alg_temp)`` when ``alg_temp > 0``."""
     mask_id = adapter.require_mask_token()
     max_new_tokens, steps = _positive_int("max_new_tokens", max_new_tokens), _positive_int("steps", steps)
-    _choice("alg", alg, DREAM_ALGS)
+    check_choice("alg", alg, DREAM_ALGS)
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     ids, attention, gen_pos, lengths = _canvas(adapter, prompt_ids, max_new_tokens, mask_id)
-    B, T = ids.shape
     gen = _generator(seed, ids.device)
     ts = torch.linspace(1, eps, steps + 1)
     counts = _dream_counts(max_new_tokens, steps, eps)
@@ -356,7 +351,7 @@ def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: 
         masked_gen = ids.gather(1, gen_pos) == mask_id
         with _publishing(Progress(s, steps, lengths)):
             logits = adapter.logits(ids, attention)
-        gl = logits.gather(1, gen_pos[..., None].expand(-1, -1, logits.shape[-1])).float()
+        gl = _at_generated(logits, gen_pos)
         x0, conf = _dream_tokens(gl, alg, temperature, top_p, top_k, gen)
         if alg == "origin":
             p = 1.0 if s == steps - 1 else float(1 - ts[s + 1] / ts[s])
@@ -369,11 +364,7 @@ def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: 
                 commit_gen = torch.zeros_like(masked_gen).scatter_(1, pick, True) & masked_gen
             else:
                 commit_gen = _top(conf, counts[s]) & masked_gen
-        commit = _to_canvas(commit_gen, gen_pos, T)
-        canvas_x0 = ids.clone().scatter_(1, gen_pos, x0)
-        rec.step(s, ids, ids == mask_id, logits, commit)
-        ids = torch.where(commit, canvas_x0, ids)
-        rec.after(ids, commit)
+        ids = rec.commit(s, ids, logits, commit_gen, x0, gen_pos, mask_id)
     return rec.result(ids, lengths)
 
 

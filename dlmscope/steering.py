@@ -17,7 +17,6 @@ callable ``(step, steps) -> bool``.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .choices import check_choice
 from .sampling import Progress, current_progress
 from .splice import _block_output, _replace_out
 
@@ -36,12 +36,6 @@ FLUENCY_WEIGHT = 0.3
 
 SCOPES = ("all", "generation", "masked", "decoded", "top_active")
 STRENGTHS = ("max_act", "constant")
-
-
-def _did_you_mean(name, value, choices) -> ValueError:
-    near = difflib.get_close_matches(str(value), choices, n=1)
-    return ValueError(f"unknown {name} {value!r}: expected one of {', '.join(map(repr, choices))}"
-                      + (f"; did you mean {near[0]!r}?" if near else ""))
 
 
 def _features(sae, features) -> Tensor:
@@ -82,7 +76,7 @@ def _schedule(schedule):
         chosen = {int(s) for s in schedule}
         return lambda step, steps: step in chosen
     if isinstance(schedule, str):
-        raise _did_you_mean("schedule", schedule, ("all",))
+        check_choice("schedule", schedule, ("all",))
     raise ValueError(f"schedule must be 'all', ('first' | 'last', fraction), a list of steps or a callable, "
                      f"got {schedule!r}")
 
@@ -127,10 +121,9 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
                          f"{adapter.d_model}")
     feats = _features(sae, features)
     alphas = _alphas(alpha, feats.numel())
-    if strength not in STRENGTHS:
-        raise _did_you_mean("strength", strength, STRENGTHS)
-    if isinstance(scope, str) and scope not in SCOPES:
-        raise _did_you_mean("scope", scope, SCOPES)
+    check_choice("strength", strength, STRENGTHS)
+    if isinstance(scope, str):
+        check_choice("scope", scope, SCOPES)
     if not isinstance(scope, (str, Tensor)) and not callable(scope):
         raise ValueError(f"scope must be one of {SCOPES}, a bool tensor or a callable, got {type(scope).__name__}")
     if scope in ("masked", "decoded"):
