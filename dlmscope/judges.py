@@ -82,8 +82,7 @@ class HFJudge:
             prompt = self.template.format(concept=concept, text=text)
             ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], device=self.device)
             logits = self.model(input_ids=ids).logits[0, -1].float()
-            yes, no = logits[self.ids].softmax(-1).tolist()
-            out.append(yes)
+            out.append(logits[self.ids].softmax(-1)[0].item())
         return out
 
 

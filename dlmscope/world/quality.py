@@ -68,11 +68,10 @@ def fill_left_to_right(logits_fn, tasks: Sequence[Task], tok, batch: int = 256) 
     for s in range(0, len(tasks), batch):
         ids, _, att, positions = _encode_batch(tasks[s:s + batch], tok)
         for j in range(max(len(p) for p in positions)):
+            rows = torch.tensor([r for r, pos in enumerate(positions) if j < len(pos)])
+            at = torch.tensor([pos[j] for pos in positions if j < len(pos)])
             logits = _logits(logits_fn, ids, att)
-            for r, pos in enumerate(positions):
-                if j < len(pos):
-                    p = pos[j]
-                    ids[r, p] = logits[r, p - 1].argmax()
+            ids[rows, at] = logits[rows, at - 1].argmax(-1)
         out.extend([ids[r, pos].tolist() for r, pos in enumerate(positions)])
     return out
 
