@@ -8,7 +8,6 @@ baseline and every steered run, and so is the seed.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +18,7 @@ from .sampling import ar_generate, dream_generate, llada_generate
 from .steering import steering_score
 from .text_sources import world_batches
 from .world import ASSETS_DIR, concept_id_table
+from .world.tasks import load_tasks
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "plot_sweep"]
 
@@ -45,12 +45,8 @@ def neutral_prompts(tokenizer, n: int, path: str | None = None) -> list[list[int
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
         texts = lines[:n]
     else:
-        texts = []
-        with open(Path(ASSETS_DIR) / "tasks.jsonl") as f:
-            for line in f:
-                t = json.loads(line)
-                if t["kind"] == "neutral":
-                    texts.append(" ".join(t["words"][:t["answer_positions"][0]]))
+        tasks, _ = load_tasks(Path(ASSETS_DIR) / "tasks.jsonl")
+        texts = [" ".join(t.words[:t.answer_positions[0]]) for t in tasks if t.kind == "neutral"]
         texts = texts[:n]
     if not texts:
         raise ValueError(f"no prompts found in {path or 'the world tasks'}")

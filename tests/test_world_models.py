@@ -176,15 +176,7 @@ RECORD_TOLERANCE = 0.03
 
 @pytest.fixture(scope="module")
 def shipped_tasks():
-    from dlmscope.world import ASSETS_DIR
-
-    tasks, heldout = [], []
-    with open(os.path.join(ASSETS_DIR, "tasks.jsonl")) as f:
-        for line in f:
-            t = json.loads(line)
-            tasks.append(C.Task(t["kind"], tuple(t["words"]), tuple(t["answer_positions"]), t["meta"]))
-            heldout.append(t["heldout"])
-    return tasks, heldout
+    return C.load_tasks(os.path.join(ASSETS_DIR, "tasks.jsonl"))
 
 
 @pytest.fixture(scope="module")

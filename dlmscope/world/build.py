@@ -115,9 +115,7 @@ def build(out_dir: str = DEFAULT_OUT, cfg: WorldConfig = WorldConfig(), models: 
                 f.write(f"{s.kind}\t{s.text}\n")
     with open(os.path.join(out_dir, "tasks.jsonl"), "w") as f:
         for t in world.tasks:
-            f.write(json.dumps({"kind": t.kind, "words": list(t.words), "answer_positions": list(t.answer_positions),
-                                "answers": list(t.answers), "meta": t.meta,
-                                "heldout": C.task_heldout(t, cfg.heldout_frac, cfg.seed)}, sort_keys=True) + "\n")
+            f.write(C.task_record(t, C.task_heldout(t, cfg.heldout_frac, cfg.seed)) + "\n")
 
     model_metrics = train_models(world, tok, out_dir, log=log, **configs) if models else {}
 

@@ -35,7 +35,7 @@ import torch
 
 from .samples import ANNEAL_MIX, COUNT_LENGTH, DEFAULT_MIX, KINDS, Sample, arith_value, chain_words, generate, is_heldout, vocabulary
 from .tasks import (COMPOSITION_KINDS, NEUTRAL_TEMPLATES, SCORED_KINDS, TASK_KINDS, Task, decoding_tasks,
-                    task_heldout)
+                    load_tasks, task_heldout, task_record)
 from .templates import (ADVERBS, ANIMALS, ANIMALS_PLURAL, ANIMAL_FOOD_FACTS, CAPITALS, CITIES, COLOURS,
                         COLOUR_FACTS, CONCEPTS, CONCEPT_GROUPS, COUNTRIES, DAYS, DAY_PARTS, FACTS, FAMILY,
                         FAMILY_FACTS, FEEL_VERBS, FOODS, MAX_NUMBER, MONTHS, NAMES, NEGATIVE, NUMBER_DIGITS,
@@ -49,7 +49,7 @@ __all__ = ["ADVERBS", "ANIMAL_FOOD_FACTS", "ANIMALS", "ANIMALS_PLURAL", "arith_v
            "FACTS", "FAMILY", "FAMILY_FACTS", "FEEL_VERBS", "FOODS", "generate", "is_heldout", "KINDS",
            "MAX_NUMBER", "MONTHS", "NAMES", "NEGATIVE", "NUMBER_DIGITS", "NUMBER_WORDS", "OBJECTS", "OPPOSITES",
            "pack", "PLACES_GENERIC", "PLAIN_TEMPLATES", "POSITIVE", "RELATIVE_DAYS", "Sample", "SEASON_WEATHER",
-           "SEASONS", "SLOTS", "TOPICS", "ANNEAL_MIX", "COUNT_LENGTH", "chain_words", "NEUTRAL_TEMPLATES", "split", "Task", "TASK_KINDS", "SCORED_KINDS", "COMPOSITION_KINDS", "task_heldout", "TIME", "token_rows", "VERBS_ANIMAL", "VERBS_FOOD",
+           "SEASONS", "SLOTS", "TOPICS", "ANNEAL_MIX", "COUNT_LENGTH", "chain_words", "NEUTRAL_TEMPLATES", "split", "Task", "TASK_KINDS", "SCORED_KINDS", "COMPOSITION_KINDS", "task_heldout", "task_record", "load_tasks", "TIME", "token_rows", "VERBS_ANIMAL", "VERBS_FOOD",
            "VERBS_MOVE", "vocabulary", "WEATHER", "WEATHER_ADJS", "WEATHER_NOUNS"]
 
 

@@ -6,6 +6,7 @@ Q&A makers as the corpus (:mod:`.samples`), so the answers are ones the corpus t
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -129,3 +130,20 @@ def task_heldout(task: Task, heldout_frac: float, seed: int) -> bool:
     """Whether ``task``'s full text is absent from training: on the held-out side of the corpus's hash split,
     or a composition kind the corpus never contains."""
     return task.kind in COMPOSITION_KINDS or is_heldout(task.text, heldout_frac, seed)
+
+
+def task_record(task: Task, heldout: bool) -> str:
+    """One line of ``tasks.jsonl`` (sorted keys; :func:`load_tasks` reads it back)."""
+    return json.dumps({"kind": task.kind, "words": list(task.words), "answer_positions": list(task.answer_positions),
+                       "answers": list(task.answers), "meta": task.meta, "heldout": heldout}, sort_keys=True)
+
+
+def load_tasks(path) -> tuple[list[Task], list[bool]]:
+    """``(tasks, heldout flags)`` from a ``tasks.jsonl`` written by the world build."""
+    tasks, heldout = [], []
+    with open(path) as f:
+        for line in f:
+            t = json.loads(line)
+            tasks.append(Task(t["kind"], tuple(t["words"]), tuple(t["answer_positions"]), t["meta"]))
+            heldout.append(bool(t["heldout"]))
+    return tasks, heldout

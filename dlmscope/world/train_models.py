@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -36,7 +37,7 @@ from .quality import task_quality
 from .tokenizer import save_tokenizer
 
 __all__ = ["ModelConfig", "TrainConfig", "train_models", "evaluate_models", "masked_accuracy", "ar_perplexity",
-           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "draw_t", "anneal_dlm", "sft_samples", "quality_summary"]
+           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "stratified_t", "anneal_dlm", "sft_samples", "quality_summary"]
 
 #: Worlds smaller than this many pre-training sentences get no models (a model trained on a toy slice would
 #: be meaningless, and the corpus-only build tests stay fast).
@@ -128,7 +129,7 @@ def _batches(n_rows: int, batch: int, steps: int, gen: torch.Generator):
         pos += batch
 
 
-def draw_t(n: int, eps: float, gen: torch.Generator) -> torch.Tensor:
+def stratified_t(n: int, eps: float, gen: torch.Generator) -> torch.Tensor:
     """``n`` mask rates in ``[eps, 1)``, stratified: one per equal slice of ``[0, 1)``, shuffled (the same
     marginal ``U(eps, 1)`` as independent draws, with less variance across the batch)."""
     u = (torch.arange(n, dtype=torch.float32) + torch.rand(n, generator=gen)) / n
@@ -198,7 +199,7 @@ def train_dlm(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print, init=
 
     def step_fn(_):
         ids = train_ids[next(batches)]
-        t = draw_t(ids.shape[0], tc.t_eps, gen)
+        t = stratified_t(ids.shape[0], tc.t_eps, gen)
         noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id)
         return dlm_loss(model, ids, t, masked, noisy)
 
@@ -238,7 +239,7 @@ def anneal_dlm(model, anneal_ids, tok, tc: TrainConfig, log=print, probe=None):
 
     def step_fn(_):
         ids = anneal_ids[next(batches)]
-        t = torch.cat([draw_t(ids.shape[0] - low, tc.t_eps, gen), tc.anneal_low_t * draw_t(low, tc.t_eps, gen)])
+        t = torch.cat([stratified_t(ids.shape[0] - low, tc.t_eps, gen), tc.anneal_low_t * stratified_t(low, tc.t_eps, gen)])
         noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id)
         return dlm_loss(model, ids, t, masked, noisy)
 
@@ -264,7 +265,7 @@ def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=prin
         ids, prompt = qa_ids[rows], qa_prompt[rows]
         att = (ids != tok.pad_token_id).long()
         answer = ~prompt & (ids != tok.pad_token_id)
-        t = draw_t(ids.shape[0], tc.t_eps, gen)
+        t = stratified_t(ids.shape[0], tc.t_eps, gen)
         noisy, masked = diffusion_mask(ids, t, gen, tok.mask_token_id, tok.pad_token_id, maskable=answer)
         return dlm_loss(model, ids, t, masked, noisy, attention_mask=att, norm=answer.sum(1).clamp(min=1))
 
@@ -350,8 +351,6 @@ def evaluate_models(dlm, ar, instruct, world, tok, tc: TrainConfig) -> dict:
 def sft_samples(world, frac_base: float, seq_len: int, seed: int) -> list:
     """The instruct twin's fine-tuning samples: the Q&A training slice plus base-corpus sentences (a fraction
     ``frac_base`` of the total, those that fit ``seq_len`` tokens), shuffled with ``random.Random(seed)``."""
-    import random
-
     qa = list(world.instruct_train)
     n_base = round(len(qa) * frac_base / (1 - frac_base)) if frac_base < 1 else 0
     base = [s for s in world.train if len(s.words) + 2 <= seq_len][:n_base]
