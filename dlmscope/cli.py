@@ -26,7 +26,8 @@ from .activations import ActivationStream
 from .demo import DemoConfig, run_demo
 from .pipeline import SweepSpec, heldout_activations, train_sweep
 from .sae import TopKSAE
-from .steer_run import SteerSpec, concept_features, neutral_prompts, plot_sweep, run_steer
+from .steer_run import (SteerSpec, concept_features, condition_label, neutral_prompts, plot_sweep, plot_tradeoff,
+                        run_steer)
 from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
 from .text_sources import text_batches
 from .train import TrainConfig
@@ -119,33 +120,61 @@ def _schedule_arg(text: str):
         raise ValueError(f"--schedule must be all, first:FRAC, last:FRAC or step indices like 0,3,5; got {text!r}")
 
 
+def _steer_features(adapter, sae, layer, args) -> list[tuple[str, int]]:
+    if args.features:
+        if not args.judge_concept:
+            raise ValueError("--features needs --judge-concept (the planted concept the generations are judged on)")
+        return [(args.judge_concept, f) for f in args.features]
+    if args.concepts:
+        return list(concept_features(adapter, sae, layer, args.concepts, seed=args.seed).items())
+    raise ValueError("give --features (latent ids) or --concepts (planted concepts)")
+
+
+def _print_summary(name: str, result: dict) -> None:
+    for row in result["summary"]["rows"]:
+        ci = row["concept_delta"]
+        print(f"{name}{condition_label(row['scope'], row['schedule'])}, α={row['alpha']:g}: Δconcept "
+              f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}], up {row['features_up']}/{row['n_features']}, "
+              f"ppl ×{row['ppl_ratio_median']:.2f}, score {row['score_mean']:+.3f}")
+
+
 def cmd_steer(args) -> int:
     adapter = models.load(args.model)
     layer = adapter.check_layer(args.layer)
     sae = TopKSAE.load(args.sae)
     ref = models.load(args.ref_model) if args.ref_model else models.load(str(Path(ASSETS_DIR) / "models" / "ar"))
-    if args.features:
-        if not args.judge_concept:
-            raise ValueError("--features needs --judge-concept (the planted concept the generations are judged on)")
-        features = [(args.judge_concept, f) for f in args.features]
-    elif args.concepts:
-        features = list(concept_features(adapter, sae, layer, args.concepts, seed=args.seed).items())
-    else:
-        raise ValueError("give --features (latent ids) or --concepts (planted concepts)")
+    features = _steer_features(adapter, sae, layer, args)
+    if args.compare_model and not args.concepts:
+        raise ValueError("--compare-model needs --concepts: the other model's SAE has its own latent ids")
+    if bool(args.compare_model) != bool(args.compare_sae):
+        raise ValueError("--compare-model and --compare-sae go together")
     spec = SteerSpec(layer=layer, alphas=args.alpha, sampler=args.sampler, gen_length=args.gen_length,
-                     steps=args.steps, temperature=args.temperature, scope=args.scope,
-                     schedule=_schedule_arg(args.schedule), seed=args.seed)
+                     steps=args.steps, temperature=args.temperature, scopes=args.scope,
+                     schedules=[_schedule_arg(s) for s in args.schedule], seed=args.seed)
     prompts = neutral_prompts(adapter.tokenizer, args.n_prompts, args.prompts)
-    result = run_steer(adapter, sae, prompts, features, spec, ref)
+    results = {"": run_steer(adapter, sae, prompts, features, spec, ref)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "steer.json", result)
-    plot_sweep(result, out / "steer.png")
-    for key, entry in result["features"].items():
-        print(f"{key}: " + ", ".join(
-            f"α={p['alpha']:g} concept {p['concept_before']:.2f}->{p['concept_after']:.2f} "
-            f"ppl {p['ppl_before']:.1f}->{p['ppl_after']:.1f} score {p['score']:+.3f}" for p in entry["sweep"]))
-    print(f"wrote {out / 'steer.json'} and {out / 'steer.png'}")
+    atomic.write_json(out / "steer.json", results[""])
+    plot_sweep(results[""], out / "steer.png")
+    if args.compare_model:
+        other = models.load(args.compare_model)
+        other_sae = TopKSAE.load(args.compare_sae)
+        # a causal model has no masked positions: its sweep keeps the scopes that exist for it
+        scopes = [s for s in spec.scopes if other.is_diffusion or s not in ("masked", "decoded")]
+        if not scopes:
+            raise ValueError(f"none of the scopes {list(spec.scopes)} exists for the causal --compare-model")
+        other_spec = dataclasses.replace(spec, sampler=args.compare_sampler or ("ar" if not other.is_diffusion
+                                                                                else spec.sampler),
+                                         alphas=args.compare_alpha or spec.alphas, scopes=scopes)
+        other_features = _steer_features(other, other_sae, layer, args)
+        results = {"model": results[""], "compare": run_steer(other, other_sae, neutral_prompts(
+            other.tokenizer, args.n_prompts, args.prompts), other_features, other_spec, ref)}
+        atomic.write_json(out / "steer_compare.json", results["compare"])
+    plot_tradeoff(results, out / "tradeoff.png")
+    for name, result in results.items():
+        _print_summary(f"{name}: " if name else "", result)
+    print(f"wrote {out}/steer.json, steer.png, tradeoff.png" + (", steer_compare.json" if args.compare_model else ""))
     return 0
 
 
@@ -218,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--judge-concept", default=None, help="planted concept the --features runs are judged on")
     s.add_argument("--concepts", nargs="+", default=None, help="planted concepts: steer each one's best latent")
     s.add_argument("--alpha", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    s.add_argument("--scope", default="all", help="all | generation | masked | decoded | top_active")
-    s.add_argument("--schedule", default="all", help="all | first:FRAC | last:FRAC | step indices 0,3,5")
+    s.add_argument("--scope", nargs="+", default=["all"],
+                   help="all | generation | masked | decoded | top_active (several: each is swept)")
+    s.add_argument("--schedule", nargs="+", default=["all"],
+                   help="all | first:FRAC | last:FRAC | step indices 0,3,5 (several: each is swept)")
     s.add_argument("--sampler", default="llada", help="llada | dream | ar")
     s.add_argument("--gen-length", type=int, default=8)
     s.add_argument("--steps", type=int, default=8)
@@ -227,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the world's)")
     s.add_argument("--n-prompts", type=int, default=20)
     s.add_argument("--ref-model", default=None, help="causal LM for perplexity (default: the world's AR twin)")
+    s.add_argument("--compare-model", default=None,
+                   help="a second model (e.g. the AR twin) steered on the same concepts and prompts")
+    s.add_argument("--compare-sae", default=None, help="the SAE of --compare-model at the same layer")
+    s.add_argument("--compare-sampler", default=None, help="its sampler (default: ar for a causal model)")
+    s.add_argument("--compare-alpha", type=float, nargs="+", default=None,
+                   help="its α values (default: the same, i.e. matched α)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_steer)

@@ -1,38 +1,47 @@
-"""The ``dlmscope steer`` job: an α sweep of steering scores for some features, written as JSON and a plot.
+"""The ``dlmscope steer`` job: a sweep of steering scores over α × scope × schedule for some features, with
+paired bootstrap intervals over prompts, written as JSON and plots.
 
 Features are explicit latent ids (judged for one ``concept``) or, on the embedded world, the best latent of each
 planted concept (:mod:`dlmscope.concepts`, chosen on held-out world text at the steered layer). Prompts are the
 world's neutral prompts or a text file (one prompt per line). The sampler's settings are the same for the
-baseline and every steered run, and so is the seed.
+baseline and every steered run, and so is the seed: the baseline is generated once and every steered run is
+compared with it prompt by prompt.
 """
 from __future__ import annotations
 
 import functools
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from tqdm.auto import tqdm
+
 from .concepts import labelled_activations, score_concepts
 from .judges import PlantedJudge
 from .sampling import ar_generate, dream_generate, llada_generate
-from .steering import steering_score
+from .stats import paired_difference
+from .steering import steering_baseline, steering_score
 from .text_sources import world_batches
 from .world import ASSETS_DIR, concept_id_table
 from .world.tasks import load_tasks
 
-__all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "plot_sweep"]
+__all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
+           "plot_sweep", "plot_tradeoff"]
 
 
 @dataclass
 class SteerSpec:
+    """One steering sweep: every (scope, schedule) × α, on one layer, the same sampler and seed throughout."""
+
     layer: int
     alphas: Sequence[float]
     sampler: str = "llada"
     gen_length: int = 8
     steps: int = 8
     temperature: float = 0.7
-    scope: str = "all"
-    schedule: object = "all"
+    scopes: Sequence = ("all",)
+    schedules: Sequence = ("all",)
     strength: str = "max_act"
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -82,40 +91,151 @@ def _generator(spec: SteerSpec):
     raise ValueError(f"unknown sampler {spec.sampler!r}; expected 'llada', 'dream' or 'ar'")
 
 
+def _conditions(spec: SteerSpec) -> list[tuple]:
+    return [(scope, schedule) for scope in spec.scopes for schedule in spec.schedules]
+
+
+def condition_label(scope, schedule) -> str:
+    """``"masked, last 50%"`` — how plots and tables name a (scope, schedule)."""
+    if isinstance(schedule, (tuple, list)) and len(schedule) == 2 and isinstance(schedule[0], str):
+        sched = f"{schedule[0]} {100 * schedule[1]:g}%"
+    elif schedule == "all":
+        sched = "all steps"
+    else:
+        sched = f"steps {schedule}"
+    return f"{scope}, {sched}"
+
+
+def _median_ratio(after, before) -> float:
+    """The median over prompts of ``after / before`` (NaN, an empty generation, skipped)."""
+    r = [a / b for a, b in zip(after, before) if a == a and b == b]
+    return statistics.median(r) if r else float("nan")
+
+
+def _nanmedian(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarise(sweeps: Sequence[list[dict]], *, threshold: float = 0.1, seed: int = 0) -> dict:
+    """Across features (each a list of runs over the same prompts, one per condition and α, in the same order):
+    per run index, the mean concept-rate change with a paired bootstrap interval over prompts (all features'
+    values of a prompt resampled together), how many features rose by ≥ ``threshold`` with an interval that
+    excludes 0, the median of per-feature median perplexity ratios, and the mean score."""
+    rows = []
+    for runs in zip(*sweeps):
+        before = [r["concepts_before"] for r in runs]
+        after = [r["concepts_after"] for r in runs]
+        per_feature = [paired_difference(b, a, seed=seed) for b, a in zip(before, after)]
+        ratios = [_median_ratio(r["ppls_after"], r["ppls_before"]) for r in runs]
+        rows.append({"scope": runs[0]["scope"], "schedule": runs[0]["schedule"], "alpha": runs[0]["alpha"],
+                     "concept_delta": asdict(paired_difference(before, after, seed=seed)),
+                     "features_up": sum(i.mean >= threshold and i.low > 0 for i in per_feature),
+                     "n_features": len(runs), "ppl_ratio_median": _nanmedian(ratios),
+                     "score_mean": statistics.fmean(r["score"] for r in runs)})
+    return {"threshold": threshold, "rows": rows}
+
+
 def run_steer(adapter, sae, prompts, features: Sequence[tuple[str, int]], spec: SteerSpec, ref_lm,
-              judge=None) -> dict:
-    """``{"spec", "features": {"concept/latent": {"concept", "feature", "sweep": [SteeringResult as a dict
-    per α]}}}``; ``features`` lists (the concept a latent is judged on, the latent id)."""
+              judge=None, *, keep_generations: int | None = None, progress: bool = True) -> dict:
+    """``{"spec", "n_prompts", "features": {"concept/latent": {"concept", "feature", "sweep": [one run per
+    (scope, schedule, α): SteeringResult as a dict, with its paired interval "concept_delta"]}}, "summary"}``.
+    ``features`` lists (the concept a latent is judged on, the latent id); the unsteered baseline runs once.
+    ``keep_generations`` trims the stored texts (the means and intervals use all of them)."""
     adapter.check_layer(spec.layer)
     judge = judge or PlantedJudge()
     generate = _generator(spec)
-    out = {"spec": asdict(spec) | {"schedule": repr(spec.schedule)}, "n_prompts": len(prompts), "features": {}}
+    conditions = _conditions(spec)
+    out = {"spec": asdict(spec) | {"scopes": [repr(s) if not isinstance(s, str) else s for s in spec.scopes],
+                                   "schedules": [repr(s) for s in spec.schedules]},
+           "n_prompts": len(prompts), "features": {}}
+    baseline = steering_baseline(adapter, prompts, generate, spec.gen_length, ref_lm, seed=spec.seed)
+    bar = tqdm(total=len(features) * len(conditions) * len(spec.alphas), desc=f"steer layer {spec.layer}",
+               unit="run", disable=not progress)
     for concept, f in features:
         sweep = []
-        for a in spec.alphas:
-            r = steering_score(adapter, prompts, generate, spec.gen_length, spec.layer, sae, f, a, concept, judge,
-                               ref_lm, seed=spec.seed, scope=spec.scope, schedule=spec.schedule,
-                               strength=spec.strength)
-            sweep.append({"alpha": a} | asdict(r))
+        for scope, schedule in conditions:
+            for a in spec.alphas:
+                r = steering_score(adapter, prompts, generate, spec.gen_length, spec.layer, sae, f, a, concept,
+                                   judge, ref_lm, seed=spec.seed, baseline=baseline, scope=scope,
+                                   schedule=schedule, strength=spec.strength)
+                run = {"scope": scope if isinstance(scope, str) else repr(scope),
+                       "schedule": repr(schedule) if callable(schedule) else schedule,
+                       "alpha": a} | asdict(r)
+                run["concept_delta"] = asdict(paired_difference(r.concepts_before, r.concepts_after,
+                                                                seed=spec.seed))
+                if keep_generations is not None:
+                    run["generations_before"] = run["generations_before"][:keep_generations]
+                    run["generations_after"] = run["generations_after"][:keep_generations]
+                sweep.append(run)
+                bar.update()
         out["features"][f"{concept}/{f}"] = {"concept": concept, "feature": f, "sweep": sweep}
+    bar.close()
+    out["summary"] = summarise([e["sweep"] for e in out["features"].values()], seed=spec.seed)
     return out
 
 
+def _by_condition(result: dict) -> dict[str, list[dict]]:
+    """``{condition label: summary rows in α order}``."""
+    groups: dict[str, list[dict]] = {}
+    for row in result["summary"]["rows"]:
+        groups.setdefault(condition_label(row["scope"], row["schedule"]), []).append(row)
+    return groups
+
+
 def plot_sweep(result: dict, path: Path) -> None:
-    """Concept rate, perplexity and score against α, one line per feature."""
+    """Against α: each feature's concept-rate change (thin) and the mean with its interval (bold, per
+    condition), the median perplexity ratio, and the score."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 3.6))
+    fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
+    first = next(iter(_by_condition(result)))
     for key, entry in result["features"].items():
-        a = [p["alpha"] for p in entry["sweep"]]
-        axes[0].plot(a, [p["concept_after"] for p in entry["sweep"]], marker="o", label=key)
-        axes[1].plot(a, [p["ppl_after"] for p in entry["sweep"]], marker="o")
-        axes[2].plot(a, [p["score"] for p in entry["sweep"]], marker="o")
-    for ax, title in zip(axes, ("concept rate (judge)", "perplexity (reference LM)", "steering score")):
+        runs = [p for p in entry["sweep"] if condition_label(p["scope"], p["schedule"]) == first]
+        a = [p["alpha"] for p in runs]
+        axes[0].plot(a, [p["concept_after"] - p["concept_before"] for p in runs], lw=0.8, alpha=0.5, label=key)
+        axes[2].plot(a, [p["score"] for p in runs], lw=0.8, alpha=0.5)
+    for label, rows in _by_condition(result).items():
+        a = [r["alpha"] for r in rows]
+        ci = [r["concept_delta"] for r in rows]
+        line, = axes[0].plot(a, [c["mean"] for c in ci], lw=2.2, marker="o", label=f"mean: {label}")
+        axes[0].fill_between(a, [c["low"] for c in ci], [c["high"] for c in ci], color=line.get_color(), alpha=0.2)
+        axes[1].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", color=line.get_color(), label=label)
+        axes[2].plot(a, [r["score_mean"] for r in rows], lw=2.2, marker="o", color=line.get_color())
+    titles = ("concept rate change (judge), 95% CI", "median perplexity ratio (steered / baseline)",
+              "steering score")
+    for ax, title in zip(axes, titles):
         ax.set_xlabel("α")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7)
+    axes[2].set_yscale("symlog")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
+    """Concept gained against fluency lost: one point per (model, condition, α), the mean concept-rate change
+    with its interval against the median perplexity ratio; the curves of a condition join its α values."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for name, result in results.items():
+        for label, rows in _by_condition(result).items():
+            x = [r["ppl_ratio_median"] for r in rows]
+            y = [r["concept_delta"]["mean"] for r in rows]
+            err = [[r["concept_delta"]["mean"] - r["concept_delta"]["low"] for r in rows],
+                   [r["concept_delta"]["high"] - r["concept_delta"]["mean"] for r in rows]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{name}: {label}" if name else label)
+            for xi, yi, r in zip(x, y, rows):
+                ax.annotate(f"{r['alpha']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("median perplexity ratio (fluency lost →)")
+    ax.set_ylabel("mean concept-rate change")
+    ax.set_title("concept gained per fluency lost (labels: α)", fontsize=9)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from .sampling import Progress, current_progress
 from .splice import _block_output, _replace_out
 
 __all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors", "SteeringResult", "steering_score",
-           "generation_perplexity", "FLUENCY_WEIGHT"]
+           "generation_perplexity", "SteeringBaseline", "steering_baseline", "FLUENCY_WEIGHT"]
 
 #: The weight of fluency in the steering score (REFERENCE.md §5).
 FLUENCY_WEIGHT = 0.3
@@ -187,23 +187,56 @@ def _texts(adapter, gen, gen_length: int) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def generation_perplexity(ref_lm, prompts: Sequence[str], generations: Sequence[str]) -> list[float]:
+def generation_perplexity(ref_lm, prompts: Sequence[str], generations: Sequence[str], *,
+                          batch_size: int = 64) -> list[float]:
     """Per text, the perplexity of the generation given its prompt under the causal LM ``ref_lm`` (an
-    adapter); texts are re-tokenised with its tokenizer, so any reference model works."""
+    adapter); texts are re-tokenised with its tokenizer, so any reference model works. NaN for an empty
+    generation. Rows are right-padded into batches: a causal model's scores do not see the padding."""
     tok = ref_lm.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    out = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = []
     for prompt, text in zip(prompts, generations):
         p = bos + tok(prompt, add_special_tokens=False)["input_ids"]
-        g = tok(text, add_special_tokens=False)["input_ids"]
-        if not g:
-            out.append(float("nan"))
-            continue
-        ids = torch.tensor([p + g], device=ref_lm.device)
-        logits = ref_lm.logits(ids)[0, len(p) - 1:-1].float()
-        ce = torch.nn.functional.cross_entropy(logits, ids[0, len(p):])
-        out.append(math.exp(ce.item()))
+        rows.append((p, tok(text, add_special_tokens=False)["input_ids"]))
+    out = [float("nan")] * len(rows)
+    scored = [i for i, (_, g) in enumerate(rows) if g]
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start:start + batch_size]
+        seqs = [rows[i][0] + rows[i][1] for i in chunk]
+        T = max(map(len, seqs))
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), T), dtype=torch.long)
+        target = torch.full((len(chunk), T), -100, dtype=torch.long)           # -100: not a generated token
+        for r, (i, seq) in enumerate(zip(chunk, seqs)):
+            n_p = len(rows[i][0])
+            ids[r, :len(seq)] = torch.tensor(seq)
+            attn[r, :len(seq)] = 1
+            target[r, n_p - 1:len(seq) - 1] = ids[r, n_p:len(seq)]           # position j predicts token j + 1
+        logits = ref_lm.logits(ids.to(ref_lm.device), attn.to(ref_lm.device)).float().cpu()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [b, T]
+        n = (target != -100).sum(1)
+        for r, i in enumerate(chunk):
+            out[i] = math.exp(float(ce[r].sum() / n[r]))
     return out
+
+
+@dataclass
+class SteeringBaseline:
+    """The unsteered generations of a prompt set, shared by every steered run with the same sampler and seed."""
+
+    prompts: list[str]
+    generations: list[str]
+    #: per prompt, the reference-LM perplexity of its generation (NaN if empty)
+    ppls: list[float]
+    seed: int
+
+
+def steering_baseline(adapter, prompts, generate: Callable, gen_length: int, ref_lm, *, seed: int = 0
+                      ) -> SteeringBaseline:
+    """Run ``generate(adapter, prompts, seed=seed)`` without steering and measure its fluency once."""
+    p_text, texts = _texts(adapter, generate(adapter, prompts, seed=seed), gen_length)
+    return SteeringBaseline(p_text, texts, generation_perplexity(ref_lm, p_text, texts), seed)
 
 
 @dataclass
@@ -222,6 +255,11 @@ class SteeringResult:
     failed: int
     generations_before: list[str]
     generations_after: list[str]
+    #: per prompt: judge scores (None = failed) and perplexities, for paired intervals (:mod:`dlmscope.stats`)
+    concepts_before: list = field(default_factory=list)
+    concepts_after: list = field(default_factory=list)
+    ppls_before: list = field(default_factory=list)
+    ppls_after: list = field(default_factory=list)
 
 
 def _mean(xs) -> float:
@@ -230,20 +268,26 @@ def _mean(xs) -> float:
 
 
 def steering_score(adapter, prompts, generate: Callable, gen_length: int, layer: int, sae, features, alpha,
-                   concept: str, judge, ref_lm, *, seed: int = 0, **steer_kw) -> SteeringResult:
+                   concept: str, judge, ref_lm, *, seed: int = 0, baseline: SteeringBaseline | None = None,
+                   **steer_kw) -> SteeringResult:
     """Steer ``features`` at ``layer`` while ``generate(adapter, prompts, seed=seed)`` runs (a sampler of
     :mod:`dlmscope.sampling` with its settings bound), against the same call without steering and the same
-    seed; the judge scores the generations (not the prompt) for ``concept``; fluency is the perplexity of
-    the generations under ``ref_lm``."""
-    base = generate(adapter, prompts, seed=seed)
+    seed (``baseline``: that call, already made by :func:`steering_baseline`); the judge scores the
+    generations (not the prompt) for ``concept``; fluency is the perplexity of the generations under
+    ``ref_lm``."""
+    if baseline is None:
+        baseline = steering_baseline(adapter, prompts, generate, gen_length, ref_lm, seed=seed)
+    elif baseline.seed != seed or len(baseline.generations) != len(prompts):
+        raise ValueError(f"the baseline was run with seed {baseline.seed} on {len(baseline.generations)} prompts; "
+                         f"this run uses seed {seed} on {len(prompts)}")
     with steer(adapter, layer, sae, features, alpha, **steer_kw):
         after = generate(adapter, prompts, seed=seed)
-    p_text, before_text = _texts(adapter, base, gen_length)
     _, after_text = _texts(adapter, after, gen_length)
-    c_before, c_after = judge.score(concept, before_text), judge.score(concept, after_text)
+    c_before, c_after = judge.score(concept, baseline.generations), judge.score(concept, after_text)
+    ppls_after = generation_perplexity(ref_lm, baseline.prompts, after_text)
     failed = sum(x is None for x in c_before + c_after)
     cb, ca = _mean(c_before), _mean(c_after)
-    pb = _mean(generation_perplexity(ref_lm, p_text, before_text))
-    pa = _mean(generation_perplexity(ref_lm, p_text, after_text))
-    return SteeringResult(cb, ca, pb, pa, (ca - cb) + FLUENCY_WEIGHT * (pb - pa) / pb, failed, before_text,
-                          after_text)
+    pb, pa = _mean(baseline.ppls), _mean(ppls_after)
+    return SteeringResult(cb, ca, pb, pa, (ca - cb) + FLUENCY_WEIGHT * (pb - pa) / pb, failed,
+                          list(baseline.generations), after_text, list(c_before), list(c_after),
+                          list(baseline.ppls), ppls_after)

@@ -148,6 +148,21 @@ def test_steering_score_same_seed_baseline_and_formula(dlm, sae):
     logits = ar.logits(torch.tensor([p + g]))[0]
     ce = torch.nn.functional.cross_entropy(logits[len(p) - 1:-1], torch.tensor(g))
     assert generation_perplexity(ar, ["the sky is"], ["blue ."])[0] == pytest.approx(math.exp(ce.item()), rel=1e-5)
+    # batched (right-padded, several batches) equals one text at a time; an empty generation is NaN
+    ps = ["the sky is", "anna wrote a story about", "ben", "my mother has a"]
+    gs = ["blue .", "bread . [EOS] eleven plus", "", "dog ."]
+    batched = generation_perplexity(ar, ps, gs, batch_size=2)
+    single = [generation_perplexity(ar, [p_], [g_])[0] for p_, g_ in zip(ps, gs)]
+    assert math.isnan(batched[2]) and math.isnan(single[2])
+    assert [b for i, b in enumerate(batched) if i != 2] == pytest.approx([s for i, s in enumerate(single) if i != 2],
+                                                                        rel=1e-5)
+    # a baseline computed once gives the same result as one computed inside the call
+    from dlmscope.steering import steering_baseline
+    base = steering_baseline(dlm, prompts, gen, 3, ar, seed=5)
+    assert steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(), ar, seed=5,
+                          baseline=base) == r
+    with pytest.raises(ValueError, match="seed 5"):
+        steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(), ar, seed=6, baseline=base)
 
 
 def test_cli_steer_writes_a_sweep(dlm, sae, tmp_path, capsys):
@@ -167,9 +182,23 @@ def test_cli_steer_writes_a_sweep(dlm, sae, tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "steer.json").read_text())
     sweep = result["features"]["food/5"]["sweep"]
     assert [p["alpha"] for p in sweep] == [0.0, 3.0] and sweep[0]["score"] == 0.0
+    assert sweep[0]["concept_delta"]["mean"] == 0.0 and sweep[0]["schedule"] == ["first", 0.5]
     assert result["n_prompts"] == 4 and (tmp_path / "out" / "steer.png").stat().st_size > 1000
-    assert cli.main(base + ["--concepts", "food", "--alpha", "2"]) == 0
-    assert list(json.loads((tmp_path / "out" / "steer.json").read_text())["features"])[0].startswith("food/")
+    # two scopes × two schedules, and the AR twin at matched α on the same concept
+    ar_sae = tmp_path / "ar_sae"
+    TopKSAE(dlm.d_model, 64, 4).save(ar_sae)
+    assert cli.main(base + ["--concepts", "food", "--alpha", "2", "--scope", "all", "masked", "--schedule", "all",
+                            "last:0.5", "--compare-model", os.path.join(ASSETS_DIR, "models", "ar"),
+                            "--compare-sae", str(ar_sae)]) == 0
+    result = json.loads((tmp_path / "out" / "steer.json").read_text())
+    assert list(result["features"])[0].startswith("food/")
+    rows = result["summary"]["rows"]
+    assert [(r["scope"], r["schedule"]) for r in rows] == [("all", "all"), ("all", ["last", 0.5]),
+                                                           ("masked", "all"), ("masked", ["last", 0.5])]
+    compare = json.loads((tmp_path / "out" / "steer_compare.json").read_text())
+    assert compare["spec"]["sampler"] == "ar" and compare["spec"]["alphas"] == [2.0]
+    assert compare["spec"]["scopes"] == ["all"]                       # no masked positions in an AR model
+    assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 1000
     capsys.readouterr()
     assert cli.main(base + ["--features", "5"]) == 2
     assert "--judge-concept" in capsys.readouterr().err
