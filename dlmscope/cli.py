@@ -99,10 +99,18 @@ def cmd_demo(args) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "ks" in overrides and "k_ref" not in overrides and cfg.k_ref not in overrides["ks"]:
         overrides["k_ref"] = min(overrides["ks"])
+    if args.steer_layers is not None:
+        overrides["steer_layers"] = tuple(args.steer_layers)
+    elif "layers" in overrides:  # the default steered blocks that were kept, else the middle one of --layers
+        layers = sorted(set(overrides["layers"]))
+        overrides["steer_layers"] = tuple(L for L in cfg.steer_layers if L in layers) or (layers[len(layers) // 2],)
+    if args.steer_prompts is not None:
+        overrides["steer_prompts"] = args.steer_prompts
     cfg = dataclasses.replace(cfg, **overrides)
     results = run_demo(args.out, cfg)
     out = Path(args.out)
-    print(f"wrote {out / 'report.md'} (+ results.json, fve_vs_k.png, delta_lm.png, concept_f1.png) in "
+    print(f"wrote {out / 'report.md'} (+ results.json, fve_vs_k.png, delta_lm.png, concept_f1.png"
+          + (", steering.png" if cfg.steer_layers else "") + ") in "
           f"{results['timings_s']['total'] / 60:.1f} min")
     return 0
 
@@ -237,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sentences", type=int, default=None, help="world corpus size")
     d.add_argument("--delta-batches", type=int, default=None)
     d.add_argument("--concept-batches", type=int, default=None)
+    d.add_argument("--steer-layers", type=int, nargs="*", default=None,
+                   help="blocks of the steering section (none: no steering; default 1 4 6 or the middle --layers)")
+    d.add_argument("--steer-prompts", type=int, default=None)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("steer", help="steer SAE features during generation: an α sweep, judged, JSON + plot")

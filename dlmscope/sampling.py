@@ -10,6 +10,12 @@ so it may record but cannot change the run.
 Everything stays on the model's device and dtype; the only float64 is the Gumbel noise of LLaDA's
 temperature sampling, and the commit counts are fixed by the schedule, so no step waits on the device.
 The algorithms follow REFERENCE.md §8 (LLaDA's ``generate`` and Dream's ``diffusion_generate``).
+
+``llada_fill`` / ``dream_fill`` run the same algorithms on a given canvas whose ``[MASK]`` tokens may sit
+anywhere (fill-in tasks with known answers, for decoding-order studies). A ``guide`` (an object with
+``attach(adapter)`` — a context manager for its hooks — and ``rank(confidence, gen_pos, masked) -> scores``)
+replaces the confidence a step ranks masked positions by, e.g. with SAE-feature stability
+(:class:`dlmscope.order.SAEStabilityGuide`).
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ import torch
 from .choices import check_choice
 from .models import Adapter
 
-__all__ = ["Generation", "SamplerState", "Progress", "current_progress", "llada_generate", "dream_generate",
-           "ar_generate", "REMASKING", "DREAM_ALGS"]
+__all__ = ["Generation", "SamplerState", "Progress", "current_progress", "llada_generate", "llada_fill",
+           "dream_generate", "dream_fill", "ar_generate", "REMASKING", "DREAM_ALGS"]
 
 REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -89,9 +95,17 @@ class Generation:
     history: torch.Tensor | None = None
     #: ``[S, B, T]`` bool: the positions step ``s`` committed (``history=True``), else None
     committed: torch.Tensor | None = None
+    #: ``[B, G]``: the canvas positions that were generated (after the prompt; for a fill, the masks given)
+    gen_positions: torch.Tensor | None = None
+    #: ``[B, T]``: 1 at the positions the model attended (0 at the right padding)
+    attention_mask: torch.Tensor | None = None
 
-    def generated(self, gen_length: int) -> torch.Tensor:
-        """``[B, gen_length]``: each row's generated tokens (what follows its prompt)."""
+    def generated(self, gen_length: int | None = None) -> torch.Tensor:
+        """``[B, G]``: each row's generated tokens (what follows its prompt, or a fill's answers), the first
+        ``gen_length`` of them if given."""
+        if self.gen_positions is not None:
+            pos = self.gen_positions.to(self.sequences.device)
+            return self.sequences.gather(1, pos if gen_length is None else pos[:, :gen_length])
         pos = self.prompt_lengths[:, None].to(self.sequences.device) + torch.arange(gen_length,
                                                                                     device=self.sequences.device)
         return self.sequences.gather(1, pos)
@@ -157,10 +171,33 @@ def _canvas(adapter: Adapter, prompt_ids, gen_length: int, fill_id: int):
     return ids, attention, gen_pos, lengths
 
 
+def _fill_canvas(adapter: Adapter, canvas_ids, mask_id: int):
+    """:func:`_canvas` for a canvas whose ``[MASK]`` tokens are the positions to generate: ``(ids, attention,
+    gen_pos [B, G] (the masks, in order), first [B] (each row's first mask))``. Every row needs the same
+    number of masks, so that the commit schedule is the same for all of them."""
+    pad_id = _pad_id(adapter)
+    ids, lengths = _prompts(canvas_ids, pad_id, adapter.device)
+    T = ids.shape[1]
+    limit = _context(adapter)
+    if limit is not None and T > limit:
+        raise ValueError(f"canvas of {T} tokens exceeds the model's context of {limit} positions")
+    attention = (torch.arange(T, device=ids.device) < lengths[:, None]).long()
+    masked = (ids == mask_id) & attention.bool()
+    counts = masked.sum(1).tolist()
+    if min(counts) == 0 or len(set(counts)) != 1:
+        raise ValueError(f"every canvas row needs the same number (>= 1) of {mask_id} (mask) tokens to fill; "
+                         f"got {counts}")
+    # the masks' positions in order: a stable sort puts the masked positions first, left to right
+    order = torch.sort((~masked).to(torch.int8), dim=1, stable=True).indices
+    gen_pos = order[:, :counts[0]]
+    return ids, attention, gen_pos, gen_pos[:, 0].clone()
+
+
 class _Recorder:
     """History and callback plumbing shared by the diffusion samplers."""
 
-    def __init__(self, ids, history: bool, callback: Callable | None, steps: int):
+    def __init__(self, ids, history: bool, callback: Callable | None, steps: int, gen_pos, attention):
+        self.gen_pos, self.attention = gen_pos, attention
         self.history = [ids.clone()] if history else None
         self.committed: list[torch.Tensor] | None = [] if history else None
         self.callback, self.steps = callback, steps
@@ -178,9 +215,8 @@ class _Recorder:
         return new
 
     def result(self, ids, lengths) -> Generation:
-        if self.history is None:
-            return Generation(ids, lengths)
-        return Generation(ids, lengths, torch.stack(self.history), torch.stack(self.committed))
+        past = (None, None) if self.history is None else (torch.stack(self.history), torch.stack(self.committed))
+        return Generation(ids, lengths, *past, gen_positions=self.gen_pos, attention_mask=self.attention)
 
 
 def _at_generated(logits: torch.Tensor, gen_pos: torch.Tensor) -> torch.Tensor:
@@ -216,19 +252,58 @@ def _step_counts(n: int, steps: int) -> list[int]:
     return [base + (i < rem) for i in range(steps)]
 
 
+def _guided(guide, adapter):
+    """The guide's hooks for the run (a no-op context without a guide)."""
+    return guide.attach(adapter) if guide is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int, block_length: int | None = None,
                    remasking: str = "low_confidence", temperature: float = 0.0, cfg_scale: float = 0.0,
-                   seed: int | None = None, callback: Callable | None = None, history: bool = False) -> Generation:
+                   seed: int | None = None, callback: Callable | None = None, history: bool = False,
+                   guide=None) -> Generation:
     """LLaDA's sampler: ``gen_length`` masks after each prompt, filled block by block (``block_length``,
     default one block); each block gets ``steps / num_blocks`` steps and commits, per step, the most confident
     masked positions of that block (``low_confidence``: probability of the chosen token; ``random``: uniform)
     in the counts of :func:`_step_counts`. Tokens are the argmax (temperature 0) or Gumbel-max of the logits;
-    ``cfg_scale > 0`` applies classifier-free guidance with the prompt masked in the unconditional copy."""
+    ``cfg_scale > 0`` applies classifier-free guidance with the prompt masked in the unconditional copy.
+    ``guide`` (e.g. :class:`dlmscope.order.SAEStabilityGuide`) re-ranks the confidence before the commit."""
     mask_id = adapter.require_mask_token()
-    gen_length, steps = _positive_int("gen_length", gen_length), _positive_int("steps", steps)
+    gen_length = _positive_int("gen_length", gen_length)
+    ids, attention, gen_pos, lengths = _canvas(adapter, prompt_ids, gen_length, mask_id)
+    given = torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]
+    return _llada(adapter, ids, attention, gen_pos, lengths, given, steps=steps, block_length=block_length,
+                  remasking=remasking, temperature=temperature, cfg_scale=cfg_scale, seed=seed, callback=callback,
+                  history=history, guide=guide)
+
+
+@torch.no_grad()
+def llada_fill(adapter: Adapter, canvas_ids, *, steps: int, block_length: int | None = None,
+               remasking: str = "low_confidence", temperature: float = 0.0, cfg_scale: float = 0.0,
+               seed: int | None = None, callback: Callable | None = None, history: bool = False,
+               guide=None) -> Generation:
+    """:func:`llada_generate` on a given canvas: its ``[MASK]`` tokens (the same number in every row,
+    anywhere in the row) are the positions generated, in blocks of ``block_length`` masks left to right; the
+    other tokens are the prompt (masked in CFG's unconditional copy). ``prompt_lengths`` holds each row's
+    first mask."""
+    mask_id = adapter.require_mask_token()
+    ids, attention, gen_pos, first = _fill_canvas(adapter, canvas_ids, mask_id)
+    given = attention.bool() & (ids != mask_id)
+    return _llada(adapter, ids, attention, gen_pos, first, given, steps=steps, block_length=block_length,
+                  remasking=remasking, temperature=temperature, cfg_scale=cfg_scale, seed=seed, callback=callback,
+                  history=history, guide=guide)
+
+
+def _llada(adapter, ids, attention, gen_pos, lengths, given, *, steps, block_length, remasking, temperature,
+           cfg_scale, seed, callback, history, guide) -> Generation:
+    """LLaDA's loop over a prepared canvas; ``gen_pos`` ``[B, G]`` are the masked positions to fill."""
+    mask_id = adapter.mask_token_id
+    gen_length = gen_pos.shape[1]
+    steps = _positive_int("steps", steps)
     block_length = gen_length if block_length is None else _positive_int("block_length", block_length)
     check_choice("remasking", remasking, REMASKING)
+    if guide is not None and remasking != "low_confidence":
+        raise ValueError(f"a guide re-ranks confidence; remasking={remasking!r} has none (use 'low_confidence')")
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
     n_blocks = gen_length // block_length
@@ -237,40 +312,40 @@ def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int,
                          f"block_length)")
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"temperature and cfg_scale must be >= 0, got {temperature}, {cfg_scale}")
-    ids, attention, gen_pos, lengths = _canvas(adapter, prompt_ids, gen_length, mask_id)
-    T = ids.shape[1]
     per_block = steps // n_blocks
     counts = _step_counts(block_length, per_block)
     gen = _generator(seed, ids.device)
-    prompt = torch.arange(T, device=ids.device) < lengths[:, None]
     block_of = torch.arange(gen_length, device=ids.device) // block_length      # [G]
-    rec = _Recorder(ids, history, callback, steps)
-    for s in range(steps):
-        block, i = divmod(s, per_block)
-        masked_gen = ids.gather(1, gen_pos) == mask_id                               # [B, G]
-        if cfg_scale > 0:
-            uncond = torch.where(prompt, torch.full_like(ids, mask_id), ids)
-            with _publishing(Progress(s, steps, torch.cat([lengths, lengths]))):
-                both = adapter.logits(torch.cat([ids, uncond]), torch.cat([attention, attention]))
-            cond, un = both.chunk(2)
-            logits = un + (cfg_scale + 1) * (cond - un)
-        else:
-            with _publishing(Progress(s, steps, lengths)):
-                logits = adapter.logits(ids, attention)
-        gl = _at_generated(logits, gen_pos)                                       # [B, G, V]
-        if temperature > 0:
-            u = torch.rand(gl.shape, generator=gen, device=gl.device, dtype=torch.float64)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-            x0 = (gl + (temperature * gumbel).to(gl.dtype)).argmax(-1)
-        else:
-            x0 = gl.argmax(-1)
-        if remasking == "low_confidence":
-            conf = gl.softmax(-1).gather(-1, x0[..., None])[..., 0]
-        else:
-            conf = torch.rand(x0.shape, generator=gen, device=gl.device)
-        conf = torch.where(masked_gen & (block_of == block), conf, torch.full_like(conf, -torch.inf))
-        commit_gen = _top(conf, counts[i]) & masked_gen
-        ids = rec.commit(s, ids, logits, commit_gen, x0, gen_pos, mask_id)
+    rec = _Recorder(ids, history, callback, steps, gen_pos, attention)
+    with _guided(guide, adapter):
+        for s in range(steps):
+            block, i = divmod(s, per_block)
+            masked_gen = ids.gather(1, gen_pos) == mask_id                           # [B, G]
+            if cfg_scale > 0:
+                uncond = torch.where(given, torch.full_like(ids, mask_id), ids)
+                with _publishing(Progress(s, steps, torch.cat([lengths, lengths]))):
+                    both = adapter.logits(torch.cat([ids, uncond]), torch.cat([attention, attention]))
+                cond, un = both.chunk(2)
+                logits = un + (cfg_scale + 1) * (cond - un)
+            else:
+                with _publishing(Progress(s, steps, lengths)):
+                    logits = adapter.logits(ids, attention)
+            gl = _at_generated(logits, gen_pos)                                   # [B, G, V]
+            if temperature > 0:
+                u = torch.rand(gl.shape, generator=gen, device=gl.device, dtype=torch.float64)
+                gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+                x0 = (gl + (temperature * gumbel).to(gl.dtype)).argmax(-1)
+            else:
+                x0 = gl.argmax(-1)
+            if remasking == "low_confidence":
+                conf = gl.softmax(-1).gather(-1, x0[..., None])[..., 0]
+            else:
+                conf = torch.rand(x0.shape, generator=gen, device=gl.device)
+            if guide is not None:
+                conf = guide.rank(conf, gen_pos, masked_gen)
+            conf = torch.where(masked_gen & (block_of == block), conf, torch.full_like(conf, -torch.inf))
+            commit_gen = _top(conf, counts[i]) & masked_gen
+            ids = rec.commit(s, ids, logits, commit_gen, x0, gen_pos, mask_id)
     return rec.result(ids, lengths)
 
 
@@ -329,42 +404,72 @@ def _dream_counts(n: int, steps: int, eps: float) -> list[int]:
 def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: int, alg: str = "origin",
                    alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
                    top_k: int | None = None, eps: float = 1e-3, seed: int | None = None,
-                   callback: Callable | None = None, history: bool = False) -> Generation:
+                   callback: Callable | None = None, history: bool = False, guide=None) -> Generation:
     """Dream's ``diffusion_generate``: ``max_new_tokens`` masks after each prompt, timesteps
     ``linspace(1, eps, steps + 1)``. ``origin`` reveals each mask with probability ``1 − s/t`` (all on the
     last step); the other algorithms commit :func:`_dream_counts` tokens per step by confidence
     (``maskgit_plus``: the sampled token's probability, ``topk_margin``: p1 − p2, ``entropy``: Σ p log p), or
-    sampled from ``softmax(confidence / alg_temp)`` when ``alg_temp > 0``."""
+    sampled from ``softmax(confidence / alg_temp)`` when ``alg_temp > 0``. ``guide`` re-ranks the
+    confidence before the commit (not with ``origin``, which has none)."""
     mask_id = adapter.require_mask_token()
-    max_new_tokens, steps = _positive_int("max_new_tokens", max_new_tokens), _positive_int("steps", steps)
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    ids, attention, gen_pos, lengths = _canvas(adapter, prompt_ids, max_new_tokens, mask_id)
+    return _dream(adapter, ids, attention, gen_pos, lengths, steps=steps, alg=alg, alg_temp=alg_temp,
+                  temperature=temperature, top_p=top_p, top_k=top_k, eps=eps, seed=seed, callback=callback,
+                  history=history, guide=guide)
+
+
+@torch.no_grad()
+def dream_fill(adapter: Adapter, canvas_ids, *, steps: int, alg: str = "origin", alg_temp: float | None = None,
+               temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, eps: float = 1e-3,
+               seed: int | None = None, callback: Callable | None = None, history: bool = False,
+               guide=None) -> Generation:
+    """:func:`dream_generate` on a given canvas whose ``[MASK]`` tokens (the same number in every row) are
+    the positions generated; ``prompt_lengths`` holds each row's first mask."""
+    mask_id = adapter.require_mask_token()
+    ids, attention, gen_pos, first = _fill_canvas(adapter, canvas_ids, mask_id)
+    return _dream(adapter, ids, attention, gen_pos, first, steps=steps, alg=alg, alg_temp=alg_temp,
+                  temperature=temperature, top_p=top_p, top_k=top_k, eps=eps, seed=seed, callback=callback,
+                  history=history, guide=guide)
+
+
+def _dream(adapter, ids, attention, gen_pos, lengths, *, steps, alg, alg_temp, temperature, top_p, top_k, eps,
+           seed, callback, history, guide) -> Generation:
+    """Dream's loop over a prepared canvas; ``gen_pos`` ``[B, G]`` are the masked positions to fill."""
+    mask_id = adapter.mask_token_id
+    steps = _positive_int("steps", steps)
     check_choice("alg", alg, DREAM_ALGS)
+    if guide is not None and alg == "origin":
+        raise ValueError("a guide re-ranks confidence; alg='origin' reveals at random and has none")
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    ids, attention, gen_pos, lengths = _canvas(adapter, prompt_ids, max_new_tokens, mask_id)
     gen = _generator(seed, ids.device)
     ts = torch.linspace(1, eps, steps + 1)
-    counts = _dream_counts(max_new_tokens, steps, eps)
-    rec = _Recorder(ids, history, callback, steps)
-    for s in range(steps):
-        masked_gen = ids.gather(1, gen_pos) == mask_id
-        with _publishing(Progress(s, steps, lengths)):
-            logits = adapter.logits(ids, attention)
-        gl = _at_generated(logits, gen_pos)
-        x0, conf = _dream_tokens(gl, alg, temperature, top_p, top_k, gen)
-        if alg == "origin":
-            p = 1.0 if s == steps - 1 else float(1 - ts[s + 1] / ts[s])
-            commit_gen = masked_gen & (torch.rand(masked_gen.shape, generator=gen, device=ids.device) < p)
-        else:
-            conf = torch.where(masked_gen, conf, torch.full_like(conf, -torch.inf))
-            if alg_temp and counts[s] > 0:
-                weights = (conf / alg_temp).softmax(-1)
-                pick = torch.multinomial(weights, counts[s], generator=gen)
-                commit_gen = torch.zeros_like(masked_gen).scatter_(1, pick, True) & masked_gen
+    counts = _dream_counts(gen_pos.shape[1], steps, eps)
+    rec = _Recorder(ids, history, callback, steps, gen_pos, attention)
+    with _guided(guide, adapter):
+        for s in range(steps):
+            masked_gen = ids.gather(1, gen_pos) == mask_id
+            with _publishing(Progress(s, steps, lengths)):
+                logits = adapter.logits(ids, attention)
+            gl = _at_generated(logits, gen_pos)
+            x0, conf = _dream_tokens(gl, alg, temperature, top_p, top_k, gen)
+            if alg == "origin":
+                p = 1.0 if s == steps - 1 else float(1 - ts[s + 1] / ts[s])
+                commit_gen = masked_gen & (torch.rand(masked_gen.shape, generator=gen, device=ids.device) < p)
             else:
-                commit_gen = _top(conf, counts[s]) & masked_gen
-        ids = rec.commit(s, ids, logits, commit_gen, x0, gen_pos, mask_id)
+                if guide is not None:
+                    conf = guide.rank(conf, gen_pos, masked_gen)
+                conf = torch.where(masked_gen, conf, torch.full_like(conf, -torch.inf))
+                if alg_temp and counts[s] > 0:
+                    weights = (conf / alg_temp).softmax(-1)
+                    pick = torch.multinomial(weights, counts[s], generator=gen)
+                    commit_gen = torch.zeros_like(masked_gen).scatter_(1, pick, True) & masked_gen
+                else:
+                    commit_gen = _top(conf, counts[s]) & masked_gen
+            ids = rec.commit(s, ids, logits, commit_gen, x0, gen_pos, mask_id)
     return rec.result(ids, lengths)
 
 
@@ -418,4 +523,4 @@ def ar_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, temperatur
         out = adapter.model.generate(input_ids=left, attention_mask=left_att, **kw)
     new = out[:, P:P + max_new_tokens]
     ids.scatter_(1, gen_pos, new)
-    return Generation(ids, lengths)
+    return Generation(ids, lengths, gen_positions=gen_pos, attention_mask=attention)

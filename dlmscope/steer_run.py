@@ -27,7 +27,7 @@ from .world import ASSETS_DIR, concept_id_table
 from .world.tasks import load_tasks
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
-           "plot_sweep", "plot_tradeoff"]
+           "summary_row", "concept_deltas", "compare_models", "plot_sweep", "plot_by_layer", "plot_tradeoff"]
 
 
 @dataclass
@@ -175,6 +175,39 @@ def run_steer(adapter, sae, prompts, features: Sequence[tuple[str, int]], spec: 
     return out
 
 
+def _matches(run: dict, alpha: float, scope, schedule) -> bool:
+    return (run["alpha"] == alpha and run["scope"] == scope
+            and condition_label(run["scope"], run["schedule"]) == condition_label(scope, schedule))
+
+
+def summary_row(result: dict, alpha: float, scope="all", schedule="all") -> dict:
+    """The summary row of one (scope, schedule, α) of a :func:`run_steer` result."""
+    return next(r for r in result["summary"]["rows"] if _matches(r, alpha, scope, schedule))
+
+
+def concept_deltas(result: dict, alpha: float, scope="all", schedule="all") -> list[list]:
+    """``[feature, prompt]``: the concept-rate change of each feature's run at (scope, schedule, α); None
+    where a judgement failed."""
+    out = []
+    for entry in result["features"].values():
+        run = next(r for r in entry["sweep"] if _matches(r, alpha, scope, schedule))
+        out.append([None if a is None or b is None else a - b
+                    for a, b in zip(run["concepts_after"], run["concepts_before"])])
+    return out
+
+
+def compare_models(result: dict, other: dict, alpha: float, other_alpha: float | None = None, *,
+                   seed: int = 0) -> dict:
+    """The mean concept-rate change of ``result`` at ``alpha`` minus ``other``'s at ``other_alpha`` (default
+    the same: matched α), scope all, with a bootstrap interval pairing the prompts (both runs must have used
+    the same prompts and concepts, e.g. a DLM and its AR twin)."""
+    mine, theirs = concept_deltas(result, alpha), concept_deltas(other, alpha if other_alpha is None else other_alpha)
+    if len(mine) != len(theirs) or len(mine[0]) != len(theirs[0]):
+        raise ValueError(f"the runs differ in features or prompts: {len(mine)}×{len(mine[0])} vs "
+                         f"{len(theirs)}×{len(theirs[0])}")
+    return asdict(paired_difference(theirs, mine, seed=seed))
+
+
 def _by_condition(result: dict) -> dict[str, list[dict]]:
     """``{condition label: summary rows in α order}``."""
     groups: dict[str, list[dict]] = {}
@@ -213,6 +246,37 @@ def plot_sweep(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_by_layer(results: dict[str, dict[int, dict]], path: Path) -> None:
+    """Per layer (columns): the mean concept-rate change with its interval (top) and the median perplexity
+    ratio (bottom) against α, scope all, one line per model; ``results`` is ``{model: {layer: run_steer
+    result}}``."""
+    from matplotlib.figure import Figure
+
+    layers = sorted({L for by_layer in results.values() for L in by_layer})
+    fig = Figure(figsize=(max(4.0, 2.6 * len(layers)), 5.2))
+    axes = fig.subplots(2, len(layers), squeeze=False)
+    for j, L in enumerate(layers):
+        for name, by_layer in results.items():
+            if L not in by_layer:
+                continue
+            rows = [r for r in by_layer[L]["summary"]["rows"] if r["scope"] == "all" and r["schedule"] == "all"]
+            a = [r["alpha"] for r in rows]
+            c = [r["concept_delta"] for r in rows]
+            line, = axes[0, j].plot(a, [x["mean"] for x in c], marker="o", ms=3, label=name)
+            axes[0, j].fill_between(a, [x["low"] for x in c], [x["high"] for x in c], alpha=0.2,
+                                    color=line.get_color())
+            axes[1, j].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", ms=3, color=line.get_color())
+        axes[0, j].set_title(f"block {L}", fontsize=9)
+        axes[0, j].axhline(0, color="grey", lw=0.6)
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xlabel("α")
+    axes[0, 0].set_ylabel("Δ concept rate (95% CI)")
+    axes[1, 0].set_ylabel("median perplexity ratio")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def plot_tradeoff(results: dict[str, dict], path: Path) -> None:

@@ -12,7 +12,7 @@ from dlmscope.demo import RUNS, DemoConfig, findings, load_world_model, run_demo
 
 TINY = DemoConfig(layers=(0, 3), ks=(4, 8), k_ref=8, n_latents=128, train_tokens=6_000, eval_tokens=2_000,
                   delta_batches=2, concept_batches=2, sentences=6_000, sae_batch=512, warmup_steps=2,
-                  norm_batches=2, dead_tokens=4_000)
+                  norm_batches=2, dead_tokens=4_000, steer_layers=(3,), steer_prompts=4, steer_gen=4)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,19 +62,21 @@ def test_results_cover_every_run_layer_and_k(demo_run):
 
 def test_plots_and_report(demo_run):
     out, results = demo_run
-    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png"):
+    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     report = (out / "report.md").read_text()
-    for heading in ("## Reconstruction", "## Splice-in", "## Planted concepts", "## The paper's findings"):
+    for heading in ("## Reconstruction", "## Splice-in", "## Planted concepts", "## Steering during generation",
+                    "## The paper's findings"):
         assert heading in report
-    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png"):
+    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png"):
         assert f"]({name})" in report
     # every FVE in the table is the one in results.json
     fve = results["runs"]["dlm/unmask"]["3"]["8"]["fve"]
     assert f"{fve:.3f}" in report
     f = results["findings"]
-    assert sum(report.count(v) for v in ("**reproduced**", "**not reproduced**", "**not testable here**")) == 3
+    verdicts = ("**reproduced**", "**not reproduced**", "**not testable here**", "**partly reproduced**")
+    assert sum(report.count(v) for v in verdicts) == 4
     assert isinstance(f["mask_vs_unmask"]["reproduced"], bool)
     assert f["mask_vs_unmask"]["pairs"] == 4 and 0 <= f["mask_vs_unmask"]["mask_worse"] <= 4
     assert not (out / "cache").exists()  # the scratch activation cache is removed
@@ -112,7 +114,37 @@ def test_findings_follow_the_numbers(demo_run):
     assert f["ar_contrast"]["reproduced"] is None  # nothing negative on the DLM side to contrast with
 
 
+def test_steering_section(demo_run):
+    _, results = demo_run
+    st = results["steering"]
+    assert st["layers"] == [3] and st["alphas"] == {"dlm": [2.0, 4.0], "ar": [1.2, 2.0, 4.0]}
+    for key, n_alpha in (("dlm/3", 2), ("ar/3", 3)):
+        run = st["runs"][key]
+        assert run["n_prompts"] == 4 and len(run["features"]) == 10        # every planted concept
+        assert [r["alpha"] for r in run["summary"]["rows"]] == st["alphas"][key.split("/")[0]]
+        for entry in run["features"].values():
+            assert len(entry["sweep"]) == n_alpha and len(entry["sweep"][0]["concepts_after"]) == 4
+    # the steered latent is the one the concept scores chose
+    chosen = results["runs"]["dlm/unmask"]["3"]["8"]["concepts_clean"]["concepts"]["food"]["latent"]
+    assert f"food/{chosen}" in st["runs"]["dlm/3"]["features"]
+    cell = st["dlm_minus_ar"]["3"]
+    assert set(cell) == {"2", "4", "paper"} and cell["paper"]["low"] <= cell["paper"]["mean"] <= cell["paper"]["high"]
+    # the finding follows the intervals
+    fake = json.loads(json.dumps(results))
+    for c, (lo, hi) in zip(("paper", "2", "4"), ((0.1, 0.3), (-0.1, 0.2), (0.05, 0.1))):
+        fake["steering"]["dlm_minus_ar"]["3"][c] |= {"low": lo, "high": hi}
+    f = findings(fake, TINY)["steering"]
+    assert f["reproduced"] is True and f["dlm_wins_matched"] == {"2": [], "4": ["3"]}
+    fake["steering"]["dlm_minus_ar"]["3"]["paper"] |= {"low": -0.3, "high": -0.1}
+    f = findings(fake, TINY)["steering"]
+    assert f["reproduced"] is False and f["ar_wins_paper_alpha"] == ["3"]
+    del fake["steering"]
+    assert findings(fake, TINY)["steering"] is None
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="steer_layers"):
+        dataclasses.replace(TINY, steer_layers=(1,))
     with pytest.raises(ValueError, match="k_ref"):
         dataclasses.replace(TINY, k_ref=16)
     with pytest.raises(ValueError, match="n_latents"):

@@ -218,3 +218,49 @@ def test_dream_format_model_with_its_logit_shift(tmp_path):
         batched = fn(dream, prompts, **kw)
         for b, p in enumerate(prompts):
             assert batched.generated(4)[b].tolist() == fn(dream, [p], **kw).generated(4)[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ fill
+def _canvas(dlm, target, holes):
+    """``target`` rows with ``[MASK]`` at ``holes[b]``."""
+    rows = []
+    for b, h in enumerate(holes):
+        r = target[b].tolist()
+        for i in h:
+            r[i] = dlm.mask_token_id
+        rows.append(r)
+    return rows
+
+
+@pytest.mark.parametrize("sampler", ["llada", "dream"])
+def test_fill_writes_only_the_masks_and_reproduces_a_certain_target(dlm, sampler):
+    from dlmscope.sampling import dream_fill, llada_fill
+
+    target = _target(dlm, [[1]], 7).repeat(2, 1)                    # [BOS] + 7 tokens, no [MASK] among them
+    holes = [[2, 5, 6], [1, 3, 7]]                                  # masks anywhere, the same count per row
+    certain = Certain(dlm, target)
+    canvas = _canvas(dlm, target, holes)
+    if sampler == "llada":
+        out = llada_fill(certain, canvas, steps=3, history=True)
+        counts = _step_counts(3, 3)
+    else:
+        out = dream_fill(certain, canvas, steps=3, alg="maskgit_plus", history=True)
+        counts = _dream_counts(3, 3, 1e-3)
+    assert torch.equal(out.sequences, target)
+    assert out.gen_positions.tolist() == holes and out.prompt_lengths.tolist() == [2, 1]
+    assert torch.equal(out.generated(), torch.stack([target[b, holes[b]] for b in range(2)]))
+    assert out.committed.sum(2).T.tolist() == [counts, counts]
+    # confidence falls with the position: each row is filled left to right
+    order = out.committed.float().argmax(0)                         # [B, T]: the step that wrote each position
+    for b, h in enumerate(holes):
+        assert order[b, h].tolist() == sorted(order[b, h].tolist())
+
+
+def test_fill_rejects_rows_with_different_mask_counts(dlm):
+    from dlmscope.sampling import llada_fill
+
+    target = _target(dlm, [[1]], 5).repeat(2, 1)
+    with pytest.raises(ValueError, match="same number"):
+        llada_fill(dlm, _canvas(dlm, target, [[2, 3], [4]]), steps=2)
+    with pytest.raises(ValueError, match="same number"):
+        llada_fill(dlm, target.tolist(), steps=2)

@@ -9,13 +9,15 @@
 3. evaluates each SAE on held-out text of the same policy: FVE / L0 / dead, the DLM ΔLM loss (mask and
    unmask variants, REFERENCE.md §4) or the AR ΔLM loss, each with the fraction of loss recovered vs
    zero-ablation, and the planted-concept F1 of its best latents (:mod:`dlmscope.concepts`);
-4. writes ``results.json``, PNG plots and ``report.md`` comparing what it found with the paper's findings.
+4. steers every planted concept's best latent during generation at a few layers, the DLM against its AR twin
+   at the paper's and at matched strengths (:mod:`.steering`);
+5. writes ``results.json``, PNG plots and ``report.md`` comparing what it found with the paper's findings.
 
 Every number in the report is computed by this run; the findings section states, for each paper claim,
 whether the embedded world reproduces it.
 
 Modules: :mod:`.config` (settings), :mod:`.run` (the job), :mod:`.findings` (the paper's claims checked on the
-numbers), :mod:`.plots`, :mod:`.report` (``report.md``, one function per section).
+numbers), :mod:`.steering`, :mod:`.plots`, :mod:`.report` (``report.md``, one function per section).
 """
 from .config import RUNS, DemoConfig
 from .findings import findings, observations

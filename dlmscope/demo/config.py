@@ -39,6 +39,13 @@ class DemoConfig:
     dead_tokens: int = 100_000
     norm_batches: int = 10
     seed: int = 0
+    #: blocks where the demo steers (each must be in ``layers``; empty: no steering section)
+    steer_layers: tuple[int, ...] = (1, 4, 6)
+    #: the DLM's α values; the AR twin runs at the same ones and at the paper's 1.2
+    steer_alphas: tuple[float, ...] = (2.0, 4.0)
+    steer_prompts: int = 24
+    #: generated tokens per prompt (the DLM denoises them in as many steps)
+    steer_gen: int = 8
 
     def __post_init__(self):
         self.layers = tuple(sorted({int(x) for x in self.layers}))
@@ -49,6 +56,13 @@ class DemoConfig:
             raise ValueError(f"k_ref={self.k_ref} must be one of ks={self.ks}")
         if self.concept_batches < 2:
             raise ValueError("concept_batches must be >= 2 (one half chooses the best latent, the other scores it)")
+        self.steer_layers = tuple(sorted({int(x) for x in self.steer_layers}))
+        self.steer_alphas = tuple(sorted(float(a) for a in self.steer_alphas))
+        missing = [L for L in self.steer_layers if L not in self.layers]
+        if missing:
+            raise ValueError(f"steer_layers {missing} are not among the demo layers {self.layers}")
+        if self.steer_layers and not self.steer_alphas:
+            raise ValueError("steer_alphas must not be empty when steer_layers is set")
         if self.ks[-1] > self.n_latents:
             raise ValueError(f"every k must be <= n_latents={self.n_latents}, got ks={self.ks}")
 
@@ -56,6 +70,6 @@ class DemoConfig:
     def quick(cls) -> "DemoConfig":
         """A smaller demo (two layers, two k, fewer tokens) for smoke tests: about a minute."""
         return cls(layers=(0, 2), ks=(8, 16), train_tokens=40_000, eval_tokens=8_000, delta_batches=2,
-                   concept_batches=4, sentences=40_000)
+                   concept_batches=4, sentences=40_000, steer_layers=(2,), steer_prompts=8)
 
 

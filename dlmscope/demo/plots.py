@@ -1,4 +1,4 @@
-"""The demo's plots: FVE vs k, ΔLM per layer, planted-concept F1 heatmap (PNG files)."""
+"""The demo's plots: FVE vs k, ΔLM per layer, planted-concept F1 heatmap, steering (PNG files)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # figures without pyplot: no global backend state is touched
 
+from ..steer_run import plot_by_layer
 from .config import DemoConfig
 from .config import RUN_LABELS
 from .findings import get
@@ -14,7 +15,8 @@ __all__ = ["write_plots"]
 
 
 def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
-    """``fve_vs_k.png``, ``delta_lm.png`` and ``concept_f1.png`` under ``out``."""
+    """``fve_vs_k.png``, ``delta_lm.png``, ``concept_f1.png`` and (with a steering section) ``steering.png``
+    under ``out``."""
     paths = []
     styles = dict(zip(RUN_LABELS, (("-", "o"), ("--", "s"), (":", "^"))))  # line style, marker per run
 
@@ -82,4 +84,11 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out / "concept_f1.png")
     fig.savefig(paths[-1], dpi=110)
+
+    if results.get("steering"):
+        st = results["steering"]
+        by_model = {label: {int(L): st["runs"][f"{key}/{L}"] for L in st["layers"]}
+                    for key, label in (("dlm", "DLM (Unmask-SAE)"), ("ar", "AR twin"))}
+        paths.append(out / "steering.png")
+        plot_by_layer(by_model, paths[-1])
     return paths

@@ -26,6 +26,7 @@ from .config import RUNS, DemoConfig
 from .findings import findings
 from .plots import write_plots
 from .report import write_report
+from .steering import run_steering
 
 __all__ = ["load_world_model", "world_batches", "sweep_spec", "train_layer_saes", "run_demo"]
 
@@ -101,6 +102,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     names, table = concept_id_table(tokenizer)
     delta_batches = held_batches[: cfg.delta_batches]
     concept_rows = held_batches[: cfg.concept_batches]
+    steer_saes, steer_latents = {}, {}   # (model, layer) -> the k_ref SAE and each concept's best latent
     results["corpus"] = {"train_tokens": sum(b.numel() for b in train_batches),
                          "heldout_tokens": sum(b.numel() for b in held_batches)}
 
@@ -139,8 +141,16 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
                 for view, (choose, score) in views.items():
                     entry[view] = score_concepts(sae, *score, names, select_on=choose).as_dict()
                 run.setdefault(str(layer), {})[str(sae.k)] = entry
+                if policy in ("unmask", "clean") and layer in cfg.steer_layers and sae.k == cfg.k_ref:
+                    steer_saes[(model_name, layer)] = sae
+                    steer_latents[(model_name, layer)] = {c: v["latent"] for c, v in
+                                                          entry["concepts_clean"]["concepts"].items()}
         results["runs"][run_key] = run
         results["timings_s"][run_key] = {"harvest_and_train": t_train, "total": time.perf_counter() - t0}
+    if cfg.steer_layers:
+        t0 = time.perf_counter()
+        results["steering"] = run_steering(adapters, steer_saes, steer_latents, cfg)
+        results["timings_s"]["steering"] = time.perf_counter() - t0
     results["findings"] = findings(results, cfg)
     results["timings_s"]["total"] = time.perf_counter() - started
     atomic.write_json(out / "results.json", results)

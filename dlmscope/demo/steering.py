@@ -1,0 +1,44 @@
+"""The demo's steering section: the DLM against its AR twin, steered on every planted concept.
+
+At each of ``cfg.steer_layers`` the DLM's Unmask-SAE and the AR twin's SAE (both at ``k_ref``) steer each
+planted concept's best latent — the one the demo's concept scores chose on held-out text, so no latent is
+chosen by its steering result — over the world's neutral prompts, the same seed for the baseline and every
+steered run (:func:`dlmscope.steer_run.run_steer`). The DLM runs at ``cfg.steer_alphas``; the AR twin at the
+same α (matched) and at the paper's AR α (REFERENCE.md §5: DLM 2.0 vs AR 1.2).
+"""
+from __future__ import annotations
+
+from ..steer_run import SteerSpec, compare_models, neutral_prompts, run_steer
+from .config import DemoConfig
+
+__all__ = ["PAPER_ALPHA", "run_steering"]
+
+#: the paper's steering strengths (REFERENCE.md §5)
+PAPER_ALPHA = {"dlm": 2.0, "ar": 1.2}
+
+
+def _alphas(cfg: DemoConfig, model: str) -> tuple[float, ...]:
+    return tuple(sorted(set(cfg.steer_alphas) | {PAPER_ALPHA[model]}))
+
+
+def run_steering(adapters: dict, saes: dict, latents: dict, cfg: DemoConfig) -> dict:
+    """``{"layers", "alphas": {model: [...]}, "runs": {"dlm/L" | "ar/L": run_steer result},
+    "dlm_minus_ar": {L: {"α" | "paper": interval}}}``. ``saes[(model, L)]`` is the SAE to steer with and
+    ``latents[(model, L)]`` maps each planted concept to its best latent."""
+    ref = adapters["ar"]
+    prompts = neutral_prompts(ref.tokenizer, cfg.steer_prompts)
+    out: dict = {"layers": list(cfg.steer_layers), "alphas": {m: list(_alphas(cfg, m)) for m in PAPER_ALPHA},
+                 "n_prompts": len(prompts), "gen_length": cfg.steer_gen, "runs": {}, "dlm_minus_ar": {}}
+    for model, sampler in (("dlm", "llada"), ("ar", "ar")):
+        for L in cfg.steer_layers:
+            spec = SteerSpec(layer=L, alphas=_alphas(cfg, model), sampler=sampler, gen_length=cfg.steer_gen,
+                             steps=cfg.steer_gen, temperature=0.7, seed=cfg.seed)
+            features = list(latents[(model, L)].items())
+            out["runs"][f"{model}/{L}"] = run_steer(adapters[model], saes[(model, L)], prompts, features, spec, ref,
+                                                    keep_generations=2)
+    for L in cfg.steer_layers:
+        dlm, ar = out["runs"][f"dlm/{L}"], out["runs"][f"ar/{L}"]
+        cell = {f"{a:g}": compare_models(dlm, ar, a, seed=cfg.seed) for a in cfg.steer_alphas}
+        cell["paper"] = compare_models(dlm, ar, PAPER_ALPHA["dlm"], PAPER_ALPHA["ar"], seed=cfg.seed)
+        out["dlm_minus_ar"][str(L)] = cell
+    return out
