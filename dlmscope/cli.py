@@ -1,9 +1,10 @@
-"""Command line: ``dlmscope train``, ``dlmscope eval`` and ``dlmscope demo``.
+"""Command line: ``dlmscope train``, ``eval``, ``demo``, ``steer`` and ``order``.
 
     dlmscope train --model DIR --layers 1 3 --policy mask --k 8 16 32 --n 512 --tokens 200000 --out runs/x
     dlmscope eval  --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000
     dlmscope demo  --out runs/demo            # the embedded-world job behind `make demo`
     dlmscope steer --model DIR --sae DIR --layer 4 --concepts food place --alpha 1 2 4 --out runs/steer
+    dlmscope order --model DIR --sae 2=DIR 4=DIR --orders low_confidence entropy sae_stable --out runs/order
 
 Text comes from the embedded world's corpus (``--corpus world``, default), a text file with one document per
 line, or a Hugging Face dataset (data files or a dataset directory, streamed); documents are EOS-joined and
@@ -24,6 +25,7 @@ from . import atomic, models
 from .world import ASSETS_DIR
 from .activations import ActivationStream
 from .demo import DemoConfig, run_demo
+from .order_run import ORDERS, STEPS, OrderSpec, plot_order, run_order
 from .pipeline import SweepSpec, heldout_activations, train_sweep
 from .sae import TopKSAE
 from .steer_run import (SteerSpec, concept_features, condition_label, neutral_prompts, plot_sweep, plot_tradeoff,
@@ -32,6 +34,7 @@ from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
 from .text_sources import text_batches
 from .train import TrainConfig
 from .train_log import LogConfig
+from .world.tasks import SCORED_KINDS, load_tasks
 
 
 def _text(adapter, args):
@@ -186,6 +189,41 @@ def cmd_steer(args) -> int:
     return 0
 
 
+def _layer_saes(specs: list[str]) -> dict[int, TopKSAE]:
+    """``["2=DIR", "4=DIR"]`` -> ``{2: sae, 4: sae}``."""
+    out = {}
+    for spec in specs:
+        layer, sep, path = spec.partition("=")
+        if not sep or not layer.strip().isdigit():
+            raise ValueError(f"--sae takes LAYER=DIR, got {spec!r}")
+        out[int(layer)] = TopKSAE.load(path)
+    return out
+
+
+def cmd_order(args) -> int:
+    adapter = models.load(args.model)
+    adapter.require_mask_token()
+    saes = _layer_saes(args.sae)
+    adapter.check_layers(list(saes))
+    tasks, heldout = load_tasks(args.tasks or Path(ASSETS_DIR) / "tasks.jsonl")
+    kinds = args.kinds or list(SCORED_KINDS)
+    keep = [i for i, t in enumerate(tasks) if t.kind in kinds][: args.max_tasks]
+    if not keep:
+        raise ValueError(f"no tasks of kinds {kinds} in {args.tasks or 'the world tasks'}")
+    spec = OrderSpec(orders=args.orders, steps=args.steps, seeds=args.seeds, guide_layer=args.guide_layer,
+                     top_k=args.top_k)
+    result = run_order(adapter, saes, [tasks[i] for i in keep], [heldout[i] for i in keep], spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "order.json", result)
+    paths = plot_order(result, out / "order")
+    for order, by_steps in result["accuracy"].items():
+        print(f"{order:>20}: " + ", ".join(f"{st} {c['order_sensitive']['mean']:.2f}" for st, c in by_steps.items()
+                                          if c["order_sensitive"]))
+    print(f"wrote {out / 'order.json'} and " + ", ".join(p.name for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmscope", description="SAE interpretability for diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_steer)
+
+    o = sub.add_parser("order", help="decoding orders on fill-in tasks: accuracy, SAE feature dynamics, an "
+                                     "SAE-guided order; JSON + plots")
+    o.add_argument("--model", required=True, help="a masked DLM (LLaDA / Dream format)")
+    o.add_argument("--sae", nargs="+", required=True, metavar="LAYER=DIR", help="SAEs to replay with, per layer")
+    o.add_argument("--tasks", default=None, help="a tasks.jsonl (default: the embedded world's)")
+    o.add_argument("--kinds", nargs="+", default=None, help="task kinds to use (default: every scored kind)")
+    o.add_argument("--max-tasks", type=int, default=None)
+    o.add_argument("--orders", nargs="+", default=list(ORDERS), help=" | ".join(ORDERS))
+    o.add_argument("--steps", nargs="+", default=list(STEPS), help="one | half | all (of the answers per step)")
+    o.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    o.add_argument("--guide-layer", type=int, default=4, help="the layer the SAE-guided orders read")
+    o.add_argument("--top-k", type=int, default=8, help="latents kept per position (replay and guide)")
+    o.add_argument("--out", required=True)
+    o.set_defaults(func=cmd_order)
     return parser
 
 

@@ -28,6 +28,7 @@ import torch
 
 from .choices import check_choice
 from .models import Adapter
+from .sampler_rules import dream_counts, dream_tokens, step_counts
 
 __all__ = ["Generation", "SamplerState", "Progress", "current_progress", "llada_generate", "llada_fill",
            "dream_generate", "dream_fill", "ar_generate", "REMASKING", "DREAM_ALGS"]
@@ -245,13 +246,6 @@ def _generator(seed, device) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------------ LLaDA
-def _step_counts(n: int, steps: int) -> list[int]:
-    """LLaDA's per-step commit counts for ``n`` masks in ``steps`` steps: ``n // steps`` each, the remainder
-    added to the first steps."""
-    base, rem = divmod(n, steps)
-    return [base + (i < rem) for i in range(steps)]
-
-
 def _guided(guide, adapter):
     """The guide's hooks for the run (a no-op context without a guide)."""
     return guide.attach(adapter) if guide is not None else contextlib.nullcontext()
@@ -265,7 +259,7 @@ def llada_generate(adapter: Adapter, prompt_ids, *, gen_length: int, steps: int,
     """LLaDA's sampler: ``gen_length`` masks after each prompt, filled block by block (``block_length``,
     default one block); each block gets ``steps / num_blocks`` steps and commits, per step, the most confident
     masked positions of that block (``low_confidence``: probability of the chosen token; ``random``: uniform)
-    in the counts of :func:`_step_counts`. Tokens are the argmax (temperature 0) or Gumbel-max of the logits;
+    in the counts of :func:`step_counts`. Tokens are the argmax (temperature 0) or Gumbel-max of the logits;
     ``cfg_scale > 0`` applies classifier-free guidance with the prompt masked in the unconditional copy.
     ``guide`` (e.g. :class:`dlmscope.order.SAEStabilityGuide`) re-ranks the confidence before the commit."""
     mask_id = adapter.require_mask_token()
@@ -313,7 +307,7 @@ def _llada(adapter, ids, attention, gen_pos, lengths, given, *, steps, block_len
     if temperature < 0 or cfg_scale < 0:
         raise ValueError(f"temperature and cfg_scale must be >= 0, got {temperature}, {cfg_scale}")
     per_block = steps // n_blocks
-    counts = _step_counts(block_length, per_block)
+    counts = step_counts(block_length, per_block)
     gen = _generator(seed, ids.device)
     block_of = torch.arange(gen_length, device=ids.device) // block_length      # [G]
     rec = _Recorder(ids, history, callback, steps, gen_pos, attention)
@@ -350,56 +344,6 @@ def _llada(adapter, ids, attention, gen_pos, lengths, given, *, steps, block_len
 
 
 # ------------------------------------------------------------------------------------------------ Dream
-def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Logits outside the smallest set of tokens whose probability reaches ``top_p`` set to -inf."""
-    sorted_logits, order = logits.sort(-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum > top_p
-    drop[..., 1:] = drop[..., :-1].clone()
-    drop[..., 0] = False
-    return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), -torch.inf)
-
-
-def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    top_k = min(top_k, logits.shape[-1])
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, -torch.inf)
-
-
-def _dream_tokens(logits, alg, temperature, top_p, top_k, gen):
-    """Dream's ``sample_tokens``: ``(tokens [B, G], confidence [B, G])``."""
-    if temperature > 0:
-        logits = logits / temperature
-    if top_p is not None and top_p < 1:
-        logits = _filter_top_p(logits, top_p)
-    if top_k is not None:
-        logits = _filter_top_k(logits, top_k)
-    probs = logits.softmax(-1)
-    if temperature > 0:
-        x0 = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).view(probs.shape[:-1])
-        conf = probs.gather(-1, x0[..., None])[..., 0]
-    else:
-        conf, x0 = probs.max(-1)
-    if alg == "topk_margin":
-        top2 = probs.topk(2, dim=-1).values
-        conf = top2[..., 0] - top2[..., 1]
-    elif alg == "entropy":
-        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
-    return x0, conf
-
-
-def _dream_counts(n: int, steps: int, eps: float) -> list[int]:
-    """Tokens Dream's confidence algorithms commit per step: ``int(n_mask · (1 − s/t))`` on the timesteps
-    ``linspace(1, eps, steps + 1)`` (float32, as Dream computes them), everything left on the last step."""
-    ts = torch.linspace(1, eps, steps + 1)
-    out, left = [], n
-    for i in range(steps):
-        k = left if i == steps - 1 else int(left * (1 - ts[i + 1] / ts[i]))
-        out.append(k)
-        left -= k
-    return out
-
-
 @torch.no_grad()
 def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: int, alg: str = "origin",
                    alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
@@ -407,7 +351,7 @@ def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: 
                    callback: Callable | None = None, history: bool = False, guide=None) -> Generation:
     """Dream's ``diffusion_generate``: ``max_new_tokens`` masks after each prompt, timesteps
     ``linspace(1, eps, steps + 1)``. ``origin`` reveals each mask with probability ``1 − s/t`` (all on the
-    last step); the other algorithms commit :func:`_dream_counts` tokens per step by confidence
+    last step); the other algorithms commit :func:`dream_counts` tokens per step by confidence
     (``maskgit_plus``: the sampled token's probability, ``topk_margin``: p1 − p2, ``entropy``: Σ p log p), or
     sampled from ``softmax(confidence / alg_temp)`` when ``alg_temp > 0``. ``guide`` re-ranks the
     confidence before the commit (not with ``origin``, which has none)."""
@@ -447,7 +391,7 @@ def _dream(adapter, ids, attention, gen_pos, lengths, *, steps, alg, alg_temp, t
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     gen = _generator(seed, ids.device)
     ts = torch.linspace(1, eps, steps + 1)
-    counts = _dream_counts(gen_pos.shape[1], steps, eps)
+    counts = dream_counts(gen_pos.shape[1], steps, eps)
     rec = _Recorder(ids, history, callback, steps, gen_pos, attention)
     with _guided(guide, adapter):
         for s in range(steps):
@@ -455,7 +399,7 @@ def _dream(adapter, ids, attention, gen_pos, lengths, *, steps, alg, alg_temp, t
             with _publishing(Progress(s, steps, lengths)):
                 logits = adapter.logits(ids, attention)
             gl = _at_generated(logits, gen_pos)
-            x0, conf = _dream_tokens(gl, alg, temperature, top_p, top_k, gen)
+            x0, conf = dream_tokens(gl, alg, temperature, top_p, top_k, gen)
             if alg == "origin":
                 p = 1.0 if s == steps - 1 else float(1 - ts[s + 1] / ts[s])
                 commit_gen = masked_gen & (torch.rand(masked_gen.shape, generator=gen, device=ids.device) < p)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Interval", "bootstrap_mean", "paired_difference"]
+__all__ = ["Interval", "bootstrap_mean", "paired_difference", "correlation"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,32 @@ def paired_difference(before: Sequence, after: Sequence, **kw) -> Interval:
     if a.shape != b.shape:
         raise ValueError(f"before {tuple(b.shape)} and after {tuple(a.shape)} must have the same shape")
     return bootstrap_mean(a - b, **kw)
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson r along the last dim (NaN where either side is constant)."""
+    x = x - x.mean(-1, keepdim=True)
+    y = y - y.mean(-1, keepdim=True)
+    return (x * y).sum(-1) / (x.pow(2).sum(-1).sqrt() * y.pow(2).sum(-1).sqrt())
+
+
+def correlation(x: Sequence, y: Sequence, *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """Pearson's r between ``x`` and ``y`` (one value per unit; units where either is NaN / None dropped)
+    with a bootstrap interval over units. NaN when fewer than 3 units remain or a side is constant."""
+    a, b = _tensor(x), _tensor(y)
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"x and y must be 1-d and of the same length, got {tuple(a.shape)} and {tuple(b.shape)}")
+    keep = ~(torch.isnan(a) | torch.isnan(b))
+    a, b = a[keep], b[keep]
+    U = a.numel()
+    if U < 3:
+        return Interval(float("nan"), float("nan"), float("nan"), U)
+    r = float(_pearson(a, b))
+    idx = torch.randint(0, U, (resamples, U), generator=torch.Generator().manual_seed(seed))
+    rs = _pearson(a[idx], b[idx])
+    rs = rs[~torch.isnan(rs)]
+    if rs.numel() == 0 or r != r:
+        return Interval(r, float("nan"), float("nan"), U)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(rs, q).tolist()
+    return Interval(r, low, high, U)

@@ -11,7 +11,8 @@ from dlmscope.demo import load_world_model
 from dlmscope.order import (FeatureTrace, SAEStabilityGuide, _top_k, jaccard, order_sensitive_features,
                             order_statistics, replay)
 from dlmscope.sae import TopKSAE
-from dlmscope.sampling import _dream_counts, _step_counts, dream_fill, llada_fill, llada_generate
+from dlmscope.sampler_rules import dream_counts as _dream_counts, step_counts as _step_counts
+from dlmscope.sampling import dream_fill, llada_fill, llada_generate
 
 LAYERS = (2, 5)
 

@@ -7,7 +7,8 @@ import torch
 
 from dlmscope.demo import load_world_model
 from dlmscope.models import Adapter
-from dlmscope.sampling import _dream_counts, _step_counts, ar_generate, dream_generate, llada_generate
+from dlmscope.sampler_rules import dream_counts as _dream_counts, step_counts as _step_counts
+from dlmscope.sampling import ar_generate, dream_generate, llada_generate
 
 
 @pytest.fixture(scope="module")

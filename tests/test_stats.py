@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dlmscope.stats import bootstrap_mean, paired_difference
+from dlmscope.stats import bootstrap_mean, correlation, paired_difference
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
@@ -44,3 +44,17 @@ def test_groups_resample_units_together_and_missing_values_are_dropped():
         bootstrap_mean([])
     with pytest.raises(ValueError, match="level"):
         bootstrap_mean([1.0], level=1.5)
+
+
+def test_correlation_and_its_interval():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(300, generator=gen, dtype=torch.float64)
+    y = 0.6 * x + 0.8 * torch.randn(300, generator=gen, dtype=torch.float64)
+    r = correlation(x, y)
+    assert r.mean == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]))
+    assert r.low < 0.6 < r.high and r.excludes_zero() and r.n == 300
+    assert correlation([1.0, 2.0, None, 4.0], [2.0, 4.0, 5.0, 8.0]).mean == pytest.approx(1.0)
+    assert math.isnan(correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]).mean)         # a constant side
+    assert math.isnan(correlation([1.0, 2.0], [1.0, 2.0]).mean)                     # too few units
+    with pytest.raises(ValueError, match="same length"):
+        correlation([1.0, 2.0, 3.0], [1.0, 2.0])
