@@ -1,10 +1,11 @@
-"""Command line: ``dlmscope train``, ``eval``, ``demo``, ``steer`` and ``order``.
+"""Command line: ``dlmscope train``, ``eval``, ``demo``, ``steer``, ``order`` and ``transfer``.
 
     dlmscope train --model DIR --layers 1 3 --policy mask --k 8 16 32 --n 512 --tokens 200000 --out runs/x
     dlmscope eval  --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000
     dlmscope demo  --out runs/demo            # the embedded-world job behind `make demo`
     dlmscope steer --model DIR --sae DIR --layer 4 --concepts food place --alpha 1 2 4 --out runs/steer
     dlmscope order --model DIR --sae 2=DIR 4=DIR --orders low_confidence entropy sae_stable --out runs/order
+    dlmscope transfer --base DIR --target DIR --layers 2 5 [--control AR_DIR] --out runs/transfer
 
 Text comes from the embedded world's corpus (``--corpus world``, default), a text file with one document per
 line, or a Hugging Face dataset (data files or a dataset directory, streamed); documents are EOS-joined and
@@ -34,6 +35,7 @@ from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
 from .text_sources import text_batches
 from .train import TrainConfig
 from .train_log import LogConfig
+from .transfer import plot_transfer, run_transfer, summary_lines
 from .world.tasks import SCORED_KINDS, load_tasks
 
 
@@ -107,6 +109,9 @@ def cmd_demo(args) -> int:
     elif "layers" in overrides:  # the default steered blocks that were kept, else the middle one of --layers
         layers = sorted(set(overrides["layers"]))
         overrides["steer_layers"] = tuple(L for L in cfg.steer_layers if L in layers) or (layers[len(layers) // 2],)
+    if "layers" in overrides:    # the decoding orders replay with the demo's Mask-SAEs of the kept layers
+        overrides["order_layers"] = tuple(L for L in cfg.order_layers if L in overrides["layers"]) or \
+            tuple(sorted(set(overrides["layers"])))
     if args.steer_prompts is not None:
         overrides["steer_prompts"] = args.steer_prompts
     cfg = dataclasses.replace(cfg, **overrides)
@@ -224,6 +229,22 @@ def cmd_order(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    base, target = models.load(args.base), models.load(args.target)
+    control = models.load(args.control) if args.control else None
+    text = None if args.corpus == "world" else _text(base, args)
+    result = run_transfer(base, target, args.layers, policy=args.policy, n_latents=args.n, k=args.k,
+                          train_tokens=args.tokens, eval_tokens=args.eval_tokens, delta_batches=args.delta_batches,
+                          seed=args.seed, control=control, batches=text, sentences=args.sentences)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "transfer.json", result)
+    plot_transfer(result, out / "transfer.png")
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {out / 'transfer.json'} and {out / 'transfer.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmscope", description="SAE interpretability for diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,6 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--top-k", type=int, default=8, help="latents kept per position (replay and guide)")
     o.add_argument("--out", required=True)
     o.set_defaults(func=cmd_order)
+
+    t = sub.add_parser("transfer", help="base-model SAEs on the post-trained model: FVE, delta-LM, latent "
+                                        "agreement, decoder matching; JSON + plot")
+    t.add_argument("--base", required=True, help="the base model (SAEs are trained on it)")
+    t.add_argument("--target", required=True, help="its post-trained version (e.g. the instruct model)")
+    t.add_argument("--control", default=None, help="optional: a different model (e.g. the AR twin) as reference")
+    t.add_argument("--layers", type=int, nargs="+", required=True)
+    t.add_argument("--policy", default="unmask", help="mask | unmask | clean")
+    t.add_argument("--corpus", default="world", help="as for train; 'world' is the embedded corpus")
+    t.add_argument("--n", type=int, default=512)
+    t.add_argument("--k", type=int, default=8)
+    t.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
+    t.add_argument("--eval-tokens", type=int, default=30_000)
+    t.add_argument("--delta-batches", type=int, default=12)
+    t.add_argument("--seq-len", type=int, default=64)
+    t.add_argument("--lm-batch", type=int, default=32)
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--split", default="train")
+    t.add_argument("--sentences", type=int, default=100_000, help="world corpus size")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_transfer)
     return parser
 
 

@@ -15,7 +15,11 @@ Steps per task are ``one`` (everything at once), ``half`` (⌈answers / 2⌉) or
 Accuracy is exact match (every answer right), averaged over seeds per task, with bootstrap intervals over
 tasks; the SAE orders are compared with the best confidence order on the same tasks (paired). At ``all``
 steps the runs are replayed with the SAEs (:func:`dlmscope.order.replay`) for the per-position statistics,
-their correlation with accuracy per order, and the order-sensitive features against ``low_confidence``.
+their correlation with accuracy per order (pooled, and within task groups), and the order-sensitive features
+against ``low_confidence``.
+
+Dream's schedule commits ``int(n · (1 − s/t))`` per step: at G steps for G = 3 answers that is 0, 1, 2, not
+one per step, so Dream's orders at "G steps" are not one answer per step (LLaDA's are).
 """
 from __future__ import annotations
 
@@ -96,6 +100,16 @@ def _canvas_and_targets(tasks, idx, tokenizer):
     return [inp for inp, _, _ in enc], answers
 
 
+def _centred(values, groups) -> list[float]:
+    """``values`` minus the (NaN-skipping) mean of their group; NaN stays NaN."""
+    v = torch.tensor([float("nan") if x is None else float(x) for x in values], dtype=torch.float64)
+    out = v.clone()
+    for g in set(groups):
+        sel = torch.tensor([gg == g for gg in groups])
+        out[sel] = v[sel] - torch.nanmean(v[sel])
+    return out.tolist()
+
+
 def _interval(x) -> dict:
     return asdict(bootstrap_mean(x))
 
@@ -143,7 +157,7 @@ def run_order(adapter, saes: Mapping[int, object], tasks, heldout: Sequence[bool
                                 stats_rows[order][f"{name}/{L}"].extend(
                                     torch.nanmean(getattr(st, name)[li], dim=1).tolist())
                         stats_rows[order]["correct"].extend(right.tolist())
-                        stats_rows[order]["task"].extend(chunk)
+                        stats_rows[order]["group"].extend([f"{kind}/{G}"] * len(chunk))
                         if start == 0:
                             per_group_stats[order][f"{kind}/{G}"] = st.as_dict()
                             feature_runs.setdefault(order, {})[f"{kind}/{G}"] = trace
@@ -184,10 +198,16 @@ def _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, fea
                 out["sae_vs_best_confidence"].setdefault(o, {})[st] = {
                     "best_confidence_order": best,
                     "difference": asdict(paired_difference(correct[(best, st)][multi], correct[(o, st)][multi]))}
-    # the paper's conjecture: do the feature dynamics track accuracy? (per order, over order-sensitive tasks)
+    # the paper's conjecture: do the feature dynamics track accuracy? (per order, over order-sensitive tasks;
+    # pooled, and within task groups — both sides centred per group, so kinds that differ in difficulty and
+    # in step count do not make a correlation on their own)
     for order, rows in stats_rows.items():
-        out["correlations"][order] = {key: asdict(correlation(vals, rows["correct"]))
-                                      for key, vals in rows.items() if key not in ("correct", "task")}
+        groups_of = rows["group"]
+        keys = [k for k in rows if k not in ("correct", "group")]
+        out["correlations"][order] = {key: asdict(correlation(rows[key], rows["correct"])) for key in keys}
+        y = _centred(rows["correct"], groups_of)
+        out.setdefault("correlations_within_group", {})[order] = {
+            key: asdict(correlation(_centred(rows[key], groups_of), y)) for key in keys}
     ref = feature_runs.get("low_confidence", {})
     n_latents = max((s.n for s in saes.values()), default=0)
     for order, traces in feature_runs.items():

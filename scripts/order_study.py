@@ -60,11 +60,15 @@ def tables(r: dict, policy: str, wall_s: float) -> list[str]:
               "Pearson r between a task's statistic (mean over its answer positions) and its exact match, 95% "
               "bootstrap interval over tasks.", ""]
     keys = sorted({k for c in r["correlations"].values() for k in c})
-    lines += ["| order | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for o, c in r["correlations"].items():
-        lines.append(f"| {o} | " + " | ".join(
-            "n/a" if c[k]["mean"] != c[k]["mean"] else f"{c[k]['mean']:+.2f} [{c[k]['low']:+.2f}, {c[k]['high']:+.2f}]"
-            for k in keys) + " |")
+    for title, table in (("Pooled over task groups:", r["correlations"]),
+                         ("Within task groups (statistic and accuracy centred per kind/answers group):",
+                          r["correlations_within_group"])):
+        lines += [title, "", "| order | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for o, c in table.items():
+            lines.append(f"| {o} | " + " | ".join(
+                "n/a" if c[k]["mean"] != c[k]["mean"] else
+                f"{c[k]['mean']:+.2f} [{c[k]['low']:+.2f}, {c[k]['high']:+.2f}]" for k in keys) + " |")
+        lines.append("")
     lines += ["", "## Per-position statistics (G steps), mean over tasks and positions, per block", ""]
     for group in sorted({g for s in r["statistics"].values() for g in s}):
         lines += [f"{group}:", "", "| order | " + " | ".join(f"pre-stability L{L}" for L in LAYERS)

@@ -9,10 +9,13 @@ import pytest
 
 from dlmscope import cli
 from dlmscope.demo import RUNS, DemoConfig, findings, load_world_model, run_demo
+from dlmscope.order_run import ORDERS
 
 TINY = DemoConfig(layers=(0, 3), ks=(4, 8), k_ref=8, n_latents=128, train_tokens=6_000, eval_tokens=2_000,
                   delta_batches=2, concept_batches=2, sentences=6_000, sae_batch=512, warmup_steps=2,
-                  norm_batches=2, dead_tokens=4_000, steer_layers=(3,), steer_prompts=4, steer_gen=4)
+                  norm_batches=2, dead_tokens=4_000, steer_layers=(3,), steer_prompts=4, steer_gen=4,
+                  order_layers=(0, 3), order_tasks=4, order_seeds=(0,), transfer_layers=(3,), transfer_tokens=6_000,
+                  transfer_eval_tokens=2_000, transfer_delta_batches=1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,21 +65,23 @@ def test_results_cover_every_run_layer_and_k(demo_run):
 
 def test_plots_and_report(demo_run):
     out, results = demo_run
-    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png"):
+    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png", "order_accuracy.png",
+                 "order_dynamics.png", "transfer.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     report = (out / "report.md").read_text()
     for heading in ("## Reconstruction", "## Splice-in", "## Planted concepts", "## Steering during generation",
-                    "## The paper's findings"):
+                    "## Decoding orders", "## Base → instruct transfer", "## The paper's findings"):
         assert heading in report
-    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png"):
+    for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png", "order_accuracy.png",
+                 "transfer.png"):
         assert f"]({name})" in report
     # every FVE in the table is the one in results.json
     fve = results["runs"]["dlm/unmask"]["3"]["8"]["fve"]
     assert f"{fve:.3f}" in report
     f = results["findings"]
     verdicts = ("**reproduced**", "**not reproduced**", "**not testable here**", "**partly reproduced**")
-    assert sum(report.count(v) for v in verdicts) == 4
+    assert sum(report.count(v) for v in verdicts) == 6
     assert isinstance(f["mask_vs_unmask"]["reproduced"], bool)
     assert f["mask_vs_unmask"]["pairs"] == 4 and 0 <= f["mask_vs_unmask"]["mask_worse"] <= 4
     assert not (out / "cache").exists()  # the scratch activation cache is removed
@@ -135,6 +140,7 @@ def test_steering_section(demo_run):
         fake["steering"]["dlm_minus_ar"]["3"][c] |= {"low": lo, "high": hi}
     f = findings(fake, TINY)["steering"]
     assert f["reproduced"] is True and f["dlm_wins_matched"] == {"2": [], "4": ["3"]}
+    assert f["ar_wins_matched"] == {"2": [], "4": []}
     fake["steering"]["dlm_minus_ar"]["3"]["paper"] |= {"low": -0.3, "high": -0.1}
     f = findings(fake, TINY)["steering"]
     assert f["reproduced"] is False and f["ar_wins_paper_alpha"] == ["3"]
@@ -142,7 +148,26 @@ def test_steering_section(demo_run):
     assert findings(fake, TINY)["steering"] is None
 
 
+def test_order_and_transfer_sections(demo_run):
+    _, results = demo_run
+    orders = results["orders"]
+    assert orders["n_tasks"] == 12 and orders["spec"]["guide_layer"] == 3      # 4 per order-sensitive kind
+    assert set(orders["accuracy"]) == set(ORDERS) and "correlations_within_group" in orders
+    tr = results["transfer"]
+    assert list(tr["summary"]) == ["3"] and tr["config"]["control"]
+    assert -1 <= tr["summary"]["3"]["fve_ratio"] <= 2
+    f = findings(results, TINY)
+    assert f["orders"]["statistic"] == "pre_stability/3" and f["transfer"]["layers"] == ["3"]
+    fake = json.loads(json.dumps(results))
+    fake["transfer"]["summary"]["3"] |= {"fve_ratio": 0.95, "corr_median": 0.9}
+    assert findings(fake, TINY)["transfer"]["reproduced"] is True
+    fake["transfer"]["summary"]["3"] |= {"fve_ratio": 0.5}
+    assert findings(fake, TINY)["transfer"]["reproduced"] is False
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="order_layers"):
+        dataclasses.replace(TINY, order_layers=(2,))
     with pytest.raises(ValueError, match="steer_layers"):
         dataclasses.replace(TINY, steer_layers=(1,))
     with pytest.raises(ValueError, match="k_ref"):

@@ -57,8 +57,8 @@ def test_orders_compared_on_tasks(dlm, world_tasks, saes, tmp_path):
     # replayed statistics and correlations exist for every order at 'all' steps (multi-answer tasks only)
     assert set(r["statistics"]) == {"low_confidence", "random", "left_to_right", "entropy", "sae_stable"}
     assert set(r["statistics"]["entropy"]) == {"arith_chain/3"}
-    assert set(r["correlations"]["sae_stable"]) == {f"{s}/{L}" for s in ("pre_stability", "lock_ratio", "post_drift")
-                                                    for L in (1, 3)}
+    keys = {f"{s}/{L}" for s in ("pre_stability", "lock_ratio", "post_drift") for L in (1, 3)}
+    assert set(r["correlations"]["sae_stable"]) == keys == set(r["correlations_within_group"]["sae_stable"])
     feats = r["order_sensitive_features"]["entropy"]["arith_chain/3"]
     assert set(feats) == {"1", "3"} and len(feats["1"]) == 20 and all(0 <= f < 64 for f, _ in feats["1"])
     assert r["bytes_per_state_position_layer"] == 24

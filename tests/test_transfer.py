@@ -221,3 +221,23 @@ def test_run_transfer_with_given_saes_trains_nothing(world):
                            *(acts[L] for acts in paired_activations(base, inst, held, [L], "unmask", tokens=300)))
     assert e["fve"] == direct["fve"] and e["decoder"] == direct["decoder"]
     assert e["decoder"]["hungarian_mean"] < 0.5  # two independent random SAEs: chance level
+
+
+def test_cli_transfer(tmp_path, capsys):
+    import json
+    import os
+
+    from dlmscope import cli
+    from dlmscope.world import ASSETS_DIR
+
+    m = lambda name: os.path.join(ASSETS_DIR, "models", name)  # noqa: E731
+    rc = cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "2", "--n", "64",
+                   "--k", "4", "--tokens", "4000", "--eval-tokens", "1000", "--delta-batches", "1",
+                   "--sentences", "3000", "--out", str(tmp_path / "t")])
+    assert rc == 0
+    result = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert list(result["summary"]) == ["2"] and (tmp_path / "t" / "transfer.png").stat().st_size > 1000
+    assert "layer 2: base SAE on instruct keeps" in capsys.readouterr().out
+    assert cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "9",
+                     "--out", str(tmp_path / "t")]) == 2
+    assert "layer" in capsys.readouterr().err

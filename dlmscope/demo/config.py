@@ -47,6 +47,16 @@ class DemoConfig:
     #: generated tokens per prompt (the DLM denoises them in as many steps)
     steer_gen: int = 8
 
+    #: Mask-SAE layers replaying the decoding orders (empty: no order section); tasks per order-sensitive kind
+    order_layers: tuple[int, ...] = (2, 4, 6)
+    order_tasks: int = 100
+    order_seeds: tuple[int, ...] = (0, 1, 2)
+    #: layers of the base → instruct transfer section (empty: none) and its budget
+    transfer_layers: tuple[int, ...] = (2, 5)
+    transfer_tokens: int = 200_000
+    transfer_eval_tokens: int = 15_000
+    transfer_delta_batches: int = 6
+
     def __post_init__(self):
         self.layers = tuple(sorted({int(x) for x in self.layers}))
         self.ks = tuple(sorted(int(k) for k in self.ks))
@@ -56,11 +66,13 @@ class DemoConfig:
             raise ValueError(f"k_ref={self.k_ref} must be one of ks={self.ks}")
         if self.concept_batches < 2:
             raise ValueError("concept_batches must be >= 2 (one half chooses the best latent, the other scores it)")
-        self.steer_layers = tuple(sorted({int(x) for x in self.steer_layers}))
         self.steer_alphas = tuple(sorted(float(a) for a in self.steer_alphas))
-        missing = [L for L in self.steer_layers if L not in self.layers]
-        if missing:
-            raise ValueError(f"steer_layers {missing} are not among the demo layers {self.layers}")
+        for name in ("steer_layers", "order_layers"):
+            setattr(self, name, tuple(sorted({int(x) for x in getattr(self, name)})))
+            missing = [L for L in getattr(self, name) if L not in self.layers]
+            if missing:
+                raise ValueError(f"{name} {missing} are not among the demo layers {self.layers}")
+        self.transfer_layers = tuple(sorted({int(x) for x in self.transfer_layers}))
         if self.steer_layers and not self.steer_alphas:
             raise ValueError("steer_alphas must not be empty when steer_layers is set")
         if self.ks[-1] > self.n_latents:
@@ -70,6 +82,8 @@ class DemoConfig:
     def quick(cls) -> "DemoConfig":
         """A smaller demo (two layers, two k, fewer tokens) for smoke tests: about a minute."""
         return cls(layers=(0, 2), ks=(8, 16), train_tokens=40_000, eval_tokens=8_000, delta_batches=2,
-                   concept_batches=4, sentences=40_000, steer_layers=(2,), steer_prompts=8)
+                   concept_batches=4, sentences=40_000, steer_layers=(2,), steer_prompts=8, order_layers=(0, 2),
+                   order_tasks=20, order_seeds=(0,), transfer_layers=(2,), transfer_tokens=40_000,
+                   transfer_eval_tokens=4_000, transfer_delta_batches=2)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .config import DemoConfig
 
 __all__ = ["PAPER_FVE_MASK", "PAPER_FVE_UNMASK", "PAPER_MASK_UNMASK_GAP", "get", "findings", "steering_finding",
-           "observations"]
+           "order_finding", "transfer_finding", "observations"]
 
 
 def get(results, run_key, layer, k, *path):
@@ -78,6 +78,8 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
         "negative_delta": {"dlm": neg, "ar": ar_neg, "dlm_unmask_objective": neg_unmask_objective,
                            "dlm_layers": neg_layers, "early_layers": early, "reproduced": bool(early_neg)},
         "steering": steering_finding(results),
+        "orders": order_finding(results),
+        "transfer": transfer_finding(results),
         "ar_contrast": {"per_layer": rel, "dlm_min_rel_delta": dlm_min, "ar_min_rel_delta": ar_min,
                         "reproduced": (len(_significant_negatives(results, ("ar/clean",), [(L, k) for L in early_neg
                                                                                            for k in cfg.ks], "delta"))
@@ -97,11 +99,56 @@ def steering_finding(results: dict) -> dict | None:
     per_layer = st["dlm_minus_ar"]
     wins = [L for L, cell in per_layer.items() if cell["paper"]["low"] > 0]
     losses = [L for L, cell in per_layer.items() if cell["paper"]["high"] < 0]
-    matched = {a: [L for L, cell in per_layer.items() if cell[a]["low"] > 0]
-               for a in next(iter(per_layer.values())) if a != "paper"}
+    alphas = [a for a in next(iter(per_layer.values())) if a != "paper"]
+    matched = {a: [L for L, cell in per_layer.items() if cell[a]["low"] > 0] for a in alphas}
+    matched_losses = {a: [L for L, cell in per_layer.items() if cell[a]["high"] < 0] for a in alphas}
     verdict = len(wins) == len(per_layer) or ("partly" if wins else False)
     return {"dlm_wins_paper_alpha": wins, "ar_wins_paper_alpha": losses, "dlm_wins_matched": matched,
-            "layers": list(per_layer), "reproduced": verdict}
+            "ar_wins_matched": matched_losses, "layers": list(per_layer), "reproduced": verdict}
+
+
+def order_finding(results: dict) -> dict | None:
+    """*SAE feature dynamics track decoding quality* (the paper's conjecture, REFERENCE.md §6): per order, the
+    within-group correlation over tasks between the pre-decode stability at the guide layer and exact match
+    (:func:`dlmscope.order_run.run_order`); supported when
+    it is positive beyond its interval for more than half of the orders that have one, partly when for some.
+    Also whether each SAE-guided order beats, ties or loses to the best confidence order at G and ⌈G/2⌉ steps
+    (paired intervals). None without an order section."""
+    r = results.get("orders")
+    if not r:
+        return None
+    key = f"pre_stability/{r['spec']['guide_layer']}"
+    rs = {o: c[key] for o, c in r["correlations_within_group"].items()
+          if key in c and c[key]["mean"] == c[key]["mean"]}
+    positive = [o for o, c in rs.items() if c["low"] > 0]
+    negative = [o for o, c in rs.items() if c["high"] < 0]
+    verdict = (len(positive) > len(rs) / 2) or ("partly" if positive else False)
+    guided = {}
+    for o, by in r["sae_vs_best_confidence"].items():
+        for st in ("half", "all"):
+            if st in by:
+                d = by[st]["difference"]
+                guided[f"{o}/{st}"] = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "tie"
+    return {"statistic": key, "positive": positive, "negative": negative, "orders": list(rs),
+            "reproduced": verdict, "guided_vs_best_confidence": guided}
+
+
+#: the bar for "the base SAE still works on the instruct model": FVE ratio and median latent correlation
+TRANSFER_FVE_RATIO, TRANSFER_CORR = 0.9, 0.8
+
+
+def transfer_finding(results: dict) -> dict | None:
+    """*SAE features stay stable from base to instruct* (the paper's claim, REFERENCE.md §7): reproduced at a
+    layer when the base SAE keeps ≥ :data:`TRANSFER_FVE_RATIO` of the instruct SAE's FVE on instruct activations
+    and its latents' median activation correlation across the two models is ≥ :data:`TRANSFER_CORR`; the
+    verdict is every layer / some (partly) / none. None without a transfer section."""
+    r = results.get("transfer")
+    if not r:
+        return None
+    ok = [L for L, sm in r["summary"].items()
+          if sm["fve_ratio"] >= TRANSFER_FVE_RATIO and sm["corr_median"] >= TRANSFER_CORR]
+    verdict = len(ok) == len(r["summary"]) or ("partly" if ok else False)
+    return {"layers": list(r["summary"]), "stable_layers": ok, "reproduced": verdict}
 
 
 def observations(results: dict, cfg: DemoConfig) -> list[str]:

@@ -6,7 +6,9 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # figures without pyplot: no global backend state is touched
 
+from ..order_run import plot_order
 from ..steer_run import plot_by_layer
+from ..transfer import plot_transfer
 from .config import DemoConfig
 from .config import RUN_LABELS
 from .findings import get
@@ -91,4 +93,8 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
                     for key, label in (("dlm", "DLM (Unmask-SAE)"), ("ar", "AR twin"))}
         paths.append(out / "steering.png")
         plot_by_layer(by_model, paths[-1])
+    if results.get("orders"):
+        paths += plot_order(results["orders"], out / "order")
+    if results.get("transfer"):
+        paths.append(plot_transfer(results["transfer"], out / "transfer.png"))
     return paths

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..noise import T_MAX, T_MIN
+from ..order_run import STEPS
 from .config import DemoConfig
 from .config import RUN_LABELS
 from .findings import PAPER_FVE_MASK, PAPER_FVE_UNMASK, get, observations
@@ -18,6 +19,10 @@ from .findings import PAPER_FVE_MASK, PAPER_FVE_UNMASK, get, observations
 __all__ = ["SECTIONS", "write_report"]
 
 Section = Callable[[dict, DemoConfig], list[str]]
+
+
+#: how the report words a finding's verdict
+_VERDICT = {True: "**reproduced**", False: "**not reproduced**", "partly": "**partly reproduced**"}
 
 
 def _fmt(v, digits=3) -> str:
@@ -138,25 +143,110 @@ def steering(results: dict, cfg: DemoConfig) -> list[str]:
     return lines + [""]
 
 
+def decoding_orders(results: dict, cfg: DemoConfig) -> list[str]:
+    """Exact match per order and steps on the order-sensitive tasks, the SAE-guided orders against the best
+    confidence order, and the stability–accuracy correlations."""
+    r = results.get("orders")
+    if not r:
+        return []
+    steps = [s for s in STEPS if s in next(iter(r["accuracy"].values()))]
+    lines = ["## Decoding orders", "",
+             f"The DLM fills {r['n_tasks']} order-sensitive world tasks (" + ", ".join(f"{g}: {n}" for g, n in
+                                                                             r["groups"].items())
+             + ") at temperature 0 under each order, with 1, ⌈G/2⌉ or G steps for G answers; exact match "
+             f"(all answers right), mean over seeds {r['spec']['seeds']} per task, 95% interval over tasks. "
+             f"`sae_stable*` commit first the masked positions whose top-{r['spec']['top_k']} Mask-SAE latents at "
+             f"block {r['spec']['guide_layer']} did not change since the previous step (confidence breaks ties).", "",
+             "| order | " + " | ".join(f"{s} step(s)" for s in steps) + " | held out (G steps) |",
+             "|---|" + "---|" * (len(steps) + 1)]
+    for order, by in r["accuracy"].items():
+        lines.append(f"| {order} | " + " | ".join(_ci01(by[s]["order_sensitive"]) for s in steps)
+                     + f" | {_ci01(by['all']['heldout'] if 'all' in by else None)} |")
+    lines += ["", "SAE-guided − best confidence order (same tasks, paired): " + "; ".join(
+        f"{o} at {st} steps vs {c['best_confidence_order']} {_ci(c['difference'])}"
+        for o, by in r["sae_vs_best_confidence"].items() for st, c in by.items() if st != "one") + ".", ""]
+    best = []
+    for o, c in r["correlations_within_group"].items():
+        finite = {k: v for k, v in c.items() if v["mean"] == v["mean"]}
+        if finite:
+            k, v = max(finite.items(), key=lambda kv: abs(kv[1]["mean"]))
+            best.append(f"{o} {k} r = {_ci(v)}")
+    lines += ["Feature dynamics vs accuracy (Pearson r over tasks at G steps, within task groups; per order the "
+              "statistic with the largest |r|): " + "; ".join(best) + ".", ""]
+    return lines
+
+
+def transfer(results: dict, cfg: DemoConfig) -> list[str]:
+    """Base-DLM SAEs on the instruct twin, per layer, with the AR twin as the different-model reference."""
+    r = results.get("transfer")
+    if not r:
+        return []
+    lines = ["## Base → instruct transfer", "",
+             f"Unmask-policy SAEs (n = {r['config']['n_latents']}, k = {r['config']['k']}) trained on the base DLM, "
+             "the instruct twin and (clean text) the AR twin from one shared initialisation; evaluated on the same "
+             "held-out tokens. FVE ratio = base SAE on instruct / instruct SAE on instruct; recovered = fraction "
+             "of L_mask recovered vs zero-ablation in the instruct model; decoder rows Hungarian-matched (signed "
+             "cosine), beside a random SAE (chance) and the shared initialisation.", "",
+             "| layer | FVE base→base | base→instruct | instruct→instruct | ratio | recovered base / instruct SAE "
+             "| median latent r | alive Jaccard | Hungarian cos (chance, init) | AR control: FVE ratio, r |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for L, sm in r["summary"].items():
+        lines.append(
+            f"| {L} | {sm['fve_base_on_base']:.3f} | {sm['fve_base_on_target']:.3f} | {sm['fve_target_on_target']:.3f} "
+            f"| {sm['fve_ratio']:.2f} | {_fmt(sm['recovered_base_in_target'], 2)} / "
+            f"{_fmt(sm['recovered_target_in_target'], 2)} | {sm['corr_median']:.2f} | {sm['alive_jaccard']:.2f} "
+            f"| {sm['hungarian_mean']:.2f} ({sm['chance_hungarian_mean']:.2f}, {_fmt(sm.get('init_hungarian_mean', math.nan), 2)}) "
+            f"| {_fmt(sm.get('control_fve_ratio', math.nan), 2)}, {_fmt(sm.get('control_corr_median', math.nan), 2)} |")
+    return lines + [""]
+
+
+def _ci01(c) -> str:
+    return "—" if not c else f"{c['mean']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
+
+
 def plot_gallery(results: dict, cfg: DemoConfig) -> list[str]:
     """The PNGs written next to the report (see :mod:`dlmscope.demo.plots`); only when they were written."""
     lines = ["## Plots", "", "![FVE vs k](fve_vs_k.png)", "", "![delta LM](delta_lm.png)", "",
              "![concept F1](concept_f1.png)", ""]
-    if results.get("steering"):
-        lines += ["![steering](steering.png)", ""]
+    for key, name in (("steering", "steering.png"), ("orders", "order_accuracy.png"), ("orders", "order_dynamics.png"),
+                      ("transfer", "transfer.png")):
+        if results.get(key):
+            lines += [f"![{name[:-4]}]({name})", ""]
     return lines
 
 
 def _steering_claim(st: dict | None) -> list[str]:
     if st is None:
         return []
-    verdict = {True: "**reproduced**", False: "**not reproduced**", "partly": "**partly reproduced**"}
-    matched = "; ".join(f"α={a}: {', '.join('L' + L for L in Ls) or 'none'}" for a, Ls in st["dlm_wins_matched"].items())
+    names = lambda Ls: ", ".join("L" + L for L in Ls) or "none"  # noqa: E731
+    matched = "; ".join(f"α={a}: {names(Ls)} (the AR twin: {names(st['ar_wins_matched'][a])})"
+                        for a, Ls in st["dlm_wins_matched"].items())
     return [f"4. *SAE features steer the DLM more than the AR model* (paper: DLM α 2.0 vs AR α 1.2): "
-            f"{verdict[st['reproduced']]} — the DLM's concept-rate change exceeds the AR twin's beyond the paired "
+            f"{_VERDICT[st['reproduced']]} — the DLM's concept-rate change exceeds the AR twin's beyond the paired "
             f"interval at {len(st['dlm_wins_paper_alpha'])} of {len(st['layers'])} steered layers "
             f"({', '.join('L' + L for L in st['dlm_wins_paper_alpha']) or 'none'}; the AR twin wins at "
             f"{', '.join('L' + L for L in st['ar_wins_paper_alpha']) or 'none'}); at matched α the DLM wins at {matched}."]
+
+
+def _order_claim(o: dict | None) -> list[str]:
+    if o is None:
+        return []
+    guided = ", ".join(f"{k.replace('/all', ' at G steps').replace('/half', ' at ⌈G/2⌉ steps')} {v}"
+                       for k, v in o["guided_vs_best_confidence"].items())
+    return [f"5. *SAE feature dynamics track decoding quality* (a conjecture in the paper, never measured there): "
+            f"{_VERDICT[o['reproduced']]} — the pre-decode stability ({o['statistic']}) correlates with exact "
+            f"match (within task groups) beyond its interval for {len(o['positive'])} of {len(o['orders'])} orders "
+            f"({', '.join(o['positive']) or 'none'}; negatively for {', '.join(o['negative']) or 'none'}). "
+            f"The SAE-guided orders against the best confidence order: {guided or 'not run'}."]
+
+
+def _transfer_claim(t: dict | None, results: dict) -> list[str]:
+    if t is None:
+        return []
+    sm = results["transfer"]["summary"]
+    per = "; ".join(f"L{L} FVE ratio {sm[L]['fve_ratio']:.2f}, median r {sm[L]['corr_median']:.2f}" for L in t["layers"])
+    return [f"6. *SAE features stay stable from base to instruct* (a claim without code in the paper; here: FVE "
+            f"ratio ≥ 0.9 and median latent correlation ≥ 0.8): {_VERDICT[t['reproduced']]} — {per}."]
 
 
 def paper_findings(results: dict, cfg: DemoConfig) -> list[str]:
@@ -186,7 +276,8 @@ def paper_findings(results: dict, cfg: DemoConfig) -> list[str]:
              "(Mask-SAE vs AR twin): "
              + "; ".join(f"L{L} Δ/clean {v['dlm_rel_delta']:+.3f} vs {v['ar_rel_delta']:+.3f}, recovered "
                          f"{_fmt(v['dlm_recovered'])} vs {_fmt(v['ar_recovered'])}" for L, v in ac["per_layer"].items())
-             + "."] + _steering_claim(f.get("steering")) + ["",
+             + "."] + (_steering_claim(f.get("steering")) + _order_claim(f.get("orders"))
+                       + _transfer_claim(f.get("transfer"), results)) + ["",
              "### Other observations (computed from the tables above)", ""] + observations(results, cfg) + ["",
              f"These are {results['num_layers']}-block, {results.get('n_params', 0) / 1e6:.2f}M-parameter models "
              "trained for under an hour on 2 CPU cores on a templated corpus: a finding that does not appear here says nothing about 8B "
@@ -197,8 +288,8 @@ def paper_findings(results: dict, cfg: DemoConfig) -> list[str]:
 plot_gallery.needs_plots = True
 
 #: The report's sections, in order; a section with ``needs_plots = True`` is left out of a run without plots.
-SECTIONS: tuple[Section, ...] = (header, reconstruction, splice_in, concepts, steering, plot_gallery,
-                                 paper_findings)
+SECTIONS: tuple[Section, ...] = (header, reconstruction, splice_in, concepts, steering, decoding_orders, transfer,
+                                 plot_gallery, paper_findings)
 
 
 def write_report(results: dict, cfg: DemoConfig, out: Path, *, plots: bool = True,

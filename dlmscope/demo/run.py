@@ -26,7 +26,9 @@ from .config import RUNS, DemoConfig
 from .findings import findings
 from .plots import write_plots
 from .report import write_report
+from .orders import run_orders
 from .steering import run_steering
+from .transfer import run_transfer_section
 
 __all__ = ["load_world_model", "world_batches", "sweep_spec", "train_layer_saes", "run_demo"]
 
@@ -91,7 +93,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     started = time.perf_counter()
     results: dict = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads":
                      torch.get_num_threads(), "runs": {}, "concept_baselines": {}, "timings_s": {}}
-    adapters = {name: load_world_model(name) for name in {m for m, _ in RUNS}}
+    names = {m for m, _ in RUNS} | ({"instruct"} if cfg.transfer_layers else set())
+    adapters = {name: load_world_model(name) for name in sorted(names)}
     for a in adapters.values():
         a.check_layers(cfg.layers)
     results["num_layers"] = adapters["dlm"].num_layers
@@ -103,6 +106,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     delta_batches = held_batches[: cfg.delta_batches]
     concept_rows = held_batches[: cfg.concept_batches]
     steer_saes, steer_latents = {}, {}   # (model, layer) -> the k_ref SAE and each concept's best latent
+    order_saes = {}                      # layer -> the Mask-SAE at k_ref that replays the decoding orders
     results["corpus"] = {"train_tokens": sum(b.numel() for b in train_batches),
                          "heldout_tokens": sum(b.numel() for b in held_batches)}
 
@@ -141,6 +145,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
                 for view, (choose, score) in views.items():
                     entry[view] = score_concepts(sae, *score, names, select_on=choose).as_dict()
                 run.setdefault(str(layer), {})[str(sae.k)] = entry
+                if policy == "mask" and layer in cfg.order_layers and sae.k == cfg.k_ref:
+                    order_saes[layer] = sae
                 if policy in ("unmask", "clean") and layer in cfg.steer_layers and sae.k == cfg.k_ref:
                     steer_saes[(model_name, layer)] = sae
                     steer_latents[(model_name, layer)] = {c: v["latent"] for c, v in
@@ -151,6 +157,14 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
         t0 = time.perf_counter()
         results["steering"] = run_steering(adapters, steer_saes, steer_latents, cfg)
         results["timings_s"]["steering"] = time.perf_counter() - t0
+    if cfg.order_layers:
+        t0 = time.perf_counter()
+        results["orders"] = run_orders(adapters["dlm"], order_saes, cfg)
+        results["timings_s"]["orders"] = time.perf_counter() - t0
+    if cfg.transfer_layers:
+        t0 = time.perf_counter()
+        results["transfer"] = run_transfer_section(adapters, (train_batches, held_batches), cfg)
+        results["timings_s"]["transfer"] = time.perf_counter() - t0
     results["findings"] = findings(results, cfg)
     results["timings_s"]["total"] = time.perf_counter() - started
     atomic.write_json(out / "results.json", results)
