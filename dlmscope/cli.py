@@ -117,8 +117,8 @@ def cmd_demo(args) -> int:
     cfg = dataclasses.replace(cfg, **overrides)
     results = run_demo(args.out, cfg)
     out = Path(args.out)
-    print(f"wrote {out / 'report.md'} (+ results.json, fve_vs_k.png, delta_lm.png, concept_f1.png"
-          + (", steering.png" if cfg.steer_layers else "") + ") in "
+    print(f"wrote {out / 'report.md'} (+ results.json, " + ", ".join(sorted(p.name for p in out.glob("*.png")))
+          + ") in "
           f"{results['timings_s']['total'] / 60:.1f} min")
     return 0
 

@@ -252,7 +252,7 @@ def plot_order(result: dict, path_prefix) -> list:
     if stats:
         orders = list(stats)
         group = max(next(iter(stats.values())), key=lambda g: int(g.split("/")[1]))
-        fig = Figure(figsize=(6.5, 1.9 * len(orders) + 0.6))
+        fig = Figure(figsize=(7, 1.3 * len(orders) + 0.8), layout="constrained")
         axes = fig.subplots(len(orders), 2, squeeze=False)
         for r, order in enumerate(orders):
             d = stats[order].get(group)
@@ -265,7 +265,7 @@ def plot_order(result: dict, path_prefix) -> list:
                 axes[r, c].set_yticks(range(len(d["layers"])), [str(L) for L in d["layers"]], fontsize=6)
                 axes[r, c].set_xlabel(xlabel, fontsize=7)
             axes[r, 0].set_ylabel(order, fontsize=7)
-        fig.colorbar(im, ax=axes, shrink=0.6, label="top-K Jaccard (masked)")
+        fig.colorbar(im, ax=axes, shrink=0.5, label="top-K Jaccard (masked)")
         fig.suptitle(f"feature stability while masked, {group} tasks (rows: layer)", fontsize=9)
         paths.append(prefix.with_name(prefix.name + "_dynamics.png"))
         fig.savefig(paths[-1], dpi=100)

@@ -163,6 +163,16 @@ def test_order_and_transfer_sections(demo_run):
     assert findings(fake, TINY)["transfer"]["reproduced"] is True
     fake["transfer"]["summary"]["3"] |= {"fve_ratio": 0.5}
     assert findings(fake, TINY)["transfer"]["reproduced"] is False
+    # the order finding counts orders whose within-group correlation is beyond its interval, by sign
+    within = fake["orders"]["correlations_within_group"]
+    for i, order in enumerate(within):
+        within[order]["pre_stability/3"] = {"mean": 0.3, "low": 0.1, "high": 0.5, "n": 12}
+    assert findings(fake, TINY)["orders"]["reproduced"] is True
+    for i, order in enumerate(within):
+        if i:  # one positive order, the rest negative
+            within[order]["pre_stability/3"] = {"mean": -0.3, "low": -0.5, "high": -0.1, "n": 12}
+    f = findings(fake, TINY)["orders"]
+    assert f["reproduced"] is False and len(f["positive"]) == 1 and len(f["negative"]) == len(within) - 1
 
 
 def test_config_validation():

@@ -53,8 +53,8 @@ class DemoConfig:
     order_seeds: tuple[int, ...] = (0, 1, 2)
     #: layers of the base → instruct transfer section (empty: none) and its budget
     transfer_layers: tuple[int, ...] = (2, 5)
-    transfer_tokens: int = 200_000
-    transfer_eval_tokens: int = 15_000
+    transfer_tokens: int = 120_000
+    transfer_eval_tokens: int = 10_000
     transfer_delta_batches: int = 6
 
     def __post_init__(self):

@@ -111,7 +111,8 @@ def order_finding(results: dict) -> dict | None:
     """*SAE feature dynamics track decoding quality* (the paper's conjecture, REFERENCE.md §6): per order, the
     within-group correlation over tasks between the pre-decode stability at the guide layer and exact match
     (:func:`dlmscope.order_run.run_order`); supported when
-    it is positive beyond its interval for more than half of the orders that have one, partly when for some.
+    it is positive beyond its interval for more than half of the orders that have one, partly when for more
+    orders than it is negative beyond its interval, not otherwise.
     Also whether each SAE-guided order beats, ties or loses to the best confidence order at G and ⌈G/2⌉ steps
     (paired intervals). None without an order section."""
     r = results.get("orders")
@@ -122,7 +123,7 @@ def order_finding(results: dict) -> dict | None:
           if key in c and c[key]["mean"] == c[key]["mean"]}
     positive = [o for o, c in rs.items() if c["low"] > 0]
     negative = [o for o, c in rs.items() if c["high"] < 0]
-    verdict = (len(positive) > len(rs) / 2) or ("partly" if positive else False)
+    verdict = (len(positive) > len(rs) / 2) or ("partly" if len(positive) > len(negative) else False)
     guided = {}
     for o, by in r["sae_vs_best_confidence"].items():
         for st in ("half", "all"):

@@ -186,7 +186,9 @@ def transfer(results: dict, cfg: DemoConfig) -> list[str]:
              "the instruct twin and (clean text) the AR twin from one shared initialisation; evaluated on the same "
              "held-out tokens. FVE ratio = base SAE on instruct / instruct SAE on instruct; recovered = fraction "
              "of L_mask recovered vs zero-ablation in the instruct model; decoder rows Hungarian-matched (signed "
-             "cosine), beside a random SAE (chance) and the shared initialisation.", "",
+             "cosine), beside a random SAE (chance) and the shared initialisation: a match close to the "
+             "initialisation's says the decoders moved little from their common start, so it is weak evidence "
+             "either way; FVE and the latent correlation carry the finding.", "",
              "| layer | FVE base→base | base→instruct | instruct→instruct | ratio | recovered base / instruct SAE "
              "| median latent r | alive Jaccard | Hungarian cos (chance, init) | AR control: FVE ratio, r |",
              "|---|---|---|---|---|---|---|---|---|---|"]
