@@ -224,9 +224,10 @@ def _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, fea
 
 
 def plot_order(result: dict, path_prefix) -> list:
-    """``<prefix>_accuracy.png`` (order-sensitive accuracy vs steps per order, with intervals) and
+    """``<prefix>_accuracy.png`` (order-sensitive accuracy vs steps per order, with intervals),
     ``<prefix>_dynamics.png`` (per order: masked-position stability, layer × step, and pre-decode stability,
-    layer × position, for the largest task group replayed)."""
+    layer × position, for the largest task group replayed) and ``<prefix>_progress.png`` (masked-position
+    stability vs normalised progress, all groups pooled)."""
     from pathlib import Path
 
     from matplotlib.figure import Figure
@@ -269,4 +270,36 @@ def plot_order(result: dict, path_prefix) -> list:
         fig.suptitle(f"feature stability while masked, {group} tasks (rows: layer)", fontsize=9)
         paths.append(prefix.with_name(prefix.name + "_dynamics.png"))
         fig.savefig(paths[-1], dpi=100)
+        paths.append(prefix.with_name(prefix.name + "_progress.png"))
+        _plot_progress(stats, paths[-1])
     return paths
+
+
+def _plot_progress(stats: dict, path, bins: int = 5) -> None:
+    """Masked-position stability against normalised progress ``(s + ½) / S``, pooled over task groups into
+    ``bins`` bins: one panel per layer, one line per order."""
+    from matplotlib.figure import Figure
+
+    layers = next(iter(next(iter(stats.values())).values()))["layers"]
+    fig = Figure(figsize=(3.2 * len(layers), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    centres = [(b + 0.5) / bins for b in range(bins)]
+    for order, groups in stats.items():
+        for li, L in enumerate(layers):
+            sums, counts = [0.0] * bins, [0] * bins
+            for d in groups.values():
+                row = d["step_stability"][li]
+                for step, v in enumerate(row):
+                    if v == v:
+                        b = min(bins - 1, int((step + 0.5) / len(row) * bins))
+                        sums[b] += v
+                        counts[b] += 1
+            ys = [sm / n if n else float("nan") for sm, n in zip(sums, counts)]
+            axes[li].plot(centres, ys, marker="o", ms=3, label=order, ls="--" if order in SAE_ORDERS else "-")
+    for li, L in enumerate(layers):
+        axes[li].set_title(f"block {L}", fontsize=9)
+        axes[li].set_xlabel("denoising progress (step / steps)")
+        axes[li].set_ylim(0, 1.02)
+    axes[0].set_ylabel("top-K Jaccard of masked positions")
+    axes[-1].legend(fontsize=6)
+    fig.savefig(path, dpi=100)

@@ -64,7 +64,7 @@ def test_orders_compared_on_tasks(dlm, world_tasks, saes, tmp_path):
     assert r["bytes_per_state_position_layer"] == 24
     json.dumps(r)
     paths = plot_order(r, tmp_path / "order")
-    assert [p.name for p in paths] == ["order_accuracy.png", "order_dynamics.png"]
+    assert [p.name for p in paths] == ["order_accuracy.png", "order_dynamics.png", "order_progress.png"]
     # a stable order's run at 'all' steps: one commit per step
     canvas = [tasks[0].encode(dlm.tokenizer)[0]]
     gen = fill_with_order(dlm, canvas, "sae_stable", 3, guide_sae=saes[3], guide_layer=3, history=True)
