@@ -36,7 +36,8 @@ wheel: venv
 	DLMSCOPE_MARCH=x86-64-v3 $(PYBIN) -m build --wheel --no-isolation
 
 # The main job: Mask-/Unmask-SAEs on every layer of the embedded DLM and SAEs on its AR twin, evaluated
-# (FVE, delta-LM, planted concepts) and written up in runs/demo/report.md with plots (about 4 min on 2 cores).
+# (FVE, delta-LM, planted concepts), steering, decoding orders and base->instruct transfer, written up in
+# runs/demo/report.md with plots (about 8 min on 2 cores).
 demo: install
 	$(PYBIN) -m dlmscope.cli demo --out runs/demo
 

@@ -27,7 +27,7 @@ from .world import ASSETS_DIR, concept_id_table
 from .world.tasks import load_tasks
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
-           "summary_row", "concept_deltas", "compare_models", "plot_sweep", "plot_by_layer", "plot_tradeoff"]
+           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "plot_sweep", "plot_by_layer", "plot_tradeoff"]
 
 
 @dataclass
@@ -206,6 +206,19 @@ def compare_models(result: dict, other: dict, alpha: float, other_alpha: float |
         raise ValueError(f"the runs differ in features or prompts: {len(mine)}×{len(mine[0])} vs "
                          f"{len(theirs)}×{len(theirs[0])}")
     return asdict(paired_difference(theirs, mine, seed=seed))
+
+
+PER_PROMPT = ("concepts_before", "concepts_after", "ppls_before", "ppls_after")
+
+
+def without_per_prompt(result: dict) -> dict:
+    """A copy of a :func:`run_steer` result without the per-prompt lists (for storing: the means, intervals
+    and summary stay; :func:`concept_deltas` and :func:`compare_models` need the full result)."""
+    out = dict(result, features={})
+    for key, entry in result["features"].items():
+        out["features"][key] = dict(entry, sweep=[{k: v for k, v in run.items() if k not in PER_PROMPT}
+                                                 for run in entry["sweep"]])
+    return out
 
 
 def _by_condition(result: dict) -> dict[str, list[dict]]:

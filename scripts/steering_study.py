@@ -20,8 +20,8 @@ import torch
 
 from dlmscope import atomic
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_batches
-from dlmscope.stats import paired_difference
-from dlmscope.steer_run import SteerSpec, concept_features, condition_label, neutral_prompts, plot_tradeoff, run_steer
+from dlmscope.steer_run import (SteerSpec, compare_models, concept_features, condition_label, neutral_prompts,
+                                plot_by_layer, plot_tradeoff, run_steer, summary_row, without_per_prompt)
 from dlmscope.world import CONCEPTS
 
 ALPHAS = (0.5, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
@@ -30,22 +30,6 @@ GRID_LAYER, GRID_ALPHAS = 4, (3.0, 4.0, 6.0)
 SCOPES = {"dlm": ("all", "generation", "masked"), "ar": ("all", "generation")}
 SCHEDULES = ("all", ("first", 0.1), ("last", 0.5))
 GEN, STEPS = 8, 8
-
-
-def _deltas(result: dict, alpha: float, scope="all", schedule="all") -> list[list]:
-    """``[concept, prompt]`` concept-rate changes of one (scope, schedule, α)."""
-    out = []
-    for entry in result["features"].values():
-        run = next(r for r in entry["sweep"] if r["alpha"] == alpha and r["scope"] == scope
-                   and condition_label(r["scope"], r["schedule"]) == condition_label(scope, schedule))
-        out.append([None if (a is None or b is None) else a - b
-                    for a, b in zip(run["concepts_after"], run["concepts_before"])])
-    return out
-
-
-def _row(result: dict, alpha: float, scope="all", schedule="all") -> dict:
-    return next(r for r in result["summary"]["rows"] if r["alpha"] == alpha and r["scope"] == scope
-                and condition_label(r["scope"], r["schedule"]) == condition_label(scope, schedule))
 
 
 def _interval(c: dict) -> str:
@@ -73,7 +57,7 @@ def tables(out: dict) -> list[str]:
         lines += [f"## {name.upper()}: α sweep, scope all, all steps", "",
                   "| block | " + " | ".join(f"α={a:g}" for a in ALPHAS) + " |", "|---" * (len(ALPHAS) + 1) + "|"]
         for L in layers:
-            lines.append(f"| {L} | " + " | ".join(_cell(_row(runs[f"{name}/{L}"], a)) for a in ALPHAS) + " |")
+            lines.append(f"| {L} | " + " | ".join(_cell(summary_row(runs[f"{name}/{L}"], a)) for a in ALPHAS) + " |")
         lines.append("")
     lines += ["## DLM − AR at matched α (paired over prompts)", "",
               "Mean over concepts of the DLM's concept-rate change minus the AR twin's, 95% interval; then the "
@@ -93,7 +77,7 @@ def tables(out: dict) -> list[str]:
             for schedule in SCHEDULES:
                 label = condition_label(scope, schedule).split(", ")[1]
                 lines.append(f"| {name} | {scope} | {label} | "
-                             + " | ".join(_cell(_row(grid, a, scope, schedule)) for a in GRID_ALPHAS) + " |")
+                             + " | ".join(_cell(summary_row(grid, a, scope, schedule)) for a in GRID_ALPHAS) + " |")
     lines += ["", "## Per concept (DLM, scope all): concept-rate change at each α", ""]
     for L in layers:
         lines.append(f"Block {L}:")
@@ -103,32 +87,6 @@ def tables(out: dict) -> list[str]:
             lines.append(f"{key:>14} " + " ".join(f"{x:+.2f}" for x in d))
         lines.append("```")
     return lines
-
-
-def plot_layers(out: dict, path: Path) -> None:
-    """Per block, the mean concept-rate change (with interval) and the median perplexity ratio against α,
-    DLM and AR twin."""
-    from matplotlib.figure import Figure
-
-    layers = out["layers"]
-    fig = Figure(figsize=(2.6 * len(layers), 5.2))
-    axes = fig.subplots(2, len(layers), squeeze=False)
-    for j, L in enumerate(layers):
-        for name in ("dlm", "ar"):
-            rows = [_row(out["runs"][f"{name}/{L}"], a) for a in ALPHAS]
-            c = [r["concept_delta"] for r in rows]
-            line, = axes[0, j].plot(ALPHAS, [x["mean"] for x in c], marker="o", ms=3, label=name.upper())
-            axes[0, j].fill_between(ALPHAS, [x["low"] for x in c], [x["high"] for x in c], alpha=0.2,
-                                    color=line.get_color())
-            axes[1, j].plot(ALPHAS, [r["ppl_ratio_median"] for r in rows], marker="o", ms=3, color=line.get_color())
-        axes[0, j].set_title(f"block {L}", fontsize=9)
-        axes[1, j].set_yscale("log")
-        axes[1, j].set_xlabel("α")
-    axes[0, 0].set_ylabel("Δ concept rate")
-    axes[1, 0].set_ylabel("perplexity ratio")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def main(argv=None) -> int:
@@ -154,21 +112,22 @@ def main(argv=None) -> int:
             sae = saes[L][0]
             feats = list(concept_features(model, sae, L, list(CONCEPTS)).items())
             spec = SteerSpec(layer=L, alphas=ALPHAS, sampler=sampler, gen_length=GEN, steps=STEPS)
-            out["runs"][f"{name}/{L}"] = run_steer(model, sae, prompts, feats, spec, ref, keep_generations=6)
+            out["runs"][f"{name}/{L}"] = run_steer(model, sae, prompts, feats, spec, ref, keep_generations=2)
             if L == GRID_LAYER:
                 grid = dataclasses.replace(spec, alphas=GRID_ALPHAS, scopes=SCOPES[name], schedules=SCHEDULES)
-                out["runs"][f"{name}/{L}/grid"] = run_steer(model, sae, prompts, feats, grid, ref, keep_generations=6)
+                out["runs"][f"{name}/{L}/grid"] = run_steer(model, sae, prompts, feats, grid, ref, keep_generations=2)
             print(f"{name} block {L} done ({time.perf_counter() - t0:.0f}s)", flush=True)
     for L in a.layers:
         dlm, ar = out["runs"][f"dlm/{L}"], out["runs"][f"ar/{L}"]
-        cell = {str(x): dataclasses.asdict(paired_difference(_deltas(ar, x), _deltas(dlm, x))) for x in ALPHAS}
-        cell["paper"] = dataclasses.asdict(paired_difference(_deltas(ar, PAPER_ALPHA["ar"]),
-                                                             _deltas(dlm, PAPER_ALPHA["dlm"])))
+        cell = {str(x): compare_models(dlm, ar, x) for x in ALPHAS}
+        cell["paper"] = compare_models(dlm, ar, PAPER_ALPHA["dlm"], PAPER_ALPHA["ar"])
         out["dlm_minus_ar"][str(L)] = cell
     out["wall_s"] = time.perf_counter() - t0
+    out["runs"] = {key: without_per_prompt(r) for key, r in out["runs"].items()}   # the JSON stays small
     root = Path(a.out)
     atomic.write_json(root / "steering.json", out)
-    plot_layers(out, root / "steering_layers.png")
+    plot_by_layer({name.upper(): {L: out["runs"][f"{name}/{L}"] for L in a.layers} for name in ("dlm", "ar")},
+                  root / "steering_layers.png")
     plot_tradeoff({n: out["runs"][f"{n}/{GRID_LAYER}/grid"] for n in ("dlm", "ar")}, root / "steering_tradeoff.png")
     atomic.write_text(root / "steering_results.md", "\n".join(tables(out)) + "\n")
     print(f"wrote {root}/steering.json, steering_results.md, steering_layers.png, steering_tradeoff.png "

@@ -66,7 +66,7 @@ def test_results_cover_every_run_layer_and_k(demo_run):
 def test_plots_and_report(demo_run):
     out, results = demo_run
     for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png", "order_accuracy.png",
-                 "order_dynamics.png", "transfer.png"):
+                 "order_dynamics.png", "order_progress.png", "transfer.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     report = (out / "report.md").read_text()

@@ -211,6 +211,7 @@ def plot_gallery(results: dict, cfg: DemoConfig) -> list[str]:
     lines = ["## Plots", "", "![FVE vs k](fve_vs_k.png)", "", "![delta LM](delta_lm.png)", "",
              "![concept F1](concept_f1.png)", ""]
     for key, name in (("steering", "steering.png"), ("orders", "order_accuracy.png"), ("orders", "order_dynamics.png"),
+                      ("orders", "order_progress.png"),
                       ("transfer", "transfer.png")):
         if results.get(key):
             lines += [f"![{name[:-4]}]({name})", ""]

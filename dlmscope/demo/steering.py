@@ -8,7 +8,7 @@ same α (matched) and at the paper's AR α (REFERENCE.md §5: DLM 2.0 vs AR 1.2)
 """
 from __future__ import annotations
 
-from ..steer_run import SteerSpec, compare_models, neutral_prompts, run_steer
+from ..steer_run import SteerSpec, compare_models, neutral_prompts, run_steer, without_per_prompt
 from .config import DemoConfig
 
 __all__ = ["PAPER_ALPHA", "run_steering"]
@@ -41,4 +41,5 @@ def run_steering(adapters: dict, saes: dict, latents: dict, cfg: DemoConfig) -> 
         cell = {f"{a:g}": compare_models(dlm, ar, a, seed=cfg.seed) for a in cfg.steer_alphas}
         cell["paper"] = compare_models(dlm, ar, PAPER_ALPHA["dlm"], PAPER_ALPHA["ar"], seed=cfg.seed)
         out["dlm_minus_ar"][str(L)] = cell
+    out["runs"] = {key: without_per_prompt(r) for key, r in out["runs"].items()}   # results.json stays small
     return out
