@@ -128,7 +128,8 @@ def test_steering_section(demo_run):
         assert run["n_prompts"] == 4 and len(run["features"]) == 10        # every planted concept
         assert [r["alpha"] for r in run["summary"]["rows"]] == st["alphas"][key.split("/")[0]]
         for entry in run["features"].values():
-            assert len(entry["sweep"]) == n_alpha and len(entry["sweep"][0]["concepts_after"]) == 4
+            assert len(entry["sweep"]) == n_alpha and entry["sweep"][0]["concept_delta"]["n"] == 4
+            assert "concepts_after" not in entry["sweep"][0]             # per-prompt lists are not stored
     # the steered latent is the one the concept scores chose
     chosen = results["runs"]["dlm/unmask"]["3"]["8"]["concepts_clean"]["concepts"]["food"]["latent"]
     assert f"food/{chosen}" in st["runs"]["dlm/3"]["features"]
