@@ -19,7 +19,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -101,21 +101,18 @@ class OpenAIJudge:
             raise ValueError(f"retries must be >= 1 and timeout > 0, got {retries}, {timeout}")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.cache_path = cache_path
-        self.cache: dict[str, float] = {}
+        self.cache: dict[str, object] = {}
         if cache_path and os.path.exists(cache_path):
             with open(cache_path) as f:
                 self.cache = json.load(f)
         self.failures = 0
         self.requests = 0
 
-    def _key(self, concept: str, text: str) -> str:
-        return hashlib.sha256(json.dumps([self.model, concept, text]).encode()).hexdigest()
-
-    def _request(self, concept: str, text: str) -> float:
+    def _post(self, system: str, user: str) -> dict:
+        """One chat-completions request in JSON mode; the reply's content parsed as JSON."""
         body = json.dumps({
             "model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
-            "messages": [{"role": "system", "content": "You rate texts. Reply with JSON {\"score\": 0..100}."},
-                         {"role": "user", "content": RUBRIC.format(concept=concept, text=text)}],
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
         }).encode()
         req = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, method="POST",
                                      headers={"Content-Type": "application/json",
@@ -123,17 +120,16 @@ class OpenAIJudge:
         self.requests += 1
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             reply = json.load(resp)
-        content = json.loads(reply["choices"][0]["message"]["content"])
-        score = float(content["score"])
-        if not 0 <= score <= 100:
-            raise ValueError(f"score {score} outside 0..100")
-        return score / 100
+        return json.loads(reply["choices"][0]["message"]["content"])
 
-    def _one(self, concept: str, text: str) -> float | None:
+    def chat_json(self, system: str, user: str, parse: Callable[[dict], object]):
+        """``parse(reply JSON)`` of one request, retried with exponential backoff; None (counted in
+        ``failures``) when every attempt failed or was malformed; :class:`JudgeUnreachable` when no attempt
+        could connect. The explainers of :mod:`dlmscope.autointerp` use it too."""
         connect_errors = 0
         for attempt in range(self.retries):
             try:
-                return self._request(concept, text)
+                return parse(self._post(system, user))
             except urllib.error.HTTPError:
                 pass                                          # the server answered: a failed call, retried
             except (urllib.error.URLError, TimeoutError, ConnectionError):
@@ -147,17 +143,28 @@ class OpenAIJudge:
         self.failures += 1
         return None
 
+    def _one(self, concept: str, text: str) -> float | None:
+        def parse(content: dict) -> float:
+            score = float(content["score"])
+            if not 0 <= score <= 100:
+                raise ValueError(f"score {score} outside 0..100")
+            return score / 100
+
+        return self.chat_json("You rate texts. Reply with JSON {\"score\": 0..100}.",
+                              RUBRIC.format(concept=concept, text=text), parse)
+
+    def cached(self, key_parts, compute: Callable[[], object]):
+        """The cached value for ``key_parts`` (with the model), computing and storing it if absent; a None
+        result (a failed call) is not cached."""
+        key = hashlib.sha256(json.dumps([self.model, *key_parts]).encode()).hexdigest()
+        if key not in self.cache:
+            value = compute()
+            if value is None:
+                return None
+            self.cache[key] = value
+            if self.cache_path:
+                atomic.write_json(self.cache_path, self.cache)
+        return self.cache[key]
+
     def score(self, concept: str, texts: Sequence[str]) -> list[float | None]:
-        out: list[float | None] = []
-        for text in texts:
-            key = self._key(concept, text)
-            if key not in self.cache:
-                value = self._one(concept, text)
-                if value is None:
-                    out.append(None)
-                    continue
-                self.cache[key] = value
-                if self.cache_path:
-                    atomic.write_json(self.cache_path, self.cache)
-            out.append(self.cache[key])
-        return out
+        return [self.cached([concept, text], lambda text=text: self._one(concept, text)) for text in texts]
