@@ -1,4 +1,4 @@
-"""Command line: ``dlmscope train``, ``eval``, ``demo``, ``steer``, ``order`` and ``transfer``.
+"""Command line: ``dlmscope train``, ``eval``, ``demo``, ``steer``, ``order``, ``transfer`` and ``dashboard``.
 
     dlmscope train --model DIR --layers 1 3 --policy mask --k 8 16 32 --n 512 --tokens 200000 --out runs/x
     dlmscope eval  --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000
@@ -6,6 +6,7 @@
     dlmscope steer --model DIR --sae DIR --layer 4 --concepts food place --alpha 1 2 4 --out runs/steer
     dlmscope order --model DIR --sae 2=DIR 4=DIR --orders low_confidence entropy sae_stable --out runs/order
     dlmscope transfer --base DIR --target DIR --layers 2 5 [--control AR_DIR] --out runs/transfer
+    dlmscope dashboard --model DIR --sae DIR --layer 4 --out runs/dash   # report.json + index.html
 
 Text comes from the embedded world's corpus (``--corpus world``, default), a text file with one document per
 line, or a Hugging Face dataset (data files or a dataset directory, streamed); documents are EOS-joined and
@@ -23,19 +24,24 @@ from pathlib import Path
 import torch
 
 from . import atomic, models
-from .world import ASSETS_DIR
 from .activations import ActivationStream
+from .autointerp import OpenAIExplainer
+from .dashboard import write_dashboard
 from .demo import DemoConfig, run_demo
+from .interop import export_neuronpedia
+from .interp_run import build_report
+from .judges import OpenAIJudge
 from .order_run import ORDERS, STEPS, OrderSpec, plot_order, run_order
 from .pipeline import SweepSpec, heldout_activations, train_sweep
 from .sae import TopKSAE
+from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
 from .steer_run import (SteerSpec, concept_features, condition_label, neutral_prompts, plot_sweep, plot_tradeoff,
                         run_steer)
-from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
 from .text_sources import text_batches
 from .train import TrainConfig
 from .train_log import LogConfig
 from .transfer import plot_transfer, run_transfer, summary_lines
+from .world import ASSETS_DIR
 from .world.tasks import SCORED_KINDS, load_tasks
 
 
@@ -245,6 +251,41 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    adapter = models.load(args.model)
+    layer = adapter.check_layer(args.layer)
+    sae = TopKSAE.load(args.sae)
+    _, held = _text(adapter, args)
+    held = list(held)[: args.batches]
+    world = args.corpus == "world"
+    if args.judge == "openai":
+        client = OpenAIJudge(cache_path=str(Path(args.out) / "judge_cache.json"))
+        explainer, judge = OpenAIExplainer(client), client
+    elif args.judge == "none":
+        explainer, judge = False, None
+    else:
+        if not world:
+            raise ValueError("--judge planted needs --corpus world (the planted concepts); use openai or none")
+        explainer, judge = None, None
+    report = build_report(adapter, sae, layer, held, sample=args.sample, masked_t=args.masked_t,
+                          explainer=explainer, judge=judge, planted=world, seed=args.seed,
+                          policy=str(sae.cfg.meta.get("policy", "")), model_name=args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "report.json", report)
+    index = write_dashboard(report, out)
+    if args.neuronpedia:
+        files = export_neuronpedia(report, args.neuronpedia, model_id=args.neuronpedia_model or Path(args.model).name,
+                                   sae_id=args.neuronpedia_sae or f"dlmscope-{layer}", overwrite=True)
+        print(f"wrote {len(files)} Neuronpedia batch file(s) under {args.neuronpedia}")
+    s = report.get("interp_summary")
+    if s and s.get("accuracy"):
+        print(f"auto-interp over {s['n']} latents: accuracy {s['accuracy']['mean']:.3f} (balanced "
+              f"{s['balanced_accuracy']['mean']:.3f}; an explainer that says 'none' gets {s['chance_accuracy']:.3f})")
+    print(f"wrote {out / 'report.json'} and the dashboard {index}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmscope", description="SAE interpretability for diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -374,6 +415,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_transfer)
+
+    b = sub.add_parser("dashboard", help="feature report + auto-interp + a static HTML dashboard of one SAE")
+    text_options(b)
+    b.add_argument("--sae", required=True)
+    b.add_argument("--layer", type=int, required=True)
+    b.add_argument("--batches", type=int, default=40, help="held-out LM batches read")
+    b.add_argument("--sample", type=int, default=50, help="alive latents in the report")
+    b.add_argument("--masked-t", type=float, default=0.3, help="masking rate of the DLM's masked-position pass")
+    b.add_argument("--judge", default="planted", choices=("planted", "openai", "none"),
+                   help="auto-interp: planted (world ground truth), openai ($OPENAI_BASE_URL …), none")
+    b.add_argument("--neuronpedia", default=None, help="also export the features for Neuronpedia into this dir")
+    b.add_argument("--neuronpedia-model", default=None)
+    b.add_argument("--neuronpedia-sae", default=None)
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -227,8 +227,8 @@ def _steering_claim(st: dict | None) -> list[str]:
     return [f"4. *SAE features steer the DLM more than the AR model* (paper: DLM α 2.0 vs AR α 1.2): "
             f"{_VERDICT[st['reproduced']]} — the DLM's concept-rate change exceeds the AR twin's beyond the paired "
             f"interval at {len(st['dlm_wins_paper_alpha'])} of {len(st['layers'])} steered layers "
-            f"({', '.join('L' + L for L in st['dlm_wins_paper_alpha']) or 'none'}; the AR twin wins at "
-            f"{', '.join('L' + L for L in st['ar_wins_paper_alpha']) or 'none'}); at matched α the DLM wins at {matched}."]
+            f"({names(st['dlm_wins_paper_alpha'])}; the AR twin wins at {names(st['ar_wins_paper_alpha'])}); at "
+            f"matched α the DLM wins at {matched}."]
 
 
 def _order_claim(o: dict | None) -> list[str]:
