@@ -72,4 +72,4 @@ def test_interp_statistics_pass(benchmark, setup, impl):
         run = lambda: collect(sae, batches, top_n=TOP, importance_n=7, window=HALF)  # noqa: E731
     else:
         run = lambda: _plain(sae, batches)  # noqa: E731
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
