@@ -108,3 +108,17 @@ def test_bad_input(dlm):
         feature_report(dlm, TopKSAE(dlm.d_model + 2, 16, 2), 1, held[:1])
     with pytest.raises(ValueError, match="layer"):
         feature_report(dlm, TopKSAE(dlm.d_model, 16, 2), dlm.num_layers, held[:1])
+
+
+def test_activation_stats_reads_an_activation_cache(dlm, tmp_path):
+    from dlmscope.activations import ActivationStream
+
+    torch.manual_seed(2)
+    sae = TopKSAE(dlm.d_model, 32, 4)
+    _, held = world_batches(dlm.tokenizer, 2000, 64, 16, 0)
+    stream = ActivationStream(dlm, held[:2], [2], "clean", batch_size=256, buffer_tokens=1024,
+                              cache_dir=tmp_path / "cache")
+    live = activation_stats(sae, stream.for_layer(2))                          # the first pass writes the cache
+    assert (tmp_path / "cache" / "index.json").exists()
+    cached = activation_stats(sae, stream.for_layer(2))                        # later passes read it
+    assert torch.equal(live["fired"], cached["fired"]) and live["positions"] == cached["positions"] > 0
