@@ -78,10 +78,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _model_layer_sae(args):
+    """``(adapter, layer, sae)`` from ``--model``, ``--layer`` and ``--sae``, the layer checked."""
     adapter = models.load(args.model)
-    layer = adapter.check_layer(args.layer)
-    sae = TopKSAE.load(args.sae)
+    return adapter, adapter.check_layer(args.layer), TopKSAE.load(args.sae)
+
+
+def cmd_eval(args) -> int:
+    adapter, layer, sae = _model_layer_sae(args)
     _, held_batches = _text(adapter, args)
     policy = args.policy if args.policy is not None else \
         ("mask" if adapter.is_diffusion and adapter.mask_token_id is not None else "clean")
@@ -161,9 +165,7 @@ def _print_summary(name: str, result: dict) -> None:
 
 
 def cmd_steer(args) -> int:
-    adapter = models.load(args.model)
-    layer = adapter.check_layer(args.layer)
-    sae = TopKSAE.load(args.sae)
+    adapter, layer, sae = _model_layer_sae(args)
     ref = models.load(args.ref_model) if args.ref_model else models.load(str(Path(ASSETS_DIR) / "models" / "ar"))
     features = _steer_features(adapter, sae, layer, args)
     if args.compare_model and not args.concepts:
@@ -252,9 +254,7 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    adapter = models.load(args.model)
-    layer = adapter.check_layer(args.layer)
-    sae = TopKSAE.load(args.sae)
+    adapter, layer, sae = _model_layer_sae(args)
     _, held = _text(adapter, args)
     held = list(held)[: args.batches]
     world = args.corpus == "world"
