@@ -10,10 +10,14 @@ from hypothesis import settings
 import dlmscope
 from dlmscope.backends import get_backend
 
-# The same examples on every run, so CI is reproducible; DLMSCOPE_HYPOTHESIS=explore draws new ones each run.
+# The same examples on every run, so CI is reproducible; DLMSCOPE_HYPOTHESIS=explore draws new ones each run,
+# DLMSCOPE_HYPOTHESIS=gpu draws 5 per test.
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
-settings.load_profile("explore" if os.environ.get("DLMSCOPE_HYPOTHESIS") == "explore" else "ci")
+# a lent GPU (scripts/gpu_check.sh): few examples, since every new shape is a fresh kernel compile
+settings.register_profile("gpu", derandomize=True, max_examples=5, deadline=None)
+_PROFILE = os.environ.get("DLMSCOPE_HYPOTHESIS", "ci")
+settings.load_profile(_PROFILE if _PROFILE in ("explore", "gpu") else "ci")
 
 #: Where backends that run on CUDA (triton, torch) are tested: ``DLMSCOPE_TEST_DEVICE=cuda`` on a GPU machine.
 TEST_DEVICE = os.environ.get("DLMSCOPE_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
