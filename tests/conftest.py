@@ -36,7 +36,9 @@ def backend_device(name: str) -> torch.device | None:
     return None
 
 
-ALL_BACKENDS = ("torch", "cpu", "triton")
+ALL_BACKENDS = ("torch", "cpu", "triton", "chunked")
+# small latent chunks, so the chunked encoder really splits (and merges) at the tests' shapes, n not a multiple
+os.environ.setdefault("DLMSCOPE_CHUNK_LATENTS", "7")
 
 
 def backend_params():

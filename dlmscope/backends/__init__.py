@@ -1,7 +1,8 @@
 """Backend registry and selection: explicit ``backend=`` > ``DLMSCOPE_BACKEND`` > best available for the device.
 
 Backends: ``torch`` (plain PyTorch, always available), ``cpu`` (C++/OpenMP extension ``dlmscope._C``),
-``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``), ``chunked`` (the encoder as GEMMs
+over latent chunks with per-chunk top-k and one merge; never chosen by default, pick it by name).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _SPECS = {
     "torch": "dlmscope.backends.torch_backend:TorchBackend",
     "cpu": "dlmscope.backends.cpu_backend:CpuBackend",
     "triton": "dlmscope.backends.triton_backend:TritonBackend",
+    "chunked": "dlmscope.backends.chunked_backend:ChunkedBackend",
 }
 #: preference order per device type when nothing is requested.
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
