@@ -29,3 +29,17 @@ def test_bad_chunk_setting(monkeypatch):
     x = torch.randn(2, 4)
     with pytest.raises(ValueError, match="DLMSCOPE_CHUNK_LATENTS"):
         dlmscope.topk_encode(x, torch.randn(8, 4), torch.zeros(8), torch.zeros(4), 2, backend="chunked")
+
+
+def test_weighted_row_sum_widens_in_chunks(monkeypatch):
+    from dlmscope.backends import base
+
+    monkeypatch.setattr(base, "ROW_SUM_CHUNK", 7)
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(50, 6, generator=gen).to(torch.bfloat16)
+    coef = torch.randn(50, generator=gen).to(torch.bfloat16)
+    got = base.weighted_row_sum(coef, W)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, coef.double() @ W.double(), rtol=1e-5, atol=1e-5, check_dtype=False)
+    W32, c32 = W.float(), coef.float()
+    torch.testing.assert_close(base.weighted_row_sum(c32, W32), c32 @ W32)

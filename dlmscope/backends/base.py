@@ -33,6 +33,23 @@ import torch
 from torch import Tensor
 
 
+#: rows of W converted to float32 at a time by :func:`weighted_row_sum` (8192 × d × 4 bytes of scratch)
+ROW_SUM_CHUNK = 8192
+
+
+def weighted_row_sum(coef: Tensor, W: Tensor) -> Tensor:
+    """``coef @ W`` (``coef [n]``, ``W [n, d]`` → ``[d]``), accumulated in float32 for bfloat16 / float16 without a
+    float32 copy of the whole of ``W`` (at n = 131072, d = 4096 that copy alone is 2 GiB): rows are widened
+    ``ROW_SUM_CHUNK`` at a time."""
+    if W.dtype not in (torch.bfloat16, torch.float16):
+        return coef.to(W.dtype) @ W
+    out = torch.zeros(W.shape[1], dtype=torch.float32, device=W.device)
+    for start in range(0, W.shape[0], ROW_SUM_CHUNK):
+        stop = start + ROW_SUM_CHUNK
+        out += coef[start:stop].float() @ W[start:stop].float()
+    return out
+
+
 class Backend:
     """Base class. Subclasses set ``name`` and implement the primitives; composites are shared."""
 
@@ -112,8 +129,7 @@ class Backend:
         """
         d_pre = torch.where(values > 0, d_values, torch.zeros_like(d_values))
         dW_enc, db_enc = self.transpose_reduce(d_pre, indices, x - b_dec, W_enc.shape[0])
-        wide = torch.float32 if W_enc.dtype in (torch.bfloat16, torch.float16) else W_enc.dtype
-        db_dec = -(db_enc.to(wide) @ W_enc.to(wide))
+        db_dec = -weighted_row_sum(db_enc, W_enc)
         dx = self.gather_accumulate(d_pre, indices, W_enc) if need_dx else x.new_empty(0)
         return dx, dW_enc, db_enc, db_dec.to(b_dec.dtype)
 
