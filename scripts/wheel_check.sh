@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# wheel_check.sh — `make wheel`, then install the wheel into a fresh venv that has only torch, and smoke-test it
+# on the CPU from outside the checkout (so the installed package, not the source tree, is what runs).
+#   bash scripts/wheel_check.sh          (.ci/run runs it after the test suite)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
+rm -rf dist
+make -s wheel
+WHEEL=$(ls dist/dlmscope-*.whl)
+VENV=$(mktemp -d /tmp/dlmscope-wheel.XXXXXX)
+python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "$TORCH_PIN"
+"$VENV/bin/python" -m pip install -q "$WHEEL"
+cd "$VENV"
+"$VENV/bin/python" - <<'PY'
+import torch, dlmscope
+from dlmscope.sae import TopKSAE
+assert "cpu" in dlmscope.available_backends(), dlmscope.available_backends()   # the C++ extension came along
+assert not dlmscope.__file__.startswith("/work"), dlmscope.__file__
+x = torch.randn(256, 32)
+sae = TopKSAE(32, 128, 8)
+values, indices = sae.encode(x)
+ref_v, _ = torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).topk(8)
+torch.testing.assert_close(values.sort(-1).values, ref_v.sort(-1).values)
+loss = (sae(x) - x).pow(2).sum()
+loss.backward()
+assert sae.W_dec.grad is not None and torch.isfinite(sae.W_dec.grad).all()
+import dlmscope.world, dlmscope.cli                                            # package data and the CLI import
+print("wheel ok:", dlmscope.__file__, dlmscope.available_backends())
+PY
+rm -rf "$VENV"
