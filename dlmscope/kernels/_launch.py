@@ -91,8 +91,9 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
         cfg.num_warps, cfg.num_stages = 4, 1
         target_programs = 1
     else:
-        # Register budgets checked by compiling for sm_90 (cuobjdump -res-usage): KP<=128 at 64x128x32 and 8
-        # warps uses <=255 registers without spills; KP=256 spills ~88 B; KP=1024 spills (correct, slower).
+        # Register budgets from compiling for sm_90 with triton 3.6 (scripts/sm90_report.py ->
+        # benchmarks/results/sm90-encoder-compile.md): KP<=128 at 64x128x32, 8 warps: 168-220 registers, no
+        # spills, warp-group MMA; KP=256 (32x256) spills 4 B and loses wgmma; KP=512/1024 spill 0.5-3 KB.
         if KP <= 128:
             cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 64, 128, 32, 8, 3
         elif KP <= 256:
