@@ -13,6 +13,8 @@
 #   kernels      the kernel and op tests on CUDA, -m "not slow", hypothesis at 5 examples (profile "gpu")
 #   correctness  benchmarks/gpu_correctness.py: fused encode vs float64 on 512 rows x the full n; decode and
 #                backward vs the torch backend at B=2048 (target shape B·n = 2^31 stays out of this stage)
+#   sweep        benchmarks/encode_sweep.py: the fused encoder at the shipped and Hopper-shaped tiles
+#                (DLMSCOPE_ENCODE_TILE), the chunked encoder at 3 chunk sizes, torch — vs the GEMM, TFLOP/s
 #   bench        benchmarks/report.py --device cuda: GEMM floor, every encode variant, the step per backend,
 #                peak memory (the dense reference baselines run in their own pytest process, last)
 #   rest         the rest of the suite on CUDA while time remains
@@ -27,7 +29,7 @@ PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY:-0}
 if [ "$DRY" = 1 ]; then DEVICE=cpu; DEFAULT_BUDGET=300; else DEVICE=cuda; DEFAULT_BUDGET=360; fi
 BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET}
-STAGES=${GPU_CHECK_STAGES:-env,import,kernels,correctness,bench,rest}
+STAGES=${GPU_CHECK_STAGES:-env,import,kernels,correctness,sweep,bench,rest}
 RESULTS=${GPU_CHECK_RESULTS:-$ROOT/benchmarks/results/gpu-check}
 RESERVE=15
 START=$(date +%s)
@@ -118,6 +120,9 @@ want kernels && stage kernels 150 "${PYTEST[@]}" "${KERNEL_TESTS[@]}" -m "not sl
 
 CORR_ARGS=(--out "$RESULTS"); [ "$DRY" = 1 ] && CORR_ARGS+=(--dry)
 want correctness && stage correctness 90 "$PY" benchmarks/gpu_correctness.py "${CORR_ARGS[@]}"
+
+SWEEP_ARGS=(--out "$RESULTS"); [ "$DRY" = 1 ] && SWEEP_ARGS+=(--dry)
+want sweep && stage sweep 100 "$PY" benchmarks/encode_sweep.py "${SWEEP_ARGS[@]}"
 
 if want bench; then
   left=$(( BUDGET - $(elapsed) - RESERVE - 30 ))       # keep 30 s for the rest of the suite

@@ -43,3 +43,18 @@ def test_weighted_row_sum_widens_in_chunks(monkeypatch):
     torch.testing.assert_close(got, coef.double() @ W.double(), rtol=1e-5, atol=1e-5, check_dtype=False)
     W32, c32 = W.float(), coef.float()
     torch.testing.assert_close(base.weighted_row_sum(c32, W32), c32 @ W32)
+
+
+def test_encoder_tile_override_is_validated(monkeypatch):
+    from dlmscope.kernels._launch import tile_override
+
+    monkeypatch.delenv("DLMSCOPE_ENCODE_TILE", raising=False)
+    assert tile_override(64) is None
+    monkeypatch.setenv("DLMSCOPE_ENCODE_TILE", "128,128,64,8,3")
+    assert tile_override(64) == (128, 128, 64, 8, 3)
+    with pytest.raises(ValueError, match="BLOCK_N=128 must be >= KP=256"):
+        tile_override(256)
+    for bad in ("128,128,64,8", "128,100,64,8,3", "a,b,c,d,e"):
+        monkeypatch.setenv("DLMSCOPE_ENCODE_TILE", bad)
+        with pytest.raises(ValueError, match="DLMSCOPE_ENCODE_TILE"):
+            tile_override(64)

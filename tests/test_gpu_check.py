@@ -18,10 +18,12 @@ def test_gpu_check_dry_run(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    for stage in ("env", "import", "kernels", "correctness", "bench"):
+    for stage in ("env", "import", "kernels", "correctness", "sweep", "bench"):
         assert any(line.split()[:2] == [stage, "ok"] for line in summary.splitlines()), summary
     corr = json.loads((tmp_path / "out" / "correctness.json").read_text())
     assert corr["checks"] and all(c["passed"] for c in corr["checks"])
     assert {c["check"] for c in corr["checks"]} == {"encode", "decode+backward"}
     assert list((tmp_path / "out").glob("cpu-quick-*.md")) and (tmp_path / "out" / "gpu_check_all.tar.gz").exists()
     assert (tmp_path / "out" / "junit-kernels.xml").exists()
+    sweep = json.loads((tmp_path / "out" / "encode_sweep.json").read_text())
+    assert [r["variant"] for r in sweep["rows"]][0] == "gemm" and all("error" not in r for r in sweep["rows"])

@@ -71,6 +71,28 @@ class EncodeConfig:
         return "EncodeConfig(" + ", ".join(f"{s}={getattr(self, s)}" for s in self.__slots__) + ")"
 
 
+#: ``BLOCK_B,BLOCK_N,BLOCK_D,num_warps,num_stages`` for the fused encoder on CUDA (the GPU sweep sets it)
+TILE_ENV = "DLMSCOPE_ENCODE_TILE"
+
+
+def tile_override(KP: int) -> tuple[int, int, int, int, int] | None:
+    """The encoder tile from ``$DLMSCOPE_ENCODE_TILE``, validated (powers of two, ``BLOCK_N >= KP``); None if
+    unset."""
+    text = os.environ.get(TILE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        tile = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        tile = ()
+    if len(tile) != 5 or any(v < 1 for v in tile) or any(v & (v - 1) for v in tile[:4]):
+        raise ValueError(f"{TILE_ENV} must be BLOCK_B,BLOCK_N,BLOCK_D,num_warps,num_stages with powers of two for "
+                         f"the first four, got {text!r}")
+    if tile[1] < KP:
+        raise ValueError(f"{TILE_ENV}: BLOCK_N={tile[1]} must be >= KP={KP} (the next power of two >= k)")
+    return tile
+
+
 def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
     """Tiles of the fused encoder: GEMM tile BLOCK_B x BLOCK_N (x BLOCK_D), running top-KP per row.
 
@@ -100,6 +122,9 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
             cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 32, 256, 32, 8, 3
         else:  # large k (e.g. 820 -> KP 1024): narrow row blocks, one KP-wide latent tile per step
             cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 16, KP, 32, 16, 2
+        tile = tile_override(KP)
+        if tile is not None:
+            cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = tile
         cfg.GROUP_B = 8
         target_programs = 2 * num_sms(x)
         if B <= 16:
