@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if "triton" in dlmscope.available_backends() and not a.dry:
         for tile in TILES:
             measure("triton", tile or "shipped", lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="triton"),
-                    env={"DLMSCOPE_ENCODE_TILE": tile} if tile else None)
+                    env={"DLMSCOPE_ENCODE_TILE": tile, "DLMSCOPE_AUTOTUNE": "0"} if tile else {"DLMSCOPE_AUTOTUNE": "0"})
     for chunk in CHUNKS if not a.dry else (512, 1024):
         measure("chunked", f"chunk {chunk}", lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="chunked"),
                 env={"DLMSCOPE_CHUNK_LATENTS": str(chunk)})

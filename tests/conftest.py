@@ -39,6 +39,8 @@ def backend_device(name: str) -> torch.device | None:
 ALL_BACKENDS = ("torch", "cpu", "triton", "chunked")
 # small latent chunks, so the chunked encoder really splits (and merges) at the tests' shapes, n not a multiple
 os.environ.setdefault("DLMSCOPE_CHUNK_LATENTS", "7")
+# the triton backend's tests test the fused kernel itself, not the autotuned choice (tests/test_autotune.py)
+os.environ.setdefault("DLMSCOPE_AUTOTUNE", "0")
 
 
 def backend_params():

@@ -11,7 +11,12 @@ import os
 import torch
 from torch import Tensor
 
+from .. import autotune
 from .base import Backend
+from .chunked_backend import ChunkedBackend
+from .torch_backend import TorchBackend
+
+_CHUNKED, _TORCH = ChunkedBackend(), TorchBackend()
 
 
 def _interpreting() -> bool:
@@ -40,7 +45,15 @@ class TritonBackend(Backend):
         return kernels
 
     def encode(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return self._k().topk_encode(x, W_enc, b_enc, b_dec, k)
+        """The fused kernel, or on a GPU whichever of fused / chunked / torch :mod:`dlmscope.autotune` measured
+        fastest for this shape."""
+        fused = lambda: self._k().topk_encode(x, W_enc, b_enc, b_dec, k)  # noqa: E731
+        if not (x.is_cuda and autotune.enabled()):
+            return fused()
+        candidates = {"fused": fused,
+                      "chunked": lambda: _CHUNKED.encode(x, W_enc, b_enc, b_dec, k),
+                      "torch": lambda: _TORCH.encode(x, W_enc, b_enc, b_dec, k)}
+        return candidates[autotune.choose(autotune.shape_key("encode", x, W_enc.shape[0], k), candidates)]()
 
     def gather_accumulate(self, coef: Tensor, idx: Tensor, W: Tensor) -> Tensor:
         return self._k().gather_accumulate(coef, idx, W)
