@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -12,6 +10,8 @@ import torch
 from dlmscope.autointerp import (PlantedExplainer, HFExplainer, OpenAIExplainer, detect, detection_windows,
                                  highlight, score_report)
 from dlmscope.judges import OpenAIJudge, PlantedJudge
+
+from .chat_server import ChatHandler, serving
 
 
 def _win(words, hot):
@@ -49,28 +49,14 @@ def test_detection_accuracy_known_answers():
         detection_windows(ENTRY, RANDOM[:3], seed=0)
 
 
-class _Explain(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append(body)
+class _Explain(ChatHandler):
+    def content(self, body):
         user = body["messages"][-1]["content"]
-        content = json.dumps({"explanation": "food words " + " ".join(["x"] * 40)} if "bread" in user else {})
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+        return json.dumps({"explanation": "food words " + " ".join(["x"] * 40)} if "bread" in user else {})
 
 
 def test_openai_explainer_against_a_loopback_server_is_cached(tmp_path):
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Explain)
-    srv.seen = []
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(_Explain) as srv:
         url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
         client = OpenAIJudge(url, "m", "k", retries=2, backoff=0.0, cache_path=str(tmp_path / "cache.json"))
         text = OpenAIExplainer(client).explain(ENTRY)
@@ -81,9 +67,6 @@ def test_openai_explainer_against_a_loopback_server_is_cached(tmp_path):
         bad = {"max_act": 1.0, "top": [_win("a b", "a")], "importance": []}
         bad["top"][0]["values"] = [0.0, 0.0]                                        # nothing highlighted: malformed reply
         assert OpenAIExplainer(client).explain(bad) is None and client.failures == 1
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_hf_explainer_runs_a_local_model():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from dlmscope.judges import HFJudge, JudgeUnreachable, OpenAIJudge, PlantedJudge
+
+from .chat_server import ChatHandler, serving
 
 
 def test_planted_judge_counts_the_concepts_words():
@@ -39,41 +39,23 @@ def test_hf_judge_reads_the_yes_no_probabilities():
         HFJudge(model, tok, yes="very good")
 
 
-class _ChatHandler(BaseHTTPRequestHandler):
-    """Chat completions: score 90 if the concept's name is in the text, else 10; HTTP 500 for texts holding
-    'fail'; a non-JSON reply for texts holding 'garbled'."""
+class _ScoreHandler(ChatHandler):
+    """Score 90 if the concept's name is in the text, else 10; HTTP 500 for texts holding 'fail'; a non-JSON
+    reply for texts holding 'garbled'."""
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append(body)
+    def content(self, body):
         user = body["messages"][-1]["content"]
         text = user.split("Text: ", 1)[1]
         concept = user.split("Concept: ", 1)[1].split(".", 1)[0]
         if "fail" in text:
-            self.send_response(500)
-            self.end_headers()
-            return
-        content = "not json" if "garbled" in text else json.dumps({"score": 90 if concept in text else 10})
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+            return None
+        return "not json" if "garbled" in text else json.dumps({"score": 90 if concept in text else 10})
 
 
 @pytest.fixture()
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
-    srv.seen = []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(_ScoreHandler) as srv:
+        yield srv
 
 
 def test_openai_judge_scores_caches_and_drops_failures(server, tmp_path):
