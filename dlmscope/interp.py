@@ -120,8 +120,28 @@ class FeatureStats:
     random_windows: Tensor
 
 
+def _count_firings(values: Tensor, indices: Tensor, fired: Tensor, hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Add the firings (value > 0) of a Top-K code ``values / indices [..., k]`` (on the CPU) to the per-latent
+    counts ``fired [n]`` and histogram ``hist [n, bins]``; returns ``(latents [F], values [F], fired mask)``
+    of the flattened code."""
+    flat_v, flat_i = values.reshape(-1), indices.reshape(-1)
+    on = flat_v > 0
+    lat, val = flat_i[on], flat_v[on]
+    fired += torch.bincount(lat, minlength=fired.shape[0])
+    hist.view(-1).scatter_add_(0, lat * hist.shape[1] + torch.bucketize(val, HIST_EDGES[1:-1]), torch.ones_like(lat))
+    return lat, val, on
+
+
 def _centre_offsets(window: int) -> Tensor:
     return torch.arange(-window, window + 1)
+
+
+def _columns(flat_pos: Tensor, T: int, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For flat (row, position) indices ``[c]`` of a ``[B, T]`` batch: ``(rows [c], positions [c], window
+    columns [c, W] clamped into the row, inside [c, W] bool)``."""
+    b, t = flat_pos // T, flat_pos % T
+    cols = t[:, None] + offsets
+    return b, t, cols.clamp(0, T - 1), (cols >= 0) & (cols < T)
 
 
 def collect(sae, batches: Iterable[tuple[Tensor, Tensor, Tensor, Tensor | None]], *, top_n: int = 12,
@@ -146,20 +166,12 @@ def collect(sae, batches: Iterable[tuple[Tensor, Tensor, Tensor, Tensor | None]]
         values = values.float().cpu() * keep.cpu()[..., None]
         indices, ids, keep = indices.cpu(), ids.cpu(), keep.cpu()
         positions += int(keep.sum())
-        flat_v, flat_i = values.reshape(-1), indices.reshape(-1)
-        on = flat_v > 0
-        lat, val = flat_i[on], flat_v[on]
+        lat, val, on = _count_firings(values, indices, fired, hist)
         pos = on.nonzero()[:, 0] // values.shape[-1]                              # flat (b, t) of each entry
-        fired += torch.bincount(lat, minlength=n)
-        b_idx = torch.bucketize(val, HIST_EDGES[1:-1])
-        hist.view(-1).scatter_add_(0, lat * hist.shape[1] + b_idx, torch.ones_like(lat))
         max_act = torch.maximum(max_act, torch.zeros(n).scatter_reduce(0, lat, val, "amax"))
 
         def windows(idx: Tensor, _lat=lat, _pos=pos):
-            b, t = _pos[idx] // T, _pos[idx] % T
-            cols = t[:, None] + offsets                                           # [c, W]
-            inside = (cols >= 0) & (cols < T)
-            colc = cols.clamp(0, T - 1)
+            b, t, colc, inside = _columns(_pos[idx], T, offsets)
             toks = torch.where(inside, ids[b[:, None], colc], torch.full_like(colc, -1))
             hit = (indices[b[:, None], colc] == _lat[idx][:, None, None])         # [c, W, k]
             vals = (values[b[:, None], colc] * hit).sum(-1) * inside
@@ -178,11 +190,8 @@ def collect(sae, batches: Iterable[tuple[Tensor, Tensor, Tensor, Tensor | None]]
             new_w = torch.full((random_n, W), -1, dtype=torch.int32)
             old = best < random_n
             new_w[old] = rand_windows[best[old]]
-            chosen = kept[best[~old] - random_n]
-            b, t = chosen // T, chosen % T
-            cols = t[:, None] + offsets
-            inside = (cols >= 0) & (cols < T)
-            new_w[~old] = torch.where(inside, ids[b[:, None], cols.clamp(0, T - 1)], -1).to(torch.int32)
+            b, _, colc, inside = _columns(kept[best[~old] - random_n], T, offsets)
+            new_w[~old] = torch.where(inside, ids[b[:, None], colc], -1).to(torch.int32)
             rand_keys, rand_windows = allk[best], new_w
     return FeatureStats(positions, fired, hist, max_act, top, imp, rand_windows[~torch.isinf(rand_keys)])
 
@@ -197,13 +206,8 @@ def activation_stats(sae, stream: Iterable[Tensor]) -> dict:
     for x in stream:
         with torch.no_grad():
             values, indices = sae.encode(x.to(sae.W_enc.dtype))
-        values, indices = values.float().cpu().reshape(-1), indices.cpu().reshape(-1)
-        on = values > 0
-        lat = indices[on]
+        _count_firings(values.float().cpu(), indices.cpu(), fired, hist)
         positions += x.shape[0]
-        fired += torch.bincount(lat, minlength=n)
-        hist.view(-1).scatter_add_(0, lat * hist.shape[1] + torch.bucketize(values[on], HIST_EDGES[1:-1]),
-                                   torch.ones_like(lat))
     return {"positions": positions, "fired": fired, "histogram": hist}
 
 

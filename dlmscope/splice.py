@@ -35,6 +35,7 @@ __all__ = [
     "splice",
     "zero_ablate",
     "dlm_delta_loss",
+    "delta_loss_over_batches",
     "ar_delta_loss",
     "evaluate_sae",
     "scale_free",
@@ -322,6 +323,29 @@ def average_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
             key = f"{pre}recovered"
             out[key] = fraction_recovered(out[f"{pre}clean"], out[f"{pre}sae"], out[f"{pre}zero"])
     return out
+
+
+def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequence[Tensor], *,
+                            seed: int) -> list[dict[str, float]]:
+    """Per SAE, :func:`average_results` of its ΔLM over ``batches`` — the DLM loss with one corruption per
+    batch seeded by ``seed`` (the same for every SAE; the clean and zero-ablated forwards run once per batch for
+    all of them), or next-token CE for an AR model — plus ``*_delta_se``, the standard error over batches."""
+    saes = list(saes)
+    if adapter.is_diffusion:
+        gen = torch.Generator().manual_seed(seed)
+        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, generator=gen) for ids in batches]
+    else:
+        per_batch = [ar_delta_loss(adapter, saes, layer, ids) for ids in batches]
+    results = []
+    for i in range(len(saes)):
+        mine = [batch[i] for batch in per_batch]
+        out = average_results(mine)
+        for key in ("mask_delta", "unmask_delta", "delta"):  # standard error over batches (corruption + text)
+            if key in out:
+                vals = torch.tensor([r[key] for r in mine], dtype=torch.float64)
+                out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
+        results.append(out)
+    return results
 
 
 # ---------------------------------------------------------------------------------------- scale-free views

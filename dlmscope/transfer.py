@@ -8,7 +8,7 @@ at the same layer, with the same policy and recipe:
   target SAE on target activations, all on the same held-out tokens (:func:`paired_activations` runs both models
   on one corruption of the same text and keeps the same positions);
 * **ΔLM** — the base SAE and the target SAE spliced into the target model (one corruption for both), and the base
-  SAE in the base model for reference (:func:`delta_lm`);
+  SAE in the base model for reference (:func:`~dlmscope.splice.delta_loss_over_batches`);
 * **alive overlap** — latents of the base SAE that fire at least once on base vs on target tokens (Jaccard);
 * **activation correlation** — per latent of the base SAE, the Pearson correlation over the same tokens of its
   (Top-K, so mostly zero) activation on base vs on target activations (:func:`latent_agreement`);
@@ -44,12 +44,12 @@ from torch import Tensor
 from .activations import _split_batch, check_policy, harvest
 from .pipeline import SweepSpec, make_saes, train_sweep
 from .sae import TopKSAE
-from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
+from .splice import delta_loss_over_batches, evaluate_sae
 from .text_sources import world_batches
 from .train import TrainConfig
 from .train_log import LogConfig
 
-__all__ = ["THRESHOLDS", "check_saes", "check_same_tokens", "paired_activations", "train_saes", "delta_lm",
+__all__ = ["THRESHOLDS", "check_saes", "check_same_tokens", "paired_activations", "train_saes",
            "LatentAgreement", "latent_agreement", "alive_overlap", "correlation_summary", "DecoderMatch",
            "match_decoders", "match_summary", "compare_layer", "run_transfer", "summary_lines", "plot_transfer"]
 
@@ -152,18 +152,6 @@ def train_saes(adapter, token_batches, layers: Sequence[int], policy: str, *, n_
         saes = train_sweep(adapter, token_batches, spec, train or WORLD_RECIPE, cache_dir=cache, saes=start,
                            log=LogConfig(log_every=25), label=label)
     return {L: s[0] for L, s in saes.items()}
-
-
-def delta_lm(adapter, saes: Sequence, layer: int, batches: Sequence[Tensor], seed: int) -> list[dict]:
-    """Per SAE, the ΔLM of splicing it into ``adapter`` at ``layer``, averaged over ``batches``
-    (:func:`~dlmscope.splice.average_results`): the DLM loss (one corruption per batch, seeded by ``seed``, the
-    same for every SAE) or, for an AR model, next-token CE."""
-    if adapter.is_diffusion:
-        gen = torch.Generator().manual_seed(seed)
-        per_batch = [dlm_delta_loss(adapter, list(saes), layer, ids, generator=gen) for ids in batches]
-    else:
-        per_batch = [ar_delta_loss(adapter, list(saes), layer, ids) for ids in batches]
-    return [average_results([b[i] for b in per_batch]) for i in range(len(saes))]
 
 
 # ------------------------------------------------------------------------------------------- latent behaviour
@@ -399,10 +387,10 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
             # the init both SAEs started from is known only when this run trained both of them
             init = make_saes(d, spec, L)[0] if base_trained and trained and target_init_seed is None else None
             entry = compare_layer(base[L], target[L], acts_b[L], acts_t[L], init_sae=init)
-            b_in_t, t_in_t = delta_lm(adapter, [base[L], target[L]], L, delta_ids, seed + 7)
+            b_in_t, t_in_t = delta_loss_over_batches(adapter, [base[L], target[L]], L, delta_ids, seed=seed + 7)
             entry["delta"] = {"base_in_target": b_in_t, "target_in_target": t_in_t}
             if name == "instruct":
-                entry["delta"]["base_in_base"] = delta_lm(base_adapter, [base[L]], L, delta_ids, seed + 7)[0]
+                entry["delta"]["base_in_base"] = delta_loss_over_batches(base_adapter, [base[L]], L, delta_ids, seed=seed + 7)[0]
             out["layers"][str(L)][name] = entry
     out["summary"] = {str(L): _layer_summary(out["layers"][str(L)]) for L in layers}
     return out

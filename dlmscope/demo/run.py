@@ -17,7 +17,7 @@ from .. import atomic, models
 from ..concepts import labelled_activations, score_concepts
 from ..pipeline import SweepSpec, heldout_activations, train_sweep
 from ..sae import TopKSAE
-from ..splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
+from ..splice import delta_loss_over_batches, evaluate_sae
 from ..train import TrainConfig
 from ..train_log import LogConfig
 from ..text_sources import world_batches as text_world_batches
@@ -59,26 +59,6 @@ def train_layer_saes(adapter, batches: list[torch.Tensor], policy: str, cfg: Dem
                         norm_batches=cfg.norm_batches)
     return train_sweep(adapter, batches, sweep_spec(cfg, policy, layers), train,
                        cache_dir=cache_dir, log=LogConfig(log_every=25), label=label)
-
-
-def _delta_lm(adapter, saes: list, layer: int, batches, seed: int) -> list[dict]:
-    """ΔLM of each SAE of a layer, averaged over ``batches`` with a corruption seeded by ``seed`` (the same for
-    every SAE; the clean and zero-ablated forwards run once per batch for all of them) plus standard errors."""
-    if adapter.is_diffusion:
-        gen = torch.Generator().manual_seed(seed)
-        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, generator=gen) for ids in batches]
-    else:
-        per_batch = [ar_delta_loss(adapter, saes, layer, ids) for ids in batches]
-    results = []
-    for i in range(len(saes)):
-        mine = [batch[i] for batch in per_batch]
-        out = average_results(mine)
-        for key in ("mask_delta", "unmask_delta", "delta"):  # standard error over batches (corruption + text)
-            if key in out:
-                vals = torch.tensor([r[key] for r in mine], dtype=torch.float64)
-                out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
-        results.append(out)
-    return results
 
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = None, *,
@@ -137,7 +117,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
             results["concept_baselines"].setdefault(run_key, {})[str(layer)] = {
                 view: score_concepts(untrained, *score, names, select_on=choose).median_f1
                 for view, (choose, score) in views.items()}
-            deltas = _delta_lm(adapter, saes[layer], layer, delta_batches, seed=cfg.seed + 7)
+            deltas = delta_loss_over_batches(adapter, saes[layer], layer, delta_batches, seed=cfg.seed + 7)
             for sae, delta in zip(saes[layer], deltas):
                 sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}")
                 entry = evaluate_sae(sae, held[layer])
