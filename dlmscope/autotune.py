@@ -10,6 +10,7 @@ kernel, is used). Nothing is timed while ``torch.compile`` traces or a CUDA grap
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -49,9 +50,14 @@ def _table() -> dict[str, str]:
     return _TABLE
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def shape_key(op: str, x: torch.Tensor, n: int, k: int) -> str:
     """``op|device|dtype|B bucket|d|n|k``; B rounded up to a power of two (the choice rarely flips between)."""
-    device = torch.cuda.get_device_name(x.device) if x.is_cuda else str(x.device)
+    device = _device_name(x.device)
     B = max(1, x.shape[0])
     return f"{op}|{device}|{str(x.dtype).replace('torch.', '')}|B{1 << (B - 1).bit_length()}|d{x.shape[-1]}|n{n}|k{k}"
 

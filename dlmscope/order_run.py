@@ -142,14 +142,14 @@ def run_order(adapter, saes: Mapping[int, object], tasks, heldout: Sequence[bool
                 canvas, answers = _canvas_and_targets(tasks, chunk, tok)
                 scores = []
                 for seed in seeds:
-                    want_history = steps_label == "all" and seed == seeds[0]
+                    want_history = steps_label == "all" and seed == seeds[0] and bool(saes) and G > 1
                     gen = fill_with_order(adapter, canvas, order, steps, seed=seed, guide_sae=saes.get(spec.guide_layer),
                                           guide_layer=spec.guide_layer, top_k=spec.top_k, history=want_history)
                     if gen is None:
                         break
                     right = (gen.generated().cpu() == answers).all(1).double()      # [b] exact match
                     scores.append(right)
-                    if want_history and saes and G > 1:
+                    if want_history:
                         trace = replay(adapter, gen, saes, top_k=spec.top_k)
                         st = order_statistics(trace)
                         for name in STATS:

@@ -230,6 +230,14 @@ class SteeringBaseline:
     #: per prompt, the reference-LM perplexity of its generation (NaN if empty)
     ppls: list[float]
     seed: int
+    #: (judge, concept) -> the judge's scores of the generations, so each is judged once per sweep
+    judged: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def judge(self, judge, concept: str) -> list:
+        key = (id(judge), concept)
+        if key not in self.judged:
+            self.judged[key] = judge.score(concept, self.generations)
+        return self.judged[key]
 
 
 def steering_baseline(adapter, prompts, generate: Callable, gen_length: int, ref_lm, *, seed: int = 0
@@ -283,7 +291,7 @@ def steering_score(adapter, prompts, generate: Callable, gen_length: int, layer:
     with steer(adapter, layer, sae, features, alpha, **steer_kw):
         after = generate(adapter, prompts, seed=seed)
     _, after_text = _texts(adapter, after, gen_length)
-    c_before, c_after = judge.score(concept, baseline.generations), judge.score(concept, after_text)
+    c_before, c_after = baseline.judge(judge, concept), judge.score(concept, after_text)
     ppls_after = generation_perplexity(ref_lm, baseline.prompts, after_text)
     failed = sum(x is None for x in c_before + c_after)
     cb, ca = _mean(c_before), _mean(c_after)
