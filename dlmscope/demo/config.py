@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..train import TrainConfig
+
 __all__ = ["DemoConfig", "RUNS", "RUN_LABELS"]
 
 #: (model, harvest policy) pairs the demo trains SAEs for.
@@ -77,6 +79,11 @@ class DemoConfig:
             raise ValueError("steer_alphas must not be empty when steer_layers is set")
         if self.ks[-1] > self.n_latents:
             raise ValueError(f"every k must be <= n_latents={self.n_latents}, got ks={self.ks}")
+
+    def train_config(self) -> TrainConfig:
+        """The SAE recipe of every demo SAE (the k sweeps and the transfer section alike)."""
+        return TrainConfig(lr=self.lr, warmup_steps=self.warmup_steps, dead_tokens=self.dead_tokens,
+                           norm_batches=self.norm_batches)
 
     @classmethod
     def quick(cls) -> "DemoConfig":

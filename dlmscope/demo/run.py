@@ -18,7 +18,6 @@ from ..concepts import labelled_activations, score_concepts
 from ..pipeline import SweepSpec, heldout_activations, train_sweep
 from ..sae import TopKSAE
 from ..splice import delta_loss_over_batches, evaluate_sae
-from ..train import TrainConfig
 from ..train_log import LogConfig
 from ..text_sources import world_batches as text_world_batches
 from ..world import ASSETS_DIR, concept_id_table
@@ -55,8 +54,7 @@ def train_layer_saes(adapter, batches: list[torch.Tensor], policy: str, cfg: Dem
                      cache_dir: str | os.PathLike | None = None, label: str = "") -> dict[int, list[TopKSAE]]:
     """Train the demo's k sweep on each layer (one harvest, :func:`~dlmscope.pipeline.train_sweep`);
     returns ``{layer: [SAE per k]}``. Several layers need ``cache_dir``."""
-    train = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, dead_tokens=cfg.dead_tokens,
-                        norm_batches=cfg.norm_batches)
+    train = cfg.train_config()
     return train_sweep(adapter, batches, sweep_spec(cfg, policy, layers), train,
                        cache_dir=cache_dir, log=LogConfig(log_every=25), label=label)
 

@@ -6,7 +6,6 @@ twin and the AR twin (clean text) from one shared initialisation, on the demo's 
 """
 from __future__ import annotations
 
-from ..train import TrainConfig
 from ..transfer import run_transfer
 from .config import DemoConfig
 
@@ -15,8 +14,7 @@ __all__ = ["run_transfer_section"]
 
 def run_transfer_section(adapters: dict, batches: tuple, cfg: DemoConfig) -> dict:
     """``adapters`` holds ``dlm``, ``instruct`` and ``ar``; ``batches`` the demo's ``(train, heldout)``."""
-    train = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, dead_tokens=cfg.dead_tokens,
-                        norm_batches=cfg.norm_batches)
+    train = cfg.train_config()
     return run_transfer(adapters["dlm"], adapters["instruct"], list(cfg.transfer_layers), policy="unmask",
                         n_latents=cfg.n_latents, k=cfg.k_ref, train_tokens=cfg.transfer_tokens,
                         eval_tokens=cfg.transfer_eval_tokens, delta_batches=cfg.transfer_delta_batches,
