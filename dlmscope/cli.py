@@ -256,7 +256,7 @@ def cmd_transfer(args) -> int:
 def cmd_dashboard(args) -> int:
     adapter, layer, sae = _model_layer_sae(args)
     _, held = _text(adapter, args)
-    held = list(held)[: args.batches]
+    held = list(itertools.islice(held, args.batches))               # read only the batches used
     world = args.corpus == "world"
     if args.judge == "openai":
         client = OpenAIJudge(cache_path=str(Path(args.out) / "judge_cache.json"))

@@ -213,11 +213,12 @@ def generation_perplexity(ref_lm, prompts: Sequence[str], generations: Sequence[
             ids[r, :len(seq)] = torch.tensor(seq)
             attn[r, :len(seq)] = 1
             target[r, n_p - 1:len(seq) - 1] = ids[r, n_p:len(seq)]           # position j predicts token j + 1
-        logits = ref_lm.logits(ids.to(ref_lm.device), attn.to(ref_lm.device)).float().cpu()
+        target = target.to(ref_lm.device)
+        logits = ref_lm.logits(ids.to(ref_lm.device), attn.to(ref_lm.device)).float()
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [b, T]
-        n = (target != -100).sum(1)
-        for r, i in enumerate(chunk):
-            out[i] = math.exp(float(ce[r].sum() / n[r]))
+        mean_ce = (ce.sum(1) / (target != -100).sum(1)).tolist()           # only [b] numbers leave the device
+        for i, m in zip(chunk, mean_ce):
+            out[i] = math.exp(m)
     return out
 
 
