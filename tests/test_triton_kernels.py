@@ -42,29 +42,50 @@ def _close(actual, expected, dtype, scale=1.0):
 
 
 # ---- topk_encode ------------------------------------------------------------------------------------------
+#: relative precision of a value returned in each dtype: one ulp (2^-mantissa bits)
+ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def _encode_oracle(x, W, be, bd):
+    """(relu(pre) in float64 from the kernel's rounded inputs, a per-row bound on the fp32 accumulation error)."""
+    xc = (x - bd).double().cpu()  # same rounding of x - b_dec as the kernel's input
+    W64, be64 = W.double().cpu(), be.double().cpu()
+    pre = (xc @ W64.T + be64).clamp_min(0)
+    terms = xc.abs() @ W64.abs().T + be64.abs()               # what the fp32 sum's rounding scales with
+    acc = (x.shape[1] + 2) * 2.0 ** -23 * terms.max(1, keepdim=True).values
+    return pre, acc
+
+
 def _check_encode(x, W, be, bd, k, values, indices):
-    B = x.shape[0]
+    """The guarantee of the fused encoder (dlmscope/kernels/topk_encode.py) against float64, exactly as stated:
+    fp32 inputs (int64 keys) select the true top-k up to fp32 accumulation; 16-bit inputs (int32 keys keeping
+    p = 23 - INDEX_BITS mantissa bits) select it up to values that agree in their kept bits and return values
+    within one ulp of the output dtype."""
+    from dlmscope.kernels._launch import KEY32_KEPT_BITS, encode_config
+
+    B, n = x.shape[0], W.shape[0]
     dtype = x.dtype
     assert values.shape == (B, k) and indices.shape == (B, k)
     assert values.dtype == dtype and indices.dtype == torch.int64
-    xc = (x - bd).double().cpu()  # same rounding of x - b_dec as the kernel's input
-    pre = (xc @ W.double().cpu().T + be.double().cpu()).clamp_min(0)
+    pre, acc = _encode_oracle(x, W, be, bd)
     idx = indices.cpu()
-    assert int(idx.min()) >= 0 and int(idx.max()) < W.shape[0]
+    assert int(idx.min()) >= 0 and int(idx.max()) < n
     for r in range(B):
         assert len(set(idx[r].tolist())) == k, f"row {r}: repeated indices"
-    scale = float(pre.abs().max()) + 1.0
-    # the values are the pre-activations at the returned indices ...
-    _close(values, pre.gather(1, idx), dtype, scale)
-    # ... and they are the k largest (compare the sorted values: robust to near-ties)
-    ref = pre.topk(k, dim=1).values
-    _close(values.double().cpu().sort(1, descending=True).values, ref, dtype, scale)
-    # every latent left out is no larger than the smallest kept one (up to rounding)
-    kept_min = pre.gather(1, idx).min(1).values
-    mask = torch.ones_like(pre, dtype=torch.bool).scatter_(1, idx, False)
-    left_max = pre.masked_fill(~mask, -1.0).max(1).values
-    rtol, atol = TOL[dtype]
-    assert bool((left_max <= kept_min + atol * scale + rtol * kept_min.abs()).all())
+    bits = encode_config(x, n, k).INDEX_BITS
+    if dtype == torch.float32:
+        assert bits == 0                                      # int64 keys: no truncation
+    else:
+        assert 23 - bits >= KEY32_KEPT_BITS[dtype]
+    trunc = 2.0 ** -(23 - bits) if bits else 0.0              # relative truncation of a 32-bit key's value
+    at_idx = pre.gather(1, idx)
+    got = values.double().cpu()
+    # the values are the pre-activations at the returned indices, within one output ulp (+ accumulation)
+    assert bool(((got - at_idx).abs() <= ULP[dtype] * at_idx + acc).all()), float((got - at_idx).abs().max())
+    # every latent left out is no larger than the smallest kept one, up to the kept bits (+ accumulation)
+    kept_min = at_idx.min(1, keepdim=True).values
+    left = pre.scatter(1, idx, -1.0)
+    assert bool((left <= kept_min * (1 + trunc) + 2 * acc).all())
 
 
 @pytest.mark.parametrize("B,d,n,k,dtype", [
@@ -74,6 +95,9 @@ def _check_encode(x, W, be, bd, k, values, indices):
     (9, 24, 40, 40, torch.float16),     # k = n (padding keys never win)
     (17, 40, 300, 20, torch.float32),   # KP = 32 > 16
     (12, 19, 64, 16, torch.bfloat16),   # k a power of two, n = one tile
+    (37, 50, 300, 7, torch.bfloat16),   # 32-bit keys over several splits, ragged tails
+    (11, 21, 90, 90, torch.bfloat16),   # k = n with 32-bit keys
+    (21, 30, 200, 12, torch.float16),
 ])
 def test_topk_encode(B, d, n, k, dtype):
     g = _gen(B * 1000 + n)
@@ -83,16 +107,88 @@ def test_topk_encode(B, d, n, k, dtype):
     _check_encode(x, W, be, bd, k, values, indices)
 
 
-def test_topk_encode_fewer_positives_than_k():
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_topk_encode_non_contiguous_input(dtype):
+    g = _gen(31)
+    B, d, n, k = 14, 22, 80, 5
+    x = _randn(d, B, dtype=dtype, g=g).T                          # column-major rows
+    assert not x.is_contiguous()
+    W, be, bd = _randn(n, d, dtype=dtype, g=g), _randn(n, dtype=dtype, g=g), _randn(d, dtype=dtype, g=g)
+    values, indices = K.topk_encode(x, W, be, bd, k)
+    _check_encode(x, W, be, bd, k, values, indices)
+
+
+@pytest.mark.parametrize("one_red", ["0", "1"])
+def test_topk_encode_32bit_keys_wrap_safely(monkeypatch, one_red):
+    """Huge values (fp32 bits above 2^30, so the pair sum of the one-reduction compare-and-swap overflows int32)
+    and both compare-and-swap variants give the same, valid selection."""
+    monkeypatch.setenv("DLMSCOPE_ENCODE_ONE_RED", one_red)
+    g = _gen(41)
+    B, d, n, k = 9, 16, 100, 6
+    x, W = _randn(B, d, dtype=torch.bfloat16, g=g, scale=1e15), _randn(n, d, dtype=torch.bfloat16, g=g, scale=1e15)
+    be, bd = torch.zeros(n, dtype=torch.bfloat16, device=DEV), torch.zeros(d, dtype=torch.bfloat16, device=DEV)
+    values, indices = K.topk_encode(x, W, be, bd, k)
+    _check_encode(x, W, be, bd, k, values, indices)
+    assert float(values.float().max()) > 1e29
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_encode_32bit_keys_agree_in_kept_bits(dtype):
+    """Values that differ only below the kept bits tie: the lower split-local index wins. pre_j = 1 + j * 2^-(p+2)
+    (exact in fp32, bf16/fp16 inputs), so every 4 consecutive latents share their kept bits: the top-3 is
+    {60, 61, 62}, not the float64 top-3 {61, 62, 63} - which the guarantee allows."""
+    from dlmscope.kernels._launch import encode_config
+
+    n, d, k = 64, 2, 3
+    p = 23 - encode_config(torch.empty(1, d, dtype=dtype), n, k).INDEX_BITS
+    x = torch.tensor([[1.0, 2.0 ** -(p + 2)]] * 3, dtype=dtype, device=DEV)
+    W = torch.stack([torch.ones(n), torch.arange(n, dtype=torch.float32)], 1).to(dtype).to(DEV)
+    be, bd = torch.zeros(n, dtype=dtype, device=DEV), torch.zeros(d, dtype=dtype, device=DEV)
+    values, indices = K.topk_encode(x, W, be, bd, k)
+    _check_encode(x, W, be, bd, k, values, indices)
+    assert indices.sort(1).values.tolist() == [[60, 61, 62]] * 3
+
+
+def test_topk_encode_key_width_override(monkeypatch):
+    """DLMSCOPE_ENCODE_KEYS=64 gives bf16 the exact int64 keys; =32 gives fp32 the 32-bit ones; others fail."""
+    from dlmscope.kernels._launch import encode_config
+
+    g = _gen(43)
+    x, W = _randn(6, 12, dtype=torch.bfloat16, g=g), _randn(50, 12, dtype=torch.bfloat16, g=g)
+    be, bd = _randn(50, dtype=torch.bfloat16, g=g), _randn(12, dtype=torch.bfloat16, g=g)
+    monkeypatch.setenv("DLMSCOPE_ENCODE_KEYS", "64")
+    assert encode_config(x, 50, 4).INDEX_BITS == 0
+    values, indices = K.topk_encode(x, W, be, bd, 4)
+    _check_encode(x, W, be, bd, 4, values, indices)
+    monkeypatch.setenv("DLMSCOPE_ENCODE_KEYS", "32")
+    assert encode_config(x.float(), 50, 4).INDEX_BITS > 0
+    monkeypatch.setenv("DLMSCOPE_ENCODE_KEYS", "16")
+    with pytest.raises(ValueError, match="DLMSCOPE_ENCODE_KEYS"):
+        encode_config(x, 50, 4)
+
+
+@pytest.mark.parametrize("dtype,max_bits", [(torch.bfloat16, 15), (torch.float16, 12)])
+def test_encode_config_bounds_split_for_32bit_keys(dtype, max_bits):
+    """Splits are cut so a split-local index fits in INDEX_BITS <= 23 - kept bits, and they cover n."""
+    from dlmscope.kernels._launch import encode_config
+
+    for n in (70, 4096, 1 << 16, 100_003):
+        cfg = encode_config(torch.empty(4, 8, dtype=dtype), n, 10)
+        assert 1 <= cfg.INDEX_BITS <= max_bits and min(n, cfg.n_per_split) <= 1 << cfg.INDEX_BITS
+        assert cfg.splits * cfg.n_per_split >= n > (cfg.splits - 1) * cfg.n_per_split
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_topk_encode_fewer_positives_than_k(dtype):
     """Rows with < k positive pre-activations: all positives kept, zeros padded at distinct indices."""
     g = _gen(7)
     B, d, n, k = 6, 24, 90, 10
-    x, W = _randn(B, d, g=g), _randn(n, d, g=g)
-    be = torch.full((n,), -1e3, dtype=torch.float32, device=DEV)
+    x, W = _randn(B, d, dtype=dtype, g=g), _randn(n, d, dtype=dtype, g=g)
+    be = torch.full((n,), -1e3, dtype=dtype, device=DEV)
     be[torch.tensor([3, 17, 50, 88])] = 1e3  # exactly 4 positive latents per row
     x[0] = 0.0  # row 0 still has these 4; make one row have none at all
-    be_none = torch.full((n,), -1.0, dtype=torch.float32, device=DEV)
-    bd = torch.zeros(d, device=DEV)
+    be_none = torch.full((n,), -1.0, dtype=dtype, device=DEV)
+    bd = torch.zeros(d, dtype=dtype, device=DEV)
     values, indices = K.topk_encode(x, W, be, bd, k)
     _check_encode(x, W, be, bd, k, values, indices)
     for r in range(B):
@@ -105,21 +201,31 @@ def test_topk_encode_fewer_positives_than_k():
     assert all(len(set(r)) == k for r in indices.tolist())
 
 
-def test_topk_encode_ties_prefer_lower_index():
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_topk_encode_ties_prefer_lower_index(dtype):
+    from dlmscope.kernels._launch import encode_config
+
     B, d, n, k = 3, 16, 50, 4
-    x = torch.zeros(B, d, device=DEV)
-    W = torch.zeros(n, d, device=DEV)
-    be = torch.ones(n, device=DEV)  # every latent ties at 1.0
-    values, indices = K.topk_encode(x, W, be, torch.zeros(d, device=DEV), k)
+    x = torch.zeros(B, d, dtype=dtype, device=DEV)
+    W = torch.zeros(n, d, dtype=dtype, device=DEV)
+    be = torch.ones(n, dtype=dtype, device=DEV)  # every latent ties at 1.0
+    values, indices = K.topk_encode(x, W, be, torch.zeros(d, dtype=dtype, device=DEV), k)
     assert bool((values == 1).all())
-    assert indices.sort(1).values.tolist() == [[0, 1, 2, 3]] * B
+    cfg = encode_config(x, n, k)
+    if cfg.INDEX_BITS:  # 32-bit keys hold split-local indices: the lower index wins within each split
+        assert cfg.splits > 1 and bool(((indices % cfg.n_per_split) < k).all())
+        assert all(len(set(r)) == k for r in indices.tolist())
+    else:
+        assert indices.sort(1).values.tolist() == [[0, 1, 2, 3]] * B
 
 
-def test_topk_encode_large_k():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_encode_large_k(dtype):
     """k = 130 -> KP = 256 (the wide-tile path)."""
     g = _gen(11)
     B, d, n, k = 5, 18, 300, 130
-    x, W, be, bd = _randn(B, d, g=g), _randn(n, d, g=g), _randn(n, g=g, scale=0.1), _randn(d, g=g, scale=0.1)
+    x, W = _randn(B, d, dtype=dtype, g=g), _randn(n, d, dtype=dtype, g=g)
+    be, bd = _randn(n, dtype=dtype, g=g, scale=0.1), _randn(d, dtype=dtype, g=g, scale=0.1)
     values, indices = K.topk_encode(x, W, be, bd, k)
     _check_encode(x, W, be, bd, k, values, indices)
 

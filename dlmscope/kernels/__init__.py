@@ -6,13 +6,14 @@ Each function takes contiguous, already-validated tensors on one device (CUDA, o
 from .decoder_norm import decoder_norm_step
 from .gather_accumulate import gather_accumulate
 from .sddmm import sddmm
-from .topk_encode import topk_candidates, topk_encode, unpack_keys
+from .topk_encode import topk_candidates, topk_encode, unpack_candidates, unpack_keys
 from .transpose_reduce import sort_by_latent, transpose_reduce
 
 __all__ = [
     "topk_encode",
     "topk_candidates",
     "unpack_keys",
+    "unpack_candidates",
     "gather_accumulate",
     "sddmm",
     "transpose_reduce",

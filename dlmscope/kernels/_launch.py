@@ -65,7 +65,7 @@ def dot_precision(t: torch.Tensor) -> str:
 # ---- topk_encode --------------------------------------------------------------------------------------
 class EncodeConfig:
     __slots__ = ("KP", "BLOCK_B", "BLOCK_N", "BLOCK_D", "GROUP_B", "splits", "n_per_split", "num_warps",
-                 "num_stages")
+                 "num_stages", "INDEX_BITS", "ONE_RED")
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return "EncodeConfig(" + ", ".join(f"{s}={getattr(self, s)}" for s in self.__slots__) + ")"
@@ -93,6 +93,25 @@ def tile_override(KP: int) -> tuple[int, int, int, int, int] | None:
     return tile
 
 
+#: mantissa bits of the fp32 pre-activation that a 32-bit key keeps, per 16-bit input dtype: one more than the
+#: output dtype has (bf16 7, fp16 10), so a truncated value still rounds to within 1 ulp of the output dtype
+KEY32_KEPT_BITS = {torch.bfloat16: 8, torch.float16: 11}
+#: ``32`` / ``64`` forces the key width of the fused encoder (for A/B runs on a GPU); unset: 32 for 16-bit inputs
+KEYS_ENV = "DLMSCOPE_ENCODE_KEYS"
+#: 1: bitonic compare-and-swap with one reduction per step (partner = pair sum - self); 0: min + max reductions
+ONE_RED_ENV = "DLMSCOPE_ENCODE_ONE_RED"
+
+
+def key32_max_index_bits(dtype: torch.dtype) -> int:
+    """Largest split-local index width of a 32-bit key for ``dtype`` inputs (0: the dtype uses int64 keys)."""
+    width = os.environ.get(KEYS_ENV, "").strip()
+    if width not in ("", "32", "64"):
+        raise ValueError(f"{KEYS_ENV} must be 32 or 64, got {width!r}")
+    if width == "64" or (dtype not in KEY32_KEPT_BITS and width != "32"):
+        return 0
+    return 23 - KEY32_KEPT_BITS.get(dtype, 8)
+
+
 def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
     """Tiles of the fused encoder: GEMM tile BLOCK_B x BLOCK_N (x BLOCK_D), running top-KP per row.
 
@@ -100,6 +119,9 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
     elementwise max + bitonic merge. The latent axis is cut into ``splits`` ranges (multiples of BLOCK_N)
     so that there are enough programs; programs are ordered in groups of GROUP_B row blocks x all splits so
     the x blocks and W tiles that run concurrently fit in L2.
+
+    Keys: int32 for bf16 / fp16 (``INDEX_BITS`` = L = log2 of the split's latent range rounded up to a power of
+    two; splits are made small enough that ``L <= key32_max_index_bits``), int64 otherwise (``INDEX_BITS`` 0).
     """
     B, d = x.shape
     cfg = EncodeConfig()
@@ -140,8 +162,15 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
         splits = max(cdiv(num_sms(x), cfg.GROUP_B), cdiv(target_programs, row_blocks))
         splits = max(1, min(splits, n_tiles))
     tiles_per_split = cdiv(n_tiles, splits)
+    max_bits = key32_max_index_bits(x.dtype)
+    if max_bits and cfg.BLOCK_N > 1 << max_bits:
+        max_bits = 0                                      # a tile wider than the index range: int64 keys
+    if max_bits:                                          # split-local indices must fit in max_bits
+        tiles_per_split = min(tiles_per_split, (1 << max_bits) // cfg.BLOCK_N)
     cfg.n_per_split = tiles_per_split * cfg.BLOCK_N
     cfg.splits = cdiv(n, cfg.n_per_split)
+    cfg.INDEX_BITS = max(1, log2(next_pow2(min(n, cfg.n_per_split)))) if max_bits else 0
+    cfg.ONE_RED = os.environ.get(ONE_RED_ENV, "1") != "0"
     cfg.GROUP_B = max(1, min(cfg.GROUP_B, row_blocks))
     return cfg
 
