@@ -2,6 +2,10 @@
 chunk (smaller than k, not dividing n, larger than n)."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -58,3 +62,37 @@ def test_encoder_tile_override_is_validated(monkeypatch):
         monkeypatch.setenv("DLMSCOPE_ENCODE_TILE", bad)
         with pytest.raises(ValueError, match="DLMSCOPE_ENCODE_TILE"):
             tile_override(64)
+
+
+_TRITON_HERE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _TRITON_HERE or importlib.util.find_spec("triton") is None,
+                    reason="the Triton select needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("B,d,n,k,chunk,dtype,min_k", [
+    (3, 8, 700, 300, 7, torch.float32, None),       # the shipped threshold: chunks of k=300, last one 100 wide
+    (5, 12, 64, 5, 8, torch.bfloat16, 2),           # threshold lowered: 8 chunks, ragged nothing
+    (4, 10, 50, 9, 7, torch.float16, 2),            # chunk < k -> chunks of k, last narrower than k
+    (4, 10, 50, 6, 1000, torch.float32, 2),         # one chunk: no merge
+])
+def test_chunked_encode_with_triton_select(monkeypatch, B, d, n, k, chunk, dtype, min_k):
+    """From SELECT_MIN_K the chunks' top-k is the Triton threshold-then-compact select: a valid top-k against
+    float64 (tests/test_ops.py's check), ids distinct, and the select really ran."""
+    from dlmscope.backends import chunked_backend
+    select_mod = importlib.import_module("dlmscope.kernels.topk_select")   # the module (the package exports the function)
+
+    from .conftest import tolerance
+    from .test_ops import check_topk, make_sae
+
+    monkeypatch.setenv("DLMSCOPE_CHUNK_LATENTS", str(chunk))
+    if min_k is not None:
+        monkeypatch.setattr(chunked_backend, "SELECT_MIN_K", min_k)
+    calls = []
+    real = select_mod.topk_select
+    monkeypatch.setattr(select_mod, "topk_select", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    device = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+    x, W_enc, b_enc, _, b_dec = make_sae(B, d, n, dtype, device, seed=n + k, bias_shift=-0.5)
+    values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, k, backend="chunked")
+    check_topk(values, indices, x, W_enc, b_enc, b_dec, k, tolerance(dtype, "chunked"))
+    width = max(chunk, k)
+    assert calls == [min(k, min(s + width, n) - s) for s in range(0, n, width)]

@@ -6,9 +6,16 @@ Exact: the k largest of a row are among the union of each chunk's k largest, so 
 pre-activations are never materialised (B × ``chunk`` at a time), which is what makes B · n ≥ 2³¹ shapes fit and
 keeps the selection cache-sized; on a GPU it is the measured alternative to the fused Triton encoder
 (``scripts/gpu_check.sh`` times both). ``DLMSCOPE_CHUNK_LATENTS`` sets the chunk (default 16384).
+
+Per-chunk selection: ``torch.topk`` of ``relu(addmm)``; from k = ``SELECT_MIN_K`` (256; where the fused encoder's
+register-resident top-k spills) on tensors the Triton kernels can take (CUDA, or CPU under ``TRITON_INTERPRET=1``)
+in fp32 / bf16 / fp16, a plain ``mm`` and the Triton threshold-then-compact select
+(:func:`dlmscope.kernels.topk_select`, bias + ReLU fused, exact on the fp32 values), writing each chunk's
+candidates into one float32 buffer that a final ``torch.topk`` merges.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -16,6 +23,17 @@ import torch
 from .torch_backend import TorchBackend
 
 DEFAULT_CHUNK = 16384
+#: k from which the per-chunk selection is the Triton select where it can run
+SELECT_MIN_K = 256
+
+
+def triton_select_applies(x: torch.Tensor, k: int) -> bool:
+    """Whether the chunks' top-k run as :func:`dlmscope.kernels.topk_select` (see the module docstring)."""
+    if k < SELECT_MIN_K or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    return importlib.util.find_spec("triton") is not None
 
 
 def chunk_latents() -> int:
@@ -35,6 +53,8 @@ class ChunkedBackend(TorchBackend):
     def encode(self, x, W_enc, b_enc, b_dec, k):
         n = W_enc.shape[0]
         chunk = max(chunk_latents(), k)                    # a chunk holds at least k latents: one merge suffices
+        if triton_select_applies(x, k):
+            return self._encode_select(x, W_enc, b_enc, b_dec, k, chunk)
         if chunk >= n:
             return super().encode(x, W_enc, b_enc, b_dec, k)
         xc = x - b_dec
@@ -47,3 +67,26 @@ class ChunkedBackend(TorchBackend):
             indices.append(i + start)
         v, j = torch.cat(values, dim=-1).topk(k, dim=-1, sorted=False)
         return v, torch.cat(indices, dim=-1).gather(-1, j)
+
+    @staticmethod
+    def _encode_select(x, W_enc, b_enc, b_dec, k, chunk):
+        """mm per chunk + the Triton select into column blocks of one [B, Σ min(k, chunk size)] buffer."""
+        from ..kernels.topk_select import topk_select  # lazily: importing triton costs ~1 s
+
+        n = W_enc.shape[0]
+        xc = x - b_dec
+        starts = list(range(0, n, chunk))
+        widths = [min(k, min(start + chunk, n) - start) for start in starts]
+        values = torch.empty((x.shape[0], sum(widths)), dtype=torch.float32, device=x.device)
+        indices = torch.empty((x.shape[0], sum(widths)), dtype=torch.int64, device=x.device)
+        col = 0
+        for start, width in zip(starts, widths):
+            stop = min(start + chunk, n)
+            pre = xc @ W_enc[start:stop].T                                                  # [B, chunk]
+            topk_select(pre, b_enc[start:stop], width, id_offset=start,
+                        values=values[:, col:col + width], indices=indices[:, col:col + width])
+            col += width
+        if len(starts) > 1:
+            values, j = values.topk(k, dim=-1, sorted=False)
+            indices = indices.gather(-1, j)
+        return values.to(x.dtype), indices

@@ -7,6 +7,7 @@ from .decoder_norm import decoder_norm_step
 from .gather_accumulate import gather_accumulate
 from .sddmm import sddmm
 from .topk_encode import topk_candidates, topk_encode, unpack_candidates, unpack_keys
+from .topk_select import topk_select
 from .transpose_reduce import sort_by_latent, transpose_reduce
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "topk_candidates",
     "unpack_keys",
     "unpack_candidates",
+    "topk_select",
     "gather_accumulate",
     "sddmm",
     "transpose_reduce",

@@ -112,6 +112,17 @@ def key32_max_index_bits(dtype: torch.dtype) -> int:
     return 23 - KEY32_KEPT_BITS.get(dtype, 8)
 
 
+def cuda_tile(KP: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages)`` of the fused encoder on CUDA (before
+    ``$DLMSCOPE_ENCODE_TILE``). Register budgets from compiling for sm_90 with triton 3.6
+    (scripts/sm90_report.py -> benchmarks/results/sm90-encoder-compile.md, which compiles exactly these)."""
+    if KP <= 128:
+        return 64, 128, 32, 8, 3
+    if KP <= 256:
+        return 32, 256, 32, 8, 3
+    return 16, KP, 32, 16, 2  # large k (e.g. 820 -> KP 1024): narrow row blocks, one KP-wide latent tile per step
+
+
 def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
     """Tiles of the fused encoder: GEMM tile BLOCK_B x BLOCK_N (x BLOCK_D), running top-KP per row.
 
@@ -135,15 +146,7 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
         cfg.num_warps, cfg.num_stages = 4, 1
         target_programs = 1
     else:
-        # Register budgets from compiling for sm_90 with triton 3.6 (scripts/sm90_report.py ->
-        # benchmarks/results/sm90-encoder-compile.md): KP<=128 at 64x128x32, 8 warps: 168-220 registers, no
-        # spills, warp-group MMA; KP=256 (32x256) spills 4 B and loses wgmma; KP=512/1024 spill 0.5-3 KB.
-        if KP <= 128:
-            cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 64, 128, 32, 8, 3
-        elif KP <= 256:
-            cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 32, 256, 32, 8, 3
-        else:  # large k (e.g. 820 -> KP 1024): narrow row blocks, one KP-wide latent tile per step
-            cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = 16, KP, 32, 16, 2
+        cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = cuda_tile(KP, x.dtype)
         tile = tile_override(KP)
         if tile is not None:
             cfg.BLOCK_B, cfg.BLOCK_N, cfg.BLOCK_D, cfg.num_warps, cfg.num_stages = tile
@@ -172,6 +175,24 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
     cfg.INDEX_BITS = max(1, log2(next_pow2(min(n, cfg.n_per_split)))) if max_bits else 0
     cfg.ONE_RED = os.environ.get(ONE_RED_ENV, "1") != "0"
     cfg.GROUP_B = max(1, min(cfg.GROUP_B, row_blocks))
+    return cfg
+
+
+# ---- topk_select ----------------------------------------------------------------------------------------
+class SelectConfig:
+    __slots__ = ("BLOCK_C", "num_warps")
+
+
+def select_config(t: torch.Tensor, C: int) -> SelectConfig:
+    """Row sweep width of the threshold-then-compact select: 4096 columns per step with 8 warps on CUDA (16
+    values per thread in flight; compiled clean for sm_90, see scripts/sm90_report.py), 32 under the interpreter
+    so tests take several sweeps."""
+    cfg = SelectConfig()
+    if interpreted(t):
+        cfg.BLOCK_C, cfg.num_warps = min(32, next_pow2(C)), 1
+    else:
+        cfg.BLOCK_C = min(4096, max(256, next_pow2(C)))
+        cfg.num_warps = 8 if cfg.BLOCK_C >= 2048 else 4
     return cfg
 
 
