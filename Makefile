@@ -4,7 +4,7 @@ PY ?= $(if $(VIRTUAL_ENV),python,$(if $(wildcard .venv/bin/python),.venv/bin/pyt
 VENV_PY := .venv/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install test test-all bench gpu-check wheel demo demo-synthetic clean
+.PHONY: venv install test test-all bench gpu-check cuda wheel demo demo-synthetic clean
 
 # Create .venv (unless a virtualenv is active), install the CPU torch pin, the package and its test extras.
 venv:
@@ -30,6 +30,11 @@ bench: install
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The plain-CUDA kernels (csrc/cuda) as dlmscope/libdlmscope_cuda.so for sm_80/sm_90, and their ptxas report in
+# benchmarks/results/cuda-compile.md; needs nvcc, not a GPU (the `cuda` backend loads the library on a GPU).
+cuda:
+	bash scripts/build_cuda.sh
 
 wheel: venv
 	$(PYBIN) -m pip install -q "$(TORCH_PIN)" build pybind11 ninja

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     def fn_rows(variant):
-        backend = {"triton": "triton", "chunked": "chunked", "torch": "torch"}[variant]
+        backend = {"triton": "triton", "chunked": "chunked", "cuda": "cuda", "torch": "torch"}[variant]
         return dlmscope.topk_encode(x[:64], W, b_enc, b_dec, k, backend=backend)
 
     measure("gemm", "x @ W.T", lambda: torch.mm(x, W.T))
@@ -129,6 +129,10 @@ def main(argv=None) -> int:
     for chunk in CHUNKS if not a.dry else (512, 1024):
         measure("chunked", f"chunk {chunk}", lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="chunked"),
                 env={"DLMSCOPE_CHUNK_LATENTS": str(chunk)})
+    if "cuda" in dlmscope.available_backends() and not a.dry:
+        for chunk in CHUNKS:
+            measure("cuda", f"chunk {chunk}", lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="cuda"),
+                    env={"DLMSCOPE_CHUNK_LATENTS": str(chunk)})
     measure("torch", "addmm + relu + topk", lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="torch"))
     return 0 if all("error" not in r for r in result["rows"]) else 1
 

@@ -224,6 +224,8 @@ STEP_LABELS = {
     "torch": "dlmscope `torch` backend (embedding_bag / index_add, fused Adam)",
     "cpu": "dlmscope `cpu` backend (C++/OpenMP kernels)",
     "triton": "dlmscope `triton` backend",
+    "chunked": "dlmscope `chunked` backend (cuBLAS chunks + top-k, torch sparse ops)",
+    "cuda": "dlmscope `cuda` backend (csrc/cuda kernels, cuBLAS chunks)",
 }
 
 

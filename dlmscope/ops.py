@@ -253,9 +253,12 @@ def _topk_encode_grouped_setup(ctx, inputs, output):
 def _topk_encode_grouped_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
     x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
     need_dx = bool(ctx.needs_input_grad[0])
-    dx, dW_enc, db_enc, db_dec = _topk_encode_backward_op(
-        torch.cat([d_values, d_aux_values], 1), torch.cat([values, aux_values], 1),
-        torch.cat([indices, aux_indices], 1), x, W_enc, b_dec, need_dx, ctx.backend)
+    if aux_indices.shape[1]:
+        d_values, values = torch.cat([d_values, d_aux_values], 1), torch.cat([values, aux_values], 1)
+        indices = torch.cat([indices, aux_indices], 1)
+    # without AuxK the ids stay the forward's tensor: the decoder's backward may already have sorted them
+    dx, dW_enc, db_enc, db_dec = _topk_encode_backward_op(d_values, values, indices, x, W_enc, b_dec, need_dx,
+                                                          ctx.backend)
     return dx if need_dx else None, dW_enc, db_enc, db_dec, None, None, None, None, None
 
 

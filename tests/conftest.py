@@ -36,7 +36,7 @@ def backend_device(name: str) -> torch.device | None:
     return None
 
 
-ALL_BACKENDS = ("torch", "cpu", "triton", "chunked")
+ALL_BACKENDS = ("torch", "cpu", "triton", "chunked", "cuda")
 # small latent chunks, so the chunked encoder really splits (and merges) at the tests' shapes, n not a multiple
 os.environ.setdefault("DLMSCOPE_CHUNK_LATENTS", "7")
 # the triton backend's tests test the fused kernel itself, not the autotuned choice (tests/test_autotune.py)

@@ -2,7 +2,9 @@
 
 Backends: ``torch`` (plain PyTorch, always available), ``cpu`` (C++/OpenMP extension ``dlmscope._C``),
 ``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``), ``chunked`` (the encoder as GEMMs
-over latent chunks with per-chunk top-k and one merge; never chosen by default, pick it by name).
+over latent chunks with per-chunk top-k and one merge), ``cuda`` (the plain-CUDA kernels of csrc/cuda, loaded
+from ``libdlmscope_cuda.so``; ``make cuda`` builds it). ``chunked`` and ``cuda`` are never chosen by default:
+pick them by name.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ _SPECS = {
     "cpu": "dlmscope.backends.cpu_backend:CpuBackend",
     "triton": "dlmscope.backends.triton_backend:TritonBackend",
     "chunked": "dlmscope.backends.chunked_backend:ChunkedBackend",
+    "cuda": "dlmscope.backends.cuda_backend:CudaBackend",
 }
 #: preference order per device type when nothing is requested.
 _PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}

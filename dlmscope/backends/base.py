@@ -50,6 +50,27 @@ def weighted_row_sum(coef: Tensor, W: Tensor) -> Tensor:
     return out
 
 
+class SortCache:
+    """The last sort of an ids tensor by latent, so that a training step's two transpose-reduces (dW_dec in the
+    decoder's backward, dW_enc in the encoder's, over the same ``indices``) sort once.
+
+    Keyed by the ids' address, shape, strides, version counter and ``n``. The cache holds a reference to the ids,
+    so their memory cannot be reused by another tensor while the entry lives; an in-place change bumps the version.
+    """
+
+    def __init__(self, compute):
+        self._compute = compute
+        self._key = None
+        self._ids: Tensor | None = None
+        self._value = None
+
+    def get(self, idx: Tensor, n: int):
+        key = (idx.data_ptr(), tuple(idx.shape), idx.stride(), idx._version, int(n), idx.device)
+        if key != self._key:
+            self._value, self._key, self._ids = self._compute(idx, n), key, idx
+        return self._value
+
+
 class Backend:
     """Base class. Subclasses set ``name`` and implement the primitives; composites are shared."""
 
