@@ -1,7 +1,8 @@
 """torch.distributed helpers for the trainer: init under torchrun, collectives that are no-ops when alone.
 
 Every helper works unchanged in a single process (world size 1, nothing initialised), so the trainer's code
-path is the same with and without ``torchrun``.
+path is the same with and without ``torchrun``. The collectives take an optional ``group`` (a sub-group of a
+process grid, :mod:`.latent_parallel`; None: every rank) and are no-ops on a group of one rank.
 """
 from __future__ import annotations
 
@@ -48,51 +49,75 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def group_size(group=None) -> int:
+    """Ranks in ``group`` (None: the world); 1 when not distributed."""
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
 
 
-def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
-    """In-place all-reduce (``sum``, ``max`` or ``min``) of ``t``; returns ``t``. No-op when alone."""
-    if is_distributed():
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce_(t: Tensor, op: str = "sum", group=None) -> Tensor:
+    """In-place all-reduce (``sum``, ``max`` or ``min``) of ``t`` over ``group``; returns ``t``. No-op when alone."""
+    if group_size(group) > 1:
+        dist.all_reduce(t, op=_OPS[op], group=group)
     return t
 
 
-def all_reduce_tensors_(tensors: list[Tensor], op: str = "sum") -> None:
+def all_reduce_tensors_(tensors: list[Tensor], op: str = "sum", group=None) -> None:
     """All-reduce a list of same-dtype tensors through one flat buffer (one collective), in place."""
-    if not is_distributed() or not tensors:
+    if group_size(group) <= 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    all_reduce_(flat, op)
+    all_reduce_(flat, op, group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
-def all_gather_rows(x: Tensor) -> Tensor:
+def all_gather_rows(x: Tensor, group=None) -> Tensor:
     """Concatenate every rank's ``x`` [B_r, ...] along dim 0 in rank order (B_r may differ between ranks)."""
-    if not is_distributed():
+    size = group_size(group)
+    if size <= 1:
         return x
     sizes = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size())]
-    dist.all_gather(all_sizes, sizes)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(size)]
+    dist.all_gather(all_sizes, sizes, group=group)
     all_sizes = [int(s) for s in all_sizes]
     longest = max(all_sizes)
     padded = x.new_zeros(longest, *x.shape[1:])
     padded[:x.shape[0]] = x
     gathered = [torch.empty_like(padded) for _ in all_sizes]
-    dist.all_gather(gathered, padded.contiguous())
+    dist.all_gather(gathered, padded.contiguous(), group=group)
     return torch.cat([g[:s] for g, s in zip(gathered, all_sizes)])
 
 
-def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
-    """Overwrite ``tensors`` on every rank with rank ``src``'s values (in place; nothing when alone)."""
-    if is_distributed():
+def all_gather_stacked(x: Tensor, group=None) -> Tensor:
+    """``[G, *x.shape]``: every rank's same-shaped ``x`` stacked in group-rank order, in one collective."""
+    size = group_size(group)
+    if size <= 1:
+        return x.unsqueeze(0)
+    out = x.new_empty(size * x.shape[0], *x.shape[1:])
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, x.contiguous(), group=group)
+    return out.view(size, *x.shape)
+
+
+def broadcast_(tensors: list[Tensor], src: int = 0, group=None) -> None:
+    """Overwrite ``tensors`` on every rank of ``group`` with the values of its rank ``src`` (the rank within
+    ``group``; in place; nothing when alone)."""
+    if group_size(group) > 1:
         for t in tensors:
-            dist.broadcast(t, src=src)
+            if group is None:
+                dist.broadcast(t, src=src)
+            else:
+                dist.broadcast(t, group=group, group_src=src)
 
 
 def broadcast_object(obj, src: int = 0):

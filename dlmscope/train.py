@@ -173,11 +173,7 @@ class Trainer:
 
     def __init__(self, saes: list[TopKSAE] | TopKSAE, cfg: TrainConfig | None = None, *,
                  log: LogConfig | None = None):
-        if isinstance(saes, TopKSAE):
-            saes = [saes]
-        saes = list(saes)
-        if not saes or not all(isinstance(s, TopKSAE) for s in saes):
-            raise TypeError("saes must be a non-empty list of TopKSAE")
+        saes = self._check_saes(saes)
         ds = {s.d for s in saes}
         if len(ds) != 1:
             raise ValueError(f"all SAEs of one stream must share d, got d values {sorted(ds)}")
@@ -195,15 +191,37 @@ class Trainer:
         self.tokens_seen = 0          # global tokens trained on
         self.norm_factor: float | None = None
         self.last_checkpoint: Path | None = None
+        #: the ranks that split each global batch (None: all; a latent-parallel grid's data group)
+        self.data_group = None
         self._pulled = 0              # index of the next raw batch to pull from this rank's stream
         self._batches: CheckedBatches | None = None
         self._fitted = False
         cfg = self.cfg
         self.k_aux = [min(cfg.k_aux if cfg.k_aux is not None else self.d // 2, s.n) for s in saes]
         compute_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype is not None else None
-        self.groups = make_groups(saes, self.k_aux, grouped=cfg.group_encoders, compute_dtype=compute_dtype,
-                                  backend=cfg.backend)
-        self.optimizers = [SAEOptimizer(s, cfg.lr, cfg.betas, cfg.eps, cfg.grad_clip, cfg.backend) for s in saes]
+        self.groups, self.optimizers = self._build(compute_dtype)
+
+    # ---- hooks a parallel trainer replaces (dlmscope.latent_trainer) ------------------------------------------
+    @staticmethod
+    def _check_saes(saes) -> list:
+        if isinstance(saes, TopKSAE):
+            saes = [saes]
+        saes = list(saes)
+        if not saes or not all(isinstance(s, TopKSAE) for s in saes):
+            raise TypeError("saes must be a non-empty list of TopKSAE")
+        return saes
+
+    def _build(self, compute_dtype: torch.dtype | None) -> tuple[list, list[SAEOptimizer]]:
+        """The encoder groups and one optimiser per SAE."""
+        cfg = self.cfg
+        groups = make_groups(self.saes, self.k_aux, grouped=cfg.group_encoders, compute_dtype=compute_dtype,
+                             backend=cfg.backend)
+        return groups, [SAEOptimizer(s, cfg.lr, cfg.betas, cfg.eps, cfg.grad_clip, cfg.backend) for s in self.saes]
+
+    def _checked_batches(self, it: Iterator) -> CheckedBatches:
+        """This rank's stream as checked, rank-agreed batches (from stream position ``_pulled``)."""
+        return CheckedBatches(it, d=self.d, device=self.device, dtype=self.saes[0].W_dec.dtype,
+                              nan_check=self.cfg.nan_check, index=self._pulled, latents=[s.n for s in self.saes])
 
     @property
     def device(self) -> torch.device:
@@ -222,9 +240,9 @@ class Trainer:
         # over ranks) -> per-SAE update -> dead counters (see dlmscope.train_step for the shapes)
         codes = [group.encode(xs, auxk=aux_on, dead_tokens=cfg.dead_tokens) for group in self.groups]
         terms = terms_by_sae(self.groups, xs, codes)
-        sums = reduce_across_ranks(self.groups, codes, terms, self.device)
+        sums = reduce_across_ranks(self.groups, codes, terms, self.device, self.data_group)
         losses = [sae_loss(t, r, batch_total, cfg.auxk_alpha) for t, r in zip(terms, sums.residual_sums)]
-        backward(losses, self.saes)
+        backward(losses, self.saes, self.data_group)
         for sae, optimizer in zip(self.saes, self.optimizers):
             optimizer.step(sae, lr, self.step + 1)
         for group, fired in zip(self.groups, sums.fired):
@@ -253,7 +271,7 @@ class Trainer:
         D.maybe_init(self.device)
         path = Path(resume_from) if resume_from is not None else None
         if path is None and resume and cfg.checkpoint_dir:
-            path = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+            path = self._latest_checkpoint()
         fresh = path is None
         if fresh:
             if cfg.seed is not None:
@@ -271,8 +289,7 @@ class Trainer:
             except StopIteration:
                 raise ValueError(f"the stream ended after {skipped} batches, but the checkpoint {path} had "
                                  f"consumed {self._pulled}: is it the same stream?") from None
-        self._batches = CheckedBatches(it, d=self.d, device=self.device, dtype=self.saes[0].W_dec.dtype,
-                                       nan_check=cfg.nan_check, index=self._pulled, latents=[s.n for s in self.saes])
+        self._batches = self._checked_batches(it)
         with ops.value_checks(False):
             self._run(stream, iter(self._batches), fresh)
         self._finish()
@@ -352,7 +369,7 @@ class Trainer:
         for x, _ in buffered:
             acc[0] += x.double().pow(2).sum()
             acc[1] += x.shape[0]
-        D.all_reduce_(acc)
+        D.all_reduce_(acc, group=self.data_group)
         mean_sq = float(acc[0] / acc[1])
         if not math.isfinite(mean_sq) or mean_sq <= 0:
             raise ValueError(f"cannot normalise activations: mean squared norm is {mean_sq}")
@@ -360,7 +377,7 @@ class Trainer:
 
     @torch.no_grad()
     def _init_b_dec(self, x_first: Tensor) -> None:
-        points = D.all_gather_rows(x_first)
+        points = D.all_gather_rows(x_first, group=self.data_group)
         median = geometric_median(points, max_iter=self.cfg.geometric_median_iters)
         for s in self.saes:
             s.b_dec.copy_(median.to(device=s.b_dec.device, dtype=s.b_dec.dtype))
@@ -410,24 +427,31 @@ class Trainer:
         path = Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(self.step)
         if D.is_main():
             rng_tensors, rng_meta = ckpt.rng_state()
-            meta = {
-                "format": "dlmscope-trainer-checkpoint", "version": 1,
-                "step": self.step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
-                "batches_consumed": self.step, "norm_factor": self.norm_factor, "world_size": D.world_size(),
-                "config": self.cfg.to_dict(), "saes": [s.cfg.to_dict() for s in self.saes], "rng": rng_meta,
-            }
+            meta = self._checkpoint_meta(rng_meta)
             path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, {**self._state_tensors(), **rng_tensors},
                                         meta)
         D.barrier()
         self.last_checkpoint = path
         return path
 
-    @torch.no_grad()
+    def _checkpoint_meta(self, rng_meta: dict) -> dict:
+        return {"format": "dlmscope-trainer-checkpoint", "version": 1,
+                "step": self.step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
+                "batches_consumed": self.step, "norm_factor": self.norm_factor, "world_size": D.world_size(),
+                "config": self.cfg.to_dict(), "saes": [s.cfg.to_dict() for s in self.saes], "rng": rng_meta}
+
+    def _latest_checkpoint(self) -> Path | None:
+        return ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore the trainer state (SAEs, optimisers, counters, schedule, RNG, stream position) from ``path``.
 
         The saved ``config`` is not applied (this trainer's ``cfg`` is); it may hold keys of any age."""
-        tensors, meta = ckpt.load_checkpoint(path)
+        self._restore(*ckpt.load_checkpoint(path), path)
+
+    @torch.no_grad()
+    def _restore(self, tensors: dict[str, Tensor], meta: dict, path: str | Path) -> None:
+        """Set the state from a checkpoint's ``tensors`` (named as :meth:`_state_tensors` names them) and ``meta``."""
         saved = [(c["d"], c["n"], c["k"]) for c in meta["saes"]]
         ours = [(s.d, s.n, s.k) for s in self.saes]
         if saved != ours:

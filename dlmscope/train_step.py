@@ -127,7 +127,8 @@ class EncoderGroup:
         out, aux_col = [], 0
         for j, s in enumerate(self.saes):
             cols, lo = slice(self.k_offsets[j], self.k_offsets[j + 1]), self.offsets[j]
-            values, indices = codes.values[:, cols], codes.indices[:, cols] - lo
+            # lo == 0: a view of the encoder's ids, so a backend's cached sort of them serves the decoder too
+            values, indices = codes.values[:, cols], (codes.indices[:, cols] - lo if lo else codes.indices[:, cols])
             W_dec = s.W_dec.to(cd)
             x_hat = ops.sparse_decode(values, indices, W_dec, s.b_dec.to(cd), backend=self.backend)
             e = x - x_hat.to(xs.dtype)
@@ -179,16 +180,17 @@ def terms_by_sae(groups: list[EncoderGroup], xs: Tensor, codes: list[GroupCodes]
 
 
 def reduce_across_ranks(groups: list[EncoderGroup], codes: list[GroupCodes], terms: list[SAETerms],
-                        device: torch.device) -> GlobalSums:
-    """Fired masks OR-ed and AuxK residual sums summed over ranks, in ONE collective (on ``device``).
+                        device: torch.device, group=None) -> GlobalSums:
+    """Fired masks OR-ed and AuxK residual sums summed over the ranks of ``group`` (None: all), in ONE collective
+    (on ``device``).
 
     ``codes`` per group, ``terms`` per SAE. Alone this only moves the residual sums to ``device``.
     """
     residual_sums = [t.residual_sums.to(device) if t.residual_sums is not None else None for t in terms]
-    if not D.is_distributed():
+    if D.group_size(group) <= 1:
         return GlobalSums(fired=[c.fired for c in codes], residual_sums=residual_sums)
     present = [r for r in residual_sums if r is not None]
-    flat = D.all_reduce_(torch.cat([c.fired.to(device, torch.float64) for c in codes] + present))
+    flat = D.all_reduce_(torch.cat([c.fired.to(device, torch.float64) for c in codes] + present), group=group)
     fired, offset = [], 0
     for group in groups:
         fired.append(flat[offset:offset + group.total].to(group.device) > 0)
@@ -218,21 +220,22 @@ def sae_loss(terms: SAETerms, residual_sums: Tensor | None, batch_total: int, au
     return SAELoss(loss=loss + auxk_alpha * aux, auxk=aux.detach())
 
 
-def backward(losses: list[SAELoss], saes: list[TopKSAE]) -> None:
+def backward(losses: list[SAELoss], saes: list[TopKSAE], group=None) -> None:
     """One backward of the summed losses (the SAEs share the grouped encoder's graph), then gradients summed
-    over ranks (one collective per device and dtype), so each ``.grad`` is the global batch's."""
+    over the ranks of ``group`` (None: all; one collective per device and dtype), so each ``.grad`` is the
+    global batch's."""
     total = None
     for item in losses:
         total = item.loss if total is None else total + item.loss.to(total.device)
     total.backward()
-    if D.is_distributed():
+    if D.group_size(group) > 1:
         grads: dict[tuple, list[Tensor]] = {}
         for s in saes:
             for p in PARAMS:
                 g = getattr(s, p).grad
                 grads.setdefault((str(g.device), g.dtype), []).append(g)
         for tensors in grads.values():
-            D.all_reduce_tensors_(tensors)
+            D.all_reduce_tensors_(tensors, group=group)
 
 
 class SAEOptimizer:
@@ -258,7 +261,7 @@ class SAEOptimizer:
         # decoder_norm_step projects again inside its fused pass; on a projected gradient that is a no-op.
         g.sub_((g * sae.W_dec).sum(1, keepdim=True) * sae.W_dec)
         if self.grad_clip is not None and self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([getattr(sae, p) for p in PARAMS], self.grad_clip)
+            self.clip_(sae)
         for pg in self.adam.param_groups:
             pg["lr"] = lr
         self.adam.step()
@@ -266,6 +269,11 @@ class SAEOptimizer:
                               backend=self.backend)
         for p in PARAMS:
             getattr(sae, p).grad = None
+
+    def clip_(self, sae: TopKSAE) -> None:
+        """Scale ``sae``'s gradients so that their global norm is at most ``grad_clip`` (a sharded SAE's
+        optimiser computes the norm over its shards instead)."""
+        torch.nn.utils.clip_grad_norm_([getattr(sae, p) for p in PARAMS], self.grad_clip)
 
 
 @torch.no_grad()

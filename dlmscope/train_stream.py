@@ -27,12 +27,15 @@ class CheckedBatches:
     """Iterates ``(x, batch_total)``: ``x`` [B, d] in ``dtype`` on ``device``, ``batch_total`` the global rows.
 
     ``index`` is the 0-based position in the stream of the next batch to pull (start it past the batches a
-    checkpoint already trained on). ``latents`` (the SAEs' n) only serves the error messages.
+    checkpoint already trained on). ``latents`` (the SAEs' n) only serves the error messages. ``counts_rows=False``
+    leaves this rank's rows out of ``batch_total``: its batch replicates another rank's (a latent-parallel grid,
+    where every rank of a latent group trains on the same rows and one of them counts them).
     """
 
     def __init__(self, it: Iterator, *, d: int, device: torch.device, dtype: torch.dtype, nan_check: str,
-                 index: int = 0, latents: list[int] | None = None):
+                 index: int = 0, latents: list[int] | None = None, counts_rows: bool = True):
         self._it, self.d, self.device, self.dtype, self.nan_check = it, d, device, dtype, nan_check
+        self.counts_rows = counts_rows
         self.index = index
         self.latents = latents or []
         self._bad_index: Tensor | None = None  # 0-d int64 on device: first NaN/Inf batch index, -1 if none
@@ -63,7 +66,7 @@ class CheckedBatches:
                 bad = (~torch.isfinite(x).all()).long() if good else torch.zeros((), dtype=torch.int64,
                                                                                     device=self.device)
                 flags = torch.stack([torch.tensor(int(x is not None), device=self.device),
-                                     torch.tensor(x.shape[0] if good else 0, device=self.device),
+                                     torch.tensor(x.shape[0] if good and self.counts_rows else 0, device=self.device),
                                      bad, torch.tensor(int(error is not None), device=self.device)])
                 has, total, n_bad, n_err = D.all_reduce_(flags).tolist()
                 if n_err:

@@ -1,0 +1,159 @@
+"""Latent-parallel and 2-D (data x latent) training under torchrun with gloo on CPU equals one process.
+
+Every case trains the two SAEs of :mod:`tests._latent_worker` (uneven shards, k above a shard's size, AuxK on)
+and compares the gathered SAEs with the single-process :class:`~dlmscope.train.Trainer` on the same global
+batches, to 1e-6 in fp32. The 2 x 2 grid also has one rank whose stream ends three batches early: every rank
+must stop there (a hang fails through the launch timeout). A run killed (SIGKILL) after its step-10 checkpoint
+resumes bitwise to the uninterrupted run, and its sharded checkpoint loads into one process and exports.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dlmscope import sharded_checkpoint as sc
+from dlmscope.sae import TopKSAE
+from dlmscope.train import Trainer
+from tests._latent_worker import data_stream, make_config, make_log, make_saes
+from tests._train_worker import N_BATCHES, final_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 90  # a rank that hangs in a collective fails the test instead of blocking it
+
+pytestmark = pytest.mark.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "tests._latent_worker", *args]
+    # its own session, so a timeout ends torchrun and every worker it started
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {args} hung for {LAUNCH_TIMEOUT_S} s:\n{out}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _reference(n_batches: int = N_BATCHES, saes: int = 2) -> dict[str, torch.Tensor]:
+    trainer = Trainer(make_saes(saes), make_config(), log=make_log())
+    return final_tensors(trainer.fit(data_stream(0, 1, n_batches)))
+
+
+def _assert_close(got: dict, expected: dict, atol: float = 1e-6) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=atol, rtol=0, msg=name)
+
+
+def _check_run(proc: subprocess.CompletedProcess, out: Path, steps: int, saes: int = 2) -> None:
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert f"done step={steps} " in proc.stdout, proc.stdout
+    auxk_steps = int(proc.stdout.split("auxk_steps=")[1].split()[0])
+    assert auxk_steps >= steps - 2  # AuxK was active (dead latents) on almost every step
+    _assert_close(load_file(str(out)), _reference(steps, saes))
+
+
+@pytest.fixture(scope="module")
+def latent2(tmp_path_factory):
+    """The uninterrupted R=2 run (with checkpoints every 5 steps): its output and stdout."""
+    tmp = tmp_path_factory.mktemp("latent2")
+    proc = _torchrun(2, "--latent", "2", "--out", str(tmp / "full.safetensors"), "--ckpt", str(tmp / "ckpt"))
+    return tmp / "full.safetensors", proc
+
+
+def test_latent2_equals_single_process(latent2):
+    out, proc = latent2
+    _check_run(proc, out, N_BATCHES)
+
+
+@pytest.mark.parametrize("nproc, latent, saes, short", [
+    (4, 4, 2, None),        # latent-parallel, R=4: shards of 12,12,11,11 and 6,5,5,5 latents
+    (4, 2, 1, (3, 10)),     # 2-D grid 2 x 2, one SAE (unfolded b_dec); rank 3's stream ends after 10 batches
+], ids=["latent4", "grid2x2-short-stream"])
+def test_four_ranks_equal_single_process(tmp_path, nproc, latent, saes, short):
+    out = tmp_path / "final.safetensors"
+    extra = ["--short-rank", str(short[0]), "--short-at", str(short[1])] if short else []
+    proc = _torchrun(nproc, "--latent", str(latent), "--saes", str(saes), "--out", str(out), *extra)
+    _check_run(proc, out, short[1] if short else N_BATCHES, saes)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(latent2, tmp_path_factory):
+    """(uninterrupted final, resumed final, checkpoint dir) of a 2-rank latent-parallel run killed at batch 12."""
+    full = latent2[0]
+    tmp = tmp_path_factory.mktemp("latent_resume")
+    resumed, ck = tmp / "resumed.safetensors", tmp / "ckpt"
+    killed = _torchrun(2, "--latent", "2", "--out", str(tmp / "never.safetensors"), "--ckpt", str(ck),
+                       "--kill-at", "12")
+    assert killed.returncode != 0 and not (tmp / "never.safetensors").exists()
+    assert [p.name for p in sc.list_complete(ck)] == ["step-000000010"]
+    proc = _torchrun(2, "--latent", "2", "--out", str(resumed), "--ckpt", str(ck), "--resume")
+    assert proc.returncode == 0 and f"done step={N_BATCHES} " in proc.stdout, proc.stderr[-4000:]
+    return full, resumed, ck
+
+
+def test_killed_run_resumes_bitwise(killed_and_resumed):
+    full, resumed, _ = killed_and_resumed
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max())
+
+
+def test_sharded_checkpoint_loads_in_one_process_and_exports(killed_and_resumed, tmp_path):
+    full, _, ck = killed_and_resumed
+    final = sc.latest(ck)
+    assert final.name == f"step-{N_BATCHES:09d}"  # the end-of-run checkpoint, before rescaling
+    saes = sc.load_saes(final)
+    expected = load_file(str(full))
+    # the trainer folds the norm factor into the biases at the end; load_saes does the same multiplication
+    _assert_close(final_tensors(saes), expected, atol=0)
+    for fmt in ("dlmscope", "saelens"):
+        paths = sc.export(final, tmp_path / fmt, fmt)
+        for i, path in enumerate(paths):
+            back = TopKSAE.load(path)
+            assert (back.n, back.k) == (saes[i].n, saes[i].k)
+            assert torch.equal(back.W_dec, saes[i].W_dec) and torch.equal(back.b_enc, saes[i].b_enc)
+
+
+def test_missing_and_mismatched_shards_are_named(killed_and_resumed, tmp_path):
+    _, _, ck = killed_and_resumed
+    final = sc.latest(ck)
+    broken = tmp_path / "missing" / final.name
+    shutil.copytree(final, broken)
+    (broken / sc.shard_name(1, 2)).unlink()
+    assert sc.list_complete(broken.parent) == []  # not complete: never picked for resume
+    with pytest.raises(FileNotFoundError, match=r"shard 1 of 2 .*is missing"):
+        sc.load_merged(broken)
+
+    swapped = tmp_path / "swapped" / final.name
+    shutil.copytree(final, swapped)
+    shutil.copy(swapped / sc.shard_name(0, 2), swapped / sc.shard_name(1, 2))  # shard 0's file under 1's name
+    with pytest.raises(ValueError, match="mismatched shards"):
+        sc.load_merged(swapped)
+
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        sc.read_meta(tmp_path)
