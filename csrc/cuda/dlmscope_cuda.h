@@ -18,18 +18,24 @@ enum { DLM_F32 = 0, DLM_F16 = 1, DLM_BF16 = 2 };
 
 const char* dlm_error_string(int code);
 
+/* The number of CUDA devices this library's runtime sees, or minus the cudaError_t (e.g. a driver older than the
+ * CUDA version the library was built with). */
+int dlm_device_count(void);
+
+/* Make `device` current for this library's runtime on the calling thread (its own static cudart keeps its own
+ * current device, so the caller sets the tensors' device before each launch). */
+int dlm_set_device(int device);
+
 /* Row-wise top-k of relu(pre) (threshold-then-compact: a 4-pass radix search for the k-th largest value, then a
  * block scan that writes the larger entries and, in index order, enough ties). pre [rows, cols] (ld_pre);
  * keep [cols] (uint8) or NULL: where 0 the entry counts as 0 (AuxK's mask). out_vals [rows, k] float32 and
  * out_ids [rows, k] int64 at out_col_offset within rows of out_ld; an id is in_ids[row * cols + j] if in_ids is
- * given, else id_offset + j. 1 <= k <= cols. Rows with fewer than k positive entries are padded with zeros at
- * the lowest unused j. */
+ * given (in_ids contiguous [rows, cols]), else id_offset + j. 1 <= k <= cols. NaN counts as 0 (as ReLU does in
+ * the fused kernels; dlmscope.ops rejects NaN activations before). Rows with fewer than k positive entries are
+ * padded with zeros at the lowest unused j. */
 int dlm_topk_select(const void* pre, int dtype, int64_t rows, int64_t cols, int64_t ld_pre, const uint8_t* keep,
                     const int64_t* in_ids, int64_t id_offset, int64_t k, float* out_vals, int64_t* out_ids,
                     int64_t out_ld, int64_t out_col_offset, void* stream);
-/* the same over float32 candidates (the merge of per-chunk selections) */
-int dlm_topk_select_f32(const float* pre, int64_t rows, int64_t cols, const int64_t* in_ids, int64_t k,
-                        float* out_vals, int64_t* out_ids, void* stream);
 
 /* out[b] = sum_j coef[b, j] * W[idx[b, j]]   (coef [B, k], W [n, d], out [B, d]) */
 int dlm_gather_accumulate(const void* coef, const int64_t* idx, const void* W, void* out, int dtype, int64_t B,

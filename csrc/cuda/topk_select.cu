@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(kThreads) topk_select_kernel(
     unsigned* h = hist[tid >> 5];
     for (int64_t j = tid; j < cols; j += kThreads) {
       const uint32_t key = relu_key(p, keep, j);
-      if ((key & mask) == prefix) atomicAdd(&h[(key >> shift) & 255u], 1u);
+      // zeros (most of a ReLU row) are not counted: they would serialise on bin 0; see the digit choice below
+      if (key != 0u && (key & mask) == prefix) atomicAdd(&h[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
     for (int b = tid; b < 256; b += kThreads) {
@@ -56,9 +57,11 @@ __global__ void __launch_bounds__(kThreads) topk_select_kernel(
     }
     __syncthreads();
     if (tid == 0) {
+      // the highest digit whose bin brings the count of larger entries to krem; if even bin 0's positive keys do
+      // not, the digit is 0 anyway: the uncounted zero keys fill it (k <= cols), and krem excludes the bins above
       unsigned above = 0;
       int digit = 0;
-      for (int b = 255; b >= 0; --b) {
+      for (int b = 255; b >= 1; --b) {
         if (above + hist[0][b] >= static_cast<unsigned>(krem)) { digit = b; break; }
         above += hist[0][b];
       }
@@ -117,9 +120,4 @@ extern "C" int dlm_topk_select(const void* pre, int dtype, int64_t rows, int64_t
                    static_cast<const T*>(pre), cols, ld_pre, keep, in_ids, id_offset, static_cast<int>(k), out_vals,
                    out_ids, out_ld, out_col_offset));
   return dlm::last_error();
-}
-
-extern "C" int dlm_topk_select_f32(const float* pre, int64_t rows, int64_t cols, const int64_t* in_ids, int64_t k,
-                                   float* out_vals, int64_t* out_ids, void* stream) {
-  return dlm_topk_select(pre, DLM_F32, rows, cols, cols, nullptr, in_ids, 0, k, out_vals, out_ids, k, 0, stream);
 }

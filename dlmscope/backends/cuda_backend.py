@@ -11,6 +11,7 @@
   encoder's backward share it) and a reduction in fixed-size chunks of sorted entries, so a latent firing on most
   rows is split across blocks; ``decode_backward`` fuses the SDDMM (d_values) into that pass.
 * ``decoder_norm_step`` is one block per row in registers.
+* Rows wider than ``MAX_D`` (16384) take the torch backend's transpose-reduce and decoder-norm step.
 
 Never chosen by default: pick it by name (``backend="cuda"`` / ``DLMSCOPE_BACKEND=cuda``) — it has not yet been
 validated on a GPU (``scripts/gpu_check.sh`` runs its tests and times it).
@@ -23,6 +24,11 @@ from torch import Tensor
 from . import cuda_lib
 from .base import Backend, SortCache
 from .chunked_backend import chunk_latents
+from .torch_backend import TorchBackend
+
+#: widest row the register-resident row kernels take (transpose-reduce, decoder-norm); wider rows use torch's
+MAX_D = 16384
+_TORCH = TorchBackend()
 
 
 class CudaBackend(Backend):
@@ -33,13 +39,7 @@ class CudaBackend(Backend):
         self._sorts = SortCache(cuda_lib.sort_by_latent)
 
     def is_available(self) -> bool:
-        if not torch.cuda.is_available():
-            return False
-        try:
-            cuda_lib.load()
-        except OSError:
-            return False
-        return True
+        return torch.cuda.is_available() and cuda_lib.usable()
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda"
@@ -55,12 +55,14 @@ class CudaBackend(Backend):
         chunk = chunk_latents()
         n = W_enc.shape[0]
         buf = torch.empty((B, min(chunk, n)), dtype=x.dtype, device=x.device)
-        # per selection: candidate columns [B, k * its chunks] and where the next chunk's top-k goes
+        # per selection: candidate columns [B, sum over the chunks it meets of min(k, overlap)] and the next column
         cands = []
         for start, stop, k, _keep in selections:
-            pieces = -(-(stop - start) // chunk)
-            cands.append([torch.empty((B, k * pieces), dtype=torch.float32, device=x.device),
-                          torch.empty((B, k * pieces), dtype=torch.int64, device=x.device), 0])
+            width = sum(min(k, min(stop, c0 + chunk) - max(start, c0))
+                        for c0 in range(start // chunk * chunk, stop, chunk))
+            cands.append([torch.empty((B, width), dtype=torch.float32, device=x.device),
+                          torch.empty((B, width), dtype=torch.int64, device=x.device), 0])
+        keeps = [None if keep is None else keep.to(torch.uint8) for *_, keep in selections]  # converted once
         for c0 in range(0, n, chunk):
             c1 = min(c0 + chunk, n)
             users = [s for s, (start, stop, _, _) in enumerate(selections) if start < c1 and c0 < stop]
@@ -68,20 +70,21 @@ class CudaBackend(Backend):
                 continue
             pre = torch.addmm(b_enc[c0:c1], xc, W_enc[c0:c1].T, out=buf[:, :c1 - c0])
             for s in users:
-                start, stop, k, keep = selections[s]
+                start, stop, k, _ = selections[s]
                 lo, hi = max(start, c0), min(stop, c1)
                 vals, ids, col = cands[s]
                 kk = min(k, hi - lo)
+                keep = keeps[s]
                 cuda_lib.topk_select(pre[:, lo - c0:hi - c0], kk, vals, ids, col_offset=col, id_offset=lo - start,
                                      keep=None if keep is None else keep[lo - start:hi - start])
                 cands[s][2] = col + kk
         out = []
         for (start, stop, k, _), (vals, ids, used) in zip(selections, cands):
-            vals, ids = vals[:, :used], ids[:, :used]
+            assert used == vals.shape[1], (used, vals.shape)
             if used > k:  # merge the chunks' candidates
                 v = torch.empty((B, k), dtype=torch.float32, device=x.device)
                 i = torch.empty((B, k), dtype=torch.int64, device=x.device)
-                cuda_lib.topk_select(vals.contiguous(), k, v, i, in_ids=ids.contiguous())
+                cuda_lib.topk_select(vals, k, v, i, in_ids=ids)
                 vals, ids = v, i
             out.append((vals.to(x.dtype), ids))
         return out
@@ -126,12 +129,16 @@ class CudaBackend(Backend):
         return cuda_lib.sddmm(G, idx, W)
 
     def transpose_reduce(self, coef: Tensor, idx: Tensor, X: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        if X.shape[1] > MAX_D:
+            return _TORCH.transpose_reduce(coef, idx, X, n)
         out, coef_sum, _ = cuda_lib.transpose_reduce(coef, self._sorts.get(idx, n), X, n)
         return out, coef_sum
 
     def decode_backward(self, g: Tensor, values: Tensor, indices: Tensor,
                         W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(d_values, dW_dec, db_dec): the SDDMM fused into the transpose-reduce pass over g."""
+        if g.shape[1] > MAX_D:
+            return super().decode_backward(g, values, indices, W_dec)
         dW_dec, _, d_values = cuda_lib.transpose_reduce(values, self._sorts.get(indices, W_dec.shape[0]), g,
                                                         W_dec.shape[0], W=W_dec)
         db_dec = g.sum(0, dtype=torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else None)
@@ -139,4 +146,6 @@ class CudaBackend(Backend):
 
     def decoder_norm_step(self, W, grad, exp_avg, exp_avg_sq, step: int, lr: float, beta1: float,
                           beta2: float, eps: float) -> None:
+        if W.shape[1] > MAX_D:
+            return _TORCH.decoder_norm_step(W, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
         cuda_lib.decoder_norm_step(W, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)

@@ -22,8 +22,9 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "dlm_error_string": ([_int], ctypes.c_char_p),
+    "dlm_device_count": ([], _int),
+    "dlm_set_device": ([_int], _int),
     "dlm_topk_select": ([_p, _int, _i64, _i64, _i64, _p, _p, _i64, _i64, _p, _p, _i64, _i64, _p], _int),
-    "dlm_topk_select_f32": ([_p, _i64, _i64, _p, _i64, _p, _p, _p], _int),
     "dlm_gather_accumulate": ([_p, _p, _p, _p, _int, _i64, _i64, _i64, _p], _int),
     "dlm_sddmm": ([_p, _p, _p, _p, _int, _i64, _i64, _i64, _p], _int),
     "dlm_sort_workspace_bytes": ([_i64, _i64], _i64),
@@ -61,7 +62,18 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _stream(t: Tensor) -> int:
+    """The current stream of ``t``'s device, with that device made current for the library's own runtime."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    _check(load().dlm_set_device(index), "set_device")
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def usable() -> bool:
+    """Whether the library loads and its runtime sees a device (False, e.g., on a driver older than its CUDA)."""
+    try:
+        return load().dlm_device_count() > 0
+    except OSError:
+        return False
 
 
 def dtype_code(t: Tensor) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import autotune
-from .base import Backend
+from .base import Backend, SortCache
 from .chunked_backend import ChunkedBackend
 from .torch_backend import TorchBackend
 
@@ -26,6 +26,10 @@ def _interpreting() -> bool:
 class TritonBackend(Backend):
     name = "triton"
     native_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def __init__(self):
+        # one sort of a step's ids serves the decoder's and the encoder's transpose-reduce
+        self._sorts = SortCache(lambda idx, n: self._k().sort_by_latent(idx, n))
 
     def is_available(self) -> bool:
         try:
@@ -59,7 +63,7 @@ class TritonBackend(Backend):
         return self._k().gather_accumulate(coef, idx, W)
 
     def transpose_reduce(self, coef: Tensor, idx: Tensor, X: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        return self._k().transpose_reduce(coef, idx, X, n)
+        return self._k().transpose_reduce(coef, idx, X, n, layout=self._sorts.get(idx, n))
 
     def sddmm(self, G: Tensor, idx: Tensor, W: Tensor) -> Tensor:
         return self._k().sddmm(G, idx, W)
