@@ -3,7 +3,8 @@
 # one device call (default budget 360 s, so there is time to fix and rerun once in a 15-minute lease).
 #
 #   make gpu-check                                   # = bash scripts/gpu_check.sh
-#   run(command="bash scripts/gpu_check.sh", timeout_s=420)          # from a session with the device tool
+#   make cuda; run(command="bash scripts/gpu_check.sh", carry=["dlmscope/libdlmscope_cuda.so"], timeout_s=420)
+#                                                    # from a session with the device tool (the library built here)
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh        # the same script on the CPU, small shapes (CI runs this)
 #
 # Stages, in order (each under its own `timeout`; a failed stage does not stop the next; after every stage the
@@ -20,6 +21,8 @@
 #                (DLMSCOPE_ENCODE_TILE), the chunked encoder at 3 chunk sizes, torch — vs the GEMM, TFLOP/s
 #   bench        benchmarks/report.py --device cuda: GEMM floor, every encode variant, the step per backend,
 #                peak memory (the dense reference baselines run in their own pytest process, last)
+#   sanitize     compute-sanitizer (memcheck, then racecheck) over tests/test_cuda_backend.py: out-of-bounds accesses
+#                and shared-memory races in csrc/cuda on small shapes (skipped where the tool or the library is absent)
 #   rest         the rest of the suite on CUDA while time remains
 #
 # Knobs: GPU_CHECK_BUDGET_S (360; dry 300), GPU_CHECK_STAGES (comma list), GPU_CHECK_RESULTS (results dir,
@@ -32,7 +35,7 @@ PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY:-0}
 if [ "$DRY" = 1 ]; then DEVICE=cpu; DEFAULT_BUDGET=300; else DEVICE=cuda; DEFAULT_BUDGET=360; fi
 BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET}
-STAGES=${GPU_CHECK_STAGES:-env,cudalib,import,kernels,correctness,sweep,bench,rest}
+STAGES=${GPU_CHECK_STAGES:-env,cudalib,import,kernels,correctness,sweep,bench,sanitize,rest}
 RESULTS=${GPU_CHECK_RESULTS:-$ROOT/benchmarks/results/gpu-check}
 RESERVE=15
 START=$(date +%s)
@@ -131,11 +134,22 @@ SWEEP_ARGS=(--out "$RESULTS"); [ "$DRY" = 1 ] && SWEEP_ARGS+=(--dry)
 want sweep && stage sweep 100 "$PY" benchmarks/encode_sweep.py "${SWEEP_ARGS[@]}"
 
 if want bench; then
-  left=$(( BUDGET - $(elapsed) - RESERVE - 30 ))       # keep 30 s for the rest of the suite
+  left=$(( BUDGET - $(elapsed) - RESERVE - 80 ))       # keep 80 s for sanitize and the rest of the suite
   if [ "$DRY" = 1 ]; then BENCH=(--device cpu --quick --rounds 1 --warmup 0 --no-compile); else BENCH=(--device cuda); fi
   step_s=$(( left * 60 / 100 )); ops_s=$(( left * 35 / 100 ))
   # shellcheck disable=SC2086
   stage bench "$left" "$PY" benchmarks/report.py "${BENCH[@]}" --out "$RESULTS" --timeout "$step_s,$ops_s" ${BENCH_ARGS:-}
+fi
+
+if want sanitize && [ "$DRY" != 1 ] && [ -f dlmscope/libdlmscope_cuda.so ] && command -v compute-sanitizer >/dev/null; then
+  sanitize() {
+    for tool in memcheck racecheck; do
+      compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" -m pytest -q -p no:cacheprovider -x \
+        tests/test_cuda_backend.py || return $?
+    done
+  }
+  export -f sanitize
+  stage sanitize 75 bash -c sanitize
 fi
 
 if want rest && [ "$DRY" != 1 ]; then
