@@ -145,6 +145,24 @@ A latent group is R contiguous ranks, so it stays inside a node while R <= {a['g
 slowest link. Collectives are costed as rings (all-reduce moves 2(P-1)/P of the buffer per rank, all-gather
 (P-1) pieces); nothing is overlapped with compute.
 
+## Running it
+
+```python
+# torchrun --nproc-per-node 8 train.py   (nccl on CUDA, gloo on CPU)
+from dlmscope.latent_parallel import LatentShard, make_grid
+from dlmscope.latent_trainer import LatentParallelTrainer, gather_saes
+from dlmscope import sharded_checkpoint
+
+grid = make_grid(latent_size=8, device="cuda")          # DeviceMesh ("data", "latent"): world = D x 8
+shards = [LatentShard.init(4096, 1 << 20, k, *grid.bounds(1 << 20), seed=k, device="cuda") for k in (64, 128)]
+trainer = LatentParallelTrainer(shards, grid, TrainConfig(total_tokens=..., checkpoint_dir="ckpt"))
+trainer.fit(stream)     # the same batches on every latent rank of a data rank (dlmscope.distributed_harvest)
+sharded_checkpoint.export(sharded_checkpoint.latest("ckpt"), "saes/", "saelens")   # in one process, later
+```
+
+Measured on CPU (gloo), `benchmarks/results/cpu-latent-parallel.md` (`benchmarks/latent_parallel_bench.py`,
+which also runs on a multi-GPU machine with `--device cuda`).
+
 ## Memory per rank (GB)
 
 Weights = W_enc + W_dec [n/R, d] + biases; Adam = two moments of every weight; grads = one dense copy; bf16 casts =
