@@ -152,6 +152,7 @@ slowest link. Collectives are costed as rings (all-reduce moves 2(P-1)/P of the 
 from dlmscope.latent_parallel import LatentShard, make_grid
 from dlmscope.latent_trainer import LatentParallelTrainer, gather_saes
 from dlmscope import sharded_checkpoint
+from dlmscope.train import TrainConfig
 
 grid = make_grid(latent_size=8, device="cuda")          # DeviceMesh ("data", "latent"): world = D x 8
 shards = [LatentShard.init(4096, 1 << 20, k, *grid.bounds(1 << 20), seed=k, device="cuda") for k in (64, 128)]

@@ -2,8 +2,8 @@
 
     python -m torch.distributed.run --nproc-per-node 4 -m tests._latent_worker --latent 2 --out final.safetensors
 
-The problem: two SAEs of the k sweep with latent counts that split unevenly (46 -> 12,12,11,11 and 21 -> 6,5,5,5
-over 4 ranks, k=6 above a 5-latent shard), AuxK active (dead_tokens=64), on the global batches of
+The problem: three SAEs of a k sweep with latent counts that split unevenly (46 -> 23,23 / 12,12,11,11; 21 ->
+11,10 / 6,5,5,5; 9 -> 5,4 / 3,2,2,2 over 2 / 4 ranks; k=6 above a shard's size), AuxK active (dead_tokens=64), on the global batches of
 :mod:`tests._train_worker` (the last one uneven, 37 rows). Data rank p of P gets the p-th of ``P`` contiguous
 chunks of every global batch (``tensor_split``, the first chunks one row longer); every latent rank of a data
 rank gets the same rows. ``--short-rank r --short-at m`` ends rank r's stream after m batches (the others have
@@ -27,10 +27,10 @@ from dlmscope.sae import TopKSAE
 from dlmscope.train import LogConfig, TrainConfig
 from tests._train_worker import D as DIM, N_BATCHES, final_tensors, global_batch
 
-SHAPES = ((46, 3), (21, 6))  # (n, k) per SAE
+SHAPES = ((46, 3), (21, 6), (9, 6))  # (n, k) per SAE
 
 
-def make_saes(count: int = 2) -> list[TopKSAE]:
+def make_saes(count: int = len(SHAPES)) -> list[TopKSAE]:
     return [TopKSAE(DIM, n, k, generator=torch.Generator().manual_seed(200 + n)) for n, k in SHAPES[:count]]
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latent", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--saes", type=int, default=2)
+    parser.add_argument("--saes", type=int, default=len(SHAPES))
     parser.add_argument("--short-rank", type=int, default=None)
     parser.add_argument("--short-at", type=int, default=None)
     parser.add_argument("--ckpt", default=None)
