@@ -60,8 +60,9 @@ def _check_encode(x, W, be, bd, k, values, indices):
     """The guarantee of the fused encoder (dlmscope/kernels/topk_encode.py) against float64, exactly as stated:
     fp32 inputs (int64 keys) select the true top-k up to fp32 accumulation; 16-bit inputs (int32 keys keeping
     p = 23 - INDEX_BITS mantissa bits) select it up to values that agree in their kept bits and return values
-    within one ulp of the output dtype."""
-    from dlmscope.kernels._launch import KEY32_KEPT_BITS, encode_config
+    within one ulp of the output dtype; above fused_max_kp (the chunked GEMM + select route) the selection is
+    exact for the GEMM rounded to the dtype, so both bounds grow by one ulp of the summed magnitudes."""
+    from dlmscope.kernels._launch import KEY32_KEPT_BITS, encode_config, fused_max_kp, next_pow2
 
     B, n = x.shape[0], W.shape[0]
     dtype = x.dtype
@@ -72,6 +73,14 @@ def _check_encode(x, W, be, bd, k, values, indices):
     assert int(idx.min()) >= 0 and int(idx.max()) < n
     for r in range(B):
         assert len(set(idx[r].tolist())) == k, f"row {r}: repeated indices"
+    if next_pow2(k) > fused_max_kp(dtype):
+        # the chunked GEMM + select route: exact for relu(GEMM rounded to the dtype + b_enc) in fp32
+        terms = (x - bd).double().cpu().abs() @ W.double().cpu().abs().T
+        err = ULP[dtype] * terms.max(1, keepdim=True).values + acc
+        at_idx = pre.gather(1, idx)
+        assert bool(((values.double().cpu() - at_idx).abs() <= err + ULP[dtype] * at_idx).all())
+        assert bool((pre.scatter(1, idx, -1.0) <= at_idx.min(1, keepdim=True).values + 2 * err).all())
+        return
     bits = encode_config(x, n, k).INDEX_BITS
     if dtype == torch.float32:
         assert bits == 0                                      # int64 keys: no truncation
@@ -219,22 +228,29 @@ def test_topk_encode_ties_prefer_lower_index(dtype):
         assert indices.sort(1).values.tolist() == [[0, 1, 2, 3]] * B
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_topk_encode_large_k(dtype):
-    """k = 130 -> KP = 256 (the wide-tile path)."""
+@pytest.mark.parametrize("k,dtype", [(130, torch.float32), (130, torch.bfloat16), (300, torch.float16)])
+def test_topk_encode_large_k(k, dtype):
+    """k = 130 -> KP = 256 (the wide-tile path); fp16 k = 300 -> KP = 512, the largest fused KP of 16-bit."""
     g = _gen(11)
-    B, d, n, k = 5, 18, 300, 130
+    B, d, n = 5, 18, 600
     x, W = _randn(B, d, dtype=dtype, g=g), _randn(n, d, dtype=dtype, g=g)
     be, bd = _randn(n, dtype=dtype, g=g, scale=0.1), _randn(d, dtype=dtype, g=g, scale=0.1)
     values, indices = K.topk_encode(x, W, be, bd, k)
     _check_encode(x, W, be, bd, k, values, indices)
 
 
-def test_topk_encode_k820():
-    """The paper's largest k: KP = 1024, BLOCK_N = 1024."""
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 820), (torch.bfloat16, 820), (torch.float32, 300)])
+def test_topk_encode_large_k_routes_to_select(monkeypatch, dtype, k):
+    """The paper's largest k (KP = 1024) and fp32 KP = 512: above fused_max_kp, topk_encode is the chunked GEMM +
+    threshold-then-compact select (several chunks here: SELECT_CHUNK shrunk to k)."""
+    import importlib
+
+    encode_mod = importlib.import_module("dlmscope.kernels.topk_encode")  # the module (the package exports the function)
+    monkeypatch.setattr(encode_mod, "SELECT_CHUNK", 1)     # chunks of k latents: 2 chunks and a merge
     g = _gen(12)
-    B, d, n, k = 4, 16, 1100, 820
-    x, W, be, bd = _randn(B, d, g=g), _randn(n, d, g=g), _randn(n, g=g, scale=0.1), _randn(d, g=g, scale=0.1)
+    B, d, n = 4, 16, 1100
+    x, W = _randn(B, d, dtype=dtype, g=g), _randn(n, d, dtype=dtype, g=g)
+    be, bd = _randn(n, dtype=dtype, g=g, scale=0.1), _randn(d, dtype=dtype, g=g, scale=0.1)
     values, indices = K.topk_encode(x, W, be, bd, k)
     _check_encode(x, W, be, bd, k, values, indices)
 
@@ -443,21 +459,31 @@ def _build_sm90() -> int:
             raise
 
     dt = "bf16"
-    enc_sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", cand_ptr="*i64", B="i32", N="i32", D="i32",
+    enc_sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", cand_ptr="*i32", B="i32", N="i32", D="i32",
                    n_per_split="i32", num_splits="i32", stride_xb="i32", stride_wn="i32")
     build("topk_encode", "_topk_encode_kernel", enc_sig,
           dict(KP=64, BLOCK_B=64, BLOCK_N=128, BLOCK_D=32, GROUP_B=8, INPUT_PRECISION="tf32", DOT_FP32=False,
-               LOG_B=6, LOG_N=7, LOG_K=6), 8)
+               LOG_B=6, LOG_N=7, LOG_K=6, INDEX_BITS=15, ONE_RED=True), 8)
+    build("topk_select", "_topk_select_kernel",
+          dict(pre_ptr=f"*{dt}", bias_ptr=f"*{dt}", val_ptr="*fp32", idx_ptr="*i64", C="i32", k="i32",
+               id_offset="i32", stride_pre="i32", stride_val="i32", stride_idx="i32"),
+          dict(HAS_BIAS=True, BLOCK_C=4096, RADIX=8, PASSES=4), 8, 1)
     build("gather_accumulate", "_gather_accumulate_kernel",
           dict(coef_ptr=f"*{dt}", idx_ptr="*i64", w_ptr=f"*{dt}", out_ptr=f"*{dt}", K="i32", D="i32",
                stride_w="i32", stride_out="i32"), dict(BLOCK_K=32, BLOCK_D=512), 8)
     build("sddmm", "_sddmm_kernel",
           dict(g_ptr=f"*{dt}", idx_ptr="*i64", w_ptr=f"*{dt}", out_ptr=f"*{dt}", K="i32", D="i32",
                stride_g="i32", stride_w="i32"), dict(BLOCK_K=32, BLOCK_D=128), 4)
-    build("transpose_reduce", "_transpose_reduce_kernel",
-          dict(coef_ptr=f"*{dt}", perm_ptr="*i64", starts_ptr="*i64", x_ptr=f"*{dt}", out_ptr=f"*{dt}",
-               csum_ptr=f"*{dt}", K="i32", D="i32", stride_x="i32", stride_out="i32"),
+    build("transpose_reduce", "_pieces_kernel",
+          dict(coef_ptr=f"*{dt}", perm_ptr="*i64", starts_ptr="*i64", item_lat_ptr="*i64", first_item_ptr="*i64",
+               pieces_ptr="*i64", slot_ptr="*i64", x_ptr=f"*{dt}", out_ptr=f"*{dt}", csum_ptr=f"*{dt}",
+               part_ptr="*fp32", part_csum_ptr="*fp32", N="i32", K="i32", D="i32", stride_x="i32",
+               stride_out="i32", PIECE="i32"),
           dict(BLOCK_E=16, BLOCK_D=512), 8)
+    build("transpose_reduce", "_sum_pieces_kernel",
+          dict(split_lat_ptr="*i64", pieces_ptr="*i64", slot_ptr="*i64", part_ptr="*fp32", part_csum_ptr="*fp32",
+               out_ptr=f"*{dt}", csum_ptr=f"*{dt}", N="i32", D="i32", stride_out="i32"),
+          dict(BLOCK_D=512), 4)
     norm_sig = dict(w_ptr="*fp32", g_ptr="*fp32", m_ptr="*fp32", v_ptr="*fp32", D="i32", stride_w="i32",
                     stride_g="i32", stride_m="i32", stride_v="i32", one_m_b1="fp32", beta2="fp32",
                     one_m_b2="fp32", step_size="fp32", sqrt_bc2="fp32", eps="fp32")

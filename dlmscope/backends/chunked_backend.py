@@ -70,23 +70,8 @@ class ChunkedBackend(TorchBackend):
 
     @staticmethod
     def _encode_select(x, W_enc, b_enc, b_dec, k, chunk):
-        """mm per chunk + the Triton select into column blocks of one [B, Σ min(k, chunk size)] buffer."""
-        from ..kernels.topk_select import topk_select  # lazily: importing triton costs ~1 s
+        """mm per chunk + the Triton select (:func:`dlmscope.kernels.topk_select.chunked_topk`)."""
+        from ..kernels.topk_select import chunked_topk  # lazily: importing triton costs ~1 s
 
-        n = W_enc.shape[0]
-        xc = x - b_dec
-        starts = list(range(0, n, chunk))
-        widths = [min(k, min(start + chunk, n) - start) for start in starts]
-        values = torch.empty((x.shape[0], sum(widths)), dtype=torch.float32, device=x.device)
-        indices = torch.empty((x.shape[0], sum(widths)), dtype=torch.int64, device=x.device)
-        col = 0
-        for start, width in zip(starts, widths):
-            stop = min(start + chunk, n)
-            pre = xc @ W_enc[start:stop].T                                                  # [B, chunk]
-            topk_select(pre, b_enc[start:stop], width, id_offset=start,
-                        values=values[:, col:col + width], indices=indices[:, col:col + width])
-            col += width
-        if len(starts) > 1:
-            values, j = values.topk(k, dim=-1, sorted=False)
-            indices = indices.gather(-1, j)
+        values, indices = chunked_topk(x - b_dec, W_enc, b_enc, k, chunk)
         return values.to(x.dtype), indices

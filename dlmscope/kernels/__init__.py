@@ -7,7 +7,7 @@ from .decoder_norm import decoder_norm_step
 from .gather_accumulate import gather_accumulate
 from .sddmm import sddmm
 from .topk_encode import topk_candidates, topk_encode, unpack_candidates, unpack_keys
-from .topk_select import topk_select
+from .topk_select import chunked_topk, topk_select
 from .transpose_reduce import sort_by_latent, transpose_reduce
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "unpack_keys",
     "unpack_candidates",
     "topk_select",
+    "chunked_topk",
     "gather_accumulate",
     "sddmm",
     "transpose_reduce",

@@ -112,15 +112,31 @@ def key32_max_index_bits(dtype: torch.dtype) -> int:
     return 23 - KEY32_KEPT_BITS.get(dtype, 8)
 
 
+#: largest KP the fused encoder runs at; above it (where every tile compiled for sm_90 spills) ``topk_encode`` is
+#: a GEMM over latent chunks + the threshold-then-compact select (kernels/topk_select.py)
+FUSED_MAX_KP = {torch.bfloat16: 512, torch.float16: 512, torch.float32: 256}
+#: latents per GEMM chunk of that route (B x chunk pre-activations live at a time)
+SELECT_CHUNK = 16384
+
+
+def fused_max_kp(dtype: torch.dtype) -> int:
+    return FUSED_MAX_KP.get(dtype, 256)
+
+
 def cuda_tile(KP: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """``(BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages)`` of the fused encoder on CUDA (before
-    ``$DLMSCOPE_ENCODE_TILE``). Register budgets from compiling for sm_90 with triton 3.6
-    (scripts/sm90_report.py -> benchmarks/results/sm90-encoder-compile.md, which compiles exactly these)."""
+    ``$DLMSCOPE_ENCODE_TILE``), ``KP <= fused_max_kp(dtype)``. Every one compiles for sm_90 with triton 3.6 without
+    spills (scripts/sm90_report.py -> benchmarks/results/sm90-encoder-compile.md compiles exactly these); 16-bit
+    KP <= 128 keeps warp-group MMA. fp32 (int64 keys, FMA products) needs half the row block of bf16."""
+    if dtype in KEY32_KEPT_BITS:
+        if KP <= 128:
+            return 64, 128, 32, 8, 3
+        if KP <= 256:
+            return 32, 256, 32, 8, 3
+        return 16, KP, 16, 16, 1
     if KP <= 128:
-        return 64, 128, 32, 8, 3
-    if KP <= 256:
-        return 32, 256, 32, 8, 3
-    return 16, KP, 32, 16, 2  # large k (e.g. 820 -> KP 1024): narrow row blocks, one KP-wide latent tile per step
+        return 32, 128, 32, 8, 3
+    return 16, KP, 32, 8, 2
 
 
 def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
@@ -183,16 +199,22 @@ class SelectConfig:
     __slots__ = ("BLOCK_C", "num_warps")
 
 
-def select_config(t: torch.Tensor, C: int) -> SelectConfig:
-    """Row sweep width of the threshold-then-compact select: 4096 columns per step with 8 warps on CUDA (16
-    values per thread in flight; compiled clean for sm_90, see scripts/sm90_report.py), 32 under the interpreter
-    so tests take several sweeps."""
+def cuda_select_config(C: int) -> SelectConfig:
+    """The select's CUDA config for rows of ``C`` columns: 4096 columns per step with 8 warps (16 values per
+    thread in flight; compiled for sm_90 by scripts/sm90_report.py)."""
     cfg = SelectConfig()
-    if interpreted(t):
-        cfg.BLOCK_C, cfg.num_warps = min(32, next_pow2(C)), 1
-    else:
-        cfg.BLOCK_C = min(4096, max(256, next_pow2(C)))
-        cfg.num_warps = 8 if cfg.BLOCK_C >= 2048 else 4
+    cfg.BLOCK_C = min(4096, max(256, next_pow2(C)))
+    cfg.num_warps = 8 if cfg.BLOCK_C >= 2048 else 4
+    return cfg
+
+
+def select_config(t: torch.Tensor, C: int) -> SelectConfig:
+    """Row sweep of the threshold-then-compact select: :func:`cuda_select_config` on CUDA, 32 columns under the
+    interpreter (so tests take several sweeps)."""
+    if not interpreted(t):
+        return cuda_select_config(C)
+    cfg = SelectConfig()
+    cfg.BLOCK_C, cfg.num_warps = min(32, next_pow2(C)), 1
     return cfg
 
 

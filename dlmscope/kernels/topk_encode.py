@@ -27,7 +27,7 @@ forms a bitonic sequence, which one bitonic merge sorts ascending again.
 
 The program writes its KP candidates to ``cand [B, splits, KP]``; :func:`topk_encode` merges the splits
 with one ``torch.topk`` over ``splits * KP`` keys per row and unpacks values and indices (on the device, no
-host sync).
+host sync). Large k (KP above ``_launch.fused_max_kp``) takes the chunked GEMM + select route instead.
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import EncodeConfig, cdiv, dot_precision, dot_upcast, encode_config, log2
+from ._launch import (SELECT_CHUNK, EncodeConfig, cdiv, dot_precision, dot_upcast, encode_config, fused_max_kp, log2,
+                      next_pow2)
+from .topk_select import chunked_topk
 
 
 # ---- bitonic networks on a hypercube view ----------------------------------------------------------------
@@ -215,8 +217,16 @@ def unpack_candidates(keys: torch.Tensor, pos: torch.Tensor, cfg: EncodeConfig) 
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """values [B,k] (x.dtype), indices [B,k] int64 of the k largest relu((x - b_dec) @ W_enc.T + b_enc)
-    (exact for fp32 inputs; for bf16 / fp16 up to the 32-bit key truncation stated in the module docstring)."""
+    (exact for fp32 inputs; for bf16 / fp16 up to the 32-bit key truncation stated in the module docstring).
+
+    Above ``fused_max_kp`` (bf16/fp16 k > 512, fp32 k > 256; there every fused tile spills on sm_90) this is
+    :func:`~dlmscope.kernels.topk_select.chunked_topk` instead: ``mm`` in x's dtype over ``SELECT_CHUNK``-latent
+    chunks + the exact threshold-then-compact select, i.e. exact for the GEMM rounded to x's dtype, plus b_enc.
+    """
     xc = (x - b_dec).contiguous()
+    if next_pow2(k) > fused_max_kp(x.dtype):
+        values, indices = chunked_topk(xc, W_enc, b_enc, k, max(SELECT_CHUNK, k))
+        return values.to(x.dtype), indices
     cand, cfg = topk_candidates(xc, W_enc, b_enc, k)
     if cand.shape[1] == k:
         keys, pos = cand, torch.arange(k, device=cand.device).expand(cand.shape[0], k)

@@ -58,7 +58,7 @@ def _topk_select_kernel(
     prefix = tl.zeros([], tl.int32)     # the digits of the k-th largest found so far
     want = tl.zeros([], tl.int32) + k    # how many of the entries matching the prefix are still to be taken
     for p in tl.static_range(PASSES):
-        SHIFT: tl.constexpr = RADIX * (PASSES - 1 - p)
+        SHIFT = RADIX * (PASSES - 1 - p)  # a constexpr (p is); unannotated: it is rebound every pass
         hist = tl.zeros([NBINS], tl.int32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + offs
@@ -113,4 +113,27 @@ def topk_select(pre: torch.Tensor, bias: torch.Tensor | None, k: int, *, id_offs
         HAS_BIAS=bias is not None, BLOCK_C=cfg.BLOCK_C, RADIX=RADIX, PASSES=PASSES,
         num_warps=cfg.num_warps,
     )
+    return values, indices
+
+
+def chunked_topk(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [B, k] float32, indices [B, k] int64: the k largest of ``relu(xc @ W_enc.T + b_enc)`` per row, as
+    ``mm`` over latent chunks (``chunk >= k``; the product in xc's dtype) with :func:`topk_select` per chunk into
+    one float32 candidate buffer and one ``torch.topk`` merge. Exact on the fp32 values ``relu(mm + b_enc)``.
+    Shared by the chunked backend and :func:`dlmscope.kernels.topk_encode` (large k)."""
+    n = W_enc.shape[0]
+    starts = list(range(0, n, chunk))
+    widths = [min(k, min(start + chunk, n) - start) for start in starts]
+    values = torch.empty((xc.shape[0], sum(widths)), dtype=torch.float32, device=xc.device)
+    indices = torch.empty((xc.shape[0], sum(widths)), dtype=torch.int64, device=xc.device)
+    col = 0
+    for start, width in zip(starts, widths):
+        stop = min(start + chunk, n)
+        topk_select(xc @ W_enc[start:stop].T, b_enc[start:stop], width, id_offset=start,
+                    values=values[:, col:col + width], indices=indices[:, col:col + width])
+        col += width
+    if len(starts) > 1:
+        values, j = values.topk(k, dim=-1, sorted=False)
+        indices = indices.gather(-1, j)
     return values, indices
