@@ -7,11 +7,12 @@ pre-activations are never materialised (B × ``chunk`` at a time), which is what
 keeps the selection cache-sized; on a GPU it is the measured alternative to the fused Triton encoder
 (``scripts/gpu_check.sh`` times both). ``DLMSCOPE_CHUNK_LATENTS`` sets the chunk (default 16384).
 
-Per-chunk selection: ``torch.topk`` of ``relu(addmm)``; from k = ``SELECT_MIN_K`` (256; where the fused encoder's
-register-resident top-k spills) on tensors the Triton kernels can take (CUDA, or CPU under ``TRITON_INTERPRET=1``)
-in fp32 / bf16 / fp16, a plain ``mm`` and the Triton threshold-then-compact select
-(:func:`dlmscope.kernels.topk_select`, bias + ReLU fused, exact on the fp32 values), writing each chunk's
-candidates into one float32 buffer that a final ``torch.topk`` merges.
+Per-chunk selection: ``torch.topk`` of ``relu(addmm)``; from k = ``SELECT_MIN_K`` (256: there the fused encoder's
+row block drops below a warp group, losing warp-group MMA, and above 512 it spills) on tensors the Triton kernels
+can take (CUDA, or CPU under ``TRITON_INTERPRET=1``) in fp32 / bf16 / fp16, a plain ``mm`` and the Triton
+threshold-then-compact select (:func:`dlmscope.kernels.topk_select.chunked_topk`: bias + ReLU fused, exact on
+``relu(mm + b_enc)`` in fp32 with the mm in x's dtype), each chunk's candidates in one float32 buffer that a final
+``torch.topk`` merges.
 """
 from __future__ import annotations
 

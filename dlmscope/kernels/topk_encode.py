@@ -14,12 +14,14 @@ below every real key. Two key widths (``EncodeConfig.INDEX_BITS``):
 * int32 (bf16 / fp16 inputs, the GPU hot path; ``INDEX_BITS = L >= 1``): the fp32 bits with the low L bits
   replaced by ``2^L - 1 - (latent - split start)``; ``encode_config`` bounds each split to ``2^L`` latents with
   ``23 - L >= KEY32_KEPT_BITS[dtype]`` (bf16: 8, fp16: 11 mantissa bits kept, one more than the output
-  dtype has). Guarantee: the selection is exact for the fp32 values truncated to ``23 - L`` mantissa bits —
-  a latent left out has a truncated value <= that of every kept one, so it exceeds a kept latent only when
-  both agree in their kept bits (relative gap < 2^-(23-L)); within a split such ties go to the lower index.
-  Values are the truncated fp32 values rounded to the output dtype: within 1 ulp of that dtype of the exact
-  fp32 value (truncation < 2^-(23-L) <= half an output ulp, then round-to-nearest). Half the key registers,
-  half the candidate bytes.
+  dtype has). Guarantee, for the kernel's fp32 pre-activations v: the selection is exact for v truncated to
+  ``23 - L`` mantissa bits — a latent left out has a truncated value <= that of every kept one, so it exceeds a
+  kept latent only when both agree in their kept bits (relative gap < 2^-(23-L)); such ties go to the lower
+  split-local index (within a split: the lower latent). Values are the truncated v rounded to the output dtype:
+  within 1 ulp of that dtype of v (truncation < 2^-(23-L) <= half an output ulp, then round-to-nearest). On
+  sm_90 the int32 keys need 2.1-2.7x fewer SASS instructions, about half the shuffles and up to half the shared
+  memory of int64
+  (benchmarks/results/sm90-encoder-compile.md).
 
 Merging a tile: a bitonic top-k network gives the tile's top KP per row sorted descending; the running
 buffer is kept sorted ascending, so the elementwise max of the two is exactly the top KP of their union and
