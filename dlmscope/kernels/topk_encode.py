@@ -20,8 +20,7 @@ below every real key. Two key widths (``EncodeConfig.INDEX_BITS``):
   split-local index (within a split: the lower latent). Values are the truncated v rounded to the output dtype:
   within 1 ulp of that dtype of v (truncation < 2^-(23-L) <= half an output ulp, then round-to-nearest). On
   sm_90 the int32 keys need 2.1-2.7x fewer SASS instructions, about half the shuffles and up to half the shared
-  memory of int64
-  (benchmarks/results/sm90-encoder-compile.md).
+  memory of int64 (benchmarks/results/sm90-encoder-compile.md).
 
 Merging a tile: a bitonic top-k network gives the tile's top KP per row sorted descending; the running
 buffer is kept sorted ascending, so the elementwise max of the two is exactly the top KP of their union and
