@@ -96,3 +96,29 @@ def test_chunked_encode_with_triton_select(monkeypatch, B, d, n, k, chunk, dtype
     check_topk(values, indices, x, W_enc, b_enc, b_dec, k, tolerance(dtype, "chunked"))
     width = max(chunk, k)
     assert calls == [min(k, min(s + width, n) - s) for s in range(0, n, width)]
+
+
+@pytest.mark.parametrize("chunk", [3, 16, 1000])
+def test_grouped_auxk_comes_from_the_same_chunks_and_equals_separate_encodes(monkeypatch, chunk):
+    """encode_grouped's main and AuxK selections off one chunked pass equal the default (one encode per segment and
+    one more per AuxK selection), for segments that start off the chunk grid."""
+    from dlmscope.backends import get_backend
+    from dlmscope.backends.base import Backend
+
+    monkeypatch.setenv("DLMSCOPE_CHUNK_LATENTS", str(chunk))
+    gen = torch.Generator().manual_seed(chunk)
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    W = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    b_enc, b_dec = torch.randn(40, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    dead = torch.rand(40, generator=gen) < 0.4
+    backend = get_backend("chunked")
+    got = backend.encode_grouped(x, W, b_enc, b_dec, [4, 2], [25, 15], dead, [6, 3])
+    want = Backend.encode_grouped(backend, x, W, b_enc, b_dec, [4, 2], [25, 15], dead, [6, 3])
+    for (gv, gi), (wv, wi) in (((got[0], got[1]), (want[0], want[1])), ((got[2], got[3]), (want[2], want[3]))):
+        assert gv.shape == wv.shape and gi.shape == wi.shape
+        for cols in (slice(0, gv.shape[1] * 2 // 3), slice(gv.shape[1] * 2 // 3, None)):   # per segment block
+            torch.testing.assert_close(gv[:, cols].sort(-1).values, wv[:, cols].sort(-1).values)
+        pos = gv > 0
+        assert all(set(a[p].tolist()) == set(b[q].tolist()) for a, b, p, q in zip(gi, wi, pos, wv > 0))
+    assert dead[got[3][got[2] > 0]].all()                                       # AuxK picks only dead latents
+    assert (got[1][:, :4] < 25).all() and (got[1][:, 4:] >= 25).all()           # global ids, segment by segment

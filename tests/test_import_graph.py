@@ -24,6 +24,8 @@ LEAVES = {
 #: function-level imports of dlmscope modules that have a reason
 LOCAL_IMPORTS_ALLOWED = {
     ("dlmscope.backends.triton_backend", "dlmscope.kernels"): "importing triton costs ~1 s; CPU users never need it",
+    ("dlmscope.backends.chunked_backend", "dlmscope.kernels.topk_select"): "the same, and a torch-only install "
+                                                                           "has no triton",
 }
 #: prefixes that must not import SAE code (models know nothing of SAEs; kernels nothing of dlmscope)
 NO_SAE = ("dlmscope.models", "dlmscope.kernels")

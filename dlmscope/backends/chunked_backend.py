@@ -9,14 +9,14 @@ keeps the selection cache-sized; on a GPU it is the measured alternative to the 
 
 Per-chunk selection: ``torch.topk`` of ``relu(addmm)``; from k = ``SELECT_MIN_K`` (256: there the fused encoder's
 row block drops below a warp group, losing warp-group MMA, and above 512 it spills) on tensors the Triton kernels
-can take (CUDA, or CPU under ``TRITON_INTERPRET=1``) in fp32 / bf16 / fp16, a plain ``mm`` and the Triton
-threshold-then-compact select (:func:`dlmscope.kernels.topk_select.chunked_topk`: bias + ReLU fused, exact on
-``relu(mm + b_enc)`` in fp32 with the mm in x's dtype), each chunk's candidates in one float32 buffer that a final
-``torch.topk`` merges.
+can take (CUDA, or CPU under ``TRITON_INTERPRET=1``) in fp32 / bf16 / fp16, the Triton threshold-then-compact
+select (:func:`dlmscope.kernels.topk_select.topk_select`, exact on the fp32 values of ``relu(addmm)``); each
+chunk's candidates go to one float32 buffer that a final ``torch.topk`` merges. ``encode_grouped`` takes every
+SAE's selection and its AuxK selection from the same chunk products (:func:`select_over_chunks`, which the
+``cuda`` backend drives with its own select kernel).
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
@@ -49,33 +49,118 @@ def chunk_latents() -> int:
     return chunk
 
 
+#: one selection of a chunked pass: latent range [start, stop), k, and ``keep [stop - start]`` bool or None (AuxK:
+#: latents where keep is False count as 0)
+Selection = tuple[int, int, int, "torch.Tensor | None"]
+
+
+def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], select, merge,
+                       chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every selection's top-k of ``relu((x - b_dec) @ W_enc.T + b_enc)`` off ONE pass of ``addmm`` over latent
+    chunks ``[c0, c0 + chunk)``: each chunk's product is computed once and every selection whose range meets it
+    takes its top-min(k, overlap) there, so several SAEs' selections and their AuxK selections share the GEMM.
+
+    ``select(pre [B, w], k, keep [w] | None, vals, ids, col, id_offset)`` writes a chunk's top-k (values, ids +
+    id_offset) into columns [col, col + k) of the candidate buffers (float32, float64 for float64 x; int64); ``merge(vals, ids, k)``
+    reduces the candidates to the final k. Returns (values [B, k] x.dtype, indices [B, k] int64 relative to the
+    selection's start) per selection. Exact: a row's k largest are among the union of each chunk's k largest.
+    """
+    B, n = x.shape[0], W_enc.shape[0]
+    xc = x - b_dec
+    cand_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32    # holds every input dtype exactly
+    buffers = []
+    for start, stop, k, _ in selections:
+        width = sum(min(k, min(stop, c0 + chunk) - max(start, c0))
+                    for c0 in range(start // chunk * chunk, stop, chunk))
+        buffers.append([torch.empty((B, width), dtype=cand_dtype, device=x.device),
+                        torch.empty((B, width), dtype=torch.int64, device=x.device), 0])
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        users = [s for s, (start, stop, _, _) in enumerate(selections) if start < c1 and c0 < stop]
+        if not users:
+            continue
+        pre = torch.addmm(b_enc[c0:c1], xc, W_enc[c0:c1].T)                                  # [B, c1 - c0]
+        for s in users:
+            start, stop, k, keep = selections[s]
+            lo, hi = max(start, c0), min(stop, c1)
+            kk = min(k, hi - lo)
+            vals, ids, col = buffers[s]
+            select(pre[:, lo - c0:hi - c0], kk, None if keep is None else keep[lo - start:hi - start], vals, ids,
+                   col, lo - start)
+            buffers[s][2] = col + kk
+        del pre                                    # free this chunk's product before the next one is allocated
+    out = []
+    for (_, _, k, _), (vals, ids, used) in zip(selections, buffers):
+        if used > k:
+            vals, ids = merge(vals, ids, k)
+        out.append((vals.to(x.dtype), ids))
+    return out
+
+
+def grouped_selections(ks: list[int], sizes: list[int], aux_mask, k_aux: list[int]) -> tuple[list[Selection], list[int], list[int]]:
+    """(selections, each segment's start, the segments that have an AuxK selection) for ``encode_grouped``: one
+    selection per segment, then one per segment with ``k_aux > 0`` restricted to ``aux_mask``."""
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    selections: list[Selection] = [(st, st + size, k, None) for st, size, k in zip(starts, sizes, ks)]
+    aux = []
+    if aux_mask is not None:
+        for g, (ka, st, size) in enumerate(zip(k_aux, starts, sizes)):
+            if ka > 0:
+                selections.append((st, st + size, ka, aux_mask[st:st + size]))
+                aux.append(g)
+    return selections, starts, aux
+
+
+def assemble_grouped(x, results, starts: list[int], aux: list[int]):
+    """``encode_grouped``'s four outputs from :func:`select_over_chunks`' results (ids made global)."""
+    n_main = len(starts)
+    values = torch.cat([v for v, _ in results[:n_main]], 1)
+    indices = torch.cat([i + st for (_, i), st in zip(results[:n_main], starts)], 1)
+    if not aux:
+        return values, indices, x.new_empty(x.shape[0], 0), x.new_empty(x.shape[0], 0, dtype=torch.int64)
+    return (values, indices, torch.cat([v for v, _ in results[n_main:]], 1),
+            torch.cat([i + starts[g] for (_, i), g in zip(results[n_main:], aux)], 1))
+
+
+def _torch_select(pre, k, keep, vals, ids, col, id_offset):
+    r = torch.relu(pre)
+    if keep is not None:
+        r = r.masked_fill(~keep, 0)
+    v, i = r.topk(k, dim=-1, sorted=False)
+    vals[:, col:col + k] = v
+    ids[:, col:col + k] = i + id_offset
+
+
+def _triton_select(pre, k, keep, vals, ids, col, id_offset):
+    from ..kernels.topk_select import topk_select  # lazily: importing triton costs ~1 s
+    bias = None if keep is None else torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(
+        ~keep, float("-inf"))
+    topk_select(pre, bias, k, id_offset=id_offset, values=vals[:, col:col + k], indices=ids[:, col:col + k])
+
+
+def _torch_merge(vals, ids, k):
+    v, j = vals.topk(k, dim=-1, sorted=False)
+    return v, ids.gather(-1, j)
+
+
 class ChunkedBackend(TorchBackend):
     name = "chunked"
 
+    @staticmethod
+    def _pass(x, W_enc, b_enc, b_dec, selections: list[Selection]):
+        k_max = max(k for _, _, k, _ in selections)
+        select = _triton_select if triton_select_applies(x, k_max) else _torch_select
+        chunk = max(chunk_latents(), k_max)               # a chunk holds at least k latents: fewer candidates
+        return select_over_chunks(x, W_enc, b_enc, b_dec, selections, select, _torch_merge, chunk)
+
     def encode(self, x, W_enc, b_enc, b_dec, k):
         n = W_enc.shape[0]
-        chunk = max(chunk_latents(), k)                    # a chunk holds at least k latents: one merge suffices
-        if triton_select_applies(x, k):
-            return self._encode_select(x, W_enc, b_enc, b_dec, k, chunk)
-        if chunk >= n:
+        if max(chunk_latents(), k) >= n and not triton_select_applies(x, k):
             return super().encode(x, W_enc, b_enc, b_dec, k)
-        xc = x - b_dec
-        values, indices = [], []
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            pre = torch.relu_(torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T))     # [B, chunk]
-            v, i = pre.topk(min(k, stop - start), dim=-1, sorted=False)
-            values.append(v)
-            indices.append(i + start)
-        v, j = torch.cat(values, dim=-1).topk(k, dim=-1, sorted=False)
-        return v, torch.cat(indices, dim=-1).gather(-1, j)
+        return self._pass(x, W_enc, b_enc, b_dec, [(0, n, k, None)])[0]
 
-    @staticmethod
-    def _encode_select(x, W_enc, b_enc, b_dec, k, chunk):
-        """mm per chunk + the Triton select (:func:`dlmscope.kernels.topk_select.chunked_topk`)."""
-        # imported on first use, as triton_backend does (importing triton costs ~1 s, and the chunked backend must
-        # load where triton is absent); through importlib because tests/test_import_graph.py allow-lists only
-        # triton_backend's function-level import — that list should name this pair too.
-        select = importlib.import_module("dlmscope.kernels.topk_select")
-        values, indices = select.chunked_topk(x - b_dec, W_enc, b_enc, k, chunk)
-        return values.to(x.dtype), indices
+    def encode_grouped(self, x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux):
+        """Every segment's top-k and its AuxK top-k among ``aux_mask`` latents off the same chunked GEMMs: AuxK
+        costs one more selection over a chunk already computed, not a second GEMM."""
+        selections, starts, aux = grouped_selections(ks, sizes, aux_mask, k_aux)
+        return assemble_grouped(x, self._pass(x, W_enc, b_enc, b_dec, selections), starts, aux)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import cuda_lib
 from .base import Backend, SortCache
-from .chunked_backend import chunk_latents
+from .chunked_backend import assemble_grouped, chunk_latents, grouped_selections, select_over_chunks
 from .torch_backend import TorchBackend
 
 #: widest row the register-resident row kernels take (transpose-reduce, decoder-norm); wider rows use torch's
@@ -44,82 +44,31 @@ class CudaBackend(Backend):
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda"
 
-    # ---- encoder ------------------------------------------------------------------------------------
-    def _select_chunks(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-                       selections: list[tuple[int, int, int, Tensor | None]]) -> list[tuple[Tensor, Tensor]]:
-        """For each selection ``(start, stop, k, keep)`` over latent range [start, stop): the top-k of
-        relu(pre) (with ``keep [stop - start]`` bool zeroing where False), from ONE pass of chunked GEMMs over
-        the union of the ranges. Returns (values [B, k] x.dtype, indices [B, k] int64) per selection."""
-        B = x.shape[0]
-        xc = x - b_dec
-        chunk = chunk_latents()
-        n = W_enc.shape[0]
-        buf = torch.empty((B, min(chunk, n)), dtype=x.dtype, device=x.device)
-        # per selection: candidate columns [B, sum over the chunks it meets of min(k, overlap)] and the next column
-        cands = []
-        for start, stop, k, _keep in selections:
-            width = sum(min(k, min(stop, c0 + chunk) - max(start, c0))
-                        for c0 in range(start // chunk * chunk, stop, chunk))
-            cands.append([torch.empty((B, width), dtype=torch.float32, device=x.device),
-                          torch.empty((B, width), dtype=torch.int64, device=x.device), 0])
-        keeps = [None if keep is None else keep.to(torch.uint8) for *_, keep in selections]  # converted once
-        for c0 in range(0, n, chunk):
-            c1 = min(c0 + chunk, n)
-            users = [s for s, (start, stop, _, _) in enumerate(selections) if start < c1 and c0 < stop]
-            if not users:
-                continue
-            pre = torch.addmm(b_enc[c0:c1], xc, W_enc[c0:c1].T, out=buf[:, :c1 - c0])
-            for s in users:
-                start, stop, k, _ = selections[s]
-                lo, hi = max(start, c0), min(stop, c1)
-                vals, ids, col = cands[s]
-                kk = min(k, hi - lo)
-                keep = keeps[s]
-                cuda_lib.topk_select(pre[:, lo - c0:hi - c0], kk, vals, ids, col_offset=col, id_offset=lo - start,
-                                     keep=None if keep is None else keep[lo - start:hi - start])
-                cands[s][2] = col + kk
-        out = []
-        for (start, stop, k, _), (vals, ids, used) in zip(selections, cands):
-            assert used == vals.shape[1], (used, vals.shape)
-            if used > k:  # merge the chunks' candidates
-                v = torch.empty((B, k), dtype=torch.float32, device=x.device)
-                i = torch.empty((B, k), dtype=torch.int64, device=x.device)
-                cuda_lib.topk_select(vals, k, v, i, in_ids=ids)
-                vals, ids = v, i
-            out.append((vals.to(x.dtype), ids))
-        return out
+    # ---- encoder ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _select(pre, k, keep, vals, ids, col, id_offset):
+        cuda_lib.topk_select(pre, k, vals, ids, col_offset=col, id_offset=id_offset, keep=keep)
+
+    @staticmethod
+    def _merge(vals, ids, k):
+        v = torch.empty((vals.shape[0], k), dtype=torch.float32, device=vals.device)
+        i = torch.empty((vals.shape[0], k), dtype=torch.int64, device=vals.device)
+        cuda_lib.topk_select(vals, k, v, i, in_ids=ids)
+        return v, i
+
+    def _pass(self, x, W_enc, b_enc, b_dec, selections):
+        return select_over_chunks(x, W_enc, b_enc, b_dec, selections, self._select, self._merge, chunk_latents())
 
     def encode(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return self._select_chunks(x, W_enc, b_enc, b_dec, [(0, W_enc.shape[0], k, None)])[0]
+        return self._pass(x, W_enc, b_enc, b_dec, [(0, W_enc.shape[0], k, None)])[0]
 
     def encode_grouped(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, ks: list[int],
                        sizes: list[int], aux_mask: Tensor | None,
                        k_aux: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Every segment's top-k and (with ``aux_mask``) its AuxK top-k among masked latents, all off the same
         chunked GEMMs; indices global in [0, S)."""
-        selections, starts = [], []
-        start = 0
-        for k, size in zip(ks, sizes):
-            selections.append((start, start + size, k, None))
-            starts.append(start)
-            start += size
-        n_main = len(selections)
-        aux = []
-        if aux_mask is not None:
-            for g, (ka, st, size) in enumerate(zip(k_aux, starts, sizes)):
-                if ka > 0:
-                    selections.append((st, st + size, ka, aux_mask[st:st + size]))
-                    aux.append(g)
-        results = self._select_chunks(x, W_enc, b_enc, b_dec, selections)
-        values = torch.cat([v for v, _ in results[:n_main]], 1)
-        indices = torch.cat([i + st for (_, i), st in zip(results[:n_main], starts)], 1)
-        if aux:
-            aux_values = torch.cat([v for v, _ in results[n_main:]], 1)
-            aux_indices = torch.cat([i + starts[g] for (_, i), g in zip(results[n_main:], aux)], 1)
-        else:
-            aux_values = x.new_empty(x.shape[0], 0)
-            aux_indices = x.new_empty(x.shape[0], 0, dtype=torch.int64)
-        return values, indices, aux_values, aux_indices
+        selections, starts, aux = grouped_selections(ks, sizes, aux_mask, k_aux)
+        return assemble_grouped(x, self._pass(x, W_enc, b_enc, b_dec, selections), starts, aux)
 
     # ---- sparse primitives --------------------------------------------------------------------------
     def gather_accumulate(self, coef: Tensor, idx: Tensor, W: Tensor) -> Tensor:

@@ -59,6 +59,19 @@ class TritonBackend(Backend):
                       "torch": lambda: _TORCH.encode(x, W_enc, b_enc, b_dec, k)}
         return candidates[autotune.choose(autotune.shape_key("encode", x, W_enc.shape[0], k), candidates)]()
 
+    def encode_grouped(self, x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux):
+        """One fused encode per segment and per AuxK selection, or on a GPU with AuxK on, if
+        :mod:`dlmscope.autotune` measured it faster for this shape, the chunked pass that takes the AuxK
+        selections from the main selections' GEMM chunks (:meth:`ChunkedBackend.encode_grouped`)."""
+        separate = lambda: super(TritonBackend, self).encode_grouped(  # noqa: E731
+            x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux)
+        if aux_mask is None or not (x.is_cuda and autotune.enabled()):
+            return separate()
+        candidates = {"fused": separate,
+                      "chunked": lambda: _CHUNKED.encode_grouped(x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux)}
+        key = autotune.shape_key(f"encode_grouped_aux{sum(k_aux)}", x, W_enc.shape[0], sum(ks))
+        return candidates[autotune.choose(key, candidates)]()
+
     def gather_accumulate(self, coef: Tensor, idx: Tensor, W: Tensor) -> Tensor:
         return self._k().gather_accumulate(coef, idx, W)
 
