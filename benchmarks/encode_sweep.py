@@ -7,7 +7,8 @@ plain ``torch`` encoder, against the bare GEMM, at the target shape (stage 3 of 
 
 Timing: CUDA events around each call, median of ``--rounds`` after a warm-up (the first call compiles);
 TFLOP/s counts the GEMM's 2·B·d·n. Each variant is also checked against the torch encoder on the first 64
-rows (value error relative to the row's top value). Writes ``encode_sweep.json`` / ``.md`` after every variant,
+rows (value error relative to the row's top value). Then the fused encoder's epilogue switches (int64 keys,
+min+max compare-and-swap) at the shipped tile, and every encoder at the large k of the paper (256, 820). Writes ``encode_sweep.json`` / ``.md`` after every variant,
 so a run cut short keeps what it measured. ``--dry`` runs a small shape on the CPU (torch and chunked only).
 """
 from __future__ import annotations
@@ -28,6 +29,10 @@ import dlmscope  # noqa: E402
 
 TILES = ("", "128,128,64,8,3", "128,128,64,8,4", "128,256,64,8,3", "64,256,64,8,3")   # "" = the shipped tile
 CHUNKS = (8192, 16384, 32768)
+#: the fused encoder's epilogue switches (A/B at the shipped tile): int64 keys instead of 32-bit, min+max
+#: compare-and-swap instead of one reduction
+EPILOGUES = ({"DLMSCOPE_ENCODE_KEYS": "64"}, {"DLMSCOPE_ENCODE_ONE_RED": "0"})
+LARGE_K = (256, 820)   # the paper's k range ends at 820: fused (routed to chunks + select above KP 512) vs the rest
 
 
 def _timer(device):
@@ -62,15 +67,17 @@ def _write(out, result):
         json.dump(result, f, indent=2)
     B, d, n, k = result["shape"]
     lines = [f"# Encoder sweep ({result['device']}, {result['gpu']}, {result['dtype']}, B={B} d={d} n={n} k={k})", "",
-             "| variant | setting | median | × GEMM | TFLOP/s | max rel value error |", "|---|---|---:|---:|---:|---:|"]
+             "| variant | setting | k | median | × GEMM | TFLOP/s | max rel value error |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     gemm = next((r["seconds"] for r in result["rows"] if r["variant"] == "gemm"), None)
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['setting']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | {r['setting']} | {r.get('k', '')} | error: {r['error']} | | | |")
             continue
         ratio = f"{r['seconds'] / gemm:.2f}×" if gemm else ""
         err = f"{r['value_error']:.2g}" if r.get("value_error") is not None else ""
-        lines.append(f"| {r['variant']} | {r['setting']} | {r['seconds'] * 1e3:.2f} ms | {ratio} | {r['tflops']:.1f} | {err} |")
+        lines.append(f"| {r['variant']} | {r['setting']} | {r.get('k', '')} | {r['seconds'] * 1e3:.2f} ms | {ratio} | "
+                     f"{r['tflops']:.1f} | {err} |")
     with open(os.path.join(out, "encode_sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -97,19 +104,23 @@ def main(argv=None) -> int:
     result = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none",
               "dtype": str(dtype).replace("torch.", ""), "shape": [B, d, n, k], "rows": []}
 
-    def measure(variant, setting, fn, env=None):
+    refs = {k: ref_v}
+
+    def measure(variant, setting, fn, env=None, kk=k):
         old = {key: os.environ.get(key) for key in (env or {})}
         os.environ.update(env or {})
         try:
             seconds = timer(fn, a.rounds)
             err = None
             if variant != "gemm":
-                v = fn_rows(variant)[0].double().sort(-1).values
-                err = float(((v - ref_v).abs() / ref_v[:, -1:].abs().clamp_min(1e-12)).max())
-            row = {"variant": variant, "setting": setting, "seconds": seconds, "tflops": flops / seconds / 1e12,
-                   "value_error": err}
+                if kk not in refs:
+                    refs[kk] = dlmscope.topk_encode(x[:64], W, b_enc, b_dec, kk, backend="torch")[0].double().sort(-1).values
+                v = fn_rows(variant, kk)[0].double().sort(-1).values
+                err = float(((v - refs[kk]).abs() / refs[kk][:, -1:].abs().clamp_min(1e-12)).max())
+            row = {"variant": variant, "setting": setting, "k": kk, "seconds": seconds,
+                   "tflops": flops / seconds / 1e12, "value_error": err}
         except Exception as exc:                            # a variant that fails is a result, not the end
-            row = {"variant": variant, "setting": setting, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            row = {"variant": variant, "setting": setting, "k": kk, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
             for key, value in old.items():
                 os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
@@ -117,9 +128,9 @@ def main(argv=None) -> int:
         _write(a.out, result)
         print(json.dumps(row), flush=True)
 
-    def fn_rows(variant):
+    def fn_rows(variant, kk):
         backend = {"triton": "triton", "chunked": "chunked", "cuda": "cuda", "torch": "torch"}[variant]
-        return dlmscope.topk_encode(x[:64], W, b_enc, b_dec, k, backend=backend)
+        return dlmscope.topk_encode(x[:64], W, b_enc, b_dec, kk, backend=backend)
 
     measure("gemm", "x @ W.T", lambda: torch.mm(x, W.T))
     if "triton" in dlmscope.available_backends() and not a.dry:
@@ -134,6 +145,17 @@ def main(argv=None) -> int:
             measure("cuda", f"chunk {chunk}", lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="cuda"),
                     env={"DLMSCOPE_CHUNK_LATENTS": str(chunk)})
     measure("torch", "addmm + relu + topk", lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="torch"))
+    if "triton" in dlmscope.available_backends() and not a.dry:
+        for env in EPILOGUES:
+            measure("triton", "shipped tile, " + ", ".join(f"{key}={v}" for key, v in env.items()),
+                    lambda: dlmscope.topk_encode(x, W, b_enc, b_dec, k, backend="triton"),
+                    env={**env, "DLMSCOPE_AUTOTUNE": "0"})
+    for kk in LARGE_K if not a.dry else ():
+        encode = lambda name, kk=kk: dlmscope.topk_encode(x, W, b_enc, b_dec, kk, backend=name)  # noqa: E731
+        for name in ("triton", "chunked", "cuda", "torch"):
+            if name in dlmscope.available_backends():
+                measure(name, f"k={kk}", lambda name=name: encode(name), kk=kk,
+                        env={"DLMSCOPE_AUTOTUNE": "0"} if name == "triton" else None)
     return 0 if all("error" not in r for r in result["rows"]) else 1
 
 
