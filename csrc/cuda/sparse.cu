@@ -285,7 +285,7 @@ extern "C" int dlm_transpose_reduce(const void* coef, const int64_t* sorted_ids,
   if (n == 0) return 0;
   if (chunk < 1) return static_cast<int>(cudaErrorInvalidValue);
   // threads x CPT columns per thread cover d (d == 0 still writes coef_sum: one column slot, masked)
-  const int threads = dlm::row_threads(d, 8);
+  const int threads = dlm::row_threads(d, 4);
   const int64_t cpt = dlm::cdiv(d > 0 ? d : 1, threads);
   if (cpt > 16) return static_cast<int>(cudaErrorInvalidValue);  // d > 16384
   DLM_DISPATCH(dtype, T,
