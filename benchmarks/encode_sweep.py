@@ -14,6 +14,7 @@ so a run cut short keeps what it measured. ``--dry`` runs a small shape on the C
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -61,23 +62,34 @@ def _timer(device):
     return run
 
 
+def _resources(variant: str) -> dict:
+    """Registers and spills of the fused encoder's latest compiled kernel (triton variants on a GPU)."""
+    if variant != "triton":
+        return {}
+    try:
+        compiled = importlib.import_module("dlmscope.kernels.topk_encode").LAST_COMPILED  # the module, not the op
+        return {"n_regs": int(compiled.n_regs), "n_spills": int(compiled.n_spills)}
+    except Exception:                               # the kernel was routed elsewhere, or an older triton
+        return {}
+
+
 def _write(out, result):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "encode_sweep.json"), "w") as f:
         json.dump(result, f, indent=2)
     B, d, n, k = result["shape"]
     lines = [f"# Encoder sweep ({result['device']}, {result['gpu']}, {result['dtype']}, B={B} d={d} n={n} k={k})", "",
-             "| variant | setting | k | median | × GEMM | TFLOP/s | max rel value error |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| variant | setting | k | median | × GEMM | TFLOP/s | max rel value error | regs | spills |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     gemm = next((r["seconds"] for r in result["rows"] if r["variant"] == "gemm"), None)
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['setting']} | {r.get('k', '')} | error: {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | {r['setting']} | {r.get('k', '')} | error: {r['error']} | | | | | |")
             continue
         ratio = f"{r['seconds'] / gemm:.2f}×" if gemm else ""
         err = f"{r['value_error']:.2g}" if r.get("value_error") is not None else ""
         lines.append(f"| {r['variant']} | {r['setting']} | {r.get('k', '')} | {r['seconds'] * 1e3:.2f} ms | {ratio} | "
-                     f"{r['tflops']:.1f} | {err} |")
+                     f"{r['tflops']:.1f} | {err} | {r.get('n_regs', '')} | {r.get('n_spills', '')} |")
     with open(os.path.join(out, "encode_sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -118,7 +130,7 @@ def main(argv=None) -> int:
                 v = fn_rows(variant, kk)[0].double().sort(-1).values
                 err = float(((v - refs[kk]).abs() / refs[kk][:, -1:].abs().clamp_min(1e-12)).max())
             row = {"variant": variant, "setting": setting, "k": kk, "seconds": seconds,
-                   "tflops": flops / seconds / 1e12, "value_error": err}
+                   "tflops": flops / seconds / 1e12, "value_error": err, **_resources(variant)}
         except Exception as exc:                            # a variant that fails is a result, not the end
             row = {"variant": variant, "setting": setting, "k": kk, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:

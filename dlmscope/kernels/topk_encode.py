@@ -100,6 +100,10 @@ def _row_topk_desc(key, LB: tl.constexpr, LN: tl.constexpr, LK: tl.constexpr, ON
     return tl.reshape(h, [2 ** LB, 2 ** LK])
 
 
+#: the compiled kernel of the latest launch (its ``n_regs`` / ``n_spills``: the GPU sweep prints them per tile)
+LAST_COMPILED = None
+
+
 @triton.jit
 def _topk_encode_kernel(
     x_ptr, w_ptr, b_ptr, cand_ptr,
@@ -184,7 +188,8 @@ def topk_candidates(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     key_dtype = torch.int32 if cfg.INDEX_BITS else torch.int64
     cand = torch.empty((B, cfg.splits, cfg.KP), dtype=key_dtype, device=xc.device)
     grid = (cdiv(B, cfg.BLOCK_B) * cfg.splits,)
-    _topk_encode_kernel[grid](
+    global LAST_COMPILED
+    LAST_COMPILED = _topk_encode_kernel[grid](
         xc, W_enc, b_enc, cand,
         B, n, d, cfg.n_per_split, cfg.splits,
         xc.stride(0), W_enc.stride(0),
