@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import atomic, models
+from . import distributed as D
 from .activations import ActivationStream
 from .autointerp import OpenAIExplainer
 from .dashboard import write_dashboard
@@ -61,10 +62,13 @@ def cmd_train(args) -> int:
     train = TrainConfig(lr=args.lr, warmup_steps=args.warmup, dead_tokens=args.dead_tokens,
                         norm_batches=args.norm_batches, backend=args.backend,
                         checkpoint_every=args.checkpoint_every)
+    saes = train_sweep(adapter, train_batches, spec, train, cache_dir=out / "activation_cache",
+                       checkpoint_root=out, resume=args.resume, log=LogConfig(log_every=args.log_every),
+                       latent_parallel=args.latent_parallel)
+    if not D.is_main():  # under torchrun, rank 0 evaluates and writes
+        return 0
     # held-out activations of every layer, harvested once and shared by every SAE's evaluation
     held_acts = heldout_activations(adapter, held_batches, spec, tokens=args.eval_tokens)
-    saes = train_sweep(adapter, train_batches, spec, train, cache_dir=out / "activation_cache",
-                       checkpoint_root=out, resume=args.resume, log=LogConfig(log_every=args.log_every))
     summary = {"model": args.model, "policy": args.policy, "corpus": args.corpus, "layers": {}}
     for layer, layer_saes in saes.items():
         summary["layers"][layer] = {}
@@ -308,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, nargs="+", required=True)
     t.add_argument("--policy", default="mask", help="mask | unmask | all | clean")
     t.add_argument("--k", type=int, nargs="+", default=[8, 16, 32])
-    t.add_argument("--n", type=int, default=1024, help="latents per SAE")
+    t.add_argument("--n", "--latents", dest="n", type=int, default=1024,
+                   help="latents per SAE (--latents under torchrun, whose parser takes --n for its own --nnodes)")
     t.add_argument("--tokens", type=int, default=200_000, help="training tokens per layer")
     t.add_argument("--eval-tokens", type=int, default=20_000)
     t.add_argument("--lr", type=float, default=3e-4)
@@ -320,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--backend", default=None)
+    t.add_argument("--latent-parallel", type=int, default=None, metavar="R",
+                   help="under torchrun: shard every SAE's latents over R ranks per data group (default: data parallel)")
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_train)
 

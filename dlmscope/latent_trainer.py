@@ -19,6 +19,7 @@ the manifest; resume needs the same grid and is exact.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -67,13 +68,28 @@ class LatentParallelTrainer(Trainer):
             raise TypeError(f"grid must be a ProcessGrid (dlmscope.latent_parallel.make_grid), got {type(grid).__name__}")
         self.grid = grid
         super().__init__(shards, cfg, log=log)
-        for i, s in enumerate(self.saes):
-            if (s.lo, s.hi) != grid.bounds(s.n):
-                raise ValueError(f"SAE {i}: this rank (latent rank {grid.latent_rank} of {grid.latent_size}) must "
-                                 f"hold latents {list(grid.bounds(s.n))} of n={s.n}, but its shard holds "
-                                 f"[{s.lo}, {s.hi})")
+        self._check_grid()
         self.data_group = grid.data_group
         self._replicas_checked = False
+
+    def _check_grid(self) -> None:
+        """Raise on EVERY rank (one small all-gather over the world, so no rank is left waiting in a collective)
+        unless each rank holds its grid bounds of every SAE and all ranks agree on the SAEs' (n, k, d)."""
+        grid = self.grid
+        problem = next((f"SAE {i}: this rank (latent rank {grid.latent_rank} of {grid.latent_size}) must hold "
+                        f"latents {list(grid.bounds(s.n))} of n={s.n}, but its shard holds [{s.lo}, {s.hi})"
+                        for i, s in enumerate(self.saes) if (s.lo, s.hi) != grid.bounds(s.n)), "")
+        spec = zlib.crc32(repr([(s.n, s.k, s.d) for s in self.saes]).encode())
+        every = D.all_gather_stacked(torch.tensor([int(bool(problem)), spec], dtype=torch.int64,
+                                                  device=self.device)).tolist()
+        if problem:
+            raise ValueError(problem)
+        bad = [r for r, (flag, _) in enumerate(every) if flag]
+        if bad:
+            raise ValueError(f"rank(s) {bad} hold shards that do not match the grid (see their error)")
+        if len({s for _, s in every}) > 1:
+            raise ValueError(f"the ranks disagree on the SAEs (n, k, d): this rank has "
+                             f"{[(s.n, s.k, s.d) for s in self.saes]}; spec hashes by rank {[s for _, s in every]}")
 
     # ---- the hooks of Trainer --------------------------------------------------------------------------------
     @staticmethod

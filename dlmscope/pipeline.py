@@ -13,6 +13,11 @@ replay, so the model runs once in all. All SAEs of a layer train together in one
 :class:`~dlmscope.train.Trainer` on ``tokens`` kept activations. Every random choice is seeded from
 ``spec.seed``: the corruption and shuffle (the stream's seed), each SAE's initialisation (a generator seeded
 per layer, see :func:`make_saes`) and the trainer (``TrainConfig.seed``).
+
+Under ``torchrun`` the same call is distributed: each data rank harvests its round-robin slice of the LM batches
+with its own stream seed (:mod:`.distributed_harvest`) and trains on its own activations; with
+``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`.latent_trainer`: shards initialised
+directly, the same SAE for every R; sharded checkpoints), the R ranks of a data group harvesting the same rows.
 """
 from __future__ import annotations
 
@@ -24,14 +29,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import distributed as D
 from .activations import ActivationStream, check_policy
+from .distributed_harvest import RANK_SEED_STRIDE, RankSlice
+from .latent_parallel import LatentShard, ProcessGrid, make_grid
+from .latent_trainer import LatentParallelTrainer, gather_saes
 from .noise import T_MAX, T_MIN
 from .sae import TopKSAE
 from .shuffle_buffer import collect
 from .train import TrainConfig, Trainer
 from .train_log import LogConfig
 
-__all__ = ["SweepSpec", "make_saes", "training_stream", "train_sweep", "heldout_activations"]
+__all__ = ["SweepSpec", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,18 +84,27 @@ def make_saes(d: int, spec: SweepSpec, layer: int, meta: dict | None = None) -> 
     return [TopKSAE(d, spec.n_latents, k, generator=init, meta=meta) for k in spec.ks]
 
 
+def make_shards(d: int, spec: SweepSpec, layer: int, grid: ProcessGrid, meta: dict | None = None) -> list[LatentShard]:
+    """This rank's latents of the k sweep of one layer, each SAE seeded by ``(spec.seed, layer, its index)``."""
+    meta = {"layer": layer, "policy": spec.policy, "hook": "resid_post", **(meta or {})}
+    lo, hi = grid.bounds(spec.n_latents)
+    return [LatentShard.init(d, spec.n_latents, k, lo, hi, seed=(spec.seed * 1009 + layer) * 97 + i, meta=meta)
+            for i, k in enumerate(spec.ks)]
+
+
 def training_stream(adapter, token_batches: Iterable, spec: SweepSpec,
-                    cache_dir: str | os.PathLike | None = None) -> ActivationStream:
+                    cache_dir: str | os.PathLike | None = None, seed: int | None = None) -> ActivationStream:
     """The seeded training stream of every layer of ``spec`` (fp32 activations, ``spec.tokens`` per pass)."""
     return ActivationStream(adapter, token_batches, spec.layers, spec.policy, batch_size=spec.batch_size,
-                            buffer_tokens=spec.buffer, seed=spec.seed, t_min=spec.t_min, t_max=spec.t_max,
-                            max_tokens=spec.tokens, dtype=torch.float32, cache_dir=cache_dir)
+                            buffer_tokens=spec.buffer, seed=spec.seed if seed is None else seed, t_min=spec.t_min,
+                            t_max=spec.t_max, max_tokens=spec.tokens, dtype=torch.float32, cache_dir=cache_dir)
 
 
 def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainConfig | None = None, *,
                 cache_dir: str | os.PathLike | None = None, checkpoint_root: str | os.PathLike | None = None,
                 resume: bool = False, saes: dict[int, Sequence[TopKSAE]] | None = None,
-                log: LogConfig | None = None, label: str = "") -> dict[int, list[TopKSAE]]:
+                log: LogConfig | None = None, label: str = "",
+                latent_parallel: int | None = None) -> dict[int, list[TopKSAE]]:
     """Harvest ``spec.layers`` of ``adapter`` from ``token_batches`` and train the k sweep per layer.
 
     ``token_batches``: a re-iterable of LM batches (see :class:`~dlmscope.activations.ActivationStream`).
@@ -96,6 +114,9 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
     ``checkpoint_root``: trainer checkpoints under ``<root>/layer_<L>/checkpoints``; ``resume`` continues them.
     ``saes``: pre-built SAEs per layer (default :func:`make_saes`). Returns ``{layer: [SAE per k]}``, trained,
     ready for raw activations. ``log``: the trainers' logging (their progress bars read ``train <label> L<layer>``).
+    ``latent_parallel``: latent ranks per data group under torchrun (see the module docstring; None or 1 with
+    torchrun: data parallel). The returned SAEs are gathered whole on every rank of a latent group; where they do
+    not fit, export the sharded checkpoints instead (:func:`dlmscope.sharded_checkpoint.export`).
     """
     train = train or TrainConfig()
     if train.steps is not None or train.total_tokens is not None:
@@ -104,17 +125,32 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
     layers = adapter.check_layers(spec.layers)
     if len(layers) > 1 and cache_dir is None:
         raise ValueError("train_sweep needs a cache_dir to train several layers from one harvest")
-    stream = training_stream(adapter, token_batches, spec, cache_dir if len(layers) > 1 else None)
+    grid = make_grid(latent_parallel or 1, adapter.device) if latent_parallel or D.launched_by_torchrun() else None
+    seed, cache = spec.seed, cache_dir if len(layers) > 1 else None
+    if grid is not None and grid.world > 1:
+        # this data rank's slice of the text, its own corruption / shuffle seed, its own cache
+        token_batches = RankSlice(token_batches, grid.data_rank, grid.data_size)
+        seed = spec.seed + RANK_SEED_STRIDE * grid.data_rank
+        cache = Path(cache) / f"rank_{D.rank()}" if cache is not None else None
+    stream = training_stream(adapter, token_batches, spec, cache, seed=seed)
     train = dataclasses.replace(train, total_tokens=spec.tokens, seed=spec.seed)
     source = str(getattr(adapter, "source", ""))
     out = {}
+    sharded = latent_parallel is not None            # R = 1 too: one process then equals any R on the same text
     for layer in layers:
-        layer_saes = list(saes[layer]) if saes is not None else make_saes(adapter.d_model, spec, layer,
-                                                                            {"model": source})
+        layer_saes = None if sharded else (list(saes[layer]) if saes is not None else
+                                           make_saes(adapter.d_model, spec, layer, {"model": source}))
         cfg = train
         if checkpoint_root is not None:
             cfg = dataclasses.replace(cfg, checkpoint_dir=str(Path(checkpoint_root) / f"layer_{layer}" / "checkpoints"))
         layer_log = dataclasses.replace(log or LogConfig(), progress_desc=f"train {label or spec.policy} L{layer}")
+        if sharded:
+            shards = ([LatentShard.from_sae(sae, *grid.bounds(sae.n)) for sae in saes[layer]] if saes is not None
+                      else make_shards(adapter.d_model, spec, layer, grid, {"model": source}))
+            trainer = LatentParallelTrainer(shards, grid, cfg, log=layer_log)
+            trainer.fit(stream.for_layer(layer), resume=resume)
+            out[layer] = gather_saes(trainer.saes, grid)
+            continue
         Trainer(layer_saes, cfg, log=layer_log).fit(stream.for_layer(layer), resume=resume)
         out[layer] = layer_saes
     return out

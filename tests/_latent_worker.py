@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from dlmscope import distributed as D
-from dlmscope.latent_parallel import LatentShard, make_grid
+from dlmscope.latent_parallel import LatentShard, make_grid, shard_bounds
 from dlmscope.latent_trainer import LatentParallelTrainer, gather_saes
 from dlmscope.sae import TopKSAE
 from dlmscope.train import LogConfig, TrainConfig
@@ -63,12 +63,20 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--wrong-shard-rank", type=int, default=None, help="this rank takes latent rank 0's shard")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     grid = make_grid(args.latent)
-    shards = [LatentShard.from_sae(s, *grid.bounds(s.n)) for s in make_saes(args.saes)]
+    wrong = D.rank() == args.wrong_shard_rank
+    shards = [LatentShard.from_sae(s, *(shard_bounds(s.n, grid.latent_size)[0] if wrong else grid.bounds(s.n)))
+              for s in make_saes(args.saes)]
     cfg = make_config(checkpoint_dir=args.ckpt, checkpoint_every=5 if args.ckpt else None)
-    trainer = LatentParallelTrainer(shards, grid, cfg, log=make_log())
+    try:
+        trainer = LatentParallelTrainer(shards, grid, cfg, log=make_log())
+    except ValueError as exc:               # every rank must get here, none left waiting in a collective
+        print(f"rank {D.rank()} refused: {exc}", flush=True)
+        D.destroy()
+        return 3
     rank = D.rank()
     n_batches = args.short_at if rank == args.short_rank else N_BATCHES
     kill_at = args.kill_at if rank == 1 else None

@@ -14,18 +14,22 @@ from dlmscope.world import TOKENIZER_DIR
 from dlmscope.world.tokenizer import load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_llada(tmp_path_factory):
+def build_tiny_llada(path):
+    """A 2-block LLaDA-format checkpoint with the world tokenizer at ``path`` (returned)."""
     tok = load_tokenizer(TOKENIZER_DIR)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, is_causal=False, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("llada")
     models.save_llada_checkpoint(LlamaForCausalLM(config), path, mask_token_id=tok.mask_token_id,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     for f in os.listdir(TOKENIZER_DIR):
         shutil.copy(f"{TOKENIZER_DIR}/{f}", path / f)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llada(tmp_path_factory):
+    return build_tiny_llada(tmp_path_factory.mktemp("llada"))
 
 
 def test_train_then_eval(tiny_llada, tmp_path, capsys):

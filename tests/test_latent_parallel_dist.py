@@ -20,11 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dlmscope import cli
 from dlmscope import sharded_checkpoint as sc
 from dlmscope.sae import TopKSAE
 from dlmscope.train import Trainer
 from tests._latent_worker import data_stream, make_config, make_log, make_saes
 from tests._train_worker import N_BATCHES, final_tensors
+from tests.test_cli import build_tiny_llada
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 90  # a rank that hangs in a collective fails the test instead of blocking it
@@ -159,3 +161,32 @@ def test_missing_and_mismatched_shards_are_named(killed_and_resumed, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         sc.read_meta(tmp_path)
+
+
+def test_a_rank_with_the_wrong_shard_stops_every_rank(tmp_path):
+    """Rank 1 holds latent rank 0's latents: every rank refuses at construction (none hangs in a collective)."""
+    result = _torchrun(2, "--latent", "2", "--out", str(tmp_path / "x.safetensors"), "--wrong-shard-rank", "1")
+    assert result.returncode != 0
+    assert "rank 1 refused: SAE 0: this rank (latent rank 1 of 2) must hold latents" in result.stdout
+    assert "rank 0 refused: rank(s) [1] hold shards that do not match the grid" in result.stdout
+
+
+def test_cli_train_latent_parallel_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun -m dlmscope.cli train --latent-parallel 2` (one data rank, two latent ranks) trains the same SAEs as
+    `dlmscope train --latent-parallel 1` in one process on the same text; rank 0 alone writes the outputs."""
+    model = build_tiny_llada(tmp_path / "llada")
+    args = ["train", "--model", str(model), "--sentences", "400", "--seq-len", "16", "--lm-batch", "16",
+            "--batch-size", "64", "--layers", "1", "--k", "2", "4", "--latents", "21", "--tokens", "640",
+            "--eval-tokens", "256", "--warmup", "2", "--log-every", "0", "--checkpoint-every", "4",
+            "--norm-batches", "2", "--buffer-tokens", "256"]
+    result = _torchrun(2, *args, "--latent-parallel", "2", "--out", str(tmp_path / "dist"), worker="dlmscope.cli")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli.main([*args, "--latent-parallel", "1", "--out", str(tmp_path / "one")]) == 0
+    for k in (2, 4):
+        dist_sae = TopKSAE.load(tmp_path / "dist" / "layer_1" / f"k_{k}")
+        one_sae = TopKSAE.load(tmp_path / "one" / "layer_1" / f"k_{k}")
+        assert dist_sae.n == 21
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            torch.testing.assert_close(getattr(dist_sae, name), getattr(one_sae, name), atol=1e-6, rtol=0)
+    assert (tmp_path / "dist" / "summary.json").is_file()
+    assert any((tmp_path / "dist" / "layer_1" / "checkpoints").iterdir())       # the sharded checkpoints
