@@ -4,7 +4,7 @@ PY ?= $(if $(VIRTUAL_ENV),python,$(if $(wildcard .venv/bin/python),.venv/bin/pyt
 VENV_PY := .venv/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install test test-all bench gpu-check cuda wheel demo demo-synthetic clean
+.PHONY: venv install test test-all bench bench-latent gpu-check cuda wheel demo demo-synthetic clean
 
 # Create .venv (unless a virtualenv is active), install the CPU torch pin, the package and its test extras.
 venv:
@@ -27,6 +27,10 @@ test-all: install
 
 bench: install
 	$(PYBIN) benchmarks/report.py --device cpu
+
+# Latent-parallel step time and memory per rank vs R (torchrun, gloo on CPU; --device cuda on a multi-GPU machine)
+bench-latent: install
+	$(PYBIN) benchmarks/latent_parallel_bench.py
 
 gpu-check:
 	bash scripts/gpu_check.sh
