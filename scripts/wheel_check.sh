@@ -9,6 +9,10 @@ TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
 rm -rf dist
 make -s wheel
 WHEEL=$(ls dist/dlmscope-*.whl)
+if [ -f dlmscope/libdlmscope_cuda.so ]; then   # built by `make cuda` (CI builds it first): it ships in the wheel
+  python3 -m zipfile -l "$WHEEL" | grep -q "dlmscope/libdlmscope_cuda.so" \
+    || { echo "wheel_check: libdlmscope_cuda.so is missing from $WHEEL" >&2; exit 1; }
+fi
 VENV=$(mktemp -d /tmp/dlmscope-wheel.XXXXXX)
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -29,6 +33,9 @@ loss = (sae(x) - x).pow(2).sum()
 loss.backward()
 assert sae.W_dec.grad is not None and torch.isfinite(sae.W_dec.grad).all()
 import dlmscope.world, dlmscope.cli                                            # package data and the CLI import
+from dlmscope.backends import cuda_lib
+if cuda_lib.library_path().exists():                                           # shipped: every symbol resolves
+    cuda_lib.load()
 print("wheel ok:", dlmscope.__file__, dlmscope.available_backends())
 PY
 rm -rf "$VENV"
