@@ -231,22 +231,11 @@ class ShardedGroup(EncoderGroup):
     def __init__(self, shards: list[LatentShard], k_aux: list[int], grid: ProcessGrid,
                  compute_dtype: torch.dtype | None, backend: str | None):
         self.members = list(range(len(shards)))
-        self.saes = shards
         self.grid = grid
-        self.sizes = [s.n_local for s in shards]
-        self.ks = [s.k for s in shards]
-        self.k_aux = list(k_aux)
-        self.ks_local = [min(k, s) for k, s in zip(self.ks, self.sizes)]
-        self.k_aux_local = [min(k, s) for k, s in zip(self.k_aux, self.sizes)]
-        self.offsets = _cumulative(self.sizes)
-        self.k_offsets = _cumulative(self.ks_local)
-        first = shards[0]
-        self.device, self.dtype = first.W_dec.device, first.W_dec.dtype
-        self.compute_dtype = compute_dtype or self.dtype
-        self.backend = backend or first.backend
-        self.total = self.offsets[-1]
-        self.zero_bias = torch.zeros(first.d, device=self.device, dtype=self.compute_dtype)
-        self.since = torch.zeros(self.total, dtype=torch.int64, device=self.device)
+        sizes = [s.n_local for s in shards]
+        self.ks_local = [min(s.k, size) for s, size in zip(shards, sizes)]
+        self.k_aux_local = [min(k, size) for k, size in zip(k_aux, sizes)]
+        self._setup(shards, sizes, self.ks_local, list(k_aux), compute_dtype, backend)
 
     def encode(self, xs: Tensor, *, auxk: bool, dead_tokens: int) -> ShardCodes:
         """Local top-k candidates of ``xs`` [B, d], one all-gather, the global merge; with ``auxk`` the same for the

@@ -80,13 +80,19 @@ class EncoderGroup:
     def __init__(self, members: list[int], saes: list[TopKSAE], k_aux: list[int], compute_dtype: torch.dtype | None,
                  backend: str | None):
         self.members = members
-        self.saes = [saes[i] for i in members]
-        self.sizes = [s.n for s in self.saes]
-        self.ks = [s.k for s in self.saes]
-        self.k_aux = [k_aux[i] for i in members]
-        self.offsets = _cumulative(self.sizes)
-        self.k_offsets = _cumulative(self.ks)
-        first = self.saes[0]
+        group = [saes[i] for i in members]
+        self._setup(group, [s.n for s in group], [s.k for s in group], [k_aux[i] for i in members], compute_dtype,
+                    backend)
+
+    def _setup(self, saes: list, sizes: list[int], k_cols: list[int], k_aux: list[int],
+               compute_dtype: torch.dtype | None, backend: str | None) -> None:
+        """Layout and counters of member SAEs ``saes`` holding ``sizes`` latents here, ``k_cols`` code columns
+        each (a latent shard's local top-k may be narrower than its SAE's k)."""
+        self.saes, self.sizes, self.k_aux = saes, sizes, k_aux
+        self.ks = [s.k for s in saes]
+        self.offsets = _cumulative(sizes)
+        self.k_offsets = _cumulative(k_cols)
+        first = saes[0]
         self.device, self.dtype = first.W_dec.device, first.W_dec.dtype
         self.compute_dtype = compute_dtype or self.dtype
         self.backend = backend or first.backend

@@ -24,21 +24,14 @@ from dlmscope import distributed as D
 from dlmscope.latent_parallel import LatentShard, make_grid, shard_bounds
 from dlmscope.latent_trainer import LatentParallelTrainer, gather_saes
 from dlmscope.sae import TopKSAE
-from dlmscope.train import LogConfig, TrainConfig
-from tests._train_worker import D as DIM, N_BATCHES, final_tensors, global_batch
+from dlmscope.train import LogConfig
+from tests._train_worker import D as DIM, N_BATCHES, final_tensors, global_batch, make_config
 
 SHAPES = ((46, 3), (21, 6), (9, 6))  # (n, k) per SAE
 
 
 def make_saes(count: int = len(SHAPES)) -> list[TopKSAE]:
     return [TopKSAE(DIM, n, k, generator=torch.Generator().manual_seed(200 + n)) for n, k in SHAPES[:count]]
-
-
-def make_config(**overrides) -> TrainConfig:
-    base = dict(steps=N_BATCHES, lr=1e-2, warmup_steps=2, decay_fraction=0.3, auxk_alpha=1 / 32, dead_tokens=64,
-                norm_batches=3, seed=0)
-    base.update(overrides)
-    return TrainConfig(**base)
 
 
 def make_log() -> LogConfig:
