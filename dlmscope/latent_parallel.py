@@ -244,14 +244,16 @@ class ShardedGroup(EncoderGroup):
         x = xs.to(device=self.device, dtype=cd)
         dead = self.since >= dead_tokens if auxk else None
         k_aux = self.k_aux_local if dead is not None else None
-        b_dec = replicated(torch.stack([s.b_dec for s in self.saes]), group).to(cd)  # [m, d]
+        b_dec_master = replicated(torch.stack([s.b_dec for s in self.saes]), group)  # [m, d]
+        b_dec = b_dec_master.to(cd)
         if len(self.saes) == 1:  # as EncoderGroup does: b_dec inside the op, not folded (the same rounding)
             s = self.saes[0]
             codes = ops.topk_encode_grouped(x, s.W_enc.to(cd), s.b_enc.to(cd), b_dec[0], self.ks_local, self.sizes,
                                             aux_mask=dead, k_aux=k_aux, backend=self.backend)
         else:
             W = torch.cat([s.W_enc for s in self.saes]).to(cd)
-            b = torch.cat([s.b_enc.to(cd) - s.W_enc.to(cd) @ b_dec[j] for j, s in enumerate(self.saes)])
+            # the folded bias in the master dtype, then cast (as EncoderGroup does)
+            b = torch.cat([s.b_enc - s.W_enc @ b_dec_master[j] for j, s in enumerate(self.saes)]).to(cd)
             codes = ops.topk_encode_grouped(x, W, b, self.zero_bias, self.ks_local, self.sizes, aux_mask=dead,
                                             k_aux=k_aux, backend=self.backend)
         # the candidate blocks: every SAE's main selection, then every SAE's AuxK selection
@@ -294,10 +296,11 @@ class ShardedGroup(EncoderGroup):
         if aux:  # the dead latents' decode, without b_dec
             partials += [ops.sparse_decode(v, i, s.W_dec.to(cd), self.zero_bias, backend=self.backend)
                          for s, v, i in zip(self.saes, c.aux_own_values, c.aux_own_ids)]
-        summed = sum_partials(partials, self.grid.latent_group)
+        # summed in float32: a 16-bit all-reduce would round at every hop of the ring
+        summed = sum_partials([p.float() for p in partials], self.grid.latent_group)
         x, m, out = xs.to(self.device), len(self.saes), []
         for j, s in enumerate(self.saes):
-            e = x - (summed[j] + s.b_dec.to(cd)).to(xs.dtype)
+            e = x - (summed[j].to(cd) + s.b_dec.to(cd)).to(xs.dtype)
             t = SAETerms(values=c.values[j], residual=e, recon_sum=e.pow(2).sum())
             if aux:
                 e_det = e.detach()

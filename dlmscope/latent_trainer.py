@@ -119,6 +119,11 @@ class LatentParallelTrainer(Trainer):
     def _train_step(self, x: Tensor, batch_total: int, log: bool) -> dict | None:
         if not self._replicas_checked or log:
             self._check_replicas(x)
+        else:  # every step at least the row counts: unequal ones would mismatch the candidate all-gather
+            rows = D.all_gather_stacked(torch.tensor([x.shape[0]], device=x.device), self.grid.latent_group)
+            if len(set(rows.flatten().tolist())) > 1:
+                raise ValueError(f"the ranks of a latent group must train on the same rows, but at step {self.step} "
+                                 f"they hold batches of {rows.flatten().tolist()} rows")
         record = super()._train_step(x, batch_total, log)
         if record is not None:  # the base counts this shard's dead latents; the SAE's are summed over shards
             group = self.groups[0]
@@ -151,21 +156,32 @@ class LatentParallelTrainer(Trainer):
             return None
         self._check_deferred()
         grid = self.grid
-        if D.is_main():
-            sc.begin(cfg.checkpoint_dir, self.step)
-        D.barrier()
-        if grid.data_rank == 0:
-            rng_tensors, rng_meta = ckpt.rng_state()
-            rng_tensors["rng.py_numpy"] = torch.frombuffer(bytearray(json.dumps(rng_meta).encode()), dtype=torch.uint8)
-            sc.save_shard(cfg.checkpoint_dir, self.step, grid.latent_rank, grid.latent_size,
-                          [(s.lo, s.hi) for s in self.saes], {**self._state_tensors(), **rng_tensors})
-        D.barrier()
         path = Path(cfg.checkpoint_dir) / ckpt.checkpoint_name(self.step)
-        if D.is_main():
-            meta = self._checkpoint_meta({})
-            meta["grid"] = {"data": grid.data_size, "latent": grid.latent_size}
-            sc.commit(cfg.checkpoint_dir, self.step, meta, grid.latent_size)
-        D.barrier()
+        # this step already committed (a finished run resumed, a stream ending on a checkpoint step): rewriting it
+        # would remove the only complete checkpoint until the new manifest lands; rank 0 decides for everyone
+        committed = D.is_main() and any(p.name == path.name for p in sc.list_complete(cfg.checkpoint_dir))
+        done = torch.tensor([int(committed)], device=self.device)
+        if int(D.all_reduce_(done, op="max")):
+            self.last_checkpoint = path
+            return path
+        _on_every_rank(lambda: D.is_main() and sc.begin(cfg.checkpoint_dir, self.step), "starting checkpoint",
+                       self.device)
+
+        def shard():
+            if grid.data_rank == 0:
+                rng_tensors, rng_meta = ckpt.rng_state()
+                rng_tensors["rng.py_numpy"] = torch.frombuffer(bytearray(json.dumps(rng_meta).encode()),
+                                                               dtype=torch.uint8)
+                sc.save_shard(cfg.checkpoint_dir, self.step, grid.latent_rank, grid.latent_size,
+                              [(s.lo, s.hi) for s in self.saes], {**self._state_tensors(), **rng_tensors})
+        _on_every_rank(shard, "writing a checkpoint shard", self.device)
+
+        def manifest():
+            if D.is_main():
+                meta = self._checkpoint_meta({})
+                meta["grid"] = {"data": grid.data_size, "latent": grid.latent_size}
+                sc.commit(cfg.checkpoint_dir, self.step, meta, grid.latent_size)
+        _on_every_rank(manifest, "committing a checkpoint", self.device)
         self.last_checkpoint = path
         return path
 
@@ -177,9 +193,28 @@ class LatentParallelTrainer(Trainer):
         if saved != ours:
             raise ValueError(f"checkpoint {path} was written on a grid {saved}, this run's is {ours}: resume on the "
                              "same grid (or merge it with dlmscope.sharded_checkpoint.load_saes)")
-        tensors = sc.read_shard(path, self.grid.latent_rank, meta)
+        box = {}
+        _on_every_rank(lambda: box.update(t=sc.read_shard(path, self.grid.latent_rank, meta)), "reading a shard",
+                       self.device)
+        tensors = box["t"]
         rng_meta = json.loads(bytes(tensors.pop("rng.py_numpy").tolist()).decode())
         self._restore(tensors, {**meta, "rng": rng_meta}, path)
+
+
+def _on_every_rank(fn, what: str, device: torch.device) -> None:
+    """Run ``fn`` here, then agree with every rank (one all-reduce, which is also the barrier): if it raised
+    anywhere, raise on every rank — this one's own error where it failed — instead of leaving the others waiting
+    in the next collective until the timeout."""
+    error = None
+    try:
+        fn()
+    except Exception as exc:  # re-raised below, after the others know
+        error = exc
+    failed = D.all_reduce_(torch.tensor([int(error is not None)], device=device), op="max")
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"another rank failed while {what} (see its error)")
 
 
 @torch.no_grad()

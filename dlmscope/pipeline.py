@@ -17,7 +17,7 @@ per layer, see :func:`make_saes`) and the trainer (``TrainConfig.seed``).
 Under ``torchrun`` the same call is distributed: each data rank harvests its round-robin slice of the LM batches
 with its own stream seed (:mod:`.distributed_harvest`) and trains on its own activations; with
 ``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`.latent_trainer`: shards initialised
-directly, the same SAE for every R; sharded checkpoints), the R ranks of a data group harvesting the same rows.
+directly, the same SAE for every R; sharded checkpoints), the R ranks of a latent group harvesting the same rows.
 """
 from __future__ import annotations
 
@@ -84,20 +84,25 @@ def make_saes(d: int, spec: SweepSpec, layer: int, meta: dict | None = None) -> 
     return [TopKSAE(d, spec.n_latents, k, generator=init, meta=meta) for k in spec.ks]
 
 
-def make_shards(d: int, spec: SweepSpec, layer: int, grid: ProcessGrid, meta: dict | None = None) -> list[LatentShard]:
-    """This rank's latents of the k sweep of one layer, each SAE seeded by ``(spec.seed, layer, its index)``."""
+def make_shards(d: int, spec: SweepSpec, layer: int, grid: ProcessGrid, meta: dict | None = None,
+                device: torch.device | None = None) -> list[LatentShard]:
+    """This rank's latents of the k sweep of one layer (on ``device``), each SAE seeded by ``(spec.seed, layer,
+    its index)``."""
     meta = {"layer": layer, "policy": spec.policy, "hook": "resid_post", **(meta or {})}
     lo, hi = grid.bounds(spec.n_latents)
-    return [LatentShard.init(d, spec.n_latents, k, lo, hi, seed=(spec.seed * 1009 + layer) * 97 + i, meta=meta)
-            for i, k in enumerate(spec.ks)]
+    return [LatentShard.init(d, spec.n_latents, k, lo, hi, seed=(spec.seed * 1009 + layer) * 97 + i, meta=meta,
+                             device=device) for i, k in enumerate(spec.ks)]
 
 
 def training_stream(adapter, token_batches: Iterable, spec: SweepSpec,
-                    cache_dir: str | os.PathLike | None = None, seed: int | None = None) -> ActivationStream:
-    """The seeded training stream of every layer of ``spec`` (fp32 activations, ``spec.tokens`` per pass)."""
+                    cache_dir: str | os.PathLike | None = None, seed: int | None = None,
+                    max_tokens: int | None = None) -> ActivationStream:
+    """The seeded training stream of every layer of ``spec`` (fp32 activations, ``spec.tokens`` per pass, or
+    ``max_tokens``: one data rank's share)."""
     return ActivationStream(adapter, token_batches, spec.layers, spec.policy, batch_size=spec.batch_size,
                             buffer_tokens=spec.buffer, seed=spec.seed if seed is None else seed, t_min=spec.t_min,
-                            t_max=spec.t_max, max_tokens=spec.tokens, dtype=torch.float32, cache_dir=cache_dir)
+                            t_max=spec.t_max, max_tokens=spec.tokens if max_tokens is None else max_tokens,
+                            dtype=torch.float32, cache_dir=cache_dir)
 
 
 def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainConfig | None = None, *,
@@ -126,13 +131,15 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
     if len(layers) > 1 and cache_dir is None:
         raise ValueError("train_sweep needs a cache_dir to train several layers from one harvest")
     grid = make_grid(latent_parallel or 1, adapter.device) if latent_parallel or D.launched_by_torchrun() else None
-    seed, cache = spec.seed, cache_dir if len(layers) > 1 else None
+    seed, cache, tokens = spec.seed, cache_dir if len(layers) > 1 else None, spec.tokens
     if grid is not None and grid.world > 1:
-        # this data rank's slice of the text, its own corruption / shuffle seed, its own cache
+        # this data rank's slice of the text, its own corruption / shuffle seed, its share of the tokens (so its
+        # harvest ends with the run and a cache completes), a cache of its own (per process: no shared writes)
         token_batches = RankSlice(token_batches, grid.data_rank, grid.data_size)
         seed = spec.seed + RANK_SEED_STRIDE * grid.data_rank
+        tokens = -(-spec.tokens // grid.data_size)
         cache = Path(cache) / f"rank_{D.rank()}" if cache is not None else None
-    stream = training_stream(adapter, token_batches, spec, cache, seed=seed)
+    stream = training_stream(adapter, token_batches, spec, cache, seed=seed, max_tokens=tokens)
     train = dataclasses.replace(train, total_tokens=spec.tokens, seed=spec.seed)
     source = str(getattr(adapter, "source", ""))
     out = {}
@@ -146,7 +153,7 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
         layer_log = dataclasses.replace(log or LogConfig(), progress_desc=f"train {label or spec.policy} L{layer}")
         if sharded:
             shards = ([LatentShard.from_sae(sae, *grid.bounds(sae.n)) for sae in saes[layer]] if saes is not None
-                      else make_shards(adapter.d_model, spec, layer, grid, {"model": source}))
+                      else make_shards(adapter.d_model, spec, layer, grid, {"model": source}, adapter.device))
             trainer = LatentParallelTrainer(shards, grid, cfg, log=layer_log)
             trainer.fit(stream.for_layer(layer), resume=resume)
             out[layer] = gather_saes(trainer.saes, grid)

@@ -48,6 +48,8 @@ def plan(n_name: str, gpus: int, latent: int) -> Plan:
     data = gpus // latent
     n_r, rows = -(-n // latent), BATCH // data      # the largest shard; this rank's rows
     f32, pair = 4, 8                                # bytes: fp32; a (value bits, int32 id) candidate
+    merged = pair + 24                              # a gathered candidate during the merge: the pair + its values
+                                                    # (fp32) and ids (int64) unpacked, and their [B, R, w] copies
     weights = (2 * n_r * d + n_r + d) * f32
     mem = {
         "weights": weights,
@@ -55,7 +57,7 @@ def plan(n_name: str, gpus: int, latent: int) -> Plan:
         "grads": weights,
         "bf16 casts": 2 * n_r * d * 2,              # autocast copies of W_enc, W_dec
         "activations": (4 * rows * d * f32          # x, x_hat partial, AuxK partial, residual
-                        + latent * rows * (K + K_AUX) * pair   # the gathered candidates
+                        + (latent * rows * (K + K_AUX) * merged if latent > 1 else 0)  # gathered candidates
                         + rows * min(ENCODE_TILE, n_r) * f32),  # one encoder tile
     }
     mem = {key: v / 1e9 for key, v in mem.items()}
@@ -104,7 +106,8 @@ def _total(p: Plan) -> float:
 
 
 def _main(p: Plan) -> float:
-    """Seconds of the collectives a step always pays (AuxK's only while latents are dead)."""
+    """Seconds of the collectives of a step without AuxK (AuxK's run on every step once ``dead_tokens`` tokens
+    have passed)."""
     return sum(v for k, v in p.seconds.items() if "AuxK" not in k)
 
 
@@ -168,7 +171,8 @@ which also runs on a multi-GPU machine with `--device cuda`).
 
 Weights = W_enc + W_dec [n/R, d] + biases; Adam = two moments of every weight; grads = one dense copy; bf16 casts =
 the autocast copies of both matrices (0 without autocast); activations = x, the partial reconstructions and the
-residual [B/D, d], the gathered candidates [R, B/D, k + k_aux] as (value, id) pairs, one encoder tile of
+residual [B/D, d], the gathered candidates [R, B/D, k + k_aux] during the merge (32 B each: the (value, id) pair
+as sent, unpacked to fp32 values and int64 ids, and their regrouped copies; none for `D x 1`), one encoder tile of
 {ENCODE_TILE} latents.
 
 | n | GPUs | grid D x R | weights | Adam | grads | bf16 casts | activations | total | fits {a['hbm_GB']:.0f} GB |
@@ -178,8 +182,10 @@ residual [B/D, d], the gathered candidates [R, B/D, k + k_aux] as (value, id) pa
 ## Communication per step vs the encoder GEMM
 
 Per rank: the latent group's all-gather of the top-k candidates and all-reduce of x_hat (and the same two for
-AuxK, paid only while some latent is dead), the data group's all-reduce of all gradients and of the fired flags.
-Times at the assumed link speeds; GEMM = 2 (B/D) d (n/R) FLOP at {a['tflops_real']:.0f} TFLOP/s.
+AuxK, which the trainer turns on once `dead_tokens` tokens have passed — by token count, whether or not a latent
+is dead — so after warm-up every step pays them), the data group's all-reduce of all gradients and of the fired
+flags. Times at the assumed link speeds; GEMM = 2 (B/D) d (n/R) FLOP at {a['tflops_real']:.0f} TFLOP/s, a bf16
+GEMM (training with `autocast_dtype="bfloat16"`; the fp32 default runs the GEMM several times slower).
 
 | n | GPUs | grid D x R | GB sent per step | comm ms (no AuxK) | AuxK comm ms | encoder GEMM ms | comm / GEMM | with AuxK |
 |---|---|---|---|---|---|---|---|---|
@@ -197,9 +203,11 @@ Times at the assumed link speeds; GEMM = 2 (B/D) d (n/R) FLOP at {a['tflops_real
   a {_ms(m1_2d.gemm_s)} ms GEMM): a 1M-latent SAE trains best on one node per SAE (or per k of the sweep), with data
   parallelism across nodes only when the step is long enough to hide it.
 - **16M latents**: {_gb(m16.mem['weights'])} GB of weights, {_gb(m16.mem['weights'] + m16.mem['adam'] + m16.mem['grads'])}
-  GB with Adam state and gradients: of these grids only `1 x 64` fits ({_gb(_total(m16_all) - m16_all.mem['activations'])}
-  GB per rank before activations). There the GEMM is {_ms(m16_all.gemm_s)} ms and the top-k path sends
-  {_ms(_main(m16_all))} ms over InfiniBand, which an overlapped implementation could hide; but AuxK's gather alone is
+  GB with Adam state and gradients: of these grids only `1 x 64` holds the state ({_gb(_total(m16_all) - m16_all.mem['activations'])}
+  GB per rank before activations), and the AuxK merge's {_gb(m16_all.mem['activations'])} GB of activations then
+  push it past {a['hbm_GB']:.0f} GB: as built, 16M latents need the thresholded AuxK gather of item 1 below (or
+  AuxK off). There the GEMM is {_ms(m16_all.gemm_s)} ms and the top-k path sends {_ms(_main(m16_all))} ms over
+  InfiniBand, which an overlapped implementation could hide; but AuxK's gather alone is
   {_ms(m16_all.seconds['gather AuxK'])} ms.
 
 ## Where this design stops scaling
@@ -210,7 +218,8 @@ Times at the assumed link speeds; GEMM = 2 (B/D) d (n/R) FLOP at {a['tflops_real
    {_gb(64 * BATCH * K_AUX * 8 / 1e9)} GB per rank per step, more memory and time than everything else. Fixes,
    not built: gather only each rank's dead-latent candidates above a global threshold (one all-reduce of the
    local k_aux-th values first), or cap k_aux per rank at k_aux / R (an approximation of the recipe).
-2. **x_hat is all-reduced at full size.** [B/D, d] fp32 per step regardless of n: cheap on NVLink, a floor of
+2. **x_hat is all-reduced at full size.** [B/D, d] in fp32 (the partials are summed in float32, also under a
+   bf16 autocast) per step regardless of n: cheap on NVLink, a floor of
    ~{_ms(plan('16M', 64, 64).seconds['all-reduce x_hat'])} ms per step over InfiniBand at B = 16k. bf16 partials
    would halve it (at a precision cost the tests do not cover).
 3. **Data parallelism of a sharded SAE all-reduces dense gradients**, (2 n/R d) floats per step, although only

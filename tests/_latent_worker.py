@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip norm (default: the recipe's)")
     parser.add_argument("--wrong-shard-rank", type=int, default=None, help="this rank takes latent rank 0's shard")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     wrong = D.rank() == args.wrong_shard_rank
     shards = [LatentShard.from_sae(s, *(shard_bounds(s.n, grid.latent_size)[0] if wrong else grid.bounds(s.n)))
               for s in make_saes(args.saes)]
-    cfg = make_config(checkpoint_dir=args.ckpt, checkpoint_every=5 if args.ckpt else None)
+    clip = {} if args.grad_clip is None else {"grad_clip": args.grad_clip}
+    cfg = make_config(checkpoint_dir=args.ckpt, checkpoint_every=5 if args.ckpt else None, **clip)
     try:
         trainer = LatentParallelTrainer(shards, grid, cfg, log=make_log())
     except ValueError as exc:               # every rank must get here, none left waiting in a collective

@@ -106,3 +106,37 @@ def test_a_plain_trainer_checkpoint_is_not_taken_for_a_sharded_one(tmp_path):
     assert sc.latest(tmp_path) is None
     with pytest.raises(ValueError, match="not a sharded checkpoint manifest"):
         sc.read_meta(trainer.last_checkpoint)
+
+
+def test_resuming_a_finished_run_keeps_its_checkpoint_complete(tmp_path, monkeypatch):
+    """A finished run resumed re-saves its last step: that save is skipped, never a rewrite that would leave no
+    complete checkpoint while it runs (here: a shard write that would fail is never reached)."""
+    _one_process_run(tmp_path)
+    final = sc.latest(tmp_path)
+    before = (final / "meta.json").read_bytes()
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("the committed step was rewritten")
+
+    monkeypatch.setattr(sc, "save_shard", no_write)
+    trainer = LatentParallelTrainer([LatentShard.from_sae(s, 0, s.n) for s in make_saes()], ProcessGrid(1, 1),
+                                    make_config(checkpoint_dir=str(tmp_path), checkpoint_every=5), log=make_log())
+    trainer.fit(data_stream(0, 1), resume=True)
+    assert [p.name for p in sc.list_complete(tmp_path)] == [final.name]
+    assert (final / "meta.json").read_bytes() == before
+
+
+def test_a_failed_shard_write_raises_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
+    _one_process_run(tmp_path)
+    final = sc.latest(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(sc, "save_shard", disk_full)
+    trainer = LatentParallelTrainer([LatentShard.from_sae(s, 0, s.n) for s in make_saes()], ProcessGrid(1, 1),
+                                    make_config(checkpoint_dir=str(tmp_path / "other"), checkpoint_every=5),
+                                    log=make_log())
+    with pytest.raises(OSError, match="no space left"):
+        trainer.fit(data_stream(0, 1))
+    assert sc.latest(tmp_path) == final
