@@ -147,7 +147,12 @@ class LatentParallelTrainer(Trainer):
 
     # ---- sharded checkpoints ---------------------------------------------------------------------------------
     def _latest_checkpoint(self) -> Path | None:
-        return sc.latest(self.cfg.checkpoint_dir)
+        """Rank 0's choice for every rank (one all-reduce): ranks that looked on their own could disagree on a
+        laggy shared filesystem, one resuming while another starts fresh."""
+        found = sc.latest(self.cfg.checkpoint_dir) if D.is_main() else None
+        step = torch.tensor([int(found.name.split("-")[1]) if found is not None else -1], device=self.device)
+        step = int(D.all_reduce_(step, op="max"))
+        return None if step < 0 else Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(step)
 
     def save_checkpoint(self) -> Path | None:
         """Each latent shard (from data rank 0) and then the manifest (rank 0); every rank waits."""
