@@ -8,6 +8,7 @@ resumes bitwise to the uninterrupted run, and its sharded checkpoint loads into 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -193,3 +194,22 @@ def test_cli_train_latent_parallel_under_torchrun_equals_one_process(tmp_path):
             torch.testing.assert_close(getattr(dist_sae, name), getattr(one_sae, name), atol=1e-6, rtol=0)
     assert (tmp_path / "dist" / "summary.json").is_file()
     assert any((tmp_path / "dist" / "layer_1" / "checkpoints").iterdir())       # the sharded checkpoints
+
+
+def test_cli_train_data_parallel_under_torchrun_splits_the_harvest(tmp_path):
+    """Plain `torchrun -m dlmscope.cli train` (2 data ranks, 2 layers): each rank harvests its own slice into its
+    own cache, the tokens are shared out (640 tokens = 5 steps of 2 x 64 rows), rank 0 writes the outputs."""
+    model = build_tiny_llada(tmp_path / "llada")
+    out = tmp_path / "run"
+    result = _torchrun(2, "train", "--model", str(model), "--sentences", "400", "--seq-len", "16", "--lm-batch", "16",
+                       "--batch-size", "64", "--layers", "0", "1", "--k", "2", "--latents", "21", "--tokens", "640",
+                       "--eval-tokens", "256", "--warmup", "2", "--log-every", "1", "--norm-batches", "2",
+                       "--buffer-tokens", "256", "--out", str(out), worker="dlmscope.cli")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "activation_cache").iterdir()) == ["rank_0", "rank_1"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["layers"]) == {"0", "1"}
+    for layer in (0, 1):
+        assert TopKSAE.load(out / f"layer_{layer}" / "k_2").n == 21
+        steps = sorted(int(p.name.split("-")[1]) for p in (out / f"layer_{layer}" / "checkpoints").iterdir())
+        assert steps[-1] == 5
