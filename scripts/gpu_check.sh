@@ -118,7 +118,8 @@ fi
 want import && stage import 60 "$PY" -c "import dlmscope; print(dlmscope.__file__); print('backends', dlmscope.available_backends())"
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o "addopts=-ra" --durations=10)
-KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_ops.py tests/test_cuda_backend.py)
+KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_topk_select.py tests/test_transpose_reduce.py tests/test_ops.py
+              tests/test_cuda_backend.py)
 if [ "$DRY" = 1 ]; then
   KERNEL_SEL=(-k "topk_encode_matches_reference or sparse_decode_matches")   # one slice: the script, not the suite
 else
@@ -155,7 +156,7 @@ fi
 if want rest && [ "$DRY" != 1 ]; then
   left=$(( BUDGET - $(elapsed) - RESERVE ))
   stage rest "$left" "${PYTEST[@]}" tests -m "not slow and not distributed" --continue-on-collection-errors \
-    --ignore=tests/test_triton_kernels.py --ignore=tests/test_ops.py --ignore=tests/test_cuda_backend.py --junitxml="$RESULTS/junit-rest.xml"
+    "${KERNEL_TESTS[@]/#/--ignore=}" --junitxml="$RESULTS/junit-rest.xml"
 fi
 
 publish
