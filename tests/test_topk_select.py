@@ -93,3 +93,18 @@ def test_topk_select_into_column_blocks():
     topk_select(pre, bias, 10, id_offset=5, values=vals[:, 10:20], indices=ids[:, 10:20])
     _check(pre, bias, 10, vals[:, 10:20], ids[:, 10:20], id_offset=5)
     assert bool((vals[:, :10] == -7).all() and (vals[:, 20:] == -7).all() and (ids[:, :10] == -7).all())
+
+
+def test_chunked_topk_merges_a_full_candidate_buffer_in_place():
+    """Many chunks of a few latents: the [B, 8k] candidate buffer fills and is merged down to k several times."""
+    from dlmscope.kernels.topk_select import CANDIDATE_BUFFER, chunked_topk
+    g = torch.Generator().manual_seed(5)
+    xc, W = torch.randn(9, 6, generator=g), torch.randn(50, 6, generator=g)
+    b = torch.randn(50, generator=g)
+    k, chunk = 3, 3
+    assert 17 * k > CANDIDATE_BUFFER * k                     # 17 chunks of 3: the buffer must merge
+    values, indices = chunked_topk(xc.to(DEV), W.to(DEV), b.to(DEV), k, chunk)
+    ref = torch.relu(xc.double() @ W.double().T + b.double())
+    torch.testing.assert_close(values.cpu().double().sort(-1).values, ref.topk(k).values.sort(-1).values,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref.gather(1, indices.cpu()), values.cpu().double(), atol=1e-5, rtol=0)

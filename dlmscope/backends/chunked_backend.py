@@ -27,6 +27,8 @@ from .torch_backend import TorchBackend
 DEFAULT_CHUNK = 16384
 #: k from which the per-chunk selection is the Triton select where it can run
 SELECT_MIN_K = 256
+#: a selection's candidate buffer holds at most this many times k columns (merged down to k when full)
+CANDIDATE_BUFFER = 8
 
 
 def triton_select_applies(x: torch.Tensor, k: int) -> bool:
@@ -62,7 +64,7 @@ def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], sele
 
     ``select(pre [B, w], k, keep [w] | None, vals, ids, col, id_offset)`` writes a chunk's top-k (values, ids +
     id_offset) into columns [col, col + k) of the candidate buffers (float32, float64 for float64 x; int64); ``merge(vals, ids, k)``
-    reduces the candidates to the final k. Returns (values [B, k] x.dtype, indices [B, k] int64 relative to the
+    reduces candidates to k (also when a buffer of ``CANDIDATE_BUFFER · k`` columns fills). Returns (values [B, k] x.dtype, indices [B, k] int64 relative to the
     selection's start) per selection. Exact: a row's k largest are among the union of each chunk's k largest.
     """
     B, n = x.shape[0], W_enc.shape[0]
@@ -72,6 +74,7 @@ def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], sele
     for start, stop, k, _ in selections:
         width = sum(min(k, min(stop, c0 + chunk) - max(start, c0))
                     for c0 in range(start // chunk * chunk, stop, chunk))
+        width = min(width, CANDIDATE_BUFFER * k)  # full: merged down to k in place (n = 16M, k = 1024: 48 GiB)
         buffers.append([torch.empty((B, width), dtype=cand_dtype, device=x.device),
                         torch.empty((B, width), dtype=torch.int64, device=x.device), 0])
     for c0 in range(0, n, chunk):
@@ -85,15 +88,20 @@ def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], sele
             lo, hi = max(start, c0), min(stop, c1)
             kk = min(k, hi - lo)
             vals, ids, col = buffers[s]
+            if col + kk > vals.shape[1]:                   # the buffer is full: keep its top k, in columns [0, k)
+                merged_v, merged_i = merge(vals[:, :col], ids[:, :col], k)
+                vals[:, :k], ids[:, :k] = merged_v, merged_i
+                col = k
             select(pre[:, lo - c0:hi - c0], kk, None if keep is None else keep[lo - start:hi - start], vals, ids,
                    col, lo - start)
             buffers[s][2] = col + kk
         del pre                                    # free this chunk's product before the next one is allocated
     out = []
     for (_, _, k, _), (vals, ids, used) in zip(selections, buffers):
+        vals, ids = vals[:, :used], ids[:, :used]
         if used > k:
             vals, ids = merge(vals, ids, k)
-        out.append((vals.to(x.dtype), ids))
+        out.append((vals.to(x.dtype), ids.contiguous()))
     return out
 
 

@@ -53,7 +53,7 @@ class CudaBackend(Backend):
     def _merge(vals, ids, k):
         v = torch.empty((vals.shape[0], k), dtype=torch.float32, device=vals.device)
         i = torch.empty((vals.shape[0], k), dtype=torch.int64, device=vals.device)
-        cuda_lib.topk_select(vals, k, v, i, in_ids=ids)
+        cuda_lib.topk_select(vals.contiguous(), k, v, i, in_ids=ids.contiguous())  # in_ids: dense [rows, cols]
         return v, i
 
     def _pass(self, x, W_enc, b_enc, b_dec, selections):

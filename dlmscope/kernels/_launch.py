@@ -85,9 +85,9 @@ def tile_override(KP: int) -> tuple[int, int, int, int, int] | None:
         tile = tuple(int(v) for v in text.split(","))
     except ValueError:
         tile = ()
-    if len(tile) != 5 or any(v < 1 for v in tile) or any(v & (v - 1) for v in tile[:4]):
+    if len(tile) != 5 or any(v < 1 for v in tile) or any(v & (v - 1) for v in tile[:4]) or min(tile[:3]) < 16:
         raise ValueError(f"{TILE_ENV} must be BLOCK_B,BLOCK_N,BLOCK_D,num_warps,num_stages with powers of two for "
-                         f"the first four, got {text!r}")
+                         f"the first four and BLOCK_B, BLOCK_N, BLOCK_D >= 16 (tl.dot's minimum), got {text!r}")
     if tile[1] < KP:
         raise ValueError(f"{TILE_ENV}: BLOCK_N={tile[1]} must be >= KP={KP} (the next power of two >= k)")
     return tile
@@ -148,7 +148,9 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
     the x blocks and W tiles that run concurrently fit in L2.
 
     Keys: int32 for bf16 / fp16 (``INDEX_BITS`` = L = log2 of the split's latent range rounded up to a power of
-    two; splits are made small enough that ``L <= key32_max_index_bits``), int64 otherwise (``INDEX_BITS`` 0).
+    two; splits are made small enough that ``L <= key32_max_index_bits``), int64 otherwise (``INDEX_BITS`` 0) —
+    also for 16-bit inputs where that bound would need more than max(2x the splits, 64) splits (n in the millions),
+    unless ``DLMSCOPE_ENCODE_KEYS=32``.
     """
     B, d = x.shape
     cfg = EncodeConfig()
@@ -184,6 +186,11 @@ def encode_config(x: torch.Tensor, n: int, k: int) -> EncodeConfig:
     max_bits = key32_max_index_bits(x.dtype)
     if max_bits and cfg.BLOCK_N > 1 << max_bits:
         max_bits = 0                                      # a tile wider than the index range: int64 keys
+    forced32 = os.environ.get(KEYS_ENV, "").strip() == "32"
+    if max_bits and not forced32 and cdiv(n_tiles, (1 << max_bits) // cfg.BLOCK_N) > max(2 * splits, 64):
+        # bounding splits to the index range would multiply the [B, splits * KP] candidates (and their merge)
+        # far beyond what filling the GPU needs (fp16 at n = 2^20: 256 splits): int64 keys then cost less
+        max_bits = 0
     if max_bits:                                          # split-local indices must fit in max_bits
         tiles_per_split = min(tiles_per_split, (1 << max_bits) // cfg.BLOCK_N)
     cfg.n_per_split = tiles_per_split * cfg.BLOCK_N

@@ -184,6 +184,8 @@ def topk_candidates(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     """
     B, d = xc.shape
     n = W_enc.shape[0]
+    # the kernel reads rows with unit column stride (a transposed W_dec passed as W_enc would read garbage)
+    assert xc.stride(-1) == 1 and W_enc.stride(-1) == 1 and b_enc.is_contiguous(), (xc.stride(), W_enc.stride())
     cfg = encode_config(xc, n, k)
     key_dtype = torch.int32 if cfg.INDEX_BITS else torch.int64
     cand = torch.empty((B, cfg.splits, cfg.KP), dtype=key_dtype, device=xc.device)

@@ -29,7 +29,9 @@ import triton.language as tl
 from ._launch import select_config
 
 RADIX = 8
-PASSES = 4  # 4 x 8 = all 32 bits of the key (bit 31 is always 0: the values are non-negative)
+PASSES = 4
+#: the chunked path's candidate buffer holds at most this many times k columns (merged down to k when full)
+CANDIDATE_BUFFER = 8  # 4 x 8 = all 32 bits of the key (bit 31 is always 0: the values are non-negative)
 
 
 @triton.jit
@@ -125,15 +127,21 @@ def chunked_topk(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     n = W_enc.shape[0]
     starts = list(range(0, n, chunk))
     widths = [min(k, min(start + chunk, n) - start) for start in starts]
-    values = torch.empty((xc.shape[0], sum(widths)), dtype=torch.float32, device=xc.device)
-    indices = torch.empty((xc.shape[0], sum(widths)), dtype=torch.int64, device=xc.device)
+    cap = min(sum(widths), CANDIDATE_BUFFER * k)  # full: merged down to k in place (n = 16M, k = 1024: 48 GiB)
+    values = torch.empty((xc.shape[0], cap), dtype=torch.float32, device=xc.device)
+    indices = torch.empty((xc.shape[0], cap), dtype=torch.int64, device=xc.device)
     col = 0
     for start, width in zip(starts, widths):
+        if col + width > cap:
+            v, j = values[:, :col].topk(k, dim=-1, sorted=False)
+            values[:, :k], indices[:, :k] = v, indices[:, :col].gather(-1, j)
+            col = k
         stop = min(start + chunk, n)
         topk_select(xc @ W_enc[start:stop].T, b_enc[start:stop], width, id_offset=start,
                     values=values[:, col:col + width], indices=indices[:, col:col + width])
         col += width
-    if len(starts) > 1:
+    values, indices = values[:, :col], indices[:, :col]
+    if col > k:
         values, j = values.topk(k, dim=-1, sorted=False)
         indices = indices.gather(-1, j)
-    return values, indices
+    return values.contiguous(), indices.contiguous()

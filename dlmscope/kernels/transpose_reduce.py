@@ -1,7 +1,7 @@
 """Transpose-reduce by latent: ``out[i] = sum_{idx[b,j]=i} coef[b,j] * X[b]`` and ``coef_sum[i]``.
 
-The B*k entries are ordered by latent with a stable sort of the flat ids (deterministic: entries of one
-latent are reduced in (b, j) order), segment starts come from ``searchsorted`` — all on the device, no host
+The B*k entries are ordered by latent with a stable sort of the flat ids (deterministic: a latent's entries
+are taken in (b, j) order, BLOCK_E at a time, each block summed by a fixed tree), segment starts come from ``searchsorted`` — all on the device, no host
 sync, no B x k x d buffer. The sorted layout (:func:`sort_by_latent`) can be passed in, so a training step's two
 transpose-reduces over the same ids sort once.
 
@@ -142,6 +142,8 @@ def transpose_reduce(coef: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, n: 
     ``layout``: ``sort_by_latent(idx, n)`` if the caller already has it."""
     B, k = idx.shape
     d = X.shape[1]
+    # flat positions b * k + j index coef, and rows of X are read with unit column stride; offsets are int32
+    assert coef.is_contiguous() and (d == 0 or X.stride(1) == 1) and B * k < 2 ** 31, (coef.stride(), X.stride())
     out = torch.empty((n, d), dtype=X.dtype, device=X.device)
     coef_sum = torch.empty((n,), dtype=coef.dtype, device=X.device)
     if n == 0:
