@@ -54,6 +54,13 @@ def group_size(group=None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
+def group_ranks(group=None) -> list[int] | None:
+    """The world ranks of ``group`` in group order (None when not distributed or for a group of one rank)."""
+    if group_size(group) <= 1:
+        return None
+    return dist.get_process_group_ranks(group) if group is not None else list(range(world_size()))
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -106,9 +106,8 @@ class LatentParallelTrainer(Trainer):
                         for s in self.saes]
 
     def _checked_batches(self, it: Iterator) -> CheckedBatches:
-        return CheckedBatches(it, d=self.d, device=self.device, dtype=self.saes[0].W_dec.dtype,
-                              nan_check=self.cfg.nan_check, index=self._pulled, latents=[s.n for s in self.saes],
-                              counts_rows=self.grid.latent_rank == 0)
+        return super()._checked_batches(it, counts_rows=self.grid.latent_rank == 0,
+                                        replicas=D.group_ranks(self.grid.latent_group))
 
     @torch.no_grad()
     def _broadcast_params(self) -> None:
@@ -117,13 +116,8 @@ class LatentParallelTrainer(Trainer):
         D.broadcast_([s.b_dec.data for s in self.saes], src=0)
 
     def _train_step(self, x: Tensor, batch_total: int, log: bool) -> dict | None:
-        if not self._replicas_checked or log:
+        if not self._replicas_checked or log:  # the rows' content (their row counts: every step, CheckedBatches)
             self._check_replicas(x)
-        else:  # every step at least the row counts: unequal ones would mismatch the candidate all-gather
-            rows = D.all_gather_stacked(torch.tensor([x.shape[0]], device=x.device), self.grid.latent_group)
-            if len(set(rows.flatten().tolist())) > 1:
-                raise ValueError(f"the ranks of a latent group must train on the same rows, but at step {self.step} "
-                                 f"they hold batches of {rows.flatten().tolist()} rows")
         record = super()._train_step(x, batch_total, log)
         if record is not None:  # the base counts this shard's dead latents; the SAE's are summed over shards
             group = self.groups[0]

@@ -218,10 +218,12 @@ class Trainer:
                              backend=cfg.backend)
         return groups, [SAEOptimizer(s, cfg.lr, cfg.betas, cfg.eps, cfg.grad_clip, cfg.backend) for s in self.saes]
 
-    def _checked_batches(self, it: Iterator) -> CheckedBatches:
-        """This rank's stream as checked, rank-agreed batches (from stream position ``_pulled``)."""
+    def _checked_batches(self, it: Iterator, **options) -> CheckedBatches:
+        """This rank's stream as checked, rank-agreed batches (from stream position ``_pulled``); ``options`` go
+        to :class:`CheckedBatches`."""
         return CheckedBatches(it, d=self.d, device=self.device, dtype=self.saes[0].W_dec.dtype,
-                              nan_check=self.cfg.nan_check, index=self._pulled, latents=[s.n for s in self.saes])
+                              nan_check=self.cfg.nan_check, index=self._pulled, latents=[s.n for s in self.saes],
+                              **options)
 
     @property
     def device(self) -> torch.device:

@@ -29,13 +29,17 @@ class CheckedBatches:
     ``index`` is the 0-based position in the stream of the next batch to pull (start it past the batches a
     checkpoint already trained on). ``latents`` (the SAEs' n) only serves the error messages. ``counts_rows=False``
     leaves this rank's rows out of ``batch_total``: its batch replicates another rank's (a latent-parallel grid,
-    where every rank of a latent group trains on the same rows and one of them counts them).
+    where every rank of a latent group trains on the same rows and one of them counts them). ``replicas``: the
+    world ranks (this rank's latent group) whose batches must have equal row counts, checked in the same
+    per-step all-reduce (unequal ones would mismatch the latent group's candidate all-gather).
     """
 
     def __init__(self, it: Iterator, *, d: int, device: torch.device, dtype: torch.dtype, nan_check: str,
-                 index: int = 0, latents: list[int] | None = None, counts_rows: bool = True):
+                 index: int = 0, latents: list[int] | None = None, counts_rows: bool = True,
+                 replicas: list[int] | None = None):
         self._it, self.d, self.device, self.dtype, self.nan_check = it, d, device, dtype, nan_check
         self.counts_rows = counts_rows
+        self.replicas = replicas
         self.index = index
         self.latents = latents or []
         self._bad_index: Tensor | None = None  # 0-d int64 on device: first NaN/Inf batch index, -1 if none
@@ -68,13 +72,21 @@ class CheckedBatches:
                 flags = torch.stack([torch.tensor(int(x is not None), device=self.device),
                                      torch.tensor(x.shape[0] if good and self.counts_rows else 0, device=self.device),
                                      bad, torch.tensor(int(error is not None), device=self.device)])
-                has, total, n_bad, n_err = D.all_reduce_(flags).tolist()
+                if self.replicas is not None:  # every rank's row count, at its own slot
+                    rows = torch.zeros(D.world_size(), dtype=flags.dtype, device=self.device)
+                    rows[D.rank()] = x.shape[0] if good else 0
+                    flags = torch.cat([flags, rows])
+                reduced = D.all_reduce_(flags).tolist()
+                has, total, n_bad, n_err = reduced[:4]
                 if n_err:
                     raise ValueError(error or f"a stream on another rank yielded a bad batch at step {index}")
                 if n_bad:
                     raise ValueError(nan_message(index))
                 if has < D.world_size():
                     return
+                if self.replicas is not None and len({reduced[4 + r] for r in self.replicas}) > 1:
+                    raise ValueError(f"the ranks of a latent group must train on the same rows, but at batch {index} "
+                                     f"ranks {self.replicas} hold {[reduced[4 + r] for r in self.replicas]} rows")
                 self.index += 1
                 yield x, int(total)
             else:
