@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import distributed as D
 from .activations import ActivationStream, check_policy
-from .distributed_harvest import RANK_SEED_STRIDE, RankSlice
+from .distributed_harvest import rank_stream
 from .latent_parallel import LatentShard, ProcessGrid, make_grid
 from .latent_trainer import LatentParallelTrainer, gather_saes
 from .noise import T_MAX, T_MIN
@@ -95,14 +95,13 @@ def make_shards(d: int, spec: SweepSpec, layer: int, grid: ProcessGrid, meta: di
 
 
 def training_stream(adapter, token_batches: Iterable, spec: SweepSpec,
-                    cache_dir: str | os.PathLike | None = None, seed: int | None = None,
-                    max_tokens: int | None = None) -> ActivationStream:
-    """The seeded training stream of every layer of ``spec`` (fp32 activations, ``spec.tokens`` per pass, or
-    ``max_tokens``: one data rank's share)."""
-    return ActivationStream(adapter, token_batches, spec.layers, spec.policy, batch_size=spec.batch_size,
-                            buffer_tokens=spec.buffer, seed=spec.seed if seed is None else seed, t_min=spec.t_min,
-                            t_max=spec.t_max, max_tokens=spec.tokens if max_tokens is None else max_tokens,
-                            dtype=torch.float32, cache_dir=cache_dir)
+                    cache_dir: str | os.PathLike | None = None, *, rank: int = 0, world: int = 1) -> ActivationStream:
+    """The seeded training stream of every layer of ``spec`` (fp32 activations), or data rank ``rank``'s of
+    ``world``: its slice of ``token_batches``, its seed and its share of ``spec.tokens``
+    (:func:`dlmscope.distributed_harvest.rank_stream`; rank 0 of 1 is the whole stream)."""
+    return rank_stream(adapter, token_batches, spec.layers, spec.policy, rank=rank, world=world, seed=spec.seed,
+                       batch_size=spec.batch_size, buffer_tokens=spec.buffer, t_min=spec.t_min, t_max=spec.t_max,
+                       max_tokens=-(-spec.tokens // world), dtype=torch.float32, cache_dir=cache_dir)
 
 
 def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainConfig | None = None, *,
@@ -131,15 +130,13 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
     if len(layers) > 1 and cache_dir is None:
         raise ValueError("train_sweep needs a cache_dir to train several layers from one harvest")
     grid = make_grid(latent_parallel or 1, adapter.device) if latent_parallel or D.launched_by_torchrun() else None
-    seed, cache, tokens = spec.seed, cache_dir if len(layers) > 1 else None, spec.tokens
+    cache, rank, world = cache_dir if len(layers) > 1 else None, 0, 1
     if grid is not None and grid.world > 1:
-        # this data rank's slice of the text, its own corruption / shuffle seed, its share of the tokens (so its
-        # harvest ends with the run and a cache completes), a cache of its own (per process: no shared writes)
-        token_batches = RankSlice(token_batches, grid.data_rank, grid.data_size)
-        seed = spec.seed + RANK_SEED_STRIDE * grid.data_rank
-        tokens = -(-spec.tokens // grid.data_size)
+        # this data rank's slice, seed and token share (so its harvest ends with the run and a cache completes),
+        # and a cache of this process's own (no shared writes)
+        rank, world = grid.data_rank, grid.data_size
         cache = Path(cache) / f"rank_{D.rank()}" if cache is not None else None
-    stream = training_stream(adapter, token_batches, spec, cache, seed=seed, max_tokens=tokens)
+    stream = training_stream(adapter, token_batches, spec, cache, rank=rank, world=world)
     train = dataclasses.replace(train, total_tokens=spec.tokens, seed=spec.seed)
     source = str(getattr(adapter, "source", ""))
     out = {}
