@@ -50,6 +50,11 @@ def weighted_row_sum(coef: Tensor, W: Tensor) -> Tensor:
     return out
 
 
+def bias_grad(g: Tensor) -> Tensor:
+    """``g.sum(0)`` in ``g``'s dtype, accumulated in float32 for bfloat16 / float16 (db_dec of the decoder)."""
+    return g.sum(0, dtype=torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else None).to(g.dtype)
+
+
 class SortCache:
     """The last sort of an ids tensor by latent, so that a training step's two transpose-reduces (dW_dec in the
     decoder's backward, dW_enc in the encoder's, over the same ``indices``) sort once.
@@ -159,5 +164,4 @@ class Backend:
         """Gradients (d_values [B,k], dW_dec [n,d], db_dec [d]) of sparse_decode from g = dL/dx_hat [B,d]."""
         d_values = self.sddmm(g, indices, W_dec)
         dW_dec, _ = self.transpose_reduce(values, indices, g, W_dec.shape[0])
-        db_dec = g.sum(0, dtype=torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else None)
-        return d_values, dW_dec, db_dec.to(g.dtype)
+        return d_values, dW_dec, bias_grad(g)

@@ -131,11 +131,12 @@ def assemble_grouped(x, results, starts: list[int], aux: list[int]):
 
 
 def _torch_select(pre, k, keep, vals, ids, col, id_offset):
-    r = torch.relu(pre)
+    # relu is monotone, so the top-k of relu(pre) is relu of pre's top-k: no relu'd copy of the chunk (a row with
+    # fewer than k positives gets its largest negatives, i.e. zeros at distinct ids, as the contract allows)
     if keep is not None:
-        r = r.masked_fill(~keep, 0)
-    v, i = r.topk(k, dim=-1, sorted=False)
-    vals[:, col:col + k] = v
+        pre = pre.masked_fill(~keep, float("-inf"))   # AuxK: the unmasked latents rank last (value 0)
+    v, i = pre.topk(k, dim=-1, sorted=False)
+    vals[:, col:col + k] = v.clamp_min(0)
     ids[:, col:col + k] = i + id_offset
 
 

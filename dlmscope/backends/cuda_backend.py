@@ -1,12 +1,11 @@
 """The ``cuda`` backend: the primitives as the plain-CUDA kernels of ``csrc/cuda`` (``make cuda`` builds
 ``dlmscope/libdlmscope_cuda.so``; :mod:`.cuda_lib` binds it), the encoder GEMM on cuBLAS.
 
-* ``encode`` runs ``addmm`` over latent chunks (``DLMSCOPE_CHUNK_LATENTS``, default 16384) into one reused
-  ``[B, chunk]`` buffer, each chunk's top-k by the threshold-then-compact select kernel (radix search for the k-th
-  value, then a block scan), and one more select over the ``[B, chunks * k]`` candidates. The ``B × n``
-  pre-activations never exist.
-* ``encode_grouped`` takes every SAE's selection *and* its AuxK selection from the same chunk buffer: AuxK costs
-  one more select pass over a chunk already in L2, not a second GEMM.
+* ``encode`` / ``encode_grouped`` drive :func:`.chunked_backend.select_over_chunks` with the CUDA select: one
+  ``addmm`` per latent chunk (``DLMSCOPE_CHUNK_LATENTS``, default 16384), each selection's top-k of it by the
+  threshold-then-compact kernel (radix search for the k-th value, then a block scan), the candidates merged by
+  the same kernel. The ``B × n`` pre-activations never exist, and every SAE's AuxK selection comes from the same
+  chunks as its main selection: one more select pass over a chunk in L2, not a second GEMM.
 * ``transpose_reduce`` is one stable cub radix sort of the B·k ids (cached per ids tensor: the decoder's and the
   encoder's backward share it) and a reduction in fixed-size chunks of sorted entries, so a latent firing on most
   rows is split across blocks; ``decode_backward`` fuses the SDDMM (d_values) into that pass.
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_lib
-from .base import Backend, SortCache
+from .base import Backend, SortCache, bias_grad
 from .chunked_backend import assemble_grouped, chunk_latents, grouped_selections, select_over_chunks
 from .torch_backend import TorchBackend
 
@@ -90,8 +89,7 @@ class CudaBackend(Backend):
             return super().decode_backward(g, values, indices, W_dec)
         dW_dec, _, d_values = cuda_lib.transpose_reduce(values, self._sorts.get(indices, W_dec.shape[0]), g,
                                                         W_dec.shape[0], W=W_dec)
-        db_dec = g.sum(0, dtype=torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else None)
-        return d_values, dW_dec, db_dec.to(g.dtype)
+        return d_values, dW_dec, bias_grad(g)
 
     def decoder_norm_step(self, W, grad, exp_avg, exp_avg_sq, step: int, lr: float, beta1: float,
                           beta2: float, eps: float) -> None:
