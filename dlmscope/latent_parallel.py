@@ -329,16 +329,16 @@ def _merge(blocks, rows: int, grid: ProcessGrid) -> list[tuple[Tensor, Tensor, T
     gathered = D.all_gather_stacked(payload, grid.latent_group)  # [R, B, W, 2]
     R = gathered.shape[0]
     all_v = gathered[..., 0].contiguous().view(torch.float32)
-    all_i = gathered[..., 1].long()
+    all_i = gathered[..., 1]                                   # int32, read only at the winners
+    row = torch.arange(rows, device=all_i.device)[:, None]
     out, col = [], 0
     for (_, _, width, keep, lo), v_local in zip(blocks, local_v):
         gv = all_v[:, :, col:col + width].permute(1, 0, 2).reshape(rows, R * width)
-        gi = all_i[:, :, col:col + width].permute(1, 0, 2).reshape(rows, R * width)
-        col += width
         top, pos = gv.topk(keep, dim=1)
-        owned = pos // width == grid.latent_rank
-        here = pos % width
+        src, here = pos // width, pos % width                  # the winner's rank and its column there
+        owned = src == grid.latent_rank
         own_v = torch.where(owned, v_local.gather(1, here), torch.zeros((), dtype=v_local.dtype))
-        own_i = torch.where(owned, gi.gather(1, pos) - lo, 0)
+        own_i = torch.where(owned, all_i[src, row, col + here].long() - lo, 0)
+        col += width
         out.append((top.to(v_local.dtype), own_v, own_i))
     return out

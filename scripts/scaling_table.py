@@ -48,8 +48,8 @@ def plan(n_name: str, gpus: int, latent: int) -> Plan:
     data = gpus // latent
     n_r, rows = -(-n // latent), BATCH // data      # the largest shard; this rank's rows
     f32, pair = 4, 8                                # bytes: fp32; a (value bits, int32 id) candidate
-    merged = pair + 24                              # a gathered candidate during the merge: the pair + its values
-                                                    # (fp32) and ids (int64) unpacked, and their [B, R, w] copies
+    merged = pair + 8                               # a gathered candidate during the merge: the pair + its fp32
+                                                    # value unpacked and regrouped [B, R w] (ids read in place)
     weights = (2 * n_r * d + n_r + d) * f32
     mem = {
         "weights": weights,
@@ -130,6 +130,10 @@ def render() -> str:
     a = ASSUMED
     small, m1, m1_node, m1_2d = plan("16k", 8, 1), plan("1M", 8, 1), plan("1M", 8, 8), plan("1M", 64, 8)
     m16, m16_all = plan("16M", 8, 1), plan("16M", 64, 64)
+    fits16 = (f"reaches {_gb(_total(m16_all))} GB, within {a['hbm_GB']:.0f} GB but with little room (AuxK's "
+              "candidates dominate: item 1 below)." if _total(m16_all) <= a["hbm_GB"] else
+              f"reaches {_gb(_total(m16_all))} GB, past {a['hbm_GB']:.0f} GB: as built, 16M latents need the "
+              "thresholded AuxK gather of item 1 below (or AuxK off).")
     state16 = m16.mem["weights"] + m16.mem["adam"] + m16.mem["grads"]
     min_r16 = next(r for r in (2 ** i for i in range(12)) if state16 / r <= a["hbm_GB"])
     return f"""# Scaling out: latent-parallel Top-K SAEs, on paper
@@ -171,8 +175,9 @@ which also runs on a multi-GPU machine with `--device cuda`).
 
 Weights = W_enc + W_dec [n/R, d] + biases; Adam = two moments of every weight; grads = one dense copy; bf16 casts =
 the autocast copies of both matrices (0 without autocast); activations = x, the partial reconstructions and the
-residual [B/D, d], the gathered candidates [R, B/D, k + k_aux] during the merge (32 B each: the (value, id) pair
-as sent, unpacked to fp32 values and int64 ids, and their regrouped copies; none for `D x 1`), one encoder tile of
+residual [B/D, d], the gathered candidates [R, B/D, k + k_aux] during the merge (16 B each: the (value, id) pair
+as sent, its fp32 value unpacked and regrouped per row; the ids are read in place at the winners; none for
+`D x 1`), one encoder tile of
 {ENCODE_TILE} latents.
 
 | n | GPUs | grid D x R | weights | Adam | grads | bf16 casts | activations | total | fits {a['hbm_GB']:.0f} GB |
@@ -204,9 +209,8 @@ GEMM (training with `autocast_dtype="bfloat16"`; the fp32 default runs the GEMM 
   parallelism across nodes only when the step is long enough to hide it.
 - **16M latents**: {_gb(m16.mem['weights'])} GB of weights, {_gb(m16.mem['weights'] + m16.mem['adam'] + m16.mem['grads'])}
   GB with Adam state and gradients: of these grids only `1 x 64` holds the state ({_gb(_total(m16_all) - m16_all.mem['activations'])}
-  GB per rank before activations), and the AuxK merge's {_gb(m16_all.mem['activations'])} GB of activations then
-  push it past {a['hbm_GB']:.0f} GB: as built, 16M latents need the thresholded AuxK gather of item 1 below (or
-  AuxK off). There the GEMM is {_ms(m16_all.gemm_s)} ms and the top-k path sends {_ms(_main(m16_all))} ms over
+  GB per rank before activations); with the AuxK merge's {_gb(m16_all.mem['activations'])} GB of activations it
+  {fits16} There the GEMM is {_ms(m16_all.gemm_s)} ms and the top-k path sends {_ms(_main(m16_all))} ms over
   InfiniBand, which an overlapped implementation could hide; but AuxK's gather alone is
   {_ms(m16_all.seconds['gather AuxK'])} ms.
 
