@@ -137,5 +137,9 @@ def broadcast_object(obj, src: int = 0):
 
 
 def destroy() -> None:
+    """Tear the process group down, after a barrier: a rank that leaves while another still writes its outputs
+    can abort gloo's transport threads in the other ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
