@@ -10,7 +10,8 @@ rm -rf dist
 make -s wheel
 WHEEL=$(ls dist/dlmscope-*.whl)
 if [ -f dlmscope/libdlmscope_cuda.so ]; then   # built by `make cuda` (CI builds it first): it ships in the wheel
-  python3 -m zipfile -l "$WHEEL" | grep -q "dlmscope/libdlmscope_cuda.so" \
+  # read the listing in Python: `zipfile -l | grep -q` under pipefail fails whenever grep exits first (SIGPIPE)
+  python3 -c 'import sys, zipfile; sys.exit("dlmscope/libdlmscope_cuda.so" not in zipfile.ZipFile(sys.argv[1]).namelist())' "$WHEEL" \
     || { echo "wheel_check: libdlmscope_cuda.so is missing from $WHEEL" >&2; exit 1; }
 fi
 VENV=$(mktemp -d /tmp/dlmscope-wheel.XXXXXX)
