@@ -4,7 +4,7 @@ PY ?= $(if $(VIRTUAL_ENV),python,$(if $(wildcard .venv/bin/python),.venv/bin/pyt
 VENV_PY := .venv/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install test test-all bench bench-latent gpu-check cuda wheel demo demo-synthetic clean
+.PHONY: venv install test test-all test-slow bench bench-latent gpu-check cuda wheel demo demo-synthetic clean
 
 # Create .venv (unless a virtualenv is active), install the CPU torch pin, the package and its test extras.
 venv:
@@ -24,6 +24,10 @@ test: install
 
 test-all: install
 	TRITON_INTERPRET=1 $(PYBIN) -m pytest -q tests
+
+# Only the tests marked slow (CI runs them after `make test`: today about 20 s)
+test-slow: install
+	TRITON_INTERPRET=1 $(PYBIN) -m pytest -q -m "slow and not gpu" tests
 
 bench: install
 	$(PYBIN) benchmarks/report.py --device cpu
