@@ -13,10 +13,20 @@ venv:
 
 PYBIN = $(if $(VIRTUAL_ENV),python,$(VENV_PY))
 
-install: venv
+# pip's editable install compiles the C++ extension from scratch (~1.5 min on 2 cores), so it reruns only when its
+# inputs change or the built extension is gone: a stamp in the venv records the last install.
+INSTALL_STAMP = $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)/.dlmscope-installed
+INSTALL_INPUTS = Makefile setup.py pyproject.toml csrc/bindings.cpp $(wildcard csrc/cpu/*)
+
+install:
+	@ls dlmscope/_C*.so >/dev/null 2>&1 || rm -f $(INSTALL_STAMP)
+	@$(MAKE) --no-print-directory $(INSTALL_STAMP)
+
+$(INSTALL_STAMP): $(INSTALL_INPUTS) | venv
 	$(PYBIN) -m pip install -q "$(TORCH_PIN)"
 	$(PYBIN) -m pip install -q pybind11 ninja
 	$(PYBIN) -m pip install -q --no-build-isolation -e ".[test]"
+	@touch $@
 
 # The suite CI runs: everything but tests marked slow; Triton kernels run in the CPU interpreter.
 test: install
@@ -59,4 +69,4 @@ demo-synthetic: install
 	$(PYBIN) scripts/demo_synthetic.py
 
 clean:
-	rm -rf build dist *.egg-info dlmscope/*.so .pytest_cache .benchmarks
+	rm -rf build dist *.egg-info dlmscope/*.so .pytest_cache .benchmarks $(INSTALL_STAMP)
