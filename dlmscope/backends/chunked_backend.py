@@ -12,8 +12,8 @@ row block drops below a warp group, losing warp-group MMA, and above 512 it spil
 can take (CUDA, or CPU under ``TRITON_INTERPRET=1``) in fp32 / bf16 / fp16, the Triton threshold-then-compact
 select (:func:`dlmscope.kernels.topk_select.topk_select`, exact on the fp32 values of ``relu(addmm)``); each
 chunk's candidates go to one float32 buffer that a final ``torch.topk`` merges. ``encode_grouped`` takes every
-SAE's selection and its AuxK selection from the same chunk products (:func:`select_over_chunks`, which the
-``cuda`` backend drives with its own select kernel).
+SAE's selection and its AuxK selection from the same chunk products (:func:`select_over_chunks`, over the loop of
+:mod:`dlmscope.chunk_select`, which the ``cuda`` backend drives with its own select kernel).
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ import os
 
 import torch
 
+from ..chunk_select import Selection, merge_topk, over_chunks
 from .torch_backend import TorchBackend
 
 DEFAULT_CHUNK = 16384
 #: k from which the per-chunk selection is the Triton select where it can run
 SELECT_MIN_K = 256
-#: a selection's candidate buffer holds at most this many times k columns (merged down to k when full)
-CANDIDATE_BUFFER = 8
 
 
 def triton_select_applies(x: torch.Tensor, k: int) -> bool:
@@ -51,58 +50,17 @@ def chunk_latents() -> int:
     return chunk
 
 
-#: one selection of a chunked pass: latent range [start, stop), k, and ``keep [stop - start]`` bool or None (AuxK:
-#: latents where keep is False count as 0)
-Selection = tuple[int, int, int, "torch.Tensor | None"]
-
-
 def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], select, merge,
                        chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every selection's top-k of ``relu((x - b_dec) @ W_enc.T + b_enc)`` off ONE pass of ``addmm`` over latent
-    chunks ``[c0, c0 + chunk)``: each chunk's product is computed once and every selection whose range meets it
-    takes its top-min(k, overlap) there, so several SAEs' selections and their AuxK selections share the GEMM.
-
-    ``select(pre [B, w], k, keep [w] | None, vals, ids, col, id_offset)`` writes a chunk's top-k (values, ids +
-    id_offset) into columns [col, col + k) of the candidate buffers (float32, float64 for float64 x; int64); ``merge(vals, ids, k)``
-    reduces candidates to k (also when a buffer of ``CANDIDATE_BUFFER · k`` columns fills). Returns (values [B, k] x.dtype, indices [B, k] int64 relative to the
-    selection's start) per selection. Exact: a row's k largest are among the union of each chunk's k largest.
-    """
-    B, n = x.shape[0], W_enc.shape[0]
+    """Every selection's top-k of ``relu((x - b_dec) @ W_enc.T + b_enc)`` off one pass of ``addmm`` over latent
+    chunks (:func:`dlmscope.chunk_select.over_chunks`, whose ``select`` / ``merge`` contract these follow; the
+    candidates are float32, float64 for float64 x). Returns (values [B, k] x.dtype, indices [B, k] int64 relative
+    to the selection's start) per selection."""
     xc = x - b_dec
     cand_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32    # holds every input dtype exactly
-    buffers = []
-    for start, stop, k, _ in selections:
-        width = sum(min(k, min(stop, c0 + chunk) - max(start, c0))
-                    for c0 in range(start // chunk * chunk, stop, chunk))
-        width = min(width, CANDIDATE_BUFFER * k)  # full: merged down to k in place (n = 16M, k = 1024: 48 GiB)
-        buffers.append([torch.empty((B, width), dtype=cand_dtype, device=x.device),
-                        torch.empty((B, width), dtype=torch.int64, device=x.device), 0])
-    for c0 in range(0, n, chunk):
-        c1 = min(c0 + chunk, n)
-        users = [s for s, (start, stop, _, _) in enumerate(selections) if start < c1 and c0 < stop]
-        if not users:
-            continue
-        pre = torch.addmm(b_enc[c0:c1], xc, W_enc[c0:c1].T)                                  # [B, c1 - c0]
-        for s in users:
-            start, stop, k, keep = selections[s]
-            lo, hi = max(start, c0), min(stop, c1)
-            kk = min(k, hi - lo)
-            vals, ids, col = buffers[s]
-            if col + kk > vals.shape[1]:                   # the buffer is full: keep its top k, in columns [0, k)
-                merged_v, merged_i = merge(vals[:, :col], ids[:, :col], k)
-                vals[:, :k], ids[:, :k] = merged_v, merged_i
-                col = k
-            select(pre[:, lo - c0:hi - c0], kk, None if keep is None else keep[lo - start:hi - start], vals, ids,
-                   col, lo - start)
-            buffers[s][2] = col + kk
-        del pre                                    # free this chunk's product before the next one is allocated
-    out = []
-    for (_, _, k, _), (vals, ids, used) in zip(selections, buffers):
-        vals, ids = vals[:, :used], ids[:, :used]
-        if used > k:
-            vals, ids = merge(vals, ids, k)
-        out.append((vals.to(x.dtype), ids.contiguous()))
-    return out
+    out = over_chunks(lambda c0, c1: torch.addmm(b_enc[c0:c1], xc, W_enc[c0:c1].T), x.shape[0], W_enc.shape[0],
+                      selections, select, merge, chunk, cand_dtype, x.device)
+    return [(vals.to(x.dtype), ids) for vals, ids in out]
 
 
 def grouped_selections(ks: list[int], sizes: list[int], aux_mask, k_aux: list[int]) -> tuple[list[Selection], list[int], list[int]]:
@@ -147,11 +105,6 @@ def _triton_select(pre, k, keep, vals, ids, col, id_offset):
     topk_select(pre, bias, k, id_offset=id_offset, values=vals[:, col:col + k], indices=ids[:, col:col + k])
 
 
-def _torch_merge(vals, ids, k):
-    v, j = vals.topk(k, dim=-1, sorted=False)
-    return v, ids.gather(-1, j)
-
-
 class ChunkedBackend(TorchBackend):
     name = "chunked"
 
@@ -160,7 +113,7 @@ class ChunkedBackend(TorchBackend):
         k_max = max(k for _, _, k, _ in selections)
         select = _triton_select if triton_select_applies(x, k_max) else _torch_select
         chunk = max(chunk_latents(), k_max)               # a chunk holds at least k latents: fewer candidates
-        return select_over_chunks(x, W_enc, b_enc, b_dec, selections, select, _torch_merge, chunk)
+        return select_over_chunks(x, W_enc, b_enc, b_dec, selections, select, merge_topk, chunk)
 
     def encode(self, x, W_enc, b_enc, b_dec, k):
         n = W_enc.shape[0]

@@ -26,12 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..chunk_select import merge_topk, over_chunks
 from ._launch import select_config
 
 RADIX = 8
-PASSES = 4
-#: the chunked path's candidate buffer holds at most this many times k columns (merged down to k when full)
-CANDIDATE_BUFFER = 8  # 4 x 8 = all 32 bits of the key (bit 31 is always 0: the values are non-negative)
+PASSES = 4  # 4 x 8 = all 32 bits of the key (bit 31 is always 0: the values are non-negative)
 
 
 @triton.jit
@@ -121,27 +120,15 @@ def topk_select(pre: torch.Tensor, bias: torch.Tensor | None, k: int, *, id_offs
 def chunked_topk(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """values [B, k] float32, indices [B, k] int64: the k largest of ``relu(xc @ W_enc.T + b_enc)`` per row, as
-    ``mm`` over latent chunks (``chunk >= k``; the product in xc's dtype) with :func:`topk_select` per chunk into
-    one float32 candidate buffer and one ``torch.topk`` merge. Exact on the fp32 values ``relu(mm + b_enc)``.
-    Shared by the chunked backend and :func:`dlmscope.kernels.topk_encode` (large k)."""
+    ``mm`` over latent chunks (``chunk >= k``; the product in xc's dtype) with :func:`topk_select` per chunk (b_enc
+    added there, in fp32) into one float32 candidate buffer, merged by ``torch.topk``
+    (:func:`dlmscope.chunk_select.over_chunks`). Exact on the fp32 values ``relu(mm + b_enc)``. The large-k route
+    of :func:`dlmscope.kernels.topk_encode`."""
+    def select(pre, kk, keep, vals, ids, col, id_offset):      # one selection from latent 0: id_offset is c0
+        topk_select(pre, b_enc[id_offset:id_offset + pre.shape[1]], kk, id_offset=id_offset,
+                    values=vals[:, col:col + kk], indices=ids[:, col:col + kk])
+
     n = W_enc.shape[0]
-    starts = list(range(0, n, chunk))
-    widths = [min(k, min(start + chunk, n) - start) for start in starts]
-    cap = min(sum(widths), CANDIDATE_BUFFER * k)  # full: merged down to k in place (n = 16M, k = 1024: 48 GiB)
-    values = torch.empty((xc.shape[0], cap), dtype=torch.float32, device=xc.device)
-    indices = torch.empty((xc.shape[0], cap), dtype=torch.int64, device=xc.device)
-    col = 0
-    for start, width in zip(starts, widths):
-        if col + width > cap:
-            v, j = values[:, :col].topk(k, dim=-1, sorted=False)
-            values[:, :k], indices[:, :k] = v, indices[:, :col].gather(-1, j)
-            col = k
-        stop = min(start + chunk, n)
-        topk_select(xc @ W_enc[start:stop].T, b_enc[start:stop], width, id_offset=start,
-                    values=values[:, col:col + width], indices=indices[:, col:col + width])
-        col += width
-    values, indices = values[:, :col], indices[:, :col]
-    if col > k:
-        values, j = values.topk(k, dim=-1, sorted=False)
-        indices = indices.gather(-1, j)
-    return values.contiguous(), indices.contiguous()
+    [(values, indices)] = over_chunks(lambda c0, c1: xc @ W_enc[c0:c1].T, xc.shape[0], n, [(0, n, k, None)],
+                                      select, merge_topk, chunk, torch.float32, xc.device)
+    return values, indices
