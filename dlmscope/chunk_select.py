@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["CANDIDATE_BUFFER", "Selection", "merge_topk", "over_chunks"]
+__all__ = ["CANDIDATE_BUFFER", "Selection", "merge_topk", "over_chunks", "select_topk"]
 
 #: a selection's candidate buffer holds at most this many times k columns (merged down to k in place when full;
 #: at n = 16M, k = 1024 a buffer of every chunk's candidates would be 48 GiB per 4096 rows)
@@ -23,6 +23,18 @@ CANDIDATE_BUFFER = 8
 #: one selection of a chunked pass: latent range [start, stop), k, and ``keep [stop - start]`` bool or None (AuxK:
 #: latents where keep is False count as 0)
 Selection = tuple[int, int, int, "Tensor | None"]
+
+
+def select_topk(pre: Tensor, k: int, keep: Tensor | None, vals: Tensor, ids: Tensor, col: int,
+                id_offset: int) -> None:
+    """:func:`over_chunks`' ``select`` in torch: the top-k of ``relu(pre)`` (``keep``: the others count as 0)."""
+    # relu is monotone, so the top-k of relu(pre) is relu of pre's top-k: no relu'd copy of the chunk (a row with
+    # fewer than k positives gets its largest negatives, i.e. zeros at distinct ids, as the contract allows)
+    if keep is not None:
+        pre = pre.masked_fill(~keep, float("-inf"))   # AuxK: the unmasked latents rank last (value 0)
+    v, i = pre.topk(k, dim=-1, sorted=False)
+    vals[:, col:col + k] = v.clamp_min(0)
+    ids[:, col:col + k] = i + id_offset
 
 
 def merge_topk(vals: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -3,15 +3,7 @@ AuxK-style keep masks, full candidate buffers merged in place, and one product p
 import pytest
 import torch
 
-from dlmscope.chunk_select import CANDIDATE_BUFFER, merge_topk, over_chunks
-
-
-def _torch_select(pre, k, keep, vals, ids, col, id_offset):
-    if keep is not None:
-        pre = pre.masked_fill(~keep, float("-inf"))
-    v, i = pre.topk(k, dim=-1, sorted=False)
-    vals[:, col:col + k] = v.clamp_min(0)
-    ids[:, col:col + k] = i + id_offset
+from dlmscope.chunk_select import CANDIDATE_BUFFER, merge_topk, over_chunks, select_topk
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 200])
@@ -28,7 +20,7 @@ def test_over_chunks_equals_dense_topk(chunk):
         products.append((c0, c1))
         return pre_full[:, c0:c1]
 
-    out = over_chunks(product, B, n, selections, _torch_select, merge_topk, chunk, torch.float64, pre_full.device)
+    out = over_chunks(product, B, n, selections, select_topk, merge_topk, chunk, torch.float64, pre_full.device)
     assert products == [(c0, min(c0 + chunk, n)) for c0 in range(0, n, chunk)]  # each chunk's product once
     relu = pre_full.clamp_min(0)
     for (start, stop, k, mask), (values, indices) in zip(selections, out):
@@ -49,7 +41,7 @@ def test_full_buffer_is_merged_not_grown():
 
     def select(pre, k, keep, vals, ids, col, id_offset):
         widths.append(vals.shape[1])
-        _torch_select(pre, k, keep, vals, ids, col, id_offset)
+        select_topk(pre, k, keep, vals, ids, col, id_offset)
 
     [(values, _)] = over_chunks(lambda c0, c1: pre_full[:, c0:c1], 3, 90, [(0, 90, 2, None)], select, merge_topk, 2,
                                 torch.float32, pre_full.device)

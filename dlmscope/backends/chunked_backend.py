@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..chunk_select import Selection, merge_topk, over_chunks
+from ..chunk_select import Selection, merge_topk, over_chunks, select_topk
 from .torch_backend import TorchBackend
 
 DEFAULT_CHUNK = 16384
@@ -88,16 +88,6 @@ def assemble_grouped(x, results, starts: list[int], aux: list[int]):
             torch.cat([i + starts[g] for (_, i), g in zip(results[n_main:], aux)], 1))
 
 
-def _torch_select(pre, k, keep, vals, ids, col, id_offset):
-    # relu is monotone, so the top-k of relu(pre) is relu of pre's top-k: no relu'd copy of the chunk (a row with
-    # fewer than k positives gets its largest negatives, i.e. zeros at distinct ids, as the contract allows)
-    if keep is not None:
-        pre = pre.masked_fill(~keep, float("-inf"))   # AuxK: the unmasked latents rank last (value 0)
-    v, i = pre.topk(k, dim=-1, sorted=False)
-    vals[:, col:col + k] = v.clamp_min(0)
-    ids[:, col:col + k] = i + id_offset
-
-
 def _triton_select(pre, k, keep, vals, ids, col, id_offset):
     from ..kernels.topk_select import topk_select  # lazily: importing triton costs ~1 s
     bias = None if keep is None else torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(
@@ -111,7 +101,7 @@ class ChunkedBackend(TorchBackend):
     @staticmethod
     def _pass(x, W_enc, b_enc, b_dec, selections: list[Selection]):
         k_max = max(k for _, _, k, _ in selections)
-        select = _triton_select if triton_select_applies(x, k_max) else _torch_select
+        select = _triton_select if triton_select_applies(x, k_max) else select_topk
         chunk = max(chunk_latents(), k_max)               # a chunk holds at least k latents: fewer candidates
         return select_over_chunks(x, W_enc, b_enc, b_dec, selections, select, merge_topk, chunk)
 
