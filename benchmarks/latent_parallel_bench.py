@@ -6,7 +6,7 @@
 
 For each R the launcher starts ``torchrun --nproc-per-node R`` on this script in worker mode (pure latent
 parallelism, a 1 x R grid): every rank initialises only its shard (``LatentShard.init``), trains ``--steps``
-steps of the :class:`~dlmscope.latent_trainer.LatentParallelTrainer` on the same pre-generated batches, and
+steps of the :class:`~dlmscope.train.latent_trainer.LatentParallelTrainer` on the same pre-generated batches, and
 reports its step times (after ``--warmup`` steps) and peak memory: ``torch.cuda.max_memory_allocated`` on CUDA,
 peak RSS on the CPU (which includes the ~0.3 GB of the Python and torch runtime). The table gives the median step
 time and the peak memory of the slowest / largest rank, each also relative to R = 1. On a 2-core CPU the ranks of
@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dlmscope import distributed as D  # noqa: E402
-from dlmscope.latent_parallel import LatentShard, make_grid  # noqa: E402
-from dlmscope.latent_trainer import LatentParallelTrainer  # noqa: E402
-from dlmscope.train import LogConfig, TrainConfig  # noqa: E402
+from dlmscope.util import distributed as D  # noqa: E402
+from dlmscope.train.latent_parallel import LatentShard, make_grid  # noqa: E402
+from dlmscope.train.latent_trainer import LatentParallelTrainer  # noqa: E402
+from dlmscope.train.trainer import LogConfig, TrainConfig  # noqa: E402
 
 
 _ARGS_ENV = "DLMSCOPE_BENCH_ARGS"

@@ -27,7 +27,7 @@ Variants:
 
 tokens/s = kept training tokens per layer × layers / wall seconds, timed from the first forward to the trained
 SAEs (model loading, tokenization and the held-out evaluation are outside the timer; every variant first does an
-untimed warm-up run on 2 batches). Held-out FVE of every SAE (``dlmscope.splice.evaluate_sae`` on the same
+untimed warm-up run on 2 batches). Held-out FVE of every SAE (``dlmscope.analysis.splice.evaluate_sae`` on the same
 held-out activations for every variant) is reported so the speed comparison is between equally good SAEs.
 
 Writes ``<out>/cpu-pipeline-world-dlm.json`` and ``.md`` (``--quick``: ``cpu-pipeline-world-dlm-quick.*``).
@@ -52,19 +52,21 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from dlmscope import atomic, models, reference  # noqa: E402
-from dlmscope.geometric_median import geometric_median  # noqa: E402
-from dlmscope.noise import T_MAX, T_MIN, corrupt, draw_t  # noqa: E402
-from dlmscope.pipeline import SweepSpec, train_sweep  # noqa: E402
-from dlmscope.pipeline import heldout_activations as pipeline_heldout  # noqa: E402
-from dlmscope.pipeline import make_saes as make_layer_saes  # noqa: E402
-from dlmscope.sae import TopKSAE  # noqa: E402
-from dlmscope.schedule import lr_factor  # noqa: E402
-from dlmscope.shuffle_buffer import shuffle_batches  # noqa: E402
-from dlmscope.splice import evaluate_sae  # noqa: E402
-from dlmscope.train import TrainConfig  # noqa: E402
-from dlmscope.train_log import LogConfig  # noqa: E402
-from dlmscope.text_sources import world_batches  # noqa: E402
+from dlmscope.util import atomic  # noqa: E402
+
+from dlmscope import models, reference
+from dlmscope.train.geometric_median import geometric_median  # noqa: E402
+from dlmscope.data.noise import T_MAX, T_MIN, corrupt, draw_t  # noqa: E402
+from dlmscope.jobs.train import SweepSpec, train_sweep  # noqa: E402
+from dlmscope.jobs.train import heldout_activations as pipeline_heldout  # noqa: E402
+from dlmscope.jobs.train import make_saes as make_layer_saes  # noqa: E402
+from dlmscope.sae.topk import TopKSAE  # noqa: E402
+from dlmscope.train.schedule import lr_factor  # noqa: E402
+from dlmscope.data.shuffle import shuffle_batches  # noqa: E402
+from dlmscope.analysis.splice import evaluate_sae  # noqa: E402
+from dlmscope.train.trainer import TrainConfig  # noqa: E402
+from dlmscope.train.log import LogConfig  # noqa: E402
+from dlmscope.data.text import world_batches  # noqa: E402
 
 MODEL_DIR = os.path.join(ROOT, "dlmscope", "world", "assets", "models", "dlm")
 VARIANTS = ("dlmscope", "plain", "plain_one_forward")

@@ -1,4 +1,4 @@
-"""The statistics pass of :mod:`dlmscope.interp` (vectorised top-N / importance stores, one merge per batch)
+"""The statistics pass of :mod:`dlmscope.interp.features` (vectorised top-N / importance stores, one merge per batch)
 against a plain loop (a heap per latent, a window built for every firing), on the same precomputed
 activations of the world DLM (pytest-benchmark).
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from dlmscope.demo import load_world_model
-from dlmscope.interp import collect, model_batches
-from dlmscope.sae import TopKSAE
-from dlmscope.text_sources import world_batches
+from dlmscope.interp.features import collect, model_batches
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.data.text import world_batches
 
 BATCHES = int(os.environ.get("DLMSCOPE_INTERP_BATCHES", "8"))
 TOP, HALF = 12, 10

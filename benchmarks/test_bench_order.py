@@ -1,4 +1,4 @@
-"""Replay of a decoding history through SAEs at several layers: :func:`dlmscope.order.replay` (every recorded
+"""Replay of a decoding history through SAEs at several layers: :func:`dlmscope.analysis.order.replay` (every recorded
 state of every row batched, one truncated forward per batch for all layers) against the plain way, one forward
 per (step, layer) — the paper's replay runs a full forward per step and hooks each layer.
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from dlmscope.demo import load_world_model
-from dlmscope.order import _top_k, replay
-from dlmscope.sae import TopKSAE
-from dlmscope.sampling import llada_fill
+from dlmscope.analysis.order import _top_k, replay
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.models.sampling import llada_fill
 from dlmscope.world import ASSETS_DIR
 from dlmscope.world.tasks import load_tasks
 

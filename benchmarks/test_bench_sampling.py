@@ -2,7 +2,7 @@
 without the steering hook (pytest-benchmark).
 
 Variants: ``batched`` (all prompts in one canvas) and ``single`` (a loop over prompts), each ``plain`` or
-``steered`` (``dlmscope.steering.steer`` at block 4, the SAE encode in the hook at every step). tokens/s =
+``steered`` (``dlmscope.analysis.steering.steer`` at block 4, the SAE encode in the hook at every step). tokens/s =
 prompts · gen_length / median round time; the hook's overhead is the steered / plain time ratio in the same run.
 DLMSCOPE_SAMPLING_PROMPTS / _GEN set the size (default 16 prompts, 16 tokens, 16 steps, 2 blocks).
 """
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from dlmscope.demo import load_world_model
-from dlmscope.sae import TopKSAE
-from dlmscope.sampling import llada_generate
-from dlmscope.steering import steer
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.models.sampling import llada_generate
+from dlmscope.analysis.steering import steer
 from dlmscope.world import corpus as C
 
 PROMPTS = int(os.environ.get("DLMSCOPE_SAMPLING_PROMPTS", "16"))

@@ -20,8 +20,8 @@ import torch
 
 import dlmscope
 from dlmscope import reference
-from dlmscope.sae import TopKSAE
-from dlmscope.train import LogConfig, Trainer, TrainConfig
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.train.trainer import LogConfig, Trainer, TrainConfig
 
 QUICK = os.environ.get("DLMSCOPE_BENCH_QUICK") == "1"
 D, N, B = (64, 1024, 256) if QUICK else (512, 16384, 2048)

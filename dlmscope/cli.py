@@ -10,7 +10,7 @@
 
 Text comes from the embedded world's corpus (``--corpus world``, default), a text file with one document per
 line, or a Hugging Face dataset (data files or a dataset directory, streamed); documents are EOS-joined and
-packed into ``--seq-len`` contexts, every tenth document held out (:mod:`dlmscope.text_sources`).
+packed into ``--seq-len`` contexts, every tenth document held out (:mod:`dlmscope.data.text`).
 """
 from __future__ import annotations
 
@@ -23,31 +23,32 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, models
-from . import distributed as D
-from .activations import ActivationStream
-from .autointerp import OpenAIExplainer
-from .dashboard import write_dashboard
+from dlmscope.util import atomic
+from . import models
+from dlmscope.util import distributed as D
+from dlmscope.data.activations import ActivationStream
+from dlmscope.interp.autointerp import OpenAIExplainer
+from dlmscope.interp.dashboard import write_dashboard
 from .demo import DemoConfig, run_demo
-from .interop import export_neuronpedia
-from .interp_run import build_report
-from .judges import OpenAIJudge
-from .order_run import ORDERS, STEPS, OrderSpec, plot_order, run_order
-from .pipeline import SweepSpec, heldout_activations, train_sweep
-from .sae import TopKSAE
-from .splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
-from .steer_run import (SteerSpec, concept_features, condition_label, neutral_prompts, plot_sweep, plot_tradeoff,
+from dlmscope.interp.neuronpedia import export_neuronpedia
+from dlmscope.jobs.dashboard import build_report
+from dlmscope.interp.judges import OpenAIJudge
+from dlmscope.jobs.order import ORDERS, STEPS, OrderSpec, plot_order, run_order
+from dlmscope.jobs.train import SweepSpec, heldout_activations, train_sweep
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.analysis.splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
+from dlmscope.jobs.steer import (SteerSpec, concept_features, condition_label, neutral_prompts, plot_sweep, plot_tradeoff,
                         run_steer)
-from .text_sources import text_batches
-from .train import TrainConfig
-from .train_log import LogConfig
-from .transfer import plot_transfer, run_transfer, summary_lines
+from dlmscope.data.text import text_batches
+from dlmscope.train.trainer import TrainConfig
+from dlmscope.train.log import LogConfig
+from dlmscope.analysis.transfer import plot_transfer, run_transfer, summary_lines
 from .world import ASSETS_DIR
-from .world.tasks import SCORED_KINDS, load_tasks
+from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 
 
 def _text(adapter, args):
-    """``(train, heldout)`` LM batches of ``--corpus`` (see :mod:`dlmscope.text_sources`)."""
+    """``(train, heldout)`` LM batches of ``--corpus`` (see :mod:`dlmscope.data.text`)."""
     return text_batches(args.corpus, adapter.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch,
                         text_field=args.text_field, split=args.split, world_sentences=args.sentences, seed=args.seed)
 

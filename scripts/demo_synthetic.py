@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import dlmscope
-from dlmscope import metrics
+from dlmscope.sae import metrics
 
 
 def synthetic_batches(d: int, n_true: int, active: int, batch: int, seed: int):

@@ -21,7 +21,7 @@
 #                (DLMSCOPE_ENCODE_TILE), the chunked encoder at 3 chunk sizes, torch — vs the GEMM, TFLOP/s
 #   bench        benchmarks/report.py --device cuda: GEMM floor, every encode variant, the step per backend,
 #                peak memory (the dense reference baselines run in their own pytest process, last)
-#   sanitize     compute-sanitizer (memcheck, then racecheck) over tests/test_cuda_backend.py: out-of-bounds accesses
+#   sanitize     compute-sanitizer (memcheck, then racecheck) over tests/backends/test_cuda_backend.py: out-of-bounds accesses
 #                and shared-memory races in csrc/cuda on small shapes (skipped where the tool or the library is absent)
 #   rest         the rest of the suite on CUDA while time remains
 #
@@ -118,8 +118,8 @@ fi
 want import && stage import 60 "$PY" -c "import dlmscope; print(dlmscope.__file__); print('backends', dlmscope.available_backends())"
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o "addopts=-ra" --durations=10)
-KERNEL_TESTS=(tests/test_triton_kernels.py tests/test_topk_select.py tests/test_transpose_reduce.py tests/test_ops.py
-              tests/test_cuda_backend.py)
+KERNEL_TESTS=(tests/kernels/test_triton_kernels.py tests/kernels/test_topk_select.py tests/kernels/test_transpose_reduce.py tests/test_ops.py
+              tests/backends/test_cuda_backend.py)
 if [ "$DRY" = 1 ]; then
   KERNEL_SEL=(-k "topk_encode_matches_reference or sparse_decode_matches")   # one slice: the script, not the suite
 else
@@ -146,7 +146,7 @@ if want sanitize && [ "$DRY" != 1 ] && [ -f dlmscope/libdlmscope_cuda.so ] && co
   sanitize() {
     for tool in memcheck racecheck; do
       compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" -m pytest -q -p no:cacheprovider -x \
-        tests/test_cuda_backend.py || return $?
+        tests/backends/test_cuda_backend.py || return $?
     done
   }
   export -f sanitize

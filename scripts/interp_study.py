@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dlmscope import atomic
+from dlmscope.util import atomic
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_batches
-from dlmscope.interp_run import build_report
+from dlmscope.jobs.dashboard import build_report
 
 LAYERS = (1, 4, 7)
 RUNS = (("dlm", "mask"), ("dlm", "unmask"), ("ar", "clean"))

@@ -2,8 +2,8 @@
 
 Each checkpoint is written by the library's **own** save code, and beside it ``expected.safetensors`` holds one
 input batch ``x [B, d]`` and that library's own outputs on it: ``x_hat [B, d]`` and the dense top-k code
-``f [B, n]`` (zeros off the k active latents). ``tests/test_formats.py`` loads each checkpoint with
-``dlmscope.formats.load`` and checks that it reproduces these outputs.
+``f [B, n]`` (zeros off the k active latents). ``tests/sae/test_formats.py`` loads each checkpoint with
+``dlmscope.sae.formats.load`` and checks that it reproduces these outputs.
 
 Run it in a separate virtual environment holding the peers (their dependencies must not touch the project's):
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dlmscope import atomic
+from dlmscope.util import atomic
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_batches
-from dlmscope.order_run import ORDERS, SAE_ORDERS, STEPS, OrderSpec, plot_order, run_order
+from dlmscope.jobs.order import ORDERS, SAE_ORDERS, STEPS, OrderSpec, plot_order, run_order
 from dlmscope.world import ASSETS_DIR
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 

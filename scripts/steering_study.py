@@ -3,7 +3,7 @@ block, an α sweep, and scope × schedule. Writes docs/steering.json, docs/steer
 docs/steering_*.png; docs/steering.md discusses them.
 
 Fluency is the perplexity of the generations under the unsteered AR twin, for both models. Intervals are paired
-bootstrap intervals over prompts (:mod:`dlmscope.stats`); DLM − AR differences pair the same prompts too.
+bootstrap intervals over prompts (:mod:`dlmscope.util.bootstrap`); DLM − AR differences pair the same prompts too.
 
     python scripts/steering_study.py [--prompts 60] [--layers 0 1 ... 7]
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from dlmscope import atomic
+from dlmscope.util import atomic
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_batches
-from dlmscope.steer_run import (SteerSpec, compare_models, concept_features, condition_label, neutral_prompts,
+from dlmscope.jobs.steer import (SteerSpec, compare_models, concept_features, condition_label, neutral_prompts,
                                 plot_by_layer, plot_tradeoff, run_steer, summary_row, without_per_prompt)
 from dlmscope.world import CONCEPTS
 

@@ -22,7 +22,7 @@ python3 -m venv "$VENV"
 cd "$VENV"
 "$VENV/bin/python" - <<'PY'
 import torch, dlmscope
-from dlmscope.sae import TopKSAE
+from dlmscope.sae.topk import TopKSAE
 assert "cpu" in dlmscope.available_backends(), dlmscope.available_backends()   # the C++ extension came along
 assert not dlmscope.__file__.startswith("/work"), dlmscope.__file__
 x = torch.randn(256, 32)

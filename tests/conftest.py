@@ -39,7 +39,7 @@ def backend_device(name: str) -> torch.device | None:
 ALL_BACKENDS = ("torch", "cpu", "triton", "chunked", "cuda")
 # small latent chunks, so the chunked encoder really splits (and merges) at the tests' shapes, n not a multiple
 os.environ.setdefault("DLMSCOPE_CHUNK_LATENTS", "7")
-# the triton backend's tests test the fused kernel itself, not the autotuned choice (tests/test_autotune.py)
+# the triton backend's tests test the fused kernel itself, not the autotuned choice (tests/backends/test_autotune.py)
 os.environ.setdefault("DLMSCOPE_AUTOTUNE", "0")
 
 

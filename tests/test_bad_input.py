@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dlmscope import cli, models
-from dlmscope.activations import ActivationStream, harvest
+from dlmscope.data.activations import ActivationStream, harvest
 from dlmscope.models import llada as llada_mod
-from dlmscope.sae import TopKSAE
-from dlmscope.splice import ar_delta_loss, dlm_delta_loss, evaluate_sae, splice
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.analysis.splice import ar_delta_loss, dlm_delta_loss, evaluate_sae, splice
 from dlmscope.world import ASSETS_DIR
-from tests.test_models import dream_config, gemma, llada_config, llada_tensors, write_dir  # noqa: F401 (fixture)
+from tests.models.test_models import dream_config, gemma, llada_config, llada_tensors, write_dir  # noqa: F401 (fixture)
 
 MODELS_DIR = os.path.join(ASSETS_DIR, "models")
 DLM_DIR, AR_DIR = os.path.join(MODELS_DIR, "dlm"), os.path.join(MODELS_DIR, "ar")

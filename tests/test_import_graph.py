@@ -17,13 +17,13 @@ ROOT = Path(dlmscope.__file__).parent
 #: the layers DESIGN.md fixes: these modules import nothing of the rest of dlmscope but what is listed
 LEAVES = {
     "dlmscope.reference": set(),
-    "dlmscope.noise": set(),
-    "dlmscope.metrics": set(),
-    "dlmscope.atomic": set(),
-    "dlmscope.chunk_select": set(),
+    "dlmscope.data.noise": set(),
+    "dlmscope.sae.metrics": set(),
+    "dlmscope.util.atomic": set(),
+    "dlmscope.backends.chunks": set(),
 }
 #: the one module outside dlmscope.kernels the kernels may import: a leaf (above), pure torch
-KERNEL_IMPORTS_ALLOWED = {"dlmscope.chunk_select"}
+KERNEL_IMPORTS_ALLOWED = {"dlmscope.backends.chunks"}
 #: function-level imports of dlmscope modules that have a reason
 LOCAL_IMPORTS_ALLOWED = {
     ("dlmscope.backends.triton_backend", "dlmscope.kernels"): "importing triton costs ~1 s; CPU users never need it",
@@ -32,7 +32,7 @@ LOCAL_IMPORTS_ALLOWED = {
 }
 #: prefixes that must not import SAE code (models know nothing of SAEs; kernels nothing of dlmscope)
 NO_SAE = ("dlmscope.models", "dlmscope.kernels")
-SAE_MODULES = {"dlmscope.sae", "dlmscope.train", "dlmscope.formats"}
+SAE_MODULES = {"dlmscope.sae.topk", "dlmscope.train.trainer", "dlmscope.sae.formats"}
 
 
 def _module_name(path: Path) -> str:
@@ -125,21 +125,21 @@ def test_leaf_modules_import_nothing_of_dlmscope(leaf):
 def test_layering():
     _, edges = _graph()
     bad = [f"{a} -> {t}" for a, es in edges.items() if a.startswith(NO_SAE) for t, _, _ in es
-           if t in SAE_MODULES or t.startswith("dlmscope.formats")]
+           if t in SAE_MODULES or t.startswith("dlmscope.sae.formats")]
     assert not bad, "models/kernels must know nothing of SAEs: " + ", ".join(bad)
     for prefix in ("dlmscope.kernels",):
         bad = [f"{a} -> {t}" for a, es in edges.items() if a.startswith(prefix) for t, _, _ in es
                if not t.startswith(prefix) and t not in KERNEL_IMPORTS_ALLOWED]
         assert not bad, f"{prefix} imports the rest of dlmscope: " + ", ".join(bad)
-    for a in ("dlmscope.sae", "dlmscope.train", "dlmscope.train_step"):
-        models = [t for t, _, _ in edges[a] if t.startswith("dlmscope.models") or t == "dlmscope.activations"]
+    for a in ("dlmscope.sae.topk", "dlmscope.train.trainer", "dlmscope.train.step"):
+        models = [t for t, _, _ in edges[a] if t.startswith("dlmscope.models") or t == "dlmscope.data.activations"]
         assert not models, f"{a} must know no language model, imports {models}"
 
 
 def test_formats_do_not_import_the_sae_module():
     _, edges = _graph()
-    bad = [f"{a} -> {t}" for a, es in edges.items() if a.startswith("dlmscope.formats") for t, _, _ in es
-           if t == "dlmscope.sae"]
+    bad = [f"{a} -> {t}" for a, es in edges.items() if a.startswith("dlmscope.sae.formats") for t, _, _ in es
+           if t == "dlmscope.sae.topk"]
     assert not bad, ", ".join(bad)
 
 

@@ -13,7 +13,7 @@ can take (CUDA, or CPU under ``TRITON_INTERPRET=1``) in fp32 / bf16 / fp16, the 
 select (:func:`dlmscope.kernels.topk_select.topk_select`, exact on the fp32 values of ``relu(addmm)``); each
 chunk's candidates go to one float32 buffer that a final ``torch.topk`` merges. ``encode_grouped`` takes every
 SAE's selection and its AuxK selection from the same chunk products (:func:`select_over_chunks`, over the loop of
-:mod:`dlmscope.chunk_select`, which the ``cuda`` backend drives with its own select kernel).
+:mod:`dlmscope.backends.chunks`, which the ``cuda`` backend drives with its own select kernel).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..chunk_select import Selection, merge_topk, over_chunks, select_topk
+from .chunks import Selection, merge_topk, over_chunks, select_topk
 from .torch_backend import TorchBackend
 
 DEFAULT_CHUNK = 16384
@@ -53,7 +53,7 @@ def chunk_latents() -> int:
 def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], select, merge,
                        chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every selection's top-k of ``relu((x - b_dec) @ W_enc.T + b_enc)`` off one pass of ``addmm`` over latent
-    chunks (:func:`dlmscope.chunk_select.over_chunks`, whose ``select`` / ``merge`` contract these follow; the
+    chunks (:func:`dlmscope.backends.chunks.over_chunks`, whose ``select`` / ``merge`` contract these follow; the
     candidates are float32, float64 for float64 x). Returns (values [B, k] x.dtype, indices [B, k] int64 relative
     to the selection's start) per selection."""
     xc = x - b_dec
@@ -89,7 +89,7 @@ def assemble_grouped(x, results, starts: list[int], aux: list[int]):
 
 
 def _triton_select(pre, k, keep, vals, ids, col, id_offset):
-    from ..kernels.topk_select import topk_select  # lazily: importing triton costs ~1 s
+    from dlmscope.kernels.topk_select import topk_select  # lazily: importing triton costs ~1 s
     bias = None if keep is None else torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(
         ~keep, float("-inf"))
     topk_select(pre, bias, k, id_offset=id_offset, values=vals[:, col:col + k], indices=ids[:, col:col + k])

@@ -22,7 +22,7 @@ from torch import Tensor
 from .base import Backend
 
 try:  # the extension is optional: a source checkout without a build simply lacks this backend
-    from .. import _C  # type: ignore[attr-defined]
+    from dlmscope import _C  # type: ignore[attr-defined]
 except Exception:  # pragma: no cover - depends on the build
     _C = None
 

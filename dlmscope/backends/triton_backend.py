@@ -11,7 +11,7 @@ import os
 import torch
 from torch import Tensor
 
-from .. import autotune
+from . import autotune
 from .base import Backend, SortCache
 from .chunked_backend import ChunkedBackend
 from .torch_backend import TorchBackend
@@ -45,11 +45,11 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _k():
-        from .. import kernels  # imported lazily: importing triton costs ~1 s
+        from dlmscope import kernels  # imported lazily: importing triton costs ~1 s
         return kernels
 
     def encode(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The fused kernel, or on a GPU whichever of fused / chunked / torch :mod:`dlmscope.autotune` measured
+        """The fused kernel, or on a GPU whichever of fused / chunked / torch :mod:`dlmscope.backends.autotune` measured
         fastest for this shape."""
         fused = lambda: self._k().topk_encode(x, W_enc, b_enc, b_dec, k)  # noqa: E731
         if not (x.is_cuda and autotune.enabled()):
@@ -61,7 +61,7 @@ class TritonBackend(Backend):
 
     def encode_grouped(self, x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux):
         """One fused encode per segment and per AuxK selection, or on a GPU with AuxK on, if
-        :mod:`dlmscope.autotune` measured it faster for this shape, the chunked pass that takes the AuxK
+        :mod:`dlmscope.backends.autotune` measured it faster for this shape, the chunked pass that takes the AuxK
         selections from the main selections' GEMM chunks (:meth:`ChunkedBackend.encode_grouped`)."""
         separate = lambda: super(TritonBackend, self).encode_grouped(  # noqa: E731
             x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux)

@@ -8,7 +8,7 @@
 2. trains a k sweep of Top-K SAEs per (model, policy, layer), all k of a layer in one grouped trainer;
 3. evaluates each SAE on held-out text of the same policy: FVE / L0 / dead, the DLM ΔLM loss (mask and
    unmask variants, REFERENCE.md §4) or the AR ΔLM loss, each with the fraction of loss recovered vs
-   zero-ablation, and the planted-concept F1 of its best latents (:mod:`dlmscope.concepts`);
+   zero-ablation, and the planted-concept F1 of its best latents (:mod:`dlmscope.interp.concepts`);
 4. steers every planted concept's best latent during generation at a few layers, the DLM against its AR twin
    at the paper's and at matched strengths (:mod:`.steering`);
 5. writes ``results.json``, PNG plots and ``report.md`` comparing what it found with the paper's findings.

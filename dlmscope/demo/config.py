@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..train import TrainConfig
+from dlmscope.train.trainer import TrainConfig
 
 __all__ = ["DemoConfig", "RUNS", "RUN_LABELS"]
 

@@ -110,7 +110,7 @@ def steering_finding(results: dict) -> dict | None:
 def order_finding(results: dict) -> dict | None:
     """*SAE feature dynamics track decoding quality* (the paper's conjecture, REFERENCE.md §6): per order, the
     within-group correlation over tasks between the pre-decode stability at the guide layer and exact match
-    (:func:`dlmscope.order_run.run_order`); supported when
+    (:func:`dlmscope.jobs.order.run_order`); supported when
     it is positive beyond its interval for more than half of the orders that have one, partly when for more
     orders than it is negative beyond its interval, not otherwise.
     Also whether each SAE-guided order beats, ties or loses to the best confidence order at G and ⌈G/2⌉ steps

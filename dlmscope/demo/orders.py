@@ -2,15 +2,15 @@
 
 The Mask-SAEs at ``k_ref`` of ``cfg.order_layers`` replay the runs (the guide of the SAE-guided orders reads the
 middle one); tasks are the world's order-sensitive kinds (two- and three-step chains, counting), in-distribution
-and held out (:func:`dlmscope.order_run.run_order`).
+and held out (:func:`dlmscope.jobs.order.run_order`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..order_run import ORDERS, STEPS, OrderSpec, run_order
-from ..world import ASSETS_DIR
-from ..world.tasks import load_tasks
+from dlmscope.jobs.order import ORDERS, STEPS, OrderSpec, run_order
+from dlmscope.world import ASSETS_DIR
+from dlmscope.world.tasks import load_tasks
 from .config import DemoConfig
 
 __all__ = ["ORDER_KINDS", "run_orders"]

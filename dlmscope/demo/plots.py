@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # figures without pyplot: no global backend state is touched
 
-from ..order_run import plot_order
-from ..steer_run import plot_by_layer
-from ..transfer import plot_transfer
+from dlmscope.jobs.order import plot_order
+from dlmscope.jobs.steer import plot_by_layer
+from dlmscope.analysis.transfer import plot_transfer
 from .config import DemoConfig
 from .config import RUN_LABELS
 from .findings import get

@@ -9,9 +9,9 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import atomic
-from ..noise import T_MAX, T_MIN
-from ..order_run import STEPS
+from dlmscope.util import atomic
+from dlmscope.data.noise import T_MAX, T_MIN
+from dlmscope.jobs.order import STEPS
 from .config import DemoConfig
 from .config import RUN_LABELS
 from .findings import PAPER_FVE_MASK, PAPER_FVE_UNMASK, get, observations

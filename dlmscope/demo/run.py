@@ -1,6 +1,6 @@
 """The demo's run: harvest and train the SAEs of every (model, policy), evaluate them, write the outputs.
 
-See :mod:`dlmscope.demo` for what the run does; training goes through :func:`dlmscope.pipeline.train_sweep`.
+See :mod:`dlmscope.demo` for what the run does; training goes through :func:`dlmscope.jobs.train.train_sweep`.
 """
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import atomic, models
-from ..concepts import labelled_activations, score_concepts
-from ..pipeline import SweepSpec, heldout_activations, train_sweep
-from ..sae import TopKSAE
-from ..splice import delta_loss_over_batches, evaluate_sae
-from ..train_log import LogConfig
-from ..text_sources import world_batches as text_world_batches
-from ..world import ASSETS_DIR, concept_id_table
+from dlmscope.util import atomic
+from dlmscope import models
+from dlmscope.interp.concepts import labelled_activations, score_concepts
+from dlmscope.jobs.train import SweepSpec, heldout_activations, train_sweep
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.analysis.splice import delta_loss_over_batches, evaluate_sae
+from dlmscope.train.log import LogConfig
+from dlmscope.data.text import world_batches as text_world_batches
+from dlmscope.world import ASSETS_DIR, concept_id_table
 from .config import RUNS, DemoConfig
 from .findings import findings
 from .plots import write_plots
@@ -52,7 +53,7 @@ def sweep_spec(cfg: DemoConfig, policy: str, layers=None) -> SweepSpec:
 
 def train_layer_saes(adapter, batches: list[torch.Tensor], policy: str, cfg: DemoConfig, *, layers=None,
                      cache_dir: str | os.PathLike | None = None, label: str = "") -> dict[int, list[TopKSAE]]:
-    """Train the demo's k sweep on each layer (one harvest, :func:`~dlmscope.pipeline.train_sweep`);
+    """Train the demo's k sweep on each layer (one harvest, :func:`~dlmscope.jobs.train.train_sweep`);
     returns ``{layer: [SAE per k]}``. Several layers need ``cache_dir``."""
     train = cfg.train_config()
     return train_sweep(adapter, batches, sweep_spec(cfg, policy, layers), train,

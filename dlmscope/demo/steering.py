@@ -3,12 +3,12 @@
 At each of ``cfg.steer_layers`` the DLM's Unmask-SAE and the AR twin's SAE (both at ``k_ref``) steer each
 planted concept's best latent — the one the demo's concept scores chose on held-out text, so no latent is
 chosen by its steering result — over the world's neutral prompts, the same seed for the baseline and every
-steered run (:func:`dlmscope.steer_run.run_steer`). The DLM runs at ``cfg.steer_alphas``; the AR twin at the
+steered run (:func:`dlmscope.jobs.steer.run_steer`). The DLM runs at ``cfg.steer_alphas``; the AR twin at the
 same α (matched) and at the paper's AR α (REFERENCE.md §5: DLM 2.0 vs AR 1.2).
 """
 from __future__ import annotations
 
-from ..steer_run import SteerSpec, compare_models, neutral_prompts, run_steer, without_per_prompt
+from dlmscope.jobs.steer import SteerSpec, compare_models, neutral_prompts, run_steer, without_per_prompt
 from .config import DemoConfig
 
 __all__ = ["PAPER_ALPHA", "run_steering"]

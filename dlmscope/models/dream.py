@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .. import atomic
+from dlmscope.util import atomic
 from .base import Adapter, build_from_state_dict, load_tokenizer, read_state_dict, resolve_mask_token_id
 
 __all__ = ["DREAM_DEFAULT_MASK_TOKEN_ID", "is_dream_config", "dream_config_to_qwen2", "qwen2_config_to_dream",

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from .. import atomic
+from dlmscope.util import atomic
 from .base import Adapter, build_from_state_dict, load_tokenizer, read_state_dict, resolve_mask_token_id
 
 __all__ = [

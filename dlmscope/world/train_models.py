@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.llada import save_llada_checkpoint
+from dlmscope.models.llada import save_llada_checkpoint
 from . import corpus as C
 from .quality import task_quality
 from .tokenizer import save_tokenizer

@@ -1,0 +1,421 @@
+"""SAE splice-in and evaluation: ΔLM loss for diffusion and autoregressive LMs, FVE / L0 / dead latents.
+
+* :func:`splice` — a context manager replacing block L's output (resid_post) by the SAE reconstruction,
+  optionally plus the error term ``x − x̂`` (then the model's output is bit-for-bit the clean one, while
+  gradients still reach the SAE's latents), optionally only at some positions (``"masked"``, ``"unmasked"``
+  or a bool ``[B, T]`` / ``[T]`` mask).
+* :func:`dlm_delta_loss` — REFERENCE.md §4: one masked input (``t ~ U[t_min, t_max]``, position 0 and pads
+  never masked) scored clean, with the SAE spliced in at every position (no error term) and with block L
+  zero-ablated; ``L_mask = Σ_{masked} CE / t / #masked`` and the auxiliary ``L_unmask`` (unmasked non-pad
+  positions except 0, weight ``1/(1−t)``). Logits come from ``adapter.logits`` (aligned: Dream's shift applied).
+* :func:`ar_delta_loss` — next-token CE on clean text, clean vs SAE vs zero-ablation, fraction recovered.
+* :func:`evaluate_sae` — FVE, L0, dead fraction, MSE on held-out activations (a tensor or a stream).
+* :func:`scale_free` / :func:`compare_deltas` — scale-free numbers (Δ/clean, fraction of loss recovered vs
+  zero-ablation) that make the DLM and AR deltas comparable despite different objectives.
+
+Batches with no masked (or unmasked) position contribute a loss of 0 for that term (the empty sum) and report
+``n_masked = 0``; :func:`average_results` weights nothing and averages per batch, as the paper does.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlmscope.sae.metrics import ReconstructionStats
+from dlmscope.models.base import _block_output
+from dlmscope.data.noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, valid_positions
+
+__all__ = [
+    "splice",
+    "zero_ablate",
+    "dlm_delta_loss",
+    "delta_loss_over_batches",
+    "ar_delta_loss",
+    "evaluate_sae",
+    "scale_free",
+    "compare_deltas",
+    "average_results",
+    "fraction_recovered",
+]
+
+
+# ------------------------------------------------------------------------------------------------- hooks
+def _replace_out(out: Any, new: Tensor) -> Any:
+    if isinstance(out, tuple):
+        return (new,) + tuple(out[1:])
+    if isinstance(out, list):
+        return [new] + list(out[1:])
+    return new
+
+
+def _sae_dtype(sae) -> torch.dtype | None:
+    try:
+        return next(sae.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return None
+
+
+def _sae_d(sae) -> int | None:
+    cfg = getattr(sae, "cfg", None)
+    d = getattr(cfg, "d", None)
+    return int(d) if d is not None else None
+
+
+def _position_mask(positions, ids: Tensor | None, adapter, shape: torch.Size, device) -> Tensor | None:
+    if positions is None:
+        return None
+    B, T = shape[0], shape[1]
+    if isinstance(positions, str):
+        if ids is None:
+            raise RuntimeError("splice(positions=...) needs the input ids, but the model was called without them")
+        mask_id = adapter.require_mask_token()
+        sel = ids == mask_id
+        return (sel if positions == "masked" else ~sel).to(device)
+    pm = positions.to(device=device, dtype=torch.bool)
+    if pm.dim() == 1:
+        pm = pm.unsqueeze(0).expand(B, -1)
+    if tuple(pm.shape) != (B, T):
+        raise ValueError(f"splice positions mask has shape {tuple(positions.shape)}, expected [{B}, {T}] or [{T}]")
+    return pm
+
+
+@contextlib.contextmanager
+def splice(adapter, layer: int, sae, *, error_term: bool = False, positions=None) -> Iterator[None]:
+    """Within the block, block ``layer``'s output is replaced by ``sae(x)`` (the reconstruction x̂).
+
+    ``sae`` is a :class:`~dlmscope.sae.topk.TopKSAE` or any module / callable mapping ``[..., d] → [..., d]``; it
+    runs in its own parameter dtype and the result is cast back to the model's dtype.
+
+    ``error_term=True`` adds ``x − x̂``: the output value is exactly ``x`` (computed as
+    ``x + (x̂ − x̂.detach())``, which is exact), the gradient w.r.t. ``x`` is the clean model's and gradients
+    still reach the SAE (its latents and parameters) through ``x̂``.
+
+    ``positions``: ``None`` (every position), ``"masked"`` / ``"unmasked"`` (positions whose input token is /
+    is not the mask token — needs a mask token) or a bool tensor ``[B, T]`` / ``[T]``; other positions keep x.
+    """
+    module = adapter.hook_module(layer)  # ValueError if out of range
+    if isinstance(positions, str) and positions not in ("masked", "unmasked"):
+        raise ValueError(f"positions must be None, 'masked', 'unmasked' or a bool tensor, got {positions!r}")
+    if isinstance(positions, str):
+        adapter.require_mask_token()
+    elif positions is not None and not isinstance(positions, Tensor):
+        raise ValueError(f"positions must be None, 'masked', 'unmasked' or a bool tensor, got {type(positions)}")
+    d_model = getattr(adapter, "d_model", None)
+    d_sae = _sae_d(sae)
+    if d_model is not None and d_sae is not None and d_sae != d_model:
+        raise ValueError(f"SAE input size d={d_sae} does not match the model's hidden size {d_model}")
+    sae_dtype = _sae_dtype(sae)
+    state: dict[str, Tensor | None] = {"ids": None}
+    handles = []
+
+    def capture_ids(_module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
+        state["ids"] = ids if isinstance(ids, Tensor) else None
+
+    def hook(_module, _args, out):
+        x = _block_output(out)
+        xs = x.to(sae_dtype) if sae_dtype is not None and x.dtype != sae_dtype else x
+        if error_term:
+            xs = xs.detach()
+        x_hat = sae(xs)
+        if error_term:
+            new = x + (x_hat - x_hat.detach()).to(x.dtype)
+        else:
+            new = x_hat.to(x.dtype)
+        pm = _position_mask(positions, state["ids"], adapter, x.shape, x.device)
+        if pm is not None:
+            new = torch.where(pm.unsqueeze(-1), new, x)
+        return _replace_out(out, new)
+
+    try:
+        if isinstance(positions, str):
+            emb = adapter.model.get_input_embeddings()
+            handles.append(emb.register_forward_pre_hook(capture_ids, with_kwargs=True))
+        handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def zero_ablate(adapter, layer: int, positions=None):
+    """Context manager: within it, block ``layer``'s output (resid_post) is replaced by zeros (at ``positions``,
+    as in :func:`splice`)."""
+    return splice(adapter, layer, _Zero(), positions=positions)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-position CE ``[B, T]`` in float32."""
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(B * T), reduction="none").reshape(B, T)
+
+
+def _masked_mean(ce: Tensor, sel: Tensor) -> Tensor:
+    sel = sel.to(ce.dtype)
+    return (ce * sel).sum() / sel.sum().clamp_min(1.0)
+
+
+def fraction_recovered(clean: float, sae: float, zero: float) -> float:
+    """``(L_zero − L_sae) / (L_zero − L_clean)``: 1 = the SAE loses nothing, 0 = as bad as zero-ablation."""
+    denom = zero - clean
+    if not math.isfinite(denom) or abs(denom) < 1e-12:
+        return float("nan")
+    return (zero - sae) / denom
+
+
+def _run_variants(adapter, layer: int, saes: list, loss_fn, ids, attention_mask, *, zero_ablation: bool,
+                  positions=None) -> dict:
+    """Loss tensors of one batch: ``{"clean": ..., i: ... per SAE, "zero": ...}``. Clean and zero-ablated
+    forwards run once however many SAEs are compared on the batch."""
+    runs = [("clean", contextlib.nullcontext())]
+    runs += [(i, splice(adapter, layer, sae, positions=positions)) for i, sae in enumerate(saes)]
+    if zero_ablation:
+        runs.append(("zero", zero_ablate(adapter, layer, positions)))
+    vals = {}
+    for name, ctx in runs:
+        with ctx:
+            vals[name] = loss_fn(adapter.logits(ids, attention_mask))
+    return vals
+
+
+def _as_list(sae) -> tuple[list, bool]:
+    """``(saes, many)``: a list/tuple of SAEs is compared on the same batch; a single one gives one result."""
+    return (list(sae), True) if isinstance(sae, (list, tuple)) else ([sae], False)
+
+
+@torch.no_grad()
+def dlm_delta_loss(
+    adapter,
+    sae,
+    layer: int,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    t_min: float = T_MIN,
+    t_max: float = T_MAX,
+    generator: torch.Generator | None = None,
+    *,
+    zero_ablation: bool = True,
+    t: float | None = None,
+    positions=None,
+) -> dict[str, float] | list[dict[str, float]]:
+    """DLM ΔLM loss of one batch (REFERENCE.md §4), clean vs SAE spliced at every position (no error term).
+
+    ``sae`` may be a list of SAEs: each is spliced in on the same corrupted batch, the clean and zero-ablated
+    forwards run once, and a list of result dicts comes back.
+    ``t`` (if given) fixes the masking rate instead of drawing it from ``U[t_min, t_max]``. ``positions``
+    (default: every position, as in the paper) limits the splice (and the zero-ablation), see :func:`splice`,
+    e.g. ``"masked"``. Returns floats:
+    ``t, n_masked, n_unmasked, mask_clean, mask_sae, mask_delta, unmask_clean, unmask_sae, unmask_delta`` and,
+    with ``zero_ablation``, ``mask_zero, unmask_zero, mask_recovered, unmask_recovered``.
+    """
+    if not adapter.is_diffusion:
+        raise ValueError("dlm_delta_loss needs a diffusion LM; use ar_delta_loss for autoregressive models")
+    mask_id = adapter.require_mask_token()
+    adapter.hook_module(layer)  # validates the layer
+    t_min, t_max = check_t_range(t_min, t_max)
+    if t is None:
+        t = draw_t(t_min, t_max, generator)
+    t = float(t)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"the masking rate t must lie in (0, 1), got {t}")
+    noisy, masked = corrupt(input_ids, attention_mask, mask_id, t, generator)
+    valid = valid_positions(input_ids, attention_mask)
+    unmasked = valid & ~masked
+    unmasked[:, 0] = False
+
+    def losses(logits: Tensor) -> tuple[Tensor, Tensor]:
+        ce = _token_ce(logits, input_ids)
+        return _masked_mean(ce, masked) / t, _masked_mean(ce, unmasked) / (1.0 - t)
+
+    saes, many = _as_list(sae)
+    vals = _run_variants(adapter, layer, saes, losses, noisy, attention_mask, zero_ablation=zero_ablation,
+                         positions=positions)
+    counts = torch.stack([masked.sum(), unmasked.sum()]).to(device=vals["clean"][0].device, dtype=torch.float32)
+    flat = torch.cat([torch.stack([v for pair in vals.values() for v in pair]), counts]).tolist()  # one host sync
+    got = {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(vals)}
+    results = []
+    for i in range(len(saes)):
+        out: dict[str, float] = {"t": t, "n_masked": int(flat[-2]), "n_unmasked": int(flat[-1])}
+        for name, key in (("clean", "clean"), (i, "sae"), ("zero", "zero")):
+            if name in got:
+                out[f"mask_{key}"], out[f"unmask_{key}"] = got[name]
+        out["mask_delta"] = out["mask_sae"] - out["mask_clean"]
+        out["unmask_delta"] = out["unmask_sae"] - out["unmask_clean"]
+        if zero_ablation:
+            out["mask_recovered"] = fraction_recovered(out["mask_clean"], out["mask_sae"], out["mask_zero"])
+            out["unmask_recovered"] = fraction_recovered(out["unmask_clean"], out["unmask_sae"], out["unmask_zero"])
+        results.append(out)
+    return results if many else results[0]
+
+
+@torch.no_grad()
+def ar_delta_loss(
+    adapter,
+    sae,
+    layer: int,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    zero_ablation: bool = True,
+) -> dict[str, float] | list[dict[str, float]]:
+    """AR ΔLM loss of one batch: mean next-token CE on clean text, clean vs SAE (every position) vs zero.
+
+    Position i's logits score token i+1; a target counts when both it and its context position are non-pad.
+    Returns ``clean, sae, delta, n_tokens`` and, with ``zero_ablation``, ``zero, recovered`` (a list of such
+    dicts when ``sae`` is a list: clean and zero-ablated forwards run once for all of them).
+    """
+    if adapter.is_diffusion:
+        raise ValueError("ar_delta_loss is for autoregressive models; use dlm_delta_loss for diffusion LMs")
+    adapter.hook_module(layer)
+    if input_ids.shape[1] < 2:
+        raise ValueError("ar_delta_loss needs sequences of at least 2 tokens")
+    valid = valid_positions(input_ids, attention_mask)
+    sel = valid[:, 1:] & valid[:, :-1]
+    targets = input_ids[:, 1:]
+
+    def loss(logits: Tensor) -> Tensor:
+        return _masked_mean(_token_ce(logits[:, :-1], targets), sel)
+
+    saes, many = _as_list(sae)
+    vals = _run_variants(adapter, layer, saes, loss, input_ids, attention_mask, zero_ablation=zero_ablation)
+    stacked = torch.stack(list(vals.values()) + [sel.sum().to(vals["clean"])]).tolist()  # one host sync
+    flat, n_tokens = dict(zip(vals, stacked)), int(stacked[-1])
+    results = []
+    for i in range(len(saes)):
+        out: dict[str, float] = {"clean": flat["clean"], "sae": flat[i]}
+        if zero_ablation:
+            out["zero"] = flat["zero"]
+        out["delta"] = out["sae"] - out["clean"]
+        out["n_tokens"] = n_tokens
+        if zero_ablation:
+            out["recovered"] = fraction_recovered(out["clean"], out["sae"], out["zero"])
+        results.append(out)
+    return results if many else results[0]
+
+
+def average_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean over per-batch result dicts (counts ``n_*`` are summed; NaNs are ignored)."""
+    if not results:
+        raise ValueError("no results to average")
+    out: dict[str, float] = {}
+    for key in results[0]:
+        vals = [r[key] for r in results if key in r]
+        if key.startswith("n_"):
+            out[key] = int(sum(vals))
+        else:
+            finite = [float(v) for v in vals if not math.isnan(float(v))]
+            out[key] = sum(finite) / len(finite) if finite else float("nan")
+    # the recovered fractions of the averages (more stable than the average of per-batch fractions)
+    for pre in ("mask_", "unmask_", ""):
+        if f"{pre}zero" in out:
+            key = f"{pre}recovered"
+            out[key] = fraction_recovered(out[f"{pre}clean"], out[f"{pre}sae"], out[f"{pre}zero"])
+    return out
+
+
+def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequence[Tensor], *,
+                            seed: int) -> list[dict[str, float]]:
+    """Per SAE, :func:`average_results` of its ΔLM over ``batches`` — the DLM loss with one corruption per
+    batch seeded by ``seed`` (the same for every SAE; the clean and zero-ablated forwards run once per batch for
+    all of them), or next-token CE for an AR model — plus ``*_delta_se``, the standard error over batches."""
+    saes = list(saes)
+    if adapter.is_diffusion:
+        gen = torch.Generator().manual_seed(seed)
+        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, generator=gen) for ids in batches]
+    else:
+        per_batch = [ar_delta_loss(adapter, saes, layer, ids) for ids in batches]
+    results = []
+    for i in range(len(saes)):
+        mine = [batch[i] for batch in per_batch]
+        out = average_results(mine)
+        for key in ("mask_delta", "unmask_delta", "delta"):  # standard error over batches (corruption + text)
+            if key in out:
+                vals = torch.tensor([r[key] for r in mine], dtype=torch.float64)
+                out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
+        results.append(out)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- scale-free views
+def scale_free(result: dict[str, float], prefix: str | None = None) -> dict[str, float]:
+    """Scale-free numbers from a :func:`dlm_delta_loss` (``prefix="mask_"`` by default) or :func:`ar_delta_loss`
+    result: ``delta``, ``clean``, ``rel_delta = delta / clean`` and ``recovered`` (vs zero-ablation, if run)."""
+    if prefix is None:
+        prefix = "mask_" if "mask_clean" in result else ""
+    clean, sae = float(result[f"{prefix}clean"]), float(result[f"{prefix}sae"])
+    out = {"clean": clean, "sae": sae, "delta": sae - clean,
+           "rel_delta": (sae - clean) / clean if clean else float("nan")}
+    if f"{prefix}zero" in result:
+        out["recovered"] = fraction_recovered(clean, sae, float(result[f"{prefix}zero"]))
+    return out
+
+
+def compare_deltas(dlm: dict[str, float], ar: dict[str, float], *, dlm_prefix: str = "mask_") -> dict[str, float]:
+    """Side-by-side scale-free comparison of a DLM and an AR ΔLM result (e.g. same layer index).
+
+    Keys: ``dlm_*`` / ``ar_*`` for ``delta, rel_delta, recovered`` plus ``rel_delta_gap = dlm − ar`` and
+    ``recovered_gap = dlm − ar`` (NaN when zero-ablation was not run).
+    """
+    d, a = scale_free(dlm, dlm_prefix), scale_free(ar, "")
+    out = {}
+    for key in ("clean", "delta", "rel_delta", "recovered"):
+        out[f"dlm_{key}"] = d.get(key, float("nan"))
+        out[f"ar_{key}"] = a.get(key, float("nan"))
+    out["rel_delta_gap"] = out["dlm_rel_delta"] - out["ar_rel_delta"]
+    out["recovered_gap"] = out["dlm_recovered"] - out["ar_recovered"]
+    return out
+
+
+# -------------------------------------------------------------------------------------- reconstruction eval
+@torch.no_grad()
+def evaluate_sae(
+    sae,
+    activations: Tensor | Iterable[Tensor],
+    *,
+    batch_size: int = 4096,
+    dead_max_fires: int = 0,
+    max_tokens: int | None = None,
+) -> dict[str, float]:
+    """FVE, L0, dead fraction and MSE of ``sae`` on held-out activations.
+
+    ``activations``: a ``[N, d]`` tensor or an iterable of ``[B, d]`` batches (e.g. ``stream.for_layer(L)``).
+    FVE = ``1 − Σ_d Var(x − x̂) / Σ_d Var(x)`` over all tokens (accumulated in float64); L0 = mean number of
+    latents with a positive value; a latent is dead when it fired ``≤ dead_max_fires`` times on this data.
+    """
+    if isinstance(activations, Tensor):
+        if activations.dim() != 2:
+            raise ValueError(f"activations must be [N, d], got {tuple(activations.shape)}")
+        batches: Iterable[Tensor] = activations.split(batch_size)
+    else:
+        batches = activations
+    sdtype = _sae_dtype(sae) or torch.float32
+    try:
+        sdevice = next(sae.parameters()).device
+    except (AttributeError, StopIteration):
+        sdevice = None
+    stats = ReconstructionStats(int(sae.n if hasattr(sae, "n") else sae.cfg.n))
+    for x in batches:
+        if isinstance(x, dict):
+            raise ValueError("evaluate_sae takes [B, d] batches; for a multi-layer stream pass stream.for_layer(L)")
+        if max_tokens is not None and stats.tokens >= max_tokens:
+            break
+        if max_tokens is not None and stats.tokens + x.shape[0] > max_tokens:
+            x = x[: max_tokens - stats.tokens]
+        x = x.reshape(-1, x.shape[-1]).to(device=sdevice if sdevice is not None else x.device, dtype=sdtype)
+        values, indices = sae.encode(x)
+        stats.add(x, x - sae.decode(values, indices), values, indices)
+    if stats.tokens == 0:
+        raise ValueError("evaluate_sae got no activations")
+    return stats.result(dead_max_fires)

@@ -1,0 +1,179 @@
+"""The on-disk activation cache: harvest once, train many SAEs (any layer, any number of passes) without the model.
+
+Layout of ``cache_dir``: ``shard_00000.safetensors`` … with one tensor ``layer_{L}`` ``[n_i, d]`` per layer,
+each written atomically (tmp file + rename), and ``index.json`` (written last, atomically) listing the shards,
+their token counts, the layers, ``d``, the dtype and the harvest settings (``meta``). A directory without
+``index.json`` is an incomplete cache. :class:`CachedActivationStream` streams a complete cache through the
+same shuffle buffer as a live harvest, so it yields the same batches.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from dlmscope.util import atomic
+from .shuffle import SizedLayerStream, check_batching, chunk_len, shuffle_batches, slice_chunk
+
+__all__ = ["CACHE_VERSION", "INDEX_FILE", "write_cache", "read_cache", "load_cache_index", "cache_layers",
+           "CachedActivationStream"]
+
+CACHE_VERSION = 1
+INDEX_FILE = "index.json"
+
+
+def write_cache(
+    chunks: Iterable[dict[int, Tensor]],
+    cache_dir: str | os.PathLike,
+    *,
+    shard_tokens: int = 65536,
+    meta: dict | None = None,
+) -> Iterator[dict[int, Tensor]]:
+    """Pass ``chunks`` through unchanged while writing them to ``cache_dir`` as safetensors shards.
+
+    ``index.json`` is written (atomically) only after the source is exhausted, so an interrupted pass leaves
+    no index and the cache counts as incomplete. Any old index is removed first.
+    """
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    cache_dir = os.fspath(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    index_path = os.path.join(cache_dir, INDEX_FILE)
+    if os.path.exists(index_path):
+        os.remove(index_path)
+    pending: list[dict[int, Tensor]] = []
+    n_pending = 0
+    shards: list[dict] = []
+    layers: list[int] | None = None
+    d = None
+    dtype = None
+
+    def flush():
+        nonlocal pending, n_pending
+        if not n_pending:
+            return
+        name = f"shard_{len(shards):05d}.safetensors"
+        tensors = {f"layer_{k}": torch.cat([p[k] for p in pending]).detach().to("cpu").contiguous()
+                   for k in layers}
+        atomic.save_safetensors(os.path.join(cache_dir, name), tensors)
+        shards.append({"file": name, "tokens": n_pending})
+        pending, n_pending = [], 0
+
+    for chunk in chunks:
+        if layers is None:
+            layers = sorted(chunk.keys())
+            first = chunk[layers[0]]
+            d, dtype = int(first.shape[-1]), first.dtype
+        m = chunk_len(chunk)
+        pos = 0
+        while pos < m:
+            take = min(m - pos, shard_tokens - n_pending)
+            pending.append(slice_chunk(chunk, pos, pos + take))
+            n_pending += take
+            pos += take
+            if n_pending >= shard_tokens:
+                flush()
+        yield chunk
+    flush()
+    index = {
+        "version": CACHE_VERSION,
+        "layers": layers or [],
+        "d": d,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "total_tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+        "meta": dict(meta or {}),
+    }
+    atomic.write_json(index_path, index)
+
+
+def load_cache_index(cache_dir: str | os.PathLike) -> dict:
+    """The ``index.json`` of a complete cache (FileNotFoundError if absent: missing or incomplete cache)."""
+    path = os.path.join(os.fspath(cache_dir), INDEX_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(cache_dir)!r} holds no complete activation cache (no {INDEX_FILE})")
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    if index.get("version") != CACHE_VERSION:
+        raise ValueError(f"{path}: unsupported cache version {index.get('version')!r}")
+    return index
+
+
+def cache_layers(index: dict, layers, source: str) -> list[int]:
+    """The requested ``layers`` (all of the cache's when None), sorted; ValueError naming any the cache lacks."""
+    have = [int(x) for x in index["layers"]]
+    if layers is None:
+        return have
+    layers = sorted({int(x) for x in ([layers] if isinstance(layers, int) else layers)})
+    missing = [x for x in layers if x not in have]
+    if missing:
+        raise ValueError(f"activation cache {source!r} has layers {have}, not {missing}")
+    return layers
+
+
+def read_cache(
+    cache_dir: str | os.PathLike,
+    layers: int | Iterable[int] | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> Iterator[dict[int, Tensor]]:
+    """Chunks ``{layer: [n_i, d]}`` of a complete cache, one shard at a time (only the requested layers read)."""
+    cache_dir = os.fspath(cache_dir)
+    index = load_cache_index(cache_dir)
+    layers = cache_layers(index, layers, cache_dir)
+    for shard in index["shards"]:
+        path = os.path.join(cache_dir, shard["file"])
+        with safe_open(path, framework="pt", device="cpu") as f:
+            chunk = {k: f.get_tensor(f"layer_{k}") for k in layers}
+        if device is not None:
+            chunk = {k: v.to(device) for k, v in chunk.items()}
+        yield chunk
+
+
+class CachedActivationStream:
+    """Shuffled batches read from a complete activation cache; has ``len()`` (the number of batches).
+
+    Same seed and batch settings as the live :class:`~dlmscope.data.activations.ActivationStream` that wrote the
+    cache → the same batches.
+    """
+
+    def __init__(self, cache_dir, layers=None, batch_size: int = 2048, buffer_tokens: int = 262_144,
+                 seed: int = 0, *, drop_last: bool = True, device=None):
+        self.cache_dir = os.fspath(cache_dir)
+        self.index = load_cache_index(self.cache_dir)
+        self.layers = cache_layers(self.index, layers, self.cache_dir)
+        check_batching(batch_size, buffer_tokens)
+        self.batch_size = batch_size
+        self.buffer_tokens = buffer_tokens
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.device = torch.device(device) if device is not None else None
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.index["total_tokens"])
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.index.get("meta", {}))
+
+    def __len__(self) -> int:
+        full = self.total_tokens // self.batch_size
+        return full + (0 if self.drop_last or self.total_tokens % self.batch_size == 0 else 1)
+
+    def _iter_layers(self, layers: list[int]) -> Iterator[dict[int, Tensor]]:
+        # seed + 1: the same shuffle stream as the live ActivationStream with this seed
+        return shuffle_batches(read_cache(self.cache_dir, layers, device=self.device), self.batch_size,
+                               self.buffer_tokens, seed=self.seed + 1, drop_last=self.drop_last)
+
+    def __iter__(self) -> Iterator[dict[int, Tensor]]:
+        return self._iter_layers(list(self.layers))
+
+    def for_layer(self, layer: int) -> SizedLayerStream:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer!r} is not in this cache's stream (layers {self.layers})")
+        return SizedLayerStream(self, layer)

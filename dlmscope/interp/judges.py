@@ -1,0 +1,170 @@
+"""Concept judges: how strongly a text expresses a concept, in [0, 1], behind one small interface.
+
+``judge.score(concept, texts) -> list[float | None]``; ``None`` marks a failed judgement, which callers drop
+from averages (as the paper drops failed gpt-4o-mini calls) and count.
+
+``PlantedJudge``  the embedded world's ground truth: the fraction of a text's words that belong to the
+                  concept's planted vocabulary.
+``HFJudge``       a local transformers causal LM asked a rubric prompt; the score is read from its next-token
+                  probabilities of a "yes" and a "no" token (no free-text parsing).
+``OpenAIJudge``   any OpenAI-compatible chat-completions endpoint in JSON mode (REFERENCE.md §4–5: the
+                  score is ``{"score": 0..100}`` / 100); timeouts, retries with exponential backoff, and a
+                  JSON cache on disk so a re-run costs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from dlmscope.util import atomic
+from dlmscope.world import CONCEPTS
+
+__all__ = ["Judge", "PlantedJudge", "HFJudge", "OpenAIJudge", "JudgeUnreachable", "RUBRIC"]
+
+#: The rubric every model judge is asked (the concept and the text are filled in).
+RUBRIC = ("Rate how strongly the text expresses the concept. Concept: {concept}. Text: {text}. "
+          "Does the text express the concept?")
+
+
+class Judge(Protocol):
+    def score(self, concept: str, texts: Sequence[str]) -> list[float | None]: ...
+
+
+class JudgeUnreachable(RuntimeError):
+    """The judge's endpoint could not be reached at all (every retry failed to connect)."""
+
+
+class PlantedJudge:
+    """Fraction of each text's words in the concept's planted vocabulary (``concepts``: name -> words;
+    default the embedded world's :data:`~dlmscope.world.CONCEPTS`)."""
+
+    def __init__(self, concepts: Mapping[str, Sequence[str]] | None = None):
+        concepts = CONCEPTS if concepts is None else concepts
+        self.vocab = {name: {w.lower() for w in words} for name, words in concepts.items()}
+
+    def score(self, concept: str, texts: Sequence[str]) -> list[float | None]:
+        if concept not in self.vocab:
+            raise ValueError(f"unknown planted concept {concept!r}; expected one of {sorted(self.vocab)}")
+        words = self.vocab[concept]
+        out: list[float | None] = []
+        for text in texts:
+            toks = [w for w in text.lower().split() if not (w.startswith("[") and w.endswith("]"))]
+            out.append(sum(w in words for w in toks) / len(toks) if toks else 0.0)
+        return out
+
+
+class HFJudge:
+    """A local causal LM judge: ``P(yes) / (P(yes) + P(no))`` for the next token after :data:`RUBRIC`.
+    ``yes`` / ``no`` are single tokens of the judge's tokenizer."""
+
+    def __init__(self, model, tokenizer, *, yes: str = " yes", no: str = " no", template: str = RUBRIC,
+                 device=None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.ids = []
+        for word in (yes, no):
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"judge answer {word!r} is {len(ids)} tokens for this tokenizer; it must be one")
+            self.ids.append(ids[0])
+        self.device = device or next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(self, concept: str, texts: Sequence[str]) -> list[float | None]:
+        out: list[float | None] = []
+        for text in texts:
+            prompt = self.template.format(concept=concept, text=text)
+            ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], device=self.device)
+            logits = self.model(input_ids=ids).logits[0, -1].float()
+            out.append(logits[self.ids].softmax(-1)[0].item())
+        return out
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat endpoint. ``base_url`` / ``model`` / ``api_key`` default to
+    ``$OPENAI_BASE_URL`` / ``$DLMSCOPE_JUDGE_MODEL`` / ``$OPENAI_API_KEY``. Each text is one request; the reply
+    must be JSON ``{"score": 0..100}``. Replies are cached in ``cache_path`` (JSON, written atomically) by a
+    hash of (model, concept, text); ``failures`` counts judgements that failed after ``retries``."""
+
+    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
+                 timeout: float = 30.0, retries: int = 3, backoff: float = 1.0, cache_path: str | None = None):
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        self.model = model or os.environ.get("DLMSCOPE_JUDGE_MODEL") or "gpt-4o-mini"
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        if retries < 1 or timeout <= 0:
+            raise ValueError(f"retries must be >= 1 and timeout > 0, got {retries}, {timeout}")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.cache_path = cache_path
+        self.cache: dict[str, object] = {}
+        if cache_path and os.path.exists(cache_path):
+            with open(cache_path) as f:
+                self.cache = json.load(f)
+        self.failures = 0
+        self.requests = 0
+
+    def _post(self, system: str, user: str) -> dict:
+        """One chat-completions request in JSON mode; the reply's content parsed as JSON."""
+        body = json.dumps({
+            "model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        }).encode()
+        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self.api_key}"})
+        self.requests += 1
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            reply = json.load(resp)
+        return json.loads(reply["choices"][0]["message"]["content"])
+
+    def chat_json(self, system: str, user: str, parse: Callable[[dict], object]):
+        """``parse(reply JSON)`` of one request, retried with exponential backoff; None (counted in
+        ``failures``) when every attempt failed or was malformed; :class:`JudgeUnreachable` when no attempt
+        could connect. The explainers of :mod:`dlmscope.interp.autointerp` use it too."""
+        connect_errors = 0
+        for attempt in range(self.retries):
+            try:
+                return parse(self._post(system, user))
+            except urllib.error.HTTPError:
+                pass                                          # the server answered: a failed call, retried
+            except (urllib.error.URLError, TimeoutError, ConnectionError):
+                connect_errors += 1
+            except (KeyError, IndexError, TypeError, ValueError):
+                pass                                          # malformed reply: retried, then dropped
+            if attempt + 1 < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        if connect_errors == self.retries:
+            raise JudgeUnreachable(f"judge endpoint {self.base_url} unreachable after {self.retries} attempts")
+        self.failures += 1
+        return None
+
+    def _one(self, concept: str, text: str) -> float | None:
+        def parse(content: dict) -> float:
+            score = float(content["score"])
+            if not 0 <= score <= 100:
+                raise ValueError(f"score {score} outside 0..100")
+            return score / 100
+
+        return self.chat_json("You rate texts. Reply with JSON {\"score\": 0..100}.",
+                              RUBRIC.format(concept=concept, text=text), parse)
+
+    def cached(self, key_parts, compute: Callable[[], object]):
+        """The cached value for ``key_parts`` (with the model), computing and storing it if absent; a None
+        result (a failed call) is not cached."""
+        key = hashlib.sha256(json.dumps([self.model, *key_parts]).encode()).hexdigest()
+        if key not in self.cache:
+            value = compute()
+            if value is None:
+                return None
+            self.cache[key] = value
+            if self.cache_path:
+                atomic.write_json(self.cache_path, self.cache)
+        return self.cache[key]
+
+    def score(self, concept: str, texts: Sequence[str]) -> list[float | None]:
+        return [self.cached([concept, text], lambda text=text: self._one(concept, text)) for text in texts]

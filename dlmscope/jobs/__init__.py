@@ -1,0 +1,1 @@
+"""One module per CLI verb: options, run, JSON and plots (``train``, ``steer``, ``order``, ``dashboard``)."""

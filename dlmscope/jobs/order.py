@@ -1,0 +1,305 @@
+"""The ``dlmscope order`` job: decoding orders compared on fill-in tasks with right answers, and their SAE
+feature dynamics.
+
+Each world task (:mod:`dlmscope.world.tasks`: arithmetic, two- and three-step chains, counting, facts, Q&A)
+is a canvas with its answers masked; every order fills it with the same model at temperature 0 and the same
+number of steps, so the orders differ only in *which* masked positions each step commits:
+
+``low_confidence`` / ``random``        LLaDA's remasking (one block)
+``left_to_right``                      LLaDA with one-token blocks (strictly left to right; steps = answers)
+``origin`` / ``maskgit_plus`` / ``topk_margin`` / ``entropy``   Dream's algorithms
+``sae_stable``                         LLaDA's confidence re-ranked by :class:`~dlmscope.analysis.order.SAEStabilityGuide`
+``sae_stable_entropy``                 Dream's entropy re-ranked the same way
+
+Steps per task are ``one`` (everything at once), ``half`` (⌈answers / 2⌉) or ``all`` (one answer per step).
+Accuracy is exact match (every answer right), averaged over seeds per task, with bootstrap intervals over
+tasks; the SAE orders are compared with the best confidence order on the same tasks (paired). At ``all``
+steps the runs are replayed with the SAEs (:func:`dlmscope.analysis.order.replay`) for the per-position statistics,
+their correlation with accuracy per order (pooled, and within task groups), and the order-sensitive features
+against ``low_confidence``.
+
+Dream's schedule commits ``int(n · (1 − s/t))`` per step: at G steps for G = 3 answers that is 0, 1, 2, not
+one per step, so Dream's orders at "G steps" are not one answer per step (LLaDA's are).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dlmscope.util.choices import check_choice
+from dlmscope.analysis.order import SAEStabilityGuide, order_sensitive_features, order_statistics, replay
+from dlmscope.models.sampling import dream_fill, llada_fill
+from dlmscope.util.bootstrap import bootstrap_mean, correlation, paired_difference
+
+__all__ = ["ORDERS", "CONFIDENCE_ORDERS", "SAE_ORDERS", "STEPS", "OrderSpec", "task_groups", "fill_with_order",
+           "run_order", "plot_order"]
+
+CONFIDENCE_ORDERS = ("low_confidence", "maskgit_plus", "topk_margin", "entropy")
+SAE_ORDERS = ("sae_stable", "sae_stable_entropy")
+ORDERS = ("low_confidence", "random", "left_to_right", "origin", "maskgit_plus", "topk_margin", "entropy") + SAE_ORDERS
+#: orders whose result depends on the seed at temperature 0
+SEEDED = ("random", "origin")
+STEPS = ("one", "half", "all")
+#: per-task statistics correlated with accuracy (means over the task's answer positions)
+STATS = ("pre_stability", "lock_ratio", "post_drift")
+
+
+@dataclass
+class OrderSpec:
+    orders: Sequence[str] = ORDERS
+    steps: Sequence[str] = STEPS
+    seeds: Sequence[int] = (0, 1, 2)
+    #: the SAE layers replayed; the guide reads ``guide_layer`` (one of them)
+    guide_layer: int = 4
+    #: latents kept per position in the replay and compared by the guide
+    top_k: int = 8
+    batch: int = 128
+
+
+def _steps(label: str, G: int) -> int:
+    return {"one": 1, "half": math.ceil(G / 2), "all": G}[label]
+
+
+def task_groups(tasks, tokenizer) -> dict[tuple[str, int], list[int]]:
+    """Task indices by (kind, number of answers): the rows of one fill share a commit schedule."""
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, t in enumerate(tasks):
+        groups[(t.kind, len(t.answer_positions))].append(i)
+    return dict(groups)
+
+
+def fill_with_order(adapter, canvas, order: str, steps: int, *, seed: int = 0, guide_sae=None, guide_layer=None,
+                    top_k: int = 8, history: bool = False):
+    """One fill of ``canvas`` (rows with the same number ``G`` of masks) under ``order``; None where the order
+    cannot run at these steps (``left_to_right`` needs ``steps == G``)."""
+    check_choice("order", order, ORDERS)
+    G = int((torch.as_tensor(canvas[0]) == adapter.mask_token_id).sum())
+    guide = None
+    if order in SAE_ORDERS:
+        if guide_sae is None:
+            raise ValueError(f"order {order!r} needs guide_sae (the SAE at guide_layer)")
+        guide = SAEStabilityGuide(guide_sae, guide_layer, top_k=min(top_k, guide_sae.k))
+    kw = dict(steps=steps, seed=seed, history=history)
+    if order in ("low_confidence", "random", "sae_stable"):
+        return llada_fill(adapter, canvas, remasking="random" if order == "random" else "low_confidence",
+                          guide=guide, **kw)
+    if order == "left_to_right":
+        return llada_fill(adapter, canvas, block_length=1, **kw) if steps == G else None
+    alg = "entropy" if order == "sae_stable_entropy" else order
+    return dream_fill(adapter, canvas, alg=alg, guide=guide, **kw)
+
+
+def _canvas_and_targets(tasks, idx, tokenizer):
+    enc = [tasks[i].encode(tokenizer) for i in idx]
+    answers = torch.tensor([[tgt[p] for p in pos] for _, tgt, pos in enc])
+    return [inp for inp, _, _ in enc], answers
+
+
+def _centred(values, groups) -> list[float]:
+    """``values`` minus the (NaN-skipping) mean of their group; NaN stays NaN."""
+    v = torch.tensor([float("nan") if x is None else float(x) for x in values], dtype=torch.float64)
+    out = v.clone()
+    for g in set(groups):
+        sel = torch.tensor([gg == g for gg in groups])
+        out[sel] = v[sel] - torch.nanmean(v[sel])
+    return out.tolist()
+
+
+def _interval(x) -> dict:
+    return asdict(bootstrap_mean(x))
+
+
+def run_order(adapter, saes: Mapping[int, object], tasks, heldout: Sequence[bool], spec: OrderSpec, *,
+              progress: bool = True) -> dict:
+    """Accuracy per (order, steps) and per kind, SAE order vs the best confidence order, and at ``all`` steps
+    the per-position statistics, their correlation with accuracy, and the order-sensitive features. JSON-able."""
+    for o in spec.orders:
+        check_choice("order", o, ORDERS)
+    for s in spec.steps:
+        check_choice("steps", s, STEPS)
+    if any(o in SAE_ORDERS for o in spec.orders) and spec.guide_layer not in saes:
+        raise ValueError(f"guide_layer {spec.guide_layer} has no SAE; SAEs are at layers {sorted(saes)}")
+    tok = adapter.tokenizer
+    groups = task_groups(tasks, tok)
+    correct: dict = {}          # (order, steps) -> [task] mean exact match over seeds (NaN: not run)
+    stats_rows: dict = defaultdict(lambda: defaultdict(list))    # order -> stat/layer -> per task values
+    feature_runs: dict = {}     # order -> {group: trace}, at 'all' steps, for order-sensitive features
+    per_group_stats: dict = defaultdict(dict)
+    jobs = [(o, st) for o in spec.orders for st in spec.steps]
+    bar = tqdm(total=len(jobs) * len(groups), desc="decoding orders", unit="fill", disable=not progress)
+    for order, steps_label in jobs:
+        acc = torch.full((len(tasks),), float("nan"), dtype=torch.float64)
+        for (kind, G), idx in groups.items():
+            steps = _steps(steps_label, G)
+            seeds = spec.seeds if order in SEEDED else spec.seeds[:1]
+            for start in range(0, len(idx), spec.batch):
+                chunk = idx[start:start + spec.batch]
+                canvas, answers = _canvas_and_targets(tasks, chunk, tok)
+                scores = []
+                for seed in seeds:
+                    want_history = steps_label == "all" and seed == seeds[0] and bool(saes) and G > 1
+                    gen = fill_with_order(adapter, canvas, order, steps, seed=seed, guide_sae=saes.get(spec.guide_layer),
+                                          guide_layer=spec.guide_layer, top_k=spec.top_k, history=want_history)
+                    if gen is None:
+                        break
+                    right = (gen.generated().cpu() == answers).all(1).double()      # [b] exact match
+                    scores.append(right)
+                    if want_history:
+                        trace = replay(adapter, gen, saes, top_k=spec.top_k)
+                        st = order_statistics(trace)
+                        for name in STATS:
+                            for li, L in enumerate(st.layers):
+                                stats_rows[order][f"{name}/{L}"].extend(
+                                    torch.nanmean(getattr(st, name)[li], dim=1).tolist())
+                        stats_rows[order]["correct"].extend(right.tolist())
+                        stats_rows[order]["group"].extend([f"{kind}/{G}"] * len(chunk))
+                        if start == 0:
+                            per_group_stats[order][f"{kind}/{G}"] = st.as_dict()
+                            feature_runs.setdefault(order, {})[f"{kind}/{G}"] = trace
+                if scores:
+                    acc[chunk] = torch.stack(scores).mean(0)
+            bar.update()
+        correct[(order, steps_label)] = acc
+    bar.close()
+    return _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, feature_runs, saes, spec)
+
+
+def _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, feature_runs, saes, spec) -> dict:
+    kinds = sorted({t.kind for t in tasks})
+    held = torch.tensor(list(heldout), dtype=torch.bool)
+    multi = torch.tensor([len(t.answer_positions) > 1 for t in tasks])
+    kind_of = [t.kind for t in tasks]
+    out: dict = {"spec": asdict(spec), "n_tasks": len(tasks), "groups": {f"{k}/{G}": len(v) for (k, G), v in
+                                                                          groups.items()},
+                 "accuracy": {}, "sae_vs_best_confidence": {}, "statistics": dict(per_group_stats),
+                 "correlations": {}, "order_sensitive_features": {}}
+    for (order, st), acc in correct.items():
+        cell: dict = {}
+        for name, sel in (("all", torch.ones_like(multi)), ("order_sensitive", multi), ("heldout", held),
+                          ("in_distribution", ~held)):
+            vals = acc[sel & ~torch.isnan(acc)]
+            cell[name] = _interval(vals) if vals.numel() else None
+        cell["by_kind"] = {k: _interval(acc[[i for i, kk in enumerate(kind_of) if kk == k]]) for k in kinds
+                           if not torch.isnan(acc[[i for i, kk in enumerate(kind_of) if kk == k]]).all()}
+        out["accuracy"].setdefault(order, {})[st] = cell
+    # each SAE order against the best confidence order at the same steps, on the order-sensitive tasks (paired)
+    for st in spec.steps:
+        conf = [o for o in CONFIDENCE_ORDERS if (o, st) in correct]
+        if not conf:
+            continue
+        best = max(conf, key=lambda o: float(torch.nanmean(correct[(o, st)][multi])))
+        for o in SAE_ORDERS:
+            if (o, st) in correct:
+                out["sae_vs_best_confidence"].setdefault(o, {})[st] = {
+                    "best_confidence_order": best,
+                    "difference": asdict(paired_difference(correct[(best, st)][multi], correct[(o, st)][multi]))}
+    # the paper's conjecture: do the feature dynamics track accuracy? (per order, over order-sensitive tasks;
+    # pooled, and within task groups — both sides centred per group, so kinds that differ in difficulty and
+    # in step count do not make a correlation on their own)
+    for order, rows in stats_rows.items():
+        groups_of = rows["group"]
+        keys = [k for k in rows if k not in ("correct", "group")]
+        out["correlations"][order] = {key: asdict(correlation(rows[key], rows["correct"])) for key in keys}
+        y = _centred(rows["correct"], groups_of)
+        out.setdefault("correlations_within_group", {})[order] = {
+            key: asdict(correlation(_centred(rows[key], groups_of), y)) for key in keys}
+    ref = feature_runs.get("low_confidence", {})
+    n_latents = max((s.n for s in saes.values()), default=0)
+    for order, traces in feature_runs.items():
+        if order == "low_confidence":
+            continue
+        for group, trace in traces.items():
+            if group in ref and ref[group].ids.shape[1:4] == trace.ids.shape[1:4]:
+                out["order_sensitive_features"].setdefault(order, {})[group] = {
+                    str(L): top for L, top in order_sensitive_features(ref[group], trace, n_latents).items()}
+    any_trace = next((t for traces in feature_runs.values() for t in traces.values()), None)
+    if any_trace is not None:
+        out["bytes_per_state_position_layer"] = any_trace.bytes_per_cell
+    return out
+
+
+def plot_order(result: dict, path_prefix) -> list:
+    """``<prefix>_accuracy.png`` (order-sensitive accuracy vs steps per order, with intervals),
+    ``<prefix>_dynamics.png`` (per order: masked-position stability, layer × step, and pre-decode stability,
+    layer × position, for the largest task group replayed) and ``<prefix>_progress.png`` (masked-position
+    stability vs normalised progress, all groups pooled)."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    prefix = Path(path_prefix)
+    paths = []
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for order, by_steps in result["accuracy"].items():
+        xs = [s for s in STEPS if s in by_steps and by_steps[s]["order_sensitive"]]
+        c = [by_steps[s]["order_sensitive"] for s in xs]
+        ax.errorbar([STEPS.index(s) for s in xs], [x["mean"] for x in c],
+                    yerr=[[x["mean"] - x["low"] for x in c], [x["high"] - x["mean"] for x in c]],
+                    marker="o", capsize=2, label=order, ls="--" if order in SAE_ORDERS else "-")
+    ax.set_xticks(range(len(STEPS)), ["1 step", "⌈G/2⌉ steps", "G steps"])
+    ax.set_ylabel("exact match, multi-answer tasks (95% CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(prefix.with_name(prefix.name + "_accuracy.png"))
+    fig.savefig(paths[-1], dpi=110)
+
+    stats = result["statistics"]
+    if stats:
+        orders = list(stats)
+        group = max(next(iter(stats.values())), key=lambda g: int(g.split("/")[1]))
+        fig = Figure(figsize=(7, 1.3 * len(orders) + 0.8), layout="constrained")
+        axes = fig.subplots(len(orders), 2, squeeze=False)
+        for r, order in enumerate(orders):
+            d = stats[order].get(group)
+            if d is None:
+                continue
+            for c, (data, xlabel) in enumerate(((d["step_stability"], "step"),
+                                                (d["per_position"]["pre_stability"], "answer position"))):
+                im = axes[r, c].imshow(torch.tensor(data, dtype=torch.float32).numpy(), aspect="auto", vmin=0,
+                                       vmax=1, cmap="viridis")
+                axes[r, c].set_yticks(range(len(d["layers"])), [str(L) for L in d["layers"]], fontsize=6)
+                axes[r, c].set_xlabel(xlabel, fontsize=7)
+            axes[r, 0].set_ylabel(order, fontsize=7)
+        fig.colorbar(im, ax=axes, shrink=0.5, label="top-K Jaccard (masked)")
+        fig.suptitle(f"feature stability while masked, {group} tasks (rows: layer)", fontsize=9)
+        paths.append(prefix.with_name(prefix.name + "_dynamics.png"))
+        fig.savefig(paths[-1], dpi=100)
+        paths.append(prefix.with_name(prefix.name + "_progress.png"))
+        _plot_progress(stats, paths[-1])
+    return paths
+
+
+def _plot_progress(stats: dict, path, bins: int = 5) -> None:
+    """Masked-position stability against normalised progress ``(s + ½) / S``, pooled over task groups into
+    ``bins`` bins: one panel per layer, one line per order."""
+    from matplotlib.figure import Figure
+
+    layers = next(iter(next(iter(stats.values())).values()))["layers"]
+    fig = Figure(figsize=(3.2 * len(layers), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    centres = [(b + 0.5) / bins for b in range(bins)]
+    for order, groups in stats.items():
+        for li, L in enumerate(layers):
+            sums, counts = [0.0] * bins, [0] * bins
+            for d in groups.values():
+                row = d["step_stability"][li]
+                for step, v in enumerate(row):
+                    if v == v:
+                        b = min(bins - 1, int((step + 0.5) / len(row) * bins))
+                        sums[b] += v
+                        counts[b] += 1
+            ys = [sm / n if n else float("nan") for sm, n in zip(sums, counts)]
+            axes[li].plot(centres, ys, marker="o", ms=3, label=order, ls="--" if order in SAE_ORDERS else "-")
+    for li, L in enumerate(layers):
+        axes[li].set_title(f"block {L}", fontsize=9)
+        axes[li].set_xlabel("denoising progress (step / steps)")
+        axes[li].set_ylim(0, 1.02)
+    axes[0].set_ylabel("top-K Jaccard of masked positions")
+    axes[-1].legend(fontsize=6)
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,318 @@
+"""The ``dlmscope steer`` job: a sweep of steering scores over α × scope × schedule for some features, with
+paired bootstrap intervals over prompts, written as JSON and plots.
+
+Features are explicit latent ids (judged for one ``concept``) or, on the embedded world, the best latent of each
+planted concept (:mod:`dlmscope.interp.concepts`, chosen on held-out world text at the steered layer). Prompts are the
+world's neutral prompts or a text file (one prompt per line). The sampler's settings are the same for the
+baseline and every steered run, and so is the seed: the baseline is generated once and every steered run is
+compared with it prompt by prompt.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from dlmscope.interp.concepts import labelled_activations, score_concepts
+from dlmscope.interp.judges import PlantedJudge
+from dlmscope.models.sampling import ar_generate, dream_generate, llada_generate
+from dlmscope.util.bootstrap import paired_difference
+from dlmscope.analysis.steering import steering_baseline, steering_score
+from dlmscope.data.text import world_batches
+from dlmscope.world import ASSETS_DIR, concept_id_table
+from dlmscope.world.tasks import load_tasks
+
+__all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
+           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "plot_sweep", "plot_by_layer", "plot_tradeoff"]
+
+
+@dataclass
+class SteerSpec:
+    """One steering sweep: every (scope, schedule) × α, on one layer, the same sampler and seed throughout."""
+
+    layer: int
+    alphas: Sequence[float]
+    sampler: str = "llada"
+    gen_length: int = 8
+    steps: int = 8
+    temperature: float = 0.7
+    scopes: Sequence = ("all",)
+    schedules: Sequence = ("all",)
+    strength: str = "max_act"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def neutral_prompts(tokenizer, n: int, path: str | None = None) -> list[list[int]]:
+    """``n`` prompts as token ids (``[BOS]`` + words): the lines of ``path``, or the world's neutral prompts
+    (``tasks.jsonl``, the words before the open slot)."""
+    if path:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+        texts = lines[:n]
+    else:
+        tasks, _ = load_tasks(Path(ASSETS_DIR) / "tasks.jsonl")
+        texts = [" ".join(t.words[:t.answer_positions[0]]) for t in tasks if t.kind == "neutral"]
+        texts = texts[:n]
+    if not texts:
+        raise ValueError(f"no prompts found in {path or 'the world tasks'}")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def concept_features(adapter, sae, layer: int, concepts: Sequence[str], *, sentences: int = 20_000,
+                     batches: int = 8, seed: int = 0) -> dict[str, int]:
+    """The best latent of each planted concept at ``layer``: chosen on one half of held-out world text, as the
+    demo's concept scores are (see :func:`dlmscope.interp.concepts.score_concepts`)."""
+    names, table = concept_id_table(adapter.tokenizer)
+    bad = [c for c in concepts if c not in names]
+    if bad:
+        raise ValueError(f"unknown planted concept(s) {bad}; expected some of {names}")
+    _, held = world_batches(adapter.tokenizer, sentences, 64, 32, seed)
+    held = held[:batches]
+    choose = labelled_activations(adapter, held[0::2], layer, table, "clean")
+    scores = score_concepts(sae, *labelled_activations(adapter, held[1::2], layer, table, "clean"), names,
+                            select_on=choose)
+    return {c: scores.best_latent[names.index(c)] for c in concepts}
+
+
+def _generator(spec: SteerSpec):
+    if spec.sampler == "llada":
+        return functools.partial(llada_generate, gen_length=spec.gen_length, steps=spec.steps,
+                                 temperature=spec.temperature, **spec.extra)
+    if spec.sampler == "dream":
+        return functools.partial(dream_generate, max_new_tokens=spec.gen_length, steps=spec.steps,
+                                 temperature=spec.temperature, **spec.extra)
+    if spec.sampler == "ar":
+        return functools.partial(ar_generate, max_new_tokens=spec.gen_length, temperature=spec.temperature)
+    raise ValueError(f"unknown sampler {spec.sampler!r}; expected 'llada', 'dream' or 'ar'")
+
+
+def _conditions(spec: SteerSpec) -> list[tuple]:
+    return [(scope, schedule) for scope in spec.scopes for schedule in spec.schedules]
+
+
+def condition_label(scope, schedule) -> str:
+    """``"masked, last 50%"`` — how plots and tables name a (scope, schedule)."""
+    if isinstance(schedule, (tuple, list)) and len(schedule) == 2 and isinstance(schedule[0], str):
+        sched = f"{schedule[0]} {100 * schedule[1]:g}%"
+    elif schedule == "all":
+        sched = "all steps"
+    else:
+        sched = f"steps {schedule}"
+    return f"{scope}, {sched}"
+
+
+def _median_ratio(after, before) -> float:
+    """The median over prompts of ``after / before`` (NaN, an empty generation, skipped)."""
+    r = [a / b for a, b in zip(after, before) if a == a and b == b]
+    return statistics.median(r) if r else float("nan")
+
+
+def _nanmedian(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarise(sweeps: Sequence[list[dict]], *, threshold: float = 0.1, seed: int = 0) -> dict:
+    """Across features (each a list of runs over the same prompts, one per condition and α, in the same order):
+    per run index, the mean concept-rate change with a paired bootstrap interval over prompts (all features'
+    values of a prompt resampled together), how many features rose by ≥ ``threshold`` with an interval that
+    excludes 0, the median of per-feature median perplexity ratios, and the mean score."""
+    rows = []
+    for runs in zip(*sweeps):
+        before = [r["concepts_before"] for r in runs]
+        after = [r["concepts_after"] for r in runs]
+        per_feature = [paired_difference(b, a, seed=seed) for b, a in zip(before, after)]
+        ratios = [_median_ratio(r["ppls_after"], r["ppls_before"]) for r in runs]
+        rows.append({"scope": runs[0]["scope"], "schedule": runs[0]["schedule"], "alpha": runs[0]["alpha"],
+                     "concept_delta": asdict(paired_difference(before, after, seed=seed)),
+                     "features_up": sum(i.mean >= threshold and i.low > 0 for i in per_feature),
+                     "n_features": len(runs), "ppl_ratio_median": _nanmedian(ratios),
+                     "score_mean": statistics.fmean(r["score"] for r in runs)})
+    return {"threshold": threshold, "rows": rows}
+
+
+def run_steer(adapter, sae, prompts, features: Sequence[tuple[str, int]], spec: SteerSpec, ref_lm,
+              judge=None, *, keep_generations: int | None = None, progress: bool = True) -> dict:
+    """``{"spec", "n_prompts", "features": {"concept/latent": {"concept", "feature", "sweep": [one run per
+    (scope, schedule, α): SteeringResult as a dict, with its paired interval "concept_delta"]}}, "summary"}``.
+    ``features`` lists (the concept a latent is judged on, the latent id); the unsteered baseline runs once.
+    ``keep_generations`` trims the stored texts (the means and intervals use all of them)."""
+    adapter.check_layer(spec.layer)
+    judge = judge or PlantedJudge()
+    generate = _generator(spec)
+    conditions = _conditions(spec)
+    out = {"spec": asdict(spec) | {"scopes": [repr(s) if not isinstance(s, str) else s for s in spec.scopes],
+                                   "schedules": [repr(s) for s in spec.schedules]},
+           "n_prompts": len(prompts), "features": {}}
+    baseline = steering_baseline(adapter, prompts, generate, spec.gen_length, ref_lm, seed=spec.seed)
+    bar = tqdm(total=len(features) * len(conditions) * len(spec.alphas), desc=f"steer layer {spec.layer}",
+               unit="run", disable=not progress)
+    for concept, f in features:
+        sweep = []
+        for scope, schedule in conditions:
+            for a in spec.alphas:
+                r = steering_score(adapter, prompts, generate, spec.gen_length, spec.layer, sae, f, a, concept,
+                                   judge, ref_lm, seed=spec.seed, baseline=baseline, scope=scope,
+                                   schedule=schedule, strength=spec.strength)
+                run = {"scope": scope if isinstance(scope, str) else repr(scope),
+                       "schedule": repr(schedule) if callable(schedule) else schedule,
+                       "alpha": a} | asdict(r)
+                run["concept_delta"] = asdict(paired_difference(r.concepts_before, r.concepts_after,
+                                                                seed=spec.seed))
+                if keep_generations is not None:
+                    run["generations_before"] = run["generations_before"][:keep_generations]
+                    run["generations_after"] = run["generations_after"][:keep_generations]
+                sweep.append(run)
+                bar.update()
+        out["features"][f"{concept}/{f}"] = {"concept": concept, "feature": f, "sweep": sweep}
+    bar.close()
+    out["summary"] = summarise([e["sweep"] for e in out["features"].values()], seed=spec.seed)
+    return out
+
+
+def _matches(run: dict, alpha: float, scope, schedule) -> bool:
+    return (run["alpha"] == alpha and run["scope"] == scope
+            and condition_label(run["scope"], run["schedule"]) == condition_label(scope, schedule))
+
+
+def summary_row(result: dict, alpha: float, scope="all", schedule="all") -> dict:
+    """The summary row of one (scope, schedule, α) of a :func:`run_steer` result."""
+    return next(r for r in result["summary"]["rows"] if _matches(r, alpha, scope, schedule))
+
+
+def concept_deltas(result: dict, alpha: float, scope="all", schedule="all") -> list[list]:
+    """``[feature, prompt]``: the concept-rate change of each feature's run at (scope, schedule, α); None
+    where a judgement failed."""
+    out = []
+    for entry in result["features"].values():
+        run = next(r for r in entry["sweep"] if _matches(r, alpha, scope, schedule))
+        out.append([None if a is None or b is None else a - b
+                    for a, b in zip(run["concepts_after"], run["concepts_before"])])
+    return out
+
+
+def compare_models(result: dict, other: dict, alpha: float, other_alpha: float | None = None, *,
+                   seed: int = 0) -> dict:
+    """The mean concept-rate change of ``result`` at ``alpha`` minus ``other``'s at ``other_alpha`` (default
+    the same: matched α), scope all, with a bootstrap interval pairing the prompts (both runs must have used
+    the same prompts and concepts, e.g. a DLM and its AR twin)."""
+    mine, theirs = concept_deltas(result, alpha), concept_deltas(other, alpha if other_alpha is None else other_alpha)
+    if len(mine) != len(theirs) or len(mine[0]) != len(theirs[0]):
+        raise ValueError(f"the runs differ in features or prompts: {len(mine)}×{len(mine[0])} vs "
+                         f"{len(theirs)}×{len(theirs[0])}")
+    return asdict(paired_difference(theirs, mine, seed=seed))
+
+
+PER_PROMPT = ("concepts_before", "concepts_after", "ppls_before", "ppls_after")
+
+
+def without_per_prompt(result: dict) -> dict:
+    """A copy of a :func:`run_steer` result without the per-prompt lists (for storing: the means, intervals
+    and summary stay; :func:`concept_deltas` and :func:`compare_models` need the full result)."""
+    out = dict(result, features={})
+    for key, entry in result["features"].items():
+        out["features"][key] = dict(entry, sweep=[{k: v for k, v in run.items() if k not in PER_PROMPT}
+                                                 for run in entry["sweep"]])
+    return out
+
+
+def _by_condition(result: dict) -> dict[str, list[dict]]:
+    """``{condition label: summary rows in α order}``."""
+    groups: dict[str, list[dict]] = {}
+    for row in result["summary"]["rows"]:
+        groups.setdefault(condition_label(row["scope"], row["schedule"]), []).append(row)
+    return groups
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """Against α: each feature's concept-rate change (thin) and the mean with its interval (bold, per
+    condition), the median perplexity ratio, and the score."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    first = next(iter(_by_condition(result)))
+    for key, entry in result["features"].items():
+        runs = [p for p in entry["sweep"] if condition_label(p["scope"], p["schedule"]) == first]
+        a = [p["alpha"] for p in runs]
+        axes[0].plot(a, [p["concept_after"] - p["concept_before"] for p in runs], lw=0.8, alpha=0.5, label=key)
+        axes[2].plot(a, [p["score"] for p in runs], lw=0.8, alpha=0.5)
+    for label, rows in _by_condition(result).items():
+        a = [r["alpha"] for r in rows]
+        ci = [r["concept_delta"] for r in rows]
+        line, = axes[0].plot(a, [c["mean"] for c in ci], lw=2.2, marker="o", label=f"mean: {label}")
+        axes[0].fill_between(a, [c["low"] for c in ci], [c["high"] for c in ci], color=line.get_color(), alpha=0.2)
+        axes[1].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", color=line.get_color(), label=label)
+        axes[2].plot(a, [r["score_mean"] for r in rows], lw=2.2, marker="o", color=line.get_color())
+    titles = ("concept rate change (judge), 95% CI", "median perplexity ratio (steered / baseline)",
+              "steering score")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("α")
+        ax.set_title(title, fontsize=9)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("symlog")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_by_layer(results: dict[str, dict[int, dict]], path: Path) -> None:
+    """Per layer (columns): the mean concept-rate change with its interval (top) and the median perplexity
+    ratio (bottom) against α, scope all, one line per model; ``results`` is ``{model: {layer: run_steer
+    result}}``."""
+    from matplotlib.figure import Figure
+
+    layers = sorted({L for by_layer in results.values() for L in by_layer})
+    fig = Figure(figsize=(max(4.0, 2.6 * len(layers)), 5.2))
+    axes = fig.subplots(2, len(layers), squeeze=False)
+    for j, L in enumerate(layers):
+        for name, by_layer in results.items():
+            if L not in by_layer:
+                continue
+            rows = [r for r in by_layer[L]["summary"]["rows"] if r["scope"] == "all" and r["schedule"] == "all"]
+            a = [r["alpha"] for r in rows]
+            c = [r["concept_delta"] for r in rows]
+            line, = axes[0, j].plot(a, [x["mean"] for x in c], marker="o", ms=3, label=name)
+            axes[0, j].fill_between(a, [x["low"] for x in c], [x["high"] for x in c], alpha=0.2,
+                                    color=line.get_color())
+            axes[1, j].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", ms=3, color=line.get_color())
+        axes[0, j].set_title(f"block {L}", fontsize=9)
+        axes[0, j].axhline(0, color="grey", lw=0.6)
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xlabel("α")
+    axes[0, 0].set_ylabel("Δ concept rate (95% CI)")
+    axes[1, 0].set_ylabel("median perplexity ratio")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
+    """Concept gained against fluency lost: one point per (model, condition, α), the mean concept-rate change
+    with its interval against the median perplexity ratio; the curves of a condition join its α values."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for name, result in results.items():
+        for label, rows in _by_condition(result).items():
+            x = [r["ppl_ratio_median"] for r in rows]
+            y = [r["concept_delta"]["mean"] for r in rows]
+            err = [[r["concept_delta"]["mean"] - r["concept_delta"]["low"] for r in rows],
+                   [r["concept_delta"]["high"] - r["concept_delta"]["mean"] for r in rows]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{name}: {label}" if name else label)
+            for xi, yi, r in zip(x, y, rows):
+                ax.annotate(f"{r['alpha']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("median perplexity ratio (fluency lost →)")
+    ax.set_ylabel("mean concept-rate change")
+    ax.set_title("concept gained per fluency lost (labels: α)", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,171 @@
+"""One harvest-and-train path: harvest several layers of a model once, train a k sweep of Top-K SAEs per layer.
+
+``dlmscope train``, the demo and the pipeline benchmark all call :func:`train_sweep`:
+
+    spec = SweepSpec(layers=(1, 16), ks=(50, 80, 160), n_latents=16384, policy="mask", tokens=150_000_000)
+    train, held = text_batches("corpus.jsonl", adapter.tokenizer, seq_len=2048, lm_batch=8)
+    saes = train_sweep(adapter, train, spec, TrainConfig(lr=3e-4), cache_dir="runs/x/activation_cache")
+    held_acts = heldout_activations(adapter, held, spec, tokens=2_000_000)      # {layer: [N, d]}
+
+One :class:`~dlmscope.data.activations.ActivationStream` runs the model (truncated after the deepest layer) once per
+LM batch for every layer; with several layers the activations go to a disk cache the per-layer trainers
+replay, so the model runs once in all. All SAEs of a layer train together in one grouped
+:class:`~dlmscope.train.trainer.Trainer` on ``tokens`` kept activations. Every random choice is seeded from
+``spec.seed``: the corruption and shuffle (the stream's seed), each SAE's initialisation (a generator seeded
+per layer, see :func:`make_saes`) and the trainer (``TrainConfig.seed``).
+
+Under ``torchrun`` the same call is distributed: each data rank harvests its round-robin slice of the LM batches
+with its own stream seed (:mod:`.distributed_harvest`) and trains on its own activations; with
+``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`.latent_trainer`: shards initialised
+directly, the same SAE for every R; sharded checkpoints), the R ranks of a latent group harvesting the same rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dlmscope.util import distributed as D
+from dlmscope.data.activations import ActivationStream, check_policy
+from dlmscope.data.ranks import rank_stream
+from dlmscope.train.latent_parallel import LatentShard, ProcessGrid, make_grid
+from dlmscope.train.latent_trainer import LatentParallelTrainer, gather_saes
+from dlmscope.data.noise import T_MAX, T_MIN
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.data.shuffle import collect
+from dlmscope.train.trainer import TrainConfig, Trainer
+from dlmscope.train.log import LogConfig
+
+__all__ = ["SweepSpec", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """What to harvest and which SAEs to train on it."""
+
+    layers: tuple[int, ...]
+    ks: tuple[int, ...]
+    n_latents: int
+    policy: str = "mask"
+    #: kept training activations per layer
+    tokens: int = 200_000
+    #: activations per SAE batch
+    batch_size: int = 1024
+    #: shuffle-buffer rows (None: max(64 · batch_size, 65536))
+    buffer_tokens: int | None = None
+    t_min: float = T_MIN
+    t_max: float = T_MAX
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        check_policy(self.policy)
+        if not self.layers or not self.ks:
+            raise ValueError("SweepSpec needs at least one layer and one k")
+        if max(self.ks) > self.n_latents or min(self.ks) < 1:
+            raise ValueError(f"every k must lie in [1, n_latents={self.n_latents}], got ks={list(self.ks)}")
+        if self.tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"tokens and batch_size must be positive, got {self.tokens}, {self.batch_size}")
+
+    @property
+    def buffer(self) -> int:
+        return self.buffer_tokens if self.buffer_tokens is not None else max(64 * self.batch_size, 65536)
+
+
+def make_saes(d: int, spec: SweepSpec, layer: int, meta: dict | None = None) -> list[TopKSAE]:
+    """The k sweep of one layer, initialised from one generator seeded by ``(spec.seed, layer)`` only."""
+    init = torch.Generator().manual_seed(spec.seed * 1009 + layer)
+    meta = {"layer": layer, "policy": spec.policy, "hook": "resid_post", **(meta or {})}
+    return [TopKSAE(d, spec.n_latents, k, generator=init, meta=meta) for k in spec.ks]
+
+
+def make_shards(d: int, spec: SweepSpec, layer: int, grid: ProcessGrid, meta: dict | None = None,
+                device: torch.device | None = None) -> list[LatentShard]:
+    """This rank's latents of the k sweep of one layer (on ``device``), each SAE seeded by ``(spec.seed, layer,
+    its index)``."""
+    meta = {"layer": layer, "policy": spec.policy, "hook": "resid_post", **(meta or {})}
+    lo, hi = grid.bounds(spec.n_latents)
+    return [LatentShard.init(d, spec.n_latents, k, lo, hi, seed=(spec.seed * 1009 + layer) * 97 + i, meta=meta,
+                             device=device) for i, k in enumerate(spec.ks)]
+
+
+def training_stream(adapter, token_batches: Iterable, spec: SweepSpec,
+                    cache_dir: str | os.PathLike | None = None, *, rank: int = 0, world: int = 1) -> ActivationStream:
+    """The seeded training stream of every layer of ``spec`` (fp32 activations), or data rank ``rank``'s of
+    ``world``: its slice of ``token_batches``, its seed and its share of ``spec.tokens``
+    (:func:`dlmscope.data.ranks.rank_stream`; rank 0 of 1 is the whole stream)."""
+    return rank_stream(adapter, token_batches, spec.layers, spec.policy, rank=rank, world=world, seed=spec.seed,
+                       batch_size=spec.batch_size, buffer_tokens=spec.buffer, t_min=spec.t_min, t_max=spec.t_max,
+                       max_tokens=-(-spec.tokens // world), dtype=torch.float32, cache_dir=cache_dir)
+
+
+def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainConfig | None = None, *,
+                cache_dir: str | os.PathLike | None = None, checkpoint_root: str | os.PathLike | None = None,
+                resume: bool = False, saes: dict[int, Sequence[TopKSAE]] | None = None,
+                log: LogConfig | None = None, label: str = "",
+                latent_parallel: int | None = None) -> dict[int, list[TopKSAE]]:
+    """Harvest ``spec.layers`` of ``adapter`` from ``token_batches`` and train the k sweep per layer.
+
+    ``token_batches``: a re-iterable of LM batches (see :class:`~dlmscope.data.activations.ActivationStream`).
+    ``train``: the trainer recipe; the spec owns the run's length and seed (``total_tokens = spec.tokens``,
+    ``seed = spec.seed``), so a ``train`` that sets ``steps`` or ``total_tokens`` is refused.
+    ``cache_dir``: required for several layers (the harvest is cached there once and replayed per layer).
+    ``checkpoint_root``: trainer checkpoints under ``<root>/layer_<L>/checkpoints``; ``resume`` continues them.
+    ``saes``: pre-built SAEs per layer (default :func:`make_saes`). Returns ``{layer: [SAE per k]}``, trained,
+    ready for raw activations. ``log``: the trainers' logging (their progress bars read ``train <label> L<layer>``).
+    ``latent_parallel``: latent ranks per data group under torchrun (see the module docstring; None or 1 with
+    torchrun: data parallel). The returned SAEs are gathered whole on every rank of a latent group; where they do
+    not fit, export the sharded checkpoints instead (:func:`dlmscope.train.sharded_checkpoint.export`).
+    """
+    train = train or TrainConfig()
+    if train.steps is not None or train.total_tokens is not None:
+        raise ValueError(f"train_sweep trains spec.tokens={spec.tokens} tokens per layer; leave TrainConfig.steps "
+                         f"and total_tokens unset (got steps={train.steps}, total_tokens={train.total_tokens})")
+    layers = adapter.check_layers(spec.layers)
+    if len(layers) > 1 and cache_dir is None:
+        raise ValueError("train_sweep needs a cache_dir to train several layers from one harvest")
+    grid = make_grid(latent_parallel or 1, adapter.device) if latent_parallel or D.launched_by_torchrun() else None
+    cache, rank, world = cache_dir if len(layers) > 1 else None, 0, 1
+    if grid is not None and grid.world > 1:
+        # this data rank's slice, seed and token share (so its harvest ends with the run and a cache completes),
+        # and a cache of this process's own (no shared writes)
+        rank, world = grid.data_rank, grid.data_size
+        cache = Path(cache) / f"rank_{D.rank()}" if cache is not None else None
+    stream = training_stream(adapter, token_batches, spec, cache, rank=rank, world=world)
+    train = dataclasses.replace(train, total_tokens=spec.tokens, seed=spec.seed)
+    source = str(getattr(adapter, "source", ""))
+    out = {}
+    sharded = latent_parallel is not None            # R = 1 too: one process then equals any R on the same text
+    for layer in layers:
+        layer_saes = None if sharded else (list(saes[layer]) if saes is not None else
+                                           make_saes(adapter.d_model, spec, layer, {"model": source}))
+        cfg = train
+        if checkpoint_root is not None:
+            cfg = dataclasses.replace(cfg, checkpoint_dir=str(Path(checkpoint_root) / f"layer_{layer}" / "checkpoints"))
+        layer_log = dataclasses.replace(log or LogConfig(), progress_desc=f"train {label or spec.policy} L{layer}")
+        if sharded:
+            shards = ([LatentShard.from_sae(sae, *grid.bounds(sae.n)) for sae in saes[layer]] if saes is not None
+                      else make_shards(adapter.d_model, spec, layer, grid, {"model": source}, adapter.device))
+            trainer = LatentParallelTrainer(shards, grid, cfg, log=layer_log)
+            trainer.fit(stream.for_layer(layer), resume=resume)
+            out[layer] = gather_saes(trainer.saes, grid)
+            continue
+        Trainer(layer_saes, cfg, log=layer_log).fit(stream.for_layer(layer), resume=resume)
+        out[layer] = layer_saes
+    return out
+
+
+def heldout_activations(adapter, token_batches: Iterable, spec: SweepSpec, *, tokens: int,
+                        batch_size: int | None = None) -> dict[int, Tensor]:
+    """``{layer: [N ≤ tokens, d]}`` fp32 held-out activations of every layer of ``spec`` from one harvest, with
+    the spec's policy and a corruption seeded differently from training (``spec.seed + 1``)."""
+    batch_size = batch_size or spec.batch_size
+    stream = ActivationStream(adapter, token_batches, spec.layers, spec.policy, batch_size=batch_size,
+                              buffer_tokens=max(16 * batch_size, 16384), seed=spec.seed + 1, t_min=spec.t_min,
+                              t_max=spec.t_max, max_tokens=tokens, drop_last=False, dtype=torch.float32)
+    return collect(stream)

@@ -1,0 +1,156 @@
+"""Checkpoint formats: save / load an SAE's state — an :class:`SAEConfig` and the tensors ``W_enc [n, d]``,
+``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` (:mod:`.config`) — in dlmscope's own format and in the formats of
+the peer libraries, detected from the files present. :class:`dlmscope.sae.topk.TopKSAE` is built from that state
+(``TopKSAE.from_state``) and hands it over to be saved (``TopKSAE.state``); this package imports nothing of it.
+
+| format | files | notes |
+|---|---|---|
+| ``dlmscope`` | ``cfg.json`` (``"format": "dlmscope"``) + ``sae.safetensors`` | ours; :mod:`.dlmscope_format` |
+| ``dictionary_learning`` | ``ae.pt`` (+ ``config.json``) | dictionary_learning ``AutoEncoderTopK``; the paper's released SAEs |
+| ``sparsify`` | ``cfg.json`` (with ``d_in``) + ``sae.safetensors`` | EleutherAI eai-sparsify, one hookpoint directory |
+| ``saelens`` | ``cfg.json`` + ``sae_weights.safetensors`` | SAELens, v6 layout written, pre-6 Top-K read too |
+
+``save(cfg, tensors, path, format)`` writes atomically (:func:`dlmscope.util.atomic.atomic_directory`; the savers write
+their files plainly into its temp directory): a failure leaves any previous checkpoint at ``path`` intact, and a
+successful save deletes the hidden leftovers that crashed saves to ``path`` left beside it. Every format round-trips
+bit-exactly (tensors and ``SAEConfig``): peer configs carry our ``SAEConfig.meta`` under the extra key
+``"dlmscope_meta"``, which the peer libraries ignore. A checkpoint written by a peer library loads with
+``meta = {"source": {"format": ..., "cfg": <its config>}}`` and re-exports to that format with the peer's own fields
+intact. Both :func:`save` and ``TopKSAE.from_state`` check the tensors' shapes with :func:`check_state`.
+
+``load`` validates what it reads — missing files or tensors, shapes that disagree with each other or with the
+config, ``k > n``, non-finite weights, unsupported variants of a peer format — and raises ``ValueError`` naming the
+file and the key.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from dlmscope.util import atomic
+from . import _checks, dictionary_learning, dlmscope_format, saelens, sparsify
+from .config import PARAMS, SAEConfig, check_state, param_shapes
+
+__all__ = ["FORMATS", "PARAMS", "SAEConfig", "check_state", "param_shapes", "save", "load", "detect_format"]
+
+#: format name -> module with ``save(cfg, tensors, directory)``, ``load(directory) -> (cfg, tensors)``,
+#: ``detect(...)``, ``DESCRIPTION``
+FORMATS = {
+    "dlmscope": dlmscope_format,
+    "dictionary_learning": dictionary_learning,
+    "sparsify": sparsify,
+    "saelens": saelens,
+}
+
+_ALIASES = {
+    "sae_lens": "saelens",
+    "sae-lens": "saelens",
+    "dictionary-learning": "dictionary_learning",
+    "dlm-scope": "dictionary_learning",
+    "eai-sparsify": "sparsify",
+}
+
+
+def _format_name(format: str) -> str:
+    if not isinstance(format, str):
+        raise TypeError(f"format must be a string, got {type(format).__name__}")
+    name = _ALIASES.get(format.lower(), format.lower())
+    if name not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; known: {sorted(FORMATS)}")
+    return name
+
+
+def _checkpoint_dir(path) -> Path:
+    path = Path(path)
+    if not path.exists() and not atomic.restore_directory(path):
+        raise FileNotFoundError(f"no SAE checkpoint at {path}: the path does not exist")
+    if path.is_file():  # a checkpoint's file (cfg.json, ae.pt, ...) stands for its directory
+        return path.parent
+    return path
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format name of the checkpoint directory ``path`` (or of the directory of the file ``path``)."""
+    directory = _checkpoint_dir(path)
+    entries = sorted(directory.iterdir())
+    files = {p.name for p in entries if p.is_file()}
+    cfg, cfg_error = None, None
+    if "cfg.json" in files:
+        try:
+            cfg = _checks.read_json(directory / "cfg.json")
+        except ValueError as e:
+            cfg_error = e
+    if dlmscope_format.detect(directory, files, cfg):
+        return "dlmscope"
+    matches = [name for name in ("saelens", "dictionary_learning", "sparsify")
+               if FORMATS[name].detect(directory, files, cfg)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ValueError(f"{directory}: ambiguous SAE checkpoint, the files {sorted(files)} match formats {matches}")
+    if cfg_error is not None:
+        raise cfg_error
+    subdirs = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+    hint = ""
+    holders = [s for s in subdirs if any((directory / s / f).is_file()
+                                         for f in ("cfg.json", "ae.pt", "sae.safetensors", "sae_weights.safetensors"))]
+    if holders:
+        hint = f"; its subdirectories {holders[:8]}{'...' if len(holders) > 8 else ''} look like checkpoints: pass one"
+    expected = "; ".join(f"{name}: {mod.DESCRIPTION}" for name, mod in FORMATS.items())
+    raise ValueError(f"{directory}: not a recognised SAE checkpoint; found files {sorted(files)}"
+                     f"{' and directories ' + str(subdirs) if subdirs else ''}{hint}. Expected one of — {expected}")
+
+
+def load(path: str | os.PathLike) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """(config, tensors on CPU) of the SAE checkpoint at ``path`` (format detected); tensors as in :data:`PARAMS`."""
+    name = detect_format(path)
+    return FORMATS[name].load(_checkpoint_dir(path))
+
+
+def _check_state(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> None:
+    """Reject a state no format can represent, before anything is written."""
+    if not isinstance(cfg, SAEConfig) or not isinstance(tensors, Mapping):
+        raise TypeError(f"save expects a TopKSAE's state (an SAEConfig and a dict of tensors), got "
+                        f"{type(cfg).__name__} and {type(tensors).__name__}")
+    keys = sorted(tensors)
+    if keys != sorted(PARAMS) or not all(isinstance(t, Tensor) for t in tensors.values()):
+        raise TypeError(f"save expects a TopKSAE's state: tensors {list(PARAMS)}, got {keys}")
+    try:
+        json.dumps(cfg.meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"cannot save: the config (including SAEConfig.meta) is not plain JSON: {e}") from e
+    check_state(cfg, tensors)
+    for name in PARAMS:
+        t = tensors[name]
+        if t.is_meta:
+            raise ValueError(f"cannot save: {name} is on the meta device (no data)")
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"cannot save: {name} holds non-finite values (NaN or Inf)")
+
+
+def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike, format: str = "dlmscope") -> Path:
+    """Write the SAE state ``(cfg, tensors)`` to the directory ``path`` in ``format``, atomically; returns it.
+
+    An existing checkpoint directory at ``path`` is replaced as a whole. A non-empty directory that holds no
+    recognisable checkpoint is never replaced (``FileExistsError``), so a mistyped path cannot wipe unrelated files.
+    Hidden leftovers of crashed saves to ``path`` (``.<name>.tmp-*``, ``.<name>.old``) are deleted at the end; those
+    of other targets in the same parent are left alone.
+    """
+    name = _format_name(format)
+    _check_state(cfg, tensors)
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        try:
+            detect_format(path)
+        except ValueError as e:
+            raise FileExistsError(f"{path} is a non-empty directory that is not an SAE checkpoint; refusing to "
+                                  f"replace it ({e})") from None
+    with atomic.atomic_directory(path) as tmp:
+        FORMATS[name].save(cfg, tensors, tmp)
+    atomic.sweep_leftovers(path.parent, lambda owner: owner == path.name)
+    return path

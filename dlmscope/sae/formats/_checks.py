@@ -1,0 +1,165 @@
+"""Shared reading / writing / validation helpers for the checkpoint formats.
+
+Every failure is a ``ValueError`` that names the file (and the key or field) at fault, so a user holding a bad
+checkpoint learns what is wrong with which file without reading a traceback into the library.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from dlmscope.util import atomic
+from .config import PARAMS, SAEConfig
+
+#: Key under which a peer-format cfg carries dlmscope's own ``SAEConfig.meta`` (peers ignore unknown keys).
+META_KEY = "dlmscope_meta"
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# ---- files --------------------------------------------------------------------------------------------------
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        present = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+        raise ValueError(f"{path}: missing {what} (the checkpoint directory holds {present})")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    require_file(path, "config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt JSON config ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    require_file(path, "weights file")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
+
+
+# The savers write into the temp directory of :func:`dlmscope.util.atomic.atomic_directory`, which fsyncs the tree as a
+# whole before putting it in place: every file is written plainly.
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Plain write of CPU, contiguous tensors (:func:`cpu_tensors`; a transposed one made contiguous by the caller)."""
+    save_file(dict(tensors), str(path), metadata=metadata)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Plain write of a format's JSON config: 2-space indent, keys in the dict's order, no NaN/Inf, a newline."""
+    atomic.write_json(path, obj, sort_keys=False, allow_nan=False, durable=False)
+
+
+# ---- cfg fields ---------------------------------------------------------------------------------------------
+
+
+def cfg_int(cfg: Mapping[str, Any], key: str, file: Path, *, where: str = "") -> int:
+    if key not in cfg:
+        raise ValueError(f"{file}: config{where} lacks field {key!r} (has {sorted(cfg)})")
+    value = cfg[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{file}: config field {where}{key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+# ---- tensors ------------------------------------------------------------------------------------------------
+
+
+def require_tensors(tensors: Mapping[str, Any], keys: Iterable[str], file: Path) -> None:
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise ValueError(f"{file}: missing tensor(s) {missing} (found {sorted(tensors)})")
+    for k in keys:
+        t = tensors[k]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{file}: entry {k!r} must be a tensor, got {type(t).__name__}")
+
+
+def require_shape(tensors: Mapping[str, Tensor], key: str, shape: tuple[int, ...], file: Path, why: str) -> None:
+    got = tuple(tensors[key].shape)
+    if got != tuple(shape):
+        raise ValueError(f"{file}: tensor {key!r} has shape {list(got)}, expected {list(shape)} ({why})")
+
+
+def require_float_finite(tensors: Mapping[str, Tensor], keys: Iterable[str], file: Path) -> None:
+    for k in keys:
+        t = tensors[k]
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{file}: tensor {k!r} must be float32/float64/bfloat16/float16, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{file}: tensor {k!r} has {bad} non-finite value(s) (NaN or Inf)")
+
+
+def require_k(k: int, n: int, file: Path) -> None:
+    if k > n:
+        raise ValueError(f"{file}: k={k} exceeds the number of latents n={n}")
+
+
+# ---- the loaded state ---------------------------------------------------------------------------------------
+
+
+def build_state(*, d: int, n: int, k: int, meta: dict, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                file: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """(config, contiguous tensors) of a loaded checkpoint; a config failing SAEConfig's checks names ``file``."""
+    try:
+        cfg = SAEConfig(d=d, n=n, k=k, meta=meta)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    return cfg, {name: t.contiguous() for name, t in tensors.items()}
+
+
+def cpu_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The four parameters, detached, on CPU, contiguous (ready to serialise)."""
+    return {name: tensors[name].detach().cpu().contiguous() for name in PARAMS}
+
+
+def meta_from_peer(cfg: dict, fmt: str, file: Path, **extra) -> dict:
+    """``SAEConfig.meta`` for a loaded peer checkpoint.
+
+    A file written by dlmscope carries our meta under :data:`META_KEY` and gets it back verbatim; a file written by
+    the peer library itself gets ``{"source": {"format": fmt, "cfg": <its cfg>, ...extra}}`` (provenance, and what
+    re-exporting to the same format needs to reproduce the peer's fields).
+    """
+    if META_KEY in cfg:
+        meta = cfg.pop(META_KEY)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{file}: field {META_KEY!r} must be a JSON object, got {type(meta).__name__}")
+        return meta
+    return {"source": {"format": fmt, "cfg": cfg, **extra}}
+
+
+def peer_base(meta: dict, fmt: str) -> tuple[dict, dict | None]:
+    """(the peer's own fields to start from, the meta to embed or None) when exporting to ``fmt``."""
+    source = meta.get("source")
+    if isinstance(source, dict) and source.get("format") == fmt:
+        base = json.loads(json.dumps(source.get("cfg") or {}))
+        rest = {k: v for k, v in meta.items() if k != "source"}
+        # meta that is nothing but this format's provenance is written as the peer's own file, untouched
+        return base, (meta if rest else None)
+    return {}, meta  # even when empty: its presence tells load() this file came from dlmscope
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,333 @@
+"""Splice-in, DLM / AR ΔLM loss (with the Dream shift), FVE / L0 / dead evaluation, scale-free comparison."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlmscope import reference
+from dlmscope.data.noise import corrupt
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.analysis.splice import (
+    ar_delta_loss,
+    average_results,
+    compare_deltas,
+    dlm_delta_loss,
+    evaluate_sae,
+    scale_free,
+    splice,
+    zero_ablate,
+)
+
+from tests.data.test_activations import (  # noqa: F401  (fixtures: single_thread is autouse; llada, ar are module-scoped)
+    D, LAYERS, MASK, ar, llada, make_dream, single_thread, token_batch,
+)
+
+
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory):
+    # a scaled LM head makes the logits peaked, so shifted and unshifted losses differ materially
+    return make_dream(tmp_path_factory.mktemp("dream"), lm_head_scale=30.0)
+
+
+def random_sae(seed=0, n=64, k=8):
+    return TopKSAE(D, n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def perfect_sae():
+    """A TopKSAE that reconstructs exactly: latents ±e_i, k = d (only d of the 2d pre-activations are positive)."""
+    sae = TopKSAE(D, 2 * D, D)
+    eye = torch.eye(D)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+    return sae
+
+
+def test_perfect_sae_reconstructs():
+    x = torch.randn(20, D)
+    torch.testing.assert_close(perfect_sae()(x), x, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ splice
+@pytest.mark.parametrize("which", ["llada", "dream", "ar"])
+def test_splice_error_term_is_exact(request, which):
+    adapter = request.getfixturevalue(which)
+    ids, am = token_batch(seed=4)
+    clean = adapter.logits(ids, am)
+    sae = random_sae()
+    for layer in range(LAYERS):
+        with splice(adapter, layer, sae, error_term=True):
+            spliced = adapter.logits(ids, am)
+        assert torch.equal(spliced, clean)
+        with splice(adapter, layer, sae):
+            assert not torch.allclose(adapter.logits(ids, am), clean)
+    assert torch.equal(adapter.logits(ids, am), clean)  # hooks removed
+
+
+def test_splice_error_term_passes_gradients_to_sae(llada):
+    ids, am = token_batch(seed=1)
+    sae = random_sae()
+    with splice(llada, 1, sae, error_term=True):
+        loss = llada.logits(ids, am).logsumexp(-1).sum()
+    loss.backward()
+    assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
+    llada.model.zero_grad(set_to_none=True)
+
+
+def test_splice_positions(llada):
+    ids, am = token_batch(seed=2, batch=2, seq=10, pad_tail=False)
+    noisy, masked = corrupt(ids, am, MASK, 0.4, torch.Generator().manual_seed(0))
+    assert masked.any() and (~masked).any()
+    sae = random_sae()
+    seen = {}
+
+    def grab(_m, _a, out):
+        seen["h"] = out
+
+    h = llada.blocks[2].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            clean1 = llada.forward_until(noisy, [1])[1]
+            with splice(llada, 1, sae, positions="masked"):
+                llada.model.model(input_ids=noisy)
+                out_masked = seen["h"]
+            with splice(llada, 1, sae):
+                llada.model.model(input_ids=noisy)
+                out_all = seen["h"]
+            with splice(llada, 1, sae, positions=masked):
+                llada.model.model(input_ids=noisy)
+                out_tensor = seen["h"]
+    finally:
+        h.remove()
+    torch.testing.assert_close(out_masked, out_tensor, rtol=0, atol=0)
+    # bidirectional model: every position changes, but the layer-1 replacement happened only at masked ones
+    captured = {}
+    with torch.no_grad(), splice(llada, 1, sae, positions="unmasked"):
+        h = llada.blocks[1].register_forward_hook(lambda m, a, o: captured.setdefault("x", o))
+        try:
+            llada.model.model(input_ids=noisy)
+        finally:
+            h.remove()
+    # hooks run in registration order, so `captured` holds the (positions-limited) spliced output
+    x_hat = sae(clean1)
+    torch.testing.assert_close(captured["x"][~masked], x_hat[~masked])
+    torch.testing.assert_close(captured["x"][masked], clean1[masked], rtol=0, atol=0)
+    assert not torch.allclose(out_masked, out_all)
+    with pytest.raises(ValueError, match="positions"):
+        with splice(llada, 1, sae, positions="maskd"):
+            pass
+    with pytest.raises(ValueError, match="positions mask has shape"):
+        with torch.no_grad(), splice(llada, 1, sae, positions=torch.ones(3, dtype=torch.bool)):
+            llada.model.model(input_ids=noisy)
+
+
+def test_splice_bad_inputs(llada, ar):
+    with pytest.raises(ValueError, match="out of range"):
+        with splice(llada, LAYERS, random_sae()):
+            pass
+    with pytest.raises(ValueError, match="does not match"):
+        with splice(llada, 0, TopKSAE(D + 1, 8, 2)):
+            pass
+    with pytest.raises(ValueError, match="mask token|autoregressive"):
+        with splice(ar, 0, random_sae(), positions="masked"):
+            pass
+    ids, am = token_batch()
+    with pytest.raises(ValueError, match="mask token|autoregressive|diffusion"):
+        dlm_delta_loss(ar, random_sae(), 0, ids, am)
+    with pytest.raises(ValueError, match="autoregressive"):
+        ar_delta_loss(llada, random_sae(), 0, ids, am)
+    with pytest.raises(ValueError, match="out of range"):
+        dlm_delta_loss(llada, random_sae(), 7, ids, am)
+
+
+# ------------------------------------------------------------------------------------------- DLM ΔLM loss
+def _hand_dlm(adapter, sae, layer, ids, am, t, seed, shift):
+    """Reference L_mask / L_unmask by explicit loops over positions, from raw model logits."""
+    noisy, masked = corrupt(ids, am, MASK, t, torch.Generator().manual_seed(seed))
+
+    def raw(replace):
+        h = None
+        if replace is not None:
+            h = adapter.blocks[layer].register_forward_hook(lambda m, a, o: replace(o))
+        try:
+            with torch.no_grad():
+                return adapter.model(input_ids=noisy, attention_mask=am).logits
+        finally:
+            if h is not None:
+                h.remove()
+
+    res = {}
+    for name, replace in (("clean", None), ("sae", sae), ("zero", torch.zeros_like)):
+        logits = raw(replace)
+        s_m = s_u = 0.0
+        n_m = n_u = 0
+        B, T = ids.shape
+        for b in range(B):
+            for i in range(T):
+                if am[b, i] == 0:
+                    continue
+                src = (i - 1 if i > 0 else 0) if shift else i
+                lp = torch.log_softmax(logits[b, src].double(), -1)[ids[b, i]].item()
+                if masked[b, i]:
+                    s_m, n_m = s_m - lp, n_m + 1
+                elif i > 0:
+                    s_u, n_u = s_u - lp, n_u + 1
+        res[f"mask_{name}"] = s_m / t / n_m
+        res[f"unmask_{name}"] = s_u / (1 - t) / n_u
+    res["n_masked"], res["n_unmasked"] = n_m, n_u
+    return res
+
+
+@pytest.mark.parametrize("which", ["llada", "dream"])
+def test_dlm_delta_loss_matches_hand_computation(request, which):
+    adapter = request.getfixturevalue(which)
+    ids, am = token_batch(seed=7, batch=3, seq=14)
+    sae = random_sae(3)
+    got = dlm_delta_loss(adapter, sae, 1, ids, am, t=0.3, generator=torch.Generator().manual_seed(9))
+    ref = _hand_dlm(adapter, sae, 1, ids, am, 0.3, 9, shift=(which == "dream"))
+    assert got["t"] == 0.3 and got["n_masked"] == ref["n_masked"] and got["n_unmasked"] == ref["n_unmasked"]
+    for key in ("mask_clean", "mask_sae", "mask_zero", "unmask_clean", "unmask_sae", "unmask_zero"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+    assert got["mask_delta"] == pytest.approx(ref["mask_sae"] - ref["mask_clean"], abs=1e-4)
+    rec = (ref["mask_zero"] - ref["mask_sae"]) / (ref["mask_zero"] - ref["mask_clean"])
+    assert got["mask_recovered"] == pytest.approx(rec, rel=1e-4)
+
+
+def test_delta_losses_of_several_saes_equal_one_call_each(llada, ar):
+    """A list of SAEs shares the batch's corruption and its clean / zero-ablated forwards: each result equals
+    the single-SAE call with the same generator."""
+    ids, am = token_batch(seed=11, batch=3, seq=14)
+    saes = [random_sae(s, k=k) for s, k in ((1, 4), (2, 8), (3, 16))]
+    together = dlm_delta_loss(llada, saes, 2, ids, am, generator=torch.Generator().manual_seed(5))
+    assert isinstance(together, list) and len(together) == 3
+    for sae, got in zip(saes, together):
+        alone = dlm_delta_loss(llada, sae, 2, ids, am, generator=torch.Generator().manual_seed(5))
+        assert got.keys() == alone.keys()
+        for key in alone:
+            assert got[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-7), key
+    together = ar_delta_loss(ar, saes, 1, ids, am)
+    for sae, got in zip(saes, together):
+        alone = ar_delta_loss(ar, sae, 1, ids, am)
+        assert got.keys() == alone.keys()
+        for key in alone:
+            assert got[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-7), key
+    assert together[0]["sae"] != together[2]["sae"]  # the SAEs really differ
+
+
+def test_dream_shift_is_applied(dream, monkeypatch):
+    """Fails if dlm_delta_loss scores Dream's raw (unshifted) logits."""
+    ids, am = token_batch(seed=8, batch=3, seq=14)
+    sae = random_sae(1)
+    got = dlm_delta_loss(dream, sae, 0, ids, am, t=0.4, generator=torch.Generator().manual_seed(2))
+    shifted = _hand_dlm(dream, sae, 0, ids, am, 0.4, 2, shift=True)
+    unshifted = _hand_dlm(dream, sae, 0, ids, am, 0.4, 2, shift=False)
+    for key in ("mask_clean", "mask_sae", "unmask_clean"):
+        assert abs(shifted[key] - unshifted[key]) > 0.05 * shifted[key]  # the shift matters materially here
+        assert got[key] == pytest.approx(shifted[key], rel=1e-5)
+        assert got[key] != pytest.approx(unshifted[key], rel=0.02)
+    # dropping the shift (what the paper's released ΔLM code did for Dream) gives the unshifted numbers
+    monkeypatch.setattr(dream, "logit_shift", 0)
+    dropped = dlm_delta_loss(dream, sae, 0, ids, am, t=0.4, generator=torch.Generator().manual_seed(2))
+    assert dropped["mask_clean"] == pytest.approx(unshifted["mask_clean"], rel=1e-5)
+    assert dropped["mask_clean"] != pytest.approx(shifted["mask_clean"], rel=0.02)
+
+
+def test_dlm_delta_loss_identity_sae_is_zero(llada):
+    ids, am = token_batch(seed=5)
+    g = torch.Generator().manual_seed(0)
+    res = dlm_delta_loss(llada, perfect_sae(), 2, ids, am, generator=g)
+    assert 0.05 <= res["t"] <= 0.5
+    assert abs(res["mask_delta"]) < 1e-4 and abs(res["unmask_delta"]) < 1e-4
+    assert res["mask_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert res["mask_clean"] > 0 and math.isfinite(res["mask_zero"])
+    # seeded: same generator seed → same t, same masks, same numbers
+    again = dlm_delta_loss(llada, perfect_sae(), 2, ids, am, generator=torch.Generator().manual_seed(0))
+    assert again == res
+
+
+def test_dlm_delta_loss_no_masked_positions(llada):
+    ids = torch.randint(3, MASK, (1, 1))  # only position 0, which is never masked
+    res = dlm_delta_loss(llada, random_sae(), 0, ids, zero_ablation=False)
+    assert res["n_masked"] == 0 and res["mask_clean"] == 0.0 and res["mask_delta"] == 0.0
+
+
+# -------------------------------------------------------------------------------------------- AR ΔLM loss
+def test_ar_delta_loss_matches_hand_computation(ar):
+    ids, am = token_batch(seed=6, batch=3, seq=12)
+    sae = random_sae(2)
+    got = ar_delta_loss(ar, sae, 1, ids, am)
+    with torch.no_grad():
+        clean = ar.model(input_ids=ids, attention_mask=am).logits
+        with splice(ar, 1, sae):
+            spl = ar.model(input_ids=ids, attention_mask=am).logits
+        with zero_ablate(ar, 1):
+            zero = ar.model(input_ids=ids, attention_mask=am).logits
+    sel = (am[:, 1:] * am[:, :-1]).bool()
+
+    def ce(lg):
+        return F.cross_entropy(lg[:, :-1][sel].double(), ids[:, 1:][sel]).item()
+
+    assert got["n_tokens"] == int(sel.sum())
+    assert got["clean"] == pytest.approx(ce(clean), rel=1e-5)
+    assert got["sae"] == pytest.approx(ce(spl), rel=1e-5)
+    assert got["zero"] == pytest.approx(ce(zero), rel=1e-5)
+    assert got["delta"] == pytest.approx(ce(spl) - ce(clean), abs=1e-4)
+    # (zero-ablating a block of this random model barely hurts, so compare the formula on our own values)
+    assert got["recovered"] == pytest.approx((got["zero"] - got["sae"]) / (got["zero"] - got["clean"]))
+    perfect = ar_delta_loss(ar, perfect_sae(), 1, ids, am)
+    assert abs(perfect["delta"]) < 1e-4 and perfect["recovered"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_scale_free_comparison():
+    dlm = {"mask_clean": 10.0, "mask_sae": 9.0, "mask_zero": 20.0, "unmask_clean": 1.0, "unmask_sae": 1.5}
+    ar = {"clean": 2.0, "sae": 2.5, "zero": 7.0}
+    s = scale_free(dlm)
+    assert s["delta"] == -1.0 and s["rel_delta"] == pytest.approx(-0.1) and s["recovered"] == pytest.approx(1.1)
+    assert scale_free(dlm, "unmask_")["rel_delta"] == pytest.approx(0.5)
+    c = compare_deltas(dlm, ar)
+    assert c["dlm_rel_delta"] == pytest.approx(-0.1) and c["ar_rel_delta"] == pytest.approx(0.25)
+    assert c["ar_recovered"] == pytest.approx(0.9) and c["recovered_gap"] == pytest.approx(0.2)
+    avg = average_results([{"n_masked": 3, "mask_clean": 1.0, "mask_sae": 2.0, "mask_zero": 5.0},
+                           {"n_masked": 2, "mask_clean": 3.0, "mask_sae": 2.0, "mask_zero": float("nan")}])
+    assert avg["n_masked"] == 5 and avg["mask_clean"] == 2.0 and avg["mask_zero"] == 5.0
+    assert avg["mask_recovered"] == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------------------------------- evaluate_sae
+def test_evaluate_sae_matches_reference():
+    torch.manual_seed(0)
+    x = torch.randn(300, D) * torch.linspace(0.2, 3, D) + 1.0
+    sae = random_sae(5, n=64, k=8)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+        x_hat = sae(x)
+        vals, idx = sae.encode(x)
+    res = evaluate_sae(sae, x, batch_size=64)
+    assert res["n_tokens"] == 300
+    assert res["fve"] == pytest.approx(float(reference.fraction_of_variance_explained(x, x_hat)), abs=1e-5)
+    assert res["fvu"] == pytest.approx(1 - res["fve"])
+    assert res["mse"] == pytest.approx(float(((x - x_hat) ** 2).sum(1).mean()), rel=1e-5)
+    assert res["l0"] == pytest.approx(float((vals > 0).sum(1).float().mean()))
+    fired = torch.zeros(64, dtype=torch.long).index_add_(0, idx.reshape(-1), (vals > 0).long().reshape(-1))
+    assert res["dead_fraction"] == pytest.approx(float((fired == 0).float().mean()))
+    # a stream of batches gives the same numbers; the perfect SAE explains everything
+    stream_res = evaluate_sae(sae, list(x.split(50)))
+    assert stream_res["fve"] == pytest.approx(res["fve"], abs=1e-9)
+    assert evaluate_sae(perfect_sae(), x)["fve"] == pytest.approx(1.0, abs=1e-6)
+    assert evaluate_sae(sae, x, max_tokens=100)["n_tokens"] == 100
+    with pytest.raises(ValueError, match="no activations"):
+        evaluate_sae(sae, [])
+
+
+def test_dlm_delta_loss_masked_positions_only(llada):
+    ids, am = token_batch(seed=3)
+    kw = dict(t=0.3, zero_ablation=True)
+    full = dlm_delta_loss(llada, random_sae(4), 1, ids, am, generator=torch.Generator().manual_seed(1), **kw)
+    part = dlm_delta_loss(llada, random_sae(4), 1, ids, am, generator=torch.Generator().manual_seed(1),
+                          positions="masked", **kw)
+    assert part["mask_clean"] == full["mask_clean"] and part["n_masked"] == full["n_masked"]
+    assert part["mask_sae"] != pytest.approx(full["mask_sae"], rel=1e-3)
+    assert part["mask_zero"] != pytest.approx(full["mask_zero"], rel=1e-3)

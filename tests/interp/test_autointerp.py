@@ -1,0 +1,94 @@
+"""dlmscope.interp.autointerp: the planted explainer and detection on hand-built windows with known answers, the
+"none" baseline, an OpenAI-compatible explainer against a real loopback server (cached), and a report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dlmscope.interp.autointerp import (PlantedExplainer, HFExplainer, OpenAIExplainer, detect, detection_windows,
+                                 highlight, score_report)
+from dlmscope.interp.judges import OpenAIJudge, PlantedJudge
+
+from tests.helpers.chat_server import ChatHandler, serving
+
+
+def _win(words, hot):
+    """A window whose ``hot`` word carries activation 2 (its centre)."""
+    ws = words.split()
+    return {"tokens": ws, "values": [2.0 if w == hot else 0.0 for w in ws], "centre": ws.index(hot)}
+
+
+FOOD = ["anna ate the bread", "he likes rice a lot", "the cake is sweet", "a soup for dinner"]
+ENTRY = {"max_act": 2.0,
+         "top": [_win(t, t.split()[i]) for t, i in zip(FOOD * 3, [3, 2, 1, 1] * 3)],
+         "importance": [_win(t, t.split()[i]) for t, i in zip(FOOD * 2, [3, 2, 1, 1] * 2)]}
+RANDOM = [{"tokens": f"the {w} walked to the house".split()} for w in ("man", "dog", "cat", "bird", "girl",
+                                                                         "boy", "king", "queen", "fox", "cow", "hen")]
+
+
+def test_planted_explainer_names_the_concept_that_carries_the_activation():
+    assert PlantedExplainer().explain(ENTRY) == "food"
+    flat = {"max_act": 1.0, "top": [_win("the of a", "of")], "importance": []}
+    assert PlantedExplainer().explain(flat) == "none"
+    assert highlight(_win("anna ate the bread", "bread"), 2.0) == "anna ate the <<bread>>"
+
+
+def test_detection_accuracy_known_answers():
+    windows, labels = detection_windows(ENTRY, RANDOM, seed=3)
+    assert len(windows) == 14 and sum(labels) == 4
+    assert detection_windows(ENTRY, RANDOM, seed=3) == (windows, labels)       # seeded
+    right = detect(ENTRY, "food", PlantedJudge(), RANDOM, seed=3)
+    assert right["accuracy"] == 1.0 and right["balanced_accuracy"] == 1.0
+    none = detect(ENTRY, "none", PlantedJudge(), RANDOM, seed=3)
+    assert none["accuracy"] == pytest.approx(10 / 14) and none["balanced_accuracy"] == 0.5
+    wrong = detect(ENTRY, "colour", PlantedJudge(), RANDOM, seed=3)
+    assert wrong["accuracy"] == pytest.approx(10 / 14)
+    with pytest.raises(ValueError, match="random windows"):
+        detection_windows(ENTRY, RANDOM[:3], seed=0)
+
+
+class _Explain(ChatHandler):
+    def content(self, body):
+        user = body["messages"][-1]["content"]
+        return json.dumps({"explanation": "food words " + " ".join(["x"] * 40)} if "bread" in user else {})
+
+
+def test_openai_explainer_against_a_loopback_server_is_cached(tmp_path):
+    with serving(_Explain) as srv:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        client = OpenAIJudge(url, "m", "k", retries=2, backoff=0.0, cache_path=str(tmp_path / "cache.json"))
+        text = OpenAIExplainer(client).explain(ENTRY)
+        assert text.startswith("food words") and len(text.split()) == 30            # cut to 30 words
+        assert "<<bread>>" in srv.seen[0]["messages"][-1]["content"]
+        again = OpenAIExplainer(OpenAIJudge(url, "m", "k", cache_path=str(tmp_path / "cache.json")))
+        assert again.explain(ENTRY) == text and len(srv.seen) == 1                 # the re-run costs nothing
+        bad = {"max_act": 1.0, "top": [_win("a b", "a")], "importance": []}
+        bad["top"][0]["values"] = [0.0, 0.0]                                        # nothing highlighted: malformed reply
+        assert OpenAIExplainer(client).explain(bad) is None and client.failures == 1
+
+
+def test_hf_explainer_runs_a_local_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dlmscope.world import TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    text = HFExplainer(model, tok, max_new_tokens=5).explain(ENTRY)
+    assert isinstance(text, str) and len(text.split()) <= 30
+
+
+def test_score_report_fills_interp_and_summarises():
+    report = {"random_windows": RANDOM, "latents": {"3": dict(ENTRY), "4": {"max_act": 1.0,
+              "top": [_win("the of a", "of")] * 4, "importance": [_win("the of a", "of")] * 2}}}
+    s = score_report(report, PlantedExplainer(), PlantedJudge())
+    assert report["latents"]["3"]["interp"]["explanation"] == "food" and report["latents"]["3"]["interp"]["accuracy"] == 1
+    assert report["latents"]["4"]["interp"]["explanation"] == "none"
+    assert s["n"] == 2 and s["explained_fraction"] == 0.5 and s["chance_accuracy"] == pytest.approx(10 / 14)
+    assert s["accuracy_explained"]["mean"] == 1.0 and report["interp_summary"] == s
+    with pytest.raises(ValueError, match="feature report"):
+        score_report({"latents": {}}, PlantedExplainer(), PlantedJudge())

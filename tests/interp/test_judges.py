@@ -1,0 +1,82 @@
+"""dlmscope.interp.judges: the planted judge, a local HF judge, and an OpenAI-compatible judge against a real HTTP
+server on loopback (the standard library's http.server speaking the chat-completions shape)."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+from dlmscope.interp.judges import HFJudge, JudgeUnreachable, OpenAIJudge, PlantedJudge
+
+from tests.helpers.chat_server import ChatHandler, serving
+
+
+def test_planted_judge_counts_the_concepts_words():
+    j = PlantedJudge()
+    assert j.score("colour", ["the red cat", "blue green", "[BOS] the [EOS]", ""]) == [1 / 3, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown planted concept 'colours'"):
+        j.score("colours", ["red"])
+
+
+def test_hf_judge_reads_the_yes_no_probabilities():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dlmscope.world import TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    j = HFJudge(model, tok, yes="good", no="bad", template="{concept} : {text}")
+    got = j.score("colour", ["the red cat"])[0]
+    ids = torch.tensor([tok("colour : the red cat")["input_ids"]])
+    last = model(input_ids=ids).logits[0, -1]
+    y, n = tok.convert_tokens_to_ids(["good", "bad"])
+    assert got == pytest.approx(torch.stack([last[y], last[n]]).softmax(0)[0].item(), abs=1e-6)
+    with pytest.raises(ValueError, match="must be one"):
+        HFJudge(model, tok, yes="very good")
+
+
+class _ScoreHandler(ChatHandler):
+    """Score 90 if the concept's name is in the text, else 10; HTTP 500 for texts holding 'fail'; a non-JSON
+    reply for texts holding 'garbled'."""
+
+    def content(self, body):
+        user = body["messages"][-1]["content"]
+        text = user.split("Text: ", 1)[1]
+        concept = user.split("Concept: ", 1)[1].split(".", 1)[0]
+        if "fail" in text:
+            return None
+        return "not json" if "garbled" in text else json.dumps({"score": 90 if concept in text else 10})
+
+
+@pytest.fixture()
+def server():
+    with serving(_ScoreHandler) as srv:
+        yield srv
+
+
+def test_openai_judge_scores_caches_and_drops_failures(server, tmp_path):
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    cache = tmp_path / "judge.json"
+    j = OpenAIJudge(url, "tiny", "k", retries=2, backoff=0.0, cache_path=str(cache))
+    got = j.score("red", ["a red cat", "a blue cat", "fail here", "garbled reply"])
+    assert got == [0.9, 0.1, None, None] and j.failures == 2
+    first = server.seen[0]
+    assert first["model"] == "tiny" and first["temperature"] == 0 and first["response_format"]["type"] == "json_object"
+    # failed calls were retried (2 attempts each); a second judge on the same cache asks nothing new
+    n = len(server.seen)
+    assert n == 2 + 2 * 2
+    again = OpenAIJudge(url, "tiny", "k", retries=2, backoff=0.0, cache_path=str(cache))
+    assert again.score("red", ["a red cat", "a blue cat"]) == [0.9, 0.1] and len(server.seen) == n
+
+
+def test_openai_judge_unreachable_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                          # nothing listens here once closed
+    j = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", "k", retries=2, backoff=0.0, timeout=2)
+    with pytest.raises(JudgeUnreachable, match="unreachable after 2 attempts"):
+        j.score("red", ["a red cat"])

@@ -1,0 +1,50 @@
+"""dlmscope.jobs.dashboard and ``dlmscope dashboard``: report + planted concepts + auto-interp + the site."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dlmscope import cli
+from dlmscope.demo import load_world_model
+from dlmscope.jobs.dashboard import build_report
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.data.text import world_batches
+from dlmscope.world import ASSETS_DIR, CONCEPTS
+
+
+def test_build_report_adds_concepts_and_interp():
+    dlm = load_world_model("dlm")
+    torch.manual_seed(0)
+    sae = TopKSAE(dlm.d_model, 48, 4)
+    _, held = world_batches(dlm.tokenizer, 4000, 64, 16, 0)
+    r = build_report(dlm, sae, 3, held[:2], sample=4, masked_t=0.3)
+    assert len(r["latents"]) == 4 and r["interp_summary"]["n"] == 4
+    for e in r["latents"].values():
+        assert e["concept"]["name"] in CONCEPTS and 0 <= e["concept"]["f1"] <= 1
+        assert e["interp"]["explanation"] in set(CONCEPTS) | {"none"} and 0 <= e["interp"]["accuracy"] <= 1
+    plain = build_report(dlm, sae, 3, held[:2], sample=2, explainer=False, planted=False)
+    assert "interp" not in next(iter(plain["latents"].values())) and "interp_summary" not in plain
+    with pytest.raises(ValueError, match="needs an explainer"):
+        build_report(dlm, sae, 3, held[:1], sample=2, planted=False)
+
+
+def test_cli_dashboard_writes_the_report_the_site_and_a_neuronpedia_export(tmp_path, capsys):
+    dlm = load_world_model("dlm")
+    torch.manual_seed(0)
+    TopKSAE(dlm.d_model, 48, 4).save(tmp_path / "sae")
+    model = os.path.join(ASSETS_DIR, "models", "dlm")
+    rc = cli.main(["dashboard", "--model", model, "--sae", str(tmp_path / "sae"), "--layer", "2",
+                   "--sentences", "4000", "--lm-batch", "16", "--batches", "2", "--sample", "3",
+                   "--neuronpedia", str(tmp_path / "np"), "--out", str(tmp_path / "dash")])
+    assert rc == 0
+    report = json.loads((tmp_path / "dash" / "report.json").read_text())
+    assert len(report["latents"]) == 3 and (tmp_path / "dash" / "index.html").exists()
+    for key in report["latents"]:
+        assert (tmp_path / "dash" / "latents" / f"{key}.html").exists()
+    assert list((tmp_path / "np").glob("batch-*.json"))
+    assert "auto-interp over 3 latents" in capsys.readouterr().out
+    assert cli.main(["dashboard", "--model", model, "--sae", str(tmp_path / "sae"), "--layer", "2",
+                     "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d2")]) == 2
