@@ -1,4 +1,4 @@
-"""The package's import graph: no cycles, dlmscope imports at the top of files, the layering DESIGN.md states.
+"""The package's import graph: no cycles, dlmscope imports at the top of files, the layering docs/design.md states.
 
 Edges come from the source (``ast``), so the check needs no import side effects: ``a -> b`` when module ``a``
 imports ``dlmscope`` module ``b`` (absolute or relative; ``from pkg import sub`` is an edge to ``pkg.sub``).
@@ -14,25 +14,47 @@ import pytest
 import dlmscope
 
 ROOT = Path(dlmscope.__file__).parent
-#: the layers DESIGN.md fixes: these modules import nothing of the rest of dlmscope but what is listed
-LEAVES = {
-    "dlmscope.reference": set(),
-    "dlmscope.data.noise": set(),
-    "dlmscope.sae.metrics": set(),
-    "dlmscope.util.atomic": set(),
-    "dlmscope.backends.chunks": set(),
+
+#: package -> the dlmscope packages it may import (docs/design.md, "Import rules"). A package is the first name
+#: under dlmscope (``dlmscope.train.step`` belongs to ``train``); the top-level modules are packages of their own.
+MAY_IMPORT = {
+    "util": set(),
+    "reference": set(),
+    "kernels": {"backends.chunks"},  # the one selection loop the Triton encoder shares with the chunked backends
+    "backends": {"kernels", "util", "_C"},  # _C: the compiled C++ extension setup.py builds into the package root
+    "ops": {"backends", "util"},
+    "dlmscope": {"ops", "reference"},  # the package's __init__: the public ops
+    "sae": {"ops", "util"},
+    "train": {"sae", "ops", "util"},
+    "models": {"util"},
+    "data": {"util"},
+    "analysis": {"models", "data", "sae", "ops", "util"},
+    "interp": {"models", "data", "sae", "ops", "util"},
+    "world": {"models", "util"},
+    "jobs": {"util", "sae", "train", "models", "data", "analysis", "interp", "ops", "world"},
+    "demo": {"util", "sae", "train", "models", "data", "analysis", "interp", "ops", "world", "jobs"},
+    "cli": {"util", "sae", "train", "models", "data", "analysis", "interp", "ops", "world", "jobs", "demo"},
 }
-#: the one module outside dlmscope.kernels the kernels may import: a leaf (above), pure torch
-KERNEL_IMPORTS_ALLOWED = {"dlmscope.backends.chunks"}
+#: the library: what a user imports to work on their own models, which never names the toy world or a job
+LIBRARY = {"util", "reference", "kernels", "backends", "ops", "dlmscope", "sae", "train", "models", "data",
+           "analysis", "interp"}
+#: private names imported from another module, each with its reason
+PRIVATE_IMPORTS_ALLOWED = {
+    ("dlmscope.backends.cpu_backend", "_C"): "the compiled C++ extension, built into the package root by setup.py",
+}
 #: function-level imports of dlmscope modules that have a reason
 LOCAL_IMPORTS_ALLOWED = {
     ("dlmscope.backends.triton_backend", "dlmscope.kernels"): "importing triton costs ~1 s; CPU users never need it",
     ("dlmscope.backends.chunked_backend", "dlmscope.kernels.topk_select"): "the same, and a torch-only install "
                                                                            "has no triton",
 }
-#: prefixes that must not import SAE code (models know nothing of SAEs; kernels nothing of dlmscope)
-NO_SAE = ("dlmscope.models", "dlmscope.kernels")
-SAE_MODULES = {"dlmscope.sae.topk", "dlmscope.train.trainer", "dlmscope.sae.formats"}
+#: at most this many modules directly under dlmscope/ (everything else lives in a subpackage by job)
+MAX_TOP_LEVEL_MODULES = 8
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "dlmscope"
 
 
 def _module_name(path: Path) -> str:
@@ -80,7 +102,7 @@ def _imports(name: str, path: Path, known: set[str]) -> list[tuple[str, int, boo
 
 def _graph():
     mods = _modules()
-    known = set(mods)
+    known = set(mods) | {"dlmscope._C"}
     return mods, {name: _imports(name, path, known) for name, path in mods.items()}
 
 
@@ -115,31 +137,77 @@ def test_dlmscope_imports_sit_at_the_top_of_files():
     assert not inner, "function-level imports of dlmscope modules (move them to the top):\n" + "\n".join(inner)
 
 
-@pytest.mark.parametrize("leaf", sorted(LEAVES))
-def test_leaf_modules_import_nothing_of_dlmscope(leaf):
+def test_packages_import_only_what_the_map_allows():
     _, edges = _graph()
-    got = {t for t, _, _ in edges[leaf]} - LEAVES[leaf]
-    assert not got, f"{leaf} must stay independent of the rest of dlmscope, but imports {sorted(got)}"
+    bad = []
+    for a, es in edges.items():
+        pa = _package(a)
+        allowed = MAY_IMPORT[pa] | {pa}
+        for t, line, _ in es:
+            pt = _package(t)
+            if pt not in allowed and t.removeprefix("dlmscope.") not in allowed:
+                bad.append(f"{a}:{line} imports {t} ({pa} may import {sorted(MAY_IMPORT[pa]) or 'nothing'})")
+    assert not bad, "imports against docs/design.md's map:\n" + "\n".join(sorted(set(bad)))
 
 
-def test_layering():
+def test_every_package_is_in_the_map():
+    mods = _modules()
+    assert {_package(m) for m in mods} <= set(MAY_IMPORT), sorted({_package(m) for m in mods} - set(MAY_IMPORT))
+
+
+def test_the_library_never_names_the_world_a_job_or_the_cli():
     _, edges = _graph()
-    bad = [f"{a} -> {t}" for a, es in edges.items() if a.startswith(NO_SAE) for t, _, _ in es
-           if t in SAE_MODULES or t.startswith("dlmscope.sae.formats")]
+    bad = [f"{a}:{line} imports {t}" for a, es in edges.items() if _package(a) in LIBRARY for t, line, _ in es
+           if _package(t) in {"world", "jobs", "demo", "cli"}]
+    assert not bad, "\n".join(bad)
+
+
+def _private_imports():
+    """``(importer, line, name)`` for each ``from m import _name`` where m is another module. A private module
+    (``_launch``, ``_checks``) is the shared helper of its own folder: its siblings may import it and its names."""
+    mods = _modules()
+    known = set(mods) | {"dlmscope._C"}
+    out = []
+    for name, path in mods.items():
+        folder = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = _resolve(name, path.name == "__init__.py", node)
+            if not base.startswith("dlmscope"):
+                continue
+            for a in node.names:
+                target = f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
+                leaf = target.rpartition(".")[2]
+                sibling_helper = leaf.startswith("_") and target.rpartition(".")[0] == folder
+                if a.name.startswith("_") and not sibling_helper:
+                    out.append((name, node.lineno, a.name))
+    return out
+
+
+def test_no_private_name_crosses_a_module():
+    bad = [f"{a}:{line} imports {name}" for a, line, name in _private_imports()
+           if (a, name) not in PRIVATE_IMPORTS_ALLOWED]
+    assert not bad, "private names used outside their module (give them a public home):\n" + "\n".join(bad)
+
+
+def test_few_modules_at_the_top():
+    top = sorted(p.name for p in ROOT.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_models_and_kernels_know_no_sae():
+    _, edges = _graph()
+    bad = [f"{a} -> {t}" for a, es in edges.items() if _package(a) in ("models", "kernels") for t, _, _ in es
+           if _package(t) in ("sae", "train")]
     assert not bad, "models/kernels must know nothing of SAEs: " + ", ".join(bad)
-    for prefix in ("dlmscope.kernels",):
-        bad = [f"{a} -> {t}" for a, es in edges.items() if a.startswith(prefix) for t, _, _ in es
-               if not t.startswith(prefix) and t not in KERNEL_IMPORTS_ALLOWED]
-        assert not bad, f"{prefix} imports the rest of dlmscope: " + ", ".join(bad)
-    for a in ("dlmscope.sae.topk", "dlmscope.train.trainer", "dlmscope.train.step"):
-        models = [t for t, _, _ in edges[a] if t.startswith("dlmscope.models") or t == "dlmscope.data.activations"]
-        assert not models, f"{a} must know no language model, imports {models}"
 
 
 def test_formats_do_not_import_the_sae_module():
     _, edges = _graph()
     bad = [f"{a} -> {t}" for a, es in edges.items() if a.startswith("dlmscope.sae.formats") for t, _, _ in es
-           if t == "dlmscope.sae.topk"]
+           if not t.startswith("dlmscope.sae.formats") and _package(t) == "sae"]
     assert not bad, ", ".join(bad)
 
 
