@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -166,14 +166,15 @@ def _validate_decode(values, indices, W_dec, b_dec):
 # ---- dtype adaptation shared by all backends -----------------------------------------------------------
 
 
-def _call(backend_name: str, method: str, *args):
-    """Run ``backend.method(*args)``, computing in float32 if the backend lacks the inputs' float dtype."""
-    backend: Backend = get_backend(backend_name)
+def _in_native_dtype(method: Callable, *args):
+    """``method(*args)`` for a bound method of a :class:`Backend`; where that backend lacks the float dtype of
+    the inputs, the float inputs are widened to float32 and the float outputs cast back to that dtype."""
+    backend: Backend = method.__self__
     dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
     if dtype is None or dtype in backend.native_dtypes:
-        return getattr(backend, method)(*args)
+        return method(*args)
     cast = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-    out = getattr(backend, method)(*cast)
+    out = method(*cast)
     if isinstance(out, tuple):
         return tuple(o.to(dtype) if o.is_floating_point() else o for o in out)
     return out.to(dtype)
@@ -185,7 +186,7 @@ def _call(backend_name: str, method: str, *args):
 @torch.library.custom_op("dlmscope::topk_encode", mutates_args=())
 def _topk_encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
                     backend: str) -> tuple[Tensor, Tensor]:
-    values, indices = _call(backend, "encode", x, W_enc, b_enc, b_dec, k)
+    values, indices = _in_native_dtype(get_backend(backend).encode, x, W_enc, b_enc, b_dec, k)
     return values, indices.long()
 
 
@@ -197,7 +198,8 @@ def _(x, W_enc, b_enc, b_dec, k, backend):
 @torch.library.custom_op("dlmscope::topk_encode_backward", mutates_args=())
 def _topk_encode_backward_op(d_values: Tensor, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor,
                              b_dec: Tensor, need_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _call(backend, "encode_backward", d_values.contiguous(), values, indices, x, W_enc, b_dec, need_dx)
+    return _in_native_dtype(get_backend(backend).encode_backward, d_values.contiguous(), values, indices, x, W_enc,
+                            b_dec, need_dx)
 
 
 @_topk_encode_backward_op.register_fake
@@ -229,8 +231,8 @@ _topk_encode_op.register_autograd(_topk_encode_backward, setup_context=_topk_enc
 def _topk_encode_grouped_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, ks: list[int], sizes: list[int],
                             aux_mask: Optional[Tensor], k_aux: list[int],
                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    values, indices, aux_values, aux_indices = _call(backend, "encode_grouped", x, W_enc, b_enc, b_dec, list(ks),
-                                                     list(sizes), aux_mask, list(k_aux))
+    values, indices, aux_values, aux_indices = _in_native_dtype(get_backend(backend).encode_grouped, x, W_enc, b_enc,
+                                                                b_dec, list(ks), list(sizes), aux_mask, list(k_aux))
     return values, indices.long(), aux_values, aux_indices.long()
 
 
@@ -267,7 +269,7 @@ _topk_encode_grouped_op.register_autograd(_topk_encode_grouped_backward, setup_c
 
 @torch.library.custom_op("dlmscope::sparse_decode", mutates_args=())
 def _sparse_decode_op(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, backend: str) -> Tensor:
-    return _call(backend, "decode", values, indices, W_dec, b_dec)
+    return _in_native_dtype(get_backend(backend).decode, values, indices, W_dec, b_dec)
 
 
 @_sparse_decode_op.register_fake
@@ -278,7 +280,7 @@ def _(values, indices, W_dec, b_dec, backend):
 @torch.library.custom_op("dlmscope::sparse_decode_backward", mutates_args=())
 def _sparse_decode_backward_op(g: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _call(backend, "decode_backward", g.contiguous(), values, indices, W_dec)
+    return _in_native_dtype(get_backend(backend).decode_backward, g.contiguous(), values, indices, W_dec)
 
 
 @_sparse_decode_backward_op.register_fake

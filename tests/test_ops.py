@@ -321,12 +321,13 @@ def test_primitives_match_reference(backend, device, dtype):
     ours = [t.to(device=device, dtype=dtype) for t in (coef, W, X)]
     c64, W64, X64 = (t.cpu().double() for t in ours)  # the same inputs, rounded to dtype
     tol = tolerance(dtype, backend) * 5
+    impl, call, idx_d = get_backend(backend), ops._in_native_dtype, idx.to(device)
     cases = {  # name: (backend outputs, reference outputs)
-        "gather_accumulate": ((ops._call(backend, "gather_accumulate", ours[0], idx.to(device), ours[1]),),
+        "gather_accumulate": ((call(impl.gather_accumulate, ours[0], idx_d, ours[1]),),
                               (reference.gather_accumulate(c64, idx, W64),)),
-        "transpose_reduce": (ops._call(backend, "transpose_reduce", ours[0], idx.to(device), ours[2], n),
+        "transpose_reduce": (call(impl.transpose_reduce, ours[0], idx_d, ours[2], n),
                              reference.transpose_reduce(c64, idx, X64, n)),
-        "sddmm": ((ops._call(backend, "sddmm", ours[2], idx.to(device), ours[1]),),
+        "sddmm": ((call(impl.sddmm, ours[2], idx_d, ours[1]),),
                   (reference.sddmm(X64, idx, W64),)),
     }
     for name, (outs, refs) in cases.items():

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from dlmscope.util import distributed as D
 from dlmscope import ops
 from dlmscope.sae.topk import PARAMS, SAEConfig, TopKSAE
-from .step import EncoderGroup, GroupCodes, SAETerms, _cumulative
+from .step import EncoderGroup, GroupCodes, SAETerms, cumulative_offsets
 
 __all__ = ["shard_bounds", "ProcessGrid", "make_grid", "LatentShard", "ShardedGroup", "ShardCodes", "sum_partials",
            "replicated", "INIT_BLOCK"]
@@ -233,42 +233,31 @@ class ShardedGroup(EncoderGroup):
         self.members = list(range(len(shards)))
         self.grid = grid
         sizes = [s.n_local for s in shards]
-        self.ks_local = [min(s.k, size) for s, size in zip(shards, sizes)]
+        # a shard narrower than k (or k_aux) selects all its latents; the merge pads to the SAE's width
+        ks_local = [min(s.k, size) for s, size in zip(shards, sizes)]
         self.k_aux_local = [min(k, size) for k, size in zip(k_aux, sizes)]
-        self._setup(shards, sizes, self.ks_local, list(k_aux), compute_dtype, backend)
+        self._setup(shards, sizes, ks_local, list(k_aux), compute_dtype, backend)
 
     def encode(self, xs: Tensor, *, auxk: bool, dead_tokens: int) -> ShardCodes:
         """Local top-k candidates of ``xs`` [B, d], one all-gather, the global merge; with ``auxk`` the same for the
         AuxK selection among dead latents (and one all-reduce of the dead counts)."""
-        cd, group = self.compute_dtype, self.grid.latent_group
-        x = xs.to(device=self.device, dtype=cd)
-        dead = self.since >= dead_tokens if auxk else None
-        k_aux = self.k_aux_local if dead is not None else None
-        b_dec_master = replicated(torch.stack([s.b_dec for s in self.saes]), group)  # [m, d]
-        b_dec = b_dec_master.to(cd)
-        if len(self.saes) == 1:  # as EncoderGroup does: b_dec inside the op, not folded (the same rounding)
-            s = self.saes[0]
-            codes = ops.topk_encode_grouped(x, s.W_enc.to(cd), s.b_enc.to(cd), b_dec[0], self.ks_local, self.sizes,
-                                            aux_mask=dead, k_aux=k_aux, backend=self.backend)
-        else:
-            W = torch.cat([s.W_enc for s in self.saes]).to(cd)
-            # the folded bias in the master dtype, then cast (as EncoderGroup does)
-            b = torch.cat([s.b_enc - s.W_enc @ b_dec_master[j] for j, s in enumerate(self.saes)]).to(cd)
-            codes = ops.topk_encode_grouped(x, W, b, self.zero_bias, self.ks_local, self.sizes, aux_mask=dead,
-                                            k_aux=k_aux, backend=self.backend)
+        group, m = self.grid.latent_group, len(self.saes)
+        # [m, d], one input of every shard's encoder: its gradient is summed over the latent group
+        b_dec = replicated(torch.stack([s.b_dec for s in self.saes]), group)
+        codes, dead = self.select(xs, [b_dec[j] for j in range(m)], self.k_aux_local, auxk=auxk,
+                                  dead_tokens=dead_tokens)
         # the candidate blocks: every SAE's main selection, then every SAE's AuxK selection
         blocks = []  # (local values [B, c] with graph, local ids [B, c], width, k to keep, lo of the shard)
         for j, s in enumerate(self.saes):
             cols = slice(self.k_offsets[j], self.k_offsets[j + 1])
             blocks.append((codes.values[:, cols], codes.indices[:, cols] - self.offsets[j], s.k, s.k, s.lo))
         if dead is not None:
-            aux_offsets = _cumulative(self.k_aux_local)
+            aux_offsets = cumulative_offsets(self.k_aux_local)
             for j, s in enumerate(self.saes):
                 cols = slice(aux_offsets[j], aux_offsets[j + 1])
                 blocks.append((codes.aux_values[:, cols], codes.aux_indices[:, cols] - self.offsets[j], self.k_aux[j],
                                self.k_aux[j], s.lo))
-        merged = _merge(blocks, x.shape[0], self.grid)
-        m = len(self.saes)
+        merged = _merge(blocks, xs.shape[0], self.grid)
         out = ShardCodes(codes=codes, dead=dead, fired=self._fired(merged[:m]))
         out.values = [v for v, _, _ in merged[:m]]
         out.own_values = [v for _, v, _ in merged[:m]]

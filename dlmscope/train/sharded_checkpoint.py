@@ -32,7 +32,8 @@ from torch import Tensor
 from dlmscope.util import atomic
 from . import checkpoint as ckpt
 from .latent_parallel import shard_bounds
-from dlmscope.sae.topk import TopKSAE
+from .step import adam_index
+from dlmscope.sae.topk import PARAMS, TopKSAE
 
 __all__ = ["FORMAT", "shard_name", "begin", "save_shard", "commit", "list_complete", "latest", "read_meta",
            "read_shard", "load_merged", "load_saes", "export"]
@@ -40,7 +41,7 @@ __all__ = ["FORMAT", "shard_name", "begin", "save_shard", "commit", "list_comple
 FORMAT = "dlmscope-latent-shard"
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 #: tensors that every shard holds whole (the replicated b_dec, its Adam state and the rng); the rest are sliced
-_REPLICATED = re.compile(r"^(sae\.\d+\.b_dec|adam\.\d+\.2\..*|rng\..*)$")
+_REPLICATED = re.compile(rf"^(sae\.\d+\.b_dec|adam\.\d+\.{adam_index('b_dec')}\..*|rng\..*)$")
 
 
 def shard_name(latent_rank: int, latent_size: int) -> str:
@@ -181,7 +182,7 @@ def load_saes(path: str | Path) -> list[TopKSAE]:
     s = meta.get("norm_factor") or 1.0
     saes = []
     for i, cfg in enumerate(meta["saes"]):
-        params = {p: tensors[f"sae.{i}.{p}"] for p in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        params = {p: tensors[f"sae.{i}.{p}"] for p in PARAMS}
         params["b_enc"], params["b_dec"] = params["b_enc"] * s, params["b_dec"] * s
         cfg = {**cfg, "meta": {**cfg.get("meta", {}), "norm_factor": float(s), "norm_factor_folded": True,
                                "trained_steps": int(meta["step"]), "trained_tokens": int(meta["tokens_seen"])}}

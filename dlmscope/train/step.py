@@ -24,13 +24,30 @@ from dlmscope import ops
 from dlmscope.sae.metrics import fves
 from dlmscope.sae.topk import PARAMS, TopKSAE
 
-__all__ = ["PARAMS", "ADAM_PARAMS", "EncoderGroup", "GroupCodes", "SAETerms", "GlobalSums", "SAELoss",
-           "SAEOptimizer", "make_groups", "terms_by_sae", "reduce_across_ranks", "sae_loss", "backward",
-           "step_metrics"]
+__all__ = ["PARAMS", "ADAM_PARAMS", "adam_index", "cumulative_offsets", "EncoderGroup", "GroupCodes", "SAETerms",
+           "GlobalSums", "SAELoss", "SAEOptimizer", "make_groups", "terms_by_sae", "reduce_across_ranks", "sae_loss",
+           "backward", "step_metrics"]
 
 #: the SAE parameters ``torch.optim.Adam`` updates (``W_dec`` gets the fused decoder-norm step); ``PARAMS`` is
 #: every SAE parameter (gradients, checkpoints, clipping)
 ADAM_PARAMS = ("W_enc", "b_enc", "b_dec")
+
+
+def adam_index(param: str) -> int:
+    """The index ``j`` of SAE parameter ``param`` in :class:`SAEOptimizer`'s Adam state (checkpoints name that
+    state ``adam.{i}.{j}.{key}``); ValueError for a parameter Adam does not update."""
+    if param not in ADAM_PARAMS:
+        raise ValueError(f"{param!r} has no Adam state: Adam updates {list(ADAM_PARAMS)} (W_dec takes the fused "
+                         "decoder-norm step)")
+    return ADAM_PARAMS.index(param)
+
+
+def cumulative_offsets(sizes: list[int]) -> list[int]:
+    """``[0, s0, s0 + s1, ...]``: where each of consecutive blocks of ``sizes`` starts, then the total."""
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
 
 
 @dataclasses.dataclass
@@ -88,10 +105,9 @@ class EncoderGroup:
                compute_dtype: torch.dtype | None, backend: str | None) -> None:
         """Layout and counters of member SAEs ``saes`` holding ``sizes`` latents here, ``k_cols`` code columns
         each (a latent shard's local top-k may be narrower than its SAE's k)."""
-        self.saes, self.sizes, self.k_aux = saes, sizes, k_aux
-        self.ks = [s.k for s in saes]
-        self.offsets = _cumulative(sizes)
-        self.k_offsets = _cumulative(k_cols)
+        self.saes, self.sizes, self.k_cols, self.k_aux = saes, sizes, k_cols, k_aux
+        self.offsets = cumulative_offsets(sizes)
+        self.k_offsets = cumulative_offsets(k_cols)
         first = saes[0]
         self.device, self.dtype = first.W_dec.device, first.W_dec.dtype
         self.compute_dtype = compute_dtype or self.dtype
@@ -104,23 +120,33 @@ class EncoderGroup:
     def latents(self, j: int) -> slice:
         return slice(self.offsets[j], self.offsets[j + 1])
 
-    def encode(self, xs: Tensor, *, auxk: bool, dead_tokens: int) -> GroupCodes:
-        """Top-k codes of ``xs`` [B, d] (normalised, master dtype) for every member; with ``auxk`` also the AuxK
-        selection among the latents that have not fired for ``dead_tokens`` tokens."""
+    def select(self, xs: Tensor, b_decs: list[Tensor], k_aux: list[int], *, auxk: bool,
+               dead_tokens: int) -> tuple[ops.GroupedCodes, Tensor | None]:
+        """The op call of :meth:`encode`: every member's top ``k_cols[j]`` of ``xs`` [B, d] (cast to the compute
+        dtype) and, with ``auxk``, its top ``k_aux[j]`` among the latents that have not fired for ``dead_tokens``
+        tokens. ``b_decs``: each member's ``b_dec`` [d] in the master dtype. Returns ``(codes, dead)``, ``dead``
+        [S] bool (None: AuxK off); latent ids in ``codes`` are the group's, ``[0, S)``."""
         cd = self.compute_dtype
         x = xs.to(device=self.device, dtype=cd)
         dead = self.since >= dead_tokens if auxk else None
-        k_aux = self.k_aux if dead is not None else None
-        if len(self.saes) == 1:
+        k_aux = k_aux if dead is not None else None
+        if len(self.saes) == 1:  # b_dec inside the op, as TopKSAE.encode has it (no fold: the same rounding)
             s = self.saes[0]
-            codes = ops.topk_encode_grouped(x, s.W_enc.to(cd), s.b_enc.to(cd), s.b_dec.to(cd), [s.k], [s.n],
-                                            aux_mask=dead, k_aux=k_aux, backend=self.backend)
+            codes = ops.topk_encode_grouped(x, s.W_enc.to(cd), s.b_enc.to(cd), b_decs[0].to(cd), self.k_cols,
+                                            self.sizes, aux_mask=dead, k_aux=k_aux, backend=self.backend)
         else:
-            # one GEMM for all members: each SAE's b_dec folded into its bias, b_enc - W_enc @ b_dec
+            # one GEMM for all members: each SAE's b_dec folded into its bias, b_enc - W_enc @ b_dec, in the master
+            # dtype and then cast
             W = torch.cat([s.W_enc for s in self.saes]).to(cd)
-            b = torch.cat([s.b_enc - s.W_enc @ s.b_dec for s in self.saes]).to(cd)
-            codes = ops.topk_encode_grouped(x, W, b, self.zero_bias, self.ks, self.sizes, aux_mask=dead,
+            b = torch.cat([s.b_enc - s.W_enc @ b_dec for s, b_dec in zip(self.saes, b_decs)]).to(cd)
+            codes = ops.topk_encode_grouped(x, W, b, self.zero_bias, self.k_cols, self.sizes, aux_mask=dead,
                                             k_aux=k_aux, backend=self.backend)
+        return codes, dead
+
+    def encode(self, xs: Tensor, *, auxk: bool, dead_tokens: int) -> GroupCodes:
+        """Top-k codes of ``xs`` [B, d] (normalised, master dtype) for every member; with ``auxk`` also the AuxK
+        selection among the latents that have not fired for ``dead_tokens`` tokens."""
+        codes, dead = self.select(xs, [s.b_dec for s in self.saes], self.k_aux, auxk=auxk, dead_tokens=dead_tokens)
         # index S is a sink for the selected-but-zero entries, so one scatter marks the fired latents
         sink = torch.zeros(self.total + 1, dtype=torch.bool, device=self.device)
         sink[torch.where(codes.values > 0, codes.indices, self.total).reshape(-1)] = True
@@ -157,13 +183,6 @@ class EncoderGroup:
     def count_tokens(self, fired: Tensor, batch_total: int) -> None:
         """Dead counters after a step: 0 where ``fired`` [S] (bool, global), else ``+ batch_total``."""
         self.since = torch.where(fired, torch.zeros_like(self.since), self.since + batch_total)
-
-
-def _cumulative(sizes: list[int]) -> list[int]:
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + s)
-    return out
 
 
 def make_groups(saes: list[TopKSAE], k_aux: list[int], *, grouped: bool, compute_dtype: torch.dtype | None,

@@ -41,7 +41,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, *args: str, worker: str = "tests.helpers.latent_worker") -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, *args: str,
+                 worker: str = "tests.helpers.latent_worker") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -83,7 +84,7 @@ def _check_run(proc: subprocess.CompletedProcess, out: Path, steps: int, saes: i
 def latent2(tmp_path_factory):
     """The uninterrupted R=2 run (with checkpoints every 5 steps): its output and stdout."""
     tmp = tmp_path_factory.mktemp("latent2")
-    proc = _torchrun(2, "--latent", "2", "--out", str(tmp / "full.safetensors"), "--ckpt", str(tmp / "ckpt"))
+    proc = run_torchrun(2, "--latent", "2", "--out", str(tmp / "full.safetensors"), "--ckpt", str(tmp / "ckpt"))
     return tmp / "full.safetensors", proc
 
 
@@ -104,7 +105,7 @@ def test_four_ranks_equal_single_process(tmp_path, nproc, latent, saes, short):
     extra = ["--short-rank", str(short[0]), "--short-at", str(short[1])] if short else []
     clip = {"grad_clip": 0.05} if short else {}
     extra += ["--grad-clip", "0.05"] if short else []
-    proc = _torchrun(nproc, "--latent", str(latent), "--saes", str(saes), "--out", str(out), *extra)
+    proc = run_torchrun(nproc, "--latent", str(latent), "--saes", str(saes), "--out", str(out), *extra)
     _check_run(proc, out, short[1] if short else N_BATCHES, saes, **clip)
 
 
@@ -114,11 +115,11 @@ def killed_and_resumed(latent2, tmp_path_factory):
     full = latent2[0]
     tmp = tmp_path_factory.mktemp("latent_resume")
     resumed, ck = tmp / "resumed.safetensors", tmp / "ckpt"
-    killed = _torchrun(2, "--latent", "2", "--out", str(tmp / "never.safetensors"), "--ckpt", str(ck),
+    killed = run_torchrun(2, "--latent", "2", "--out", str(tmp / "never.safetensors"), "--ckpt", str(ck),
                        "--kill-at", "12")
     assert killed.returncode != 0 and not (tmp / "never.safetensors").exists()
     assert [p.name for p in sc.list_complete(ck)] == ["step-000000010"]
-    proc = _torchrun(2, "--latent", "2", "--out", str(resumed), "--ckpt", str(ck), "--resume")
+    proc = run_torchrun(2, "--latent", "2", "--out", str(resumed), "--ckpt", str(ck), "--resume")
     assert proc.returncode == 0 and f"done step={N_BATCHES} " in proc.stdout, proc.stderr[-4000:]
     return full, resumed, ck
 
@@ -169,7 +170,7 @@ def test_missing_and_mismatched_shards_are_named(killed_and_resumed, tmp_path):
 
 def test_a_rank_with_the_wrong_shard_stops_every_rank(tmp_path):
     """Rank 1 holds latent rank 0's latents: every rank refuses at construction (none hangs in a collective)."""
-    result = _torchrun(2, "--latent", "2", "--out", str(tmp_path / "x.safetensors"), "--wrong-shard-rank", "1")
+    result = run_torchrun(2, "--latent", "2", "--out", str(tmp_path / "x.safetensors"), "--wrong-shard-rank", "1")
     assert result.returncode != 0
     assert "rank 1 refused: SAE 0: this rank (latent rank 1 of 2) must hold latents" in result.stdout
     assert "rank 0 refused: rank(s) [1] hold shards that do not match the grid" in result.stdout
@@ -183,7 +184,7 @@ def test_cli_train_latent_parallel_under_torchrun_equals_one_process(tmp_path):
             "--batch-size", "64", "--layers", "1", "--k", "2", "4", "--latents", "21", "--tokens", "640",
             "--eval-tokens", "256", "--warmup", "2", "--log-every", "0", "--checkpoint-every", "4",
             "--norm-batches", "2", "--buffer-tokens", "256"]
-    result = _torchrun(2, *args, "--latent-parallel", "2", "--out", str(tmp_path / "dist"), worker="dlmscope.cli")
+    result = run_torchrun(2, *args, "--latent-parallel", "2", "--out", str(tmp_path / "dist"), worker="dlmscope.cli")
     assert result.returncode == 0, result.stderr[-3000:]
     assert cli.main([*args, "--latent-parallel", "1", "--out", str(tmp_path / "one")]) == 0
     for k in (2, 4):
@@ -201,10 +202,10 @@ def test_cli_train_data_parallel_under_torchrun_splits_the_harvest(tmp_path):
     own cache, the tokens are shared out (640 tokens = 5 steps of 2 x 64 rows), rank 0 writes the outputs."""
     model = build_tiny_llada(tmp_path / "llada")
     out = tmp_path / "run"
-    result = _torchrun(2, "train", "--model", str(model), "--sentences", "400", "--seq-len", "16", "--lm-batch", "16",
-                       "--batch-size", "64", "--layers", "0", "1", "--k", "2", "--latents", "21", "--tokens", "640",
-                       "--eval-tokens", "256", "--warmup", "2", "--log-every", "1", "--norm-batches", "2",
-                       "--buffer-tokens", "256", "--out", str(out), worker="dlmscope.cli")
+    result = run_torchrun(2, "train", "--model", str(model), "--sentences", "400", "--seq-len", "16",
+                          "--lm-batch", "16", "--batch-size", "64", "--layers", "0", "1", "--k", "2", "--latents", "21",
+                          "--tokens", "640", "--eval-tokens", "256", "--warmup", "2", "--log-every", "1",
+                          "--norm-batches", "2", "--buffer-tokens", "256", "--out", str(out), worker="dlmscope.cli")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "activation_cache").iterdir()) == ["rank_0", "rank_1"]
     summary = json.loads((out / "summary.json").read_text())

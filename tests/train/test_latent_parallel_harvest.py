@@ -15,7 +15,7 @@ from dlmscope.train.trainer import LogConfig, Trainer
 from tests.helpers.harvest_worker import N_LM_BATCHES, layer_stream, make_config, make_saes, token_batches
 from tests.helpers.train_worker import final_tensors
 from tests.data.test_activations import make_llada
-from tests.train.test_latent_parallel_dist import _torchrun
+from tests.train.test_latent_parallel_dist import run_torchrun
 
 
 def test_rank_slices_partition_the_stream_lazily():
@@ -36,7 +36,7 @@ def test_two_ranks_harvesting_their_slices_equal_one_process(tmp_path):
     model_dir = tmp_path / "llada"
     make_llada(model_dir)
     out = tmp_path / "final.safetensors"
-    proc = _torchrun(2, "--out", str(out), "--model", str(model_dir), worker="tests.helpers.harvest_worker")
+    proc = run_torchrun(2, "--out", str(out), "--model", str(model_dir), worker="tests.helpers.harvest_worker")
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
 
     torch.set_num_threads(1)
