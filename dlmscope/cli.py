@@ -36,13 +36,14 @@ from dlmscope.interp.judges import OpenAIJudge
 from dlmscope.jobs.order import ORDERS, STEPS, OrderSpec, plot_order, run_order
 from dlmscope.jobs.train import SweepSpec, heldout_activations, train_sweep
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.analysis.splice import ar_delta_loss, average_results, dlm_delta_loss, evaluate_sae
+from dlmscope.analysis.splice import ar_delta_loss, average_results, dlm_delta_loss
+from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.jobs.steer import (SteerSpec, concept_features, condition_label, neutral_prompts, plot_sweep, plot_tradeoff,
                         run_steer)
 from dlmscope.data.text import text_batches
 from dlmscope.train.trainer import TrainConfig
 from dlmscope.train.log import LogConfig
-from dlmscope.analysis.transfer import plot_transfer, run_transfer, summary_lines
+from dlmscope.jobs.transfer import plot_transfer, run_transfer, summary_lines
 from .world import ASSETS_DIR
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 

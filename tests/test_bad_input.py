@@ -21,7 +21,8 @@ from dlmscope import cli, models
 from dlmscope.data.activations import ActivationStream, harvest
 from dlmscope.models import llada as llada_mod
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.analysis.splice import ar_delta_loss, dlm_delta_loss, evaluate_sae, splice
+from dlmscope.analysis.splice import ar_delta_loss, dlm_delta_loss, splice
+from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.world import ASSETS_DIR
 from tests.models.test_models import dream_config, gemma, llada_config, llada_tensors, write_dir  # noqa: F401 (fixture)
 

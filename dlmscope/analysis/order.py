@@ -25,11 +25,11 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor
 
+from dlmscope.models import hooks
 from dlmscope.models.sampling import Generation
-from .splice import _block_output
 
 __all__ = ["FeatureTrace", "replay", "jaccard", "OrderStats", "order_statistics", "feature_counts",
-           "order_sensitive_features", "SAEStabilityGuide", "BYTES_PER_LATENT"]
+           "order_sensitive_features", "SAEStabilityGuide", "BYTES_PER_LATENT", "top_latents"]
 
 #: bytes a trace keeps per latent per (layer, state, row, position): an int32 id and a float16 value
 BYTES_PER_LATENT = 6
@@ -42,9 +42,9 @@ def _check_sae(adapter, layer: int, sae) -> None:
                          f"{adapter.d_model}")
 
 
-def _top_k(sae, x: Tensor, K: int) -> tuple[Tensor, Tensor]:
-    """``(ids [..., K] int32, values [..., K] float32)``, sorted by value (largest first); latents that are not
-    active (value 0) get id −1."""
+def top_latents(sae, x: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """The ``K`` largest SAE latents of activations ``x [..., d]``: ``(ids [..., K] int32, values [..., K]
+    float32)``, sorted by value (largest first); latents that are not active (value 0) get id −1."""
     values, ids = sae.encode(x.to(sae.W_enc.dtype), k=K)
     values, order = values.float().sort(-1, descending=True)
     ids = ids.gather(-1, order).to(torch.int32)
@@ -123,7 +123,7 @@ def replay(adapter, gen: Generation, saes: Mapping[int, object], *, top_k: int |
         hs = adapter.forward_until(flat[rows], layers, attention_mask=attention[rows])
         for li, L in enumerate(layers):
             h = hs[L].gather(1, pos[rows, :, None].expand(-1, -1, hs[L].shape[-1]))   # [b, G, d]
-            i, v = _top_k(saes[L], h, K)
+            i, v = top_latents(saes[L], h, K)
             ids[li, rows], vals[li, rows] = i, v.to(torch.float16)
     shape = (len(layers), S1, B, G, K)
     return FeatureTrace(layers, ids.view(shape), vals.view(shape), masked, tokens)
@@ -251,14 +251,13 @@ class SAEStabilityGuide:
         _check_sae(adapter, self.layer, self.sae)
         self._h, self._prev = None, None
 
-        def hook(_module, _args, out):
-            self._h = _block_output(out)
+        def keep(hidden: Tensor) -> None:
+            self._h = hidden
 
-        handle = adapter.hook_module(self.layer).register_forward_hook(hook)
         try:
-            yield
+            with hooks.capture(adapter.hook_module(self.layer), keep):
+                yield
         finally:
-            handle.remove()
             self._h, self._prev = None, None
 
     @torch.no_grad()
@@ -268,7 +267,7 @@ class SAEStabilityGuide:
             raise RuntimeError("SAEStabilityGuide.rank called outside attach(): no activations captured")
         h = self._h[:gen_pos.shape[0]]                                         # CFG runs 2B rows: the conditional half
         h = h.gather(1, gen_pos[..., None].expand(-1, -1, h.shape[-1]))
-        ids, _ = _top_k(self.sae, h, self.top_k)                               # [B, G, K]
+        ids, _ = top_latents(self.sae, h, self.top_k)                          # [B, G, K]
         stable = (jaccard(ids, self._prev) >= self.threshold) if self._prev is not None else \
             torch.zeros_like(masked)
         self._prev = ids

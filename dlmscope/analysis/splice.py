@@ -1,4 +1,5 @@
-"""SAE splice-in and evaluation: ΔLM loss for diffusion and autoregressive LMs, FVE / L0 / dead latents.
+"""SAE splice-in and ΔLM loss for diffusion and autoregressive LMs (held-out FVE / L0 / dead latents need no
+model: :func:`dlmscope.sae.metrics.evaluate_sae`).
 
 * :func:`splice` — a context manager replacing block L's output (resid_post) by the SAE reconstruction,
   optionally plus the error term ``x − x̂`` (then the model's output is bit-for-bit the clean one, while
@@ -9,7 +10,6 @@
   zero-ablated; ``L_mask = Σ_{masked} CE / t / #masked`` and the auxiliary ``L_unmask`` (unmasked non-pad
   positions except 0, weight ``1/(1−t)``). Logits come from ``adapter.logits`` (aligned: Dream's shift applied).
 * :func:`ar_delta_loss` — next-token CE on clean text, clean vs SAE vs zero-ablation, fraction recovered.
-* :func:`evaluate_sae` — FVE, L0, dead fraction, MSE on held-out activations (a tensor or a stream).
 * :func:`scale_free` / :func:`compare_deltas` — scale-free numbers (Δ/clean, fraction of loss recovered vs
   zero-ablation) that make the DLM and AR deltas comparable despite different objectives.
 
@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlmscope.sae.metrics import ReconstructionStats
-from dlmscope.models.base import _block_output
 from dlmscope.data.noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, valid_positions
+from dlmscope.models import hooks
+from dlmscope.models.hooks import InputIds
 
 __all__ = [
     "splice",
@@ -37,7 +36,6 @@ __all__ = [
     "dlm_delta_loss",
     "delta_loss_over_batches",
     "ar_delta_loss",
-    "evaluate_sae",
     "scale_free",
     "compare_deltas",
     "average_results",
@@ -45,15 +43,7 @@ __all__ = [
 ]
 
 
-# ------------------------------------------------------------------------------------------------- hooks
-def _replace_out(out: Any, new: Tensor) -> Any:
-    if isinstance(out, tuple):
-        return (new,) + tuple(out[1:])
-    if isinstance(out, list):
-        return [new] + list(out[1:])
-    return new
-
-
+# ----------------------------------------------------------------------------------------------- splicing
 def _sae_dtype(sae) -> torch.dtype | None:
     try:
         return next(sae.parameters()).dtype
@@ -111,15 +101,8 @@ def splice(adapter, layer: int, sae, *, error_term: bool = False, positions=None
     if d_model is not None and d_sae is not None and d_sae != d_model:
         raise ValueError(f"SAE input size d={d_sae} does not match the model's hidden size {d_model}")
     sae_dtype = _sae_dtype(sae)
-    state: dict[str, Tensor | None] = {"ids": None}
-    handles = []
 
-    def capture_ids(_module, args, kwargs):
-        ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
-        state["ids"] = ids if isinstance(ids, Tensor) else None
-
-    def hook(_module, _args, out):
-        x = _block_output(out)
+    def spliced(x: Tensor) -> Tensor:
         xs = x.to(sae_dtype) if sae_dtype is not None and x.dtype != sae_dtype else x
         if error_term:
             xs = xs.detach()
@@ -128,20 +111,16 @@ def splice(adapter, layer: int, sae, *, error_term: bool = False, positions=None
             new = x + (x_hat - x_hat.detach()).to(x.dtype)
         else:
             new = x_hat.to(x.dtype)
-        pm = _position_mask(positions, state["ids"], adapter, x.shape, x.device)
+        pm = _position_mask(positions, seen.ids, adapter, x.shape, x.device)
         if pm is not None:
             new = torch.where(pm.unsqueeze(-1), new, x)
-        return _replace_out(out, new)
+        return new
 
-    try:
-        if isinstance(positions, str):
-            emb = adapter.model.get_input_embeddings()
-            handles.append(emb.register_forward_pre_hook(capture_ids, with_kwargs=True))
-        handles.append(module.register_forward_hook(hook))
+    # the input ids are needed only to find the (un)masked positions
+    recorder = (hooks.record_input_ids(adapter.model) if isinstance(positions, str)
+                else contextlib.nullcontext(InputIds()))
+    with recorder as seen, hooks.replace(module, spliced):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class _Zero(torch.nn.Module):
@@ -376,46 +355,3 @@ def compare_deltas(dlm: dict[str, float], ar: dict[str, float], *, dlm_prefix: s
     out["rel_delta_gap"] = out["dlm_rel_delta"] - out["ar_rel_delta"]
     out["recovered_gap"] = out["dlm_recovered"] - out["ar_recovered"]
     return out
-
-
-# -------------------------------------------------------------------------------------- reconstruction eval
-@torch.no_grad()
-def evaluate_sae(
-    sae,
-    activations: Tensor | Iterable[Tensor],
-    *,
-    batch_size: int = 4096,
-    dead_max_fires: int = 0,
-    max_tokens: int | None = None,
-) -> dict[str, float]:
-    """FVE, L0, dead fraction and MSE of ``sae`` on held-out activations.
-
-    ``activations``: a ``[N, d]`` tensor or an iterable of ``[B, d]`` batches (e.g. ``stream.for_layer(L)``).
-    FVE = ``1 − Σ_d Var(x − x̂) / Σ_d Var(x)`` over all tokens (accumulated in float64); L0 = mean number of
-    latents with a positive value; a latent is dead when it fired ``≤ dead_max_fires`` times on this data.
-    """
-    if isinstance(activations, Tensor):
-        if activations.dim() != 2:
-            raise ValueError(f"activations must be [N, d], got {tuple(activations.shape)}")
-        batches: Iterable[Tensor] = activations.split(batch_size)
-    else:
-        batches = activations
-    sdtype = _sae_dtype(sae) or torch.float32
-    try:
-        sdevice = next(sae.parameters()).device
-    except (AttributeError, StopIteration):
-        sdevice = None
-    stats = ReconstructionStats(int(sae.n if hasattr(sae, "n") else sae.cfg.n))
-    for x in batches:
-        if isinstance(x, dict):
-            raise ValueError("evaluate_sae takes [B, d] batches; for a multi-layer stream pass stream.for_layer(L)")
-        if max_tokens is not None and stats.tokens >= max_tokens:
-            break
-        if max_tokens is not None and stats.tokens + x.shape[0] > max_tokens:
-            x = x[: max_tokens - stats.tokens]
-        x = x.reshape(-1, x.shape[-1]).to(device=sdevice if sdevice is not None else x.device, dtype=sdtype)
-        values, indices = sae.encode(x)
-        stats.add(x, x - sae.decode(values, indices), values, indices)
-    if stats.tokens == 0:
-        raise ValueError("evaluate_sae got no activations")
-    return stats.result(dead_max_fires)

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from dlmscope.util.choices import check_choice
+from dlmscope.models import hooks
 from dlmscope.models.sampling import Progress, current_progress
-from .splice import _block_output, _replace_out
 
 __all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors", "SteeringResult", "steering_score",
            "generation_perplexity", "SteeringBaseline", "steering_baseline", "FLUENCY_WEIGHT"]
@@ -133,18 +133,12 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
     active = _schedule(schedule)
     mask_id = adapter.mask_token_id
     vectors = steering_vectors(sae, feats)                                      # [F, d]
-    state: dict = {"ids": None}
 
-    def capture_ids(_module, args, kwargs):
-        ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
-        state["ids"] = ids if isinstance(ids, Tensor) else None
-
-    @torch.no_grad()
-    def hook(_module, _args, out):
-        x = _block_output(out)                                                  # [B, T, d]
+    def delta(x: Tensor) -> Tensor | None:
+        """``[B, T, d]``: what is added to the block's output ``x [B, T, d]`` (None outside the schedule)."""
         progress = current_progress() or Progress(0, 1, torch.zeros(x.shape[0], dtype=torch.long))
         if not active(progress.step, progress.steps):
-            return out
+            return None
         sae_dtype = sae.W_enc.dtype
         xs = x.to(sae_dtype)
         if strength == "max_act":
@@ -158,20 +152,13 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
             act = torch.relu((xs - b_dec) @ W_enc.T + b_enc).float()            # [B, T, F]
             k = min(top_active, x.shape[1])
             top = torch.zeros_like(act, dtype=torch.bool).scatter_(1, act.topk(k, dim=1).indices, True)
-            delta = torch.einsum("btf,f,fd->btd", top.float() * m[..., None], a, v)
-        else:
-            pm = _positions(scope, state["ids"], progress, x.shape[1], mask_id, x.device)
-            weight = m if pm is None else m * pm.float()
-            delta = weight[..., None] * (a @ v)                                 # [B, T, d]
-        return _replace_out(out, x + delta.to(x.dtype))
+            return torch.einsum("btf,f,fd->btd", top.float() * m[..., None], a, v)
+        pm = _positions(scope, seen.ids, progress, x.shape[1], mask_id, x.device)
+        weight = m if pm is None else m * pm.float()
+        return weight[..., None] * (a @ v)
 
-    handles = [adapter.model.get_input_embeddings().register_forward_pre_hook(capture_ids, with_kwargs=True),
-               module.register_forward_hook(hook)]
-    try:
+    with hooks.record_input_ids(adapter.model) as seen, hooks.intervene(module, delta):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ------------------------------------------------------------------------------------------------ score

@@ -30,7 +30,6 @@ activations to the host (necessary).
 """
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dlmscope.util.choices import check_choice
 from .cache import CachedActivationStream, cache_layers, load_cache_index, read_cache, write_cache
 from .noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, generator_device, valid_positions
 from .shuffle import LayerStream, check_batching, chunk_len, shuffle_batches, slice_chunk
@@ -45,6 +45,7 @@ from .shuffle import LayerStream, check_batching, chunk_len, shuffle_batches, sl
 __all__ = [
     "POLICIES",
     "check_policy",
+    "split_batch",
     "keep_mask",
     "harvest",
     "ActivationStream",
@@ -55,17 +56,15 @@ POLICIES = ("mask", "unmask", "all", "clean")
 
 # ------------------------------------------------------------------------------------------------ policies
 def check_policy(policy: Any) -> str:
-    """``policy`` if it is one of :data:`POLICIES`, else a ValueError naming the valid ones."""
-    if not isinstance(policy, str) or policy not in POLICIES:
-        hint = ""
-        if isinstance(policy, str):
-            close = difflib.get_close_matches(policy.lower(), POLICIES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown mask policy {policy!r}{hint}; valid policies: {', '.join(POLICIES)}")
-    return policy
+    """``policy`` if it is one of :data:`POLICIES`, else a ValueError naming the valid ones and the nearest."""
+    try:
+        return check_choice("mask policy", policy, POLICIES)
+    except ValueError as e:
+        # the plain list as well: the values of the CLI's --policy, spelled as they are typed
+        raise ValueError(f"{e} (valid policies: {', '.join(POLICIES)})") from None
 
 
-def _split_batch(item: Any) -> tuple[Tensor, Tensor | None]:
+def split_batch(item: Any) -> tuple[Tensor, Tensor | None]:
     """(input_ids, attention_mask) from a tensor, an (ids, mask) pair or a mapping with those keys."""
     if isinstance(item, Tensor):
         ids, mask = item, None
@@ -237,7 +236,7 @@ class ActivationStream:
         any_batch = False
         for item in self.token_batches:
             any_batch = True
-            ids, am = _split_batch(item)
+            ids, am = split_batch(item)
             chunk = harvest(self.adapter, ids, self.layers, self.policy, attention_mask=am, t_min=self.t_min,
                             t_max=self.t_max, generator=gen, dtype=self.dtype)
             if self.device is not None:

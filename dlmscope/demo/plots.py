@@ -8,7 +8,7 @@ from matplotlib.figure import Figure  # figures without pyplot: no global backen
 
 from dlmscope.jobs.order import plot_order
 from dlmscope.jobs.steer import plot_by_layer
-from dlmscope.analysis.transfer import plot_transfer
+from dlmscope.jobs.transfer import plot_transfer
 from .config import DemoConfig
 from .config import RUN_LABELS
 from .findings import get

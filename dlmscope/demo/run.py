@@ -18,7 +18,8 @@ from dlmscope import models
 from dlmscope.interp.concepts import labelled_activations, score_concepts
 from dlmscope.jobs.train import SweepSpec, heldout_activations, train_sweep
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.analysis.splice import delta_loss_over_batches, evaluate_sae
+from dlmscope.analysis.splice import delta_loss_over_batches
+from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.train.log import LogConfig
 from dlmscope.data.text import world_batches as text_world_batches
 from dlmscope.world import ASSETS_DIR, concept_id_table

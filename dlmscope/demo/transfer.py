@@ -2,11 +2,11 @@
 
 At ``cfg.transfer_layers``, Unmask-policy SAEs (n and k_ref of the demo) are trained on the base DLM, the instruct
 twin and the AR twin (clean text) from one shared initialisation, on the demo's text, and compared with
-:func:`dlmscope.analysis.transfer.run_transfer`.
+:func:`dlmscope.jobs.transfer.run_transfer`.
 """
 from __future__ import annotations
 
-from dlmscope.analysis.transfer import run_transfer
+from dlmscope.jobs.transfer import run_transfer
 from .config import DemoConfig
 
 __all__ = ["run_transfer_section"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dlmscope.data.activations import _split_batch
+from dlmscope.data.activations import split_batch
 from dlmscope.data.noise import corrupt
 
 __all__ = ["HIST_EDGES", "WindowStore", "FeatureStats", "collect", "activation_stats", "logit_effects",
@@ -238,7 +238,7 @@ def model_batches(adapter, layer: int, token_batches: Iterable, *, masked_t: flo
     special = torch.tensor(_special_ids(adapter.tokenizer))
     gen = torch.Generator().manual_seed(seed)
     for item in token_batches:
-        ids, am = _split_batch(item)
+        ids, am = split_batch(item)
         clean = ids
         if masked_t is None:
             inp, keep, hidden = ids, ~torch.isin(ids, special), None

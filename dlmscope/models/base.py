@@ -9,6 +9,7 @@ evaluation need, independent of the checkpoint family:
   (the residual stream right after ``layers[L]``, before any final norm). In transformers 5.24's
   ``output_hidden_states`` convention this is ``hidden_states[L + 1]`` for every block but the last;
   ``hidden_states[-1]`` is the *final-normed* output, i.e. ``norm(resid_post of the last block)``.
+  :mod:`dlmscope.models.hooks` reads and edits the hidden state at this hook point.
 * ``.mask_token_id`` (``None`` for AR models; :meth:`require_mask_token` raises for them)
 * ``.is_diffusion`` and ``.logit_shift`` (1 for Dream: its raw logits at i score token i+1)
 * ``.logits(input_ids, attention_mask)`` — aligned so that position i scores token i for every family
@@ -19,6 +20,7 @@ This module knows nothing of SAEs (see DESIGN.md, "Layers").
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import os
@@ -28,16 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hooks import capture
+
 __all__ = ["Adapter", "read_config", "read_state_dict", "build_from_state_dict", "load_tokenizer", "resolve_mask_token_id"]
 
 
 class _StopForward(Exception):
     """Raised from a forward hook to end the forward pass after the deepest requested block."""
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    # transformers >= 5.2 decoder layers return a plain tensor; older / remote code returns tuples.
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class Adapter:
@@ -234,25 +233,21 @@ class Adapter:
         wanted = self.check_layers(layers)
         deepest = wanted[-1]
         captured: dict[int, torch.Tensor] = {}
-        handles = []
 
-        def make_hook(idx: int):
-            def hook(_module, _args, output):
-                captured[idx] = _block_output(output)
+        def keep(idx: int):
+            def fn(hidden: torch.Tensor) -> None:
+                captured[idx] = hidden
                 if idx == deepest:
                     raise _StopForward
-            return hook
+            return fn
 
-        try:
+        with contextlib.ExitStack() as hooks:
             for idx in wanted:
-                handles.append(self.blocks[idx].register_forward_hook(make_hook(idx)))
+                hooks.enter_context(capture(self.blocks[idx], keep(idx)))
             try:
                 self._run_trunk(input_ids, attention_mask, **model_kwargs)
             except _StopForward:
                 pass
-        finally:
-            for h in handles:
-                h.remove()
         missing = [idx for idx in wanted if idx not in captured]
         if missing:  # pragma: no cover - would mean the model skipped blocks
             raise RuntimeError(f"blocks {missing} of {self.source!r} were not executed")

@@ -3,15 +3,18 @@
     FVE = 1 - Σ_d Var_b(x - x̂) / Σ_d Var_b(x)        (REFERENCE.md §4; FVU = 1 - FVE)
 
 :class:`ReconstructionStats` accumulates the sums FVE, MSE, L0 and firing counts need over batches in float64,
-so a held-out set of any size is scored in bounded memory; :func:`fve` is the one-batch case. The oracle
+so a held-out set of any size is scored in bounded memory; :func:`fve` is the one-batch case and
+:func:`evaluate_sae` scores an SAE on held-out activations (no language model involved). The oracle
 ``reference.fraction_of_variance_explained`` is kept independent of this module and tests compare the two.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
-__all__ = ["ReconstructionStats", "fve", "fves"]
+__all__ = ["ReconstructionStats", "fve", "fves", "evaluate_sae"]
 
 
 class ReconstructionStats:
@@ -91,3 +94,55 @@ def fves(x: Tensor, residuals: list[Tensor]) -> Tensor:
 def fve(x: Tensor, residual: Tensor) -> Tensor:
     """FVE of one batch ``x [B, d]`` with residual ``x - x̂ [B, d]``, as a 0-d float64 tensor."""
     return fves(x, [residual])[0]
+
+
+# -------------------------------------------------------------------------------------- held-out evaluation
+def _first_parameter(sae) -> Tensor | None:
+    """The SAE's first parameter (its dtype and device are the SAE's), or None for a parameterless callable."""
+    try:
+        return next(sae.parameters())
+    except (AttributeError, StopIteration):
+        return None
+
+
+@torch.no_grad()
+def evaluate_sae(
+    sae,
+    activations: Tensor | Iterable[Tensor],
+    *,
+    batch_size: int = 4096,
+    dead_max_fires: int = 0,
+    max_tokens: int | None = None,
+) -> dict[str, float]:
+    """FVE, L0, dead fraction and MSE of ``sae`` on held-out activations.
+
+    ``sae``: a :class:`~dlmscope.sae.topk.TopKSAE` or any object with ``encode(x) -> (values, indices)``,
+    ``decode(values, indices)`` and ``n`` (or ``cfg.n``); the activations are cast to its parameters' dtype
+    and device.
+    ``activations``: a ``[N, d]`` tensor or an iterable of ``[B, d]`` batches (e.g. ``stream.for_layer(L)``).
+    FVE = ``1 − Σ_d Var(x − x̂) / Σ_d Var(x)`` over all tokens (accumulated in float64); L0 = mean number of
+    latents with a positive value; a latent is dead when it fired ``≤ dead_max_fires`` times on this data.
+    """
+    if isinstance(activations, Tensor):
+        if activations.dim() != 2:
+            raise ValueError(f"activations must be [N, d], got {tuple(activations.shape)}")
+        batches: Iterable[Tensor] = activations.split(batch_size)
+    else:
+        batches = activations
+    param = _first_parameter(sae)
+    sdtype = param.dtype if param is not None else torch.float32
+    sdevice = param.device if param is not None else None
+    stats = ReconstructionStats(int(sae.n if hasattr(sae, "n") else sae.cfg.n))
+    for x in batches:
+        if isinstance(x, dict):
+            raise ValueError("evaluate_sae takes [B, d] batches; for a multi-layer stream pass stream.for_layer(L)")
+        if max_tokens is not None and stats.tokens >= max_tokens:
+            break
+        if max_tokens is not None and stats.tokens + x.shape[0] > max_tokens:
+            x = x[: max_tokens - stats.tokens]
+        x = x.reshape(-1, x.shape[-1]).to(device=sdevice if sdevice is not None else x.device, dtype=sdtype)
+        values, indices = sae.encode(x)
+        stats.add(x, x - sae.decode(values, indices), values, indices)
+    if stats.tokens == 0:
+        raise ValueError("evaluate_sae got no activations")
+    return stats.result(dead_max_fires)

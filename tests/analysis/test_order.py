@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dlmscope.demo import load_world_model
-from dlmscope.analysis.order import (FeatureTrace, SAEStabilityGuide, _top_k, jaccard, order_sensitive_features,
-                            order_statistics, replay)
+from dlmscope.analysis.order import (FeatureTrace, SAEStabilityGuide, jaccard, order_sensitive_features,
+                                     order_statistics, replay, top_latents)
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.models.sampler_rules import dream_counts as _dream_counts, step_counts as _step_counts
 from dlmscope.models.sampling import dream_fill, llada_fill, llada_generate
@@ -99,7 +99,7 @@ def test_replay_equals_a_direct_forward_at_every_state(dlm, saes):
             hs = dlm.forward_until(gen.history[s, b:b + 1, :n], LAYERS)
             for li, L in enumerate(LAYERS):
                 h = hs[L][0, gen.gen_positions[b]]
-                ids, vals = _top_k(saes[L], h, 4)
+                ids, vals = top_latents(saes[L], h, 4)
                 assert torch.equal(trace.ids[li, s, b], ids)
                 torch.testing.assert_close(trace.values[li, s, b].float(), vals, rtol=2e-3, atol=2e-3)
 

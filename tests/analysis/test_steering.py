@@ -130,14 +130,15 @@ def test_steering_score_same_seed_baseline_and_formula(dlm, sae):
 
     from dlmscope.interp.judges import PlantedJudge
     from dlmscope.analysis.steering import FLUENCY_WEIGHT, generation_perplexity, steering_score
+    from dlmscope.world import CONCEPTS
 
     ar = load_world_model("ar")
     prompts = [_prompt(dlm, t)[0].tolist() for t in ("anna wrote a story about", "ben talked about")]
     gen = functools.partial(llada_generate, gen_length=3, steps=3, temperature=0.7)
     # alpha 0: the steered run is the baseline (same seed), so the score is exactly 0
-    r0 = steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 0.0, "food", PlantedJudge(), ar, seed=5)
+    r0 = steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 0.0, "food", PlantedJudge(concepts=CONCEPTS), ar, seed=5)
     assert r0.generations_before == r0.generations_after and r0.score == 0.0 and r0.failed == 0
-    r = steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(), ar, seed=5)
+    r = steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(concepts=CONCEPTS), ar, seed=5)
     assert r.generations_before == r0.generations_before
     expected = (r.concept_after - r.concept_before) + FLUENCY_WEIGHT * (r.ppl_before - r.ppl_after) / r.ppl_before
     assert math.isclose(r.score, expected)
@@ -159,10 +160,11 @@ def test_steering_score_same_seed_baseline_and_formula(dlm, sae):
     # a baseline computed once gives the same result as one computed inside the call
     from dlmscope.analysis.steering import steering_baseline
     base = steering_baseline(dlm, prompts, gen, 3, ar, seed=5)
-    assert steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(), ar, seed=5,
+    assert steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(concepts=CONCEPTS), ar, seed=5,
                           baseline=base) == r
     with pytest.raises(ValueError, match="seed 5"):
-        steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(), ar, seed=6, baseline=base)
+        steering_score(dlm, prompts, gen, 3, LAYER, sae, 4, 3.0, "food", PlantedJudge(concepts=CONCEPTS), ar, seed=6,
+                       baseline=base)
 
 
 def test_cli_steer_writes_a_sweep(dlm, sae, tmp_path, capsys):

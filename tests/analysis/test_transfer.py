@@ -1,5 +1,5 @@
-"""Post-training stability (dlmscope.analysis.transfer): hand-built cases with known answers, the bad-input errors, and one
-small run on the embedded world's base / instruct / AR models."""
+"""Post-training stability measurements (dlmscope.analysis.transfer): hand-built cases with known answers, the
+bad-input errors, and paired activations of the embedded world's base / instruct / AR models."""
 from __future__ import annotations
 
 import json
@@ -10,18 +10,14 @@ import torch
 
 from dlmscope.demo import load_world_model
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.data.text import world_batches
-from dlmscope.train.trainer import TrainConfig
+from dlmscope.world import world_batches
 from dlmscope.analysis.transfer import (alive_overlap, check_same_tokens, compare_layer, correlation_summary,
-                               latent_agreement, match_decoders, match_summary, paired_activations, plot_transfer,
-                               run_transfer, summary_lines)
+                                        latent_agreement, match_decoders, match_summary, paired_activations)
 
 D, N, K = 32, 48, 4
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY_TRAIN = TrainConfig(lr=1e-3, warmup_steps=2, norm_batches=2, dead_tokens=4_000)
 
 
-def _sae(seed: int, d: int = D, n: int = N, k: int = K) -> TopKSAE:
+def random_sae(seed: int, d: int = D, n: int = N, k: int = K) -> TopKSAE:
     sae = TopKSAE(d, n, k, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():  # a non-zero encoder bias, so that the code depends on more than the directions
         sae.b_enc.copy_(0.1 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)))
@@ -44,7 +40,7 @@ def _permuted(sae: TopKSAE, perm: torch.Tensor) -> TopKSAE:
 
 # ------------------------------------------------------------------------------------------ known answers
 def test_an_sae_compared_with_itself_matches_perfectly():
-    sae, x = _sae(0), _acts()
+    sae, x = random_sae(0), _acts()
     m = match_decoders(sae, sae)
     s = match_summary(m)
     assert s["max_cos_mean"] == pytest.approx(1.0, abs=1e-5) and s["hungarian_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -62,7 +58,7 @@ def test_an_sae_compared_with_itself_matches_perfectly():
 
 
 def test_compare_layer_of_an_sae_with_itself():
-    sae, x = _sae(0), _acts()
+    sae, x = random_sae(0), _acts()
     out = compare_layer(sae, sae, x, x.clone())
     assert out["fve"]["ratio"] == pytest.approx(1.0)
     assert out["fve"]["base_on_base"]["fve"] == pytest.approx(out["fve"]["target_on_target"]["fve"])
@@ -73,7 +69,7 @@ def test_compare_layer_of_an_sae_with_itself():
 
 
 def test_a_permuted_copy_is_matched_one_to_one_and_the_permutation_recovered():
-    sae = _sae(3)
+    sae = random_sae(3)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(7))
     m = match_decoders(sae, _permuted(sae, perm))
     # base row perm[j] is the other SAE's row j, so base row i is matched to inverse(perm)[i]
@@ -87,13 +83,13 @@ def test_a_permuted_copy_is_matched_one_to_one_and_the_permutation_recovered():
 
 def test_a_random_sae_matches_poorly():
     # d=64, n=48: the best of 48 random unit vectors has cos ≈ sqrt(2 ln 48 / 64) ≈ 0.35
-    s = match_summary(match_decoders(_sae(0, d=64), _sae(100, d=64)))
+    s = match_summary(match_decoders(random_sae(0, d=64), random_sae(100, d=64)))
     assert s["max_cos_mean"] < 0.5 and s["hungarian_mean"] < 0.4
     assert s["hungarian_frac_gt_0.7"] == 0.0 and s["max_cos_frac_gt_0.7"] == 0.0
 
 
 def test_signed_cosine_a_negated_decoder_is_not_a_match():
-    sae = _sae(0)
+    sae = random_sae(0)
     m = match_decoders(sae, -sae.W_dec.detach())  # a decoder matrix is accepted too
     assert m.same_index_cos.max() == pytest.approx(-1.0, abs=1e-5) and match_summary(m)["hungarian_frac_gt_0.7"] == 0
 
@@ -119,15 +115,15 @@ def test_alive_overlap_counts():
 def test_saes_of_different_d_or_n_are_refused():
     x = _acts()
     with pytest.raises(ValueError, match=r"base SAE has d=32 but the target SAE has d=16"):
-        compare_layer(_sae(0), _sae(1, d=16), x, x)
+        compare_layer(random_sae(0), random_sae(1, d=16), x, x)
     with pytest.raises(ValueError, match=r"base SAE has n=48 latents but the target SAE has n=24"):
-        compare_layer(_sae(0), _sae(1, n=24), x, x)
+        compare_layer(random_sae(0), random_sae(1, n=24), x, x)
     with pytest.raises(ValueError, match=r"different size n: 48 vs 24"):
-        match_decoders(_sae(0), _sae(1, n=24))
+        match_decoders(random_sae(0), random_sae(1, n=24))
 
 
 def test_activations_of_different_tokens_or_d_are_refused():
-    sae = _sae(0)
+    sae = random_sae(0)
     with pytest.raises(ValueError, match=r"differ in shape: they must be the same tokens"):
         compare_layer(sae, sae, _acts(100), _acts(90))
     with pytest.raises(ValueError, match=r"differ in shape"):
@@ -138,6 +134,7 @@ def test_activations_of_different_tokens_or_d_are_refused():
         check_same_tokens(torch.zeros(3), torch.zeros(3))
 
 
+# --------------------------------------------------------------------------------------- the world models
 @pytest.fixture(scope="module")
 def world():
     base, inst, ar = (load_world_model(n) for n in ("dlm", "instruct", "ar"))
@@ -145,25 +142,6 @@ def world():
     return base, inst, ar, (train, held)
 
 
-def test_run_transfer_refuses_bad_layers_and_mismatched_saes(world):
-    base, inst, _, batches = world
-    with pytest.raises(ValueError, match=r"layer 99 out of range .* valid layers are 0\.\.7"):
-        run_transfer(base, inst, [99], batches=batches)
-    with pytest.raises(ValueError, match=r"base_saes\[1\] has d=32 but the model's hidden size is d_model=128"):
-        run_transfer(base, inst, [1], base_saes={1: _sae(0)}, batches=batches)
-    with pytest.raises(ValueError, match=r"instruct_saes\[1\] has n=48 latents but n_latents=64"):
-        run_transfer(base, inst, [1], n_latents=64, instruct_saes={1: _sae(0, d=128)}, batches=batches)
-    with pytest.raises(ValueError, match=r"base_saes has no SAE for layer 2"):
-        run_transfer(base, inst, [1, 2], n_latents=48, k=4, base_saes={1: _sae(0, d=128)}, batches=batches)
-    with pytest.raises(ValueError, match=r"base_saes\[1\] has k=4 but k=8"):
-        run_transfer(base, inst, [1], n_latents=48, base_saes={1: _sae(0, d=128)}, batches=batches)
-    with pytest.raises(ValueError, match=r"no SAE with k=8 \(ks \[4\]\)"):
-        run_transfer(base, inst, [1], n_latents=48, base_saes={1: [_sae(0, d=128)]}, batches=batches)
-    with pytest.raises(ValueError, match=r"unknown mask policy"):
-        run_transfer(base, inst, [1], policy="unmasked", batches=batches)
-
-
-# --------------------------------------------------------------------------------------- the world models
 def test_paired_activations_are_the_same_tokens(world):
     base, inst, ar, (_, held) = world
     same_a, same_b = paired_activations(base, base, held, [0, 2], "unmask", tokens=500, seed=1)
@@ -173,71 +151,3 @@ def test_paired_activations_are_the_same_tokens(world):
     assert torch.equal(b[2], same_a[2])  # the same positions whichever model it is paired with
     with pytest.raises(ValueError, match=r"masks the text, but the models' mask tokens differ"):
         paired_activations(base, ar, held, [2], "unmask", tokens=100)
-
-
-def test_run_transfer_end_to_end_on_the_world_models(world, tmp_path):
-    base, inst, ar, batches = world
-    L = 2
-    result = run_transfer(base, inst, [L], n_latents=64, k=4, train_tokens=3_000, eval_tokens=1_000,
-                          delta_batches=1, control=ar, batches=batches, train=TINY_TRAIN, sae_batch=256)
-    assert json.loads(json.dumps(result)) is not None and result["config"]["cosine"] == "signed"
-    assert list(result["layers"]) == [str(L)] and set(result["layers"][str(L)]) == {"instruct", "control"}
-    for name, e in result["layers"][str(L)].items():
-        for cond in ("base_on_base", "base_on_target", "target_on_target"):
-            assert e["fve"][cond]["fve"] <= 1.0 and e["fve"][cond]["n_tokens"] == 1_000
-            assert e["fve"][cond]["l0"] == pytest.approx(4.0)
-        assert 0.0 <= e["alive"]["jaccard"] <= 1.0 and e["alive"]["n_latents"] == 64
-        assert -1.0 <= e["correlation"]["median"] <= 1.0
-        for key in ("decoder", "decoder_chance", "decoder_init"):
-            assert all(0.0 <= v <= 1.0 for k, v in e[key].items() if "frac" in k or k == "identity_fraction")
-            assert -1.0 <= e[key]["hungarian_mean"] <= e[key]["max_cos_mean"] + 1e-6 <= 1.0 + 1e-6
-        # all three SAEs start from one init: they match each other far better than chance
-        assert e["decoder"]["hungarian_mean"] > e["decoder_chance"]["hungarian_mean"] + 0.3
-        assert set(e["delta"]) == ({"base_in_base", "base_in_target", "target_in_target"} if name == "instruct"
-                                   else {"base_in_target", "target_in_target"})
-    inst_delta = result["layers"][str(L)]["instruct"]["delta"]["base_in_target"]
-    assert inst_delta["n_masked"] > 0 and inst_delta["mask_zero"] > inst_delta["mask_clean"]
-    assert "recovered" in result["layers"][str(L)]["control"]["delta"]["base_in_target"]  # AR: next-token CE
-    s = result["summary"][str(L)]
-    assert s["fve_ratio"] == pytest.approx(s["fve_base_on_target"] / s["fve_target_on_target"])
-    assert "control_hungarian_mean" in s and "init_hungarian_mean" in s
-    lines = summary_lines(result)
-    assert len(lines) == 1 and lines[0].startswith(f"layer {L}:") and "AR control" in lines[0]
-    path = plot_transfer(result, tmp_path / "transfer.png")
-    assert path.read_bytes()[:8] == PNG_MAGIC
-
-
-def test_run_transfer_with_given_saes_trains_nothing(world):
-    base, inst, _, (train, held) = world
-    L = 1
-    given = {m: TopKSAE(128, 64, 4, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(("b", "i"))}
-    # a list per layer, as the demo's k sweep gives: the k=4 SAE is picked; no train batches are needed
-    result = run_transfer(base, inst, [L], n_latents=64, k=4, eval_tokens=300, delta_batches=1,
-                          base_saes={L: [TopKSAE(128, 64, 8), given["b"]]}, instruct_saes={L: given["i"]},
-                          batches=([], held))
-    e = result["layers"][str(L)]["instruct"]
-    assert "decoder_init" not in e and "init_hungarian_mean" not in result["summary"][str(L)]  # init unknown
-    direct = compare_layer(given["b"], given["i"],
-                           *(acts[L] for acts in paired_activations(base, inst, held, [L], "unmask", tokens=300)))
-    assert e["fve"] == direct["fve"] and e["decoder"] == direct["decoder"]
-    assert e["decoder"]["hungarian_mean"] < 0.5  # two independent random SAEs: chance level
-
-
-def test_cli_transfer(tmp_path, capsys):
-    import json
-    import os
-
-    from dlmscope import cli
-    from dlmscope.world import ASSETS_DIR
-
-    m = lambda name: os.path.join(ASSETS_DIR, "models", name)  # noqa: E731
-    rc = cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "2", "--n", "64",
-                   "--k", "4", "--tokens", "4000", "--eval-tokens", "1000", "--delta-batches", "1",
-                   "--sentences", "3000", "--out", str(tmp_path / "t")])
-    assert rc == 0
-    result = json.loads((tmp_path / "t" / "transfer.json").read_text())
-    assert list(result["summary"]) == ["2"] and (tmp_path / "t" / "transfer.png").stat().st_size > 1000
-    assert "layer 2: base SAE on instruct keeps" in capsys.readouterr().out
-    assert cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "9",
-                     "--out", str(tmp_path / "t")]) == 2
-    assert "layer" in capsys.readouterr().err

@@ -1,10 +1,13 @@
-"""dlmscope.sae.metrics against the oracle (reference.fraction_of_variance_explained)."""
+"""dlmscope.sae.metrics against the oracle (reference.fraction_of_variance_explained), and held-out evaluation."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dlmscope import reference
-from dlmscope.sae.metrics import ReconstructionStats, fve, fves
+from dlmscope.sae.metrics import ReconstructionStats, evaluate_sae, fve, fves
+
+from tests.analysis.test_splice import D, perfect_sae, random_sae
 
 
 def test_fve_matches_the_oracle_for_one_and_many_reconstructions():
@@ -26,3 +29,29 @@ def test_streamed_statistics_equal_one_batch():
     assert stats.tokens == 500
     torch.testing.assert_close(stats.fve_tensor(), fve(x, e), rtol=0, atol=1e-12)
     assert abs(stats.result()["mse"] - float(e.pow(2).sum(-1).mean())) < 1e-12
+
+
+# -------------------------------------------------------------------------------------------- evaluate_sae
+def test_evaluate_sae_matches_reference():
+    torch.manual_seed(0)
+    x = torch.randn(300, D) * torch.linspace(0.2, 3, D) + 1.0
+    sae = random_sae(5, n=64, k=8)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+        x_hat = sae(x)
+        vals, idx = sae.encode(x)
+    res = evaluate_sae(sae, x, batch_size=64)
+    assert res["n_tokens"] == 300
+    assert res["fve"] == pytest.approx(float(reference.fraction_of_variance_explained(x, x_hat)), abs=1e-5)
+    assert res["fvu"] == pytest.approx(1 - res["fve"])
+    assert res["mse"] == pytest.approx(float(((x - x_hat) ** 2).sum(1).mean()), rel=1e-5)
+    assert res["l0"] == pytest.approx(float((vals > 0).sum(1).float().mean()))
+    fired = torch.zeros(64, dtype=torch.long).index_add_(0, idx.reshape(-1), (vals > 0).long().reshape(-1))
+    assert res["dead_fraction"] == pytest.approx(float((fired == 0).float().mean()))
+    # a stream of batches gives the same numbers; the perfect SAE explains everything
+    stream_res = evaluate_sae(sae, list(x.split(50)))
+    assert stream_res["fve"] == pytest.approx(res["fve"], abs=1e-9)
+    assert evaluate_sae(perfect_sae(), x)["fve"] == pytest.approx(1.0, abs=1e-6)
+    assert evaluate_sae(sae, x, max_tokens=100)["n_tokens"] == 100
+    with pytest.raises(ValueError, match="no activations"):
+        evaluate_sae(sae, [])

@@ -1,0 +1,253 @@
+"""The base → instruct transfer job: train the SAEs, measure them on paired held-out tokens, add ΔLM, report.
+
+Per layer, :func:`run_transfer` trains (or takes) a base SAE on the base model and a target SAE on the instruct
+model (and, optionally, on the AR twin as a control), all from one shared initialisation (the pipeline seeds it by
+``(seed, layer)``) unless ``target_init_seed`` is set, then scores them with
+:func:`dlmscope.analysis.transfer.compare_layer` and splices them into the models
+(:func:`~dlmscope.analysis.splice.delta_loss_over_batches`): the base SAE and the target SAE into the target
+model (one corruption for both), and the base SAE into the base model for reference.
+
+    result = run_transfer(load_world_model("dlm"), load_world_model("instruct"), [2, 5],
+                          control=load_world_model("ar"))
+    print("\\n".join(summary_lines(result)))
+    plot_transfer(result, "transfer.png")
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from dlmscope.analysis.splice import delta_loss_over_batches
+from dlmscope.analysis.transfer import check_models, compare_layer, paired_activations
+from dlmscope.data.activations import check_policy
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.train.log import LogConfig
+from dlmscope.train.trainer import TrainConfig
+from dlmscope.world import LM_BATCH, SAE_TRAIN, SEQ_LEN, world_batches
+from .train import SweepSpec, make_saes, train_sweep
+
+__all__ = ["WORLD_RECIPE", "train_saes", "run_transfer", "summary_lines", "plot_transfer"]
+
+#: the world's SAE recipe for its tiny models (the demo's); pass ``train=`` for real models
+WORLD_RECIPE = TrainConfig(**SAE_TRAIN)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def train_saes(adapter, token_batches, layers: Sequence[int], policy: str, *, n_latents: int, k: int,
+               tokens: int, seed: int = 0, init_seed: int | None = None, train: TrainConfig | None = None,
+               batch_size: int = 1024, label: str = "") -> dict[int, TopKSAE]:
+    """``{layer: TopKSAE}``: one SAE per layer trained on ``tokens`` activations of ``adapter`` through
+    :func:`~dlmscope.jobs.train.train_sweep` (one harvest for all layers, cached in a temporary directory).
+
+    ``seed`` fixes the data order and corruption; the initialisation depends on ``(init_seed, layer)`` only
+    (default ``init_seed = seed``, the pipeline's), so SAEs trained here on two models share it.
+    """
+    spec = SweepSpec(layers=tuple(layers), ks=(k,), n_latents=n_latents, policy=policy, tokens=tokens,
+                     batch_size=batch_size, seed=seed)
+    init = dataclasses.replace(spec, seed=seed if init_seed is None else init_seed)
+    start = {L: make_saes(adapter.d_model, init, L, {"model": str(adapter.source)}) for L in spec.layers}
+    with tempfile.TemporaryDirectory(prefix="dlmscope-transfer-") as cache:
+        saes = train_sweep(adapter, token_batches, spec, train or WORLD_RECIPE, cache_dir=cache, saes=start,
+                           log=LogConfig(log_every=25), label=label)
+    return {L: s[0] for L, s in saes.items()}
+
+
+def _pick(saes: Mapping, layer: int, k: int, d_model: int, n_latents: int, what: str):
+    """The SAE for ``layer`` from ``{layer: SAE or [SAE per k]}`` (a list: the one with this ``k``), checked
+    against the model's hidden size and the run's ``n_latents``."""
+    if layer not in saes:
+        raise ValueError(f"{what} has no SAE for layer {layer} (it has layers {sorted(saes)})")
+    got = saes[layer]
+    if isinstance(got, (list, tuple)):
+        match = [s for s in got if s.k == k]
+        if not match:
+            raise ValueError(f"{what}[{layer}] has no SAE with k={k} (ks {[s.k for s in got]})")
+        got = match[0]
+    if got.d != d_model:
+        raise ValueError(f"{what}[{layer}] has d={got.d} but the model's hidden size is d_model={d_model}")
+    if got.n != n_latents:
+        raise ValueError(f"{what}[{layer}] has n={got.n} latents but n_latents={n_latents}: SAEs of different n "
+                         f"cannot be matched one to one (pass n_latents={got.n})")
+    if got.k != k:
+        raise ValueError(f"{what}[{layer}] has k={got.k} but k={k}")
+    return got
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, policy: str = "unmask",
+                 n_latents: int = 512, k: int = 8, train_tokens: int = 200_000, eval_tokens: int = 30_000,
+                 delta_batches: int = 12, seed: int = 0, control=None, base_saes: Mapping | None = None,
+                 instruct_saes: Mapping | None = None, control_saes: Mapping | None = None,
+                 batches: tuple[Sequence, Sequence] | None = None, sentences: int = 100_000,
+                 train: TrainConfig | None = None, sae_batch: int = 1024,
+                 target_init_seed: int | None = None, seq_len: int = SEQ_LEN,
+                 lm_batch: int = LM_BATCH) -> dict:
+    """Base → instruct SAE transfer at each of ``layers``; returns a JSON-able dict.
+
+    SAEs: ``base_saes`` / ``instruct_saes`` ``{layer: SAE or [SAE per k]}`` are used as given (a list: its
+    ``k`` SAE; every layer, ``n_latents`` latents); when ``None`` they are trained here on ``train_tokens``
+    activations of ``policy`` (:func:`train_saes`, recipe ``train``, default the demo's), all from one shared
+    initialisation, unless ``target_init_seed`` gives the instruct and control SAEs their own. ``batches``:
+    ``(train, heldout)`` LM batches, default the embedded world's corpus (``sentences`` sentences in
+    ``seq_len``-token rows, ``lm_batch`` rows per batch, split by ``seed``); both models see the same text.
+    Evaluation runs on ``eval_tokens`` paired held-out tokens (corruption seed ``seed + 1``, as the pipeline's
+    held-out set) and ΔLM on the first ``delta_batches`` held-out batches (corruption seed ``seed + 7``, as the
+    demo's).
+
+    ``control``: optionally the AR twin (an adapter): its ``clean``-policy SAE (``control_saes``, or trained here)
+    against the base SAE on clean text, as the reference for "a different model".
+
+    Result: ``config``; ``layers[str(L)]`` with ``instruct`` (:func:`compare_layer` plus ``delta``:
+    ``base_in_base``, ``base_in_target``, ``target_in_target``) and, with a control, ``control`` (the same with
+    the AR twin as target); ``summary[str(L)]`` with the headline numbers (see :func:`summary_lines`).
+    """
+    policy = check_policy(policy)
+    check_models(base_adapter, instruct_adapter, policy)
+    layers = instruct_adapter.check_layers(base_adapter.check_layers(layers))
+    if control is not None:
+        check_models(base_adapter, control, "clean")
+        control.check_layers(layers)
+    d = base_adapter.d_model
+    # the given SAEs are checked before any work: every layer, this k, the model's d and n_latents
+    given = {what: None if saes is None else {L: _pick(saes, L, k, d, n_latents, what) for L in layers}
+             for what, saes in (("base_saes", base_saes), ("instruct_saes", instruct_saes),
+                                ("control_saes", control_saes))}
+    if base_adapter.tokenizer is None and batches is None:
+        raise ValueError("the base model has no tokenizer; pass batches=(train, heldout) token batches")
+    if delta_batches < 1:
+        raise ValueError(f"delta_batches must be >= 1, got {delta_batches}")
+    train_b, held_b = batches if batches is not None else world_batches(base_adapter.tokenizer, sentences, seq_len,
+                                                                        lm_batch, seed)
+    held_b = list(held_b)
+    if not held_b:
+        raise ValueError("run_transfer needs held-out token batches")
+    spec = SweepSpec(layers=tuple(layers), ks=(k,), n_latents=n_latents, policy=policy, tokens=train_tokens,
+                     batch_size=sae_batch, seed=seed)
+
+    def saes_for(adapter, what, pol):
+        """``({layer: SAE}, trained here?)``: the given SAEs of every layer, or ones trained now."""
+        if given[what] is not None:
+            return given[what], False
+        init_seed = target_init_seed if what != "base_saes" else None
+        return train_saes(adapter, train_b, layers, pol, n_latents=n_latents, k=k, tokens=train_tokens, seed=seed,
+                          init_seed=init_seed, train=train, batch_size=sae_batch, label=what), True
+
+    base, base_trained = saes_for(base_adapter, "base_saes", policy)
+    targets = [("instruct", instruct_adapter, *saes_for(instruct_adapter, "instruct_saes", policy), policy)]
+    if control is not None:
+        targets.append(("control", control, *saes_for(control, "control_saes", "clean"), "clean"))
+
+    out: dict = {"config": {"layers": list(layers), "policy": policy, "control_policy": "clean",
+                            "n_latents": n_latents, "k": k, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
+                            "delta_batches": delta_batches, "seed": seed, "control": control is not None,
+                            "target_init_seed": target_init_seed, "cosine": "signed"},
+                 "layers": {str(L): {} for L in layers}}
+    delta_ids = held_b[:delta_batches]
+    for name, adapter, target, trained, pol in targets:
+        acts_b, acts_t = paired_activations(base_adapter, adapter, held_b, layers, pol, tokens=eval_tokens,
+                                            seed=seed + 1)
+        for L in layers:
+            # the init both SAEs started from is known only when this run trained both of them
+            init = make_saes(d, spec, L)[0] if base_trained and trained and target_init_seed is None else None
+            entry = compare_layer(base[L], target[L], acts_b[L], acts_t[L], init_sae=init)
+            b_in_t, t_in_t = delta_loss_over_batches(adapter, [base[L], target[L]], L, delta_ids, seed=seed + 7)
+            entry["delta"] = {"base_in_target": b_in_t, "target_in_target": t_in_t}
+            if name == "instruct":
+                entry["delta"]["base_in_base"] = delta_loss_over_batches(base_adapter, [base[L]], L, delta_ids,
+                                                                         seed=seed + 7)[0]
+            out["layers"][str(L)][name] = entry
+    out["summary"] = {str(L): _layer_summary(out["layers"][str(L)]) for L in layers}
+    return out
+
+
+def _layer_summary(entry: dict) -> dict:
+    """Headline numbers of one layer (the control's prefixed ``control_``), with the fraction of loss recovered
+    vs zero-ablation (the DLM's ``L_mask`` one, or the AR one) of the base and the target SAE in the target."""
+    out = {}
+    for name, e in entry.items():
+        f, dec, cor = e["fve"], e["decoder"], e["correlation"]
+        vals = {**{f"fve_{c}": f[c]["fve"] for c in ("base_on_base", "base_on_target", "target_on_target")},
+                "fve_ratio": f["ratio"], "alive_jaccard": e["alive"]["jaccard"], "corr_median": cor["median"],
+                "corr_frac_gt_0.9": cor["corr_frac_gt_0.9"],
+                **{key: dec[key] for key in ("max_cos_mean", "hungarian_mean", "hungarian_frac_gt_0.9",
+                                             "hungarian_frac_gt_0.7", "identity_fraction")},
+                **{f"chance_{key}": e["decoder_chance"][key] for key in ("max_cos_mean", "hungarian_mean")},
+                **{f"recovered_{c}": d.get("mask_recovered", d.get("recovered", math.nan))
+                   for c, d in e["delta"].items() if c != "base_in_base"}}
+        if "decoder_init" in e:
+            vals["init_hungarian_mean"] = e["decoder_init"]["hungarian_mean"]
+        out.update({("" if name == "instruct" else f"{name}_") + key: v for key, v in vals.items()})
+    return out
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One plain-language line per layer: how much of the base SAE survives on the instruct model."""
+    lines = []
+    for L, s in result["summary"].items():
+        line = (f"layer {L}: base SAE on instruct keeps {s['fve_ratio']:.0%} of the instruct SAE's FVE "
+                f"({s['fve_base_on_target']:.3f} vs {s['fve_target_on_target']:.3f}; on base "
+                f"{s['fve_base_on_base']:.3f}); Hungarian-matched decoder rows: mean cos {s['hungarian_mean']:.2f}, "
+                f"{s['hungarian_frac_gt_0.9']:.0%} > 0.9 (chance mean {s['chance_hungarian_mean']:.2f}); median "
+                f"latent correlation {s['corr_median']:.2f}; alive Jaccard {s['alive_jaccard']:.2f}")
+        if "control_fve_ratio" in s:
+            line += (f" | AR control: FVE ratio {s['control_fve_ratio']:.0%}, Hungarian mean "
+                     f"{s['control_hungarian_mean']:.2f}, median correlation {s['control_corr_median']:.2f}")
+        lines.append(line)
+    return lines
+
+
+def plot_transfer(result: dict, path: str | Path) -> Path:
+    """A PNG of the per-layer numbers: FVE of the three conditions (and the AR control), Hungarian-matched
+    decoder fractions against chance, and the median latent activation correlation."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+
+    layers = list(result["summary"])
+    s = [result["summary"][L] for L in layers]
+    ctrl = "control_fve_ratio" in s[0]
+    x = torch.arange(len(layers)).double()
+    fig = Figure(figsize=(3 * max(3.8, 0.7 * len(layers)), 5.0))
+    ax_fve, ax_dec, ax_cor = fig.subplots(1, 3)
+
+    def grouped_bars(ax, bars):  # one group of bars per layer
+        w = 0.8 / len(bars)
+        for i, (key, label) in enumerate(bars):
+            ax.bar((x + (i - (len(bars) - 1) / 2) * w).tolist(), [r[key] for r in s], w, label=label)
+
+    grouped_bars(ax_fve, [("fve_base_on_base", "base SAE, base acts"),
+                          ("fve_base_on_target", "base SAE, instruct acts"),
+                          ("fve_target_on_target", "instruct SAE, instruct acts")]
+                 + ([("control_fve_base_on_target", "base SAE, AR acts (control)")] if ctrl else []))
+    ax_fve.set_title("held-out FVE", fontsize=10)
+    series = [("", "instruct")] + ([("control_", "AR control")] if ctrl else [])
+    grouped_bars(ax_dec, [(f"{pre}hungarian_frac_gt_{t}", f"{label}: fraction cos > {t}")
+                          for pre, label in series for t in (0.9, 0.7)])
+    # the mean matched cosines as a horizontal mark across each layer's group of bars
+    marks = [("hungarian_mean", "instruct", "-"), ("chance_hungarian_mean", "random SAE (chance)", ":")]
+    marks += [("init_hungarian_mean", "shared init", "--")] if "init_hungarian_mean" in s[0] else []
+    for key, label, ls in marks:
+        ax_dec.hlines([r[key] for r in s], (x - 0.45).tolist(), (x + 0.45).tolist(), colors="black", linestyles=ls,
+                      label=f"mean cos: {label}")
+    ax_dec.set_title("Hungarian-matched decoder rows, base vs other", fontsize=10)
+
+    for pre, label, mk in (("", "instruct", "o"),) + ((("control_", "AR control", "s"),) if ctrl else ()):
+        ax_cor.plot(x.tolist(), [r[f"{pre}corr_median"] for r in s], marker=mk, label=f"{label}: median r")
+        ax_cor.plot(x.tolist(), [r[f"{pre}corr_frac_gt_0.9"] for r in s], marker=mk, ls="--",
+                    label=f"{label}: fraction r > 0.9")
+    ax_cor.set_title("base SAE latent activation, base vs target", fontsize=10)
+
+    for ax in (ax_fve, ax_dec, ax_cor):
+        ax.set_xticks(x.tolist(), [f"L{L}" for L in layers])
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    cfg = result["config"]
+    fig.suptitle(f"base → instruct SAE transfer (policy {cfg['policy']}, n = {cfg['n_latents']}, k = {cfg['k']})")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path

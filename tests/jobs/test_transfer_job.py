@@ -1,0 +1,106 @@
+"""The base → instruct transfer job (dlmscope.jobs.transfer): its refusals of bad input, one small run on the
+embedded world's base / instruct / AR models, given SAEs, and the ``dlmscope transfer`` command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.train.trainer import TrainConfig
+from dlmscope.analysis.transfer import compare_layer, paired_activations
+from dlmscope.jobs.transfer import plot_transfer, run_transfer, summary_lines
+
+from tests.analysis.test_transfer import random_sae, world  # noqa: F401  (world: the module-scoped models fixture)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY_TRAIN = TrainConfig(lr=1e-3, warmup_steps=2, norm_batches=2, dead_tokens=4_000)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_run_transfer_refuses_bad_layers_and_mismatched_saes(world):
+    base, inst, _, batches = world
+    with pytest.raises(ValueError, match=r"layer 99 out of range .* valid layers are 0\.\.7"):
+        run_transfer(base, inst, [99], batches=batches)
+    with pytest.raises(ValueError, match=r"base_saes\[1\] has d=32 but the model's hidden size is d_model=128"):
+        run_transfer(base, inst, [1], base_saes={1: random_sae(0)}, batches=batches)
+    with pytest.raises(ValueError, match=r"instruct_saes\[1\] has n=48 latents but n_latents=64"):
+        run_transfer(base, inst, [1], n_latents=64, instruct_saes={1: random_sae(0, d=128)}, batches=batches)
+    with pytest.raises(ValueError, match=r"base_saes has no SAE for layer 2"):
+        run_transfer(base, inst, [1, 2], n_latents=48, k=4, base_saes={1: random_sae(0, d=128)}, batches=batches)
+    with pytest.raises(ValueError, match=r"base_saes\[1\] has k=4 but k=8"):
+        run_transfer(base, inst, [1], n_latents=48, base_saes={1: random_sae(0, d=128)}, batches=batches)
+    with pytest.raises(ValueError, match=r"no SAE with k=8 \(ks \[4\]\)"):
+        run_transfer(base, inst, [1], n_latents=48, base_saes={1: [random_sae(0, d=128)]}, batches=batches)
+    with pytest.raises(ValueError, match=r"unknown mask policy"):
+        run_transfer(base, inst, [1], policy="unmasked", batches=batches)
+
+
+# --------------------------------------------------------------------------------------- the world models
+def test_run_transfer_end_to_end_on_the_world_models(world, tmp_path):
+    base, inst, ar, batches = world
+    L = 2
+    result = run_transfer(base, inst, [L], n_latents=64, k=4, train_tokens=3_000, eval_tokens=1_000,
+                          delta_batches=1, control=ar, batches=batches, train=TINY_TRAIN, sae_batch=256)
+    assert json.loads(json.dumps(result)) is not None and result["config"]["cosine"] == "signed"
+    assert list(result["layers"]) == [str(L)] and set(result["layers"][str(L)]) == {"instruct", "control"}
+    for name, e in result["layers"][str(L)].items():
+        for cond in ("base_on_base", "base_on_target", "target_on_target"):
+            assert e["fve"][cond]["fve"] <= 1.0 and e["fve"][cond]["n_tokens"] == 1_000
+            assert e["fve"][cond]["l0"] == pytest.approx(4.0)
+        assert 0.0 <= e["alive"]["jaccard"] <= 1.0 and e["alive"]["n_latents"] == 64
+        assert -1.0 <= e["correlation"]["median"] <= 1.0
+        for key in ("decoder", "decoder_chance", "decoder_init"):
+            assert all(0.0 <= v <= 1.0 for k, v in e[key].items() if "frac" in k or k == "identity_fraction")
+            assert -1.0 <= e[key]["hungarian_mean"] <= e[key]["max_cos_mean"] + 1e-6 <= 1.0 + 1e-6
+        # all three SAEs start from one init: they match each other far better than chance
+        assert e["decoder"]["hungarian_mean"] > e["decoder_chance"]["hungarian_mean"] + 0.3
+        assert set(e["delta"]) == ({"base_in_base", "base_in_target", "target_in_target"} if name == "instruct"
+                                   else {"base_in_target", "target_in_target"})
+    inst_delta = result["layers"][str(L)]["instruct"]["delta"]["base_in_target"]
+    assert inst_delta["n_masked"] > 0 and inst_delta["mask_zero"] > inst_delta["mask_clean"]
+    assert "recovered" in result["layers"][str(L)]["control"]["delta"]["base_in_target"]  # AR: next-token CE
+    s = result["summary"][str(L)]
+    assert s["fve_ratio"] == pytest.approx(s["fve_base_on_target"] / s["fve_target_on_target"])
+    assert "control_hungarian_mean" in s and "init_hungarian_mean" in s
+    lines = summary_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(f"layer {L}:") and "AR control" in lines[0]
+    path = plot_transfer(result, tmp_path / "transfer.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_run_transfer_with_given_saes_trains_nothing(world):
+    base, inst, _, (train, held) = world
+    L = 1
+    given = {m: TopKSAE(128, 64, 4, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(("b", "i"))}
+    # a list per layer, as the demo's k sweep gives: the k=4 SAE is picked; no train batches are needed
+    result = run_transfer(base, inst, [L], n_latents=64, k=4, eval_tokens=300, delta_batches=1,
+                          base_saes={L: [TopKSAE(128, 64, 8), given["b"]]}, instruct_saes={L: given["i"]},
+                          batches=([], held))
+    e = result["layers"][str(L)]["instruct"]
+    assert "decoder_init" not in e and "init_hungarian_mean" not in result["summary"][str(L)]  # init unknown
+    direct = compare_layer(given["b"], given["i"],
+                           *(acts[L] for acts in paired_activations(base, inst, held, [L], "unmask", tokens=300)))
+    assert e["fve"] == direct["fve"] and e["decoder"] == direct["decoder"]
+    assert e["decoder"]["hungarian_mean"] < 0.5  # two independent random SAEs: chance level
+
+
+def test_cli_transfer(tmp_path, capsys):
+    import json
+    import os
+
+    from dlmscope import cli
+    from dlmscope.world import ASSETS_DIR
+
+    m = lambda name: os.path.join(ASSETS_DIR, "models", name)  # noqa: E731
+    rc = cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "2", "--n", "64",
+                   "--k", "4", "--tokens", "4000", "--eval-tokens", "1000", "--delta-batches", "1",
+                   "--sentences", "3000", "--out", str(tmp_path / "t")])
+    assert rc == 0
+    result = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert list(result["summary"]) == ["2"] and (tmp_path / "t" / "transfer.png").stat().st_size > 1000
+    assert "layer 2: base SAE on instruct keeps" in capsys.readouterr().out
+    assert cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "9",
+                     "--out", str(tmp_path / "t")]) == 2
+    assert "layer" in capsys.readouterr().err
