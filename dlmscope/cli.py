@@ -10,7 +10,7 @@
 
 Text comes from the embedded world's corpus (``--corpus world``, default), a text file with one document per
 line, or a Hugging Face dataset (data files or a dataset directory, streamed); documents are EOS-joined and
-packed into ``--seq-len`` contexts, every tenth document held out (:mod:`dlmscope.data.text`).
+packed into ``--seq-len`` contexts, every tenth document held out (:mod:`dlmscope.jobs.sources`).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from dlmscope.analysis.splice import ar_delta_loss, average_results, dlm_delta_l
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.jobs.steer import (SteerSpec, concept_features, condition_label, neutral_prompts, plot_sweep, plot_tradeoff,
                         run_steer)
-from dlmscope.data.text import text_batches
+from dlmscope.jobs.sources import token_batches
 from dlmscope.train.trainer import TrainConfig
 from dlmscope.train.log import LogConfig
 from dlmscope.jobs.transfer import plot_transfer, run_transfer, summary_lines
@@ -49,9 +49,9 @@ from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 
 
 def _text(adapter, args):
-    """``(train, heldout)`` LM batches of ``--corpus`` (see :mod:`dlmscope.data.text`)."""
-    return text_batches(args.corpus, adapter.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch,
-                        text_field=args.text_field, split=args.split, world_sentences=args.sentences, seed=args.seed)
+    """``(train, heldout)`` LM batches of ``--corpus`` (see :mod:`dlmscope.jobs.sources`)."""
+    return token_batches(args.corpus, adapter.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch,
+                         text_field=args.text_field, split=args.split, world_sentences=args.sentences, seed=args.seed)
 
 
 def cmd_train(args) -> int:

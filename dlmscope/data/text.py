@@ -1,4 +1,4 @@
-"""Where the harvesting text comes from: the embedded world, a text file, or a Hugging Face dataset.
+"""Where the harvesting text comes from: a text file or a Hugging Face dataset.
 
 Real corpora are handled the way the paper does it (REFERENCE.md §2): documents are tokenized without special
 tokens, joined with the EOS token (each document followed by one EOS) and the token stream is cut into
@@ -11,9 +11,8 @@ which needs no pass over the corpus and is the same however far it is read.
 
     train, held = text_batches("corpus.jsonl", tokenizer, seq_len=2048, lm_batch=8)   # re-iterable [8, 2048]
 
-A source is ``"world"`` (the embedded world's corpus, packed by :func:`dlmscope.world.token_rows`), a ``.txt``
-file (one document per non-empty line), a data file ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv``, a
-directory of such files, or a directory written by ``datasets.Dataset.save_to_disk``.
+A source is a ``.txt`` file (one document per non-empty line), a data file ``.jsonl`` / ``.json`` / ``.parquet`` /
+``.csv``, a directory of such files, or a directory written by ``datasets.Dataset.save_to_disk``.
 """
 from __future__ import annotations
 
@@ -25,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dlmscope.world import token_rows
-
-__all__ = ["DATA_SUFFIXES", "text_batches", "PackedDocuments", "read_documents", "world_batches"]
+__all__ = ["DATA_SUFFIXES", "SOURCE_KINDS", "text_batches", "PackedDocuments", "read_documents", "require_tokenizer"]
 
 #: data-file suffixes read through ``datasets`` (the builder that reads them)
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+#: the sources :func:`text_batches` reads, as error messages name them
+SOURCE_KINDS = f"a .txt file, a data file {sorted(DATA_SUFFIXES)} or a dataset directory"
 _TOKENIZE_CHUNK = 256  # documents per tokenizer call (fast tokenizers batch them)
 
 
@@ -78,8 +77,7 @@ def read_documents(source: str | os.PathLike, *, text_field: str = "text", split
     """
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"text source {os.fspath(source)!r} does not exist (expected 'world', a .txt file, a "
-                         f"data file {sorted(DATA_SUFFIXES)} or a dataset directory)")
+        raise ValueError(f"text source {os.fspath(source)!r} does not exist (expected {SOURCE_KINDS})")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".txt":
@@ -146,22 +144,17 @@ class PackedDocuments:
             yield torch.tensor(batch, dtype=torch.long)
 
 
-def world_batches(tokenizer, n_sentences: int, seq_len: int, lm_batch: int, seed: int = 0
-                  ) -> tuple[list[Tensor], list[Tensor]]:
-    """``(train, heldout)`` LM batches ``[lm_batch, seq_len]`` of the embedded world's corpus (its own split)."""
-    train, held = token_rows(tokenizer, n_sentences, seq_len, seed)
-    return list(train.split(lm_batch)), list(held.split(lm_batch))
+def require_tokenizer(tokenizer) -> None:
+    """Raise ``ValueError`` when a model came without a tokenizer (text cannot become token ids)."""
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer files next to its weights; cannot tokenize text")
 
 
 def text_batches(source: str | os.PathLike, tokenizer, *, seq_len: int, lm_batch: int, text_field: str = "text",
-                 split: str = "train", heldout_every: int = 10, world_sentences: int = 20_000, seed: int = 0
-                 ) -> tuple[Iterable[Tensor], Iterable[Tensor]]:
+                 split: str = "train", heldout_every: int = 10) -> tuple[Iterable[Tensor], Iterable[Tensor]]:
     """``(train, heldout)`` re-iterables of ``[lm_batch, seq_len]`` token batches from ``source`` (see the
-    module docstring); ``world_sentences`` and ``seed`` apply to the embedded world only."""
-    if tokenizer is None:
-        raise ValueError("the model has no tokenizer files next to its weights; cannot tokenize text")
-    if os.fspath(source) == "world":
-        return world_batches(tokenizer, world_sentences, seq_len, lm_batch, seed)
+    module docstring)."""
+    require_tokenizer(tokenizer)
     docs = read_documents(source, text_field=text_field, split=split)
     return tuple(PackedDocuments(docs, tokenizer, seq_len, lm_batch, part=part, heldout_every=heldout_every)
                  for part in ("train", "heldout"))

@@ -21,7 +21,6 @@ numbers), :mod:`.steering`, :mod:`.plots`, :mod:`.report` (``report.md``, one fu
 """
 from .config import RUNS, DemoConfig
 from .findings import findings, observations
-from .run import load_world_model, run_demo, train_layer_saes, world_batches
+from .run import load_world_model, run_demo, train_layer_saes
 
-__all__ = ["DemoConfig", "RUNS", "run_demo", "train_layer_saes", "world_batches", "load_world_model", "findings",
-           "observations"]
+__all__ = ["DemoConfig", "RUNS", "run_demo", "train_layer_saes", "load_world_model", "findings", "observations"]

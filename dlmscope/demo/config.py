@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from dlmscope.train.trainer import TrainConfig
+from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN
 
 __all__ = ["DemoConfig", "RUNS", "RUN_LABELS"]
 
@@ -19,7 +20,7 @@ class DemoConfig:
 
     layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)  # every block of the world's models
     ks: tuple[int, ...] = (4, 8, 16, 32)
-    n_latents: int = 512
+    n_latents: int = SAE_LATENTS
     #: kept training activations per (model, policy, layer)
     train_tokens: int = 200_000
     #: held-out activations per (model, policy, layer) for FVE / L0 / dead
@@ -31,15 +32,16 @@ class DemoConfig:
     #: masking rate of the ``masked`` concept view
     concept_t: float = 0.3
     #: the k shown in the per-layer ΔLM and concept plots
-    k_ref: int = 8
+    k_ref: int = SAE_K
     sentences: int = 100_000
-    seq_len: int = 64
-    lm_batch: int = 32
+    seq_len: int = SEQ_LEN
+    lm_batch: int = LM_BATCH
     sae_batch: int = 1024
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    dead_tokens: int = 100_000
-    norm_batches: int = 10
+    #: the SAE training recipe (the world's, :data:`dlmscope.world.SAE_TRAIN`)
+    lr: float = SAE_TRAIN["lr"]
+    warmup_steps: int = SAE_TRAIN["warmup_steps"]
+    dead_tokens: int = SAE_TRAIN["dead_tokens"]
+    norm_batches: int = SAE_TRAIN["norm_batches"]
     seed: int = 0
     #: blocks where the demo steers (each must be in ``layers``; empty: no steering section)
     steer_layers: tuple[int, ...] = (1, 4, 6)

@@ -21,8 +21,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.analysis.splice import delta_loss_over_batches
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.train.log import LogConfig
-from dlmscope.data.text import world_batches as text_world_batches
-from dlmscope.world import ASSETS_DIR, concept_id_table
+from dlmscope.world import ASSETS_DIR, concept_id_table, world_batches
 from .config import RUNS, DemoConfig
 from .findings import findings
 from .plots import write_plots
@@ -31,7 +30,7 @@ from .orders import run_orders
 from .steering import run_steering
 from .transfer import run_transfer_section
 
-__all__ = ["load_world_model", "world_batches", "sweep_spec", "train_layer_saes", "run_demo"]
+__all__ = ["load_world_model", "sweep_spec", "train_layer_saes", "run_demo"]
 
 
 def load_world_model(name: str):
@@ -39,11 +38,6 @@ def load_world_model(name: str):
     if name not in ("dlm", "ar", "instruct"):
         raise ValueError(f"unknown embedded-world model {name!r}; expected 'dlm', 'ar' or 'instruct'")
     return models.load(os.path.join(ASSETS_DIR, "models", name))
-
-
-def world_batches(tokenizer, cfg: DemoConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(train, heldout)`` LM batches ``[lm_batch, seq_len]`` of the world corpus at the demo's settings."""
-    return text_world_batches(tokenizer, cfg.sentences, cfg.seq_len, cfg.lm_batch, cfg.seed)
 
 
 def sweep_spec(cfg: DemoConfig, policy: str, layers=None) -> SweepSpec:
@@ -81,7 +75,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     results["d_model"] = adapters["dlm"].d_model
     results["n_params"] = sum(p.numel() for p in adapters["dlm"].model.parameters())
     tokenizer = adapters["dlm"].tokenizer
-    train_batches, held_batches = world_batches(tokenizer, cfg)
+    train_batches, held_batches = world_batches(tokenizer, cfg.sentences, cfg.seq_len, cfg.lm_batch, cfg.seed)
     names, table = concept_id_table(tokenizer)
     delta_batches = held_batches[: cfg.delta_batches]
     concept_rows = held_batches[: cfg.concept_batches]

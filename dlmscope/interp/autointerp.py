@@ -6,13 +6,14 @@ shuffled windows — 2 top, 2 importance-weighted (the positives) and 10 random 
 activations zeroed as in the paper) — and says for each whether the explanation fits; the score is the
 accuracy over the 14.
 
-Explainers: :class:`PlantedExplainer` (the embedded world's ground truth: the planted concept whose words carry
-most of the highlighted activation), :class:`HFExplainer` (a local transformers causal LM, greedy), and
-:class:`OpenAIExplainer` (an OpenAI-compatible endpoint through :class:`~dlmscope.interp.judges.OpenAIJudge`'s
-client, with its retries and cache). Judges are those of :mod:`dlmscope.interp.judges`. The planted judge decides on
-the window's centre token and its neighbours (a planted concept is a property of tokens, and a random window's
-centre is where it was drawn); model judges read the whole window. Explanations and judgements of the OpenAI
-path are cached on disk, so a re-run costs nothing; the planted and HF paths are deterministic.
+Explainers: :class:`PlantedExplainer` (ground truth for a corpus with planted concepts, such as the embedded
+world's: the planted concept whose words carry most of the highlighted activation), :class:`HFExplainer` (a local
+transformers causal LM, greedy), and :class:`OpenAIExplainer` (an OpenAI-compatible endpoint through
+:class:`~dlmscope.interp.judges.OpenAIJudge`'s client, with its retries and cache). Judges are those of
+:mod:`dlmscope.interp.judges`. The planted judge decides on the window's centre token and its neighbours (a planted
+concept is a property of tokens, and a random window's centre is where it was drawn); model judges read the whole
+window. Explanations and judgements of the OpenAI path are cached on disk, so a re-run costs nothing; the planted
+and HF paths are deterministic.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .judges import OpenAIJudge, PlantedJudge
+from .judges import OpenAIJudge, PlantedJudge, planted_vocabulary
 from dlmscope.util.bootstrap import bootstrap_mean
-from dlmscope.world import CONCEPTS
 
 __all__ = ["EXPLAIN_TOP", "EXPLAIN_IW", "DETECT_TOP", "DETECT_IW", "DETECT_RANDOM", "highlight",
            "PlantedExplainer", "HFExplainer", "OpenAIExplainer", "detection_windows", "detect", "score_report"]
@@ -50,13 +50,13 @@ def _explain_windows(entry: Mapping) -> list[Mapping]:
 
 class PlantedExplainer:
     """Names the planted concept whose vocabulary carries the most activation in the explanation windows
-    (``"none"`` when no highlighted token belongs to any concept)."""
+    (``"none"`` when no highlighted token belongs to any concept); ``concepts``: name -> words, e.g. the
+    embedded world's ``dlmscope.world.CONCEPTS``."""
 
     name = "planted"
 
-    def __init__(self, concepts: Mapping[str, Sequence[str]] | None = None):
-        concepts = CONCEPTS if concepts is None else concepts
-        self.vocab = {name: {w.lower() for w in words} for name, words in concepts.items()}
+    def __init__(self, *, concepts: Mapping[str, Sequence[str]]):
+        self.vocab = planted_vocabulary(concepts)
 
     def explain(self, entry: Mapping) -> str:
         mass = dict.fromkeys(self.vocab, 0.0)

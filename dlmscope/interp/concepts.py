@@ -1,9 +1,9 @@
 """Do SAE latents recover planted concepts? Per-concept detection F1 of the best latent.
 
-Ground truth comes from the embedded world: every token carries at most one planted concept
-(:func:`dlmscope.world.concept_id_table`). A latent *detects* concept ``c`` on a token when it is among the
-token's ``k`` active latents with a positive value. Over a set of labelled tokens, for latent ``j`` and
-concept ``c``::
+Ground truth is a label table: every token carries at most one planted concept (``label_table[token_id]``, the
+concept's index or -1; the embedded world's is ``dlmscope.world.concept_id_table``). A latent *detects* concept
+``c`` on a token when it is among the token's ``k`` active latents with a positive value. Over a set of labelled
+tokens, for latent ``j`` and concept ``c``::
 
     TP[j, c] = #tokens labelled c on which j fires
     precision = TP / fires[j],   recall = TP / count[c],   F1 = 2 TP / (fires[j] + count[c])

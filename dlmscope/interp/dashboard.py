@@ -15,18 +15,9 @@ external load (a browser reports a blocked load as a console error). Every token
 escaped (tokens can be ``<``, ``&`` or quotes). A page of 12 top, 7 importance and 12 masked windows of 21 tokens
 is about 24 KB, an index of 50 latents about 21 KB.
 
-The report (JSON-able) is validated first (:func:`validate_report`); a bad one raises ``ValueError`` naming the
-latent and field. Its shape, with the optional parts marked::
-
-    {"model", "layer", "policy", "n_latents", "k", "tokens_seen", "is_diffusion",        # header (all optional)
-     "latents": {str(id): {"latent", "frequency", "n_fired", "max_act",
-                           "top": [window],                                             # required
-                           "importance": [window], "histogram": {"edges": [B + 1], "counts": [B]},
-                           "logits": {"promoted": [[token, value]], "suppressed": [[token, value]]},
-                           "masked": {"frequency", "n_fired", "max_act", "top": [window + "hidden"],
-                                      "hidden_tokens": [[token, count]]},              # DLMs only
-                           "interp": {"explanation", "accuracy", "judge"}, "concept": {"name", "f1"}}}}
-    window = {"tokens": [T] str, "values": [T] float (this latent's activation per token), "centre": int}
+The report (:mod:`dlmscope.interp.report` gives its shape) is validated first, each latent's ``top`` windows
+required (:data:`REQUIRE_ENTRY`); a bad one raises ``ValueError`` naming the latent and field before anything is
+written.
 """
 from __future__ import annotations
 
@@ -34,18 +25,18 @@ import html
 import math
 import numbers
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from dlmscope.util import atomic
+from .report import LATENT_KEY, validate_report
 
-__all__ = ["write_dashboard", "validate_report"]
+__all__ = ["REQUIRE_ENTRY", "write_dashboard"]
 
-#: a latent key is ``str(id)`` exactly (it names the page file, so nothing else may pass)
-_KEY = re.compile(r"0|[1-9][0-9]*")
+#: what a latent's page cannot be drawn without (every other part of the report is optional)
+REQUIRE_ENTRY = ("top",)
 #: blocks every load but the page's own inline style and script: the site must not reach out
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 _MISSING = "—"
@@ -103,87 +94,6 @@ _SORT_JS = """
   if (col >= 0) sortBy(col, m[2]); else sortBy(column("latent"), "asc");
 })();
 """
-
-
-# ---- validation ---------------------------------------------------------------------------------------------
-
-
-def _check_number(value, where: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        raise ValueError(f"{where} must be a number, got {value!r}")
-
-
-def _check_windows(windows, where: str) -> None:
-    """Each window has ``tokens`` and ``values`` of one length and a ``centre`` inside them."""
-    if not isinstance(windows, list):
-        raise ValueError(f"{where} must be a list of windows, got {type(windows).__name__}")
-    for i, w in enumerate(windows):
-        if not isinstance(w, Mapping) or "tokens" not in w or "values" not in w:
-            raise ValueError(f"{where}[{i}]: a window needs 'tokens' and 'values'")
-        n, m = len(w["tokens"]), len(w["values"])
-        if n != m:
-            raise ValueError(f"{where}[{i}]: {n} tokens but {m} values (one activation per token)")
-        centre = w.get("centre")
-        if centre is not None and (not isinstance(centre, int) or not 0 <= centre < n):
-            raise ValueError(f"{where}[{i}]: centre {centre!r} is not a position of its {n} tokens")
-        for v in w["values"]:
-            _check_number(v, f"{where}[{i}]: a value")
-
-
-def _check_pairs(pairs, where: str) -> None:
-    if not isinstance(pairs, list) or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in pairs):
-        raise ValueError(f"{where} must be a list of [token, number] pairs")
-    for token, value in pairs:
-        if value is None:
-            raise ValueError(f"{where}: {token!r} has no number")
-        _check_number(value, f"{where}: the number of {token!r}")
-
-
-def _check_latent(key: str, entry, diffusion: bool) -> None:
-    where = f"latent {key}"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where}: entry must be a dict, got {type(entry).__name__}")
-    if entry.get("latent", int(key)) != int(key):
-        raise ValueError(f"{where}: entry says latent {entry['latent']!r}; its key must be str(latent id)")
-    if "top" not in entry:
-        raise ValueError(f"{where}: entry has no 'top' windows")
-    _check_windows(entry["top"], f"{where}: top")
-    _check_windows(entry.get("importance", []), f"{where}: importance")
-    for name in ("frequency", "n_fired", "max_act"):
-        _check_number(entry.get(name), f"{where}: {name}")
-    hist = entry.get("histogram")
-    if hist is not None:
-        if not isinstance(hist, Mapping) or len(hist.get("edges", ())) != len(hist.get("counts", ())) + 1:
-            raise ValueError(f"{where}: histogram needs 'counts' [B] and 'edges' [B + 1]")
-    for side in ("promoted", "suppressed"):
-        _check_pairs((entry.get("logits") or {}).get(side, []), f"{where}: logits.{side}")
-    masked = entry.get("masked")
-    if masked is not None:
-        if not diffusion:
-            raise ValueError(f"{where}: has a 'masked' section, but the report is not for a diffusion LM "
-                             "(is_diffusion is not true)")
-        _check_windows(masked.get("top", []), f"{where}: masked.top")
-        _check_pairs(masked.get("hidden_tokens", []), f"{where}: masked.hidden_tokens")
-        _check_number(masked.get("frequency"), f"{where}: masked.frequency")
-
-
-def validate_report(report) -> None:
-    """Raise ``ValueError`` naming the first problem of a feature report that the dashboard cannot render:
-    no ``latents`` dict, a key that is not ``str(latent id)``, an entry without ``top`` windows, a window whose
-    tokens and values differ in length, a malformed histogram or logit table, a ``masked`` section in a report
-    that is not for a diffusion LM."""
-    if not isinstance(report, Mapping):
-        raise ValueError(f"a feature report is a dict, got {type(report).__name__}")
-    if "latents" not in report:
-        raise ValueError(f"feature report has no 'latents' (keys: {sorted(report)})")
-    latents = report["latents"]
-    if not isinstance(latents, Mapping):
-        raise ValueError(f"feature report 'latents' must be a dict of str(latent id) -> entry, "
-                         f"got {type(latents).__name__}")
-    for key, entry in latents.items():
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
-            raise ValueError(f"feature report latent keys must be str(latent id), got {key!r}")
-        _check_latent(key, entry, bool(report.get("is_diffusion")))
 
 
 # ---- formatting ---------------------------------------------------------------------------------------------
@@ -434,7 +344,7 @@ def write_dashboard(report: Mapping, out_dir: str | os.PathLike) -> Path:
     """Write ``index.html`` and ``latents/<id>.html`` for every latent of ``report`` under ``out_dir`` (created)
     and return the index's path. Files are written atomically, the latent pages first, so the index never links
     to a missing page; pages of latents no longer in the report (left by an earlier run) are removed."""
-    validate_report(report)
+    validate_report(report, require_entry=REQUIRE_ENTRY)
     out = Path(out_dir)
     pages = out / "latents"
     pages.mkdir(parents=True, exist_ok=True)
@@ -448,6 +358,6 @@ def write_dashboard(report: Mapping, out_dir: str | os.PathLike) -> Path:
     atomic.write_text(index, _index_page(report, entries))
     keep = {f"{f}.html" for f in ids}
     for page in pages.iterdir():
-        if page.name not in keep and page.suffix == ".html" and _KEY.fullmatch(page.stem):
+        if page.name not in keep and page.suffix == ".html" and LATENT_KEY.fullmatch(page.stem):
             page.unlink()
     return index

@@ -3,8 +3,8 @@
 ``judge.score(concept, texts) -> list[float | None]``; ``None`` marks a failed judgement, which callers drop
 from averages (as the paper drops failed gpt-4o-mini calls) and count.
 
-``PlantedJudge``  the embedded world's ground truth: the fraction of a text's words that belong to the
-                  concept's planted vocabulary.
+``PlantedJudge``  ground truth for a corpus with planted concepts (such as the embedded world's): the
+                  fraction of a text's words that belong to the concept's planted vocabulary.
 ``HFJudge``       a local transformers causal LM asked a rubric prompt; the score is read from its next-token
                   probabilities of a "yes" and a "no" token (no free-text parsing).
 ``OpenAIJudge``   any OpenAI-compatible chat-completions endpoint in JSON mode (REFERENCE.md §4–5: the
@@ -24,9 +24,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 
 from dlmscope.util import atomic
-from dlmscope.world import CONCEPTS
 
-__all__ = ["Judge", "PlantedJudge", "HFJudge", "OpenAIJudge", "JudgeUnreachable", "RUBRIC"]
+__all__ = ["Judge", "PlantedJudge", "HFJudge", "OpenAIJudge", "JudgeUnreachable", "RUBRIC", "planted_vocabulary"]
 
 #: The rubric every model judge is asked (the concept and the text are filled in).
 RUBRIC = ("Rate how strongly the text expresses the concept. Concept: {concept}. Text: {text}. "
@@ -41,13 +40,24 @@ class JudgeUnreachable(RuntimeError):
     """The judge's endpoint could not be reached at all (every retry failed to connect)."""
 
 
-class PlantedJudge:
-    """Fraction of each text's words in the concept's planted vocabulary (``concepts``: name -> words;
-    default the embedded world's :data:`~dlmscope.world.CONCEPTS`)."""
+def planted_vocabulary(concepts: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+    """``{concept: its words, lower-cased}`` of the planted ``concepts`` (name -> words; the embedded world's are
+    ``dlmscope.world.CONCEPTS``). Raises ``ValueError`` unless every concept has at least one word."""
+    if not isinstance(concepts, Mapping) or not concepts:
+        raise ValueError("the planted concepts must be a non-empty mapping of concept name -> its words (the "
+                         f"embedded world's: concepts=dlmscope.world.CONCEPTS), got {concepts!r}")
+    for name, words in concepts.items():
+        if isinstance(words, str) or not words or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"planted concept {name!r} needs a non-empty list of words, got {words!r}")
+    return {name: {w.lower() for w in words} for name, words in concepts.items()}
 
-    def __init__(self, concepts: Mapping[str, Sequence[str]] | None = None):
-        concepts = CONCEPTS if concepts is None else concepts
-        self.vocab = {name: {w.lower() for w in words} for name, words in concepts.items()}
+
+class PlantedJudge:
+    """Fraction of each text's words in the concept's planted vocabulary (``concepts``: name -> words, e.g. the
+    embedded world's ``dlmscope.world.CONCEPTS``)."""
+
+    def __init__(self, *, concepts: Mapping[str, Sequence[str]]):
+        self.vocab = planted_vocabulary(concepts)
 
     def score(self, concept: str, texts: Sequence[str]) -> list[float | None]:
         if concept not in self.vocab:

@@ -1,14 +1,6 @@
-"""Interoperability: a :class:`~dlmscope.sae.topk.TopKSAE` for SAEBench, a feature report for Neuronpedia.
+"""A feature report (:mod:`dlmscope.interp.report`) exported for Neuronpedia, as SAEDashboard batch files.
 
-**SAEBench** (github.com/adamkarvonen/SAEBench; SAEBench is not imported). Per SAEBench's
-``sae_bench/custom_saes/base_sae.py`` and ``custom_sae_config.py`` (read in the zachmccrth/ and d0rbu/SAEBench copies),
-upstream ``custom_saes/topk_sae.py`` and ``custom_saes/README.md``, a custom SAE is an ``nn.Module`` with
-``encode(x) -> [..., d_sae]`` dense latents, ``decode(f)``, ``forward``, ``W_enc [d_in, d_sae]``, ``W_dec [d_sae,
-d_in]`` (unit-norm rows), ``b_enc``, ``b_dec``, ``device``, ``dtype`` and a ``cfg`` with CustomSAEConfig's fields
-(:class:`SAEBenchConfig`; ``cfg.dtype`` a string like ``"float32"``; default hook ``blocks.{L}.hook_resid_post``).
-SAEBench reads a field from the cfg, else from ``cfg.metadata`` (SAELens 6), so both carry it: :class:`SAEBenchSAE`.
-
-**Neuronpedia**. :func:`export_neuronpedia` writes the ``batch-{i}.json`` files SAEDashboard's ``NeuronpediaRunner``
+**Batches**. :func:`export_neuronpedia` writes the ``batch-{i}.json`` files SAEDashboard's ``NeuronpediaRunner``
 writes for upload (jbloomAus/SAEDashboard ``sae_dashboard/neuronpedia/neuronpedia_runner.py``; fields from
 ``neuronpedia_dashboard.py`` ``to_dict`` and ``neuronpedia_converter.py``; example
 ``tests/acceptance/test_simple/batch-0.json``). They are converted to Neuronpedia's import layout
@@ -36,144 +28,20 @@ ids are cuid-shaped hashes (Neuronpedia makes cuid2 ids); ``authorId`` must be a
 """
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
-import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
-
-from torch import Tensor, nn
 
 from dlmscope.util import atomic
+from .report import validate_report
 
-__all__ = ["SAEBenchConfig", "SAEBenchSAE", "export_neuronpedia", "export_explanations", "source_id"]
+__all__ = ["export_neuronpedia", "export_explanations", "source_id"]
 
-
-# ---- SAEBench ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class SAEBenchConfig:
-    """SAEBench's CustomSAEConfig fields, with the values that describe a dlmscope Top-K SAE, plus ``k``."""
-
-    model_name: str
-    d_in: int
-    d_sae: int
-    hook_layer: int
-    hook_name: str
-    context_size: int | None = None
-    hook_head_index: int | None = None
-    architecture: str = "topk"
-    k: int | None = None
-    apply_b_dec_to_input: bool = True           # our encoder subtracts b_dec
-    finetuning_scaling_factor: bool = False
-    activation_fn_str: str = "topk"
-    activation_fn_kwargs: dict = dataclasses.field(default_factory=dict)
-    prepend_bos: bool = True
-    normalize_activations: str = "none"         # the norm factor is folded into the saved weights
-    dtype: str = ""
-    device: str = ""
-    model_from_pretrained_kwargs: dict = dataclasses.field(default_factory=dict)
-    dataset_path: str = ""
-    dataset_trust_remote_code: bool = True
-    seqpos_slice: tuple = (None,)
-    training_tokens: int = -100_000
-    sae_lens_training_version: str | None = None
-    neuronpedia_id: str | None = None
-
-    @property
-    def metadata(self) -> SimpleNamespace:
-        """The SAELens-6 ``cfg.metadata`` view of the model fields (a fresh copy at every read)."""
-        keys = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
-                "seqpos_slice", "dataset_path", "model_from_pretrained_kwargs", "neuronpedia_id")
-        return SimpleNamespace(**{key: getattr(self, key) for key in keys})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-#: fields that describe the wrapped SAE's maths: set by the wrapper, never by the caller
-_FIXED = {"d_in", "d_sae", "k", "dtype", "device", "architecture", "apply_b_dec_to_input", "activation_fn_str",
-          "activation_fn_kwargs", "normalize_activations", "finetuning_scaling_factor", "model_name", "hook_layer",
-          "hook_name"}
-_SAE_ATTRS = ("encode", "encode_dense", "decode", "W_enc", "b_enc", "W_dec", "b_dec", "cfg")
-
-
-class SAEBenchSAE(nn.Module):
-    """A TopKSAE as SAEBench's custom SAE. Weights are shared, not copied: ``W_enc`` is a transposed view of the
-    TopKSAE's ``W_enc [n, d]``, the others are its parameters; moving or casting the wrapper moves the TopKSAE.
-    ``device``, ``dtype`` and ``cfg.dtype`` / ``cfg.device`` always describe the shared weights. ``cfg_fields``
-    sets further CustomSAEConfig fields (``training_tokens``, ``neuronpedia_id``, ``seqpos_slice``, ...)."""
-
-    def __init__(self, sae: nn.Module, *, model_name: str, hook_layer: int, hook_name: str | None = None,
-                 context_size: int | None = 128, prepend_bos: bool = True, dataset_path: str = "", **cfg_fields):
-        super().__init__()
-        missing = [a for a in _SAE_ATTRS if not hasattr(sae, a)]
-        if not isinstance(sae, nn.Module) or missing:
-            raise TypeError(f"SAEBenchSAE wraps a dlmscope TopKSAE, got {type(sae).__name__}"
-                            + (f" (it lacks {missing})" if missing else " (not an nn.Module)"))
-        d, n, k = (getattr(sae.cfg, a, None) for a in ("d", "n", "k"))
-        if not all(isinstance(v, int) for v in (d, n, k)):
-            raise TypeError(f"SAEBenchSAE: the SAE's cfg must give ints d, n, k; got d={d!r} n={n!r} k={k!r}")
-        for name, shape in (("W_enc", (n, d)), ("b_enc", (n,)), ("W_dec", (n, d)), ("b_dec", (d,))):
-            if tuple(getattr(sae, name).shape) != shape:
-                raise ValueError(f"SAEBenchSAE: {name} has shape {list(getattr(sae, name).shape)}, expected "
-                                 f"{list(shape)} (the TopKSAE layout W_enc/W_dec [n, d])")
-        if isinstance(hook_layer, bool) or not isinstance(hook_layer, int) or hook_layer < 0:
-            raise ValueError(f"hook_layer must be an int >= 0 (the block whose output the SAE reads), "
-                             f"got {hook_layer!r}")
-        if not isinstance(model_name, str) or not model_name:
-            raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
-        fields = {f.name for f in dataclasses.fields(SAEBenchConfig)}
-        bad = sorted(set(cfg_fields) - (fields - _FIXED))
-        if bad:
-            why = "they follow from the wrapped SAE" if set(bad) <= _FIXED else f"settable: {sorted(fields - _FIXED)}"
-            raise ValueError(f"cannot set cfg fields {bad}: {why}")
-        self.sae = sae
-        self._cfg = SAEBenchConfig(model_name=model_name, d_in=d, d_sae=n, hook_layer=hook_layer,
-                                   hook_name=hook_name or f"blocks.{hook_layer}.hook_resid_post",
-                                   context_size=context_size, k=k, activation_fn_kwargs={"k": k},
-                                   prepend_bos=prepend_bos, dataset_path=dataset_path, **cfg_fields)
-
-    # the shared weights in SAEBench's layout: W_enc a transposed view of the TopKSAE's [n, d], the rest as they are
-    W_enc = property(lambda self: self.sae.W_enc.t(), doc="[d_in, d_sae] view of the TopKSAE's W_enc [n, d]")
-    W_dec = property(lambda self: self.sae.W_dec, doc="[d_sae, d_in], unit-norm rows")
-    b_enc = property(lambda self: self.sae.b_enc, doc="[d_sae]")
-    b_dec = property(lambda self: self.sae.b_dec, doc="[d_in]")
-    k = property(lambda self: self.sae.cfg.k, doc="active latents per input")
-    # setting device / dtype moves the weights (BaseSAE.to updates these attributes, so SAEBench may set them)
-    device = property(lambda self: self.sae.W_dec.device, lambda self, v: self.to(device=v))
-    dtype = property(lambda self: self.sae.W_dec.dtype, lambda self, v: self.to(dtype=v))
-
-    @property
-    def cfg(self) -> SAEBenchConfig:
-        self._cfg.dtype, self._cfg.device = str(self.dtype).removeprefix("torch."), str(self.device)
-        return self._cfg
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense latents ``[..., d_sae]``: the TopKSAE's own encoder (b_dec subtracted), zeros off the top k."""
-        return self.sae.encode_dense(x)
-
-    def decode(self, feature_acts: Tensor) -> Tensor:
-        """``f @ W_dec + b_dec`` for any dense latents ``[..., d_sae]`` (not only top-k ones: ablations work)."""
-        n = self.sae.cfg.n
-        if not isinstance(feature_acts, Tensor) or feature_acts.dim() < 1 or feature_acts.shape[-1] != n:
-            raise ValueError(f"decode takes dense latents [..., d_sae={n}], got "
-                             f"{list(feature_acts.shape) if isinstance(feature_acts, Tensor) else type(feature_acts)}")
-        W_dec, b_dec = (p if p.dtype == feature_acts.dtype else p.to(feature_acts.dtype)
-                        for p in (self.sae.W_dec, self.sae.b_dec))
-        return feature_acts @ W_dec + b_dec
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``decode(encode(x))``: the same numbers as SAEBench's own encode-then-decode check."""
-        return self.decode(self.encode(x))
-
-
-# ---- Neuronpedia / SAEDashboard ----------------------------------------------------------------------------------
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -189,75 +57,41 @@ def source_id(layer: int, sae_id: str, sae_id_suffix: str | None = None) -> str:
     return f"{layer}-{_ident(sae_id, 'sae_id')}{suffix}"
 
 
-def _num(x, where: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        raise ValueError(f"bad report: {where} must be a finite number, got {x!r}")
-    return x
-
-
-def _entries(report) -> tuple[int, list[tuple[int, Mapping]]]:
-    """(layer, [(latent id, entry)] sorted by id) of a checked feature report."""
-    if not isinstance(report, Mapping) or not isinstance(report.get("latents"), Mapping):
-        raise ValueError("bad report: expected a feature report dict with a 'latents' mapping (dlmscope.interp.features)")
-    layer = report.get("layer")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"bad report: 'layer' must be an int >= 0, got {layer!r}")
-    out = []
-    for key, entry in report["latents"].items():
-        if not (isinstance(key, str) and key.isdigit()) or not isinstance(entry, Mapping):
-            raise ValueError(f"bad report: latents[{key!r}] must map a latent id string to a dict")
-        if entry.get("latent", int(key)) != int(key):
-            raise ValueError(f"bad report: latents[{key!r}] says latent {entry.get('latent')!r}")
-        out.append((int(key), entry))
-    if not out:
+def _entries(report, require_entry: Sequence[str] = ()) -> tuple[int, list[tuple[int, Mapping]]]:
+    """``(layer, [(latent id, entry)] sorted by id)`` of a report that :func:`validate_report` passes with its
+    ``layer`` and ``require_entry``, and that has a latent to export."""
+    validate_report(report, require_header=("layer",), require_entry=require_entry)
+    if not report["latents"]:
         raise ValueError("bad report: no latents to export")
-    return layer, sorted(out, key=lambda kv: kv[0])
+    return report["layer"], sorted(((int(key), e) for key, e in report["latents"].items()), key=lambda kv: kv[0])
 
 
-def _window(w, where: str, text: Callable[[str], str]) -> dict:
-    toks, vals, centre = (w.get(k) for k in ("tokens", "values", "centre")) if isinstance(w, Mapping) else [None] * 3
-    if not isinstance(toks, list) or not all(isinstance(t, str) for t in toks):
-        raise ValueError(f"bad report: {where}.tokens must be a list of strings")
-    if not isinstance(vals, list) or len(vals) != len(toks):
-        raise ValueError(f"bad report: {where}.values must be a list as long as its tokens ({len(toks)})")
-    if isinstance(centre, bool) or not isinstance(centre, int) or not 0 <= centre < len(toks):
-        raise ValueError(f"bad report: {where}.centre must be a token index in [0, {len(toks)}), got {centre!r}")
-    return {"tokens": [text(t) for t in toks], "values": [_num(v, f"{where}.values[{i}]") for i, v in enumerate(vals)],
-            "qualifying_token_index": centre}
+def _window(w: Mapping, text: Callable[[str], str]) -> dict:
+    return {"tokens": [text(t) for t in w["tokens"]], "values": list(w["values"]),
+            "qualifying_token_index": w["centre"]}
 
 
-def _group(windows, where: str, text, top: bool, max_act) -> list[dict]:
-    if not isinstance(windows, list):
-        raise ValueError(f"bad report: {where} must be a list of windows")
-    acts = [_window(w, f"{where}[{i}]", text) for i, w in enumerate(windows)]
+def _group(windows: list, text, top: bool, max_act) -> list[dict]:
+    """One activation group: ``bin_min=-1, bin_max=max act`` for the top windows, the range of the centre
+    activations for the others (see the module docstring)."""
+    acts = [_window(w, text) for w in windows]
     centres = [a["values"][a["qualifying_token_index"]] for a in acts]
     lo, hi = (-1, max_act if max_act is not None else max(centres, default=0)) if top else \
         (min(centres, default=0), max(centres, default=0))
     return [{"bin_min": lo, "bin_max": hi, "bin_contains": -1, **a} for a in acts]
 
 
-def _logits(pairs, where: str, text, sign: int) -> tuple[list[str], list[float]]:
-    if not isinstance(pairs, list):
-        raise ValueError(f"bad report: {where} must be a list of [token, value] pairs")
-    rows = []
-    for i, p in enumerate(pairs):
-        if not (isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)):
-            raise ValueError(f"bad report: {where}[{i}] must be a [token, value] pair, got {p!r}")
-        rows.append((text(p[0]), _num(p[1], f"{where}[{i}][1]")))
-    rows.sort(key=lambda r: -sign * r[1])
+def _logits(pairs: list, text, sign: int) -> tuple[list[str], list[float]]:
+    """Tokens and values, largest first (``sign`` +1) or most negative first (-1)."""
+    rows = sorted(((text(t), v) for t, v in pairs), key=lambda r: -sign * r[1])
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
-def _histogram(h, where: str) -> tuple[list[float], list]:
+def _histogram(h: Mapping | None) -> tuple[list[float], list]:
+    """Bin midpoints and counts from the first to the last non-empty bin (integral counts as ints)."""
     if h is None:
         return [], []
-    edges, counts = (h.get("edges"), h.get("counts")) if isinstance(h, Mapping) else (None, None)
-    if not isinstance(edges, list) or not isinstance(counts, list) or len(edges) != len(counts) + 1:
-        raise ValueError(f"bad report: {where} needs 'edges' [B+1] and 'counts' [B] lists")
-    edges = [_num(e, f"{where}.edges[{i}]") for i, e in enumerate(edges)]
-    counts = [_num(c, f"{where}.counts[{i}]") for i, c in enumerate(counts)]
-    if any(b <= a for a, b in zip(edges, edges[1:])) or any(c < 0 for c in counts):
-        raise ValueError(f"bad report: {where} edges must increase and counts be >= 0")
+    edges, counts = h["edges"], h["counts"]
     used = [i for i, c in enumerate(counts) if c > 0]
     if not used:
         return [], []
@@ -267,28 +101,21 @@ def _histogram(h, where: str) -> tuple[list[float], list]:
 
 
 def _feature(f: int, e: Mapping, text, include_importance: bool, common: dict) -> dict:
-    where = f"latents[{str(f)!r}]"
-    freq = _num(e.get("frequency"), f"{where}.frequency")
-    if not 0 <= freq <= 1:
-        raise ValueError(f"bad report: {where}.frequency must be a fraction in [0, 1], got {freq!r}")
-    max_act = _num(e["max_act"], f"{where}.max_act") if e.get("max_act") is not None else None
     logits = e.get("logits") or {}
-    if not isinstance(logits, Mapping):
-        raise ValueError(f"bad report: {where}.logits must be a dict with 'promoted' / 'suppressed'")
-    pos_str, pos_values = _logits(logits.get("promoted", []), f"{where}.logits.promoted", text, +1)
-    neg_str, neg_values = _logits(logits.get("suppressed", []), f"{where}.logits.suppressed", text, -1)
-    bar_values, bar_heights = _histogram(e.get("histogram"), f"{where}.histogram")
-    acts = _group(e.get("top", []), f"{where}.top", text, True, max_act)
+    pos_str, pos_values = _logits(logits.get("promoted", []), text, +1)
+    neg_str, neg_values = _logits(logits.get("suppressed", []), text, -1)
+    bar_values, bar_heights = _histogram(e.get("histogram"))
+    acts = _group(e.get("top", []), text, True, e.get("max_act"))
     if include_importance:
-        acts += _group(e.get("importance", []), f"{where}.importance", text, False, None)
+        acts += _group(e.get("importance", []), text, False, None)
     return {"feature_index": f, **{key: [] for key in (
                 "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
                 "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
                 "correlated_features_indices", "correlated_features_l1", "correlated_features_pearson")},
             "neg_str": neg_str, "neg_values": neg_values, "pos_str": pos_str, "pos_values": pos_values,
-            "frac_nonzero": freq, "freq_hist_data_bar_values": bar_values, "freq_hist_data_bar_heights": bar_heights,
-            "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [], **common,
-            "decoder_weights_dist": [], "activations": acts, "vector": []}
+            "frac_nonzero": e["frequency"], "freq_hist_data_bar_values": bar_values,
+            "freq_hist_data_bar_heights": bar_heights, "logits_hist_data_bar_heights": [],
+            "logits_hist_data_bar_values": [], **common, "decoder_weights_dist": [], "activations": acts, "vector": []}
 
 
 def _dumps(obj) -> str:
@@ -305,7 +132,7 @@ def export_neuronpedia(report: Mapping, out_dir: str | os.PathLike, *, model_id:
     checked before anything is written; existing ``batch-*.json`` files raise ``FileExistsError`` unless
     ``overwrite`` (then all of them are replaced, so no stale batch survives). See the module docstring for what
     each field holds and which are placeholders."""
-    (layer, entries), model_id = _entries(report), _ident(model_id, "model_id")
+    (layer, entries), model_id = _entries(report, ("frequency",)), _ident(model_id, "model_id")
     sid = source_id(layer, sae_id, sae_id_suffix)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -351,12 +178,12 @@ def export_explanations(report: Mapping, path: str | os.PathLike, *, model_id: s
         interp = e.get("interp")
         if interp is None:
             continue
-        desc = interp.get("explanation") if isinstance(interp, Mapping) else None
+        desc = interp.get("explanation")
         if not isinstance(desc, str) or not desc.strip():
-            raise ValueError(f"bad report: latents['{f}'].interp.explanation must be a non-empty string")
+            raise ValueError(f"bad report: latent {f}: interp.explanation must be a non-empty string")
         notes = []
         if interp.get("accuracy") is not None:
-            notes.append(f"detection accuracy {_num(interp['accuracy'], f'latents[{f}].interp.accuracy'):.4g}")
+            notes.append(f"detection accuracy {interp['accuracy']:.4g}")
         if interp.get("judge"):
             notes.append(f"judge: {interp['judge']}")
         key = hashlib.sha1(f"{model_id}/{sid}/{f}/{desc}".encode("utf-8", "surrogatepass")).hexdigest()

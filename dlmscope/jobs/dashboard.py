@@ -13,7 +13,7 @@ from dlmscope.interp.autointerp import PlantedExplainer, score_report
 from dlmscope.interp.concepts import labelled_activations, score_concepts
 from dlmscope.interp.features import feature_report
 from dlmscope.interp.judges import PlantedJudge
-from dlmscope.world import concept_id_table
+from dlmscope.world import CONCEPTS, concept_id_table
 
 __all__ = ["add_planted_concepts", "build_report"]
 
@@ -44,5 +44,6 @@ def build_report(adapter, sae, layer: int, token_batches: Sequence, *, sample: i
         if explainer is None and not planted:
             raise ValueError("auto-interp outside the embedded world needs an explainer and a judge "
                              "(dlmscope.interp.autointerp.HFExplainer / OpenAIExplainer with an HF / OpenAI judge)")
-        score_report(report, explainer or PlantedExplainer(), judge or PlantedJudge(), seed=seed)
+        score_report(report, explainer or PlantedExplainer(concepts=CONCEPTS), judge or PlantedJudge(concepts=CONCEPTS),
+                     seed=seed)
     return report

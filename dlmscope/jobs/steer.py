@@ -22,12 +22,12 @@ from dlmscope.interp.judges import PlantedJudge
 from dlmscope.models.sampling import ar_generate, dream_generate, llada_generate
 from dlmscope.util.bootstrap import paired_difference
 from dlmscope.analysis.steering import steering_baseline, steering_score
-from dlmscope.data.text import world_batches
-from dlmscope.world import ASSETS_DIR, concept_id_table
+from dlmscope.world import ASSETS_DIR, CONCEPTS, LM_BATCH, SEQ_LEN, concept_id_table, world_batches
 from dlmscope.world.tasks import load_tasks
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
-           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "plot_sweep", "plot_by_layer", "plot_tradeoff"]
+           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "plot_sweep", "plot_by_layer",
+           "plot_tradeoff"]
 
 
 @dataclass
@@ -64,14 +64,16 @@ def neutral_prompts(tokenizer, n: int, path: str | None = None) -> list[list[int
 
 
 def concept_features(adapter, sae, layer: int, concepts: Sequence[str], *, sentences: int = 20_000,
-                     batches: int = 8, seed: int = 0) -> dict[str, int]:
-    """The best latent of each planted concept at ``layer``: chosen on one half of held-out world text, as the
-    demo's concept scores are (see :func:`dlmscope.interp.concepts.score_concepts`)."""
+                     batches: int = 8, seq_len: int = SEQ_LEN, lm_batch: int = LM_BATCH, seed: int = 0
+                     ) -> dict[str, int]:
+    """The best latent of each planted concept at ``layer``: chosen on one half of the first ``batches`` held-out
+    world batches ``[lm_batch, seq_len]`` (of ``sentences`` drawn with ``seed``), as the demo's concept scores
+    are (see :func:`dlmscope.interp.concepts.score_concepts`)."""
     names, table = concept_id_table(adapter.tokenizer)
     bad = [c for c in concepts if c not in names]
     if bad:
         raise ValueError(f"unknown planted concept(s) {bad}; expected some of {names}")
-    _, held = world_batches(adapter.tokenizer, sentences, 64, 32, seed)
+    _, held = world_batches(adapter.tokenizer, sentences, seq_len, lm_batch, seed)
     held = held[:batches]
     choose = labelled_activations(adapter, held[0::2], layer, table, "clean")
     scores = score_concepts(sae, *labelled_activations(adapter, held[1::2], layer, table, "clean"), names,
@@ -141,9 +143,10 @@ def run_steer(adapter, sae, prompts, features: Sequence[tuple[str, int]], spec: 
     """``{"spec", "n_prompts", "features": {"concept/latent": {"concept", "feature", "sweep": [one run per
     (scope, schedule, α): SteeringResult as a dict, with its paired interval "concept_delta"]}}, "summary"}``.
     ``features`` lists (the concept a latent is judged on, the latent id); the unsteered baseline runs once.
-    ``keep_generations`` trims the stored texts (the means and intervals use all of them)."""
+    ``judge`` defaults to the planted judge of the world's concepts. ``keep_generations`` trims the stored texts
+    (the means and intervals use all of them)."""
     adapter.check_layer(spec.layer)
-    judge = judge or PlantedJudge()
+    judge = judge or PlantedJudge(concepts=CONCEPTS)
     generate = _generator(spec)
     conditions = _conditions(spec)
     out = {"spec": asdict(spec) | {"scopes": [repr(s) if not isinstance(s, str) else s for s in spec.scopes],

@@ -1,9 +1,11 @@
-"""The embedded world: a planted-concept corpus, a word-level HF tokenizer and (later) tiny trained models.
+"""The embedded world: a planted-concept corpus, a word-level HF tokenizer, tiny trained models, and how the
+jobs run on it (:mod:`.recipe`: its LM batches and SAE recipe).
 
 ``python -m dlmscope.world.build`` regenerates ``dlmscope/world/assets/`` deterministically.
 """
 from .corpus import (CONCEPTS, CONCEPT_GROUPS, KINDS, Sample, Task, concept_id_table, concept_of, corpus_stats,
                      decoding_tasks, encode_prompted, generate, is_heldout, pack, split, token_rows, vocabulary)
+from .recipe import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN, world_batches
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer, load_tokenizer, save_tokenizer
 
 import os as _os
@@ -14,4 +16,5 @@ TOKENIZER_DIR = _os.path.join(ASSETS_DIR, "tokenizer")
 
 __all__ = ["CONCEPTS", "CONCEPT_GROUPS", "KINDS", "Sample", "Task", "concept_id_table", "concept_of", "is_heldout",
            "corpus_stats", "decoding_tasks", "encode_prompted", "generate", "pack", "split", "token_rows", "vocabulary",
-           "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer", "save_tokenizer", "ASSETS_DIR", "TOKENIZER_DIR"]
+           "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer", "save_tokenizer", "ASSETS_DIR", "TOKENIZER_DIR",
+           "world_batches", "SEQ_LEN", "LM_BATCH", "SAE_LATENTS", "SAE_K", "SAE_TRAIN"]

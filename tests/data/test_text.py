@@ -1,4 +1,5 @@
-"""Text sources: the embedded world, text files and Hugging Face datasets (files made here), EOS-joined and packed."""
+"""Text sources: text files and Hugging Face datasets (files made here), EOS-joined and packed; the jobs' sources
+add the embedded world."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from dlmscope.data.text import PackedDocuments, read_documents, text_batches
-from dlmscope.world import load_tokenizer
-from dlmscope.world import TOKENIZER_DIR
+from dlmscope.jobs.sources import token_batches
+from dlmscope.world import TOKENIZER_DIR, load_tokenizer, token_rows
 
 
 DOCS = [f"the {c} cat sat on the mat number {i}" for i, c in enumerate(["red", "blue", "green", "black"] * 10)]
@@ -105,11 +106,22 @@ def test_documents_are_read_lazily(tokenizer):
 
 
 def test_world_source_is_the_world_split(tokenizer):
-    from dlmscope.world import token_rows
-
-    train, held = text_batches("world", tokenizer, seq_len=32, lm_batch=8, world_sentences=2000, seed=3)
+    train, held = token_batches("world", tokenizer, seq_len=32, lm_batch=8, world_sentences=2000, seed=3)
     ref_train, ref_held = token_rows(tokenizer, 2000, 32, 3)
     assert torch.equal(torch.cat(train), ref_train) and torch.equal(torch.cat(held), ref_held)
+
+
+def test_the_library_reads_files_and_the_jobs_add_the_world(tmp_path, tokenizer):
+    (tmp_path / "docs.txt").write_text("\n".join(DOCS))
+    args = {"seq_len": 8, "lm_batch": 2}
+    files = [torch.cat(list(part)) for part in token_batches(tmp_path / "docs.txt", tokenizer, **args)]
+    assert all(torch.equal(a, torch.cat(list(b)))
+               for a, b in zip(files, text_batches(tmp_path / "docs.txt", tokenizer, **args)))
+    with pytest.raises(ValueError, match=r"'world' does not exist \(expected a .txt file"):
+        text_batches("world", tokenizer, **args)
+    with pytest.raises(ValueError, match=r"'missing.txt' does not exist \(expected 'world' \(the embedded world's "
+                                         r"corpus\), a .txt file"):
+        token_batches("missing.txt", tokenizer, **args)
 
 
 def test_bad_sources_name_the_problem(tmp_path, tokenizer):
@@ -131,4 +143,6 @@ def test_bad_sources_name_the_problem(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="part must be"):
         PackedDocuments(lambda: iter(DOCS), tokenizer, seq_len=4, lm_batch=2, part="test")
     with pytest.raises(ValueError, match="no tokenizer"):
-        text_batches("world", None, seq_len=8, lm_batch=2)
+        token_batches("world", None, seq_len=8, lm_batch=2)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        text_batches(tmp_path / "rows.jsonl", None, seq_len=8, lm_batch=2)

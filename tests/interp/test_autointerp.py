@@ -10,6 +10,7 @@ import torch
 from dlmscope.interp.autointerp import (PlantedExplainer, HFExplainer, OpenAIExplainer, detect, detection_windows,
                                  highlight, score_report)
 from dlmscope.interp.judges import OpenAIJudge, PlantedJudge
+from dlmscope.world import CONCEPTS
 
 from tests.helpers.chat_server import ChatHandler, serving
 
@@ -29,9 +30,9 @@ RANDOM = [{"tokens": f"the {w} walked to the house".split()} for w in ("man", "d
 
 
 def test_planted_explainer_names_the_concept_that_carries_the_activation():
-    assert PlantedExplainer().explain(ENTRY) == "food"
+    assert PlantedExplainer(concepts=CONCEPTS).explain(ENTRY) == "food"
     flat = {"max_act": 1.0, "top": [_win("the of a", "of")], "importance": []}
-    assert PlantedExplainer().explain(flat) == "none"
+    assert PlantedExplainer(concepts=CONCEPTS).explain(flat) == "none"
     assert highlight(_win("anna ate the bread", "bread"), 2.0) == "anna ate the <<bread>>"
 
 
@@ -39,11 +40,11 @@ def test_detection_accuracy_known_answers():
     windows, labels = detection_windows(ENTRY, RANDOM, seed=3)
     assert len(windows) == 14 and sum(labels) == 4
     assert detection_windows(ENTRY, RANDOM, seed=3) == (windows, labels)       # seeded
-    right = detect(ENTRY, "food", PlantedJudge(), RANDOM, seed=3)
+    right = detect(ENTRY, "food", PlantedJudge(concepts=CONCEPTS), RANDOM, seed=3)
     assert right["accuracy"] == 1.0 and right["balanced_accuracy"] == 1.0
-    none = detect(ENTRY, "none", PlantedJudge(), RANDOM, seed=3)
+    none = detect(ENTRY, "none", PlantedJudge(concepts=CONCEPTS), RANDOM, seed=3)
     assert none["accuracy"] == pytest.approx(10 / 14) and none["balanced_accuracy"] == 0.5
-    wrong = detect(ENTRY, "colour", PlantedJudge(), RANDOM, seed=3)
+    wrong = detect(ENTRY, "colour", PlantedJudge(concepts=CONCEPTS), RANDOM, seed=3)
     assert wrong["accuracy"] == pytest.approx(10 / 14)
     with pytest.raises(ValueError, match="random windows"):
         detection_windows(ENTRY, RANDOM[:3], seed=0)
@@ -85,10 +86,10 @@ def test_hf_explainer_runs_a_local_model():
 def test_score_report_fills_interp_and_summarises():
     report = {"random_windows": RANDOM, "latents": {"3": dict(ENTRY), "4": {"max_act": 1.0,
               "top": [_win("the of a", "of")] * 4, "importance": [_win("the of a", "of")] * 2}}}
-    s = score_report(report, PlantedExplainer(), PlantedJudge())
+    s = score_report(report, PlantedExplainer(concepts=CONCEPTS), PlantedJudge(concepts=CONCEPTS))
     assert report["latents"]["3"]["interp"]["explanation"] == "food" and report["latents"]["3"]["interp"]["accuracy"] == 1
     assert report["latents"]["4"]["interp"]["explanation"] == "none"
     assert s["n"] == 2 and s["explained_fraction"] == 0.5 and s["chance_accuracy"] == pytest.approx(10 / 14)
     assert s["accuracy_explained"]["mean"] == 1.0 and report["interp_summary"] == s
     with pytest.raises(ValueError, match="feature report"):
-        score_report({"latents": {}}, PlantedExplainer(), PlantedJudge())
+        score_report({"latents": {}}, PlantedExplainer(concepts=CONCEPTS), PlantedJudge(concepts=CONCEPTS))

@@ -1,15 +1,13 @@
 """Planted-concept scoring: counts and F1 against a brute-force loop, and the trained demo SAE's concepts."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from dlmscope.interp.concepts import concept_counts, concept_f1, labelled_activations, score_concepts
-from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_batches
+from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.world import CONCEPTS, concept_id_table
+from dlmscope.world import CONCEPTS, concept_id_table, world_batches
 
 #: The bar the trained demo SAE must pass: median over the 10 planted concepts of the best latent's F1, the latent
 #: chosen on one half of the held-out text and scored on the other (as the demo does). Measured on the 8-block
@@ -102,7 +100,7 @@ def demo_unmask_sae():
     """The demo's Unmask-SAE sweep at layer 1, trained exactly as `make demo` trains it (one layer only)."""
     cfg = DemoConfig()
     dlm = load_world_model("dlm")
-    train_batches, held_batches = world_batches(dlm.tokenizer, cfg)
+    train_batches, held_batches = world_batches(dlm.tokenizer, cfg.sentences, cfg.seq_len, cfg.lm_batch, cfg.seed)
     saes = train_layer_saes(dlm, train_batches, "unmask", cfg, layers=[1])[1]
     sae = next(s for s in saes if s.k == cfg.k_ref)
     return dlm, sae, held_batches, cfg
@@ -133,7 +131,8 @@ def test_demo_sae_latents_recover_planted_concepts(demo_unmask_sae):
 def test_masked_view_labels_the_hidden_token():
     dlm = load_world_model("dlm")
     names, table = concept_id_table(dlm.tokenizer)
-    train_batches, _ = world_batches(dlm.tokenizer, dataclasses.replace(DemoConfig(), sentences=400))
+    cfg = DemoConfig()
+    train_batches, _ = world_batches(dlm.tokenizer, 400, cfg.seq_len, cfg.lm_batch, cfg.seed)
     batch = train_batches[0][:4]
     acts, labels = labelled_activations(dlm, [batch], 2, table, "masked", t=0.4, seed=3)
     from dlmscope.data.noise import corrupt

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from dlmscope.interp.dashboard import validate_report, write_dashboard
+from dlmscope.interp.dashboard import REQUIRE_ENTRY, write_dashboard
+from dlmscope.interp.report import validate_report
 
 EVIL = '<script>alert("x")</script>'
 
@@ -210,7 +211,7 @@ def _bad(change):
 ])
 def test_bad_reports_raise_with_the_problem(tmp_path, report, message):
     with pytest.raises(ValueError, match=message):
-        validate_report(report)
+        validate_report(report, require_entry=REQUIRE_ENTRY)
     with pytest.raises(ValueError, match=message):
         write_dashboard(report, tmp_path)
     assert not (tmp_path / "index.html").exists()

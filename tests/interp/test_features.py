@@ -10,7 +10,7 @@ import torch
 from dlmscope.demo import load_world_model
 from dlmscope.interp.features import HIST_EDGES, activation_stats, collect, feature_report, logit_effects
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.data.text import world_batches
+from dlmscope.world import world_batches
 
 
 def _stream(batches: int, B=4, T=24, d=16, seed=0):

@@ -8,16 +8,29 @@ import socket
 import pytest
 import torch
 
+from dlmscope.interp.autointerp import PlantedExplainer
 from dlmscope.interp.judges import HFJudge, JudgeUnreachable, OpenAIJudge, PlantedJudge
+from dlmscope.world import CONCEPTS
 
 from tests.helpers.chat_server import ChatHandler, serving
 
 
 def test_planted_judge_counts_the_concepts_words():
-    j = PlantedJudge()
+    j = PlantedJudge(concepts=CONCEPTS)
     assert j.score("colour", ["the red cat", "blue green", "[BOS] the [EOS]", ""]) == [1 / 3, 1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="unknown planted concept 'colours'"):
         j.score("colours", ["red"])
+
+
+def test_planted_judge_and_explainer_need_the_concepts():
+    for planted in (PlantedJudge, PlantedExplainer):
+        with pytest.raises(TypeError, match="concepts"):
+            planted()
+        with pytest.raises(ValueError, match="non-empty mapping of concept name"):
+            planted(concepts={})
+        with pytest.raises(ValueError, match="planted concept 'food' needs a non-empty list of words"):
+            planted(concepts={"food": "bread"})
+        assert planted(concepts={"food": ["Bread"]}).vocab == {"food": {"bread"}}
 
 
 def test_hf_judge_reads_the_yes_no_probabilities():

@@ -11,8 +11,7 @@ from dlmscope import cli
 from dlmscope.demo import load_world_model
 from dlmscope.jobs.dashboard import build_report
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.data.text import world_batches
-from dlmscope.world import ASSETS_DIR, CONCEPTS
+from dlmscope.world import ASSETS_DIR, CONCEPTS, world_batches
 
 
 def test_build_report_adds_concepts_and_interp():

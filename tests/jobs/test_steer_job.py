@@ -13,9 +13,9 @@ import dataclasses
 import pytest
 import torch
 
-from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes, world_batches
+from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
 from dlmscope.jobs.steer import SteerSpec, concept_features, neutral_prompts, run_steer
-from dlmscope.world import CONCEPTS
+from dlmscope.world import CONCEPTS, world_batches
 
 LAYER, ALPHA, PROMPTS = 4, 4.0, 40
 MIN_MEAN_RISE, MIN_CONCEPTS_UP = 0.10, 3
@@ -26,7 +26,7 @@ def steered():
     torch.manual_seed(0)
     cfg = dataclasses.replace(DemoConfig(), ks=(8,), k_ref=8, train_tokens=100_000, sentences=30_000)
     dlm, ar = load_world_model("dlm"), load_world_model("ar")
-    train, _ = world_batches(dlm.tokenizer, cfg)
+    train, _ = world_batches(dlm.tokenizer, cfg.sentences, cfg.seq_len, cfg.lm_batch, cfg.seed)
     sae = train_layer_saes(dlm, train, "unmask", cfg, layers=[LAYER])[LAYER][0]
     features = concept_features(dlm, sae, LAYER, list(CONCEPTS))
     spec = SteerSpec(layer=LAYER, alphas=[ALPHA], gen_length=8, steps=8, temperature=0.7, seed=0)
