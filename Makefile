@@ -39,12 +39,14 @@ test-all: install
 test-slow: install
 	TRITON_INTERPRET=1 $(PYBIN) -m pytest -q -m "slow and not gpu" tests
 
+# The training step and op suites on the CPU, tables under benchmarks/results/ (`benchmarks/report.py --help`: the
+# other suites the driver runs: sweep, pipeline, latent)
 bench: install
-	$(PYBIN) benchmarks/report.py --device cpu
+	$(PYBIN) benchmarks/report.py step --device cpu
 
 # Latent-parallel step time and memory per rank vs R (torchrun, gloo on CPU; --device cuda on a multi-GPU machine)
 bench-latent: install
-	$(PYBIN) benchmarks/latent_parallel_bench.py
+	$(PYBIN) benchmarks/report.py latent
 
 gpu-check:
 	bash scripts/gpu_check.sh
@@ -66,7 +68,7 @@ demo: install
 
 # The synthetic known-dictionary job (no model): checks that training recovers the true directions.
 demo-synthetic: install
-	$(PYBIN) scripts/demo_synthetic.py
+	$(PYBIN) -m dlmscope.demo.synthetic
 
 clean:
 	rm -rf build dist *.egg-info dlmscope/*.so .pytest_cache .benchmarks $(INSTALL_STAMP)

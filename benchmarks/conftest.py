@@ -1,5 +1,10 @@
 """pytest-benchmark harness for the dlmscope benchmarks.
 
+The suites are the ``bench_*.py`` files here (collected by :func:`pytest_collect_file`: pytest's own pattern is
+``test_*.py``), each named by what it times; ``workloads.py`` and ``harvest_train.py`` build dlmscope's side of
+each comparison, ``baselines.py`` the plain-PyTorch side, and ``report.py`` is the one driver that runs suites and
+writes ``results/``.
+
 Options (each also settable by environment variable; the option wins):
 
   --bench-device cpu|cuda     DLMSCOPE_BENCH_DEVICE    (default: cuda if available, else cpu)
@@ -31,7 +36,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
 
-import steps  # noqa: E402
+import workloads  # noqa: E402
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect the ``bench_*.py`` suites; a file named on the command line pytest collects itself."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
 
 
 def pytest_addoption(parser):
@@ -48,11 +60,11 @@ def pytest_addoption(parser):
     group.addoption("--bench-record", default=None)
 
 
-def _config(config) -> steps.BenchConfig:
+def _config(config) -> workloads.BenchConfig:
     cached = getattr(config, "_dlmscope_bench_config", None)
     if cached is None:
         o = config.getoption
-        cached = steps.BenchConfig.resolve(
+        cached = workloads.BenchConfig.resolve(
             device=o("--bench-device"), quick=o("--bench-quick"), shape=o("--bench-shape"),
             dtype=o("--bench-dtype"), backends=o("--bench-backends"), compile_dense=o("bench_compile"),
             warmup=o("--bench-warmup"), rounds=o("--bench-rounds"))
@@ -72,14 +84,14 @@ def pytest_report_header(config):
 def pytest_generate_tests(metafunc):
     cfg = _config(metafunc.config)
     if "step_variant" in metafunc.fixturenames:
-        metafunc.parametrize("step_variant", steps.step_variants(cfg))
+        metafunc.parametrize("step_variant", workloads.step_variants(cfg))
     if "op_variant" in metafunc.fixturenames:
-        pairs = steps.op_variants(cfg)
+        pairs = workloads.op_variants(cfg)
         metafunc.parametrize("op_variant", pairs, ids=[f"{op}-{v}" for op, v in pairs])
 
 
 @pytest.fixture(scope="session")
-def bench_config(request) -> steps.BenchConfig:
+def bench_config(request) -> workloads.BenchConfig:
     cfg = _config(request.config)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("--bench-device cuda but torch sees no CUDA device")
@@ -115,7 +127,7 @@ def _is_oom(exc: BaseException) -> bool:
 class Runner:
     """Builds a workload, warms it up, times it with ``benchmark.pedantic``, records the result."""
 
-    def __init__(self, request, benchmark, cfg: steps.BenchConfig):
+    def __init__(self, request, benchmark, cfg: workloads.BenchConfig):
         self.request, self.benchmark, self.cfg = request, benchmark, cfg
         self.record_path = request.config.getoption("--bench-record") or os.environ.get("DLMSCOPE_BENCH_RECORD")
 

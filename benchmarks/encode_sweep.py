@@ -14,7 +14,6 @@ so a run cut short keeps what it measured. ``--dry`` runs a small shape on the C
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -62,14 +61,20 @@ def _timer(device):
     return run
 
 
-def _resources(variant: str) -> dict:
-    """Registers and spills of the fused encoder's latest compiled kernel (triton variants on a GPU)."""
+def _resources(variant: str, x, W, b_enc, b_dec, k: int) -> dict:
+    """Registers and spills of the fused encoder kernel a triton variant runs (on a GPU): one more launch of it
+    under the same settings (triton's cache hands back the kernel the timed calls compiled). Empty where
+    ``topk_encode`` routes k to the chunked select (no fused kernel) or under the interpreter."""
     if variant != "triton":
         return {}
     try:
-        compiled = importlib.import_module("dlmscope.kernels.topk_encode").LAST_COMPILED  # the module, not the op
+        from dlmscope.kernels import _launch, topk_candidates
+
+        if _launch.next_pow2(k) > _launch.fused_max_kp(x.dtype):      # topk_encode's own routing rule
+            return {}
+        _, _, compiled = topk_candidates((x - b_dec).contiguous(), W, b_enc, k, return_compiled=True)
         return {"n_regs": int(compiled.n_regs), "n_spills": int(compiled.n_spills)}
-    except Exception:                               # the kernel was routed elsewhere, or an older triton
+    except Exception:                               # no triton, the interpreter, or an older triton
         return {}
 
 
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
                 v = fn_rows(variant, kk)[0].double().sort(-1).values
                 err = float(((v - refs[kk]).abs() / refs[kk][:, -1:].abs().clamp_min(1e-12)).max())
             row = {"variant": variant, "setting": setting, "k": kk, "seconds": seconds,
-                   "tflops": flops / seconds / 1e12, "value_error": err, **_resources(variant)}
+                   "tflops": flops / seconds / 1e12, "value_error": err,
+                   **_resources(variant, x, W, b_enc, b_dec, kk)}
         except Exception as exc:                            # a variant that fails is a result, not the end
             row = {"variant": variant, "setting": setting, "k": kk, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:

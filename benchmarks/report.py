@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Run the dlmscope benchmark suite once and write the ratios that matter.
+"""The benchmark driver: runs a suite once and writes its ratios to ``benchmarks/results/`` (JSON + markdown).
 
-    python benchmarks/report.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
-                                [--shape B,d,n,k] [--dtype fp32|bf16] [--backends a,b] [--rounds N] [--warmup N]
-                                [--only step|ops] [--timeout SECONDS] [--from-records FILE.jsonl]
+    python benchmarks/report.py [step] [--device cpu|cuda] [--quick] ...   training step + ops (the default)
+    python benchmarks/report.py sweep [--quick]                            k-sweep training throughput
+    python benchmarks/report.py pipeline [--tokens N] [--quick]            harvest + train on the embedded DLM
+    python benchmarks/report.py latent [--device cuda --latent 1 2 4 8 ...]  latent-parallel step time / memory vs R
+    python benchmarks/report.py COMMAND --help
 
-Runs ``pytest benchmarks/test_bench_step.py`` then ``benchmarks/test_bench_ops.py`` (each a separate pytest
+``step``: runs ``pytest benchmarks/bench_train_step.py`` then ``benchmarks/bench_ops.py`` (each a separate pytest
 process with ``--benchmark-json`` and its own timeout; every finished benchmark is also appended to a JSON-lines
 record, so a run killed half-way still reports what it measured), then prints and writes
 
@@ -14,10 +16,21 @@ record, so a run killed half-way still reports what it measured), then prints an
 
 Ratios: each step variant / GEMM (same run), dense / each of ours (speed-up), embedding_bag (the ``torch``
 backend) / each other backend, and each op: reference / backend.
+
+``sweep``: ``pytest benchmarks/bench_sweep_training.py`` once; ratios grouped vs dense and vs separate
+(``cpu-sweep-*.json`` / ``.md``). ``pipeline``: the pipelines of ``harvest_train.py`` / ``baselines.run_plain``
+once each at full size, without pytest (``cpu-pipeline-world-dlm.*``). ``latent``: ``latent_parallel_scaling.py``
+(torchrun per R; ``cpu-latent-parallel.md``).
+
+Layout of ``benchmarks/``: the ``bench_*.py`` suites (pytest-benchmark, each named by what it times), the
+plain-PyTorch baselines in ``baselines.py``, dlmscope's workloads in ``workloads.py`` / ``harvest_train.py``, the
+GPU-check stages ``gpu_correctness.py`` and ``encode_sweep.py``, and the tools ``cpu_kernels.py`` (the C++
+kernels' primitives) and ``sm90_encoder_compile.py`` (registers / spills of the Triton kernels for sm_90).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -27,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -41,7 +55,7 @@ OP_BASELINES = ("reference", "adam_foreach")
 OPS = ("encode", "decode_fwd_bwd", "decoder_norm_step")
 
 
-# ---- machine info -----------------------------------------------------------------------------------
+# ---- machine info -------------------------------------------------------------------------------------
 
 
 def _cpu_model() -> str:
@@ -104,12 +118,12 @@ def machine_info(device: str) -> dict:
     return info
 
 
-# ---- running ----------------------------------------------------------------------------------------
+# ---- step: running the suites -------------------------------------------------------------------------
 
 
 def run_suite(args, cfg, record_path: str, workdir: str) -> dict:
     """Run the selected benchmark files, one pytest process each; return their exit codes."""
-    files = {"step": "test_bench_step.py", "ops": "test_bench_ops.py"}
+    files = {"step": "bench_train_step.py", "ops": "bench_ops.py"}
     parts = [args.only] if args.only else ["step", "ops"]
     codes = {}
     for part in parts:
@@ -165,7 +179,7 @@ def load_records(path: str) -> list[dict]:
     return list(latest.values())
 
 
-# ---- ratios -----------------------------------------------------------------------------------------
+# ---- step: ratios -------------------------------------------------------------------------------------
 
 
 def _ratio(a, b):
@@ -200,7 +214,7 @@ def compute(records: list[dict], device: str) -> dict:
             "cpu_target": target}
 
 
-# ---- rendering --------------------------------------------------------------------------------------
+# ---- step: rendering ----------------------------------------------------------------------------------
 
 
 def _fmt_t(t) -> str:
@@ -229,7 +243,7 @@ STEP_LABELS = {
 }
 
 
-def render_markdown(result: dict) -> str:
+def render_step(result: dict) -> str:
     s, m, res = result["shape"], result["machine"], result["results"]
     r = res["ratios"]
     hw = m.get("gpu_name") or m.get("cpu_model")
@@ -315,11 +329,12 @@ def print_summary(result: dict) -> None:
     print("== end of summary")
 
 
-# ---- main -------------------------------------------------------------------------------------------
+# ---- step: the command --------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step(argv) -> int:
+    ap = argparse.ArgumentParser(prog="report.py step", description="The training step and op-level suites "
+                                 "(bench_train_step.py, bench_ops.py) once; ratios against the GEMM, dense, reference.")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--quick", action="store_true", help="smoke-test shape B=256, d=64, n=1024, k=8")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
@@ -339,11 +354,11 @@ def main(argv=None) -> int:
     timeouts = [float(t) for t in args.timeout.split(",")] if args.timeout else [None]
     args.timeouts = {"step": timeouts[0], "ops": timeouts[-1]}
 
-    import steps  # noqa: E402  (imports torch and dlmscope)
+    import workloads  # noqa: E402  (imports torch and dlmscope)
 
-    cfg = steps.BenchConfig.resolve(device=args.device, quick=args.quick or None, shape=args.shape,
+    cfg = workloads.BenchConfig.resolve(device=args.device, quick=args.quick or None, shape=args.shape,
                                     dtype=args.dtype, backends=args.backends, compile_dense=args.compile_dense)
-    args.dtype_name = steps._DTYPE_TAGS[cfg.dtype]
+    args.dtype_name = workloads._DTYPE_TAGS[cfg.dtype]
     out_dir = args.out if os.path.isabs(args.out) else os.path.join(os.getcwd(), args.out)
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{cfg.device}-{cfg.tag}")
@@ -376,7 +391,7 @@ def main(argv=None) -> int:
     result["machine"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    md = render_markdown(result)
+    md = render_step(result)
     with open(stem + ".md", "w") as f:
         f.write(md)
     print_summary(result)
@@ -386,6 +401,246 @@ def main(argv=None) -> int:
     if not records:
         return 1
     return 0 if not codes or all(c == 0 for c in codes.values()) else 2
+
+
+# ---- sweep: k-sweep training throughput ---------------------------------------------------------------
+
+
+SWEEP_LABELS = {"grouped": "dlmscope Trainer, grouped encoders",
+                "separate": "dlmscope Trainer, six separate encoder calls",
+                "dense": "plain PyTorch dense Top-K (paper's way)"}
+
+
+def sweep(argv) -> int:
+    """Run the k-sweep training-throughput benchmark once and write ratios (JSON + markdown).
+
+    Targets: grouped sweep ≥ 3× the plain-PyTorch dense sweep, and ≥ 1.5× six separate SAEs."""
+    parser = argparse.ArgumentParser(prog="report.py sweep", description=sweep.__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+    env = dict(os.environ, DLMSCOPE_BENCH_QUICK="1" if args.quick else "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "sweep.json"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               os.path.join(ROOT, "benchmarks", "bench_sweep_training.py"), f"--benchmark-json={raw}",
+               "--benchmark-columns=median,min,max"]
+        rc = subprocess.call(cmd, env=env, cwd=ROOT)
+        if rc != 0 or not raw.exists():
+            print(f"benchmark run failed (exit {rc})", file=sys.stderr)
+            return rc or 1
+        data = json.loads(raw.read_text())
+    rows = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        median = bench["stats"]["median"]
+        rows[info["variant"]] = dict(median_s=median, tokens_per_s=info["tokens_per_round"] / median)
+    shape = {k: data["benchmarks"][0]["extra_info"][k] for k in ("d", "n", "B", "ks", "steps")}
+    ratios = {
+        "grouped_vs_dense": rows["grouped"]["tokens_per_s"] / rows["dense"]["tokens_per_s"],
+        "grouped_vs_separate": rows["grouped"]["tokens_per_s"] / rows["separate"]["tokens_per_s"],
+        "separate_vs_dense": rows["separate"]["tokens_per_s"] / rows["dense"]["tokens_per_s"],
+    }
+    import torch
+
+    machine = dict(cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+                   threads=torch.get_num_threads(), cores=os.cpu_count())
+    tag = "cpu-sweep-quick" if args.quick else f"cpu-sweep-d{shape['d']}-n{shape['n']}-B{shape['B']}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(dict(shape=shape, variants=rows, ratios=ratios, machine=machine),
+                                                indent=2))
+    lines = [f"#### k-sweep training throughput — six SAEs, d={shape['d']}, n={shape['n']}, B={shape['B']}, "
+             f"ks={shape['ks']}, fp32, CPU ({machine['threads']} threads)", "",
+             "| variant | median time / round | tokens/s | vs dense |", "|---|---:|---:|---:|"]
+    for key in ("grouped", "separate", "dense"):
+        r = rows[key]
+        lines.append(f"| {SWEEP_LABELS[key]} | {r['median_s']:.2f} s | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}× |")
+    lines += ["", f"Grouped vs dense: **{ratios['grouped_vs_dense']:.2f}×** (target ≥ 3×); grouped vs separate: "
+              f"**{ratios['grouped_vs_separate']:.2f}×** (target ≥ 1.5×). {shape['steps']} steps per round."]
+    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+# ---- pipeline: harvest + train on the embedded DLM ----------------------------------------------------
+
+PIPELINE_LABELS = {
+    "dlmscope": "dlmscope: ActivationStream (one truncated forward, disk cache) → Trainer (fused ops, grouped)",
+    "plain": "plain PyTorch, paper's way: full forward + hook, model re-run per layer, dense Top-K",
+    "plain_one_forward": "plain PyTorch, one full forward + hooks on all layers, dense Top-K",
+}
+
+
+def _foreign(rows: dict) -> str:
+    vals = [r["foreign_cpu_cores"] for r in rows.values() if r.get("foreign_cpu_cores") is not None]
+    return f"≤ {max(vals):.2f}" if vals else "?"
+
+
+def _truncation_note(s: dict) -> str:
+    deepest, n = max(s["layers"]), s.get("num_layers", 4)
+    saved = "only the final norm + LM head" if deepest == n - 1 else \
+        f"blocks {deepest + 1}–{n - 1}, the final norm and the LM head"
+    return (f"The deepest hooked layer is {deepest} of blocks 0–{n - 1}, so truncation saves {saved}; the rest of "
+            f"dlmscope's gain comes from one forward for all layers (activation cache; layer {deepest}'s phase "
+            "reads it back) and the fused SAE training.")
+
+
+def render_pipeline(result: dict) -> str:
+    s, m, rows = result["settings"], result["machine"], result["variants"]
+    base = rows.get("plain")
+    lines = [
+        f"#### Harvest + train, embedded DLM (LLaDA format, {s.get('num_layers', 4)} blocks, d={s.get('d_model', 128)})"
+        f" — layers {s['layers']}, mask policy, "
+        f"n={s['n']}, k={s['ks']}, B={s['batch_size']}, {s['tokens']:,} kept tokens per layer, fp32, CPU", "",
+        f"{m['cpu_model']}; torch {m['torch']}; {m['cpu_count']} CPU cores ({m['torch_threads']} torch threads); "
+        f"`uptime` at start: {m.get('uptime')}; other processes kept {_foreign(rows)} cores busy on average "
+        "while timing; "
+        f"dlmscope {m['git_commit']}{'+dirty' if m['git_dirty'] else ''}; {m['date']}. One run per variant "
+        "(after an untimed 2-batch warm-up); tokens/s = kept tokens per layer × layers / wall seconds.", "",
+        "| pipeline | wall | tokens/s | vs plain (paper's way) | held-out FVE k=" + "/".join(map(str, s["ks"])) +
+        " (layer " + ", layer ".join(map(str, s["layers"])) + ") |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, r in rows.items():
+        fves = "; ".join("/".join(f"{r['heldout'][str(L)][str(k)]['fve']:.3f}" for k in s["ks"])
+                         for L in s["layers"])
+        vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "—"
+        lines.append(f"| {PIPELINE_LABELS[name]} | {r['wall_s']:.1f} s | {r['tokens_per_s']:,.0f} | {vs} | {fves} |")
+    lines.append("")
+    ratios = result["ratios"]
+    parts = []
+    if "dlmscope_vs_plain" in ratios:
+        parts.append(f"dlmscope vs the paper's plain pipeline: **{ratios['dlmscope_vs_plain']:.2f}×**")
+    if "dlmscope_vs_plain_one_forward" in ratios:
+        parts.append(f"vs plain with one shared forward: **{ratios['dlmscope_vs_plain_one_forward']:.2f}×**")
+    if parts:
+        lines.append("; ".join(parts) + f". Largest held-out FVE gap between dlmscope and a plain variant: "
+                     f"{result['max_fve_gap']:.4f}.")
+        lines.append("")
+    lines += [
+        "Baseline choice: `plain` is what the paper's code does — it trains one layer per run, so each layer's run "
+        "re-runs the full model (all blocks + LM head) with a forward hook on that block; `plain_one_forward` is "
+        "the stronger plain baseline (one full forward with hooks on both layers feeds both sweeps). Both plain "
+        "variants use the same masking (same seed, same kept positions), the same shuffle buffer (`shuffle_buffer.shuffle_batches`, plain torch), and per SAE "
+        "`reference.topk_encode` (dense B×n pre-activations + `torch.topk`) + `reference.sparse_decode` (scatter "
+        "into B×n + matmul), MSE, autograd, W_dec-gradient projection, grad clip, `torch.optim.Adam` + LambdaLR, "
+        "decoder renorm. Same init, norm factor, geometric-median `b_dec`, lr schedule and step count as dlmscope's "
+        "Trainer. Held-out FVE: `evaluate_sae` on the same held-out masked-position activations for every variant. "
+        + _truncation_note(s) +
+        " Wall time includes writing/reading the cache (tmp dir on local disk).",
+        "",
+        "Per-phase wall seconds: " + "; ".join(
+            f"{name} " + ", ".join(f"layer {L}: {t:.1f} s" for L, t in r["per_layer_s"].items())
+            for name, r in rows.items()) + ". Run: `python benchmarks/report.py pipeline`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pipeline(argv) -> int:
+    """End-to-end harvest + train throughput on the embedded DLM: dlmscope vs a plain-PyTorch pipeline, one run.
+
+    The job and the variants: ``harvest_train.py`` (dlmscope) and ``baselines.run_plain`` (plain). tokens/s = kept
+    training tokens per layer × layers / wall seconds, timed from the first forward to the trained SAEs (model
+    loading, tokenization and the held-out evaluation are outside the timer; every variant first does an untimed
+    warm-up run on 2 batches). Writes ``<out>/cpu-pipeline-world-dlm.json`` and ``.md`` (``--quick``:
+    ``cpu-pipeline-world-dlm-quick.*``)."""
+    parser = argparse.ArgumentParser(prog="report.py pipeline", description=pipeline.__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=None, help="kept training tokens per layer")
+    parser.add_argument("--quick", action="store_true", help="8 batches per layer (seconds)")
+    parser.add_argument("--variants", default=",".join(PIPELINE_LABELS))
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in PIPELINE_LABELS]
+    if bad:
+        parser.error(f"unknown variants {bad}; choose from {list(PIPELINE_LABELS)}")
+
+    import harvest_train as H  # noqa: E402  (imports torch, dlmscope and the model stack)
+    from conftest import _cpu_sample, _foreign_cores
+    from dlmscope.util import atomic
+
+    s = H.Settings()
+    if args.quick:
+        s = dataclasses.replace(s, tokens=8 * s.batch_size, sentences=20_000, eval_tokens=4096)
+    if args.tokens is not None:
+        s = dataclasses.replace(s, tokens=args.tokens)
+    s.check()
+
+    machine = machine_info("cpu")
+    try:
+        machine["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        machine["uptime"] = None
+    adapter = H.load_adapter()
+    batches = H.token_batches(adapter, s)
+    held = H.heldout_activations(adapter, s)
+    print(f"{len(batches)} LM batches of {s.lm_batch}×{s.seq_len} tokens available; {s.tokens} kept tokens per "
+          f"layer, layers {list(s.layers)}, ks {list(s.ks)}, n={s.n}, B={s.batch_size}; "
+          f"{held[s.layers[0]].shape[0]} held-out tokens per layer", flush=True)
+    warm = dataclasses.replace(s, tokens=2 * s.batch_size, norm_batches=1)
+    for name in variants:
+        H.run_variant(name, adapter, batches, warm)
+
+    rows = {}
+    for name in variants:
+        before = _cpu_sample()
+        wall, info, saes = H.run_variant(name, adapter, batches, s)
+        foreign = _foreign_cores(before, _cpu_sample())
+        rows[name] = {"wall_s": round(wall, 3), "tokens_per_s": s.tokens * len(s.layers) / wall,
+                      "per_layer_s": {str(k): round(v, 3) for k, v in info["per_layer_s"].items()},
+                      "foreign_cpu_cores": round(foreign, 2) if foreign is not None else None,
+                      "heldout": H.heldout_metrics(saes, held)}
+        fv = "; ".join(f"L{L}: " + " ".join(f"k{k}={v['fve']:.4f}" for k, v in d.items())
+                       for L, d in rows[name]["heldout"].items())
+        print(f"{name}: {wall:.1f} s, {rows[name]['tokens_per_s']:,.0f} tokens/s; held-out FVE {fv}", flush=True)
+    machine["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+
+    ratios = {}
+    if "dlmscope" in rows:
+        for other in ("plain", "plain_one_forward"):
+            if other in rows:
+                ratios[f"dlmscope_vs_{other}"] = rows["dlmscope"]["tokens_per_s"] / rows[other]["tokens_per_s"]
+    gaps = [abs(rows["dlmscope"]["heldout"][L][k]["fve"] - rows[o]["heldout"][L][k]["fve"])
+            for o in rows if o != "dlmscope" and "dlmscope" in rows
+            for L in rows[o]["heldout"] for k in rows[o]["heldout"][L]]
+    settings = dataclasses.asdict(s)
+    settings.update(steps=s.steps, model=os.path.relpath(H.MODEL_DIR, ROOT), policy="mask", hook="resid_post",
+                    dtype="float32", device="cpu", num_layers=adapter.num_layers, d_model=adapter.d_model)
+    result = {"settings": settings, "variants": rows, "ratios": ratios,
+              "max_fve_gap": max(gaps) if gaps else None, "machine": machine}
+    tag = "cpu-pipeline-world-dlm" + ("-quick" if args.quick else "")
+    os.makedirs(args.out, exist_ok=True)
+    atomic.write_json(os.path.join(args.out, f"{tag}.json"), result)
+    md = render_pipeline(result)
+    atomic.write_text(os.path.join(args.out, f"{tag}.md"), md)
+    print(md)
+    return 0
+
+
+# ---- latent: latent-parallel step time and memory per rank vs R ---------------------------------------
+
+
+def latent(argv) -> int:
+    """``latent_parallel_scaling.py``: torchrun per R, writes ``results/cpu-latent-parallel.md`` (or ``--out``)."""
+    import latent_parallel_scaling  # noqa: E402  (imports torch and dlmscope)
+
+    return latent_parallel_scaling.main(argv, prog="report.py latent")
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+COMMANDS = {"step": step, "sweep": sweep, "pipeline": pipeline, "latent": latent}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    command = argv.pop(0) if argv[:1] and argv[0] in COMMANDS else "step"  # no command: step, as before
+    return COMMANDS[command](argv)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@
 #                backward vs the torch backend at B=2048 (target shape B·n = 2^31 stays out of this stage)
 #   sweep        benchmarks/encode_sweep.py: the fused encoder at the shipped and Hopper-shaped tiles
 #                (DLMSCOPE_ENCODE_TILE), the chunked encoder at 3 chunk sizes, torch — vs the GEMM, TFLOP/s
-#   bench        benchmarks/report.py --device cuda: GEMM floor, every encode variant, the step per backend,
+#   bench        benchmarks/report.py step --device cuda: GEMM floor, every encode variant, the step per backend,
 #                peak memory (the dense reference baselines run in their own pytest process, last)
 #   sanitize     compute-sanitizer (memcheck, then racecheck) over tests/backends/test_cuda_backend.py: out-of-bounds accesses
 #                and shared-memory races in csrc/cuda on small shapes (skipped where the tool or the library is absent)
 #   rest         the rest of the suite on CUDA while time remains
 #
 # Knobs: GPU_CHECK_BUDGET_S (360; dry 300), GPU_CHECK_STAGES (comma list), GPU_CHECK_RESULTS (results dir,
-# default benchmarks/results/gpu-check), BENCH_ARGS (extra report.py arguments), PYTHON (python3).
+# default benchmarks/results/gpu-check), BENCH_ARGS (extra `report.py step` arguments), PYTHON (python3).
 # Carried wheels in .whl/ (see /work/.library/device/README.md) are put on PYTHONPATH first.
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -139,7 +139,7 @@ if want bench; then
   if [ "$DRY" = 1 ]; then BENCH=(--device cpu --quick --rounds 1 --warmup 0 --no-compile); else BENCH=(--device cuda); fi
   step_s=$(( left * 60 / 100 )); ops_s=$(( left * 35 / 100 ))
   # shellcheck disable=SC2086
-  stage bench "$left" "$PY" benchmarks/report.py "${BENCH[@]}" --out "$RESULTS" --timeout "$step_s,$ops_s" ${BENCH_ARGS:-}
+  stage bench "$left" "$PY" benchmarks/report.py step "${BENCH[@]}" --out "$RESULTS" --timeout "$step_s,$ops_s" ${BENCH_ARGS:-}
 fi
 
 if want sanitize && [ "$DRY" != 1 ] && [ -f dlmscope/libdlmscope_cuda.so ] && command -v compute-sanitizer >/dev/null; then

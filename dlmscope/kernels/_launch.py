@@ -126,8 +126,8 @@ def fused_max_kp(dtype: torch.dtype) -> int:
 def cuda_tile(KP: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """``(BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages)`` of the fused encoder on CUDA (before
     ``$DLMSCOPE_ENCODE_TILE``), ``KP <= fused_max_kp(dtype)``. Every one compiles for sm_90 with triton 3.6 without
-    spills (scripts/sm90_report.py -> benchmarks/results/sm90-encoder-compile.md compiles exactly these); 16-bit
-    KP <= 128 keeps warp-group MMA. fp32 (int64 keys, FMA products) needs half the row block of bf16."""
+    spills (benchmarks/sm90_encoder_compile.py -> benchmarks/results/sm90-encoder-compile.md compiles exactly
+    these); 16-bit KP <= 128 keeps warp-group MMA. fp32 (int64 keys, FMA products) needs half the row block of bf16."""
     if dtype in KEY32_KEPT_BITS:
         if KP <= 128:
             return 64, 128, 32, 8, 3
@@ -208,7 +208,7 @@ class SelectConfig:
 
 def cuda_select_config(C: int) -> SelectConfig:
     """The select's CUDA config for rows of ``C`` columns: 4096 columns per step with 8 warps (16 values per
-    thread in flight; compiled for sm_90 by scripts/sm90_report.py)."""
+    thread in flight; compiled for sm_90 by benchmarks/sm90_encoder_compile.py)."""
     cfg = SelectConfig()
     cfg.BLOCK_C = min(4096, max(256, next_pow2(C)))
     cfg.num_warps = 8 if cfg.BLOCK_C >= 2048 else 4

@@ -100,10 +100,6 @@ def _row_topk_desc(key, LB: tl.constexpr, LN: tl.constexpr, LK: tl.constexpr, ON
     return tl.reshape(h, [2 ** LB, 2 ** LK])
 
 
-#: the compiled kernel of the latest launch (its ``n_regs`` / ``n_spills``: the GPU sweep prints them per tile)
-LAST_COMPILED = None
-
-
 @triton.jit
 def _topk_encode_kernel(
     x_ptr, w_ptr, b_ptr, cand_ptr,
@@ -175,12 +171,15 @@ def _topk_encode_kernel(
     tl.store(out, running, mask=row_mask[:, None])
 
 
-def topk_candidates(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                    k: int) -> tuple[torch.Tensor, EncodeConfig]:
+def topk_candidates(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
+                    return_compiled: bool = False,
+                    ) -> tuple[torch.Tensor, EncodeConfig] | tuple[torch.Tensor, EncodeConfig, object]:
     """Packed candidate keys ``[B, splits * KP]`` (int64, or int32 when ``cfg.INDEX_BITS``) whose top-k is the
     encoder's top-k, and the config that packed them (:func:`unpack_candidates` needs it).
 
-    ``xc = x - b_dec`` (contiguous ``[B, d]``), ``W_enc [n, d]`` contiguous, ``b_enc [n]``.
+    ``xc = x - b_dec`` (contiguous ``[B, d]``), ``W_enc [n, d]`` contiguous, ``b_enc [n]``. ``return_compiled``:
+    a third element, the launch's compiled kernel as triton returns it (``n_regs``, ``n_spills``; ``None`` under
+    ``TRITON_INTERPRET=1``), for tools that report a tile's registers (``benchmarks/encode_sweep.py``).
     """
     B, d = xc.shape
     n = W_enc.shape[0]
@@ -190,8 +189,7 @@ def topk_candidates(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     key_dtype = torch.int32 if cfg.INDEX_BITS else torch.int64
     cand = torch.empty((B, cfg.splits, cfg.KP), dtype=key_dtype, device=xc.device)
     grid = (cdiv(B, cfg.BLOCK_B) * cfg.splits,)
-    global LAST_COMPILED
-    LAST_COMPILED = _topk_encode_kernel[grid](
+    compiled = _topk_encode_kernel[grid](
         xc, W_enc, b_enc, cand,
         B, n, d, cfg.n_per_split, cfg.splits,
         xc.stride(0), W_enc.stride(0),
@@ -201,6 +199,8 @@ def topk_candidates(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
         INDEX_BITS=cfg.INDEX_BITS, ONE_RED=cfg.ONE_RED,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if return_compiled:
+        return cand.view(B, cfg.splits * cfg.KP), cfg, compiled
     return cand.view(B, cfg.splits * cfg.KP), cfg
 
 

@@ -3,7 +3,7 @@ atomic writes, clear errors for bad checkpoints, and (when the peer libraries ar
 
 The peer check needs eai-sparsify / sae-lens / dictionary-learning. They are not project dependencies: run it with
 ``DLMSCOPE_PEER_PYTHON=/path/to/venv/bin/python pytest tests/sae/test_formats.py`` (see
-scripts/make_interop_fixtures.py for that venv), or from an environment where they are importable.
+tests/fixtures/make_interop_fixtures.py for that venv), or from an environment where they are importable.
 """
 from __future__ import annotations
 

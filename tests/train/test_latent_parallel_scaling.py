@@ -1,4 +1,4 @@
-"""docs/scaling.md is exactly what scripts/scaling_table.py writes, and the script's counts are the right ones."""
+"""docs/scaling.md is exactly what docs/scaling_table.py writes, and the script's counts are the right ones."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("scaling_table", ROOT / "scripts" / "scaling_table.py")
+    spec = importlib.util.spec_from_file_location("scaling_table", ROOT / "docs" / "scaling_table.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -20,7 +20,7 @@ def table():
 
 
 def test_doc_is_generated_and_current(table):
-    assert table.main(["--check"]) == 0, "docs/scaling.md drifted: run python scripts/scaling_table.py"
+    assert table.main(["--check"]) == 0, "docs/scaling.md drifted: run python docs/scaling_table.py"
 
 
 def test_counts_follow_the_implementation(table):

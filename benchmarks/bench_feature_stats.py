@@ -1,6 +1,6 @@
 """The statistics pass of :mod:`dlmscope.interp.features` (vectorised top-N / importance stores, one merge per batch)
 against a plain loop (a heap per latent, a window built for every firing), on the same precomputed
-activations of the world DLM (pytest-benchmark).
+activations of the world DLM (pytest-benchmark; the plain loop: baselines.plain_feature_stats).
 
 Both keep, per latent, the 12 top windows of ±10 tokens and the firing counts; the plain loop keeps no
 importance samples or histogram, so it does less. Throughput = firings (latent activations > 0) per second;
@@ -9,16 +9,16 @@ batches of 32 × 64 tokens; n = 512, k = 8 at block 4).
 """
 from __future__ import annotations
 
-import heapq
 import os
 
 import pytest
 import torch
 
+import baselines
 from dlmscope.demo import load_world_model
 from dlmscope.interp.features import collect, model_batches
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.data.text import world_batches
+from dlmscope.world import world_batches
 
 BATCHES = int(os.environ.get("DLMSCOPE_INTERP_BATCHES", "8"))
 TOP, HALF = 12, 10
@@ -36,33 +36,6 @@ def setup():
     return sae, batches, firings
 
 
-def _plain(sae, batches):
-    heaps = [[] for _ in range(sae.n)]
-    fired = [0] * sae.n
-    counter = 0
-    for acts, ids, keep, _ in batches:
-        with torch.no_grad():
-            values, indices = sae.encode(acts)
-        values, indices, ids_l = values.tolist(), indices.tolist(), ids.tolist()
-        keep_l = keep.tolist()
-        for b, row in enumerate(values):
-            for t, (vals, lats) in enumerate(zip(row, indices[b])):
-                if not keep_l[b][t]:
-                    continue
-                for v, f in zip(vals, lats):
-                    if v <= 0:
-                        continue
-                    fired[f] += 1
-                    counter += 1
-                    window = ids_l[b][max(0, t - HALF):t + HALF + 1]
-                    item = (v, counter, window)
-                    if len(heaps[f]) < TOP:
-                        heapq.heappush(heaps[f], item)
-                    elif v > heaps[f][0][0]:
-                        heapq.heapreplace(heaps[f], item)
-    return heaps, fired
-
-
 @pytest.mark.parametrize("impl", ["dlmscope", "plain_loop"])
 def test_interp_statistics_pass(benchmark, setup, impl):
     sae, batches, firings = setup
@@ -71,5 +44,5 @@ def test_interp_statistics_pass(benchmark, setup, impl):
     if impl == "dlmscope":
         run = lambda: collect(sae, batches, top_n=TOP, importance_n=7, window=HALF)  # noqa: E731
     else:
-        run = lambda: _plain(sae, batches)  # noqa: E731
+        run = lambda: baselines.plain_feature_stats(sae, batches, TOP, HALF)  # noqa: E731
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)

@@ -5,7 +5,8 @@ per (step, layer) — the paper's replay runs a full forward per step and hooks 
 Variants: ``batched`` (``replay``), ``per_step`` (one truncated forward per state, all layers hooked),
 ``per_step_layer`` (one truncated forward per state and layer). Each round replays the same history: the world
 DLM filling DLMSCOPE_ORDER_TASKS (default 8) three-step chains (5 answers) in 5 steps, SAEs (n = 512,
-k = 8) at blocks 2, 4 and 6. The ratio to ``batched`` is the speed-up, measured in the same run.
+k = 8) at blocks 2, 4 and 6. The ratio to ``batched`` is the speed-up, measured in the same run. The per-step
+variants: baselines.per_step_replay.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import baselines
 from dlmscope.demo import load_world_model
-from dlmscope.analysis.order import _top_k, replay
+from dlmscope.analysis.order import replay
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.models.sampling import llada_fill
 from dlmscope.world import ASSETS_DIR
@@ -38,19 +40,6 @@ def setup():
     return dlm, gen, saes
 
 
-@torch.no_grad()
-def _plain(dlm, gen, saes, per_layer: bool):
-    out = []
-    for s in range(gen.history.shape[0]):
-        groups = [[L] for L in LAYERS] if per_layer else [list(LAYERS)]
-        for layers in groups:
-            hs = dlm.forward_until(gen.history[s], layers, attention_mask=gen.attention_mask)
-            for L in layers:
-                h = hs[L].gather(1, gen.gen_positions[..., None].expand(-1, -1, hs[L].shape[-1]))
-                out.append(_top_k(saes[L], h, 8))
-    return out
-
-
 @pytest.mark.parametrize("mode", ["batched", "per_step", "per_step_layer"])
 def test_replay(benchmark, setup, mode):
     dlm, gen, saes = setup
@@ -60,5 +49,5 @@ def test_replay(benchmark, setup, mode):
     if mode == "batched":
         run = lambda: replay(dlm, gen, saes, top_k=8)  # noqa: E731   (the default: 64 rows per forward)
     else:
-        run = lambda: _plain(dlm, gen, saes, per_layer=mode == "per_step_layer")  # noqa: E731
+        run = lambda: baselines.per_step_replay(dlm, gen, saes, per_layer=mode == "per_step_layer")  # noqa: E731
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)

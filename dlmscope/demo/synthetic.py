@@ -4,7 +4,7 @@ The activations are sparse combinations of a known dictionary (ground truth), so
 and correctness: FVE, L0, and how many true directions the SAE recovered (max cosine > 0.9). `make demo`
 runs the full job on the embedded world's models instead.
 
-    python scripts/demo_synthetic.py [--steps 300] [--backend cpu]
+    python -m dlmscope.demo.synthetic [--steps 300] [--backend cpu]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import dlmscope
+from dlmscope import ops
 from dlmscope.sae import metrics
 
 
@@ -25,7 +25,7 @@ def synthetic_batches(d: int, n_true: int, active: int, batch: int, seed: int):
     while True:
         idx = torch.rand(batch, n_true, generator=g).topk(active, dim=1).indices
         weights = torch.rand(batch, active, generator=g) + 0.5
-        yield dictionary, dlmscope.sparse_decode(weights, idx, dictionary, torch.zeros(d))
+        yield dictionary, ops.sparse_decode(weights, idx, dictionary, torch.zeros(d))
 
 
 def main() -> None:
@@ -51,26 +51,26 @@ def main() -> None:
     optimizer = torch.optim.Adam([W_enc, b_enc, b_dec], lr=args.lr)
     exp_avg, exp_avg_sq = torch.zeros_like(W_dec), torch.zeros_like(W_dec)
 
-    print(f"backends available: {dlmscope.available_backends()}; using {args.backend or 'the best for cpu'}")
+    print(f"backends available: {ops.available_backends()}; using {args.backend or 'the best for cpu'}")
     start = time.perf_counter()
-    with dlmscope.value_checks(False):
+    with ops.value_checks(False):
         for step in tqdm(range(1, args.steps + 1), desc="training SAE"):
             _, x = next(stream)
-            values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, args.k, backend=args.backend)
-            x_hat = dlmscope.sparse_decode(values, indices, W_dec, b_dec, backend=args.backend)
+            values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, args.k, backend=args.backend)
+            x_hat = ops.sparse_decode(values, indices, W_dec, b_dec, backend=args.backend)
             loss = (x - x_hat).pow(2).sum(-1).mean()
             optimizer.zero_grad(set_to_none=True)
             W_dec.grad = None
             loss.backward()
             optimizer.step()
-            dlmscope.decoder_norm_step(W_dec.data, W_dec.grad, exp_avg, exp_avg_sq, step, args.lr,
+            ops.decoder_norm_step(W_dec.data, W_dec.grad, exp_avg, exp_avg_sq, step, args.lr,
                                        backend=args.backend)
     elapsed = time.perf_counter() - start
 
     _, x = next(stream)
     with torch.no_grad():
-        values, indices = dlmscope.topk_encode(x, W_enc, b_enc, b_dec, args.k)
-        x_hat = dlmscope.sparse_decode(values, indices, W_dec, b_dec)
+        values, indices = ops.topk_encode(x, W_enc, b_enc, b_dec, args.k)
+        x_hat = ops.sparse_decode(values, indices, W_dec, b_dec)
         fve = float(metrics.fve(x, x - x_hat))
         l0 = float((values > 0).sum(1).float().mean())
         max_cos = (dictionary @ W_dec.T).max(dim=1).values

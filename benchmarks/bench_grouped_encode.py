@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 import dlmscope
-import steps
+import workloads
 from dlmscope.backends import get_backend
 from dlmscope.backends.base import Backend
 
@@ -35,7 +35,7 @@ SWEEP = {  # (B, d, n per SAE, ks, k_aux)
 AUX_FRACTION = 0.3
 
 
-def _fused_backends(cfg: steps.BenchConfig) -> list[str]:
+def _fused_backends(cfg: workloads.BenchConfig) -> list[str]:
     """Backends of the run that override the composite ``encode_grouped`` with a fused kernel."""
     return [b for b in cfg.backends if type(get_backend(b)).encode_grouped is not Backend.encode_grouped]
 
@@ -48,7 +48,7 @@ def pytest_generate_tests(metafunc):
     cfg = getattr(config, "_dlmscope_bench_config", None)  # conftest's cached resolution, if it ran first
     if cfg is None:
         o = config.getoption
-        cfg = steps.BenchConfig.resolve(
+        cfg = workloads.BenchConfig.resolve(
             device=o("--bench-device"), quick=o("--bench-quick"), shape=o("--bench-shape"),
             dtype=o("--bench-dtype"), backends=o("--bench-backends"), compile_dense=o("bench_compile"),
             warmup=o("--bench-warmup"), rounds=o("--bench-rounds"))
@@ -57,16 +57,16 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("grouped_variant", variants)
 
 
-def _sweep_config(cfg: steps.BenchConfig):
+def _sweep_config(cfg: workloads.BenchConfig):
     B, d, n, ks, k_aux = SWEEP["quick" if cfg.quick else "full"]
     S = n * len(ks)
     # the stacked shape as a BenchConfig (k: the largest k of the sweep, for the tag only)
     return dataclasses.replace(cfg, B=B, d=d, n=S, k=max(ks)), n, ks, k_aux
 
 
-def _build(cfg: steps.BenchConfig, variant: str, n: int, ks: list[int], k_aux: int) -> steps.Workload:
-    p = {name: t.detach() for name, t in steps.make_params(cfg).items()}
-    xs = steps.Rotation(steps.make_batches(cfg))
+def _build(cfg: workloads.BenchConfig, variant: str, n: int, ks: list[int], k_aux: int) -> workloads.Workload:
+    p = {name: t.detach() for name, t in workloads.make_params(cfg).items()}
+    xs = workloads.Rotation(workloads.make_batches(cfg))
     sizes = [n] * len(ks)
     g = torch.Generator(device=cfg.device).manual_seed(5)
     mask = torch.rand(cfg.n, generator=g, device=cfg.device) < AUX_FRACTION
@@ -76,7 +76,7 @@ def _build(cfg: steps.BenchConfig, variant: str, n: int, ks: list[int], k_aux: i
         @torch.no_grad()
         def fn():
             return state["xs"].next() @ state["p"]["W_enc"].T
-        return steps.Workload(variant, fn, state, info)
+        return workloads.Workload(variant, fn, state, info)
 
     backend, how = variant.split(":")
     info["backend"] = backend
@@ -101,7 +101,7 @@ def _build(cfg: steps.BenchConfig, variant: str, n: int, ks: list[int], k_aux: i
                                               state["mask"], [k_aux] * len(ks))
         raise ValueError(f"unknown variant {variant!r}")
 
-    return steps.Workload(variant, fn, state, info)
+    return workloads.Workload(variant, fn, state, info)
 
 
 def test_grouped_encode(bench_runner, bench_config, grouped_variant):

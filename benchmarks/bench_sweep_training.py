@@ -5,8 +5,8 @@ Variants, timed in one run on the same batches:
   separate  dlmscope Trainer, one encoder op per SAE (group_encoders=False)
   dense     the same sweep in plain PyTorch as the paper's code does it: per SAE a dense Top-K step
             (B×n pre-activations, scatter + dense decode), gradient projection, clipping, Adam, renormalise
-Each timed round trains ``STEPS`` steps; tokens/s = STEPS·B / median round time. ``sweep_report.py`` turns the
-pytest-benchmark JSON into ratios (grouped vs dense, grouped vs separate).
+Each timed round trains ``STEPS`` steps; tokens/s = STEPS·B / median round time. ``report.py sweep`` turns the
+pytest-benchmark JSON into ratios (grouped vs dense, grouped vs separate). The dense sweep: baselines.DenseSweep.
 
 Shape: d=512, n=16384, ks = 50, 80, 160, 320, 520, 820, B=2048 (the paper's SAE batch), fp32, CPU.
 Quick smoke test: DLMSCOPE_BENCH_QUICK=1 (d=64, n=1024, ks scaled down).
@@ -18,8 +18,8 @@ import os
 import pytest
 import torch
 
+import baselines
 import dlmscope
-from dlmscope import reference
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.train.trainer import LogConfig, Trainer, TrainConfig
 
@@ -57,16 +57,10 @@ def _dense_round():
     batches = _batches(STEPS)
 
     def setup():
-        states = []
-        for sae in _saes():
-            params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
-            states.append((sae, torch.optim.Adam(params, lr=3e-4)))
-        return (states, batches), {}
+        return (baselines.DenseSweep(_saes(), lr=3e-4, grad_clip=1.0), batches), {}
 
-    def run(states, stream):
-        for x in stream:
-            for sae, opt in states:
-                reference.dense_train_step(sae, opt, x, 1.0)
+    def run(sweep, stream):
+        sweep.fit(stream)
 
     return setup, run
 

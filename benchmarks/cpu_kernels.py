@@ -1,17 +1,17 @@
 """The CPU kernels of ``dlmscope._C`` at their tile edges, and what each primitive costs: a kernel-tuning tool.
 
-    python scripts/cpu_kernel_bench.py                 # checks (float64 + float32), then timings
-    python scripts/cpu_kernel_bench.py --check-only
-    python scripts/cpu_kernel_bench.py --bench-only --reps 7 --B 4096 --d 512 --n 16384 --k 32
-    python scripts/cpu_kernel_bench.py --bench-only --tiles 256x512 128x1024   # compare topk_encode tile shapes
-    python scripts/cpu_kernel_bench.py --quick         # smoke test: checks + timings at benchmarks' quick shape
+    python benchmarks/cpu_kernels.py                 # checks (float64 + float32), then timings
+    python benchmarks/cpu_kernels.py --check-only
+    python benchmarks/cpu_kernels.py --bench-only --reps 7 --B 4096 --d 512 --n 16384 --k 32
+    python benchmarks/cpu_kernels.py --bench-only --tiles 256x512 128x1024   # compare topk_encode tile shapes
+    python benchmarks/cpu_kernels.py --quick         # smoke test: checks + timings at benchmarks' quick shape
 
-This covers what ``benchmarks/`` does not. The checks call the C++ kernels directly, with explicit tile shapes
+This covers what the suites (``bench_*.py``) do not. The checks call the C++ kernels directly, with explicit tile shapes
 (``row_block`` x ``latent_block``), latent splits, row-block tails and many small segments, and compare them with
 ``dlmscope.reference``. The timings take the decoder backward apart into its primitives and compare tile shapes.
-Whole steps, op-level comparisons and the grouped encoder are benchmarked in ``benchmarks/`` (``python
-benchmarks/report.py``, ``pytest benchmarks/test_bench_grouped.py``); the ``step`` row here is the ``cpu`` step
-workload of ``benchmarks/steps.py``, and all timed data come from its ``make_params`` / ``make_batches``.
+Whole steps, op-level comparisons and the grouped encoder are benchmarked by the suites (``python
+benchmarks/report.py``, ``pytest benchmarks/bench_grouped_encode.py``); the ``step`` row here is the ``cpu`` step
+workload of ``benchmarks/workloads.py``, and all timed data come from its ``make_params`` / ``make_batches``.
 
 Every time is printed as a multiple of the bare encoder GEMM ``x @ W_enc.T`` measured in the same run, interleaved
 with the op (one GEMM right before every op measurement), so that a noisy shared machine affects both alike; the
@@ -27,10 +27,10 @@ import time
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(1, os.path.join(ROOT, "benchmarks"))
-import steps  # noqa: E402  (benchmarks/steps.py: the benchmark data and step workloads)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))          # the repo's dlmscope, also when it is not installed
+sys.path.insert(1, HERE)
+import workloads  # noqa: E402  (the benchmark data and step workloads)
 
 from dlmscope import _C, reference  # noqa: E402
 from dlmscope.backends import get_backend  # noqa: E402
@@ -217,10 +217,10 @@ class Bench:
         return tm / gm
 
 
-def run_bench(cfg: steps.BenchConfig, reps: int, tiles):
-    p = {name: t.detach() for name, t in steps.make_params(cfg).items()}
+def run_bench(cfg: workloads.BenchConfig, reps: int, tiles):
+    p = {name: t.detach() for name, t in workloads.make_params(cfg).items()}
     W_enc, b_enc, W_dec, b_dec = p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"]
-    xs = steps.Rotation(steps.make_batches(cfg))
+    xs = workloads.Rotation(workloads.make_batches(cfg))
     B, d, n, k = cfg.B, cfg.d, cfg.n, cfg.k
     gemm = lambda: xs.next() @ W_enc.T  # noqa: E731
     for _ in range(2):
@@ -246,9 +246,10 @@ def run_bench(cfg: steps.BenchConfig, reps: int, tiles):
     bench("transpose_reduce", lambda: _C.transpose_reduce(vals, idx, xc, n, None))
     bench("transpose_reduce + sddmm (fused)", lambda: _C.transpose_reduce(vals, idx, g, n, W_dec))
     bench("sddmm", lambda: _C.sddmm(g, idx, W_dec))
-    bench("decoder_norm_step", lambda: _C.decoder_norm_step(W_dec, grad, m, v, 1, steps.LR, *steps.BETAS, steps.EPS))
+    bench("decoder_norm_step", lambda: _C.decoder_norm_step(W_dec, grad, m, v, 1, workloads.LR, *workloads.BETAS,
+                                                             workloads.EPS))
     bench("torch backend encode (unfused)", lambda: torch_encode(xs.next(), W_enc, b_enc, b_dec, k))
-    step = steps.build_step(cfg, "cpu")
+    step = workloads.build_step(cfg, "cpu")
     try:
         step()
         bench("SAE training step (cpu backend)", step)
@@ -258,7 +259,7 @@ def run_bench(cfg: steps.BenchConfig, reps: int, tiles):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_B, default_d, default_n, default_k, _ = steps.DEFAULT_SHAPES["cpu"]
+    default_B, default_d, default_n, default_k, _ = workloads.DEFAULT_SHAPES["cpu"]
     ap.add_argument("--B", type=int, default=default_B)
     ap.add_argument("--d", type=int, default=default_d)
     ap.add_argument("--n", type=int, default=default_n)
@@ -273,8 +274,9 @@ def main():
         run_checks()
     if a.check_only:
         return
-    B, d, n, k = steps.DEFAULT_SHAPES["quick"][:4] if a.quick else (a.B, a.d, a.n, a.k)
-    cfg = steps.BenchConfig(device="cpu", B=B, d=d, n=n, k=k, dtype=torch.float32, quick=a.quick, backends=("cpu",))
+    B, d, n, k = workloads.DEFAULT_SHAPES["quick"][:4] if a.quick else (a.B, a.d, a.n, a.k)
+    cfg = workloads.BenchConfig(device="cpu", B=B, d=d, n=n, k=k, dtype=torch.float32, quick=a.quick,
+                                backends=("cpu",))
     run_bench(cfg, 1 if a.quick else a.reps, a.tiles)
 
 

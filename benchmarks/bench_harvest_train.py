@@ -1,6 +1,7 @@
 """End-to-end harvest + train throughput on the embedded DLM: dlmscope vs plain PyTorch (pytest-benchmark).
 
-Variants (see pipeline_report.py, which runs the same pipelines once at full size and writes the README table):
+Variants (harvest_train.py and baselines.run_plain; ``report.py pipeline`` runs the same pipelines once at full size
+and writes the README table):
   dlmscope           ActivationStream (one truncated forward for both layers, disk cache) → Trainer per layer
   plain              the paper's way: per layer a full forward with a hook, dense plain-PyTorch Top-K training
   plain_one_forward  plain, but one full forward with hooks on both layers feeds both layers' SAEs
@@ -20,7 +21,7 @@ import tempfile
 import pytest
 
 import dlmscope
-import pipeline_report as P
+import harvest_train as P
 
 QUICK = os.environ.get("DLMSCOPE_BENCH_QUICK") == "1"
 TOKENS = int(os.environ.get("DLMSCOPE_PIPELINE_TOKENS", str((2 if QUICK else 8) * 1024)))

@@ -1,4 +1,6 @@
-"""Benchmark workloads: one full Top-K SAE training step per variant, plus op-level callables.
+"""Benchmark workloads, dlmscope's side: one full Top-K SAE training step per backend, the bare encoder GEMM, and
+op-level callables; plus the configuration and data every step / op workload shares (the plain-PyTorch side of
+each comparison is in :mod:`baselines`).
 
 Every builder returns a :class:`Workload`: a zero-argument callable that does the work once (on CUDA it does
 *not* synchronize; the harness does), and a ``release()`` that drops its tensors so the next variant gets the
@@ -6,18 +8,13 @@ memory back. Data are realistic and non-zero: unit-norm random decoder rows, ``W
 i.e. ``W_enc = W_dec.clone()``), small random biases, random activations; the callables rotate among several
 ``x`` batches so that repeated calls do not measure a cache-resident input.
 
-Step variants (DESIGN.md: the encoder GEMM is the floor of a step):
+Step variants (DESIGN.md: the encoder GEMM is the floor of a step), in the order they are timed:
 
 - ``gemm``: the bare encoder GEMM ``x @ W_enc.T`` (no grad) — the floor everything is divided by.
-- ``dense``: the paper's plain-PyTorch step, ``reference.dense_train_step`` — ``reference.topk_encode`` +
-  ``reference.sparse_decode`` (scatter into B×n, dense matmul), autograd, W_dec grad projected off the unit rows,
-  ``torch.optim.Adam`` (foreach) on all parameters, W_dec rows renormalised; no gradient clipping (the backend
-  steps do not clip either).
-- ``dense_compiled``: the same with its two halves (``reference.dense_loss``, ``reference.dense_update``) under
-  ``torch.compile`` (GPU by default).
 - one variant per dlmscope backend that runs on the device (``torch``, ``cpu``, ``triton``):
   ``dlmscope.topk_encode`` + ``dlmscope.sparse_decode``, backward, ``dlmscope.decoder_norm_step`` for the
   decoder, ``torch.optim.Adam(fused=True)`` for W_enc, b_enc, b_dec; all inside ``value_checks(False)``.
+- ``dense``, ``dense_compiled``: the paper's plain-PyTorch step (:func:`baselines.build_step`).
 
 Loss: ``reference.mse_loss``, ``mean_b ||x - x_hat||^2`` (summed in float32 for bf16/fp16).
 """
@@ -27,7 +24,6 @@ import dataclasses
 import gc
 import math
 import os
-import types
 from typing import Callable
 
 import torch
@@ -241,7 +237,7 @@ class Workload:
             torch.cuda.empty_cache()
 
 
-def _adam(params, fused: bool):
+def adam(params, fused: bool):
     """torch.optim.Adam, fused where asked and supported (falls back to foreach)."""
     if fused:
         try:
@@ -264,35 +260,10 @@ def build_gemm(cfg: BenchConfig) -> Workload:
     return Workload("gemm", fn, state, {"kind": "gemm"})
 
 
-def build_dense(cfg: BenchConfig, compiled: bool = False) -> Workload:
-    """The paper's plain-PyTorch step, ``reference.dense_train_step`` without clipping (optionally compiled)."""
-    p = make_params(cfg)
-    sae = types.SimpleNamespace(**p, k=cfg.k)  # what the reference step reads: W_enc, b_enc, W_dec, b_dec, k
-    opt, mode = _adam(list(p.values()), fused=False)  # the default: foreach
-    if compiled:
-        loss_fn, update_fn = torch.compile(reference.dense_loss), torch.compile(reference.dense_update)
-
-        def step(sae, opt, x, grad_clip):  # reference.dense_train_step, its two halves compiled
-            loss = loss_fn(sae, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            update_fn(sae, opt, grad_clip)
-            return loss.detach()
-    else:
-        step = reference.dense_train_step
-    state = {"sae": sae, "opt": opt, "xs": Rotation(make_batches(cfg))}
-
-    def fn():
-        return step(state["sae"], state["opt"], state["xs"].next(), None)
-
-    name = "dense_compiled" if compiled else "dense"
-    return Workload(name, fn, state, {"kind": "step", "adam": mode, "compiled": compiled})
-
-
 def build_backend_step(cfg: BenchConfig, backend: str) -> Workload:
     """dlmscope ops on ``backend``: fused encode/decode autograd ops, fused decoder update, fused Adam."""
     p = make_params(cfg)
-    opt, mode = _adam([p["W_enc"], p["b_enc"], p["b_dec"]], fused=True)
+    opt, mode = adam([p["W_enc"], p["b_enc"], p["b_dec"]], fused=True)
     m = torch.zeros_like(p["W_dec"], requires_grad=False)
     v = torch.zeros_like(p["W_dec"], requires_grad=False)
     xs = Rotation(make_batches(cfg))
@@ -320,102 +291,70 @@ def build_backend_step(cfg: BenchConfig, backend: str) -> Workload:
 
 
 def build_step(cfg: BenchConfig, variant: str) -> Workload:
+    """``gemm`` or a backend's step (the ``dense`` variants: :func:`baselines.build_step`)."""
     if variant == "gemm":
         return build_gemm(cfg)
-    if variant == "dense":
-        return build_dense(cfg)
-    if variant == "dense_compiled":
-        return build_dense(cfg, compiled=True)
     return build_backend_step(cfg, variant)
 
 
 # ---- op-level workloads ---------------------------------------------------------------------------------
 
 
-def build_op(cfg: BenchConfig, op: str, variant: str) -> Workload:
-    """One op on one implementation: ``reference`` (dense plain PyTorch), ``adam_foreach`` or a backend name."""
+def op_inputs(cfg: BenchConfig, op: str) -> dict:
+    """The inputs of ``op``, the same (fresh, equal data) for every implementation of it; a builder's state."""
     p = {name: t.detach() for name, t in make_params(cfg).items()}
-    xs = Rotation(make_batches(cfg))
-    k = cfg.k
-    info = {"kind": "op", "op": op}
-
     if op == "encode":
-        state = {"p": p, "xs": xs}
-
-        if variant == "reference":
-            @torch.no_grad()
-            def fn():
-                P = state["p"]
-                return reference.topk_encode(state["xs"].next(), P["W_enc"], P["b_enc"], P["b_dec"], k)
-        else:
-            @torch.no_grad()
-            def fn():
-                P = state["p"]
-                with dlmscope.value_checks(False):
-                    return dlmscope.topk_encode(state["xs"].next(), P["W_enc"], P["b_enc"], P["b_dec"], k,
-                                                backend=variant)
-        return Workload(f"encode/{variant}", fn, state, info)
-
+        return {"p": p, "xs": Rotation(make_batches(cfg))}
     if op == "decode_fwd_bwd":
         # realistic codes: the top-k of the actual encoder on each batch; a random upstream gradient.
         codes = []
         g = _generator(cfg.device, 99)
         with torch.no_grad():
-            for x in xs.items:
-                values, indices = reference.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+            for x in make_batches(cfg):
+                values, indices = reference.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], cfg.k)
                 grad_out = torch.randn(cfg.B, cfg.d, generator=g, device=cfg.device).to(cfg.dtype)
                 codes.append((values.contiguous(), indices.contiguous(), grad_out))
         W_dec = p["W_dec"].clone().requires_grad_(True)
         b_dec = p["b_dec"].clone().requires_grad_(True)
-        state = {"codes": Rotation(codes), "W_dec": W_dec, "b_dec": b_dec}
-
-        def fn():
-            values, indices, grad_out = state["codes"].next()
-            values = values.detach().requires_grad_(True)
-            if variant == "reference":
-                x_hat = reference.sparse_decode(values, indices, state["W_dec"], state["b_dec"])
-            else:
-                with dlmscope.value_checks(False):
-                    x_hat = dlmscope.sparse_decode(values, indices, state["W_dec"], state["b_dec"], backend=variant)
-            grads = torch.autograd.grad(x_hat, (values, state["W_dec"], state["b_dec"]), grad_out)
-            return grads
-        return Workload(f"decode_fwd_bwd/{variant}", fn, state, info)
-
+        return {"codes": Rotation(codes), "W_dec": W_dec, "b_dec": b_dec}
     if op == "decoder_norm_step":
         g = _generator(cfg.device, 7)
         grads = [(torch.randn(cfg.n, cfg.d, generator=g, device=cfg.device) * 1e-3).to(cfg.dtype)
                  for _ in range(2)]
         W = p["W_dec"].clone()
-        m, v = torch.zeros_like(W), torch.zeros_like(W)
-        state = {"W": W, "m": m, "v": v, "grads": Rotation(grads), "step": 0}
-        if variant == "adam_foreach":
-            # what the dense step does for the decoder: project, torch.optim.Adam (foreach), renormalise
-            Wp = torch.nn.Parameter(W)
-            opt = torch.optim.Adam([Wp], lr=LR, betas=BETAS, eps=EPS, foreach=True)
-            state.update(Wp=Wp, opt=opt)
-
-            def fn():
-                Wp = state["Wp"]
-                with torch.no_grad():
-                    Wp.grad = reference.project_out_parallel(state["grads"].next(), Wp)
-                state["opt"].step()
-                with torch.no_grad():
-                    Wp.copy_(reference.normalize_rows(Wp))
-        elif variant == "reference":
-            def fn():
-                state["step"] += 1
-                reference.decoder_norm_step(state["W"], state["grads"].next(), state["m"], state["v"],
-                                            state["step"], LR, BETAS, EPS)
-        else:
-            def fn():
-                state["step"] += 1
-                with dlmscope.value_checks(False):
-                    dlmscope.decoder_norm_step(state["W"], state["grads"].next(), state["m"], state["v"],
-                                               state["step"], LR, BETAS, EPS, backend=variant)
-        return Workload(f"decoder_norm_step/{variant}", fn, state, info)
-
+        return {"W": W, "m": torch.zeros_like(W), "v": torch.zeros_like(W), "grads": Rotation(grads), "step": 0}
     raise ValueError(f"unknown op {op!r}")
 
 
-__all__ = ["BenchConfig", "Workload", "build_step", "build_op", "step_variants", "op_variants", "select_backends",
-           "make_batches", "make_params", "parse_dtype"]
+def build_op(cfg: BenchConfig, op: str, backend: str) -> Workload:
+    """One op on a dlmscope backend (the ``reference`` and ``adam_foreach`` variants: :func:`baselines.build_op`)."""
+    state = op_inputs(cfg, op)
+    k = cfg.k
+    info = {"kind": "op", "op": op}
+
+    if op == "encode":
+        @torch.no_grad()
+        def fn():
+            P = state["p"]
+            with dlmscope.value_checks(False):
+                return dlmscope.topk_encode(state["xs"].next(), P["W_enc"], P["b_enc"], P["b_dec"], k, backend=backend)
+    elif op == "decode_fwd_bwd":
+        def fn():
+            values, indices, grad_out = state["codes"].next()
+            values = values.detach().requires_grad_(True)
+            with dlmscope.value_checks(False):
+                x_hat = dlmscope.sparse_decode(values, indices, state["W_dec"], state["b_dec"], backend=backend)
+            return torch.autograd.grad(x_hat, (values, state["W_dec"], state["b_dec"]), grad_out)
+    elif op == "decoder_norm_step":
+        def fn():
+            state["step"] += 1
+            with dlmscope.value_checks(False):
+                dlmscope.decoder_norm_step(state["W"], state["grads"].next(), state["m"], state["v"],
+                                           state["step"], LR, BETAS, EPS, backend=backend)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return Workload(f"{op}/{backend}", fn, state, info)
+
+
+__all__ = ["BenchConfig", "Workload", "build_step", "build_op", "op_inputs", "step_variants", "op_variants",
+           "select_backends", "make_batches", "make_params", "parse_dtype", "adam"]

@@ -4,7 +4,7 @@ shared memory and whether the MMA is Hopper's warp-group MMA, per configuration.
 
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0     # the lent GPU machine's triton
     /tmp/t36/bin/pip install torch==2.13.0 numpy safetensors tqdm     # what `import dlmscope` needs
-    PYTHONPATH=. /tmp/t36/bin/python scripts/sm90_report.py \\
+    PYTHONPATH=. /tmp/t36/bin/python benchmarks/sm90_encoder_compile.py \\
         [--out benchmarks/results/sm90-encoder-compile.md] [--candidates] [--no-variants]
 
 Rows, by kind:
@@ -152,8 +152,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     cols = ("kind", "kernel", "KP", "tile", "warps", "stages", "dtype", "keys", "cas")
     lines = [f"# Top-K selection kernels compiled for sm_90 (triton {triton.__version__}, no GPU)", "",
-             "`scripts/sm90_report.py` — ptxas registers per thread, spilled bytes, shared memory per block, and "
-             "whether the PTX uses warp-group MMA (`wgmma`). 255 registers is the per-thread maximum. `keys`: the "
+             "`benchmarks/sm90_encoder_compile.py` — ptxas registers per thread, spilled bytes, shared memory per "
+             "block, and whether the PTX uses warp-group MMA (`wgmma`). 255 registers is the per-thread maximum. `keys`: the "
              "fused encoder's sort key (i32: value bits + split-local index, i64: value bits << 32 | index); "
              "`cas`: compare-and-swap with one reduction (partner = pair sum - self) or two (min + max). "
              "`select`: the threshold-then-compact select of the chunked encoder (k >= 256).", "",

@@ -1,8 +1,10 @@
 """Latent-parallel step time and peak memory per rank vs R, all R in one run (ratios from the same run).
 
-    python benchmarks/latent_parallel_bench.py                      # CPU, gloo: R = 1, 2, 4 at a small shape
-    python benchmarks/latent_parallel_bench.py --device cuda --latent 1 2 4 8 --d 4096 --n 1048576 --k 64 \\
+    python benchmarks/report.py latent                      # CPU, gloo: R = 1, 2, 4 at a small shape
+    python benchmarks/report.py latent --device cuda --latent 1 2 4 8 --d 4096 --n 1048576 --k 64 \\
         --batch 16384 --out benchmarks/results/gpu-latent-parallel.md                   # one GPU per rank, nccl
+
+(``python benchmarks/latent_parallel_scaling.py ...`` is the same.)
 
 For each R the launcher starts ``torchrun --nproc-per-node R`` on this script in worker mode (pure latent
 parallelism, a 1 x R grid): every rank initialises only its shard (``LatentShard.init``), trains ``--steps``
@@ -117,7 +119,7 @@ def write_table(args, results: dict) -> None:
     where = "peak RSS (MiB, incl. the runtime)" if args.device == "cpu" else "max_memory_allocated (MiB)"
     text = f"""# Latent-parallel step time and memory per rank vs R ({args.device})
 
-`python benchmarks/latent_parallel_bench.py {' '.join(sys.argv[1:])}`. One SAE d={args.d}, n={args.n}, k={args.k},
+`{' '.join(['python benchmarks/report.py latent', *args.cmdline])}`. One SAE d={args.d}, n={args.n}, k={args.k},
 {args.batch} rows per step, {args.steps} steps ({args.warmup} warmup), 1 x R grid, {args.threads} thread(s) per rank,
 backend {base['backend']}; torch {torch.__version__}. Slowest rank's median step, largest rank's peak memory; ratios
 against R = {min(results)} from this same run. State = fp32 weights + Adam moments + gradients of one rank's shard.
@@ -136,8 +138,8 @@ oversubscription; the per-rank state shrinks as 1/R while the runtime's fixed sh
     print(f"wrote {args.out}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--latent", type=int, nargs="+", default=[1, 2, 4], help="the R values to run")
     parser.add_argument("--d", type=int, default=512)
@@ -152,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-latent-parallel.md"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.cmdline = list(sys.argv[1:] if argv is None else argv)  # the table says how it was made
     if args.worker:
         worker(argparse.Namespace(**json.loads(os.environ[_ARGS_ENV])))
     else:
