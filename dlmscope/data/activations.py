@@ -57,11 +57,7 @@ POLICIES = ("mask", "unmask", "all", "clean")
 # ------------------------------------------------------------------------------------------------ policies
 def check_policy(policy: Any) -> str:
     """``policy`` if it is one of :data:`POLICIES`, else a ValueError naming the valid ones and the nearest."""
-    try:
-        return check_choice("mask policy", policy, POLICIES)
-    except ValueError as e:
-        # the plain list as well: the values of the CLI's --policy, spelled as they are typed
-        raise ValueError(f"{e} (valid policies: {', '.join(POLICIES)})") from None
+    return check_choice("mask policy", policy, POLICIES, valid="policies")
 
 
 def split_batch(item: Any) -> tuple[Tensor, Tensor | None]:
