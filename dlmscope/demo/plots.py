@@ -4,13 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure  # figures without pyplot: no global backend state is touched
 
 from dlmscope.jobs.order import plot_order
 from dlmscope.jobs.steer import plot_by_layer
 from dlmscope.jobs.transfer import plot_transfer
-from .config import DemoConfig
-from .config import RUN_LABELS
+from .config import RUN_LABELS, DemoConfig
 from .findings import get
 
 __all__ = ["write_plots"]
@@ -19,6 +17,9 @@ __all__ = ["write_plots"]
 def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
     """``fve_vs_k.png``, ``delta_lm.png``, ``concept_f1.png`` and (with a steering section) ``steering.png``
     under ``out``."""
+    # matplotlib is the `plot` extra, imported only to draw; Figure without pyplot touches no global backend state
+    from matplotlib.figure import Figure
+
     paths = []
     styles = dict(zip(RUN_LABELS, (("-", "o"), ("--", "s"), (":", "^"))))  # line style, marker per run
 
