@@ -140,7 +140,7 @@ class DenseSweep:
 
 
 def plain_corrupt(ids: torch.Tensor, mask_id: int, s, gen: torch.Generator):
-    """REFERENCE §3: p ~ U[t_min, t_max] per batch, mask positions except 0 w.p. p (the world rows have no
+    """docs/reference.md §3: p ~ U[t_min, t_max] per batch, mask positions except 0 w.p. p (the world rows have no
     padding). ``noise.corrupt`` is plain torch (no fused op); drawing p first, as ``harvest`` does, keeps
     the same positions on both sides."""
     return corrupt(ids, None, mask_id, draw_t(s.t_min, s.t_max, gen), gen)

@@ -3,7 +3,7 @@ pipelines: :func:`baselines.run_plain`). Timed by ``bench_harvest_train.py`` (sm
 ``python benchmarks/report.py pipeline`` (one run at full size, the README table).
 
 The job (both pipelines do exactly this): harvest resid_post of layers 1 and 3 of the embedded LLaDA-format DLM
-(``dlmscope/world/assets/models/dlm``: 8 blocks, d_model 128) under the ``mask`` policy (REFERENCE §3: per LM
+(``dlmscope/world/assets/models/dlm``: 8 blocks, d_model 128) under the ``mask`` policy (docs/reference.md §3: per LM
 batch ``p ~ U[0.05, 0.5]``, every non-pad position except 0 masked with probability ``p``, keep the masked
 positions), and train a k sweep of Top-K SAEs (n=1024, k = 8, 16, 32, batch 1024 tokens) per layer on the same
 number of kept training tokens per layer. Same recipe on both sides: one scalar norm factor from the first

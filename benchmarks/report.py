@@ -48,7 +48,7 @@ sys.path.insert(0, HERE)
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)  # the repo's dlmscope, also when it is not installed
 
-CPU_TARGET = 1.8  # our CPU step <= 1.8x the bare encoder GEMM (DESIGN.md)
+CPU_TARGET = 1.8  # our CPU step <= 1.8x the bare encoder GEMM (docs/design.md)
 CONTENTION_CORES = 0.25  # other processes using more than this many cores while we time: flag the run
 BASELINES = ("gemm", "dense", "dense_compiled")
 OP_BASELINES = ("reference", "adam_foreach")

@@ -8,7 +8,7 @@ memory back. Data are realistic and non-zero: unit-norm random decoder rows, ``W
 i.e. ``W_enc = W_dec.clone()``), small random biases, random activations; the callables rotate among several
 ``x`` batches so that repeated calls do not measure a cache-resident input.
 
-Step variants (DESIGN.md: the encoder GEMM is the floor of a step), in the order they are timed:
+Step variants (docs/design.md: the encoder GEMM is the floor of a step), in the order they are timed:
 
 - ``gemm``: the bare encoder GEMM ``x @ W_enc.T`` (no grad) — the floor everything is divided by.
 - one variant per dlmscope backend that runs on the device (``torch``, ``cpu``, ``triton``):

@@ -19,7 +19,7 @@ Zero decoder rows (the definition every backend follows): a row of W_dec with ze
 when the update is zero (a zero gradient row with a zero ``exp_avg`` row). Nothing here produces NaN or Inf
 from a zero row.
 
-Conventions (DESIGN.md): x [B,d]; W_enc [n,d]; b_enc [n]; W_dec [n,d] with unit-norm (or zero) rows; b_dec [d].
+Conventions (docs/design.md): x [B,d]; W_enc [n,d]; b_enc [n]; W_dec [n,d] with unit-norm (or zero) rows; b_dec [d].
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def decoder_norm_step(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
 
 
 def fraction_of_variance_explained(x: Tensor, x_hat: Tensor) -> Tensor:
-    """FVE = 1 - sum_d Var_b(x - x_hat) / sum_d Var_b(x)  (REFERENCE.md §4)."""
+    """FVE = 1 - sum_d Var_b(x - x_hat) / sum_d Var_b(x)  (docs/reference.md §4)."""
     return 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
 
 

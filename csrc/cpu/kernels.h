@@ -1,6 +1,6 @@
 // dlmscope CPU kernels (C++ / OpenMP through ATen's parallel_for). Declarations shared with the binding file.
 //
-// Conventions (DESIGN.md): x [B,d]; W_enc / W_dec [n,d] row-major (latent rows contiguous); k active latents per
+// Conventions (docs/design.md): x [B,d]; W_enc / W_dec [n,d] row-major (latent rows contiguous); k active latents per
 // row; indices int64. All float tensors of one call share one dtype (float32 or float64) and are contiguous;
 // validation happens in Python (dlmscope/ops.py) — the TORCH_CHECKs here are cheap sanity checks only.
 #pragma once

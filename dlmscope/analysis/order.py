@@ -1,4 +1,4 @@
-"""Decoding order through SAE features (REFERENCE.md §6), and an SAE-guided remasking order.
+"""Decoding order through SAE features (docs/reference.md §6), and an SAE-guided remasking order.
 
 :func:`replay` runs every recorded state of a sampler's history (the start state included) through the model
 once — all states of all rows batched, one truncated forward per batch for every layer, the sampler's own

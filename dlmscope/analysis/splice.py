@@ -5,7 +5,7 @@ model: :func:`dlmscope.sae.metrics.evaluate_sae`).
   optionally plus the error term ``x − x̂`` (then the model's output is bit-for-bit the clean one, while
   gradients still reach the SAE's latents), optionally only at some positions (``"masked"``, ``"unmasked"``
   or a bool ``[B, T]`` / ``[T]`` mask).
-* :func:`dlm_delta_loss` — REFERENCE.md §4: one masked input (``t ~ U[t_min, t_max]``, position 0 and pads
+* :func:`dlm_delta_loss` — docs/reference.md §4: one masked input (``t ~ U[t_min, t_max]``, position 0 and pads
   never masked) scored clean, with the SAE spliced in at every position (no error term) and with block L
   zero-ablated; ``L_mask = Σ_{masked} CE / t / #masked`` and the auxiliary ``L_unmask`` (unmasked non-pad
   positions except 0, weight ``1/(1−t)``). Logits come from ``adapter.logits`` (aligned: Dream's shift applied).
@@ -189,7 +189,7 @@ def dlm_delta_loss(
     t: float | None = None,
     positions=None,
 ) -> dict[str, float] | list[dict[str, float]]:
-    """DLM ΔLM loss of one batch (REFERENCE.md §4), clean vs SAE spliced at every position (no error term).
+    """DLM ΔLM loss of one batch (docs/reference.md §4), clean vs SAE spliced at every position (no error term).
 
     ``sae`` may be a list of SAEs: each is spliced in on the same corrupted batch, the clean and zero-ablated
     forwards run once, and a list of result dicts comes back.

@@ -1,4 +1,4 @@
-"""Steering with SAE features during generation (REFERENCE.md §5): ``h ← h + Σ_f α_f · m(h) · v_f`` at a block.
+"""Steering with SAE features during generation (docs/reference.md §5): ``h ← h + Σ_f α_f · m(h) · v_f`` at a block.
 
 ``v_f`` is feature f's unit decoder row; ``m(h)`` is the position's largest SAE activation computed with the
 SAE's exact encoder (``b_dec`` subtracted, as in training — the paper's steering code forgot it), or 1 with
@@ -31,7 +31,7 @@ from dlmscope.models.sampling import Progress, current_progress
 __all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors", "SteeringResult", "steering_score",
            "generation_perplexity", "SteeringBaseline", "steering_baseline", "FLUENCY_WEIGHT"]
 
-#: The weight of fluency in the steering score (REFERENCE.md §5).
+#: The weight of fluency in the steering score (docs/reference.md §5).
 FLUENCY_WEIGHT = 0.3
 
 SCOPES = ("all", "generation", "masked", "decoded", "top_active")

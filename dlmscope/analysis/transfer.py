@@ -1,4 +1,4 @@
-"""Post-training stability (REFERENCE.md §7): do SAEs trained on a base DLM stay valid on its instruct version?
+"""Post-training stability (docs/reference.md §7): do SAEs trained on a base DLM stay valid on its instruct version?
 
 The paper states the claim without code or protocol. Ours compares, per layer, a *base* SAE (trained on the base
 model) with a *target* SAE trained on the target model (the instruct DLM; for the optional control, the AR twin)

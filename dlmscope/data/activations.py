@@ -1,6 +1,6 @@
 """Harvesting activations for SAE training: mask policies, the truncated forward, the live stream.
 
-Which positions train the SAE (REFERENCE.md §3). Per LM batch the corruption of :mod:`dlmscope.data.noise` masks
+Which positions train the SAE (docs/reference.md §3). Per LM batch the corruption of :mod:`dlmscope.data.noise` masks
 the text (one rate ``t ~ U[t_min, t_max]`` per batch), **one** forward pass runs (truncated after the deepest
 hooked layer, via ``adapter.forward_until``) and the resid_post activations of the positions the policy
 selects are kept:

@@ -1,4 +1,4 @@
-"""The masked-diffusion corruption process (REFERENCE.md §3, §4), shared by harvesting and the ΔLM losses.
+"""The masked-diffusion corruption process (docs/reference.md §3, §4), shared by harvesting and the ΔLM losses.
 
 Per LM batch one masking rate ``t ~ U[t_min, t_max]`` is drawn (defaults 0.05 / 0.5); every non-pad position
 except position 0 is then replaced by the mask token independently with probability ``t``. Pad positions

@@ -1,6 +1,6 @@
 """Where the harvesting text comes from: a text file or a Hugging Face dataset.
 
-Real corpora are handled the way the paper does it (REFERENCE.md §2): documents are tokenized without special
+Real corpora are handled the way the paper does it (docs/reference.md §2): documents are tokenized without special
 tokens, joined with the EOS token (each document followed by one EOS) and the token stream is cut into
 fixed-length contexts of ``seq_len`` (a partial last context is dropped). Documents are read lazily — a text
 file line by line, a dataset through ``datasets``' streaming mode — so a corpus is never loaded whole; the

@@ -88,7 +88,7 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
 
 
 def steering_finding(results: dict) -> dict | None:
-    """*SAE features steer the DLM more than the AR model* (the paper's headline, REFERENCE.md §5), per
+    """*SAE features steer the DLM more than the AR model* (the paper's headline, docs/reference.md §5), per
     steered layer: the DLM's mean concept-rate change minus the AR twin's over the same prompts and concepts,
     at the paper's strengths (DLM 2.0, AR 1.2) and at matched α, with paired 95% intervals. Reproduced when
     the paper-strength difference is positive beyond its interval at every steered layer, partly when at some.
@@ -108,7 +108,7 @@ def steering_finding(results: dict) -> dict | None:
 
 
 def order_finding(results: dict) -> dict | None:
-    """*SAE feature dynamics track decoding quality* (the paper's conjecture, REFERENCE.md §6): per order, the
+    """*SAE feature dynamics track decoding quality* (the paper's conjecture, docs/reference.md §6): per order, the
     within-group correlation over tasks between the pre-decode stability at the guide layer and exact match
     (:func:`dlmscope.jobs.order.run_order`); supported when
     it is positive beyond its interval for more than half of the orders that have one, partly when for more
@@ -139,7 +139,7 @@ TRANSFER_FVE_RATIO, TRANSFER_CORR = 0.9, 0.8
 
 
 def transfer_finding(results: dict) -> dict | None:
-    """*SAE features stay stable from base to instruct* (the paper's claim, REFERENCE.md §7): reproduced at a
+    """*SAE features stay stable from base to instruct* (the paper's claim, docs/reference.md §7): reproduced at a
     layer when the base SAE keeps ≥ :data:`TRANSFER_FVE_RATIO` of the instruct SAE's FVE on instruct activations
     and its latents' median activation correlation across the two models is ≥ :data:`TRANSFER_CORR`; the
     verdict is every layer / some (partly) / none. None without a transfer section."""

@@ -4,7 +4,7 @@ At each of ``cfg.steer_layers`` the DLM's Unmask-SAE and the AR twin's SAE (both
 planted concept's best latent — the one the demo's concept scores chose on held-out text, so no latent is
 chosen by its steering result — over the world's neutral prompts, the same seed for the baseline and every
 steered run (:func:`dlmscope.jobs.steer.run_steer`). The DLM runs at ``cfg.steer_alphas``; the AR twin at the
-same α (matched) and at the paper's AR α (REFERENCE.md §5: DLM 2.0 vs AR 1.2).
+same α (matched) and at the paper's AR α (docs/reference.md §5: DLM 2.0 vs AR 1.2).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .config import DemoConfig
 
 __all__ = ["PAPER_ALPHA", "run_steering"]
 
-#: the paper's steering strengths (REFERENCE.md §5)
+#: the paper's steering strengths (docs/reference.md §5)
 PAPER_ALPHA = {"dlm": 2.0, "ar": 1.2}
 
 

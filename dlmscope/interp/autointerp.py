@@ -1,4 +1,4 @@
-"""Auto-interpretation, explain then detect (REFERENCE.md §4, SAEBench's protocol as the paper ran it).
+"""Auto-interpretation, explain then detect (docs/reference.md §4, SAEBench's protocol as the paper ran it).
 
 *Explain*: an explainer reads a latent's 10 top and 5 importance-weighted windows (tokens above 1% of the top
 activation highlighted as ``<<token>>``) and names what it fires on (≤ 30 words). *Detect*: a judge sees 14

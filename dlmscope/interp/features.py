@@ -1,4 +1,4 @@
-"""Feature statistics for interpretation, in one streaming pass with bounded memory (REFERENCE.md §4).
+"""Feature statistics for interpretation, in one streaming pass with bounded memory (docs/reference.md §4).
 
 Per latent of a Top-K SAE at one layer, over a stream of token batches: firing count and frequency, a
 histogram of its non-zero activations, the top-N activating windows (±``window`` tokens around the position,

@@ -7,7 +7,7 @@ from averages (as the paper drops failed gpt-4o-mini calls) and count.
                   fraction of a text's words that belong to the concept's planted vocabulary.
 ``HFJudge``       a local transformers causal LM asked a rubric prompt; the score is read from its next-token
                   probabilities of a "yes" and a "no" token (no free-text parsing).
-``OpenAIJudge``   any OpenAI-compatible chat-completions endpoint in JSON mode (REFERENCE.md §4–5: the
+``OpenAIJudge``   any OpenAI-compatible chat-completions endpoint in JSON mode (docs/reference.md §4–5: the
                   score is ``{"score": 0..100}`` / 100); timeouts, retries with exponential backoff, and a
                   JSON cache on disk so a re-run costs nothing.
 """

@@ -16,7 +16,7 @@ evaluation need, independent of the checkpoint family:
 * ``.forward_until(input_ids, layers)`` — resid_post of the requested blocks, running the model only up
   to the deepest one (later blocks, the final norm and the LM head are never executed).
 
-This module knows nothing of SAEs (see DESIGN.md, "Layers").
+This module knows nothing of SAEs (see docs/design.md, "Layers").
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Dream-v0 (Dream-org/Dream-v0-*-7B) ships hub-only remote code; its weights use Qwen2's key names exactly,
 so they load strictly into ``Qwen2ForCausalLM`` with ``config.is_causal=False``. Dream keeps the AR
 convention that logits at position i predict token i+1, so the adapter shifts them right by one:
-``cat([logits[:, :1], logits[:, :-1]], 1)`` (REFERENCE.md §8).
+``cat([logits[:, :1], logits[:, :-1]], 1)`` (docs/reference.md §8).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 LLaDA (GSAI-ML/LLaDA-8B-*) ships hub-only remote code (an OLMo-derived ``LLaDAModelLM``). Its math is a
 Llama block with full (non-causal) attention and unshifted logits, so it loads into
-``LlamaForCausalLM(config.is_causal=False)`` after a key rename (REFERENCE.md §8). This module maps the
+``LlamaForCausalLM(config.is_causal=False)`` after a key rename (docs/reference.md §8). This module maps the
 config and the keys both ways and can *write* a checkpoint in LLaDA's exact published format, which is
 how the embedded world's tiny DLM is stored.
 """
@@ -32,7 +32,7 @@ __all__ = [
 #: LLaDA-8B's ``[MASK]`` id (used only when a config omits ``mask_token_id`` and the vocabulary has it).
 LLADA_DEFAULT_MASK_TOKEN_ID = 126336
 
-# (LLaDA name, Llama name) for the per-block parameters, REFERENCE.md §8.
+# (LLaDA name, Llama name) for the per-block parameters, docs/reference.md §8.
 _BLOCK_RENAMES = (
     ("q_proj", "self_attn.q_proj"),
     ("k_proj", "self_attn.k_proj"),

@@ -1,5 +1,5 @@
 """The published samplers' rules that need no model: commit counts per step (LLaDA, Dream) and Dream's token
-sampling with its confidence measures (REFERENCE.md §8). :mod:`dlmscope.models.sampling` runs them."""
+sampling with its confidence measures (docs/reference.md §8). :mod:`dlmscope.models.sampling` runs them."""
 from __future__ import annotations
 
 import torch

@@ -9,7 +9,7 @@ so it may record but cannot change the run.
 
 Everything stays on the model's device and dtype; the only float64 is the Gumbel noise of LLaDA's
 temperature sampling, and the commit counts are fixed by the schedule, so no step waits on the device.
-The algorithms follow REFERENCE.md §8 (LLaDA's ``generate`` and Dream's ``diffusion_generate``).
+The algorithms follow docs/reference.md §8 (LLaDA's ``generate`` and Dream's ``diffusion_generate``).
 
 ``llada_fill`` / ``dream_fill`` run the same algorithms on a given canvas whose ``[MASK]`` tokens may sit
 anywhere (fill-in tasks with known answers, for decoding-order studies). A ``guide`` (an object with

@@ -1,6 +1,6 @@
 """Reconstruction metrics of an SAE, computed once for the trainer's logs and for held-out evaluation.
 
-    FVE = 1 - Σ_d Var_b(x - x̂) / Σ_d Var_b(x)        (REFERENCE.md §4; FVU = 1 - FVE)
+    FVE = 1 - Σ_d Var_b(x - x̂) / Σ_d Var_b(x)        (docs/reference.md §4; FVU = 1 - FVE)
 
 :class:`ReconstructionStats` accumulates the sums FVE, MSE, L0 and firing counts need over batches in float64,
 so a held-out set of any size is scored in bounded memory; :func:`fve` is the one-batch case and

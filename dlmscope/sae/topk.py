@@ -2,7 +2,7 @@
 
     f = TopK_k(relu(W_enc (x - b_dec) + b_enc)),   x_hat = W_dec.T f + b_dec
 
-Parameters (DESIGN.md conventions): ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]`` (row i = unit decoder
+Parameters (docs/design.md conventions): ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]`` (row i = unit decoder
 direction of latent i), ``b_dec [d]``. Works on any leading shape ``[..., d]``. The parameters may be stored in
 a wider dtype than the activations (fp32 master weights, bf16 activations): they are cast to the activations'
 dtype for the op call and gradients flow back to the stored dtype.

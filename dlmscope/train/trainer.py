@@ -1,10 +1,10 @@
-"""Trainer: several Top-K SAEs on one activation stream, the DLM-Scope paper's recipe (REFERENCE.md §2).
+"""Trainer: several Top-K SAEs on one activation stream, the DLM-Scope paper's recipe (docs/reference.md §2).
 
     trainer = Trainer([TopKSAE(d, n, k) for k in (50, 80, 160, 320, 520, 820)], TrainConfig(total_tokens=...),
                       log=LogConfig(log_every=100))
     saes = trainer.fit(stream)          # stream yields [B, d] float tensors; returns the trained SAEs
 
-Recipe, per step and per SAE (DESIGN.md "Trainer"); :class:`TrainConfig` holds it, :class:`LogConfig` only says
+Recipe, per step and per SAE (docs/design.md "Trainer"); :class:`TrainConfig` holds it, :class:`LogConfig` only says
 what is logged where:
 
 - loss = ``mean_b |x - x_hat|^2`` (sum over d) + ``auxk_alpha * AuxK``. AuxK: the top ``k_aux = min(d/2, n)``

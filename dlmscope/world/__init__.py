@@ -14,7 +14,19 @@ import os as _os
 ASSETS_DIR = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "assets")
 TOKENIZER_DIR = _os.path.join(ASSETS_DIR, "tokenizer")
 
+
+def asset(*parts: str) -> str:
+    """The path of a committed world asset (``asset("models", "dlm")``, ``asset("tasks.jsonl")``); a clear error
+    where it is missing: the assets ship with a clone of the repository, not with the wheel."""
+    path = _os.path.join(ASSETS_DIR, *parts)
+    if not _os.path.exists(path):
+        raise FileNotFoundError(f"embedded-world asset {path} is missing: the world's assets (22 MB) ship with a clone "
+                                "of the repository, not with the wheel; run from a clone, or regenerate them with "
+                                "`python -m dlmscope.world.build`")
+    return path
+
+
 __all__ = ["CONCEPTS", "CONCEPT_GROUPS", "KINDS", "Sample", "Task", "concept_id_table", "concept_of", "is_heldout",
            "corpus_stats", "decoding_tasks", "encode_prompted", "generate", "pack", "split", "token_rows", "vocabulary",
-           "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer", "save_tokenizer", "ASSETS_DIR", "TOKENIZER_DIR",
+           "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer", "save_tokenizer", "ASSETS_DIR", "TOKENIZER_DIR", "asset",
            "world_batches", "SEQ_LEN", "LM_BATCH", "SAE_LATENTS", "SAE_K", "SAE_TRAIN"]

@@ -1,6 +1,6 @@
 """What every checkpoint format stores: an :class:`SAEConfig` and the four parameter tensors.
 
-Tensors (DESIGN.md conventions): ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]`` (row i = decoder direction of
+Tensors (docs/design.md conventions): ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]`` (row i = decoder direction of
 latent i), ``b_dec [d]``. :class:`dlmscope.sae.topk.TopKSAE` is built from exactly this pair and gives it back to be
 saved; the formats layer knows nothing else of the module.
 """
