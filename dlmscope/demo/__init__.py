@@ -17,7 +17,8 @@ Every number in the report is computed by this run; the findings section states,
 whether the embedded world reproduces it.
 
 Modules: :mod:`.config` (settings), :mod:`.run` (the job), :mod:`.findings` (the paper's claims checked on the
-numbers), :mod:`.steering`, :mod:`.plots`, :mod:`.report` (``report.md``, one function per section).
+numbers), :mod:`.steering`, :mod:`.plots`, :mod:`.report` (``report.md``, one function per section), :mod:`.cli`
+(the ``dlmscope demo`` subcommand: its options onto :class:`DemoConfig`).
 """
 from .config import RUNS, DemoConfig
 from .findings import findings, observations

@@ -3,19 +3,29 @@ world), auto-interp scores, and the static dashboard.
 
 :func:`build_report` runs :func:`dlmscope.interp.features.feature_report` on held-out text, adds each latent's best
 planted concept and its F1 (:mod:`dlmscope.interp.concepts`) when the text is the world's, and scores the latents
-with an explainer and a judge (:mod:`dlmscope.interp.autointerp`).
+with an explainer and a judge (:mod:`dlmscope.interp.autointerp`). The ``dlmscope dashboard`` verb
+(:func:`add_parser`, :func:`run_from_args`) writes it as ``report.json`` with the HTML dashboard
+(:func:`dlmscope.interp.dashboard.write_dashboard`) and, optionally, Neuronpedia batch files.
 """
 from __future__ import annotations
 
+import argparse
+import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
-from dlmscope.interp.autointerp import PlantedExplainer, score_report
+from dlmscope.interp.autointerp import OpenAIExplainer, PlantedExplainer, score_report
 from dlmscope.interp.concepts import labelled_activations, score_concepts
+from dlmscope.interp.dashboard import write_dashboard
 from dlmscope.interp.features import feature_report
-from dlmscope.interp.judges import PlantedJudge
+from dlmscope.interp.judges import OpenAIJudge, PlantedJudge
+from dlmscope.interp.neuronpedia import export_neuronpedia
+from dlmscope.util import atomic
 from dlmscope.world import CONCEPTS, concept_id_table
+from .options import add_option, add_text_options, load_model_layer_sae, text_from_args
+from .sources import WORLD
 
-__all__ = ["add_planted_concepts", "build_report"]
+__all__ = ["add_planted_concepts", "build_report", "add_parser", "run_from_args"]
 
 
 def add_planted_concepts(report: dict, adapter, sae, layer: int, token_batches: Sequence) -> None:
@@ -47,3 +57,57 @@ def build_report(adapter, sae, layer: int, token_batches: Sequence, *, sample: i
         score_report(report, explainer or PlantedExplainer(concepts=CONCEPTS), judge or PlantedJudge(concepts=CONCEPTS),
                      seed=seed)
     return report
+
+
+# ------------------------------------------------------------------------------------------------- the verb
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``dlmscope dashboard``: the feature report of one SAE, auto-interp, the static dashboard."""
+    b = subparsers.add_parser("dashboard", help="feature report + auto-interp + a static HTML dashboard of one SAE")
+    add_text_options(b)
+    add_option(b, "--sae")
+    add_option(b, "--layer")
+    b.add_argument("--batches", type=int, default=40, help="held-out LM batches read")
+    b.add_argument("--sample", type=int, default=50, help="alive latents in the report")
+    b.add_argument("--masked-t", type=float, default=0.3, help="masking rate of the DLM's masked-position pass")
+    b.add_argument("--judge", default="planted", choices=("planted", "openai", "none"),
+                   help="auto-interp: planted (world ground truth), openai ($OPENAI_BASE_URL …), none")
+    b.add_argument("--neuronpedia", default=None, help="also export the features for Neuronpedia into this dir")
+    b.add_argument("--neuronpedia-model", default=None)
+    b.add_argument("--neuronpedia-sae", default=None)
+    add_option(b, "--out")
+    b.set_defaults(func=run_from_args)
+    return b
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the report on ``--batches`` held-out batches; write ``report.json`` and the dashboard under ``--out``."""
+    adapter, layer, sae = load_model_layer_sae(args)
+    _, held = text_from_args(adapter, args)
+    held = list(itertools.islice(held, args.batches))               # read only the batches used
+    world = args.corpus == WORLD
+    if args.judge == "openai":
+        client = OpenAIJudge(cache_path=str(Path(args.out) / "judge_cache.json"))
+        explainer, judge = OpenAIExplainer(client), client
+    elif args.judge == "none":
+        explainer, judge = False, None
+    else:
+        if not world:
+            raise ValueError("--judge planted needs --corpus world (the planted concepts); use openai or none")
+        explainer, judge = None, None
+    report = build_report(adapter, sae, layer, held, sample=args.sample, masked_t=args.masked_t,
+                          explainer=explainer, judge=judge, planted=world, seed=args.seed,
+                          policy=str(sae.cfg.meta.get("policy", "")), model_name=args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "report.json", report)
+    index = write_dashboard(report, out)
+    if args.neuronpedia:
+        files = export_neuronpedia(report, args.neuronpedia, model_id=args.neuronpedia_model or Path(args.model).name,
+                                   sae_id=args.neuronpedia_sae or f"dlmscope-{layer}", overwrite=True)
+        print(f"wrote {len(files)} Neuronpedia batch file(s) under {args.neuronpedia}")
+    s = report.get("interp_summary")
+    if s and s.get("accuracy"):
+        print(f"auto-interp over {s['n']} latents: accuracy {s['accuracy']['mean']:.3f} (balanced "
+              f"{s['balanced_accuracy']['mean']:.3f}; an explainer that says 'none' gets {s['chance_accuracy']:.3f})")
+    print(f"wrote {out / 'report.json'} and the dashboard {index}")
+    return 0

@@ -20,24 +20,35 @@ against ``low_confidence``.
 
 Dream's schedule commits ``int(n · (1 − s/t))`` per step: at G steps for G = 3 answers that is 0, 1, 2, not
 one per step, so Dream's orders at "G steps" are not one answer per step (LLaDA's are).
+
+The ``dlmscope order`` verb (:func:`add_parser`, :func:`run_from_args`) runs the world's tasks (or a
+``tasks.jsonl``) and writes ``order.json`` and the plots.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from dlmscope import models
+from dlmscope.util import atomic
 from dlmscope.util.choices import check_choice
 from dlmscope.analysis.order import SAEStabilityGuide, order_sensitive_features, order_statistics, replay
 from dlmscope.models.sampling import dream_fill, llada_fill
+from dlmscope.sae.topk import TopKSAE
 from dlmscope.util.bootstrap import bootstrap_mean, correlation, paired_difference
+from dlmscope.world import ASSETS_DIR
+from dlmscope.world.tasks import SCORED_KINDS, load_tasks
+from .options import add_option
 
 __all__ = ["ORDERS", "CONFIDENCE_ORDERS", "SAE_ORDERS", "STEPS", "OrderSpec", "task_groups", "fill_with_order",
-           "run_order", "plot_order"]
+           "run_order", "plot_order", "add_parser", "run_from_args"]
 
 CONFIDENCE_ORDERS = ("low_confidence", "maskgit_plus", "topk_margin", "entropy")
 SAE_ORDERS = ("sae_stable", "sae_stable_entropy")
@@ -228,8 +239,6 @@ def plot_order(result: dict, path_prefix) -> list:
     ``<prefix>_dynamics.png`` (per order: masked-position stability, layer × step, and pre-decode stability,
     layer × position, for the largest task group replayed) and ``<prefix>_progress.png`` (masked-position
     stability vs normalised progress, all groups pooled)."""
-    from pathlib import Path
-
     from matplotlib.figure import Figure
 
     prefix = Path(path_prefix)
@@ -303,3 +312,59 @@ def _plot_progress(stats: dict, path, bins: int = 5) -> None:
     axes[0].set_ylabel("top-K Jaccard of masked positions")
     axes[-1].legend(fontsize=6)
     fig.savefig(path, dpi=100)
+
+
+# ------------------------------------------------------------------------------------------------- the verb
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``dlmscope order``: decoding orders on fill-in tasks, replayed with SAEs."""
+    o = subparsers.add_parser("order", help="decoding orders on fill-in tasks: accuracy, SAE feature dynamics, an "
+                                            "SAE-guided order; JSON + plots")
+    add_option(o, "--model", help="a masked DLM (LLaDA / Dream format)")
+    o.add_argument("--sae", nargs="+", required=True, metavar="LAYER=DIR", help="SAEs to replay with, per layer")
+    o.add_argument("--tasks", default=None, help="a tasks.jsonl (default: the embedded world's)")
+    o.add_argument("--kinds", nargs="+", default=None, help="task kinds to use (default: every scored kind)")
+    o.add_argument("--max-tasks", type=int, default=None)
+    o.add_argument("--orders", nargs="+", default=list(ORDERS), help=" | ".join(ORDERS))
+    o.add_argument("--steps", nargs="+", default=list(STEPS), help="one | half | all (of the answers per step)")
+    o.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    o.add_argument("--guide-layer", type=int, default=4, help="the layer the SAE-guided orders read")
+    o.add_argument("--top-k", type=int, default=8, help="latents kept per position (replay and guide)")
+    add_option(o, "--out")
+    o.set_defaults(func=run_from_args)
+    return o
+
+
+def _layer_saes(specs: list[str]) -> dict[int, TopKSAE]:
+    """``["2=DIR", "4=DIR"]`` -> ``{2: sae, 4: sae}``."""
+    out = {}
+    for spec in specs:
+        layer, sep, path = spec.partition("=")
+        if not sep or not layer.strip().isdigit():
+            raise ValueError(f"--sae takes LAYER=DIR, got {spec!r}")
+        out[int(layer)] = TopKSAE.load(path)
+    return out
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the orders on the chosen tasks; write ``order.json`` and the plots under ``--out``."""
+    adapter = models.load(args.model)
+    adapter.require_mask_token()
+    saes = _layer_saes(args.sae)
+    adapter.check_layers(list(saes))
+    tasks, heldout = load_tasks(args.tasks or Path(ASSETS_DIR) / "tasks.jsonl")
+    kinds = args.kinds or list(SCORED_KINDS)
+    keep = [i for i, t in enumerate(tasks) if t.kind in kinds][: args.max_tasks]
+    if not keep:
+        raise ValueError(f"no tasks of kinds {kinds} in {args.tasks or 'the world tasks'}")
+    spec = OrderSpec(orders=args.orders, steps=args.steps, seeds=args.seeds, guide_layer=args.guide_layer,
+                     top_k=args.top_k)
+    result = run_order(adapter, saes, [tasks[i] for i in keep], [heldout[i] for i in keep], spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "order.json", result)
+    paths = plot_order(result, out / "order")
+    for order, by_steps in result["accuracy"].items():
+        print(f"{order:>20}: " + ", ".join(f"{st} {c['order_sensitive']['mean']:.2f}" for st, c in by_steps.items()
+                                          if c["order_sensitive"]))
+    print(f"wrote {out / 'order.json'} and " + ", ".join(p.name for p in paths))
+    return 0

@@ -6,28 +6,36 @@ planted concept (:mod:`dlmscope.interp.concepts`, chosen on held-out world text 
 world's neutral prompts or a text file (one prompt per line). The sampler's settings are the same for the
 baseline and every steered run, and so is the seed: the baseline is generated once and every steered run is
 compared with it prompt by prompt.
+
+The ``dlmscope steer`` verb (:func:`add_parser`, :func:`run_from_args`) runs one sweep, and optionally the same
+concepts on a second model (e.g. the AR twin), and writes ``steer.json``, ``steer.png`` and ``tradeoff.png``.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from dlmscope import models
 from dlmscope.interp.concepts import labelled_activations, score_concepts
 from dlmscope.interp.judges import PlantedJudge
 from dlmscope.models.sampling import ar_generate, dream_generate, llada_generate
+from dlmscope.sae.topk import TopKSAE
+from dlmscope.util import atomic
 from dlmscope.util.bootstrap import paired_difference
 from dlmscope.analysis.steering import steering_baseline, steering_score
 from dlmscope.world import ASSETS_DIR, CONCEPTS, LM_BATCH, SEQ_LEN, concept_id_table, world_batches
 from dlmscope.world.tasks import load_tasks
+from .options import add_option, load_model_layer_sae
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
            "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "plot_sweep", "plot_by_layer",
-           "plot_tradeoff"]
+           "plot_tradeoff", "add_parser", "run_from_args"]
 
 
 @dataclass
@@ -319,3 +327,107 @@ def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------------- the verb
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``dlmscope steer``: an α × scope × schedule sweep of some features, judged, JSON and plots."""
+    s = subparsers.add_parser("steer", help="steer SAE features during generation: an α sweep, judged, JSON + plot")
+    add_option(s, "--model", help="the model to steer (a DLM for llada/dream, AR for ar)")
+    add_option(s, "--sae")
+    add_option(s, "--layer")
+    s.add_argument("--features", type=int, nargs="+", default=None, help="latent ids (with --judge-concept)")
+    s.add_argument("--judge-concept", default=None, help="planted concept the --features runs are judged on")
+    s.add_argument("--concepts", nargs="+", default=None, help="planted concepts: steer each one's best latent")
+    s.add_argument("--alpha", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    s.add_argument("--scope", nargs="+", default=["all"],
+                   help="all | generation | masked | decoded | top_active (several: each is swept)")
+    s.add_argument("--schedule", nargs="+", default=["all"],
+                   help="all | first:FRAC | last:FRAC | step indices 0,3,5 (several: each is swept)")
+    s.add_argument("--sampler", default="llada", help="llada | dream | ar")
+    s.add_argument("--gen-length", type=int, default=8)
+    s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the world's)")
+    s.add_argument("--n-prompts", type=int, default=20)
+    s.add_argument("--ref-model", default=None, help="causal LM for perplexity (default: the world's AR twin)")
+    s.add_argument("--compare-model", default=None,
+                   help="a second model (e.g. the AR twin) steered on the same concepts and prompts")
+    s.add_argument("--compare-sae", default=None, help="the SAE of --compare-model at the same layer")
+    s.add_argument("--compare-sampler", default=None, help="its sampler (default: ar for a causal model)")
+    s.add_argument("--compare-alpha", type=float, nargs="+", default=None,
+                   help="its α values (default: the same, i.e. matched α)")
+    add_option(s, "--seed")
+    add_option(s, "--out")
+    s.set_defaults(func=run_from_args)
+    return s
+
+
+def _schedule_arg(text: str):
+    """``all``, ``first:0.1``, ``last:0.5`` or ``0,3,5`` (step indices)."""
+    if text == "all":
+        return "all"
+    which, _, frac = text.partition(":")
+    if which in ("first", "last") and frac:
+        return (which, float(frac))
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--schedule must be all, first:FRAC, last:FRAC or step indices like 0,3,5; got {text!r}")
+
+
+def _features_from_args(adapter, sae, layer, args) -> list[tuple[str, int]]:
+    if args.features:
+        if not args.judge_concept:
+            raise ValueError("--features needs --judge-concept (the planted concept the generations are judged on)")
+        return [(args.judge_concept, f) for f in args.features]
+    if args.concepts:
+        return list(concept_features(adapter, sae, layer, args.concepts, seed=args.seed).items())
+    raise ValueError("give --features (latent ids) or --concepts (planted concepts)")
+
+
+def _print_summary(name: str, result: dict) -> None:
+    for row in result["summary"]["rows"]:
+        ci = row["concept_delta"]
+        print(f"{name}{condition_label(row['scope'], row['schedule'])}, α={row['alpha']:g}: Δconcept "
+              f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}], up {row['features_up']}/{row['n_features']}, "
+              f"ppl ×{row['ppl_ratio_median']:.2f}, score {row['score_mean']:+.3f}")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the sweep (and the ``--compare-model`` one), write the JSON and plots under ``--out``."""
+    adapter, layer, sae = load_model_layer_sae(args)
+    ref = models.load(args.ref_model) if args.ref_model else models.load(str(Path(ASSETS_DIR) / "models" / "ar"))
+    features = _features_from_args(adapter, sae, layer, args)
+    if args.compare_model and not args.concepts:
+        raise ValueError("--compare-model needs --concepts: the other model's SAE has its own latent ids")
+    if bool(args.compare_model) != bool(args.compare_sae):
+        raise ValueError("--compare-model and --compare-sae go together")
+    spec = SteerSpec(layer=layer, alphas=args.alpha, sampler=args.sampler, gen_length=args.gen_length,
+                     steps=args.steps, temperature=args.temperature, scopes=args.scope,
+                     schedules=[_schedule_arg(s) for s in args.schedule], seed=args.seed)
+    prompts = neutral_prompts(adapter.tokenizer, args.n_prompts, args.prompts)
+    results = {"": run_steer(adapter, sae, prompts, features, spec, ref)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "steer.json", results[""])
+    plot_sweep(results[""], out / "steer.png")
+    if args.compare_model:
+        other = models.load(args.compare_model)
+        other_sae = TopKSAE.load(args.compare_sae)
+        # a causal model has no masked positions: its sweep keeps the scopes that exist for it
+        scopes = [s for s in spec.scopes if other.is_diffusion or s not in ("masked", "decoded")]
+        if not scopes:
+            raise ValueError(f"none of the scopes {list(spec.scopes)} exists for the causal --compare-model")
+        other_spec = replace(spec, sampler=args.compare_sampler or ("ar" if not other.is_diffusion
+                                                                    else spec.sampler),
+                             alphas=args.compare_alpha or spec.alphas, scopes=scopes)
+        other_features = _features_from_args(other, other_sae, layer, args)
+        results = {"model": results[""], "compare": run_steer(other, other_sae, neutral_prompts(
+            other.tokenizer, args.n_prompts, args.prompts), other_features, other_spec, ref)}
+        atomic.write_json(out / "steer_compare.json", results["compare"])
+    plot_tradeoff(results, out / "tradeoff.png")
+    for name, result in results.items():
+        _print_summary(f"{name}: " if name else "", result)
+    print(f"wrote {out}/steer.json, steer.png, tradeoff.png" + (", steer_compare.json" if args.compare_model else ""))
+    return 0

@@ -1,4 +1,5 @@
-"""One harvest-and-train path: harvest several layers of a model once, train a k sweep of Top-K SAEs per layer.
+"""One harvest-and-train path: harvest several layers of a model once, train a k sweep of Top-K SAEs per layer;
+and the ``dlmscope train`` verb (:func:`add_parser`, :func:`run_from_args`).
 
 ``dlmscope train``, the demo and the pipeline benchmark all call :func:`train_sweep`:
 
@@ -21,6 +22,7 @@ directly, the same SAE for every R; sharded checkpoints), the R ranks of a laten
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
@@ -29,18 +31,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dlmscope import models
+from dlmscope.util import atomic
 from dlmscope.util import distributed as D
 from dlmscope.data.activations import ActivationStream, check_policy
 from dlmscope.data.ranks import rank_stream
 from dlmscope.train.latent_parallel import LatentShard, ProcessGrid, make_grid
 from dlmscope.train.latent_trainer import LatentParallelTrainer, gather_saes
 from dlmscope.data.noise import T_MAX, T_MIN
+from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.data.shuffle import collect
 from dlmscope.train.trainer import TrainConfig, Trainer
 from dlmscope.train.log import LogConfig
+from .options import add_option, add_text_options, text_from_args
 
-__all__ = ["SweepSpec", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations"]
+__all__ = ["SweepSpec", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations",
+           "add_parser", "run_from_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +176,62 @@ def heldout_activations(adapter, token_batches: Iterable, spec: SweepSpec, *, to
                               buffer_tokens=max(16 * batch_size, 16384), seed=spec.seed + 1, t_min=spec.t_min,
                               t_max=spec.t_max, max_tokens=tokens, drop_last=False, dtype=torch.float32)
     return collect(stream)
+
+
+# ------------------------------------------------------------------------------------------------- the verb
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``dlmscope train``: harvest, train the k sweep of every layer, evaluate on held-out text."""
+    t = subparsers.add_parser("train", help="harvest activations and train Top-K SAEs (a k sweep per layer)")
+    add_text_options(t)
+    add_option(t, "--layers")
+    t.add_argument("--policy", default="mask", help="mask | unmask | all | clean")
+    t.add_argument("--k", type=int, nargs="+", default=[8, 16, 32])
+    t.add_argument("--n", "--latents", dest="n", type=int, default=1024,
+                   help="latents per SAE (--latents under torchrun, whose parser takes --n for its own --nnodes)")
+    t.add_argument("--tokens", type=int, default=200_000, help="training tokens per layer")
+    t.add_argument("--eval-tokens", type=int, default=20_000)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--dead-tokens", type=int, default=100_000)
+    t.add_argument("--norm-batches", type=int, default=10)
+    t.add_argument("--buffer-tokens", type=int, default=None, help="shuffle-buffer rows (default max(64·batch, 65536))")
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--backend", default=None)
+    t.add_argument("--latent-parallel", type=int, default=None, metavar="R",
+                   help="under torchrun: shard every SAE's latents over R ranks per data group (default: data parallel)")
+    add_option(t, "--out")
+    t.set_defaults(func=run_from_args)
+    return t
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Train, then (rank 0) save every SAE under ``--out/layer_<L>/k_<k>`` and write ``summary.json``."""
+    adapter = models.load(args.model)
+    layers = adapter.check_layers(args.layers)
+    train_batches, held_batches = text_from_args(adapter, args)
+    out = Path(args.out)
+    spec = SweepSpec(layers=tuple(layers), ks=tuple(args.k), n_latents=args.n, policy=args.policy,
+                     tokens=args.tokens, batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, seed=args.seed)
+    train = TrainConfig(lr=args.lr, warmup_steps=args.warmup, dead_tokens=args.dead_tokens,
+                        norm_batches=args.norm_batches, backend=args.backend,
+                        checkpoint_every=args.checkpoint_every)
+    saes = train_sweep(adapter, train_batches, spec, train, cache_dir=out / "activation_cache",
+                       checkpoint_root=out, resume=args.resume, log=LogConfig(log_every=args.log_every),
+                       latent_parallel=args.latent_parallel)
+    if not D.is_main():  # under torchrun, rank 0 evaluates and writes
+        return 0
+    # held-out activations of every layer, harvested once and shared by every SAE's evaluation
+    held_acts = heldout_activations(adapter, held_batches, spec, tokens=args.eval_tokens)
+    summary = {"model": args.model, "policy": args.policy, "corpus": args.corpus, "layers": {}}
+    for layer, layer_saes in saes.items():
+        summary["layers"][layer] = {}
+        for sae in layer_saes:
+            sae.save(out / f"layer_{layer}" / f"k_{sae.k}")
+            metrics = evaluate_sae(sae, held_acts[layer])
+            summary["layers"][layer][sae.k] = metrics
+            print(f"layer {layer} k={sae.k}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    atomic.write_json(out / "summary.json", summary)
+    print(f"wrote {out / 'summary.json'}")
+    return 0

@@ -11,9 +11,13 @@ model (one corruption for both), and the base SAE into the base model for refere
                           control=load_world_model("ar"))
     print("\\n".join(summary_lines(result)))
     plot_transfer(result, "transfer.png")
+
+The ``dlmscope transfer`` verb (:func:`add_parser`, :func:`run_from_args`) loads the models, runs this on the
+world's corpus or ``--corpus`` and writes ``transfer.json`` and ``transfer.png``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import tempfile
@@ -22,16 +26,21 @@ from pathlib import Path
 
 import torch
 
+from dlmscope import models
 from dlmscope.analysis.splice import delta_loss_over_batches
 from dlmscope.analysis.transfer import check_models, compare_layer, paired_activations
 from dlmscope.data.activations import check_policy
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.train.log import LogConfig
 from dlmscope.train.trainer import TrainConfig
+from dlmscope.util import atomic
 from dlmscope.world import LM_BATCH, SAE_TRAIN, SEQ_LEN, world_batches
+from .options import add_option, text_from_args
+from .sources import WORLD
 from .train import SweepSpec, make_saes, train_sweep
 
-__all__ = ["WORLD_RECIPE", "train_saes", "run_transfer", "summary_lines", "plot_transfer"]
+__all__ = ["WORLD_RECIPE", "train_saes", "run_transfer", "summary_lines", "plot_transfer", "add_parser",
+           "run_from_args"]
 
 #: the world's SAE recipe for its tiny models (the demo's); pass ``train=`` for real models
 WORLD_RECIPE = TrainConfig(**SAE_TRAIN)
@@ -251,3 +260,47 @@ def plot_transfer(result: dict, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
+
+
+# ------------------------------------------------------------------------------------------------- the verb
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``dlmscope transfer``: base-model SAEs on the post-trained model."""
+    t = subparsers.add_parser("transfer", help="base-model SAEs on the post-trained model: FVE, delta-LM, latent "
+                                               "agreement, decoder matching; JSON + plot")
+    t.add_argument("--base", required=True, help="the base model (SAEs are trained on it)")
+    t.add_argument("--target", required=True, help="its post-trained version (e.g. the instruct model)")
+    t.add_argument("--control", default=None, help="optional: a different model (e.g. the AR twin) as reference")
+    add_option(t, "--layers")
+    t.add_argument("--policy", default="unmask", help="mask | unmask | clean")
+    add_option(t, "--corpus", help="as for train; 'world' is the embedded corpus")
+    t.add_argument("--n", type=int, default=512)
+    t.add_argument("--k", type=int, default=8)
+    t.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
+    t.add_argument("--eval-tokens", type=int, default=30_000)
+    t.add_argument("--delta-batches", type=int, default=12)
+    add_option(t, "--seq-len")
+    for flag in ("--lm-batch", "--text-field", "--split"):   # the same options as train's, their help left out
+        add_option(t, flag, help=None)
+    add_option(t, "--sentences", default=100_000, help="world corpus size")
+    add_option(t, "--seed")
+    add_option(t, "--out")
+    t.set_defaults(func=run_from_args)
+    return t
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the transfer; write ``transfer.json`` and ``transfer.png`` under ``--out`` and print the summary."""
+    base, target = models.load(args.base), models.load(args.target)
+    control = models.load(args.control) if args.control else None
+    text = None if args.corpus == WORLD else text_from_args(base, args)
+    result = run_transfer(base, target, args.layers, policy=args.policy, n_latents=args.n, k=args.k,
+                          train_tokens=args.tokens, eval_tokens=args.eval_tokens, delta_batches=args.delta_batches,
+                          seed=args.seed, control=control, batches=text, sentences=args.sentences,
+                          seq_len=args.seq_len, lm_batch=args.lm_batch)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "transfer.json", result)
+    plot_transfer(result, out / "transfer.png")
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {out / 'transfer.json'} and {out / 'transfer.png'}")
+    return 0

@@ -1,0 +1,59 @@
+"""The ``dlmscope eval`` job: one trained SAE on held-out text of its model — FVE, L0 and dead latents
+(:func:`dlmscope.sae.metrics.evaluate_sae`) under a policy, and the ΔLM loss of splicing it in
+(:mod:`dlmscope.analysis.splice`: the DLM's for a diffusion model, the AR one for a causal model), printed as JSON.
+
+    dlmscope eval --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000 [--out eval.json]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from dlmscope.analysis.splice import ar_delta_loss, average_results, dlm_delta_loss
+from dlmscope.data.activations import ActivationStream
+from dlmscope.sae.metrics import evaluate_sae
+from dlmscope.util import atomic
+from .options import add_option, add_text_options, load_model_layer_sae, text_from_args
+
+__all__ = ["add_parser", "run_from_args"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """``dlmscope eval``: the metrics and ΔLM of one SAE."""
+    e = subparsers.add_parser("eval", help="FVE / L0 / dead and delta-LM of a trained SAE")
+    add_text_options(e)
+    add_option(e, "--sae", help="SAE directory (any supported format)")
+    add_option(e, "--layer")
+    e.add_argument("--policy", default=None, help="default: mask for DLMs, clean for AR models")
+    e.add_argument("--tokens", type=int, default=20_000)
+    e.add_argument("--loss-batches", type=int, default=4)
+    add_option(e, "--out", required=False, default=None, help="also write the JSON here")
+    e.set_defaults(func=run_from_args)
+    return e
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Evaluate ``--sae`` at ``--layer`` on ``--tokens`` held-out activations and ``--loss-batches`` LM batches;
+    print the JSON (and write it to ``--out``)."""
+    adapter, layer, sae = load_model_layer_sae(args)
+    _, held_batches = text_from_args(adapter, args)
+    policy = args.policy if args.policy is not None else \
+        ("mask" if adapter.is_diffusion and adapter.mask_token_id is not None else "clean")
+    stream = ActivationStream(adapter, held_batches, [layer], policy, batch_size=args.batch_size,
+                              buffer_tokens=max(args.batch_size * 4, 4096), seed=args.seed, max_tokens=args.tokens,
+                              drop_last=False)
+    result = {"sae": args.sae, "layer": layer, "policy": policy, **evaluate_sae(sae, stream.for_layer(layer))}
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = list(itertools.islice(held_batches, args.loss_batches))
+    if adapter.is_diffusion:  # dlm_delta_loss names a missing mask token (DiffusionGemma) itself
+        result["dlm_delta"] = average_results([dlm_delta_loss(adapter, sae, layer, ids, generator=gen)
+                                               for ids in batches])
+    else:
+        result["ar_delta"] = average_results([ar_delta_loss(adapter, sae, layer, ids) for ids in batches])
+    print(json.dumps(result, indent=2))
+    if args.out:
+        atomic.write_json(args.out, result)
+    return 0
