@@ -1,4 +1,5 @@
-"""Shared fixtures: every available backend on the device it runs on, tolerances per dtype."""
+"""Shared fixtures: every available backend on the device it runs on, tolerances per dtype, and the models that
+test modules in several packages share (a tiny DiffusionGemma, the embedded world's models)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,10 @@ import torch
 from hypothesis import settings
 
 import dlmscope
+from dlmscope import models
 from dlmscope.backends import get_backend
+
+from tests.helpers.tiny_checkpoints import save_diffusion_gemma
 
 # The same examples on every run, so CI is reproducible; DLMSCOPE_HYPOTHESIS=explore draws new ones each run,
 # DLMSCOPE_HYPOTHESIS=gpu draws 5 per test.
@@ -75,3 +79,24 @@ def tolerance(dtype: torch.dtype, backend: str) -> float:
 
 def native_float64(backend: str) -> bool:
     return torch.float64 in get_backend(backend).native_dtypes
+
+
+# ------------------------------------------------------------------------------ models shared across packages
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    """A tiny DiffusionGemma loaded through ``models.load``; skips where transformers has no DiffusionGemma."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+        pytest.skip("this transformers has no DiffusionGemmaForBlockDiffusion")
+    return models.load(save_diffusion_gemma(tmp_path_factory.mktemp("dgemma")))
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The embedded world's base, instruct and AR models and small (train, held-out) LM batches."""
+    from dlmscope.demo import load_world_model
+    from dlmscope.world import world_batches
+
+    base, inst, ar = (load_world_model(n) for n in ("dlm", "instruct", "ar"))
+    train, held = world_batches(base.tokenizer, 3_000, 64, 8, seed=0)  # small LM batches: cheap forwards
+    return base, inst, ar, (train, held)

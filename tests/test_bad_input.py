@@ -24,7 +24,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.analysis.splice import ar_delta_loss, dlm_delta_loss, splice
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.world import ASSETS_DIR
-from tests.models.test_models import dream_config, gemma, llada_config, llada_tensors, write_dir  # noqa: F401 (fixture)
+from tests.helpers.tiny_checkpoints import dream_config, llada_config, llada_tensors, write_dir
 
 MODELS_DIR = os.path.join(ASSETS_DIR, "models")
 DLM_DIR, AR_DIR = os.path.join(MODELS_DIR, "dlm"), os.path.join(MODELS_DIR, "ar")

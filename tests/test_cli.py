@@ -2,29 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from dlmscope import cli, models
-from dlmscope.world import TOKENIZER_DIR
-from dlmscope.world.tokenizer import load_tokenizer
+from dlmscope import cli
 
-
-def build_tiny_llada(path):
-    """A 2-block LLaDA-format checkpoint with the world tokenizer at ``path`` (returned)."""
-    tok = load_tokenizer(TOKENIZER_DIR)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, is_causal=False, tie_word_embeddings=False)
-    models.save_llada_checkpoint(LlamaForCausalLM(config), path, mask_token_id=tok.mask_token_id,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    for f in os.listdir(TOKENIZER_DIR):
-        shutil.copy(f"{TOKENIZER_DIR}/{f}", path / f)
-    return path
+from tests.helpers.tiny_models import build_tiny_llada
 
 
 @pytest.fixture(scope="module")

@@ -11,41 +11,9 @@ from dlmscope import ops, reference
 from dlmscope.backends import get_backend
 
 from tests.conftest import backend_device, backend_params, native_float64, tolerance
+from tests.helpers.saes import check_topk, make_sae
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def make_sae(B, d, n, dtype, device, seed=0, bias_shift=0.0):
-    """Random SAE parameters and activations; decoder rows unit norm, W_enc = W_dec.T-style init plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    W_dec = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    W_enc = W_dec + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    b_enc = 0.1 * torch.randn(n, generator=g, dtype=torch.float64) + bias_shift
-    b_dec = 0.1 * torch.randn(d, generator=g, dtype=torch.float64)
-    x = torch.randn(B, d, generator=g, dtype=torch.float64)
-    return [t.to(dtype=dtype, device=device) for t in (x, W_enc, b_enc, W_dec, b_dec)]
-
-
-def check_topk(values, indices, x, W_enc, b_enc, b_dec, k, tol):
-    """The selection is a valid top-k of relu(pre): right values at the returned indices, right multiset."""
-    B = x.shape[0]
-    n = W_enc.shape[0]
-    assert values.shape == (B, k) and indices.shape == (B, k)
-    assert indices.dtype == torch.int64 and values.dtype == x.dtype
-    idx = indices.cpu()
-    assert int(idx.min()) >= 0 and int(idx.max()) < n
-    assert all(len(set(row.tolist())) == k for row in idx), "indices must be distinct within a row"
-    x64, W64, be64, bd64 = (t.cpu().double() for t in (x, W_enc, b_enc, b_dec))
-    pre = reference.pre_activations(x64, W64, be64, bd64)
-    relu = pre.clamp_min(0)
-    # rounding error scales with the magnitudes summed into pre (a cancelling sum can be tiny), not with pre
-    terms = (x64.abs() + bd64.abs()) @ W64.abs().T + be64.abs()
-    scale = max(float(terms.max()), 1e-6)
-    at_idx = relu.gather(1, idx)
-    torch.testing.assert_close(values.cpu().double(), at_idx, atol=tol * scale, rtol=0)
-    ref_sorted = relu.topk(k, dim=1).values
-    got_sorted = values.cpu().double().sort(dim=1, descending=True).values
-    torch.testing.assert_close(got_sorted, ref_sorted, atol=tol * scale, rtol=0)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -19,7 +19,8 @@ from dlmscope.analysis.splice import (
     zero_ablate,
 )
 
-from tests.data.test_activations import (  # noqa: F401  (fixtures: single_thread is autouse; llada, ar are module-scoped)
+from tests.helpers.saes import perfect_sae, random_sae
+from tests.helpers.tiny_models import (  # noqa: F401  (fixtures: single_thread is autouse; llada, ar are module-scoped)
     D, LAYERS, MASK, ar, llada, make_dream, single_thread, token_batch,
 )
 
@@ -28,20 +29,6 @@ from tests.data.test_activations import (  # noqa: F401  (fixtures: single_threa
 def dream(tmp_path_factory):
     # a scaled LM head makes the logits peaked, so shifted and unshifted losses differ materially
     return make_dream(tmp_path_factory.mktemp("dream"), lm_head_scale=30.0)
-
-
-def random_sae(seed=0, n=64, k=8):
-    return TopKSAE(D, n, k, generator=torch.Generator().manual_seed(seed))
-
-
-def perfect_sae():
-    """A TopKSAE that reconstructs exactly: latents ±e_i, k = d (only d of the 2d pre-activations are positive)."""
-    sae = TopKSAE(D, 2 * D, D)
-    eye = torch.eye(D)
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.W_enc.copy_(torch.cat([eye, -eye]))
-    return sae
 
 
 def test_perfect_sae_reconstructs():

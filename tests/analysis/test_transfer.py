@@ -8,20 +8,13 @@ import math
 import pytest
 import torch
 
-from dlmscope.demo import load_world_model
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.world import world_batches
 from dlmscope.analysis.transfer import (alive_overlap, check_same_tokens, compare_layer, correlation_summary,
                                         latent_agreement, match_decoders, match_summary, paired_activations)
 
-D, N, K = 32, 48, 4
+from tests.helpers.saes import random_biased_sae as random_sae
 
-
-def random_sae(seed: int, d: int = D, n: int = N, k: int = K) -> TopKSAE:
-    sae = TopKSAE(d, n, k, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # a non-zero encoder bias, so that the code depends on more than the directions
-        sae.b_enc.copy_(0.1 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)))
-    return sae
+D, N, K = 32, 48, 4  # random_sae's default shape
 
 
 def _acts(n_tokens: int = 2_000, seed: int = 0, d: int = D) -> torch.Tensor:
@@ -135,13 +128,6 @@ def test_activations_of_different_tokens_or_d_are_refused():
 
 
 # --------------------------------------------------------------------------------------- the world models
-@pytest.fixture(scope="module")
-def world():
-    base, inst, ar = (load_world_model(n) for n in ("dlm", "instruct", "ar"))
-    train, held = world_batches(base.tokenizer, 3_000, 64, 8, seed=0)  # small LM batches: cheap forwards
-    return base, inst, ar, (train, held)
-
-
 def test_paired_activations_are_the_same_tokens(world):
     base, inst, ar, (_, held) = world
     same_a, same_b = paired_activations(base, base, held, [0, 2], "unmask", tokens=500, seed=1)

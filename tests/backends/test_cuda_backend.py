@@ -115,7 +115,7 @@ def test_decode_backward_shares_the_encoders_sort_and_fuses_sddmm():
 @needs_cuda_backend
 @pytest.mark.parametrize("k", [1, 256, 820])
 def test_encode_large_k_and_grouped_auxk_from_one_gemm(k, monkeypatch):
-    from tests.test_ops import check_topk, make_sae
+    from tests.helpers.saes import check_topk, make_sae
     monkeypatch.setenv("DLMSCOPE_CHUNK_LATENTS", "1000")
     B, d, n = 33, 3584 // 16, 2500
     x, W_enc, b_enc, _W_dec, b_dec = make_sae(B, d, n, torch.float32, _dev(), seed=k)

@@ -11,7 +11,7 @@ from dlmscope.jobs.train import SweepSpec, heldout_activations, make_saes, train
 from dlmscope.train.trainer import TrainConfig, Trainer
 from dlmscope.train.log import LogConfig
 
-from tests.data.test_activations import make_llada, single_thread  # noqa: F401  (single_thread is autouse)
+from tests.helpers.tiny_models import make_llada, single_thread  # noqa: F401  (single_thread is autouse)
 
 QUIET = LogConfig(log_every=0, progress=False)
 

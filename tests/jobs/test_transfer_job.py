@@ -12,7 +12,7 @@ from dlmscope.train.trainer import TrainConfig
 from dlmscope.analysis.transfer import compare_layer, paired_activations
 from dlmscope.jobs.transfer import plot_transfer, run_transfer, summary_lines
 
-from tests.analysis.test_transfer import random_sae, world  # noqa: F401  (world: the module-scoped models fixture)
+from tests.helpers.saes import random_biased_sae as random_sae
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_TRAIN = TrainConfig(lr=1e-3, warmup_steps=2, norm_batches=2, dead_tokens=4_000)

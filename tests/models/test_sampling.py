@@ -197,7 +197,7 @@ def test_dream_format_model_with_its_logit_shift(tmp_path):
     """A tiny Dream-format checkpoint (shifted logits, no tokenizer): the committed token is the argmax of the
     aligned logits the callback sees, and batched prompts of different lengths equal one at a time."""
     from dlmscope import models
-    from tests.models.test_models import DREAM_MASK, dream_config, dream_tensors, write_dir
+    from tests.helpers.tiny_checkpoints import DREAM_MASK, dream_config, dream_tensors, write_dir
 
     dream = models.load(write_dir(tmp_path / "dream", dream_config(), dream_tensors()))
     assert dream.logit_shift == 1 and dream.tokenizer is None

@@ -7,7 +7,8 @@ import torch
 from dlmscope import reference
 from dlmscope.sae.metrics import ReconstructionStats, evaluate_sae, fve, fves
 
-from tests.analysis.test_splice import D, perfect_sae, random_sae
+from tests.helpers.saes import perfect_sae, random_sae
+from tests.helpers.tiny_models import D
 
 
 def test_fve_matches_the_oracle_for_one_and_many_reconstructions():

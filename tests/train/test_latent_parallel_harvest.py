@@ -14,8 +14,8 @@ from dlmscope.data.ranks import RankSlice, global_batches
 from dlmscope.train.trainer import LogConfig, Trainer
 from tests.helpers.harvest_worker import N_LM_BATCHES, layer_stream, make_config, make_saes, token_batches
 from tests.helpers.train_worker import final_tensors
-from tests.data.test_activations import make_llada
-from tests.train.test_latent_parallel_dist import run_torchrun
+from tests.helpers.tiny_models import make_llada
+from tests.helpers.torchrun import run_torchrun
 
 
 def test_rank_slices_partition_the_stream_lazily():
