@@ -6,10 +6,9 @@ and held out (:func:`dlmscope.jobs.order.run_order`).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from dlmscope.jobs.order import ORDERS, STEPS, OrderSpec, run_order
-from dlmscope.world import ASSETS_DIR
+from dlmscope.world import asset
 from dlmscope.world.tasks import load_tasks
 from .config import DemoConfig
 
@@ -22,7 +21,7 @@ ORDER_KINDS = ("arith_chain", "count", "chain3")
 def run_orders(adapter, saes: dict, cfg: DemoConfig) -> dict:
     """:func:`run_order` on the order-sensitive world tasks (``cfg.order_tasks`` per kind) with ``saes``
     (``{layer: SAE}``)."""
-    tasks, heldout = load_tasks(Path(ASSETS_DIR) / "tasks.jsonl")
+    tasks, heldout = load_tasks(asset("tasks.jsonl"))
     keep = [i for kind in ORDER_KINDS for i in [j for j, t in enumerate(tasks) if t.kind == kind][:cfg.order_tasks]]
     layers = sorted(saes)
     spec = OrderSpec(orders=ORDERS, steps=STEPS, seeds=cfg.order_seeds, guide_layer=layers[len(layers) // 2],

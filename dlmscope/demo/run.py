@@ -21,7 +21,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.analysis.splice import delta_loss_over_batches
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.train.log import LogConfig
-from dlmscope.world import ASSETS_DIR, concept_id_table, world_batches
+from dlmscope.world import asset, concept_id_table, world_batches
 from .config import RUNS, DemoConfig
 from .findings import findings
 from .plots import write_plots
@@ -37,7 +37,7 @@ def load_world_model(name: str):
     """The embedded world's ``dlm`` (LLaDA format), ``ar`` (Llama) or ``instruct`` model as an adapter."""
     if name not in ("dlm", "ar", "instruct"):
         raise ValueError(f"unknown embedded-world model {name!r}; expected 'dlm', 'ar' or 'instruct'")
-    return models.load(os.path.join(ASSETS_DIR, "models", name))
+    return models.load(asset("models", name))
 
 
 def sweep_spec(cfg: DemoConfig, policy: str, layers=None) -> SweepSpec:

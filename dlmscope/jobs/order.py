@@ -43,7 +43,7 @@ from dlmscope.analysis.order import SAEStabilityGuide, order_sensitive_features,
 from dlmscope.models.sampling import dream_fill, llada_fill
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.util.bootstrap import bootstrap_mean, correlation, paired_difference
-from dlmscope.world import ASSETS_DIR
+from dlmscope.world import asset
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 from .options import add_option
 
@@ -351,7 +351,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     adapter.require_mask_token()
     saes = _layer_saes(args.sae)
     adapter.check_layers(list(saes))
-    tasks, heldout = load_tasks(args.tasks or Path(ASSETS_DIR) / "tasks.jsonl")
+    tasks, heldout = load_tasks(args.tasks or asset("tasks.jsonl"))
     kinds = args.kinds or list(SCORED_KINDS)
     keep = [i for i, t in enumerate(tasks) if t.kind in kinds][: args.max_tasks]
     if not keep:

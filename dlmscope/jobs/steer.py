@@ -29,7 +29,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.util import atomic
 from dlmscope.util.bootstrap import paired_difference
 from dlmscope.analysis.steering import steering_baseline, steering_score
-from dlmscope.world import ASSETS_DIR, CONCEPTS, LM_BATCH, SEQ_LEN, concept_id_table, world_batches
+from dlmscope.world import CONCEPTS, LM_BATCH, SEQ_LEN, asset, concept_id_table, world_batches
 from dlmscope.world.tasks import load_tasks
 from .options import add_option, load_model_layer_sae
 
@@ -62,7 +62,7 @@ def neutral_prompts(tokenizer, n: int, path: str | None = None) -> list[list[int
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
         texts = lines[:n]
     else:
-        tasks, _ = load_tasks(Path(ASSETS_DIR) / "tasks.jsonl")
+        tasks, _ = load_tasks(asset("tasks.jsonl"))
         texts = [" ".join(t.words[:t.answer_positions[0]]) for t in tasks if t.kind == "neutral"]
         texts = texts[:n]
     if not texts:
@@ -397,7 +397,7 @@ def _print_summary(name: str, result: dict) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the sweep (and the ``--compare-model`` one), write the JSON and plots under ``--out``."""
     adapter, layer, sae = load_model_layer_sae(args)
-    ref = models.load(args.ref_model) if args.ref_model else models.load(str(Path(ASSETS_DIR) / "models" / "ar"))
+    ref = models.load(args.ref_model) if args.ref_model else models.load(asset("models", "ar"))
     features = _features_from_args(adapter, sae, layer, args)
     if args.compare_model and not args.concepts:
         raise ValueError("--compare-model needs --concepts: the other model's SAE has its own latent ids")
