@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # wheel_check.sh — `make wheel`, then install the wheel into a fresh venv that has only torch, and smoke-test it
-# on the CPU from outside the checkout (so the installed package, not the source tree, is what runs).
+# on the CPU from outside the checkout (so the installed package, not the source tree, is what runs): the core
+# (ops, SAE, trainer) first, then the `dlm` extra (models, the CLI).
 #   bash scripts/wheel_check.sh          (.ci/run runs it after the test suite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +34,20 @@ torch.testing.assert_close(values.sort(-1).values, ref_v.sort(-1).values)
 loss = (sae(x) - x).pow(2).sum()
 loss.backward()
 assert sae.W_dec.grad is not None and torch.isfinite(sae.W_dec.grad).all()
-import dlmscope.world, dlmscope.cli                                            # package data and the CLI import
+from dlmscope.train.trainer import TrainConfig, Trainer                       # the trainer needs only the core
+Trainer([TopKSAE(32, 128, 8)], TrainConfig(total_tokens=2048, warmup_steps=1)).fit(torch.randn(8, 256, 32))
 from dlmscope.backends import cuda_lib
 if cuda_lib.library_path().exists():                                           # shipped: every symbol resolves
     cuda_lib.load()
-print("wheel ok:", dlmscope.__file__, dlmscope.available_backends())
+import importlib.util, os, dlmscope.world
+assert importlib.util.find_spec("transformers") is None, "the core install pulled in the dlm extra"
+assert not os.path.exists(dlmscope.world.ASSETS_DIR), "the world's assets belong to a clone, not the wheel"
+print("core wheel ok:", dlmscope.__file__, dlmscope.available_backends())
+PY
+# the DLM side and the CLI with the `dlm` extra
+"$VENV/bin/python" -m pip install -q "$WHEEL[dlm]"
+"$VENV/bin/python" - <<'PY'
+import dlmscope.cli, dlmscope.models, dlmscope.analysis.transfer
+print("dlm extra ok")
 PY
 rm -rf "$VENV"

@@ -30,8 +30,8 @@ from dlmscope.util.choices import check_choice
 from . import Adapter
 from .sampler_rules import dream_counts, dream_tokens, step_counts
 
-__all__ = ["Generation", "SamplerState", "Progress", "current_progress", "llada_generate", "llada_fill",
-           "dream_generate", "dream_fill", "ar_generate", "REMASKING", "DREAM_ALGS"]
+__all__ = ["Generation", "SamplerState", "Progress", "current_progress", "publish_progress", "llada_generate",
+           "llada_fill", "dream_generate", "dream_fill", "ar_generate", "REMASKING", "DREAM_ALGS"]
 
 REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -59,7 +59,9 @@ def current_progress() -> Progress | None:
 
 
 @contextlib.contextmanager
-def _publishing(progress: Progress):
+def publish_progress(progress: Progress):
+    """Within the block, :func:`current_progress` returns ``progress``: how a sampler (ours, or one written
+    elsewhere) tells step-aware hooks such as steering schedules where denoising stands."""
     token = _PROGRESS.set(progress)
     try:
         yield
@@ -317,12 +319,12 @@ def _llada(adapter, ids, attention, gen_pos, lengths, given, *, steps, block_len
             masked_gen = ids.gather(1, gen_pos) == mask_id                           # [B, G]
             if cfg_scale > 0:
                 uncond = torch.where(given, torch.full_like(ids, mask_id), ids)
-                with _publishing(Progress(s, steps, torch.cat([lengths, lengths]))):
+                with publish_progress(Progress(s, steps, torch.cat([lengths, lengths]))):
                     both = adapter.logits(torch.cat([ids, uncond]), torch.cat([attention, attention]))
                 cond, un = both.chunk(2)
                 logits = un + (cfg_scale + 1) * (cond - un)
             else:
-                with _publishing(Progress(s, steps, lengths)):
+                with publish_progress(Progress(s, steps, lengths)):
                     logits = adapter.logits(ids, attention)
             gl = _at_generated(logits, gen_pos)                                   # [B, G, V]
             if temperature > 0:
@@ -396,7 +398,7 @@ def _dream(adapter, ids, attention, gen_pos, lengths, *, steps, alg, alg_temp, t
     with _guided(guide, adapter):
         for s in range(steps):
             masked_gen = ids.gather(1, gen_pos) == mask_id
-            with _publishing(Progress(s, steps, lengths)):
+            with publish_progress(Progress(s, steps, lengths)):
                 logits = adapter.logits(ids, attention)
             gl = _at_generated(logits, gen_pos)
             x0, conf = dream_tokens(gl, alg, temperature, top_p, top_k, gen)
@@ -462,7 +464,7 @@ def ar_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, temperatur
         kw.update(temperature=temperature, top_p=1.0 if top_p is None else top_p, top_k=0)
     kw["logits_processor"] = LogitsProcessorList([_Watch()])
     with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []), \
-            _publishing(Progress(0, max_new_tokens, seen, causal=True)):
+            publish_progress(Progress(0, max_new_tokens, seen, causal=True)):
         torch.manual_seed(0 if seed is None else int(seed))
         out = adapter.model.generate(input_ids=left, attention_mask=left_att, **kw)
     new = out[:, P:P + max_new_tokens]

@@ -6,7 +6,7 @@ import torch
 
 from dlmscope.demo import load_world_model
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.models.sampling import Progress, _publishing, llada_generate
+from dlmscope.models.sampling import Progress, llada_generate, publish_progress
 from dlmscope.analysis.steering import steer, steering_vectors
 
 LAYER = 3
@@ -73,7 +73,7 @@ def test_generation_and_decoded_scopes_follow_the_sampler(dlm, sae):
     ids[0, -3] = 50                                                       # one generated position decoded
     h = _block(dlm, ids)
     P = ids.shape[1] - 3
-    with _publishing(Progress(1, 3, torch.tensor([P]))):
+    with publish_progress(Progress(1, 3, torch.tensor([P]))):
         for scope, want in (("generation", torch.arange(ids.shape[1]) >= P),
                             ("decoded", torch.arange(ids.shape[1]) == P)):
             with steer(dlm, LAYER, sae, 3, 2.0, scope=scope):

@@ -77,7 +77,7 @@ _TRITON_HERE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_availa
 ])
 def test_chunked_encode_with_triton_select(monkeypatch, B, d, n, k, chunk, dtype, min_k):
     """From SELECT_MIN_K the chunks' top-k is the Triton threshold-then-compact select: a valid top-k against
-    float64 (tests/test_ops.py's check), ids distinct, and the select really ran."""
+    float64 (check_topk of tests/helpers/saes.py), ids distinct, and the select really ran."""
     from dlmscope.backends import chunked_backend
     select_mod = importlib.import_module("dlmscope.kernels.topk_select")   # the module (the package exports the function)
 
