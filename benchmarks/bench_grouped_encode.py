@@ -44,14 +44,7 @@ def pytest_generate_tests(metafunc):
     """Variants: the GEMM floor first, then four per backend of the run that fuses ``encode_grouped``."""
     if "grouped_variant" not in metafunc.fixturenames:
         return
-    config = metafunc.config
-    cfg = getattr(config, "_dlmscope_bench_config", None)  # conftest's cached resolution, if it ran first
-    if cfg is None:
-        o = config.getoption
-        cfg = workloads.BenchConfig.resolve(
-            device=o("--bench-device"), quick=o("--bench-quick"), shape=o("--bench-shape"),
-            dtype=o("--bench-dtype"), backends=o("--bench-backends"), compile_dense=o("bench_compile"),
-            warmup=o("--bench-warmup"), rounds=o("--bench-rounds"))
+    cfg = workloads.BenchConfig.from_pytest(metafunc.config)
     variants = ["gemm", *[f"{b}:{v}" for b in _fused_backends(cfg)
                           for v in ("fused", "separate", "fused_aux", "composite_aux")]]
     metafunc.parametrize("grouped_variant", variants)

@@ -60,21 +60,9 @@ def pytest_addoption(parser):
     group.addoption("--bench-record", default=None)
 
 
-def _config(config) -> workloads.BenchConfig:
-    cached = getattr(config, "_dlmscope_bench_config", None)
-    if cached is None:
-        o = config.getoption
-        cached = workloads.BenchConfig.resolve(
-            device=o("--bench-device"), quick=o("--bench-quick"), shape=o("--bench-shape"),
-            dtype=o("--bench-dtype"), backends=o("--bench-backends"), compile_dense=o("bench_compile"),
-            warmup=o("--bench-warmup"), rounds=o("--bench-rounds"))
-        config._dlmscope_bench_config = cached
-    return cached
-
-
 def pytest_report_header(config):
     try:
-        cfg = _config(config)
+        cfg = workloads.BenchConfig.from_pytest(config)
     except Exception as exc:  # noqa: BLE001
         return [f"dlmscope bench: bad configuration: {exc}"]
     return [f"dlmscope bench: device={cfg.device} shape={cfg.tag} backends={list(cfg.backends)} "
@@ -82,7 +70,7 @@ def pytest_report_header(config):
 
 
 def pytest_generate_tests(metafunc):
-    cfg = _config(metafunc.config)
+    cfg = workloads.BenchConfig.from_pytest(metafunc.config)
     if "step_variant" in metafunc.fixturenames:
         metafunc.parametrize("step_variant", workloads.step_variants(cfg))
     if "op_variant" in metafunc.fixturenames:
@@ -92,7 +80,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def bench_config(request) -> workloads.BenchConfig:
-    cfg = _config(request.config)
+    cfg = workloads.BenchConfig.from_pytest(request.config)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("--bench-device cuda but torch sees no CUDA device")
     return cfg

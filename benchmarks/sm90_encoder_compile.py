@@ -2,7 +2,7 @@
 """Ahead-of-time compile of the Top-K selection kernels for sm_90 (H100/H200), no GPU needed: registers, spills,
 shared memory and whether the MMA is Hopper's warp-group MMA, per configuration.
 
-    python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0     # the lent GPU machine's triton
+    python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0     # the triton of the GPU stack we target
     /tmp/t36/bin/pip install torch==2.13.0 numpy safetensors tqdm     # what `import dlmscope` needs
     PYTHONPATH=. /tmp/t36/bin/python benchmarks/sm90_encoder_compile.py \\
         [--out benchmarks/results/sm90-encoder-compile.md] [--candidates] [--no-variants]

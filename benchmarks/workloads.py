@@ -127,6 +127,19 @@ class BenchConfig:
         return cls(device=device, B=B, d=d, n=n, k=k, dtype=parse_dtype(dtype), quick=bool(quick),
                    backends=chosen, compile_dense=bool(compile_dense), warmup=warmup, rounds=rounds)
 
+    @classmethod
+    def from_pytest(cls, config) -> "BenchConfig":
+        """The run's configuration from conftest's ``--bench-*`` options, resolved once per pytest session."""
+        cached = getattr(config, "_dlmscope_bench_config", None)
+        if cached is None:
+            o = config.getoption
+            cached = cls.resolve(
+                device=o("--bench-device"), quick=o("--bench-quick"), shape=o("--bench-shape"),
+                dtype=o("--bench-dtype"), backends=o("--bench-backends"), compile_dense=o("bench_compile"),
+                warmup=o("--bench-warmup"), rounds=o("--bench-rounds"))
+            config._dlmscope_bench_config = cached
+        return cached
+
 
 def select_backends(device: str, requested: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The dlmscope backends to benchmark on ``device``.

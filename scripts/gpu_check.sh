@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
-# gpu_check.sh — what a freshly lent GPU should run, in stages that each leave their results behind, within
-# one device call (default budget 360 s, so there is time to fix and rerun once in a 15-minute lease).
+# gpu_check.sh — everything a GPU machine should run, in stages that each leave their results behind, within one
+# time budget (default 360 s, so a failed stage can be fixed and the check rerun).
 #
-#   make gpu-check                                   # = bash scripts/gpu_check.sh
-#   make cuda; run(command="bash scripts/gpu_check.sh", carry=["dlmscope/libdlmscope_cuda.so"], timeout_s=420)
-#                                                    # from a session with the device tool (the library built here)
+#   make cuda && make gpu-check                      # the CUDA library, then this script (= bash scripts/gpu_check.sh)
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh        # the same script on the CPU, small shapes (CI runs this)
 #
 # Stages, in order (each under its own `timeout`; a failed stage does not stop the next; after every stage the
-# summary and the results so far are copied to $OUT, so a call that runs out of time still returns them):
+# summary and the results so far are copied to $OUT where it is set, so a run cut short still leaves them):
 #   env          nvidia-smi, versions
-#   cudalib      only where dlmscope/libdlmscope_cuda.so is missing and nvcc exists: build it (sm_90). Carry a library
-#                built here instead: run(carry=["dlmscope/libdlmscope_cuda.so"]) after `make cuda`
+#   cudalib      only where dlmscope/libdlmscope_cuda.so is missing and nvcc exists: build it (sm_90)
 #   import       dlmscope from the checkout (PYTHONPATH; no install, no C++ build: a GPU does not need it)
 #   kernels      the kernel and op tests on CUDA (triton, chunked, cuda, torch), -m "not slow", hypothesis at 5
 #                examples (profile "gpu")
@@ -21,13 +18,14 @@
 #                (DLMSCOPE_ENCODE_TILE), the chunked encoder at 3 chunk sizes, torch — vs the GEMM, TFLOP/s
 #   bench        benchmarks/report.py step --device cuda: GEMM floor, every encode variant, the step per backend,
 #                peak memory (the dense reference baselines run in their own pytest process, last)
-#   sanitize     compute-sanitizer (memcheck, then racecheck) over tests/backends/test_cuda_backend.py: out-of-bounds accesses
-#                and shared-memory races in csrc/cuda on small shapes (skipped where the tool or the library is absent)
+#   sanitize     compute-sanitizer (memcheck, then racecheck) over tests/backends/test_cuda_backend.py: out-of-bounds
+#                accesses and shared-memory races in csrc/cuda on small shapes (skipped where the tool or the library
+#                is absent)
 #   rest         the rest of the suite on CUDA while time remains
 #
 # Knobs: GPU_CHECK_BUDGET_S (360; dry 300), GPU_CHECK_STAGES (comma list), GPU_CHECK_RESULTS (results dir,
 # default benchmarks/results/gpu-check), BENCH_ARGS (extra `report.py step` arguments), PYTHON (python3).
-# Carried wheels in .whl/ (see /work/.library/device/README.md) are put on PYTHONPATH first.
+# Wheels in .whl/ (for a machine without a package index) are installed into a side folder on PYTHONPATH first.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
@@ -63,8 +61,8 @@ summary() {
   } >"$RESULTS/summary.txt" 2>&1
 }
 
-# publish: the summary and every result file so far into $OUT (the device tool brings $OUT back, also after a
-# timeout); small files as they are, everything in one archive as well
+# publish: the summary and every result file so far into $OUT where it is set (a folder that outlives the run,
+# also after a timeout); small files as they are, everything in one archive as well
 publish() {
   summary
   [ -n "${OUT:-}" ] || return 0

@@ -18,7 +18,7 @@ from tests.helpers.tiny_checkpoints import save_diffusion_gemma
 # DLMSCOPE_HYPOTHESIS=gpu draws 5 per test.
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
-# a lent GPU (scripts/gpu_check.sh): few examples, since every new shape is a fresh kernel compile
+# on a GPU (scripts/gpu_check.sh): few examples, since every new shape is a fresh kernel compile
 settings.register_profile("gpu", derandomize=True, max_examples=5, deadline=None)
 _PROFILE = os.environ.get("DLMSCOPE_HYPOTHESIS", "ci")
 settings.load_profile(_PROFILE if _PROFILE in ("explore", "gpu") else "ci")

@@ -1,5 +1,5 @@
 """``scripts/gpu_check.sh`` dry-run on the CPU (``GPU_CHECK_DRY=1``): every stage runs, leaves its results in
-the results directory, and the summary and results reach ``$OUT`` — so the script a lent GPU runs cannot rot."""
+the results directory, and the summary and results reach ``$OUT`` — so the script a GPU machine runs cannot rot."""
 from __future__ import annotations
 
 import json
