@@ -10,7 +10,7 @@ import dlmscope
 from dlmscope import ops, reference
 from dlmscope.backends import get_backend
 
-from tests.conftest import backend_device, backend_params, native_float64, tolerance
+from tests.helpers.devices import backend_device, backend_params, native_float64, tolerance
 from tests.helpers.saes import check_topk, make_sae
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

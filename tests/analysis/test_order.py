@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from dlmscope.demo import load_world_model
 from dlmscope.analysis.order import (FeatureTrace, SAEStabilityGuide, jaccard, order_sensitive_features,
                                      order_statistics, replay, top_latents)
 from dlmscope.sae.topk import TopKSAE
@@ -15,11 +14,6 @@ from dlmscope.models.sampler_rules import dream_counts as _dream_counts, step_co
 from dlmscope.models.sampling import dream_fill, llada_fill, llada_generate
 
 LAYERS = (2, 5)
-
-
-@pytest.fixture(scope="module")
-def dlm():
-    return load_world_model("dlm")
 
 
 @pytest.fixture(scope="module")

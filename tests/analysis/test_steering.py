@@ -13,11 +13,6 @@ LAYER = 3
 
 
 @pytest.fixture(scope="module")
-def dlm():
-    return load_world_model("dlm")
-
-
-@pytest.fixture(scope="module")
 def sae(dlm):
     torch.manual_seed(0)
     s = TopKSAE(dlm.d_model, 64, 4)

@@ -81,7 +81,7 @@ def test_chunked_encode_with_triton_select(monkeypatch, B, d, n, k, chunk, dtype
     from dlmscope.backends import chunked_backend
     select_mod = importlib.import_module("dlmscope.kernels.topk_select")   # the module (the package exports the function)
 
-    from tests.conftest import tolerance
+    from tests.helpers.devices import tolerance
     from tests.helpers.saes import check_topk, make_sae
 
     monkeypatch.setenv("DLMSCOPE_CHUNK_LATENTS", str(chunk))

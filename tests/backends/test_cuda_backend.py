@@ -1,6 +1,6 @@
 """The ``cuda`` backend (csrc/cuda via ctypes): the binding agrees with the C header, the sort cache's rules, and —
 on a GPU — the kernels' hard cases against the float64 reference. (Every op's general reference tests run the
-``cuda`` backend too, through ``tests/conftest.py``'s backend list.)"""
+``cuda`` backend too, through the backend list of ``tests/helpers/devices.py``.)"""
 from __future__ import annotations
 
 import re
@@ -11,8 +11,8 @@ import torch
 
 import dlmscope
 from dlmscope import reference
-from dlmscope.backends import cuda_lib
-from dlmscope.backends.base import SortCache
+from dlmscope.backends import cuda_lib, get_backend
+from dlmscope.backends.base import Backend, SortCache
 
 HEADER = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "dlmscope_cuda.h"
 needs_cuda_backend = pytest.mark.skipif("cuda" not in dlmscope.available_backends(),
@@ -85,8 +85,8 @@ def test_transpose_reduce_splits_a_heavy_latent_and_zeroes_empty_ones(dtype):
     coef = torch.randn(B, k, generator=g, dtype=torch.float64)
     X = torch.randn(B, d, generator=g, dtype=torch.float64)
     ref_out, ref_sum = reference.transpose_reduce(coef, idx, X, n)
-    out, coef_sum = dlmscope.get_backend("cuda").transpose_reduce(coef.to(_dev(), dtype), idx.to(_dev()),
-                                                                   X.to(_dev(), dtype), n)
+    out, coef_sum = get_backend("cuda").transpose_reduce(coef.to(_dev(), dtype), idx.to(_dev()),
+                                                          X.to(_dev(), dtype), n)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     scale = float((coef.abs().unsqueeze(-1) * X.abs().unsqueeze(1)).sum((0, 1)).max())
     torch.testing.assert_close(out.double().cpu(), ref_out, atol=tol * scale, rtol=0)
@@ -96,7 +96,7 @@ def test_transpose_reduce_splits_a_heavy_latent_and_zeroes_empty_ones(dtype):
 
 @needs_cuda_backend
 def test_decode_backward_shares_the_encoders_sort_and_fuses_sddmm():
-    backend = dlmscope.get_backend("cuda")
+    backend = get_backend("cuda")
     B, k, d, n = 64, 8, 96, 300
     g = torch.Generator().manual_seed(1)
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)]).to(_dev())
@@ -119,13 +119,12 @@ def test_encode_large_k_and_grouped_auxk_from_one_gemm(k, monkeypatch):
     monkeypatch.setenv("DLMSCOPE_CHUNK_LATENTS", "1000")
     B, d, n = 33, 3584 // 16, 2500
     x, W_enc, b_enc, _W_dec, b_dec = make_sae(B, d, n, torch.float32, _dev(), seed=k)
-    backend = dlmscope.get_backend("cuda")
+    backend = get_backend("cuda")
     values, indices = backend.encode(x, W_enc, b_enc, b_dec, k)
     check_topk(values, indices, x, W_enc, b_enc, b_dec, k, 2e-5)
     dead = torch.rand(n, generator=torch.Generator().manual_seed(k)) < 0.3
     got = backend.encode_grouped(x, W_enc, b_enc, b_dec, [k, 3], [n - 700, 700], dead.to(_dev()), [5, 2])
-    want = dlmscope.backends.base.Backend.encode_grouped(backend, x, W_enc, b_enc, b_dec, [k, 3], [n - 700, 700],
-                                                         dead.to(_dev()), [5, 2])
+    want = Backend.encode_grouped(backend, x, W_enc, b_enc, b_dec, [k, 3], [n - 700, 700], dead.to(_dev()), [5, 2])
     for a, b in zip(got, want):
         assert a.shape == b.shape
     for a, b in ((got[0], want[0]), (got[2], want[2])):     # the same values (ids may differ only among ties)
@@ -145,8 +144,7 @@ def test_decoder_norm_keeps_zero_rows_zero_and_matches_reference():
     ref = [t.clone() for t in (W, m, v)]
     reference.decoder_norm_step(ref[0], grad, ref[1], ref[2], 1, 1e-3)
     got = [t.float().to(_dev()) for t in (W, m, v)]
-    dlmscope.get_backend("cuda").decoder_norm_step(got[0], grad.float().to(_dev()), got[1], got[2], 1, 1e-3, 0.9,
-                                                   0.999, 1e-8)
+    get_backend("cuda").decoder_norm_step(got[0], grad.float().to(_dev()), got[1], got[2], 1, 1e-3, 0.9, 0.999, 1e-8)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.double().cpu(), b, atol=1e-5, rtol=1e-4)
     assert torch.isfinite(got[0]).all()

@@ -1,4 +1,5 @@
-"""Random SAE parameters with a top-k checker (ops, backends), random and exact TopKSAEs (splice, metrics, transfer)."""
+"""Random SAE parameters with a top-k checker (ops, backends), random and exact TopKSAEs (splice, metrics, transfer),
+perturbed seeded TopKSAEs (tests/sae)."""
 from __future__ import annotations
 
 import torch
@@ -63,3 +64,15 @@ def random_biased_sae(seed: int, d: int = 32, n: int = 48, k: int = 4) -> TopKSA
     with torch.no_grad():  # a non-zero encoder bias, so that the code depends on more than the directions
         sae.b_enc.copy_(0.1 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)))
     return sae
+
+
+def perturbed_sae(dtype=torch.float32, *, meta=None, backend=None, device=None, seed=0, d=16, n=64, k=4) -> TopKSAE:
+    """A seeded TopKSAE (d=16, n=64, k=4 unless given) moved off its init: non-zero biases and an encoder untied
+    from the decoder, so every parameter matters (tests/sae: the module, its checkpoint formats, SAEBench)."""
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(d, n, k, meta=meta, backend=backend, dtype=dtype, generator=g)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+        sae.W_enc.add_(torch.randn(n, d, generator=g) * 0.05)
+    return sae.to(device) if device is not None else sae

@@ -69,11 +69,6 @@ def test_windows_hold_the_context_and_the_latents_activation(small_sae):
     assert vals[centre] == pytest.approx(float(stats.top.keys[7, 0]), rel=1e-2) and vals[centre] > 1
 
 
-@pytest.fixture(scope="module")
-def dlm():
-    return load_world_model("dlm")
-
-
 def test_feature_report_on_the_world_dlm_and_ar(dlm):
     torch.manual_seed(1)
     sae = TopKSAE(dlm.d_model, 64, 4)

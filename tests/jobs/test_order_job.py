@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from dlmscope import cli
-from dlmscope.demo import load_world_model
 from dlmscope.jobs.order import OrderSpec, fill_with_order, plot_order, run_order
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import ASSETS_DIR
 from dlmscope.world.tasks import load_tasks
-
-
-@pytest.fixture(scope="module")
-def dlm():
-    return load_world_model("dlm")
 
 
 @pytest.fixture(scope="module")

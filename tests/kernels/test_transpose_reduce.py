@@ -12,7 +12,7 @@ from dlmscope import reference
 K = pytest.importorskip("dlmscope.kernels")
 tr = importlib.import_module("dlmscope.kernels.transpose_reduce")  # the module (the package re-exports the function)
 
-from tests.conftest import TEST_DEVICE  # noqa: E402
+from tests.helpers.devices import TEST_DEVICE  # noqa: E402
 
 DEV = torch.device(TEST_DEVICE)
 

@@ -125,7 +125,7 @@ def test_llada_weights_land_in_the_right_place(llada, llada_dir):
     from transformers import LlamaForCausalLM
 
     raw = load_file(str(llada_dir / "model.safetensors"))
-    # REFERENCE.md §8 rename table, written out independently of the adapter's table.
+    # docs/reference.md §8 rename table, written out independently of the adapter's table.
     table = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
              "attn_out": "self_attn.o_proj", "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
              "ff_out": "mlp.down_proj", "attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm"}

@@ -12,11 +12,6 @@ from dlmscope.models.sampling import ar_generate, dream_generate, llada_generate
 
 
 @pytest.fixture(scope="module")
-def dlm():
-    return load_world_model("dlm")
-
-
-@pytest.fixture(scope="module")
 def ar():
     return load_world_model("ar")
 

@@ -23,6 +23,7 @@ from dlmscope.util import atomic
 
 from dlmscope.sae import formats
 from dlmscope.sae.topk import TopKSAE
+from tests.helpers.saes import perturbed_sae
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "interop"
 D, N, K = 16, 64, 4
@@ -38,14 +39,9 @@ FIXTURE_DIRS = {
 
 
 def make_sae(dtype=torch.float32, meta=None, seed=0) -> TopKSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(D, N, K, meta=meta if meta is not None else {"layer": 3, "policy": "mask", "norm": 1.5},
-                  dtype=dtype, generator=g)
-    with torch.no_grad():
-        sae.b_enc.copy_(torch.randn(N, generator=g) * 0.1)
-        sae.b_dec.copy_(torch.randn(D, generator=g) * 0.1)
-        sae.W_enc.add_(torch.randn(N, D, generator=g) * 0.05)
-    return sae
+    """The shared perturbed SAE, with this file's default meta (``meta={}`` for none)."""
+    return perturbed_sae(dtype, meta=meta if meta is not None else {"layer": 3, "policy": "mask", "norm": 1.5},
+                         seed=seed)
 
 
 def save(sae: TopKSAE, path, format: str = "dlmscope") -> Path:

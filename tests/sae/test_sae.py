@@ -5,18 +5,9 @@ import pytest
 import torch
 
 from dlmscope.sae.topk import SAEConfig, TopKSAE
+from tests.helpers.saes import perturbed_sae as make_sae
 
 D, N, K = 16, 64, 4
-
-
-def make_sae(dtype=torch.float32, backend=None, device=None, seed=0) -> TopKSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(D, N, K, backend=backend, dtype=dtype, generator=g)
-    with torch.no_grad():  # non-trivial biases and a non-tied encoder, so every parameter matters
-        sae.b_enc.copy_(torch.randn(N, generator=g) * 0.1)
-        sae.b_dec.copy_(torch.randn(D, generator=g) * 0.1)
-        sae.W_enc.add_(torch.randn(N, D, generator=g) * 0.05)
-    return sae.to(device) if device is not None else sae
 
 
 def dense_reference(sae: TopKSAE, x: torch.Tensor):

@@ -10,18 +10,14 @@ from torch import nn
 
 from dlmscope.sae.saebench import SAEBenchConfig, SAEBenchSAE
 from dlmscope.sae.topk import TopKSAE
+from tests.helpers.saes import perturbed_sae
 
 D, N, K = 16, 64, 4
 
 
 def make_sae(seed=0) -> TopKSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(D, N, K, generator=g, backend="torch")
-    with torch.no_grad():  # non-trivial biases and an untied encoder, so every parameter matters
-        sae.b_enc.copy_(torch.randn(N, generator=g) * 0.1)
-        sae.b_dec.copy_(torch.randn(D, generator=g) * 0.1)
-        sae.W_enc.add_(torch.randn(N, D, generator=g) * 0.05)
-    return sae
+    """The shared perturbed SAE on the torch backend."""
+    return perturbed_sae(seed=seed, backend="torch")
 
 
 def wrap(sae=None, **kw) -> SAEBenchSAE:
