@@ -182,8 +182,8 @@ def plain_harvest(adapter, batches: Iterable[torch.Tensor], layers: Iterable[int
 
 
 def plain_shuffle(chunks: Iterable[dict[int, torch.Tensor]], s) -> Iterator[dict[int, torch.Tensor]]:
-    """The shuffle buffer: ``shuffle_buffer.shuffle_batches`` is plain torch (cat / randperm / slicing), so the
-    baseline uses it as is (an ad-hoc buffer that re-concatenates per chunk would only handicap the baseline)."""
+    """The shuffle buffer: ``dlmscope.data.shuffle.shuffle_batches`` is plain torch (cat / randperm / slicing), so
+    the baseline uses it as is (an ad-hoc buffer that re-concatenates per chunk would only handicap the baseline)."""
     return shuffle_batches(chunks, s.batch_size, s.buffer_tokens, seed=s.seed + 1)
 
 

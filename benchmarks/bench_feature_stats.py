@@ -18,7 +18,7 @@ import baselines
 from dlmscope.demo import load_world_model
 from dlmscope.interp.features import collect, model_batches
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.world import world_batches
+from dlmscope.world import LM_BATCH, SEQ_LEN, world_batches
 
 BATCHES = int(os.environ.get("DLMSCOPE_INTERP_BATCHES", "8"))
 TOP, HALF = 12, 10
@@ -29,7 +29,7 @@ def setup():
     dlm = load_world_model("dlm")
     torch.manual_seed(0)
     sae = TopKSAE(dlm.d_model, 512, 8)
-    _, held = world_batches(dlm.tokenizer, 40_000, 64, 32, 0)
+    _, held = world_batches(dlm.tokenizer, 40_000, SEQ_LEN, LM_BATCH, 0)
     batches = list(model_batches(dlm, 4, held[:BATCHES]))                 # the model forward is not timed
     with torch.no_grad():
         firings = sum(int(((sae.encode(h)[0] > 0) & k[..., None]).sum()) for h, _, k, _ in batches)

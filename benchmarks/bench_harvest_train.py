@@ -1,7 +1,7 @@
 """End-to-end harvest + train throughput on the embedded DLM: dlmscope vs plain PyTorch (pytest-benchmark).
 
 Variants (harvest_train.py and baselines.run_plain; ``report.py pipeline`` runs the same pipelines once at full size
-and writes the README table):
+and writes the table of docs/benchmarks.md):
   dlmscope           ActivationStream (one truncated forward for both layers, disk cache) → Trainer per layer
   plain              the paper's way: per layer a full forward with a hook, dense plain-PyTorch Top-K training
   plain_one_forward  plain, but one full forward with hooks on both layers feeds both layers' SAEs

@@ -1,6 +1,6 @@
 """The harvest + train job both pipelines run on the embedded DLM, and dlmscope's pipeline for it (the plain-PyTorch
 pipelines: :func:`baselines.run_plain`). Timed by ``bench_harvest_train.py`` (small, pytest-benchmark) and by
-``python benchmarks/report.py pipeline`` (one run at full size, the README table).
+``python benchmarks/report.py pipeline`` (one run at full size, the table of docs/benchmarks.md).
 
 The job (both pipelines do exactly this): harvest resid_post of layers 1 and 3 of the embedded LLaDA-format DLM
 (``dlmscope/world/assets/models/dlm``: 8 blocks, d_model 128) under the ``mask`` policy (docs/reference.md §3: per LM
@@ -105,7 +105,7 @@ def sweep_spec(s: Settings) -> SweepSpec:
 
 
 def make_saes(adapter, s: Settings) -> dict[int, list[TopKSAE]]:
-    """Identically initialised SAEs for every variant (``pipeline.make_saes``: seeded per layer)."""
+    """Identically initialised SAEs for every variant (``dlmscope.jobs.train.make_saes``: seeded per layer)."""
     return {L: make_layer_saes(adapter.d_model, sweep_spec(s), L) for L in s.layers}
 
 
@@ -114,8 +114,8 @@ def make_saes(adapter, s: Settings) -> dict[int, list[TopKSAE]]:
 
 def run_dlmscope(adapter, batches: list[torch.Tensor], s: Settings, saes: dict[int, list[TopKSAE]],
                  workdir: str) -> dict:
-    """``dlmscope train``'s pipeline (``pipeline.train_sweep``): one harvest cached on disk for all layers, one
-    grouped Trainer per layer."""
+    """``dlmscope train``'s pipeline (``dlmscope.jobs.train.train_sweep``): one harvest cached on disk for all
+    layers, one grouped Trainer per layer."""
     train = TrainConfig(lr=s.lr, warmup_steps=s.warmup_steps, decay_fraction=s.decay_fraction,
                         grad_clip=s.grad_clip, norm_batches=s.norm_batches)
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ process with ``--benchmark-json`` and its own timeout; every finished benchmark 
 record, so a run killed half-way still reports what it measured), then prints and writes
 
   <out>/<device>-<shape-tag>.json   raw medians (+ min/mean/stddev/rounds), ratios, machine info
-  <out>/<device>-<shape-tag>.md     markdown tables ready for the README
+  <out>/<device>-<shape-tag>.md     markdown tables (docs/benchmarks.md quotes them)
 
 Ratios: each step variant / GEMM (same run), dense / each of ours (speed-up), embedding_bag (the ``torch``
 backend) / each other backend, and each op: reference / backend.
@@ -523,7 +523,7 @@ def render_pipeline(result: dict) -> str:
         "Baseline choice: `plain` is what the paper's code does — it trains one layer per run, so each layer's run "
         "re-runs the full model (all blocks + LM head) with a forward hook on that block; `plain_one_forward` is "
         "the stronger plain baseline (one full forward with hooks on both layers feeds both sweeps). Both plain "
-        "variants use the same masking (same seed, same kept positions), the same shuffle buffer (`shuffle_buffer.shuffle_batches`, plain torch), and per SAE "
+        "variants use the same masking (same seed, same kept positions), the same shuffle buffer (`dlmscope.data.shuffle.shuffle_batches`, plain torch), and per SAE "
         "`reference.topk_encode` (dense B×n pre-activations + `torch.topk`) + `reference.sparse_decode` (scatter "
         "into B×n + matmul), MSE, autograd, W_dec-gradient projection, grad clip, `torch.optim.Adam` + LambdaLR, "
         "decoder renorm. Same init, norm factor, geometric-median `b_dec`, lr schedule and step count as dlmscope's "
@@ -639,7 +639,8 @@ def main(argv=None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    command = argv.pop(0) if argv[:1] and argv[0] in COMMANDS else "step"  # no command: step, as before
+    # no command: step (what `make bench` runs)
+    command = argv.pop(0) if argv[:1] and argv[0] in COMMANDS else "step"
     return COMMANDS[command](argv)
 
 

@@ -21,11 +21,11 @@ python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH_PIN"
 "$VENV/bin/python" -m pip install -q "$WHEEL"
 cd "$VENV"
-"$VENV/bin/python" - <<'PY'
-import torch, dlmscope
+ROOT="$ROOT" "$VENV/bin/python" - <<'PY'
+import os, torch, dlmscope
 from dlmscope.sae.topk import TopKSAE
 assert "cpu" in dlmscope.available_backends(), dlmscope.available_backends()   # the C++ extension came along
-assert not dlmscope.__file__.startswith("/work"), dlmscope.__file__
+assert not dlmscope.__file__.startswith(os.environ["ROOT"]), dlmscope.__file__  # the wheel, not the checkout
 x = torch.randn(256, 32)
 sae = TopKSAE(32, 128, 8)
 values, indices = sae.encode(x)
@@ -39,15 +39,22 @@ Trainer([TopKSAE(32, 128, 8)], TrainConfig(total_tokens=2048, warmup_steps=1)).f
 from dlmscope.backends import cuda_lib
 if cuda_lib.library_path().exists():                                           # shipped: every symbol resolves
     cuda_lib.load()
-import importlib.util, os, dlmscope.world
+import importlib.util
 assert importlib.util.find_spec("transformers") is None, "the core install pulled in the dlm extra"
-assert not os.path.exists(dlmscope.world.ASSETS_DIR), "the world's assets belong to a clone, not the wheel"
+assets = os.path.join(os.path.dirname(dlmscope.__file__), "world", "assets")
+assert not os.path.exists(assets), "the world's assets belong to a clone, not the wheel"
 print("core wheel ok:", dlmscope.__file__, dlmscope.available_backends())
 PY
 # the DLM side and the CLI with the `dlm` extra
 "$VENV/bin/python" -m pip install -q "$WHEEL[dlm]"
 "$VENV/bin/python" - <<'PY'
-import dlmscope.cli, dlmscope.models, dlmscope.analysis.transfer
+import dlmscope.cli, dlmscope.models, dlmscope.analysis.transfer, dlmscope.world
+try:
+    dlmscope.world.asset("models", "dlm")
+except FileNotFoundError as e:                                                 # the clear error, not a crash
+    assert "ship with a clone" in str(e), e
+else:
+    raise AssertionError("the wheel holds the world's models")
 print("dlm extra ok")
 PY
 rm -rf "$VENV"

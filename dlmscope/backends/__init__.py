@@ -4,7 +4,8 @@ Backends: ``torch`` (plain PyTorch, always available), ``cpu`` (C++/OpenMP exten
 ``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``), ``chunked`` (the encoder as GEMMs
 over latent chunks with per-chunk top-k and one merge), ``cuda`` (the plain-CUDA kernels of csrc/cuda, loaded
 from ``libdlmscope_cuda.so``; ``make cuda`` builds it). ``chunked`` and ``cuda`` are never chosen by default:
-pick them by name.
+pick them by name. Shared by them: :mod:`.base` (the contract), :mod:`.autotune` (the triton backend's measured
+choice per shape), :mod:`.cuda_lib` (loads the CUDA library); the chunked selection loop is :mod:`dlmscope.util.chunks`.
 """
 from __future__ import annotations
 

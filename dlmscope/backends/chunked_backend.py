@@ -13,7 +13,7 @@ can take (CUDA, or CPU under ``TRITON_INTERPRET=1``) in fp32 / bf16 / fp16, the 
 select (:func:`dlmscope.kernels.topk_select.topk_select`, exact on the fp32 values of ``relu(addmm)``); each
 chunk's candidates go to one float32 buffer that a final ``torch.topk`` merges. ``encode_grouped`` takes every
 SAE's selection and its AuxK selection from the same chunk products (:func:`select_over_chunks`, over the loop of
-:mod:`dlmscope.backends.chunks`, which the ``cuda`` backend drives with its own select kernel).
+:mod:`dlmscope.util.chunks`, which the ``cuda`` backend drives with its own select kernel).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .chunks import Selection, merge_topk, over_chunks, select_topk
+from dlmscope.util.chunks import Selection, merge_topk, over_chunks, select_topk
 from .torch_backend import TorchBackend
 
 DEFAULT_CHUNK = 16384
@@ -53,7 +53,7 @@ def chunk_latents() -> int:
 def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], select, merge,
                        chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every selection's top-k of ``relu((x - b_dec) @ W_enc.T + b_enc)`` off one pass of ``addmm`` over latent
-    chunks (:func:`dlmscope.backends.chunks.over_chunks`, whose ``select`` / ``merge`` contract these follow; the
+    chunks (:func:`dlmscope.util.chunks.over_chunks`, whose ``select`` / ``merge`` contract these follow; the
     candidates are float32, float64 for float64 x). Returns (values [B, k] x.dtype, indices [B, k] int64 relative
     to the selection's start) per selection."""
     xc = x - b_dec

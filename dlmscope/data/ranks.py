@@ -14,7 +14,7 @@ sequence in one process (the ranks' streams side by side, concatenated in rank o
 be checked against, and resumed as, one process on the same global batches. A rank whose slice runs out first
 ends training on every rank (the trainer's per-step agreement).
 
-Latent-parallel grids (:mod:`.latent_trainer`): slice by the *data* rank (``rank=grid.data_rank,
+Latent-parallel grids (:mod:`dlmscope.train.latent_trainer`): slice by the *data* rank (``rank=grid.data_rank,
 world=grid.data_size``), so every rank of a latent group harvests and trains on the same rows.
 """
 from __future__ import annotations

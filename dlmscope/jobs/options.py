@@ -12,6 +12,7 @@ import argparse
 
 from dlmscope import models
 from dlmscope.sae.topk import TopKSAE
+from dlmscope.world import LM_BATCH, SEQ_LEN
 from .sources import token_batches
 
 __all__ = ["SHARED", "add_option", "add_text_options", "text_from_args", "load_model_layer_sae"]
@@ -25,8 +26,8 @@ SHARED: dict[str, dict] = {
     "--text-field": dict(default="text", help="the documents' field in a dataset"),
     "--split": dict(default="train", help="the dataset split to read"),
     "--sentences": dict(type=int, default=20000, help="world corpus size to draw from"),
-    "--seq-len": dict(type=int, default=64),
-    "--lm-batch": dict(type=int, default=32, help="sequences per model forward"),
+    "--seq-len": dict(type=int, default=SEQ_LEN),
+    "--lm-batch": dict(type=int, default=LM_BATCH, help="sequences per model forward"),
     "--batch-size": dict(type=int, default=1024, help="activations per SAE batch"),
     "--seed": dict(type=int, default=0),
     "--sae": dict(required=True),

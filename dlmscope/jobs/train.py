@@ -16,8 +16,8 @@ replay, so the model runs once in all. All SAEs of a layer train together in one
 per layer, see :func:`make_saes`) and the trainer (``TrainConfig.seed``).
 
 Under ``torchrun`` the same call is distributed: each data rank harvests its round-robin slice of the LM batches
-with its own stream seed (:mod:`.distributed_harvest`) and trains on its own activations; with
-``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`.latent_trainer`: shards initialised
+with its own stream seed (:mod:`dlmscope.data.ranks`) and trains on its own activations; with
+``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`dlmscope.train.latent_trainer`: shards initialised
 directly, the same SAE for every R; sharded checkpoints), the R ranks of a latent group harvesting the same rows.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.train.log import LogConfig
 from dlmscope.train.trainer import TrainConfig
 from dlmscope.util import atomic
-from dlmscope.world import LM_BATCH, SAE_TRAIN, SEQ_LEN, world_batches
+from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN, world_batches
 from .options import add_option, text_from_args
 from .sources import WORLD
 from .train import SweepSpec, make_saes, train_sweep
@@ -54,7 +54,7 @@ def train_saes(adapter, token_batches, layers: Sequence[int], policy: str, *, n_
     :func:`~dlmscope.jobs.train.train_sweep` (one harvest for all layers, cached in a temporary directory).
 
     ``seed`` fixes the data order and corruption; the initialisation depends on ``(init_seed, layer)`` only
-    (default ``init_seed = seed``, the pipeline's), so SAEs trained here on two models share it.
+    (default ``init_seed = seed``, as in :func:`.train.train_sweep`), so SAEs trained here on two models share it.
     """
     spec = SweepSpec(layers=tuple(layers), ks=(k,), n_latents=n_latents, policy=policy, tokens=tokens,
                      batch_size=batch_size, seed=seed)
@@ -89,7 +89,7 @@ def _pick(saes: Mapping, layer: int, k: int, d_model: int, n_latents: int, what:
 
 # ------------------------------------------------------------------------------------------------ the run
 def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, policy: str = "unmask",
-                 n_latents: int = 512, k: int = 8, train_tokens: int = 200_000, eval_tokens: int = 30_000,
+                 n_latents: int = SAE_LATENTS, k: int = SAE_K, train_tokens: int = 200_000, eval_tokens: int = 30_000,
                  delta_batches: int = 12, seed: int = 0, control=None, base_saes: Mapping | None = None,
                  instruct_saes: Mapping | None = None, control_saes: Mapping | None = None,
                  batches: tuple[Sequence, Sequence] | None = None, sentences: int = 100_000,
@@ -104,9 +104,9 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
     initialisation, unless ``target_init_seed`` gives the instruct and control SAEs their own. ``batches``:
     ``(train, heldout)`` LM batches, default the embedded world's corpus (``sentences`` sentences in
     ``seq_len``-token rows, ``lm_batch`` rows per batch, split by ``seed``); both models see the same text.
-    Evaluation runs on ``eval_tokens`` paired held-out tokens (corruption seed ``seed + 1``, as the pipeline's
-    held-out set) and ΔLM on the first ``delta_batches`` held-out batches (corruption seed ``seed + 7``, as the
-    demo's).
+    Evaluation runs on ``eval_tokens`` paired held-out tokens (corruption seed ``seed + 1``, as
+    :func:`.train.heldout_activations`) and ΔLM on the first ``delta_batches`` held-out batches (corruption seed
+    ``seed + 7``, as the demo's).
 
     ``control``: optionally the AR twin (an adapter): its ``clean``-policy SAE (``control_saes``, or trained here)
     against the base SAE on clean text, as the reference for "a different model".
@@ -273,8 +273,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_option(t, "--layers")
     t.add_argument("--policy", default="unmask", help="mask | unmask | clean")
     add_option(t, "--corpus", help="as for train; 'world' is the embedded corpus")
-    t.add_argument("--n", type=int, default=512)
-    t.add_argument("--k", type=int, default=8)
+    t.add_argument("--n", type=int, default=SAE_LATENTS)
+    t.add_argument("--k", type=int, default=SAE_K)
     t.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
     t.add_argument("--eval-tokens", type=int, default=30_000)
     t.add_argument("--delta-batches", type=int, default=12)

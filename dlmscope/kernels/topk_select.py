@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlmscope.backends.chunks import merge_topk, over_chunks
+from dlmscope.util.chunks import merge_topk, over_chunks
 from ._launch import select_config
 
 RADIX = 8
@@ -122,7 +122,7 @@ def chunked_topk(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     """values [B, k] float32, indices [B, k] int64: the k largest of ``relu(xc @ W_enc.T + b_enc)`` per row, as
     ``mm`` over latent chunks (``chunk >= k``; the product in xc's dtype) with :func:`topk_select` per chunk (b_enc
     added there, in fp32) into one float32 candidate buffer, merged by ``torch.topk``
-    (:func:`dlmscope.backends.chunks.over_chunks`). Exact on the fp32 values ``relu(mm + b_enc)``. The large-k route
+    (:func:`dlmscope.util.chunks.over_chunks`). Exact on the fp32 values ``relu(mm + b_enc)``. The large-k route
     of :func:`dlmscope.kernels.topk_encode`."""
     def select(pre, kk, keep, vals, ids, col, id_offset):      # one selection from latent 0: id_offset is c0
         topk_select(pre, b_enc[id_offset:id_offset + pre.shape[1]], kk, id_offset=id_offset,

@@ -12,7 +12,8 @@ DiffusionGemma     ``DiffusionGemmaForBlockDiffusion``          canvas      0
 Llama / Qwen2 (AR) ``AutoModelForCausalLM``                     causal      0 (next token)
 =================  ===========================================  ==========  ===========
 
-No ``trust_remote_code`` anywhere.
+No ``trust_remote_code`` anywhere. Beside the adapters: :mod:`.hooks` (read, replace or add to a block's output),
+:mod:`.sampling` and :mod:`.sampler_rules` (LLaDA's and Dream's samplers, AR generation).
 """
 from __future__ import annotations
 

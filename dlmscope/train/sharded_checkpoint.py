@@ -39,7 +39,6 @@ __all__ = ["FORMAT", "shard_name", "begin", "save_shard", "commit", "list_comple
            "read_shard", "load_merged", "load_saes", "export"]
 
 FORMAT = "dlmscope-latent-shard"
-_SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 #: tensors that every shard holds whole (the replicated b_dec, its Adam state and the rng); the rest are sliced
 _REPLICATED = re.compile(rf"^(sae\.\d+\.b_dec|adam\.\d+\.{adam_index('b_dec')}\..*|rng\..*)$")
 

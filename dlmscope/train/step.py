@@ -1,4 +1,4 @@
-"""The phases of one training step, over small dataclasses (the recipe itself is stated in :mod:`.train`).
+"""The phases of one training step, over small dataclasses (the recipe itself is stated in :mod:`.trainer`).
 
     encode      EncoderGroup.encode       x [B, d]          -> GroupCodes   (one top-k op call per group)
     terms       terms_by_sae              GroupCodes         -> SAETerms     (decode, residual, AuxK sums)

@@ -25,8 +25,8 @@ what is logged where:
   normalised ones and its reconstruction is ``s * x_hat'``); ``s`` is recorded in ``sae.cfg.meta["norm_factor"]``.
 
 Layout: this module holds the configuration and the run (init, the step as a sequence of phases, checkpoints);
-:mod:`.train_step` the phases of a step over small dataclasses; :mod:`.train_stream` the checked, rank-agreed
-batches; :mod:`.train_log` the logging options and sinks (tqdm, wandb, TensorBoard).
+:mod:`.step` the phases of a step over small dataclasses; :mod:`.batches` the checked, rank-agreed
+batches; :mod:`.log` the logging options and sinks (tqdm, wandb, TensorBoard).
 
 Grouping: SAEs sharing device and dtype run their encoders as ONE :func:`dlmscope.ops.topk_encode_grouped` call
 (stacked ``W_enc``, each SAE's ``b_dec`` folded into its bias as ``b_enc - W_enc @ b_dec``; autograd carries the
@@ -38,7 +38,7 @@ is checked for NaN/Inf per batch on CPU, where the check costs no sync, and thro
 log / checkpoint steps and at the end elsewhere). Under torch.distributed one small all-reduce per step decides
 whether every rank still has a batch (it carries the batch sizes and the NaN flag), which syncs once per step.
 
-Distributed (``torchrun``; :mod:`.distributed`): gradients are all-reduced so that the update is the one of the
+Distributed (``torchrun``; :mod:`dlmscope.util.distributed`): gradients are all-reduced so that the update is the one of the
 global batch (the per-rank loss is its share of the global-batch mean; the AuxK normaliser uses global sums),
 fired masks are merged (OR) and token counts summed, the norm factor and the geometric median use the global
 batch, rank 0 writes checkpoints, and training stops when any rank's stream is exhausted.

@@ -2,7 +2,7 @@
 
 Every helper works unchanged in a single process (world size 1, nothing initialised), so the trainer's code
 path is the same with and without ``torchrun``. The collectives take an optional ``group`` (a sub-group of a
-process grid, :mod:`.latent_parallel`; None: every rank) and are no-ops on a group of one rank.
+process grid, :mod:`dlmscope.train.latent_parallel`; None: every rank) and are no-ops on a group of one rank.
 """
 from __future__ import annotations
 
@@ -125,15 +125,6 @@ def broadcast_(tensors: list[Tensor], src: int = 0, group=None) -> None:
                 dist.broadcast(t, src=src)
             else:
                 dist.broadcast(t, group=group, group_src=src)
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from rank ``src`` on every rank (pickled)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def destroy() -> None:

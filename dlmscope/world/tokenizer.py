@@ -37,7 +37,7 @@ def _words_of(samples: Iterable) -> set[str]:
 def build_tokenizer(samples: Iterable | None = None, include_inventory: bool = True):
     """A ``PreTrainedTokenizerFast`` whose vocabulary is the special tokens followed by the sorted union of
     the words in ``samples`` (Sample objects or strings) and — unless ``include_inventory=False`` — the
-    generator's whole inventory (:func:`corpus.vocabulary`), so held-out text never hits ``[UNK]`` and the
+    generator's whole inventory (:func:`.corpus.vocabulary`), so held-out text never hits ``[UNK]`` and the
     ids do not depend on how many samples were drawn."""
     from transformers import PreTrainedTokenizerFast
 

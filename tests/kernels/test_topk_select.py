@@ -97,7 +97,7 @@ def test_topk_select_into_column_blocks():
 
 def test_chunked_topk_merges_a_full_candidate_buffer_in_place():
     """Many chunks of a few latents: the [B, 8k] candidate buffer fills and is merged down to k several times."""
-    from dlmscope.backends.chunks import CANDIDATE_BUFFER
+    from dlmscope.util.chunks import CANDIDATE_BUFFER
     from dlmscope.kernels.topk_select import chunked_topk
     g = torch.Generator().manual_seed(5)
     xc, W = torch.randn(9, 6, generator=g), torch.randn(50, 6, generator=g)

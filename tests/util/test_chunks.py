@@ -1,9 +1,9 @@
-"""dlmscope.backends.chunks.over_chunks against a dense float64 top-k: selections that start off the chunk grid,
+"""dlmscope.util.chunks.over_chunks against a dense float64 top-k: selections that start off the chunk grid,
 AuxK-style keep masks, full candidate buffers merged in place, and one product per chunk."""
 import pytest
 import torch
 
-from dlmscope.backends.chunks import CANDIDATE_BUFFER, merge_topk, over_chunks, select_topk
+from dlmscope.util.chunks import CANDIDATE_BUFFER, merge_topk, over_chunks, select_topk
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 200])
