@@ -30,5 +30,5 @@ def asset(*parts: str) -> str:
 
 __all__ = ["CONCEPTS", "CONCEPT_GROUPS", "KINDS", "Sample", "Task", "concept_id_table", "concept_of", "is_heldout",
            "corpus_stats", "decoding_tasks", "encode_prompted", "generate", "pack", "split", "token_rows", "vocabulary",
-           "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer", "save_tokenizer", "ASSETS_DIR", "TOKENIZER_DIR", "asset",
-           "world_batches", "SEQ_LEN", "LM_BATCH", "SAE_LATENTS", "SAE_K", "SAE_TRAIN"]
+           "SPECIAL_TOKENS", "build_tokenizer", "load_tokenizer", "save_tokenizer", "ASSETS_DIR", "TOKENIZER_DIR",
+           "asset", "world_batches", "SEQ_LEN", "LM_BATCH", "SAE_LATENTS", "SAE_K", "SAE_TRAIN"]
