@@ -9,7 +9,7 @@ ROOT=$PWD
 TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
 rm -rf dist
 make -s wheel
-WHEEL=$(ls dist/dlmscope-*.whl)
+WHEEL=$(ls "$ROOT"/dist/dlmscope-*.whl)
 if [ -f dlmscope/libdlmscope_cuda.so ]; then   # built by `make cuda` (CI builds it first): it ships in the wheel
   # read the listing in Python: `zipfile -l | grep -q` under pipefail fails whenever grep exits first (SIGPIPE)
   python3 -c 'import sys, zipfile; sys.exit("dlmscope/libdlmscope_cuda.so" not in zipfile.ZipFile(sys.argv[1]).namelist())' "$WHEEL" \
