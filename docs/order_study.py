@@ -18,7 +18,8 @@ import torch
 
 from dlmscope.util import atomic
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
-from dlmscope.jobs.order import ORDERS, SAE_ORDERS, STEPS, OrderSpec, plot_order, run_order
+from dlmscope.jobs.order import ORDERS, SAE_ORDERS, STEPS, OrderSpec, run_order
+from dlmscope.jobs.plots import plot_order
 from dlmscope.world import ASSETS_DIR, world_batches
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 

@@ -20,8 +20,9 @@ import torch
 
 from dlmscope.util import atomic
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
+from dlmscope.jobs.plots import plot_by_layer, plot_tradeoff
 from dlmscope.jobs.steer import (SteerSpec, compare_models, concept_features, condition_label, neutral_prompts,
-                                plot_by_layer, plot_tradeoff, run_steer, summary_row, without_per_prompt)
+                                run_steer, summary_row, without_per_prompt)
 from dlmscope.world import CONCEPTS, world_batches
 
 ALPHAS = (0.5, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)

@@ -5,9 +5,7 @@ from pathlib import Path
 
 import torch
 
-from dlmscope.jobs.order import plot_order
-from dlmscope.jobs.steer import plot_by_layer
-from dlmscope.jobs.transfer import plot_transfer
+from dlmscope.jobs.plots import plot_by_layer, plot_order, plot_transfer
 from .config import RUN_LABELS, DemoConfig
 from .findings import get
 

@@ -46,16 +46,16 @@ from dlmscope.util.bootstrap import bootstrap_mean, correlation, paired_differen
 from dlmscope.world import asset
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 from .options import add_option
+from .plots import SAE_ORDERS, STEPS, plot_order
 
 __all__ = ["ORDERS", "CONFIDENCE_ORDERS", "SAE_ORDERS", "STEPS", "OrderSpec", "task_groups", "fill_with_order",
-           "run_order", "plot_order", "add_parser", "run_from_args"]
+           "run_order", "add_parser", "run_from_args"]
 
+# SAE_ORDERS and STEPS are defined in .plots, whose figures draw them, and exported from here
 CONFIDENCE_ORDERS = ("low_confidence", "maskgit_plus", "topk_margin", "entropy")
-SAE_ORDERS = ("sae_stable", "sae_stable_entropy")
 ORDERS = ("low_confidence", "random", "left_to_right", "origin", "maskgit_plus", "topk_margin", "entropy") + SAE_ORDERS
 #: orders whose result depends on the seed at temperature 0
 SEEDED = ("random", "origin")
-STEPS = ("one", "half", "all")
 #: per-task statistics correlated with accuracy (means over the task's answer positions)
 STATS = ("pre_stability", "lock_ratio", "post_drift")
 
@@ -232,86 +232,6 @@ def _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, fea
     if any_trace is not None:
         out["bytes_per_state_position_layer"] = any_trace.bytes_per_cell
     return out
-
-
-def plot_order(result: dict, path_prefix) -> list:
-    """``<prefix>_accuracy.png`` (order-sensitive accuracy vs steps per order, with intervals),
-    ``<prefix>_dynamics.png`` (per order: masked-position stability, layer × step, and pre-decode stability,
-    layer × position, for the largest task group replayed) and ``<prefix>_progress.png`` (masked-position
-    stability vs normalised progress, all groups pooled)."""
-    from matplotlib.figure import Figure
-
-    prefix = Path(path_prefix)
-    paths = []
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for order, by_steps in result["accuracy"].items():
-        xs = [s for s in STEPS if s in by_steps and by_steps[s]["order_sensitive"]]
-        c = [by_steps[s]["order_sensitive"] for s in xs]
-        ax.errorbar([STEPS.index(s) for s in xs], [x["mean"] for x in c],
-                    yerr=[[x["mean"] - x["low"] for x in c], [x["high"] - x["mean"] for x in c]],
-                    marker="o", capsize=2, label=order, ls="--" if order in SAE_ORDERS else "-")
-    ax.set_xticks(range(len(STEPS)), ["1 step", "⌈G/2⌉ steps", "G steps"])
-    ax.set_ylabel("exact match, multi-answer tasks (95% CI)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(prefix.with_name(prefix.name + "_accuracy.png"))
-    fig.savefig(paths[-1], dpi=110)
-
-    stats = result["statistics"]
-    if stats:
-        orders = list(stats)
-        group = max(next(iter(stats.values())), key=lambda g: int(g.split("/")[1]))
-        fig = Figure(figsize=(7, 1.3 * len(orders) + 0.8), layout="constrained")
-        axes = fig.subplots(len(orders), 2, squeeze=False)
-        for r, order in enumerate(orders):
-            d = stats[order].get(group)
-            if d is None:
-                continue
-            for c, (data, xlabel) in enumerate(((d["step_stability"], "step"),
-                                                (d["per_position"]["pre_stability"], "answer position"))):
-                im = axes[r, c].imshow(torch.tensor(data, dtype=torch.float32).numpy(), aspect="auto", vmin=0,
-                                       vmax=1, cmap="viridis")
-                axes[r, c].set_yticks(range(len(d["layers"])), [str(L) for L in d["layers"]], fontsize=6)
-                axes[r, c].set_xlabel(xlabel, fontsize=7)
-            axes[r, 0].set_ylabel(order, fontsize=7)
-        fig.colorbar(im, ax=axes, shrink=0.5, label="top-K Jaccard (masked)")
-        fig.suptitle(f"feature stability while masked, {group} tasks (rows: layer)", fontsize=9)
-        paths.append(prefix.with_name(prefix.name + "_dynamics.png"))
-        fig.savefig(paths[-1], dpi=100)
-        paths.append(prefix.with_name(prefix.name + "_progress.png"))
-        _plot_progress(stats, paths[-1])
-    return paths
-
-
-def _plot_progress(stats: dict, path, bins: int = 5) -> None:
-    """Masked-position stability against normalised progress ``(s + ½) / S``, pooled over task groups into
-    ``bins`` bins: one panel per layer, one line per order."""
-    from matplotlib.figure import Figure
-
-    layers = next(iter(next(iter(stats.values())).values()))["layers"]
-    fig = Figure(figsize=(3.2 * len(layers), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(layers), squeeze=False)[0]
-    centres = [(b + 0.5) / bins for b in range(bins)]
-    for order, groups in stats.items():
-        for li, L in enumerate(layers):
-            sums, counts = [0.0] * bins, [0] * bins
-            for d in groups.values():
-                row = d["step_stability"][li]
-                for step, v in enumerate(row):
-                    if v == v:
-                        b = min(bins - 1, int((step + 0.5) / len(row) * bins))
-                        sums[b] += v
-                        counts[b] += 1
-            ys = [sm / n if n else float("nan") for sm, n in zip(sums, counts)]
-            axes[li].plot(centres, ys, marker="o", ms=3, label=order, ls="--" if order in SAE_ORDERS else "-")
-    for li, L in enumerate(layers):
-        axes[li].set_title(f"block {L}", fontsize=9)
-        axes[li].set_xlabel("denoising progress (step / steps)")
-        axes[li].set_ylim(0, 1.02)
-    axes[0].set_ylabel("top-K Jaccard of masked positions")
-    axes[-1].legend(fontsize=6)
-    fig.savefig(path, dpi=100)
 
 
 # ------------------------------------------------------------------------------------------------- the verb

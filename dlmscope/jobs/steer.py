@@ -32,10 +32,10 @@ from dlmscope.analysis.steering import steering_baseline, steering_score
 from dlmscope.world import CONCEPTS, LM_BATCH, SEQ_LEN, asset, concept_id_table, world_batches
 from dlmscope.world.tasks import load_tasks
 from .options import add_option, load_model_layer_sae
+from .plots import condition_label, plot_sweep, plot_tradeoff
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
-           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "plot_sweep", "plot_by_layer",
-           "plot_tradeoff", "add_parser", "run_from_args"]
+           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "add_parser", "run_from_args"]
 
 
 @dataclass
@@ -103,17 +103,6 @@ def _generator(spec: SteerSpec):
 
 def _conditions(spec: SteerSpec) -> list[tuple]:
     return [(scope, schedule) for scope in spec.scopes for schedule in spec.schedules]
-
-
-def condition_label(scope, schedule) -> str:
-    """``"masked, last 50%"`` — how plots and tables name a (scope, schedule)."""
-    if isinstance(schedule, (tuple, list)) and len(schedule) == 2 and isinstance(schedule[0], str):
-        sched = f"{schedule[0]} {100 * schedule[1]:g}%"
-    elif schedule == "all":
-        sched = "all steps"
-    else:
-        sched = f"steps {schedule}"
-    return f"{scope}, {sched}"
 
 
 def _median_ratio(after, before) -> float:
@@ -230,103 +219,6 @@ def without_per_prompt(result: dict) -> dict:
         out["features"][key] = dict(entry, sweep=[{k: v for k, v in run.items() if k not in PER_PROMPT}
                                                  for run in entry["sweep"]])
     return out
-
-
-def _by_condition(result: dict) -> dict[str, list[dict]]:
-    """``{condition label: summary rows in α order}``."""
-    groups: dict[str, list[dict]] = {}
-    for row in result["summary"]["rows"]:
-        groups.setdefault(condition_label(row["scope"], row["schedule"]), []).append(row)
-    return groups
-
-
-def plot_sweep(result: dict, path: Path) -> None:
-    """Against α: each feature's concept-rate change (thin) and the mean with its interval (bold, per
-    condition), the median perplexity ratio, and the score."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 3.8))
-    axes = fig.subplots(1, 3)
-    first = next(iter(_by_condition(result)))
-    for key, entry in result["features"].items():
-        runs = [p for p in entry["sweep"] if condition_label(p["scope"], p["schedule"]) == first]
-        a = [p["alpha"] for p in runs]
-        axes[0].plot(a, [p["concept_after"] - p["concept_before"] for p in runs], lw=0.8, alpha=0.5, label=key)
-        axes[2].plot(a, [p["score"] for p in runs], lw=0.8, alpha=0.5)
-    for label, rows in _by_condition(result).items():
-        a = [r["alpha"] for r in rows]
-        ci = [r["concept_delta"] for r in rows]
-        line, = axes[0].plot(a, [c["mean"] for c in ci], lw=2.2, marker="o", label=f"mean: {label}")
-        axes[0].fill_between(a, [c["low"] for c in ci], [c["high"] for c in ci], color=line.get_color(), alpha=0.2)
-        axes[1].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", color=line.get_color(), label=label)
-        axes[2].plot(a, [r["score_mean"] for r in rows], lw=2.2, marker="o", color=line.get_color())
-    titles = ("concept rate change (judge), 95% CI", "median perplexity ratio (steered / baseline)",
-              "steering score")
-    for ax, title in zip(axes, titles):
-        ax.set_xlabel("α")
-        ax.set_title(title, fontsize=9)
-    axes[1].set_yscale("log")
-    axes[2].set_yscale("symlog")
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def plot_by_layer(results: dict[str, dict[int, dict]], path: Path) -> None:
-    """Per layer (columns): the mean concept-rate change with its interval (top) and the median perplexity
-    ratio (bottom) against α, scope all, one line per model; ``results`` is ``{model: {layer: run_steer
-    result}}``."""
-    from matplotlib.figure import Figure
-
-    layers = sorted({L for by_layer in results.values() for L in by_layer})
-    fig = Figure(figsize=(max(4.0, 2.6 * len(layers)), 5.2))
-    axes = fig.subplots(2, len(layers), squeeze=False)
-    for j, L in enumerate(layers):
-        for name, by_layer in results.items():
-            if L not in by_layer:
-                continue
-            rows = [r for r in by_layer[L]["summary"]["rows"] if r["scope"] == "all" and r["schedule"] == "all"]
-            a = [r["alpha"] for r in rows]
-            c = [r["concept_delta"] for r in rows]
-            line, = axes[0, j].plot(a, [x["mean"] for x in c], marker="o", ms=3, label=name)
-            axes[0, j].fill_between(a, [x["low"] for x in c], [x["high"] for x in c], alpha=0.2,
-                                    color=line.get_color())
-            axes[1, j].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", ms=3, color=line.get_color())
-        axes[0, j].set_title(f"block {L}", fontsize=9)
-        axes[0, j].axhline(0, color="grey", lw=0.6)
-        axes[1, j].set_yscale("log")
-        axes[1, j].set_xlabel("α")
-    axes[0, 0].set_ylabel("Δ concept rate (95% CI)")
-    axes[1, 0].set_ylabel("median perplexity ratio")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
-    """Concept gained against fluency lost: one point per (model, condition, α), the mean concept-rate change
-    with its interval against the median perplexity ratio; the curves of a condition join its α values."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.5))
-    ax = fig.subplots()
-    for name, result in results.items():
-        for label, rows in _by_condition(result).items():
-            x = [r["ppl_ratio_median"] for r in rows]
-            y = [r["concept_delta"]["mean"] for r in rows]
-            err = [[r["concept_delta"]["mean"] - r["concept_delta"]["low"] for r in rows],
-                   [r["concept_delta"]["high"] - r["concept_delta"]["mean"] for r in rows]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{name}: {label}" if name else label)
-            for xi, yi, r in zip(x, y, rows):
-                ax.annotate(f"{r['alpha']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("median perplexity ratio (fluency lost →)")
-    ax.set_ylabel("mean concept-rate change")
-    ax.set_title("concept gained per fluency lost (labels: α)", fontsize=9)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------------- the verb

@@ -10,7 +10,7 @@ model (one corruption for both), and the base SAE into the base model for refere
     result = run_transfer(load_world_model("dlm"), load_world_model("instruct"), [2, 5],
                           control=load_world_model("ar"))
     print("\\n".join(summary_lines(result)))
-    plot_transfer(result, "transfer.png")
+    plot_transfer(result, "transfer.png")       # from dlmscope.jobs.plots
 
 The ``dlmscope transfer`` verb (:func:`add_parser`, :func:`run_from_args`) loads the models, runs this on the
 world's corpus or ``--corpus`` and writes ``transfer.json`` and ``transfer.png``.
@@ -24,8 +24,6 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-
 from dlmscope import models
 from dlmscope.analysis.splice import delta_loss_over_batches
 from dlmscope.analysis.transfer import check_models, compare_layer, paired_activations
@@ -36,11 +34,11 @@ from dlmscope.train.trainer import TrainConfig
 from dlmscope.util import atomic
 from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN, world_batches
 from .options import add_option, text_from_args
+from .plots import plot_transfer
 from .sources import WORLD
 from .train import SweepSpec, make_saes, train_sweep
 
-__all__ = ["WORLD_RECIPE", "train_saes", "run_transfer", "summary_lines", "plot_transfer", "add_parser",
-           "run_from_args"]
+__all__ = ["WORLD_RECIPE", "train_saes", "run_transfer", "summary_lines", "add_parser", "run_from_args"]
 
 #: the world's SAE recipe for its tiny models (the demo's); pass ``train=`` for real models
 WORLD_RECIPE = TrainConfig(**SAE_TRAIN)
@@ -208,58 +206,6 @@ def summary_lines(result: dict) -> list[str]:
                      f"{s['control_hungarian_mean']:.2f}, median correlation {s['control_corr_median']:.2f}")
         lines.append(line)
     return lines
-
-
-def plot_transfer(result: dict, path: str | Path) -> Path:
-    """A PNG of the per-layer numbers: FVE of the three conditions (and the AR control), Hungarian-matched
-    decoder fractions against chance, and the median latent activation correlation."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
-
-    layers = list(result["summary"])
-    s = [result["summary"][L] for L in layers]
-    ctrl = "control_fve_ratio" in s[0]
-    x = torch.arange(len(layers)).double()
-    fig = Figure(figsize=(3 * max(3.8, 0.7 * len(layers)), 5.0))
-    ax_fve, ax_dec, ax_cor = fig.subplots(1, 3)
-
-    def grouped_bars(ax, bars):  # one group of bars per layer
-        w = 0.8 / len(bars)
-        for i, (key, label) in enumerate(bars):
-            ax.bar((x + (i - (len(bars) - 1) / 2) * w).tolist(), [r[key] for r in s], w, label=label)
-
-    grouped_bars(ax_fve, [("fve_base_on_base", "base SAE, base acts"),
-                          ("fve_base_on_target", "base SAE, instruct acts"),
-                          ("fve_target_on_target", "instruct SAE, instruct acts")]
-                 + ([("control_fve_base_on_target", "base SAE, AR acts (control)")] if ctrl else []))
-    ax_fve.set_title("held-out FVE", fontsize=10)
-    series = [("", "instruct")] + ([("control_", "AR control")] if ctrl else [])
-    grouped_bars(ax_dec, [(f"{pre}hungarian_frac_gt_{t}", f"{label}: fraction cos > {t}")
-                          for pre, label in series for t in (0.9, 0.7)])
-    # the mean matched cosines as a horizontal mark across each layer's group of bars
-    marks = [("hungarian_mean", "instruct", "-"), ("chance_hungarian_mean", "random SAE (chance)", ":")]
-    marks += [("init_hungarian_mean", "shared init", "--")] if "init_hungarian_mean" in s[0] else []
-    for key, label, ls in marks:
-        ax_dec.hlines([r[key] for r in s], (x - 0.45).tolist(), (x + 0.45).tolist(), colors="black", linestyles=ls,
-                      label=f"mean cos: {label}")
-    ax_dec.set_title("Hungarian-matched decoder rows, base vs other", fontsize=10)
-
-    for pre, label, mk in (("", "instruct", "o"),) + ((("control_", "AR control", "s"),) if ctrl else ()):
-        ax_cor.plot(x.tolist(), [r[f"{pre}corr_median"] for r in s], marker=mk, label=f"{label}: median r")
-        ax_cor.plot(x.tolist(), [r[f"{pre}corr_frac_gt_0.9"] for r in s], marker=mk, ls="--",
-                    label=f"{label}: fraction r > 0.9")
-    ax_cor.set_title("base SAE latent activation, base vs target", fontsize=10)
-
-    for ax in (ax_fve, ax_dec, ax_cor):
-        ax.set_xticks(x.tolist(), [f"L{L}" for L in layers])
-        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
-    cfg = result["config"]
-    fig.suptitle(f"base → instruct SAE transfer (policy {cfg['policy']}, n = {cfg['n_latents']}, k = {cfg['k']})")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- the verb

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dlmscope import cli
-from dlmscope.jobs.order import OrderSpec, fill_with_order, plot_order, run_order
+from dlmscope.jobs.order import OrderSpec, fill_with_order, run_order
+from dlmscope.jobs.plots import plot_order
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import ASSETS_DIR
 from dlmscope.world.tasks import load_tasks

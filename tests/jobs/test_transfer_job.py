@@ -10,7 +10,8 @@ import torch
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.train.trainer import TrainConfig
 from dlmscope.analysis.transfer import compare_layer, paired_activations
-from dlmscope.jobs.transfer import plot_transfer, run_transfer, summary_lines
+from dlmscope.jobs.plots import plot_transfer
+from dlmscope.jobs.transfer import run_transfer, summary_lines
 
 from tests.helpers.saes import random_biased_sae as random_sae
 

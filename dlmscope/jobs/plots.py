@@ -1,0 +1,268 @@
+"""The jobs' figures, drawn from their result dicts: the steering sweep (:func:`plot_sweep`,
+:func:`plot_by_layer`, :func:`plot_tradeoff`, from :func:`dlmscope.jobs.steer.run_steer`), the decoding orders
+(:func:`plot_order`, from :func:`dlmscope.jobs.order.run_order`) and the base → instruct transfer
+(:func:`plot_transfer`, from :func:`dlmscope.jobs.transfer.run_transfer`).
+
+The figures read only the result dicts, so this module imports no model, SAE or trainer: the demo draws them
+without importing the training stack. matplotlib (the ``plot`` extra) is imported where a figure is drawn, and
+a Figure is drawn without pyplot (no global backend state is touched).
+
+The order job's step labels and SAE-guided orders (:data:`STEPS`, :data:`SAE_ORDERS`) and the steering
+conditions' names (:func:`condition_label`) live here, where the figures need them; :mod:`dlmscope.jobs.order`
+and :mod:`dlmscope.jobs.steer` import them from here and export them as their own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["SAE_ORDERS", "STEPS", "condition_label", "plot_sweep", "plot_by_layer", "plot_tradeoff", "plot_order",
+           "plot_transfer"]
+
+#: the order job's SAE-guided orders (dashed in its figures) and step labels (the x axis)
+SAE_ORDERS = ("sae_stable", "sae_stable_entropy")
+STEPS = ("one", "half", "all")
+
+
+def condition_label(scope, schedule) -> str:
+    """``"masked, last 50%"`` — how plots and tables name a (scope, schedule)."""
+    if isinstance(schedule, (tuple, list)) and len(schedule) == 2 and isinstance(schedule[0], str):
+        sched = f"{schedule[0]} {100 * schedule[1]:g}%"
+    elif schedule == "all":
+        sched = "all steps"
+    else:
+        sched = f"steps {schedule}"
+    return f"{scope}, {sched}"
+
+
+# ------------------------------------------------------------------------------------------------- steering
+def _by_condition(result: dict) -> dict[str, list[dict]]:
+    """``{condition label: summary rows in α order}``."""
+    groups: dict[str, list[dict]] = {}
+    for row in result["summary"]["rows"]:
+        groups.setdefault(condition_label(row["scope"], row["schedule"]), []).append(row)
+    return groups
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """Against α: each feature's concept-rate change (thin) and the mean with its interval (bold, per
+    condition), the median perplexity ratio, and the score."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    first = next(iter(_by_condition(result)))
+    for key, entry in result["features"].items():
+        runs = [p for p in entry["sweep"] if condition_label(p["scope"], p["schedule"]) == first]
+        a = [p["alpha"] for p in runs]
+        axes[0].plot(a, [p["concept_after"] - p["concept_before"] for p in runs], lw=0.8, alpha=0.5, label=key)
+        axes[2].plot(a, [p["score"] for p in runs], lw=0.8, alpha=0.5)
+    for label, rows in _by_condition(result).items():
+        a = [r["alpha"] for r in rows]
+        ci = [r["concept_delta"] for r in rows]
+        line, = axes[0].plot(a, [c["mean"] for c in ci], lw=2.2, marker="o", label=f"mean: {label}")
+        axes[0].fill_between(a, [c["low"] for c in ci], [c["high"] for c in ci], color=line.get_color(), alpha=0.2)
+        axes[1].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", color=line.get_color(), label=label)
+        axes[2].plot(a, [r["score_mean"] for r in rows], lw=2.2, marker="o", color=line.get_color())
+    titles = ("concept rate change (judge), 95% CI", "median perplexity ratio (steered / baseline)",
+              "steering score")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("α")
+        ax.set_title(title, fontsize=9)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("symlog")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_by_layer(results: dict[str, dict[int, dict]], path: Path) -> None:
+    """Per layer (columns): the mean concept-rate change with its interval (top) and the median perplexity
+    ratio (bottom) against α, scope all, one line per model; ``results`` is ``{model: {layer: run_steer
+    result}}``."""
+    from matplotlib.figure import Figure
+
+    layers = sorted({L for by_layer in results.values() for L in by_layer})
+    fig = Figure(figsize=(max(4.0, 2.6 * len(layers)), 5.2))
+    axes = fig.subplots(2, len(layers), squeeze=False)
+    for j, L in enumerate(layers):
+        for name, by_layer in results.items():
+            if L not in by_layer:
+                continue
+            rows = [r for r in by_layer[L]["summary"]["rows"] if r["scope"] == "all" and r["schedule"] == "all"]
+            a = [r["alpha"] for r in rows]
+            c = [r["concept_delta"] for r in rows]
+            line, = axes[0, j].plot(a, [x["mean"] for x in c], marker="o", ms=3, label=name)
+            axes[0, j].fill_between(a, [x["low"] for x in c], [x["high"] for x in c], alpha=0.2,
+                                    color=line.get_color())
+            axes[1, j].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", ms=3, color=line.get_color())
+        axes[0, j].set_title(f"block {L}", fontsize=9)
+        axes[0, j].axhline(0, color="grey", lw=0.6)
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xlabel("α")
+    axes[0, 0].set_ylabel("Δ concept rate (95% CI)")
+    axes[1, 0].set_ylabel("median perplexity ratio")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
+    """Concept gained against fluency lost: one point per (model, condition, α), the mean concept-rate change
+    with its interval against the median perplexity ratio; the curves of a condition join its α values."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for name, result in results.items():
+        for label, rows in _by_condition(result).items():
+            x = [r["ppl_ratio_median"] for r in rows]
+            y = [r["concept_delta"]["mean"] for r in rows]
+            err = [[r["concept_delta"]["mean"] - r["concept_delta"]["low"] for r in rows],
+                   [r["concept_delta"]["high"] - r["concept_delta"]["mean"] for r in rows]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{name}: {label}" if name else label)
+            for xi, yi, r in zip(x, y, rows):
+                ax.annotate(f"{r['alpha']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("median perplexity ratio (fluency lost →)")
+    ax.set_ylabel("mean concept-rate change")
+    ax.set_title("concept gained per fluency lost (labels: α)", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------ decoding orders
+def plot_order(result: dict, path_prefix) -> list:
+    """``<prefix>_accuracy.png`` (order-sensitive accuracy vs steps per order, with intervals),
+    ``<prefix>_dynamics.png`` (per order: masked-position stability, layer × step, and pre-decode stability,
+    layer × position, for the largest task group replayed) and ``<prefix>_progress.png`` (masked-position
+    stability vs normalised progress, all groups pooled)."""
+    from matplotlib.figure import Figure
+
+    prefix = Path(path_prefix)
+    paths = []
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for order, by_steps in result["accuracy"].items():
+        xs = [s for s in STEPS if s in by_steps and by_steps[s]["order_sensitive"]]
+        c = [by_steps[s]["order_sensitive"] for s in xs]
+        ax.errorbar([STEPS.index(s) for s in xs], [x["mean"] for x in c],
+                    yerr=[[x["mean"] - x["low"] for x in c], [x["high"] - x["mean"] for x in c]],
+                    marker="o", capsize=2, label=order, ls="--" if order in SAE_ORDERS else "-")
+    ax.set_xticks(range(len(STEPS)), ["1 step", "⌈G/2⌉ steps", "G steps"])
+    ax.set_ylabel("exact match, multi-answer tasks (95% CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(prefix.with_name(prefix.name + "_accuracy.png"))
+    fig.savefig(paths[-1], dpi=110)
+
+    stats = result["statistics"]
+    if stats:
+        orders = list(stats)
+        group = max(next(iter(stats.values())), key=lambda g: int(g.split("/")[1]))
+        fig = Figure(figsize=(7, 1.3 * len(orders) + 0.8), layout="constrained")
+        axes = fig.subplots(len(orders), 2, squeeze=False)
+        for r, order in enumerate(orders):
+            d = stats[order].get(group)
+            if d is None:
+                continue
+            for c, (data, xlabel) in enumerate(((d["step_stability"], "step"),
+                                                (d["per_position"]["pre_stability"], "answer position"))):
+                im = axes[r, c].imshow(torch.tensor(data, dtype=torch.float32).numpy(), aspect="auto", vmin=0,
+                                       vmax=1, cmap="viridis")
+                axes[r, c].set_yticks(range(len(d["layers"])), [str(L) for L in d["layers"]], fontsize=6)
+                axes[r, c].set_xlabel(xlabel, fontsize=7)
+            axes[r, 0].set_ylabel(order, fontsize=7)
+        fig.colorbar(im, ax=axes, shrink=0.5, label="top-K Jaccard (masked)")
+        fig.suptitle(f"feature stability while masked, {group} tasks (rows: layer)", fontsize=9)
+        paths.append(prefix.with_name(prefix.name + "_dynamics.png"))
+        fig.savefig(paths[-1], dpi=100)
+        paths.append(prefix.with_name(prefix.name + "_progress.png"))
+        _plot_progress(stats, paths[-1])
+    return paths
+
+
+def _plot_progress(stats: dict, path, bins: int = 5) -> None:
+    """Masked-position stability against normalised progress ``(s + ½) / S``, pooled over task groups into
+    ``bins`` bins: one panel per layer, one line per order."""
+    from matplotlib.figure import Figure
+
+    layers = next(iter(next(iter(stats.values())).values()))["layers"]
+    fig = Figure(figsize=(3.2 * len(layers), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    centres = [(b + 0.5) / bins for b in range(bins)]
+    for order, groups in stats.items():
+        for li, L in enumerate(layers):
+            sums, counts = [0.0] * bins, [0] * bins
+            for d in groups.values():
+                row = d["step_stability"][li]
+                for step, v in enumerate(row):
+                    if v == v:
+                        b = min(bins - 1, int((step + 0.5) / len(row) * bins))
+                        sums[b] += v
+                        counts[b] += 1
+            ys = [sm / n if n else float("nan") for sm, n in zip(sums, counts)]
+            axes[li].plot(centres, ys, marker="o", ms=3, label=order, ls="--" if order in SAE_ORDERS else "-")
+    for li, L in enumerate(layers):
+        axes[li].set_title(f"block {L}", fontsize=9)
+        axes[li].set_xlabel("denoising progress (step / steps)")
+        axes[li].set_ylim(0, 1.02)
+    axes[0].set_ylabel("top-K Jaccard of masked positions")
+    axes[-1].legend(fontsize=6)
+    fig.savefig(path, dpi=100)
+
+
+# ------------------------------------------------------------------------------------------ base → instruct
+def plot_transfer(result: dict, path: str | Path) -> Path:
+    """A PNG of the per-layer numbers: FVE of the three conditions (and the AR control), Hungarian-matched
+    decoder fractions against chance, and the median latent activation correlation."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+
+    layers = list(result["summary"])
+    s = [result["summary"][L] for L in layers]
+    ctrl = "control_fve_ratio" in s[0]
+    x = torch.arange(len(layers)).double()
+    fig = Figure(figsize=(3 * max(3.8, 0.7 * len(layers)), 5.0))
+    ax_fve, ax_dec, ax_cor = fig.subplots(1, 3)
+
+    def grouped_bars(ax, bars):  # one group of bars per layer
+        w = 0.8 / len(bars)
+        for i, (key, label) in enumerate(bars):
+            ax.bar((x + (i - (len(bars) - 1) / 2) * w).tolist(), [r[key] for r in s], w, label=label)
+
+    grouped_bars(ax_fve, [("fve_base_on_base", "base SAE, base acts"),
+                          ("fve_base_on_target", "base SAE, instruct acts"),
+                          ("fve_target_on_target", "instruct SAE, instruct acts")]
+                 + ([("control_fve_base_on_target", "base SAE, AR acts (control)")] if ctrl else []))
+    ax_fve.set_title("held-out FVE", fontsize=10)
+    series = [("", "instruct")] + ([("control_", "AR control")] if ctrl else [])
+    grouped_bars(ax_dec, [(f"{pre}hungarian_frac_gt_{t}", f"{label}: fraction cos > {t}")
+                          for pre, label in series for t in (0.9, 0.7)])
+    # the mean matched cosines as a horizontal mark across each layer's group of bars
+    marks = [("hungarian_mean", "instruct", "-"), ("chance_hungarian_mean", "random SAE (chance)", ":")]
+    marks += [("init_hungarian_mean", "shared init", "--")] if "init_hungarian_mean" in s[0] else []
+    for key, label, ls in marks:
+        ax_dec.hlines([r[key] for r in s], (x - 0.45).tolist(), (x + 0.45).tolist(), colors="black", linestyles=ls,
+                      label=f"mean cos: {label}")
+    ax_dec.set_title("Hungarian-matched decoder rows, base vs other", fontsize=10)
+
+    for pre, label, mk in (("", "instruct", "o"),) + ((("control_", "AR control", "s"),) if ctrl else ()):
+        ax_cor.plot(x.tolist(), [r[f"{pre}corr_median"] for r in s], marker=mk, label=f"{label}: median r")
+        ax_cor.plot(x.tolist(), [r[f"{pre}corr_frac_gt_0.9"] for r in s], marker=mk, ls="--",
+                    label=f"{label}: fraction r > 0.9")
+    ax_cor.set_title("base SAE latent activation, base vs target", fontsize=10)
+
+    for ax in (ax_fve, ax_dec, ax_cor):
+        ax.set_xticks(x.tolist(), [f"L{L}" for L in layers])
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    cfg = result["config"]
+    fig.suptitle(f"base → instruct SAE transfer (policy {cfg['policy']}, n = {cfg['n_latents']}, k = {cfg['k']})")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
