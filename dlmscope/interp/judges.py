@@ -173,6 +173,8 @@ class OpenAIJudge:
                 return None
             self.cache[key] = value
             if self.cache_path:
+                # the cache may live in an output folder the run has not made yet (``dashboard --out``)
+                os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
                 atomic.write_json(self.cache_path, self.cache)
         return self.cache[key]
 

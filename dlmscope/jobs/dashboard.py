@@ -85,8 +85,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     _, held = text_from_args(adapter, args)
     held = list(itertools.islice(held, args.batches))               # read only the batches used
     world = args.corpus == WORLD
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)                          # before the work: the judge caches into it
     if args.judge == "openai":
-        client = OpenAIJudge(cache_path=str(Path(args.out) / "judge_cache.json"))
+        client = OpenAIJudge(cache_path=str(out / "judge_cache.json"))
         explainer, judge = OpenAIExplainer(client), client
     elif args.judge == "none":
         explainer, judge = False, None
@@ -97,8 +99,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     report = build_report(adapter, sae, layer, held, sample=args.sample, masked_t=args.masked_t,
                           explainer=explainer, judge=judge, planted=world, seed=args.seed,
                           policy=str(sae.cfg.meta.get("policy", "")), model_name=args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "report.json", report)
     index = write_dashboard(report, out)
     if args.neuronpedia:

@@ -93,3 +93,12 @@ def test_openai_judge_unreachable_is_a_clear_error():
     j = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", "k", retries=2, backoff=0.0, timeout=2)
     with pytest.raises(JudgeUnreachable, match="unreachable after 2 attempts"):
         j.score("red", ["a red cat"])
+
+
+def test_judge_cache_in_a_folder_not_made_yet(server, tmp_path):
+    """Issue 21.3: the cache's folder (``dashboard --out``) need not exist before the first good answer."""
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    cache = tmp_path / "not" / "made" / "judge_cache.json"
+    j = OpenAIJudge(url, "tiny", "k", retries=1, backoff=0.0, cache_path=str(cache))
+    assert j.score("red", ["a red cat"]) == [0.9]
+    assert cache.is_file() and len(json.loads(cache.read_text())) == 1

@@ -12,6 +12,7 @@ from dlmscope.demo import load_world_model
 from dlmscope.jobs.dashboard import build_report
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import ASSETS_DIR, CONCEPTS, world_batches
+from tests.helpers.chat_server import ChatHandler, serving
 
 
 def test_build_report_adds_concepts_and_interp():
@@ -47,3 +48,26 @@ def test_cli_dashboard_writes_the_report_the_site_and_a_neuronpedia_export(tmp_p
     assert "auto-interp over 3 latents" in capsys.readouterr().out
     assert cli.main(["dashboard", "--model", model, "--sae", str(tmp_path / "sae"), "--layer", "2",
                      "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d2")]) == 2
+
+
+class _AnyHandler(ChatHandler):
+    """One reply that both the explainer and the judge accept."""
+
+    def content(self, body):
+        return json.dumps({"explanation": "animals", "score": 50})
+
+
+def test_cli_dashboard_openai_judge_into_an_out_not_made_yet(tmp_path, monkeypatch):
+    """Issue 21.3: the judge's cache lives in ``--out``; a folder that does not exist yet must not lose the run."""
+    dlm = load_world_model("dlm")
+    torch.manual_seed(0)
+    TopKSAE(dlm.d_model, 48, 4).save(tmp_path / "sae")
+    with serving(_AnyHandler) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{srv.server_address[1]}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "k")
+        out = tmp_path / "new" / "dash"
+        rc = cli.main(["dashboard", "--model", os.path.join(ASSETS_DIR, "models", "dlm"), "--sae",
+                       str(tmp_path / "sae"), "--layer", "2", "--sentences", "4000", "--lm-batch", "16",
+                       "--batches", "2", "--sample", "2", "--judge", "openai", "--out", str(out)])
+    assert rc == 0 and srv.seen
+    assert (out / "report.json").is_file() and (out / "judge_cache.json").is_file()
