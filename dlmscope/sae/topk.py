@@ -125,7 +125,11 @@ class TopKSAE(nn.Module):
         return self.cfg, {name: getattr(self, name).detach() for name in PARAMS}
 
     def save(self, path: str | Path, format: str = "dlmscope") -> Path:
-        """Write the SAE to directory ``path`` (atomically) in ``format``; returns the directory."""
+        """Write the SAE to directory ``path`` (atomically) in ``format``; returns the directory.
+
+        ``path`` must be missing, empty, or hold only a previous checkpoint (any format), which is replaced as a
+        whole; a directory holding anything else (e.g. ``eval_results.json`` beside a checkpoint) is refused with
+        ``FileExistsError`` before anything is written. See :func:`dlmscope.sae.formats.save`."""
         return formats.save(*self.state(), path, format)
 
     @classmethod

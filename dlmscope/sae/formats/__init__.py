@@ -12,7 +12,9 @@ the peer libraries, detected from the files present. :class:`dlmscope.sae.topk.T
 
 ``save(cfg, tensors, path, format)`` writes atomically (:func:`dlmscope.util.atomic.atomic_directory`; the savers write
 their files plainly into its temp directory): a failure leaves any previous checkpoint at ``path`` intact, and a
-successful save deletes the hidden leftovers that crashed saves to ``path`` left beside it. Every format round-trips
+successful save deletes the hidden leftovers that crashed saves to ``path`` left beside it. A save replaces the
+directory as a whole, so it refuses (``FileExistsError``, before writing anything) a directory that holds anything
+besides the files of a checkpoint (:data:`CHECKPOINT_FILES`). Every format round-trips
 bit-exactly (tensors and ``SAEConfig``): peer configs carry our ``SAEConfig.meta`` under the extra key
 ``"dlmscope_meta"``, which the peer libraries ignore. A checkpoint written by a peer library loads with
 ``meta = {"source": {"format": ..., "cfg": <its config>}}`` and re-exports to that format with the peer's own fields
@@ -36,7 +38,8 @@ from dlmscope.util import atomic
 from . import _checks, dictionary_learning, dlmscope_format, saelens, sparsify
 from .config import PARAMS, SAEConfig, check_state, param_shapes
 
-__all__ = ["FORMATS", "PARAMS", "SAEConfig", "check_state", "param_shapes", "save", "load", "detect_format"]
+__all__ = ["FORMATS", "CHECKPOINT_FILES", "PARAMS", "SAEConfig", "check_state", "param_shapes", "save", "load",
+           "detect_format"]
 
 #: format name -> module with ``save(cfg, tensors, directory)``, ``load(directory) -> (cfg, tensors)``,
 #: ``detect(...)``, ``DESCRIPTION``
@@ -46,6 +49,9 @@ FORMATS = {
     "sparsify": sparsify,
     "saelens": saelens,
 }
+
+#: The names of every file a format's ``save`` writes: all that a directory may hold for :func:`save` to replace it.
+CHECKPOINT_FILES = frozenset(name for mod in FORMATS.values() for name in (mod.CFG, mod.WEIGHTS))
 
 _ALIASES = {
     "sae_lens": "saelens",
@@ -133,23 +139,50 @@ def _check_state(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> None:
             raise ValueError(f"cannot save: {name} holds non-finite values (NaN or Inf)")
 
 
+def _check_target(path: Path) -> None:
+    """Refuse (``FileExistsError``) a ``path`` that :func:`save` may not replace: one holding anything besides a
+    previous checkpoint's files. Nothing is written here (a crashed earlier save to ``path`` is rolled back first, as
+    the write would do, so that what is checked is what would be replaced)."""
+    atomic.restore_directory(path)
+    if not path.is_dir():
+        return  # missing: created; a file: atomic_directory refuses it
+    entries = sorted(path.iterdir(), key=lambda p: p.name)
+    if not entries:
+        return
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries
+               if p.name not in CHECKPOINT_FILES or p.is_dir()]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{path} is not an SAE checkpoint; refusing to replace it: a save replaces the whole directory, and it "
+            f"holds {shown}, which no checkpoint format writes (a checkpoint directory holds only "
+            f"{', '.join(sorted(CHECKPOINT_FILES))}). Save to a new or empty directory, or move those entries out "
+            f"of {path} first")
+    try:
+        detect_format(path)
+    except ValueError as e:
+        raise FileExistsError(f"{path} is a non-empty directory that is not an SAE checkpoint; refusing to "
+                              f"replace it ({e}). Save to a new or empty directory") from None
+
+
 def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike, format: str = "dlmscope") -> Path:
     """Write the SAE state ``(cfg, tensors)`` to the directory ``path`` in ``format``, atomically; returns it.
 
-    An existing checkpoint directory at ``path`` is replaced as a whole. A non-empty directory that holds no
-    recognisable checkpoint is never replaced (``FileExistsError``), so a mistyped path cannot wipe unrelated files.
-    Hidden leftovers of crashed saves to ``path`` (``.<name>.tmp-*``, ``.<name>.old``) are deleted at the end; those
-    of other targets in the same parent are left alone.
+    ``path`` may be missing (it and its parents are created), an empty directory, or a directory holding only a
+    previous checkpoint (any format): that directory is replaced as a whole, so the previous checkpoint's files are
+    gone (none is left behind next to the new ones). A directory holding anything else — any file or subdirectory,
+    hidden ones included, whose name is not in :data:`CHECKPOINT_FILES` (e.g. ``eval_results.json`` beside a
+    checkpoint, so converting a checkpoint in place is refused too), or checkpoint file names that do not form a
+    recognisable checkpoint — is never replaced: ``FileExistsError`` naming it and the first foreign entries is
+    raised before anything is written. Save to a new or empty directory instead, or move those entries out.
+    Hidden leftovers of crashed saves to ``path`` (``.<name>.tmp-*``, ``.<name>.old``, beside it in its parent) are
+    deleted at the end; those of other targets in the same parent are left alone. (The check and the replacement
+    assume one writer: nothing else adds files to ``path`` while it is saved.)
     """
     name = _format_name(format)
     _check_state(cfg, tensors)
     path = Path(path)
-    if path.is_dir() and any(path.iterdir()):
-        try:
-            detect_format(path)
-        except ValueError as e:
-            raise FileExistsError(f"{path} is a non-empty directory that is not an SAE checkpoint; refusing to "
-                                  f"replace it ({e})") from None
+    _check_target(path)
     with atomic.atomic_directory(path) as tmp:
         FORMATS[name].save(cfg, tensors, tmp)
     atomic.sweep_leftovers(path.parent, lambda owner: owner == path.name)
