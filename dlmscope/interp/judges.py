@@ -18,14 +18,17 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
 from dlmscope.util import atomic
 
-__all__ = ["Judge", "PlantedJudge", "HFJudge", "OpenAIJudge", "JudgeUnreachable", "RUBRIC", "planted_vocabulary"]
+__all__ = ["Judge", "PlantedJudge", "HFJudge", "OpenAIJudge", "JudgeUnreachable", "JudgeRejected",
+           "RUBRIC", "planted_vocabulary"]
 
 #: The rubric every model judge is asked (the concept and the text are filled in).
 RUBRIC = ("Rate how strongly the text expresses the concept. Concept: {concept}. Text: {text}. "
@@ -38,6 +41,27 @@ class Judge(Protocol):
 
 class JudgeUnreachable(RuntimeError):
     """The judge's endpoint could not be reached at all (every retry failed to connect)."""
+
+
+class JudgeRejected(RuntimeError):
+    """The judge's endpoint refused the requests themselves (HTTP 401 / 403 / 404: a wrong key, no access, a
+    wrong base URL or model); raised at the first such answer, never retried."""
+
+
+#: HTTP statuses that no retry can fix: raised as :class:`JudgeRejected` at once
+REJECTED = (401, 403, 404)
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: it would re-send the request, and its ``Authorization`` header (the API key),
+    to wherever the ``Location`` points. The 3xx surfaces as an ``HTTPError``: a failed call."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def planted_vocabulary(concepts: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
@@ -100,13 +124,26 @@ class OpenAIJudge:
     """An OpenAI-compatible chat endpoint. ``base_url`` / ``model`` / ``api_key`` default to
     ``$OPENAI_BASE_URL`` / ``$DLMSCOPE_JUDGE_MODEL`` / ``$OPENAI_API_KEY``. Each text is one request; the reply
     must be JSON ``{"score": 0..100}``. Replies are cached in ``cache_path`` (JSON, written atomically) by a
-    hash of (model, concept, text); ``failures`` counts judgements that failed after ``retries``."""
+    hash of (model, concept, text); ``failures`` counts judgements that failed after ``retries``.
+
+    The key is required: with no ``api_key`` argument and an unset or empty ``$OPENAI_API_KEY`` the constructor
+    raises ``ValueError`` naming ``OPENAI_API_KEY``; pass ``api_key=""`` explicitly for a server that needs none.
+    Redirects are never followed (the key would travel to the redirect's host): a 3xx is a failed call. HTTP
+    401 / 403 / 404 raise :class:`JudgeRejected` at once. A plain ``http://`` base URL to a host that is not
+    loopback warns once (``UserWarning``): the key would cross the network in clear text."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
                  timeout: float = 30.0, retries: int = 3, backoff: float = 1.0, cache_path: str | None = None):
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         self.model = model or os.environ.get("DLMSCOPE_JUDGE_MODEL") or "gpt-4o-mini"
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        if api_key is None and not self.api_key:
+            raise ValueError("the OpenAI judge needs an API key: set OPENAI_API_KEY (or pass api_key=; api_key=\"\" "
+                             f"for an endpoint that needs none), for {self.base_url}")
+        url = urllib.parse.urlsplit(self.base_url)
+        if url.scheme == "http" and url.hostname not in LOOPBACK:
+            warnings.warn(f"judge endpoint {self.base_url} is plain http to a non-loopback host: the API key and "
+                          "the texts travel unencrypted", UserWarning, stacklevel=2)
         if retries < 1 or timeout <= 0:
             raise ValueError(f"retries must be >= 1 and timeout > 0, got {retries}, {timeout}")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
@@ -128,19 +165,24 @@ class OpenAIJudge:
                                      headers={"Content-Type": "application/json",
                                               "Authorization": f"Bearer {self.api_key}"})
         self.requests += 1
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+        with _OPENER.open(req, timeout=self.timeout) as resp:
             reply = json.load(resp)
         return json.loads(reply["choices"][0]["message"]["content"])
 
     def chat_json(self, system: str, user: str, parse: Callable[[dict], object]):
         """``parse(reply JSON)`` of one request, retried with exponential backoff; None (counted in
-        ``failures``) when every attempt failed or was malformed; :class:`JudgeUnreachable` when no attempt
-        could connect. The explainers of :mod:`dlmscope.interp.autointerp` use it too."""
+        ``failures``) when every attempt failed or was malformed (a redirect, which is never followed, is a failed
+        attempt); :class:`JudgeUnreachable` when no attempt could connect; :class:`JudgeRejected` at once, without
+        retrying, on HTTP 401 / 403 / 404. The explainers of :mod:`dlmscope.interp.autointerp` use it too."""
         connect_errors = 0
         for attempt in range(self.retries):
             try:
                 return parse(self._post(system, user))
-            except urllib.error.HTTPError:
+            except urllib.error.HTTPError as exc:
+                if exc.code in REJECTED:                      # no retry can fix a refused key, model or URL
+                    raise JudgeRejected(f"judge endpoint {self.base_url} answered HTTP {exc.code} "
+                                        f"({exc.reason}): check OPENAI_API_KEY, the base URL and the model "
+                                        f"{self.model!r}") from None
                 pass                                          # the server answered: a failed call, retried
             except (urllib.error.URLError, TimeoutError, ConnectionError):
                 connect_errors += 1

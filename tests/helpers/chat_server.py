@@ -38,10 +38,48 @@ class ChatHandler(BaseHTTPRequestHandler):
 def serving(handler: type[ChatHandler]):
     """The running server (``server.server_address``, ``server.seen``), shut down afterwards."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.seen = []
+    srv.seen, srv.auth = [], []
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield srv
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+class StatusHandler(ChatHandler):
+    """Answers every POST with ``server.status`` (and ``Location: server.location`` when one is set), no body;
+    requests and their Authorization headers are kept in ``server.seen`` / ``server.auth``."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append(self.path)
+        self.server.auth.append(self.headers.get("Authorization"))
+        self.send_response(self.server.status)
+        if getattr(self.server, "location", None):
+            self.send_header("Location", self.server.location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST
+
+
+class RecordingScoreHandler(ChatHandler):
+    """Answers any GET or POST with a valid score of 50, keeping each request's path and Authorization header
+    (``server.seen`` / ``server.auth``): the far end of a redirect, which must never be reached."""
+
+    def _answer(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            self.rfile.read(n)
+        self.server.seen.append(self.path)
+        self.server.auth.append(self.headers.get("Authorization"))
+        reply = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                     "content": json.dumps({"score": 50})}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = _answer

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
+import warnings
 
 import pytest
 import torch
 
 from dlmscope.interp.autointerp import PlantedExplainer
-from dlmscope.interp.judges import HFJudge, JudgeUnreachable, OpenAIJudge, PlantedJudge
+from dlmscope.interp.judges import HFJudge, JudgeRejected, JudgeUnreachable, OpenAIJudge, PlantedJudge
 from dlmscope.world import CONCEPTS
 
-from tests.helpers.chat_server import ChatHandler, serving
+from tests.helpers.chat_server import ChatHandler, RecordingScoreHandler, StatusHandler, serving
 
 
 def test_planted_judge_counts_the_concepts_words():
@@ -102,3 +103,51 @@ def test_judge_cache_in_a_folder_not_made_yet(server, tmp_path):
     j = OpenAIJudge(url, "tiny", "k", retries=1, backoff=0.0, cache_path=str(cache))
     assert j.score("red", ["a red cat"]) == [0.9]
     assert cache.is_file() and len(json.loads(cache.read_text())) == 1
+
+
+def test_redirect_is_a_failed_call_and_the_key_stays_home():
+    """Issue 21.5: a 302 from the API to another host is not followed (the key is never re-sent there) and
+    counts as a failed call, not a score."""
+    with serving(RecordingScoreHandler) as far, serving(StatusHandler) as near:
+        near.status = 302
+        near.location = f"http://127.0.0.1:{far.server_address[1]}/v1/chat/completions"
+        url = f"http://127.0.0.1:{near.server_address[1]}/v1"
+        j = OpenAIJudge(url, "tiny", "secret-key", retries=2, backoff=0.0)
+        assert j.score("red", ["a red cat"]) == [None]
+        assert far.seen == [] and far.auth == []
+        assert j.failures == 1 and j.cache == {} and len(near.seen) >= 1
+
+
+def test_plain_http_to_a_remote_host_warns():
+    with pytest.warns(UserWarning, match="plain http"):
+        OpenAIJudge("http://example.invalid/v1", "m", "k")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for url in ("http://127.0.0.1:9/v1", "http://localhost:9/v1", "http://[::1]:9/v1", "https://example.invalid/v1"):
+            OpenAIJudge(url, "m", "k")
+
+
+def test_rejected_key_raises_at_once():
+    """Issue 21.7: 401/403/404 are not retried and not a silent "no explanation": one clear error naming the
+    status and the endpoint, never the key."""
+    for status in (401, 403, 404):
+        with serving(StatusHandler) as srv:
+            srv.status = status
+            url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+            j = OpenAIJudge(url, "m", "secret-key", retries=3, backoff=0.0)
+            with pytest.raises(JudgeRejected, match=f"HTTP {status}") as info:
+                j.score("red", ["a red cat"])
+            assert url in str(info.value) and "secret-key" not in str(info.value)
+            assert len(srv.seen) == 1 and srv.auth == ["Bearer secret-key"]
+
+
+def test_missing_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+        OpenAIJudge("https://example.invalid/v1", "m")
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+        OpenAIJudge("https://example.invalid/v1", "m")
+    assert OpenAIJudge("http://127.0.0.1:9/v1", "m", api_key="").api_key == ""   # explicit: a keyless server
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    assert OpenAIJudge("https://example.invalid/v1", "m").api_key == "k"
