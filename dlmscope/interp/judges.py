@@ -171,9 +171,10 @@ class OpenAIJudge:
 
     def chat_json(self, system: str, user: str, parse: Callable[[dict], object]):
         """``parse(reply JSON)`` of one request, retried with exponential backoff; None (counted in
-        ``failures``) when every attempt failed or was malformed (a redirect, which is never followed, is a failed
-        attempt); :class:`JudgeUnreachable` when no attempt could connect; :class:`JudgeRejected` at once, without
-        retrying, on HTTP 401 / 403 / 404. The explainers of :mod:`dlmscope.interp.autointerp` use it too."""
+        ``failures``) when every attempt failed or was malformed, or at once on a redirect (never followed: the
+        key would travel with it); :class:`JudgeUnreachable` when no attempt could connect; :class:`JudgeRejected`
+        at once, without retrying, on HTTP 401 / 403 / 404. The explainers of :mod:`dlmscope.interp.autointerp`
+        use it too."""
         connect_errors = 0
         for attempt in range(self.retries):
             try:
@@ -183,7 +184,9 @@ class OpenAIJudge:
                     raise JudgeRejected(f"judge endpoint {self.base_url} answered HTTP {exc.code} "
                                         f"({exc.reason}): check OPENAI_API_KEY, the base URL and the model "
                                         f"{self.model!r}") from None
-                pass                                          # the server answered: a failed call, retried
+                if 300 <= exc.code < 400:                     # a redirect (never followed) answers the same again
+                    break
+                # any other answer of the server: a failed call, retried
             except (urllib.error.URLError, TimeoutError, ConnectionError):
                 connect_errors += 1
             except (KeyError, IndexError, TypeError, ValueError):

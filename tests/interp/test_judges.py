@@ -123,7 +123,8 @@ def test_plain_http_to_a_remote_host_warns():
         OpenAIJudge("http://example.invalid/v1", "m", "k")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for url in ("http://127.0.0.1:9/v1", "http://localhost:9/v1", "http://[::1]:9/v1", "https://example.invalid/v1"):
+        for url in ("http://127.0.0.1:9/v1", "http://localhost:9/v1", "http://[::1]:9/v1",
+                    "https://example.invalid/v1"):
             OpenAIJudge(url, "m", "k")
 
 
