@@ -1,4 +1,5 @@
-"""Steering with SAE features during generation (docs/reference.md §5): ``h ← h + Σ_f α_f · m(h) · v_f`` at a block.
+"""Steering with SAE features during generation (docs/reference.md §5): ``h ← h + Σ_f α_f · m(h) · v_f`` at a
+block.
 
 ``v_f`` is feature f's unit decoder row; ``m(h)`` is the position's largest SAE activation computed with the
 SAE's exact encoder (``b_dec`` subtracted, as in training — the paper's steering code forgot it), or 1 with

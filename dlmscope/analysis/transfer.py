@@ -42,8 +42,8 @@ __all__ = ["THRESHOLDS", "CHANCE_SEED", "check_saes", "check_same_tokens", "chec
 
 #: cosine / correlation thresholds the fractions are reported at
 THRESHOLDS = (0.9, 0.7, 0.5)
-#: seed of the chance-level random SAE; far from :func:`dlmscope.jobs.train.make_saes`'s init seeds (``seed * 1009 + layer``), so the
-#: random SAE is never the trained SAEs' own initialisation
+#: seed of the chance-level random SAE; far from the init seeds of :func:`dlmscope.jobs.train.make_saes`
+#: (``seed * 1009 + layer``), so the random SAE is never the trained SAEs' own initialisation
 CHANCE_SEED = 982_451_653
 
 

@@ -16,8 +16,8 @@ has no such data): ``logits_hist_data_*``, ``neuron_alignment_*``, ``correlated_
 *Uncertain*: (1) how Neuronpedia's UI shows those empty lists; (2) importance-weighted windows are no quantile
 interval: their group gets ``bin_min``/``bin_max`` = the range of its centre activations and ``bin_contains=-1``
 (share unknown; SAEDashboard writes a fraction for interval groups); (3) the report's log-spaced histogram
-(:data:`dlmscope.interp.features.HIST_EDGES`) becomes arithmetic bin midpoints (SAEDashboard's bins are linear), empty bins outside the
-first..last non-empty one dropped; (4) tokens are written as the tokenizer spells them (SAEDashboard maps byte-BPE
+(:data:`dlmscope.interp.features.HIST_EDGES`) becomes arithmetic bin midpoints (SAEDashboard's bins are linear),
+empty bins outside the first..last non-empty one dropped; (4) tokens are written as the tokenizer spells them (SAEDashboard maps byte-BPE
 marks, ``Ġ`` -> space: pass ``token_text``). *Not exported*: DLM ``masked`` statistics (no place in the layout).
 
 **Explanations**: :func:`export_explanations` writes rows of neuronpedia-utils' ``db_models/explanation.py`` (``id,

@@ -8,7 +8,8 @@ number of steps, so the orders differ only in *which* masked positions each step
 ``low_confidence`` / ``random``        LLaDA's remasking (one block)
 ``left_to_right``                      LLaDA with one-token blocks (strictly left to right; steps = answers)
 ``origin`` / ``maskgit_plus`` / ``topk_margin`` / ``entropy``   Dream's algorithms
-``sae_stable``                         LLaDA's confidence re-ranked by :class:`~dlmscope.analysis.order.SAEStabilityGuide`
+``sae_stable``                         LLaDA's confidence re-ranked by
+                                       :class:`~dlmscope.analysis.order.SAEStabilityGuide`
 ``sae_stable_entropy``                 Dream's entropy re-ranked the same way
 
 Steps per task are ``one`` (everything at once), ``half`` (⌈answers / 2⌉) or ``all`` (one answer per step).

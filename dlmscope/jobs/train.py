@@ -17,8 +17,8 @@ per layer, see :func:`make_saes`) and the trainer (``TrainConfig.seed``).
 
 Under ``torchrun`` the same call is distributed: each data rank harvests its round-robin slice of the LM batches
 with its own stream seed (:mod:`dlmscope.data.ranks`) and trains on its own activations; with
-``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`dlmscope.train.latent_trainer`: shards initialised
-directly, the same SAE for every R; sharded checkpoints), the R ranks of a latent group harvesting the same rows.
+``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`dlmscope.train.latent_trainer`: shards
+initialised directly, the same SAE for every R; sharded checkpoints), the R ranks of a latent group harvesting the same rows.
 """
 from __future__ import annotations
 

@@ -65,7 +65,8 @@ class LatentParallelTrainer(Trainer):
     def __init__(self, shards: list[LatentShard], grid: ProcessGrid, cfg: TrainConfig | None = None, *,
                  log: LogConfig | None = None):
         if not isinstance(grid, ProcessGrid):
-            raise TypeError(f"grid must be a ProcessGrid (dlmscope.train.latent_parallel.make_grid), got {type(grid).__name__}")
+            raise TypeError(f"grid must be a ProcessGrid (dlmscope.train.latent_parallel.make_grid), "
+                            f"got {type(grid).__name__}")
         self.grid = grid
         super().__init__(shards, cfg, log=log)
         self._check_grid()

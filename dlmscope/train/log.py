@@ -19,7 +19,8 @@ SAE_METRICS = ("fve", "mse", "l0", "dead", "auxk", "loss")
 
 @dataclasses.dataclass
 class LogConfig:
-    """Logging options of a :class:`~dlmscope.train.trainer.Trainer` (the recipe is :class:`~dlmscope.train.trainer.TrainConfig`)."""
+    """Logging options of a :class:`~dlmscope.train.trainer.Trainer` (the recipe is
+    :class:`~dlmscope.train.trainer.TrainConfig`)."""
 
     #: metrics (FVE, MSE, L0, dead, AuxK, loss, tokens/s) every this many steps, 0 = only at the last step. A log
     #: step reads the metrics and the deferred NaN flag back from the device (a host sync); other steps do not.

@@ -38,8 +38,8 @@ is checked for NaN/Inf per batch on CPU, where the check costs no sync, and thro
 log / checkpoint steps and at the end elsewhere). Under torch.distributed one small all-reduce per step decides
 whether every rank still has a batch (it carries the batch sizes and the NaN flag), which syncs once per step.
 
-Distributed (``torchrun``; :mod:`dlmscope.util.distributed`): gradients are all-reduced so that the update is the one of the
-global batch (the per-rank loss is its share of the global-batch mean; the AuxK normaliser uses global sums),
+Distributed (``torchrun``; :mod:`dlmscope.util.distributed`): gradients are all-reduced so that the update is the
+one of the global batch (the per-rank loss is its share of the global-batch mean; the AuxK normaliser uses global sums),
 fired masks are merged (OR) and token counts summed, the norm factor and the geometric median use the global
 batch, rank 0 writes checkpoints, and training stops when any rank's stream is exhausted.
 

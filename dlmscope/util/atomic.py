@@ -12,8 +12,8 @@ a whole:
 - elsewhere (``_exchange is None``, or the kernel / file system answers that it cannot exchange: EINVAL, ENOSYS,
   EOPNOTSUPP; any other error is raised) the old directory is renamed to ``.<name>.old``, the new one renamed in,
   and the old one deleted. Between those two renames the target is missing; :func:`restore_directory` (which the
-  readers :func:`dlmscope.train.checkpoint.list_checkpoints` and :func:`dlmscope.sae.formats.load` call, and every new write
-  calls first) renames ``.<name>.old`` back. There is at most one ``.<name>.old``: a stale one is deleted before a
+  readers :func:`dlmscope.train.checkpoint.list_checkpoints` and :func:`dlmscope.sae.formats.load` call, and every
+  new write calls first) renames ``.<name>.old`` back. There is at most one ``.<name>.old``: a stale one is deleted before a
   new one is made, and it is only ever deleted while the target exists. (A reader that restores while another
   process is between those two renames would undo that write: one writer, and no reads during its writes.)
 
