@@ -25,6 +25,7 @@ import sys
 from dlmscope.demo import cli as demo
 from dlmscope.jobs import dashboard, order, steer, train, transfer
 from dlmscope.jobs import eval as eval_
+from dlmscope.jobs.options import USER_ERRORS
 
 #: the verbs' modules, in the order ``dlmscope --help`` lists them
 VERBS = (train, eval_, demo, steer, order, transfer, dashboard)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"dlmscope {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,7 +18,7 @@ from dlmscope.interp.autointerp import OpenAIExplainer, PlantedExplainer, score_
 from dlmscope.interp.concepts import labelled_activations, score_concepts
 from dlmscope.interp.dashboard import write_dashboard
 from dlmscope.interp.features import feature_report
-from dlmscope.interp.judges import JudgeRejected, JudgeUnreachable, OpenAIJudge, PlantedJudge
+from dlmscope.interp.judges import OpenAIJudge, PlantedJudge
 from dlmscope.interp.neuronpedia import export_neuronpedia
 from dlmscope.util import atomic
 from dlmscope.world import CONCEPTS, concept_id_table
@@ -96,12 +96,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not world:
             raise ValueError("--judge planted needs --corpus world (the planted concepts); use openai or none")
         explainer, judge = None, None
-    try:
-        report = build_report(adapter, sae, layer, held, sample=args.sample, masked_t=args.masked_t,
-                              explainer=explainer, judge=judge, planted=world, seed=args.seed,
-                              policy=str(sae.cfg.meta.get("policy", "")), model_name=args.model)
-    except (JudgeRejected, JudgeUnreachable) as exc:   # the CLI's one-line error (exit 2), not an empty report
-        raise ValueError(str(exc)) from exc
+    report = build_report(adapter, sae, layer, held, sample=args.sample, masked_t=args.masked_t,
+                          explainer=explainer, judge=judge, planted=world, seed=args.seed,
+                          policy=str(sae.cfg.meta.get("policy", "")), model_name=args.model)
     atomic.write_json(out / "report.json", report)
     index = write_dashboard(report, out)
     if args.neuronpedia:

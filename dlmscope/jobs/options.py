@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 
 from dlmscope import models
+from dlmscope.interp.judges import JudgeRejected, JudgeUnreachable
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import LM_BATCH, SEQ_LEN
 from .sources import token_batches
 
-__all__ = ["SHARED", "add_option", "add_text_options", "text_from_args", "load_model_layer_sae"]
+__all__ = ["USER_ERRORS", "SHARED", "add_option", "add_text_options", "text_from_args", "load_model_layer_sae"]
+
+#: what a verb raises for bad input or a refused service: the CLI prints it as one line and exits 2
+USER_ERRORS = (ValueError, FileNotFoundError, JudgeRejected, JudgeUnreachable)
 
 #: flag -> its ``add_argument`` keywords, for every option several verbs take
 SHARED: dict[str, dict] = {

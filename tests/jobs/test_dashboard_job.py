@@ -12,7 +12,7 @@ from dlmscope.demo import load_world_model
 from dlmscope.jobs.dashboard import build_report
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import ASSETS_DIR, CONCEPTS, world_batches
-from tests.helpers.chat_server import ChatHandler, serving
+from tests.helpers.chat_server import ChatHandler, StatusHandler, serving
 
 
 def test_build_report_adds_concepts_and_interp():
@@ -71,3 +71,20 @@ def test_cli_dashboard_openai_judge_into_an_out_not_made_yet(tmp_path, monkeypat
                        "--batches", "2", "--sample", "2", "--judge", "openai", "--out", str(out)])
     assert rc == 0 and srv.seen
     assert (out / "report.json").is_file() and (out / "judge_cache.json").is_file()
+
+
+def test_cli_dashboard_rejected_key_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """Issue 21.7: a refused key stops the run with the CLI's one-line error, not an empty auto-interp."""
+    dlm = load_world_model("dlm")
+    torch.manual_seed(0)
+    TopKSAE(dlm.d_model, 48, 4).save(tmp_path / "sae")
+    with serving(StatusHandler) as srv:
+        srv.status = 401
+        monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{srv.server_address[1]}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+        rc = cli.main(["dashboard", "--model", os.path.join(ASSETS_DIR, "models", "dlm"), "--sae",
+                       str(tmp_path / "sae"), "--layer", "2", "--sentences", "4000", "--lm-batch", "16",
+                       "--batches", "2", "--sample", "2", "--judge", "openai", "--out", str(tmp_path / "dash")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "dlmscope dashboard: error" in err and "HTTP 401" in err and "wrong" not in err
+    assert len(srv.seen) == 1 and not (tmp_path / "dash" / "report.json").exists()
