@@ -9,6 +9,8 @@ Each job module adds its own subcommand (``add_parser``); an option more than on
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from dlmscope import models
 from dlmscope.interp.judges import JudgeRejected, JudgeUnreachable
@@ -16,10 +18,42 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import LM_BATCH, SEQ_LEN
 from .sources import token_batches
 
-__all__ = ["USER_ERRORS", "SHARED", "add_option", "add_text_options", "text_from_args", "load_model_layer_sae"]
+__all__ = ["USER_ERRORS", "SHARED", "positive_int", "out_dir", "out_file", "add_option", "add_text_options", "text_from_args", "load_model_layer_sae"]
 
 #: what a verb raises for bad input or a refused service: the CLI prints it as one line and exits 2
 USER_ERRORS = (ValueError, FileNotFoundError, JudgeRejected, JudgeUnreachable)
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer ≥ 1 (argparse prints the option and this message as its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as an output folder, checked before any work starts: it (or a folder above it) must not be a file.
+
+    Raises ValueError naming ``flag``; makes nothing (the job makes the folder when it has something to write)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{flag} {str(path)!r}: {str(p)!r} is a file, not a folder")
+    return path
+
+
+def out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as an output file, checked before any work starts: not a folder, its parent not a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file name")
+    out_dir(path.parent, flag)
+    return path
+
 
 #: flag -> its ``add_argument`` keywords, for every option several verbs take
 SHARED: dict[str, dict] = {
@@ -29,10 +63,10 @@ SHARED: dict[str, dict] = {
                           ".csv file or a dataset directory (streamed with `datasets`)"),
     "--text-field": dict(default="text", help="the documents' field in a dataset"),
     "--split": dict(default="train", help="the dataset split to read"),
-    "--sentences": dict(type=int, default=20000, help="world corpus size to draw from"),
-    "--seq-len": dict(type=int, default=SEQ_LEN),
-    "--lm-batch": dict(type=int, default=LM_BATCH, help="sequences per model forward"),
-    "--batch-size": dict(type=int, default=1024, help="activations per SAE batch"),
+    "--sentences": dict(type=positive_int, default=20000, help="world corpus size to draw from"),
+    "--seq-len": dict(type=positive_int, default=SEQ_LEN),
+    "--lm-batch": dict(type=positive_int, default=LM_BATCH, help="sequences per model forward"),
+    "--batch-size": dict(type=positive_int, default=1024, help="activations per SAE batch"),
     "--seed": dict(type=int, default=0),
     "--sae": dict(required=True),
     "--layer": dict(type=int, required=True),
