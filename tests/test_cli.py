@@ -63,3 +63,38 @@ def test_train_on_a_jsonl_corpus_and_resume(tiny_llada, tmp_path):
     assert first["corpus"] == str(corpus) and -1.0 < first["layers"]["1"]["2"]["fve"] <= 1.0
     assert cli.main(args + ["--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["layers"] == first["layers"]
+
+
+@pytest.mark.parametrize("verb, extra", [
+    ("order", ["--sae", "0=unused"]),
+    ("transfer", ["--base", "unused", "--target", "unused", "--layers", "0"]),
+])
+def test_21_12_out_that_is_a_file_is_refused_before_any_work(verb, extra, tmp_path, capsys):
+    """The model path does not exist: the --out check must come first, as one line, exit 2."""
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    model = [] if verb == "transfer" else ["--model", str(tmp_path / "no-model")]
+    rc = cli.main([verb, *model, *extra, "--out", str(existing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "is a file" in err and "Traceback" not in err
+    assert existing.read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--model", "m", "--layers", "0", "--out", "o", "--lm-batch", "0"],
+    ["train", "--model", "m", "--layers", "0", "--out", "o", "--seq-len", "-3"],
+    ["eval", "--model", "m", "--sae", "s", "--layer", "0", "--batch-size", "0"],
+    ["order", "--model", "m", "--sae", "0=s", "--out", "o", "--top-k", "0"],
+    ["transfer", "--base", "b", "--target", "t", "--layers", "0", "--out", "o", "--tokens", "0"],
+])
+def test_21_12_sizes_below_one_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_21_12_unknown_order_is_refused_before_the_model_loads(tmp_path, capsys):
+    rc = cli.main(["order", "--model", str(tmp_path / "no-model"), "--sae", "0=unused", "--orders", "entropi",
+                   "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--orders" in err and "did you mean 'entropy'" in err

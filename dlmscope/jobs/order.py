@@ -31,7 +31,6 @@ import argparse
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -46,7 +45,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.util.bootstrap import bootstrap_mean, correlation, paired_difference
 from dlmscope.world import asset
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
-from .options import add_option
+from .options import add_option, out_dir, positive_int
 from .plots import SAE_ORDERS, STEPS, plot_order
 
 __all__ = ["ORDERS", "CONFIDENCE_ORDERS", "SAE_ORDERS", "STEPS", "OrderSpec", "task_groups", "fill_with_order",
@@ -244,12 +243,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--sae", nargs="+", required=True, metavar="LAYER=DIR", help="SAEs to replay with, per layer")
     o.add_argument("--tasks", default=None, help="a tasks.jsonl (default: the embedded world's)")
     o.add_argument("--kinds", nargs="+", default=None, help="task kinds to use (default: every scored kind)")
-    o.add_argument("--max-tasks", type=int, default=None)
+    o.add_argument("--max-tasks", type=positive_int, default=None)
     o.add_argument("--orders", nargs="+", default=list(ORDERS), help=" | ".join(ORDERS))
     o.add_argument("--steps", nargs="+", default=list(STEPS), help="one | half | all (of the answers per step)")
     o.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     o.add_argument("--guide-layer", type=int, default=4, help="the layer the SAE-guided orders read")
-    o.add_argument("--top-k", type=int, default=8, help="latents kept per position (replay and guide)")
+    o.add_argument("--top-k", type=positive_int, default=8, help="latents kept per position (replay and guide)")
     add_option(o, "--out")
     o.set_defaults(func=run_from_args)
     return o
@@ -268,6 +267,11 @@ def _layer_saes(specs: list[str]) -> dict[int, TopKSAE]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the orders on the chosen tasks; write ``order.json`` and the plots under ``--out``."""
+    out = out_dir(args.out)
+    for order in args.orders:
+        check_choice("--orders", order, ORDERS)
+    for steps in args.steps:
+        check_choice("--steps", steps, STEPS)
     adapter = models.load(args.model)
     adapter.require_mask_token()
     saes = _layer_saes(args.sae)
@@ -280,7 +284,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     spec = OrderSpec(orders=args.orders, steps=args.steps, seeds=args.seeds, guide_layer=args.guide_layer,
                      top_k=args.top_k)
     result = run_order(adapter, saes, [tasks[i] for i in keep], [heldout[i] for i in keep], spec)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "order.json", result)
     paths = plot_order(result, out / "order")

@@ -22,7 +22,6 @@ import dataclasses
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from dlmscope import models
 from dlmscope.analysis.splice import delta_loss_over_batches
@@ -33,7 +32,7 @@ from dlmscope.train.log import LogConfig
 from dlmscope.train.trainer import TrainConfig
 from dlmscope.util import atomic
 from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN, world_batches
-from .options import add_option, text_from_args
+from .options import add_option, out_dir, positive_int, text_from_args
 from .plots import plot_transfer
 from .sources import WORLD
 from .train import SweepSpec, make_saes, train_sweep
@@ -219,11 +218,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_option(t, "--layers")
     t.add_argument("--policy", default="unmask", help="mask | unmask | clean")
     add_option(t, "--corpus", help="as for train; 'world' is the embedded corpus")
-    t.add_argument("--n", type=int, default=SAE_LATENTS)
-    t.add_argument("--k", type=int, default=SAE_K)
-    t.add_argument("--tokens", type=int, default=200_000, help="training tokens per SAE")
-    t.add_argument("--eval-tokens", type=int, default=30_000)
-    t.add_argument("--delta-batches", type=int, default=12)
+    t.add_argument("--n", type=positive_int, default=SAE_LATENTS)
+    t.add_argument("--k", type=positive_int, default=SAE_K)
+    t.add_argument("--tokens", type=positive_int, default=200_000, help="training tokens per SAE")
+    t.add_argument("--eval-tokens", type=positive_int, default=30_000)
+    t.add_argument("--delta-batches", type=positive_int, default=12)
     add_option(t, "--seq-len")
     for flag in ("--lm-batch", "--text-field", "--split"):   # the same options as train's, their help left out
         add_option(t, flag, help=None)
@@ -236,6 +235,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the transfer; write ``transfer.json`` and ``transfer.png`` under ``--out`` and print the summary."""
+    out = out_dir(args.out)
+    check_policy(args.policy)
     base, target = models.load(args.base), models.load(args.target)
     control = models.load(args.control) if args.control else None
     text = None if args.corpus == WORLD else text_from_args(base, args)
@@ -243,7 +244,6 @@ def run_from_args(args: argparse.Namespace) -> int:
                           train_tokens=args.tokens, eval_tokens=args.eval_tokens, delta_batches=args.delta_batches,
                           seed=args.seed, control=control, batches=text, sentences=args.sentences,
                           seq_len=args.seq_len, lm_batch=args.lm_batch)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "transfer.json", result)
     plot_transfer(result, out / "transfer.png")
