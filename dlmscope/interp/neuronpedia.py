@@ -197,9 +197,7 @@ def export_explanations(report: Mapping, path: str | os.PathLike, *, model_id: s
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(_dumps(r) + "\n" for r in rows)
     if path.suffix == ".gz":
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(gzip.compress(body.encode("ascii"), mtime=0))
-        os.replace(tmp, path)
+        atomic.write_bytes(path, gzip.compress(body.encode("ascii"), mtime=0))
     else:
         atomic.write_text(path, body)
     return path

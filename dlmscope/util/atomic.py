@@ -1,7 +1,16 @@
 """Durable writes: after a crash (exception, SIGKILL, power loss) a target is either complete or unchanged.
 
-Single files (:func:`write_text`, :func:`write_json`, :func:`save_safetensors`): the bytes go to a hidden temp file
-beside the target, are fsynced, and the temp file is renamed over the target.
+Single files (:func:`write_text`, :func:`write_bytes`, :func:`write_json`, :func:`save_safetensors`): the bytes go
+to a hidden temp file beside the target with a name of its own (``.<name>.tmp-XXXX``, created exclusively: two
+writers of one target never share a temp file), are fsynced, the temp file is renamed over the target, and the
+folder is fsynced (the rename itself is durable).
+
+Every file written here gets the mode a plain ``open()`` would give a new file, ``0o666`` less the umask (writers
+such as safetensors' ``save_file`` create a private ``0o600`` file of their own). A target that is a symbolic link
+is written through: the file or directory the link points at is replaced and the link is kept.
+
+JSON (:func:`write_json`) never holds a bare ``NaN`` / ``Infinity``, which is not JSON: non-finite floats are
+written as ``null`` (:func:`nan_to_null`), or refused with ``allow_nan=False``.
 
 Directories (:func:`atomic_directory`): the caller writes every file into a fresh hidden sibling
 ``.<name>.tmp-XXXX``; on a clean exit the tree is fsynced and put at the target. An existing target is replaced as
@@ -13,8 +22,8 @@ a whole:
   EOPNOTSUPP; any other error is raised) the old directory is renamed to ``.<name>.old``, the new one renamed in,
   and the old one deleted. Between those two renames the target is missing; :func:`restore_directory` (which the
   readers :func:`dlmscope.train.checkpoint.list_checkpoints` and :func:`dlmscope.sae.formats.load` call, and every
-  new write calls first) renames ``.<name>.old`` back. There is at most one ``.<name>.old``: a stale one is deleted before a
-  new one is made, and it is only ever deleted while the target exists. (A reader that restores while another
+  new write calls first) renames ``.<name>.old`` back. There is at most one ``.<name>.old``: a stale one is deleted
+  before a new one is made, and it is only ever deleted while the target exists. (A reader that restores while another
   process is between those two renames would undo that write: one writer, and no reads during its writes.)
 
 Files written inside the temp directory are written plainly (``write_json(..., durable=False)``, a plain
@@ -32,9 +41,11 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -43,9 +54,9 @@ from typing import Callable, Iterator
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["write_text", "write_json", "save_safetensors", "atomic_directory", "restore_directory",
-           "remove_directory", "is_leftover", "leftover_target", "sweep_leftovers", "TMP_MARKER", "OLD_MARKER",
-           "POINTS", "crash_point"]
+__all__ = ["write_text", "write_bytes", "write_json", "nan_to_null", "save_safetensors", "file_mode", "resolve_link",
+           "atomic_directory", "restore_directory", "remove_directory", "is_leftover", "leftover_target",
+           "sweep_leftovers", "TMP_MARKER", "OLD_MARKER", "POINTS", "crash_point"]
 
 #: Infixes of the hidden siblings of a directory target: ``.<name>.tmp-XXXX`` (being written, or an old directory
 #: being deleted after an exchange) and ``.<name>.old`` (an old directory renamed aside).
@@ -81,24 +92,54 @@ def crash_point(name: str) -> None:
 # ---- single files -------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where it can be, so that it is never changed, even for an instant)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permission bits a plain ``open()`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~_umask()
+
+
+def resolve_link(path: str | os.PathLike) -> Path:
+    """``path`` with symbolic links resolved (the file or directory a link points at, which is what is written;
+    a dangling link resolves to where it points)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+
+
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside ``path``; on a clean exit the file written there is fsynced and renamed over
-    ``path``, otherwise it is removed and ``path`` is untouched."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    """Yield a fresh temp path beside ``path`` (its link target when ``path`` is a symlink); on a clean exit the
+    file written there is given :func:`file_mode`, fsynced and renamed over ``path``, and the folder fsynced.
+    Otherwise it is removed and ``path`` is untouched."""
+    target = resolve_link(path)
+    tmp = _tmp_path(target)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # claims the name; the mode is set below
     try:
-        yield tmp
+        yield os.fspath(tmp)
+        os.chmod(tmp, file_mode())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_path(target.parent, directory=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -107,18 +148,39 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def nan_to_null(obj):
+    """A copy of the JSON data ``obj`` with every non-finite float (NaN, ±Inf) replaced by None (tuples become
+    lists, as JSON writes them); anything else is returned as it is."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = True, allow_nan: bool = True,
                durable: bool = True) -> None:
     """Write ``obj`` as 2-space indented JSON plus a newline to ``path``, atomically (see :func:`write_text`).
 
-    ``sort_keys=False`` keeps the dict order (peer checkpoint configs); ``allow_nan=False`` rejects NaN/Inf, which
-    strict JSON readers cannot parse. Data that is not plain JSON raises ``TypeError`` before anything is written.
-    ``durable=False`` writes the file plainly (no temp file, no fsync): for files inside :func:`atomic_directory`,
-    whose tree is fsynced as a whole before it is put in place. Both ways write the same bytes.
+    ``sort_keys=False`` keeps the dict order (peer checkpoint configs). Non-finite floats (NaN, ±Inf), which are
+    not JSON, are written as ``null`` (:func:`nan_to_null`); ``allow_nan=False`` refuses them instead. Data that is
+    not plain JSON (or non-finite with ``allow_nan=False``) raises ``TypeError`` naming the file before anything
+    is written. ``durable=False`` writes the file plainly (no temp file, no fsync): for files inside
+    :func:`atomic_directory`, whose tree is fsynced as a whole before it is put in place. Both ways write the same
+    bytes.
     """
     try:
-        text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan) + "\n"
-    except (TypeError, ValueError) as e:
+        text = json.dumps(nan_to_null(obj) if allow_nan else obj, indent=2, sort_keys=sort_keys,
+                          allow_nan=False) + "\n"
+    except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"cannot write {os.path.basename(os.fspath(path))}: the data is not plain JSON: {e}") from e
     if durable:
         write_text(path, text)
@@ -127,7 +189,8 @@ def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = True, allow_na
             f.write(text)
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to the safetensors file ``path`` atomically."""
     with _replacing(path) as tmp:
         save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
@@ -154,9 +217,17 @@ def _fsync_path(path: Path, *, directory: bool) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root``; each regular file first gets :func:`file_mode` (execute bits
+    kept, less the umask), whatever mode its writer created it with."""
+    mask = _umask()
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name, directory=False)
+            file = Path(dirpath) / name
+            with contextlib.suppress(OSError):
+                st = os.lstat(file)
+                if stat.S_ISREG(st.st_mode):
+                    os.chmod(file, (0o666 | (st.st_mode & 0o111)) & ~mask)
+            _fsync_path(file, directory=False)
         _fsync_path(Path(dirpath), directory=True)
 
 
@@ -309,10 +380,11 @@ def _replace_directory(new: Path, target: Path) -> None:
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Context manager: write a directory's files into the yielded temp dir; it becomes ``target`` on a clean exit.
 
-    ``target`` may exist (a directory: it is replaced as a whole); its parent directories are created. If the body
-    raises, the temp directory is removed and ``target`` is untouched.
+    ``target`` may exist (a directory: it is replaced as a whole); its parent directories are created. A ``target``
+    that is a symbolic link is written through: the directory it points at is replaced and the link kept. If the
+    body raises, the temp directory is removed and ``target`` is untouched.
     """
-    target = Path(target)
+    target = resolve_link(target)
     restore_directory(target)  # a crashed earlier replacement is rolled back before this one starts
     if os.path.lexists(target) and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; refusing to replace it with a checkpoint")

@@ -240,3 +240,14 @@ def test_explanations_bad_input(tmp_path):
     with pytest.raises(ValueError, match="accuracy must be a finite number"):
         export_explanations(report, tmp_path / "e.jsonl", model_id="m", sae_id="s")
     assert not (tmp_path / "e.jsonl").exists()
+
+
+def test_21_19_gzipped_explanations_are_written_durably_with_a_temp_name_of_their_own(tmp_path):
+    report = make_report(latents=(3,))
+    report["latents"]["3"]["interp"] = {"explanation": "animals"}
+    stale = tmp_path / ".batch-0.jsonl.gz.tmp"  # another writer's temp file, by the name a fixed scheme would pick
+    stale.write_bytes(b"another writer's bytes")
+    path = export_explanations(report, tmp_path / "batch-0.jsonl.gz", model_id="m", sae_id="s")
+    assert stale.read_bytes() == b"another writer's bytes"
+    assert json.loads(gzip.decompress(path.read_bytes()))["description"] == "animals"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".batch-0.jsonl.gz.tmp", "batch-0.jsonl.gz"]

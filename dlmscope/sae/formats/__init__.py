@@ -177,13 +177,15 @@ def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike,
     raised before anything is written. Save to a new or empty directory instead, or move those entries out.
     Hidden leftovers of crashed saves to ``path`` (``.<name>.tmp-*``, ``.<name>.old``, beside it in its parent) are
     deleted at the end; those of other targets in the same parent are left alone. (The check and the replacement
-    assume one writer: nothing else adds files to ``path`` while it is saved.)
+    assume one writer: nothing else adds files to ``path`` while it is saved.) A ``path`` that is a symbolic link
+    to a checkpoint directory is written through: the directory it points at is replaced, the link is kept.
     """
     name = _format_name(format)
     _check_state(cfg, tensors)
     path = Path(path)
-    _check_target(path)
-    with atomic.atomic_directory(path) as tmp:
+    target = atomic.resolve_link(path)  # a symlinked checkpoint is replaced where the link points; the link stays
+    _check_target(target)
+    with atomic.atomic_directory(target) as tmp:
         FORMATS[name].save(cfg, tensors, tmp)
-    atomic.sweep_leftovers(path.parent, lambda owner: owner == path.name)
+    atomic.sweep_leftovers(target.parent, lambda owner: owner == target.name)
     return path
