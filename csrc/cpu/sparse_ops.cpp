@@ -7,6 +7,8 @@
 //   entries + 1 for writing its row). Each output row is accumulated in place and written exactly once (zeros for
 //   unused latents). With W, the same loop over X[b] also produces sddmm[b,j] = <X[b], W[i]> (X[b] loaded once).
 // sddmm: parallel over rows b, one dot product per (b,j).
+// Every id is checked against [0, n) where it is first read (one unsigned compare per id, before any row it names
+// is touched): the Python value checks can be off, and an id out of range would read or write outside W / out.
 #include "common.h"
 #include "kernels.h"
 
@@ -30,6 +32,27 @@ inline void prefetch_row(const T* p, int64_t d) {
 
 constexpr int64_t kPrefetchDist = 4;  // entries ahead
 
+// Cold path of the id checks: raises naming the first id of ix[0..count) outside [0, n).
+[[noreturn]] __attribute__((noinline, cold)) void throw_bad_id(const int64_t* ix, int64_t count, int64_t n,
+                                                                const char* op) {
+  int64_t bad = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    if (static_cast<uint64_t>(ix[j]) >= static_cast<uint64_t>(n)) {
+      bad = ix[j];
+      break;
+    }
+  }
+  TORCH_CHECK(false, op, ": index ", bad, " is out of range: indices must lie in [0, n) = [0, ", n, ")");
+  __builtin_unreachable();
+}
+
+// Raises unless every id of ix[0..count) lies in [0, n); an id < 0 wraps to a huge unsigned value.
+inline void check_ids(const int64_t* ix, int64_t count, int64_t n, const char* op) {
+  bool bad = false;
+  for (int64_t j = 0; j < count; ++j) bad |= static_cast<uint64_t>(ix[j]) >= static_cast<uint64_t>(n);
+  if (__builtin_expect(bad, 0)) throw_bad_id(ix, count, n, op);
+}
+
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t d) {
   T s = T(0);
@@ -40,12 +63,13 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t d) {
 
 template <typename T>
 void gather_accumulate_impl(const T* coef, const int64_t* idx, const T* W, T* out, int64_t B, int64_t k,
-                            int64_t d) {
+                            int64_t d, int64_t n) {
   at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T* __restrict o = out + b * d;
       const T* c = coef + b * k;
       const int64_t* ix = idx + b * k;
+      check_ids(ix, k, n, "gather_accumulate");
       int64_t j = 0;
       {
         // first group initialises the row (no separate zero pass)
@@ -90,11 +114,12 @@ void gather_accumulate_impl(const T* coef, const int64_t* idx, const T* W, T* ou
 }
 
 template <typename T>
-void sddmm_impl(const T* G, const int64_t* idx, const T* W, T* out, int64_t B, int64_t k, int64_t d) {
+void sddmm_impl(const T* G, const int64_t* idx, const T* W, T* out, int64_t B, int64_t k, int64_t d, int64_t n) {
   at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const T* __restrict g = G + b * d;
       const int64_t* ix = idx + b * k;
+      check_ids(ix, k, n, "sddmm");
       T* o = out + b * k;
       int64_t j = 0;
       for (; j + 4 <= k; j += 4) {  // four independent dot products: g loaded once, four accumulator chains
@@ -123,6 +148,7 @@ void sddmm_impl(const T* G, const int64_t* idx, const T* W, T* out, int64_t B, i
 
 // Stable counting sort of the M = B*k entry positions by latent id.
 // start[i] .. start[i+1] delimit latent i's entries in ``order`` (entry position e = b*k + j, increasing within i).
+// Raises if an id lies outside [0, n): the histogram pass checks each id before counting it.
 void counting_sort(const int64_t* idx, int64_t M, int64_t n, std::vector<int64_t>& start, std::vector<int64_t>& order) {
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 4096 + 1));
   const int64_t chunk = (M + P - 1) / P;
@@ -131,7 +157,9 @@ void counting_sort(const int64_t* idx, int64_t M, int64_t n, std::vector<int64_t
     for (int64_t p = pb; p < pe; ++p) {
       int64_t* h = hist.data() + p * n;
       const int64_t e1 = std::min(M, (p + 1) * chunk);
-      for (int64_t e = p * chunk; e < e1; ++e) ++h[idx[e]];
+      const int64_t e0 = std::min(M, p * chunk);
+      check_ids(idx + e0, e1 - e0, n, "transpose_reduce");
+      for (int64_t e = e0; e < e1; ++e) ++h[idx[e]];
     }
   });
   start.assign(n + 1, 0);
@@ -282,7 +310,7 @@ at::Tensor gather_accumulate(const at::Tensor& coef, const at::Tensor& idx, cons
   auto out = empty_output({B, d}, W.options());
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "dlmscope_gather_accumulate", [&] {
     gather_accumulate_impl<scalar_t>(coef.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), W.data_ptr<scalar_t>(),
-                                     out.data_ptr<scalar_t>(), B, k, d);
+                                     out.data_ptr<scalar_t>(), B, k, d, W.size(0));
   });
   return out;
 }
@@ -323,7 +351,7 @@ at::Tensor sddmm(const at::Tensor& G, const at::Tensor& idx, const at::Tensor& W
   auto out = at::empty({B, k}, G.options());
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "dlmscope_sddmm", [&] {
     sddmm_impl<scalar_t>(G.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), W.data_ptr<scalar_t>(),
-                         out.data_ptr<scalar_t>(), B, k, d);
+                         out.data_ptr<scalar_t>(), B, k, d, W.size(0));
   });
   return out;
 }
