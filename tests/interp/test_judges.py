@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import warnings
 
 import pytest
@@ -13,7 +14,9 @@ from dlmscope.interp.autointerp import PlantedExplainer
 from dlmscope.interp.judges import HFJudge, JudgeRejected, JudgeUnreachable, OpenAIJudge, PlantedJudge
 from dlmscope.world import CONCEPTS
 
-from tests.helpers.chat_server import ChatHandler, RecordingScoreHandler, StatusHandler, serving
+from tests.helpers.chat_server import (BadStatusLineHandler, ChatHandler, DripHandler, HugeHandler,
+                                       IncompleteReadHandler, NestedJSONHandler, RecordingScoreHandler, ScriptHandler,
+                                       StatusHandler, serving)
 
 
 def test_planted_judge_counts_the_concepts_words():
@@ -152,3 +155,142 @@ def test_missing_key_is_a_clear_error(monkeypatch):
     assert OpenAIJudge("http://127.0.0.1:9/v1", "m", api_key="").api_key == ""   # explicit: a keyless server
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     assert OpenAIJudge("https://example.invalid/v1", "m").api_key == "k"
+
+
+def _url(srv) -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+
+def _fails_once_per_attempt(handler, retries=2, **server_attrs) -> OpenAIJudge:
+    """A judge asked once against ``handler``: the call fails (counted, not raised) after ``retries`` requests."""
+    with serving(handler) as srv:
+        for name, value in server_attrs.items():
+            setattr(srv, name, value)
+        j = OpenAIJudge(_url(srv), "m", "k", retries=retries, backoff=0.0, timeout=2)
+        assert j.score("red", ["a red cat"]) == [None]
+        assert len(srv.seen) == retries
+    assert j.failures == 1 and j.calls == 1 and j.cache == {}
+    return j
+
+
+def test_21_8_incomplete_read_is_a_counted_failure():
+    j = _fails_once_per_attempt(IncompleteReadHandler)
+    assert list(j.failure_reasons) == ["bad HTTP reply (IncompleteRead)"]
+
+
+def test_21_8_bad_status_line_is_a_counted_failure():
+    j = _fails_once_per_attempt(BadStatusLineHandler)
+    assert list(j.failure_reasons) == ["bad HTTP reply (BadStatusLine)"]
+
+
+def test_21_8_deeply_nested_json_is_a_counted_failure():
+    for where in ("body", "content"):
+        j = _fails_once_per_attempt(NestedJSONHandler, where=where)
+        assert list(j.failure_reasons) == ["malformed reply (RecursionError)"]
+
+
+def test_21_8_read_timeout_is_a_counted_failure_not_unreachable():
+    """A server that connects, sends its headers and then stalls past ``timeout`` answered: a failed call,
+    never :class:`JudgeUnreachable`."""
+    with serving(DripHandler) as srv:
+        srv.interval = 5.0
+        j = OpenAIJudge(_url(srv), "m", "k", retries=2, backoff=0.0, timeout=0.3)
+        assert j.score("red", ["a red cat"]) == [None]
+        assert len(srv.seen) == 2
+    assert j.failures == 1 and list(j.failure_reasons) == ["timed out"]
+
+
+def test_21_8_a_dripping_server_is_cut_at_the_deadline():
+    """One byte every 0.5 s never trips a 2 s read timeout; the per-request deadline ends the call, whether the
+    body or the status line and headers are dripped."""
+    for drip_headers in (False, True):
+        with serving(DripHandler) as srv:
+            srv.drip_headers = drip_headers
+            j = OpenAIJudge(_url(srv), "m", "k", retries=1, backoff=0.0, timeout=2, deadline=1.0)
+            start = time.monotonic()
+            assert j.score("red", ["a red cat"]) == [None]
+            assert time.monotonic() - start < 4.0                   # the deadline, not the server, ended it
+        assert j.failures == 1 and list(j.failure_reasons) == ["no complete reply within the 1 s deadline"]
+
+
+def test_21_8_a_huge_reply_is_refused():
+    for declared in (True, False):
+        with serving(HugeHandler) as srv:
+            srv.size, srv.declare_length = 300_000, declared
+            j = OpenAIJudge(_url(srv), "m", "k", retries=1, backoff=0.0, max_reply_bytes=100_000)
+            assert j.score("red", ["a red cat"]) == [None]
+            small = OpenAIJudge(_url(srv), "m", "k", retries=1, backoff=0.0, max_reply_bytes=400_000)
+            assert small.score("red", ["a red cat"]) == [0.5]           # the same reply under the cap is read
+        assert j.failures == 1 and list(j.failure_reasons) == ["reply over 100000 bytes"]
+
+
+def test_21_8_retry_after_is_honoured_and_bounded():
+    waits = []
+    with serving(ScriptHandler) as srv:
+        srv.script = [(429, {"Retry-After": "7"}), (200, {})]
+        j = OpenAIJudge(_url(srv), "m", "k", retries=3, backoff=0.0, sleep=waits.append)
+        assert j.score("red", ["a red cat"]) == [0.5] and len(srv.seen) == 2
+    assert waits == [7.0]
+    waits.clear()
+    with serving(ScriptHandler) as srv:                     # longer than the bound: no retry, a failed call
+        srv.script = [(503, {"Retry-After": "3600"}), (200, {})]
+        j = OpenAIJudge(_url(srv), "m", "k", retries=3, backoff=0.0, max_retry_after=60, sleep=waits.append)
+        assert j.score("red", ["a red cat"]) == [None] and len(srv.seen) == 1
+    assert waits == [] and list(j.failure_reasons) == ["HTTP 503, Retry-After 3600 s is over the 60 s bound"]
+
+
+def test_21_8_no_retries_on_4xx_but_408_and_429():
+    for status, requests in ((400, 1), (409, 1), (422, 1), (408, 3), (429, 3), (500, 3), (503, 3)):
+        with serving(ScriptHandler) as srv:
+            srv.script = [(status, {})]
+            j = OpenAIJudge(_url(srv), "m", "k", retries=3, backoff=0.0)
+            assert j.score("red", ["a red cat"]) == [None]
+            assert len(srv.seen) == requests, status
+        assert j.failure_reasons == {f"HTTP {status}": 1}
+
+
+def test_21_8_cache_key_includes_the_base_url(tmp_path):
+    """Two endpoints serving the same model name are different judges: one's cached answers are not the other's."""
+    cache = str(tmp_path / "judge.json")
+    with serving(_ScoreHandler) as a, serving(ScriptHandler) as b:
+        b.script = [(200, {})]
+        assert OpenAIJudge(_url(a), "m", "k", cache_path=cache).score("red", ["a red cat"]) == [0.9]
+        assert OpenAIJudge(_url(b), "m", "k", cache_path=cache).score("red", ["a red cat"]) == [0.5]
+        assert len(b.seen) == 1
+        assert OpenAIJudge(_url(a), "m", "k", cache_path=cache).score("red", ["a red cat"]) == [0.9]
+        assert len(a.seen) == 1
+
+
+def test_21_17_a_corrupt_judge_cache_names_the_file(tmp_path):
+    cache = tmp_path / "judge_cache.json"
+    for text in ("{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000, '{"k": [1]}', "\xff\xfe"):
+        cache.write_text(text)
+        with pytest.raises(ValueError, match="judge_cache.json") as info:
+            OpenAIJudge("http://127.0.0.1:9/v1", "m", "k", cache_path=str(cache))
+        assert str(cache) in str(info.value)
+
+
+def test_21_7_the_judge_counts_its_calls_and_why_they_failed(server):
+    j = OpenAIJudge(_url(server), "tiny", "k", retries=2, backoff=0.0)
+    assert j.score("red", ["a red cat", "fail here", "garbled", "fail again"]) == [0.9, None, None, None]
+    assert j.stats() == {"calls": 4, "failed": 3, "requests": 7,
+                         "reasons": {"HTTP 500": 2, "malformed reply (JSONDecodeError)": 1}}
+
+
+def test_21_12_check_stops_a_dead_endpoint_or_a_refused_key_before_the_work():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(JudgeUnreachable, match=f"127.0.0.1:{port}"):
+        OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", "k", timeout=2).check()
+    with serving(StatusHandler) as srv:
+        srv.status = 401
+        with pytest.raises(JudgeRejected, match="HTTP 401"):
+            OpenAIJudge(_url(srv), "m", "secret-key").check()
+        assert srv.seen == ["/v1/models"] and srv.auth == ["Bearer secret-key"]
+    for status in (200, 404, 500):                          # not every compatible server lists its models
+        with serving(StatusHandler) as srv:
+            srv.status = status
+            OpenAIJudge(_url(srv), "m", "k").check()
+    with serving(_ScoreHandler) as srv:                      # no GET at all (501)
+        OpenAIJudge(_url(srv), "m", "k").check()
