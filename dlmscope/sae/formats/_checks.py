@@ -34,13 +34,19 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (a config holds finite numbers only)")
+
+
 def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming the file for anything else: bad UTF-8 or JSON, NaN or
+    Infinity, nesting too deep to parse, a number too long to convert, a top level that is not an object."""
     require_file(path, "config file")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt JSON config ({e})") from e
+            data = json.load(f, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: corrupt JSON config ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config must be a JSON object, got {type(data).__name__}")
     return data
@@ -50,7 +56,7 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     require_file(path, "weights file")
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, MemoryError, OverflowError) as e:
         raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
 
 
@@ -88,7 +94,7 @@ def cfg_int(cfg: Mapping[str, Any], key: str, file: Path, *, where: str = "") ->
 def require_tensors(tensors: Mapping[str, Any], keys: Iterable[str], file: Path) -> None:
     missing = [k for k in keys if k not in tensors]
     if missing:
-        raise ValueError(f"{file}: missing tensor(s) {missing} (found {sorted(tensors)})")
+        raise ValueError(f"{file}: missing tensor(s) {missing} (found {sorted(map(str, tensors))})")
     for k in keys:
         t = tensors[k]
         if not isinstance(t, Tensor):
@@ -109,6 +115,20 @@ def require_float_finite(tensors: Mapping[str, Tensor], keys: Iterable[str], fil
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"{file}: tensor {k!r} has {bad} non-finite value(s) (NaN or Inf)")
+
+
+def real_scalar(t: Tensor, key: str, file: Path, *, integer: bool) -> int | float:
+    """The value of the one-element tensor ``t`` (buffer ``key``): an integer (not bool) for ``integer``, else a
+    finite real number; ``ValueError`` naming ``file`` otherwise."""
+    ok = t.numel() == 1 and not t.dtype.is_complex and t.dtype != torch.bool
+    ok = ok and (not t.is_floating_point() if integer else True)
+    if not ok:
+        kind = "an integer" if integer else "a real number"
+        raise ValueError(f"{file}: buffer {key!r} must be {kind} scalar, got {t.dtype} {list(t.shape)}")
+    value = t.item()
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{file}: buffer {key!r} must be finite, got {value}")
+    return int(value) if integer else float(value)
 
 
 def require_k(k: int, n: int, file: Path) -> None:
@@ -135,6 +155,17 @@ def cpu_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {name: tensors[name].detach().cpu().contiguous() for name in PARAMS}
 
 
+def check_meta(meta: dict, file: Path) -> dict:
+    """``meta`` (dlmscope's ``SAEConfig.meta`` read from ``file``), checked where a reader relies on it: a recorded
+    ``norm_factor`` (the activation scale a trainer folded into the weights) is a positive finite number."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: dlmscope's meta must be a JSON object, got {type(meta).__name__}")
+    if "norm_factor" in meta and not (is_finite_number(meta["norm_factor"]) and meta["norm_factor"] > 0):
+        raise ValueError(f"{file}: meta field 'norm_factor' must be a positive finite number (the activation scale "
+                         f"folded into the weights), got {meta['norm_factor']!r}")
+    return meta
+
+
 def meta_from_peer(cfg: dict, fmt: str, file: Path, **extra) -> dict:
     """``SAEConfig.meta`` for a loaded peer checkpoint.
 
@@ -146,7 +177,7 @@ def meta_from_peer(cfg: dict, fmt: str, file: Path, **extra) -> dict:
         meta = cfg.pop(META_KEY)
         if not isinstance(meta, dict):
             raise ValueError(f"{file}: field {META_KEY!r} must be a JSON object, got {type(meta).__name__}")
-        return meta
+        return check_meta(meta, file)
     return {"source": {"format": fmt, "cfg": cfg, **extra}}
 
 

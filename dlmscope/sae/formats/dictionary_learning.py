@@ -20,7 +20,6 @@ Other ``dict_class`` values (BatchTopKSAE, JumpReLU, ...) are not Top-K at infer
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -106,7 +105,7 @@ def _read_state(file: Path) -> dict:
     C.require_file(file, "weights file")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+    except Exception as e:  # a damaged zip or pickle fails in many ways (BadZipFile, KeyError, EOFError, ...)
         raise ValueError(f"{file}: cannot read torch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a state dict, got {type(state).__name__}")
@@ -148,10 +147,7 @@ def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     k_buf = state.get("k")
     k_file = None
     if isinstance(k_buf, torch.Tensor):
-        if k_buf.numel() != 1 or k_buf.is_floating_point():
-            raise ValueError(f"{weights_file}: buffer 'k' must be an integer scalar, got {k_buf.dtype} "
-                             f"{list(k_buf.shape)}")
-        k_file = int(k_buf.item())
+        k_file = C.real_scalar(k_buf, "k", weights_file, integer=True)
     k_cfg = C.cfg_int(trainer, "k", cfg_file, where="['trainer']") if "k" in trainer else None
     if k_file is not None and k_cfg is not None and k_file != k_cfg:
         raise ValueError(f"{weights_file}: buffer k={k_file} disagrees with {CFG} trainer.k={k_cfg}")
@@ -164,8 +160,8 @@ def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
 
     threshold = state.get("threshold")
     extra = {}
-    if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
-        extra["threshold"] = float(threshold.item())
+    if isinstance(threshold, torch.Tensor):
+        extra["threshold"] = C.real_scalar(threshold, "threshold", weights_file, integer=False)
     meta = C.meta_from_peer(dict(config) if config is not None else {}, NAME, cfg_file, **extra)
     return C.build_state(d=d, n=n, k=k, meta=meta, file=weights_file, W_enc=state["encoder.weight"],
                        b_enc=state["encoder.bias"], W_dec=state["decoder.weight"].T, b_dec=state["b_dec"])

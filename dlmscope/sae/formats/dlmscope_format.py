@@ -43,6 +43,7 @@ def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
         C.cfg_int(fields, key, cfg_file)
     if not isinstance(fields.get("meta", {}), dict):
         raise ValueError(f"{cfg_file}: field 'meta' must be a JSON object, got {type(fields['meta']).__name__}")
+    C.check_meta(fields.get("meta", {}), cfg_file)
     try:
         sc = SAEConfig.from_dict(fields)
     except (TypeError, ValueError) as e:

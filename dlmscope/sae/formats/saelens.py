@@ -126,10 +126,12 @@ def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
                          "not part of the checkpoint; fold it into the weights first)")
     if cfg.get("finetuning_scaling_factor"):
         raise ValueError(f"{cfg_file}: finetuning_scaling_factor=true is not supported")
+    if not isinstance(cfg.get("metadata", {}), dict):
+        raise ValueError(f"{cfg_file}: field 'metadata' must be a JSON object, got {type(cfg['metadata']).__name__}")
     dtype_name = cfg.get("dtype", "float32")
     if isinstance(dtype_name, str) and dtype_name.startswith("torch."):
         dtype_name = dtype_name[len("torch."):]
-    if dtype_name not in _DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
         raise ValueError(f"{cfg_file}: unsupported dtype {cfg.get('dtype')!r} (one of {sorted(_DTYPES)})")
     dtype = _DTYPES[dtype_name]
 

@@ -73,8 +73,7 @@ def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
         if cfg.get(flag, False):
             raise ValueError(f"{cfg_file}: {flag}=true is not supported (a TopKSAE has no {flag.replace('_', ' ')})")
     k = C.cfg_int(cfg, "k", cfg_file)
-    num_latents = cfg.get("num_latents", 0)
-    if num_latents:
+    if cfg.get("num_latents", 0) != 0:  # 0 (sparsify's default) means d_in * expansion_factor
         n = C.cfg_int(cfg, "num_latents", cfg_file)
     else:
         n = d * C.cfg_int({"expansion_factor": cfg.get("expansion_factor", _DEFAULTS["expansion_factor"])},
