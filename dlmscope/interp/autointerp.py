@@ -164,23 +164,33 @@ def score_report(report: dict, explainer, judge, *, seed: int = 0) -> dict:
     ``latents[id]["interp"] = {"explanation", "accuracy", "balanced_accuracy", "judge", "explainer"}`` into the
     report and returns (and stores as ``report["interp_summary"]``) the means over latents with bootstrap
     intervals: ``accuracy``, ``balanced_accuracy``, ``accuracy_explained`` (latents with an explanation other
-    than "none"), ``explained_fraction`` and ``chance_accuracy`` (an explainer that says "none": 10/14)."""
+    than "none"), ``explained_fraction`` and ``chance_accuracy`` (an explainer that says "none": 10/14).
+
+    When the explainer or the judge raises part-way (an endpoint gone or refusing), the error propagates, but
+    the latents scored before it keep their scores and the summary covers them, with ``complete`` False."""
     if "latents" not in report or "random_windows" not in report:
         raise ValueError("score_report needs a feature report (dlmscope.interp.features.feature_report)")
     accs = []
-    for key, entry in report["latents"].items():
-        explanation = explainer.explain(entry)
-        if explanation is None:                       # the explainer's call failed: no score for this latent
-            continue
-        d = detect(entry, explanation, judge, report["random_windows"], seed=seed + int(key))
-        entry["interp"] = {"explanation": explanation, "accuracy": d["accuracy"],
-                           "balanced_accuracy": d["balanced_accuracy"], "judge": type(judge).__name__,
-                           "explainer": explainer.name}
-        accs.append((d["accuracy"], d["balanced_accuracy"], explanation not in ("none", "")))
+    complete = False
+    try:
+        for key, entry in report["latents"].items():
+            explanation = explainer.explain(entry)
+            if explanation is None:                   # the explainer's call failed: no score for this latent
+                continue
+            d = detect(entry, explanation, judge, report["random_windows"], seed=seed + int(key))
+            entry["interp"] = {"explanation": explanation, "accuracy": d["accuracy"],
+                               "balanced_accuracy": d["balanced_accuracy"], "judge": type(judge).__name__,
+                               "explainer": explainer.name}
+            accs.append((d["accuracy"], d["balanced_accuracy"], explanation not in ("none", "")))
+        complete = True
+    finally:
+        report["interp_summary"] = _summary(accs, seed, complete)
+    return report["interp_summary"]
+
+
+def _summary(accs: list[tuple[float, float, bool]], seed: int, complete: bool) -> dict:
     ci = lambda xs: dataclasses.asdict(bootstrap_mean(xs, seed=seed)) if xs else None  # noqa: E731
-    summary = {"n": len(accs), "accuracy": ci([a for a, _, _ in accs]), "balanced_accuracy": ci([b for _, b, _ in accs]),
-               "explained_fraction": sum(e for _, _, e in accs) / len(accs) if accs else float("nan"),
-               "accuracy_explained": ci([a for a, _, e in accs if e]),
-               "chance_accuracy": DETECT_RANDOM / (DETECT_TOP + DETECT_IW + DETECT_RANDOM)}
-    report["interp_summary"] = summary
-    return summary
+    return {"n": len(accs), "accuracy": ci([a for a, _, _ in accs]), "balanced_accuracy": ci([b for _, b, _ in accs]),
+            "explained_fraction": sum(e for _, _, e in accs) / len(accs) if accs else float("nan"),
+            "accuracy_explained": ci([a for a, _, e in accs if e]),
+            "chance_accuracy": DETECT_RANDOM / (DETECT_TOP + DETECT_IW + DETECT_RANDOM), "complete": complete}

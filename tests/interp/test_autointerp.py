@@ -9,7 +9,7 @@ import torch
 
 from dlmscope.interp.autointerp import (PlantedExplainer, HFExplainer, OpenAIExplainer, detect, detection_windows,
                                  highlight, score_report)
-from dlmscope.interp.judges import OpenAIJudge, PlantedJudge
+from dlmscope.interp.judges import JudgeUnreachable, OpenAIJudge, PlantedJudge
 from dlmscope.world import CONCEPTS
 
 from tests.helpers.chat_server import ChatHandler, serving
@@ -93,3 +93,29 @@ def test_score_report_fills_interp_and_summarises():
     assert s["accuracy_explained"]["mean"] == 1.0 and report["interp_summary"] == s
     with pytest.raises(ValueError, match="feature report"):
         score_report({"latents": {}}, PlantedExplainer(concepts=CONCEPTS), PlantedJudge(concepts=CONCEPTS))
+
+
+class _DiesOnSecond:
+    """An explainer whose endpoint goes away after the first latent."""
+
+    name = "dies"
+
+    def __init__(self):
+        self.planted, self.calls = PlantedExplainer(concepts=CONCEPTS), 0
+
+    def explain(self, entry):
+        self.calls += 1
+        if self.calls > 1:
+            raise JudgeUnreachable("judge endpoint gone")
+        return self.planted.explain(entry)
+
+
+def test_21_8_score_report_keeps_what_was_scored_when_the_judge_fails_late():
+    """A judge failing mid-run raises, but the latents scored before it keep their scores and the summary
+    covers them, so the caller can still write the report."""
+    report = {"random_windows": RANDOM, "latents": {"3": dict(ENTRY), "4": dict(ENTRY)}}
+    with pytest.raises(JudgeUnreachable):
+        score_report(report, _DiesOnSecond(), PlantedJudge(concepts=CONCEPTS))
+    assert report["latents"]["3"]["interp"]["accuracy"] == 1.0 and "interp" not in report["latents"]["4"]
+    s = report["interp_summary"]
+    assert s["n"] == 1 and s["accuracy"]["mean"] == 1.0 and s["complete"] is False
