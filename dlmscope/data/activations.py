@@ -30,6 +30,8 @@ activations to the host (necessary).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor
 
 from dlmscope.util.choices import check_choice
-from .cache import CachedActivationStream, cache_layers, load_cache_index, read_cache, write_cache
+from .cache import CachedActivationStream, cache_layers, dtype_name, load_cache_index, read_cache, write_cache
 from .noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, generator_device, valid_positions
 from .shuffle import LayerStream, check_batching, chunk_len, shuffle_batches, slice_chunk
 
@@ -48,10 +50,16 @@ __all__ = [
     "split_batch",
     "keep_mask",
     "harvest",
+    "model_identity",
     "ActivationStream",
 ]
 
 POLICIES = ("mask", "unmask", "all", "clean")
+#: the files whose names and sizes stand for a model folder's weights in :func:`model_identity`
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
+#: the tokenizer files whose names and sizes :func:`model_identity` records (they turn the text into ids)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 
 # ------------------------------------------------------------------------------------------------ policies
@@ -148,6 +156,51 @@ def _adapter_device(adapter) -> torch.device:
     return next(adapter.model.parameters()).device
 
 
+def model_identity(adapter) -> dict:
+    """What tells ``adapter``'s weights from another model's, cheaply (no weight is read): its folder, resolved,
+    a SHA-256 of its ``config.json`` and the names and sizes of its weight and tokenizer files. An adapter without
+    a folder is named by its source and a hash of its config object."""
+    source = str(getattr(adapter, "source", ""))
+    if source and os.path.isdir(source):
+        folder = os.path.realpath(source)
+        config = os.path.join(folder, "config.json")
+        digest = None
+        if os.path.isfile(config):
+            with open(config, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        files = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+        weights = [[name, os.path.getsize(os.path.join(folder, name))] for name in files
+                   if name.endswith(WEIGHT_SUFFIXES)]
+        tokenizer = [[name, os.path.getsize(os.path.join(folder, name))] for name in files if name in TOKENIZER_FILES]
+        return {"path": folder, "config_sha256": digest, "weights": weights, "tokenizer": tokenizer}
+    config = getattr(getattr(adapter, "model", None), "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    text = json.dumps(to_dict() if callable(to_dict) else repr(config), sort_keys=True, default=repr)
+    return {"path": source, "config_sha256": hashlib.sha256(text.encode()).hexdigest(), "weights": None,
+            "tokenizer": None}
+
+
+def _as_json(value):
+    """``value`` as it reads back from JSON (tuples become lists), so a fresh description compares to a stored one."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _differences(stored, want, key: str = "") -> list[str]:
+    """``key=stored, not want`` for every leaf where two JSON values differ (dicts compared key by key)."""
+    if isinstance(stored, dict) and isinstance(want, dict):
+        out = []
+        for k in sorted(set(stored) | set(want), key=str):
+            out += _differences(stored.get(k), want.get(k), f"{key}.{k}" if key else str(k))
+        return out
+    if stored == want:
+        return []
+
+    def short(v) -> str:
+        text = repr(v)
+        return text if len(text) <= 160 else text[:157] + "..."
+    return [f"{key}={short(stored)}, not {short(want)}"]
+
+
 # ------------------------------------------------------------------------------------------------- streams
 class ActivationStream:
     """Seeded, shuffled activation batches harvested live from a model (optionally cached on disk).
@@ -166,7 +219,11 @@ class ActivationStream:
     device: where the buffer and the yielded batches live (default: the model's device).
     max_tokens: stop harvesting after this many kept tokens (per pass).
     cache_dir / shard_tokens: optional disk cache (see the module docstring). A complete cache there is used
-        as is (its layers must cover ``layers``); otherwise the next full pass writes it.
+        as is (its layers must cover ``layers``); otherwise the next full pass writes it. The cache records what
+        it was harvested from (:meth:`meta`): one harvested otherwise is refused (:meth:`check_cache`).
+    text_source: a JSON description of what ``token_batches`` holds (corpus, split, ``seq_len``, LM batch size,
+        ...), recorded in the cache and compared like the rest of :meth:`meta`; the stream cannot tell it from
+        the batches themselves.
 
     Iterating yields ``dict[layer, Tensor[batch_size, d]]``; :meth:`for_layer` gives one layer's ``[B, d]``
     stream. Every pass replays the same batches.
@@ -190,6 +247,7 @@ class ActivationStream:
         max_tokens: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         shard_tokens: int = 65536,
+        text_source: Mapping | None = None,
     ):
         self.policy = check_policy(policy)
         self.adapter = adapter
@@ -210,6 +268,9 @@ class ActivationStream:
         self.max_tokens = max_tokens
         self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
         self.shard_tokens = int(shard_tokens)
+        if text_source is not None and not isinstance(text_source, Mapping):
+            raise ValueError(f"text_source must be a mapping or None, got {type(text_source).__name__}")
+        self.text_source = _as_json(dict(text_source)) if text_source is not None else None
         self._passes = 0
 
     # -- construction from a cache ---------------------------------------------------------------------
@@ -222,8 +283,14 @@ class ActivationStream:
 
     # -- harvesting --------------------------------------------------------------------------------------
     def meta(self) -> dict:
-        return {"policy": self.policy, "t_min": self.t_min, "t_max": self.t_max, "seed": self.seed,
-                "source": str(getattr(self.adapter, "source", "")), "max_tokens": self.max_tokens}
+        """What this harvest reads and how (recorded in its cache; a cache must match it on every key but
+        ``source``, the model path as given, which ``model`` holds resolved)."""
+        return _as_json({
+            "policy": self.policy, "t_min": self.t_min, "t_max": self.t_max, "seed": self.seed,
+            "source": str(getattr(self.adapter, "source", "")), "max_tokens": self.max_tokens,
+            "model": model_identity(self.adapter), "d": getattr(self.adapter, "d_model", None),
+            "dtype": dtype_name(self.dtype) if self.dtype is not None else None, "text": self.text_source,
+        })
 
     def harvest_chunks(self) -> Iterator[dict[int, Tensor]]:
         """Unshuffled kept activations, one ``{layer: [n_i, d]}`` chunk per LM batch (seeded corruption)."""
@@ -249,24 +316,38 @@ class ActivationStream:
             raise ValueError("token_batches yielded nothing on this pass: pass a re-iterable (list, DataLoader), "
                              "not a one-shot iterator, to iterate the stream more than once")
 
-    def _cache_complete(self) -> bool:
+    def check_cache(self) -> bool:
+        """True when ``cache_dir`` holds a complete cache of this very harvest (then it is read, not harvested);
+        False when there is none to read (no ``cache_dir``, or no complete cache: the next full pass writes one).
+
+        A complete cache of another harvest (another model, text, packing, ``d``, policy, seed, ...) or one that
+        does not record all of :meth:`meta` (an older format, which cannot show which model it holds) is refused:
+        ValueError naming what differs. Nothing is overwritten silently."""
         if self.cache_dir is None:
             return False
         try:
             index = load_cache_index(self.cache_dir)
         except FileNotFoundError:
             return False
-        stored = index.get("meta", {})
-        for key, want in self.meta().items():
-            if key != "source" and key in stored and stored[key] != want:
-                raise ValueError(f"activation cache {self.cache_dir!r} was harvested with {key}={stored[key]!r}, "
-                                 f"not {want!r}; use another cache_dir or delete this one")
+        stored, want = index["meta"], self.meta()
+        del want["source"]
+        missing = [key for key in want if key not in stored]
+        if missing:
+            raise ValueError(f"activation cache {self.cache_dir!r} does not record {', '.join(missing)} (written "
+                             "by an older dlmscope, it cannot show what it was harvested from); use another cache "
+                             "dir or delete this one")
+        differs = _differences({key: stored[key] for key in want}, want)
+        if index["d"] is not None and want["d"] is not None and index["d"] != want["d"] and stored["d"] == want["d"]:
+            differs.append(f"d={index['d']!r} in its shards, not {want['d']!r}")
+        if differs:
+            raise ValueError(f"activation cache {self.cache_dir!r} was harvested with {'; '.join(differs)}; use "
+                             "another cache dir or delete this one")
         cache_layers(index, self.layers, self.cache_dir)
         return True
 
     def _chunks(self, layers: list[int]) -> Iterator[dict[int, Tensor]]:
         self._passes += 1
-        if self._cache_complete():
+        if self.check_cache():
             return read_cache(self.cache_dir, layers, device=self.device or _adapter_device(self.adapter))
         chunks = self.harvest_chunks()
         if self.cache_dir is not None:
@@ -292,7 +373,7 @@ class ActivationStream:
         """Harvest everything once into ``cache_dir`` (no shuffling) and return the cached stream."""
         if self.cache_dir is None:
             raise ValueError("build_cache needs cache_dir")
-        if not self._cache_complete():
+        if not self.check_cache():
             for _ in write_cache(self.harvest_chunks(), self.cache_dir, shard_tokens=self.shard_tokens,
                                  meta=self.meta()):
                 pass

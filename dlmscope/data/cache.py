@@ -13,17 +13,21 @@ import os
 from collections.abc import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from dlmscope.util import atomic
 from .shuffle import SizedLayerStream, check_batching, chunk_len, shuffle_batches, slice_chunk
 
-__all__ = ["CACHE_VERSION", "INDEX_FILE", "write_cache", "read_cache", "load_cache_index", "cache_layers",
-           "CachedActivationStream"]
+__all__ = ["CACHE_VERSION", "INDEX_FILE", "write_cache", "read_cache", "load_cache_index", "check_index",
+           "check_shard", "cache_layers", "CachedActivationStream"]
 
 CACHE_VERSION = 1
 INDEX_FILE = "index.json"
+#: the keys of ``index.json``
+INDEX_KEYS = ("version", "layers", "d", "dtype", "total_tokens", "shards", "meta")
+#: the activation dtypes a cache holds (as ``index.json`` names them) -> safetensors' name for each
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 def write_cache(
@@ -68,6 +72,8 @@ def write_cache(
             layers = sorted(chunk.keys())
             first = chunk[layers[0]]
             d, dtype = int(first.shape[-1]), first.dtype
+            if dtype_name(dtype) not in SAFETENSORS_DTYPES:
+                raise ValueError(f"an activation cache holds {sorted(SAFETENSORS_DTYPES)} activations, not {dtype}")
         m = chunk_len(chunk)
         pos = 0
         while pos < m:
@@ -83,7 +89,7 @@ def write_cache(
         "version": CACHE_VERSION,
         "layers": layers or [],
         "d": d,
-        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "dtype": dtype_name(dtype) if dtype is not None else None,
         "total_tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
         "meta": dict(meta or {}),
@@ -91,16 +97,98 @@ def write_cache(
     atomic.write_json(index_path, index)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``, as ``index.json`` names dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load_cache_index(cache_dir: str | os.PathLike) -> dict:
-    """The ``index.json`` of a complete cache (FileNotFoundError if absent: missing or incomplete cache)."""
-    path = os.path.join(os.fspath(cache_dir), INDEX_FILE)
+    """The checked ``index.json`` of a complete cache (FileNotFoundError if absent: missing or incomplete cache).
+
+    Every shard's header is read too (no tensor data): a malformed index, a shard name that is not a plain file
+    name in the folder, a shard missing, truncated or of another shape or dtype, or a ``total_tokens`` that is not
+    the sum of the shards' rows raise a ValueError naming the file (``total_tokens`` sets a stream's length and so
+    a trainer's LR schedule: it is never taken on trust)."""
+    cache_dir = os.fspath(cache_dir)
+    path = os.path.join(cache_dir, INDEX_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.fspath(cache_dir)!r} holds no complete activation cache (no {INDEX_FILE})")
-    with open(path, encoding="utf-8") as f:
-        index = json.load(f)
-    if index.get("version") != CACHE_VERSION:
-        raise ValueError(f"{path}: unsupported cache version {index.get('version')!r}")
+        raise FileNotFoundError(f"{cache_dir!r} holds no complete activation cache (no {INDEX_FILE})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable activation-cache index ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a readable activation-cache index (JSON nested too deeply)") from None
+    check_index(index, path)
+    for shard in index["shards"]:
+        check_shard(os.path.join(cache_dir, shard["file"]), shard["tokens"], index)
     return index
+
+
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def check_index(index, path: str) -> None:
+    """ValueError naming ``path`` unless ``index`` has the layout :func:`write_cache` writes."""
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(index).__name__}")
+    missing = [key for key in INDEX_KEYS if key not in index]
+    if missing:
+        raise ValueError(f"{path}: activation-cache index lacks {missing}")
+    if index["version"] != CACHE_VERSION or isinstance(index["version"], bool):
+        raise ValueError(f"{path}: unsupported cache version {index['version']!r}")
+    layers, shards = index["layers"], index["shards"]
+    if not isinstance(layers, list) or not all(_is_int(x) for x in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"{path}: layers must be a list of distinct non-negative ints, got {layers!r}")
+    if not isinstance(shards, list):
+        raise ValueError(f"{path}: shards must be a list, got {type(shards).__name__}")
+    if not isinstance(index["meta"], dict):
+        raise ValueError(f"{path}: meta must be an object, got {type(index['meta']).__name__}")
+    # an empty harvest writes no shard and knows no d or dtype
+    empty = not layers and not shards
+    if not (empty and index["d"] is None) and not _is_int(index["d"], 1):
+        raise ValueError(f"{path}: d must be a positive int, got {index['d']!r}")
+    if not (empty and index["dtype"] is None) and not (isinstance(index["dtype"], str)
+                                                       and index["dtype"] in SAFETENSORS_DTYPES):
+        raise ValueError(f"{path}: dtype must be one of {sorted(SAFETENSORS_DTYPES)}, got {index['dtype']!r}")
+    names = set()
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not _is_int(shard.get("tokens")):
+            raise ValueError(f"{path}: shard {i} must be an object with a 'file' name and an int 'tokens' >= 0, "
+                             f"got {shard!r}")
+        name = shard["file"]
+        # a plain name: an index never reads outside its own folder
+        if name in ("", ".", "..") or "/" in name or "\\" in name or os.path.isabs(name):
+            raise ValueError(f"{path}: shard {i}'s file {name!r} is not a plain file name inside the cache folder")
+        if name in names:
+            raise ValueError(f"{path}: shard file {name!r} is listed twice")
+        names.add(name)
+    total = sum(shard["tokens"] for shard in shards)
+    if not _is_int(index["total_tokens"]) or index["total_tokens"] != total:
+        raise ValueError(f"{path}: total_tokens={index['total_tokens']!r} but its shards hold {total} rows")
+
+
+def check_shard(path: str, tokens: int, index: dict) -> None:
+    """ValueError naming the shard at ``path`` unless its header holds ``[tokens, d]`` tensors of the index's dtype
+    for every layer of the index (only the header is read)."""
+    want = [tokens, index["d"]]
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for layer in index["layers"]:
+                key = f"layer_{layer}"
+                if key not in f.keys():
+                    raise ValueError(f"{path}: activation-cache shard has no tensor {key!r}")
+                view = f.get_slice(key)
+                shape, dtype = list(view.get_shape()), view.get_dtype()
+                if shape != want or dtype != SAFETENSORS_DTYPES[index["dtype"]]:
+                    raise ValueError(f"{path}: {key} is {dtype} {shape}, the index says "
+                                     f"{SAFETENSORS_DTYPES[index['dtype']]} {want}")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: activation-cache shard listed in {INDEX_FILE} is missing") from None
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: unreadable activation-cache shard ({type(e).__name__}: {e})") from None
 
 
 def cache_layers(index: dict, layers, source: str) -> list[int]:
@@ -127,8 +215,13 @@ def read_cache(
     layers = cache_layers(index, layers, cache_dir)
     for shard in index["shards"]:
         path = os.path.join(cache_dir, shard["file"])
-        with safe_open(path, framework="pt", device="cpu") as f:
-            chunk = {k: f.get_tensor(f"layer_{k}") for k in layers}
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                chunk = {k: f.get_tensor(f"layer_{k}") for k in layers}
+        except FileNotFoundError:
+            raise ValueError(f"{path}: activation-cache shard listed in {INDEX_FILE} is missing") from None
+        except (SafetensorError, OSError) as e:  # changed on disk since the index was checked
+            raise ValueError(f"{path}: unreadable activation-cache shard ({type(e).__name__}: {e})") from None
         if device is not None:
             chunk = {k: v.to(device) for k, v in chunk.items()}
         yield chunk

@@ -14,7 +14,7 @@ from torch import Tensor
 from dlmscope.data.text import SOURCE_KINDS, require_tokenizer, text_batches
 from dlmscope.world import world_batches
 
-__all__ = ["WORLD", "SOURCES", "token_batches"]
+__all__ = ["WORLD", "SOURCES", "token_batches", "source_identity"]
 
 #: the source name of the embedded world's corpus
 WORLD = "world"
@@ -36,3 +36,21 @@ def token_batches(source: str | os.PathLike, tokenizer, *, seq_len: int, lm_batc
         raise ValueError(f"text source {os.fspath(source)!r} does not exist (expected {SOURCES})")
     return text_batches(source, tokenizer, seq_len=seq_len, lm_batch=lm_batch, text_field=text_field, split=split,
                         heldout_every=heldout_every)
+
+
+def source_identity(source: str | os.PathLike, *, seq_len: int, lm_batch: int, text_field: str = "text",
+                    split: str = "train", heldout_every: int = 10, world_sentences: int = 20_000, seed: int = 0
+                    ) -> dict:
+    """What :func:`token_batches` with these arguments reads and how it packs it, as JSON (an activation cache
+    records it, see :class:`~dlmscope.data.activations.ActivationStream`'s ``text_source``). Only the arguments
+    that source uses: ``world_sentences`` and ``seed`` for the world, ``text_field``, ``split`` and
+    ``heldout_every`` for the others, whose path is resolved (a file's size recorded too, a cheap stand-in for
+    its content)."""
+    if os.fspath(source) == WORLD:
+        text = {"corpus": WORLD, "sentences": world_sentences, "seed": seed}
+    else:
+        path = Path(source).resolve()
+        text = {"corpus": str(path), "text_field": text_field, "split": split, "heldout_every": heldout_every}
+        if path.is_file():
+            text["bytes"] = path.stat().st_size
+    return {**text, "seq_len": seq_len, "lm_batch": lm_batch}

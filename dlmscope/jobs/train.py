@@ -18,14 +18,15 @@ per layer, see :func:`make_saes`) and the trainer (``TrainConfig.seed``).
 Under ``torchrun`` the same call is distributed: each data rank harvests its round-robin slice of the LM batches
 with its own stream seed (:mod:`dlmscope.data.ranks`) and trains on its own activations; with
 ``latent_parallel=R`` every SAE is sharded by latent over R ranks (:mod:`dlmscope.train.latent_trainer`: shards
-initialised directly, the same SAE for every R; sharded checkpoints), the R ranks of a latent group harvesting the same rows.
+initialised directly, the same SAE for every R; sharded checkpoints), the R ranks of a latent group harvesting the
+same rows.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -44,10 +45,14 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.data.shuffle import collect
 from dlmscope.train.trainer import TrainConfig, Trainer
 from dlmscope.train.log import LogConfig
-from .options import add_option, add_text_options, text_from_args
+from .options import add_option, add_text_options, out_dir, positive_int, text_from_args
+from .sources import source_identity
 
 __all__ = ["SweepSpec", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations",
-           "add_parser", "run_from_args"]
+           "TRAIN_BYTES_PER_PARAM", "check_sae_memory", "add_parser", "run_from_args"]
+
+#: bytes per SAE parameter while it trains: the fp32 weight, its gradient and Adam's two moments
+TRAIN_BYTES_PER_PARAM = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,8 @@ class SweepSpec:
         check_policy(self.policy)
         if not self.layers or not self.ks:
             raise ValueError("SweepSpec needs at least one layer and one k")
+        if len(set(self.ks)) != len(self.ks):  # two SAEs of one k would be trained and saved to one folder
+            raise ValueError(f"duplicate k in ks={list(self.ks)}: give each k once")
         if max(self.ks) > self.n_latents or min(self.ks) < 1:
             raise ValueError(f"every k must lie in [1, n_latents={self.n_latents}], got ks={list(self.ks)}")
         if self.tokens < 1 or self.batch_size < 1:
@@ -102,26 +109,31 @@ def make_shards(d: int, spec: SweepSpec, layer: int, grid: ProcessGrid, meta: di
 
 
 def training_stream(adapter, token_batches: Iterable, spec: SweepSpec,
-                    cache_dir: str | os.PathLike | None = None, *, rank: int = 0, world: int = 1) -> ActivationStream:
+                    cache_dir: str | os.PathLike | None = None, *, rank: int = 0, world: int = 1,
+                    text_source: Mapping | None = None) -> ActivationStream:
     """The seeded training stream of every layer of ``spec`` (fp32 activations), or data rank ``rank``'s of
     ``world``: its slice of ``token_batches``, its seed and its share of ``spec.tokens``
-    (:func:`dlmscope.data.ranks.rank_stream`; rank 0 of 1 is the whole stream)."""
+    (:func:`dlmscope.data.ranks.rank_stream`; rank 0 of 1 is the whole stream). ``text_source`` describes the
+    text for the cache (see :class:`~dlmscope.data.activations.ActivationStream`)."""
     return rank_stream(adapter, token_batches, spec.layers, spec.policy, rank=rank, world=world, seed=spec.seed,
                        batch_size=spec.batch_size, buffer_tokens=spec.buffer, t_min=spec.t_min, t_max=spec.t_max,
-                       max_tokens=-(-spec.tokens // world), dtype=torch.float32, cache_dir=cache_dir)
+                       max_tokens=-(-spec.tokens // world), dtype=torch.float32, cache_dir=cache_dir,
+                       text_source=text_source)
 
 
 def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainConfig | None = None, *,
                 cache_dir: str | os.PathLike | None = None, checkpoint_root: str | os.PathLike | None = None,
                 resume: bool = False, saes: dict[int, Sequence[TopKSAE]] | None = None,
-                log: LogConfig | None = None, label: str = "",
-                latent_parallel: int | None = None) -> dict[int, list[TopKSAE]]:
+                log: LogConfig | None = None, label: str = "", latent_parallel: int | None = None,
+                text_source: Mapping | None = None) -> dict[int, list[TopKSAE]]:
     """Harvest ``spec.layers`` of ``adapter`` from ``token_batches`` and train the k sweep per layer.
 
     ``token_batches``: a re-iterable of LM batches (see :class:`~dlmscope.data.activations.ActivationStream`).
     ``train``: the trainer recipe; the spec owns the run's length and seed (``total_tokens = spec.tokens``,
     ``seed = spec.seed``), so a ``train`` that sets ``steps`` or ``total_tokens`` is refused.
-    ``cache_dir``: required for several layers (the harvest is cached there once and replayed per layer).
+    ``cache_dir``: required for several layers (the harvest is cached there once and replayed per layer). A
+    complete cache there from another harvest (model, text, packing, policy, seed, ...) is refused before any
+    training; ``text_source`` describes the text for that check (e.g. :func:`dlmscope.jobs.sources.source_identity`).
     ``checkpoint_root``: trainer checkpoints under ``<root>/layer_<L>/checkpoints``; ``resume`` continues them.
     ``saes``: pre-built SAEs per layer (default :func:`make_saes`). Returns ``{layer: [SAE per k]}``, trained,
     ready for raw activations. ``log``: the trainers' logging (their progress bars read ``train <label> L<layer>``).
@@ -143,7 +155,8 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
         # and a cache of this process's own (no shared writes)
         rank, world = grid.data_rank, grid.data_size
         cache = Path(cache) / f"rank_{D.rank()}" if cache is not None else None
-    stream = training_stream(adapter, token_batches, spec, cache, rank=rank, world=world)
+    stream = training_stream(adapter, token_batches, spec, cache, rank=rank, world=world, text_source=text_source)
+    stream.check_cache()  # a cache of another harvest is refused now, before any SAE is built or trained
     train = dataclasses.replace(train, total_tokens=spec.tokens, seed=spec.seed)
     source = str(getattr(adapter, "source", ""))
     out = {}
@@ -185,41 +198,85 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_text_options(t)
     add_option(t, "--layers")
     t.add_argument("--policy", default="mask", help="mask | unmask | all | clean")
-    t.add_argument("--k", type=int, nargs="+", default=[8, 16, 32])
-    t.add_argument("--n", "--latents", dest="n", type=int, default=1024,
+    t.add_argument("--k", type=positive_int, nargs="+", default=[8, 16, 32], help="the k sweep (each k once)")
+    t.add_argument("--n", "--latents", dest="n", type=positive_int, default=1024,
                    help="latents per SAE (--latents under torchrun, whose parser takes --n for its own --nnodes)")
-    t.add_argument("--tokens", type=int, default=200_000, help="training tokens per layer")
-    t.add_argument("--eval-tokens", type=int, default=20_000)
+    t.add_argument("--tokens", type=positive_int, default=200_000, help="training tokens per layer")
+    t.add_argument("--eval-tokens", type=positive_int, default=20_000)
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--dead-tokens", type=int, default=100_000)
     t.add_argument("--norm-batches", type=int, default=10)
-    t.add_argument("--buffer-tokens", type=int, default=None, help="shuffle-buffer rows (default max(64·batch, 65536))")
+    t.add_argument("--buffer-tokens", type=int, default=None,
+                   help="shuffle-buffer rows (default max(64·batch, 65536))")
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--backend", default=None)
     t.add_argument("--latent-parallel", type=int, default=None, metavar="R",
-                   help="under torchrun: shard every SAE's latents over R ranks per data group (default: data parallel)")
+                   help="under torchrun: shard every SAE's latents over R ranks per data group "
+                        "(default: data parallel)")
     add_option(t, "--out")
     t.set_defaults(func=run_from_args)
     return t
 
 
+def _physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_sae_memory(d: int, n: int, ks: Sequence[int], *, latent_parallel: int | None = None,
+                     device: torch.device | str = "cpu", flag: str = "--n") -> None:
+    """ValueError naming ``flag`` when the k sweep of one layer (``len(ks)`` SAEs of ``n`` latents on ``d``, or
+    this rank's ``n / latent_parallel`` of each) cannot train in the memory of ``device``: its fp32 weights,
+    gradients and Adam moments (:data:`TRAIN_BYTES_PER_PARAM`) must fit in the machine's physical memory (a CUDA
+    device's total memory). A bound no run can beat, so it refuses only the impossible, before any allocation
+    fails deep inside the trainer (or a too-large one swaps for hours)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s"
+    else:
+        have, where = _physical_memory(), "this machine's"
+    if have is None:
+        return
+    latents = -(-n // (latent_parallel or 1))
+    need = TRAIN_BYTES_PER_PARAM * len(ks) * (2 * d * latents + latents + d)
+    if need > have:
+        saes = f"{len(ks)} SAE{'s' if len(ks) > 1 else ''}"
+        raise ValueError(f"{flag} {n}: {saes} of {latents} latents on d={d} need about {need / 2**30:.3g} GiB to "
+                         f"train (fp32 weights, gradients, Adam moments), more than {where} "
+                         f"{have / 2**30:.3g} GiB of memory")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    """Train, then (rank 0) save every SAE under ``--out/layer_<L>/k_<k>`` and write ``summary.json``."""
+    """Train, then (rank 0) save every SAE under ``--out/layer_<L>/k_<k>`` and write ``summary.json``.
+
+    Every argument is checked before the model runs: ``--out`` (not a file), the k sweep (each k once), ``--n``
+    (the SAEs fit in memory), the layers, the text source and any activation cache already in ``--out``."""
+    out = out_dir(args.out)
+    repeated = sorted({k for k in args.k if args.k.count(k) > 1})
+    if repeated:
+        raise ValueError(f"--k {' '.join(map(str, args.k))}: {repeated} given twice; each k trains one SAE, "
+                         "saved under its k")
     adapter = models.load(args.model)
     layers = adapter.check_layers(args.layers)
-    train_batches, held_batches = text_from_args(adapter, args)
-    out = Path(args.out)
     spec = SweepSpec(layers=tuple(layers), ks=tuple(args.k), n_latents=args.n, policy=args.policy,
                      tokens=args.tokens, batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, seed=args.seed)
+    check_sae_memory(adapter.d_model, args.n, spec.ks, latent_parallel=args.latent_parallel,
+                     device=adapter.device if args.latent_parallel else "cpu")
+    train_batches, held_batches = text_from_args(adapter, args)
+    text = source_identity(args.corpus, seq_len=args.seq_len, lm_batch=args.lm_batch, text_field=args.text_field,
+                           split=args.split, world_sentences=args.sentences, seed=args.seed)
     train = TrainConfig(lr=args.lr, warmup_steps=args.warmup, dead_tokens=args.dead_tokens,
                         norm_batches=args.norm_batches, backend=args.backend,
                         checkpoint_every=args.checkpoint_every)
     saes = train_sweep(adapter, train_batches, spec, train, cache_dir=out / "activation_cache",
                        checkpoint_root=out, resume=args.resume, log=LogConfig(log_every=args.log_every),
-                       latent_parallel=args.latent_parallel)
+                       latent_parallel=args.latent_parallel, text_source=text)
     if not D.is_main():  # under torchrun, rank 0 evaluates and writes
         return 0
     # held-out activations of every layer, harvested once and shared by every SAE's evaluation

@@ -6,12 +6,15 @@ import dataclasses
 import pytest
 import torch
 
+from dlmscope import cli
 from dlmscope.data.activations import ActivationStream
+from dlmscope.demo import load_world_model
+from dlmscope.models import Adapter
 from dlmscope.jobs.train import SweepSpec, heldout_activations, make_saes, train_sweep
 from dlmscope.train.trainer import TrainConfig, Trainer
 from dlmscope.train.log import LogConfig
 
-from tests.helpers.tiny_models import make_llada, single_thread  # noqa: F401  (single_thread is autouse)
+from tests.helpers.tiny_models import build_tiny_llada, make_llada, single_thread  # noqa: F401  (autouse)
 
 QUIET = LogConfig(log_every=0, progress=False)
 
@@ -84,3 +87,81 @@ def test_bad_specs_name_the_problem(setup):
         SweepSpec(layers=(0,), ks=(2,), n_latents=48, policy="masked")
     with pytest.raises(ValueError, match="layer"):
         train_sweep(adapter, batches, dataclasses.replace(spec, layers=(7,)), log=QUIET)
+
+
+# ------------------------------------------------------------------------------ the verb: arguments and cache
+REFUSED = "use another cache dir or delete this one"
+SMALL = ["--sentences", "300", "--seq-len", "16", "--lm-batch", "8", "--batch-size", "64", "--layers", "0", "1",
+         "--k", "2", "--n", "32", "--tokens", "256", "--eval-tokens", "128", "--warmup", "1", "--log-every", "0",
+         "--norm-batches", "1", "--buffer-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llada(tmp_path_factory):
+    return build_tiny_llada(tmp_path_factory.mktemp("tiny_llada"))
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Fail any model forward: a refusal must come before the harvest starts."""
+    monkeypatch.setattr(Adapter, "forward_until", lambda *a, **k: pytest.fail("the model ran"))
+
+
+def _train(model, out, *extra) -> int:
+    args = SMALL.copy()
+    for flag, value in zip(extra[::2], extra[1::2]):  # an extra flag replaces SMALL's
+        if flag in args:
+            i = args.index(flag)
+            args[i:i + 2] = [flag, value]
+        else:
+            args += [flag, value]
+    return cli.main(["train", "--model", str(model), *args, "--out", str(out)])
+
+
+def test_21_2_train_refuses_the_cache_of_another_model_or_text(tiny_llada, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(tiny_llada, out) == 0
+    summary = (out / "summary.json").read_text()
+    capsys.readouterr()
+    world_dlm = load_world_model("dlm").source  # another model (other config, d and weights), same tokenizer
+    for extra, differs in (((), "model"), (("--seq-len", "12"), "text.seq_len"),
+                           (("--lm-batch", "4"), "text.lm_batch"), (("--sentences", "400"), "text.sentences")):
+        model = world_dlm if differs == "model" else tiny_llada
+        rc = _train(model, out, *extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and differs in err and REFUSED in err and "Traceback" not in err, err
+    assert (out / "summary.json").read_text() == summary
+
+
+def test_21_12_train_out_that_is_a_file_is_refused_before_work(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    rc = cli.main(["train", "--model", str(tmp_path / "no-model"), "--layers", "0", "--out", str(existing)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "is a file" in err
+    assert existing.read_text() == "mine"
+
+
+def test_21_12_train_huge_n_is_refused_before_the_forward(tiny_llada, tmp_path, capsys, no_forward):
+    rc = _train(tiny_llada, tmp_path / "run", "--n", str(10**12))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--n" in err and "memory" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--n", "--k", "--tokens", "--eval-tokens"])
+def test_21_12_train_sizes_below_one_are_refused_by_the_parser(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", "m", "--layers", "0", "--out", "o", flag, "0"])
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_21_17_train_duplicate_k_is_refused(tiny_llada, tmp_path, capsys, no_forward):
+    i = SMALL.index("--k")
+    rc = cli.main(["train", "--model", str(tiny_llada), *SMALL[:i], "--k", "4", "4", *SMALL[i + 2:],
+                   "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--k" in err and "4" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="duplicate"):
+        SweepSpec(layers=(0,), ks=(4, 2, 4), n_latents=48)
