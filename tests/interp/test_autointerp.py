@@ -66,7 +66,7 @@ def test_openai_explainer_against_a_loopback_server_is_cached(tmp_path):
         again = OpenAIExplainer(OpenAIJudge(url, "m", "k", cache_path=str(tmp_path / "cache.json")))
         assert again.explain(ENTRY) == text and len(srv.seen) == 1                 # the re-run costs nothing
         bad = {"max_act": 1.0, "top": [_win("a b", "a")], "importance": []}
-        bad["top"][0]["values"] = [0.0, 0.0]                                        # nothing highlighted: malformed reply
+        bad["top"][0]["values"] = [0.0, 0.0]                            # nothing highlighted: malformed reply
         assert OpenAIExplainer(client).explain(bad) is None and client.failures == 1
 
 
@@ -87,7 +87,8 @@ def test_score_report_fills_interp_and_summarises():
     report = {"random_windows": RANDOM, "latents": {"3": dict(ENTRY), "4": {"max_act": 1.0,
               "top": [_win("the of a", "of")] * 4, "importance": [_win("the of a", "of")] * 2}}}
     s = score_report(report, PlantedExplainer(concepts=CONCEPTS), PlantedJudge(concepts=CONCEPTS))
-    assert report["latents"]["3"]["interp"]["explanation"] == "food" and report["latents"]["3"]["interp"]["accuracy"] == 1
+    interp = report["latents"]["3"]["interp"]
+    assert interp["explanation"] == "food" and interp["accuracy"] == 1
     assert report["latents"]["4"]["interp"]["explanation"] == "none"
     assert s["n"] == 2 and s["explained_fraction"] == 0.5 and s["chance_accuracy"] == pytest.approx(10 / 14)
     assert s["accuracy_explained"]["mean"] == 1.0 and report["interp_summary"] == s
