@@ -259,15 +259,36 @@ class Adapter:
 
 
 # ------------------------------------------------------------------------------------------ loading helpers
+def _read_json(file: str):
+    """The JSON in ``file``; ``ValueError`` naming it for bad UTF-8, bad JSON or nesting too deep to parse."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{file}: invalid JSON ({type(e).__name__}: {e})") from None
+
+
+def _index_shards(index: str) -> list[str]:
+    """The shard files ``model.safetensors.index.json`` names in its ``weight_map``: plain file names inside its
+    folder (a name with a folder part, ``..`` or an absolute path would read outside it), else ``ValueError``."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> shard file name")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        plain = shard not in ("", ".", "..") and "\0" not in shard and os.path.basename(shard) == shard
+        if not plain or (os.altsep and os.altsep in shard):
+            raise ValueError(f"{index}: weight_map names the shard {shard!r}; shards must be plain file names in "
+                             "the checkpoint folder (no folders, '..' or absolute paths)")
+    return shards
+
+
 def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json: not a model checkpoint directory")
-    with open(cfg_path, encoding="utf-8") as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = _read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object")
     return cfg
@@ -312,10 +333,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(single):
         return load_file(single)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
         sd: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in _index_shards(index):
             sd.update(load_file(os.path.join(path, shard)))
         return sd
     others = [f for f in os.listdir(path) if f.endswith(".safetensors")]

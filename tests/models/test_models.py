@@ -447,3 +447,31 @@ def test_detect_family():
     assert models.detect_family({"model_type": "diffusion_gemma"}) == "diffusion_gemma"
     with pytest.raises(ValueError, match="unsupported model_type None"):
         models.detect_family({})
+
+
+@pytest.mark.parametrize("shard", ["ABS", "../outside.safetensors", "sub/model.safetensors", "..", ""])
+def test_21_18_weight_map_names_only_files_inside_the_checkpoint_folder(tmp_path, shard):
+    t = llada_tensors()
+    d = tmp_path / "ckpt"
+    (d / "sub").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(llada_config()))
+    save_file(t, str(tmp_path / "outside.safetensors"))  # a complete checkpoint outside the folder
+    save_file(t, str(d / "sub" / "model.safetensors"))
+    name = str(tmp_path / "outside.safetensors") if shard == "ABS" else shard
+    index = d / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: name for k in t}}))
+    with pytest.raises(ValueError, match="model.safetensors.index.json.*plain file names") as info:
+        models.load(d)
+    assert str(index) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"weight_map": [1]}', "[]",
+                                  '{"weight_map": {"a": 1}}', "\udcff"])
+def test_21_18_a_bad_weight_index_names_the_file(tmp_path, text):
+    d = write_dir(tmp_path / "ckpt", llada_config(), llada_tensors())
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    index = d / "model.safetensors.index.json"
+    index.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError) as info:
+        models.load(d)
+    assert str(index) in str(info.value)
