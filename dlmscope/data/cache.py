@@ -2,9 +2,14 @@
 
 Layout of ``cache_dir``: ``shard_00000.safetensors`` … with one tensor ``layer_{L}`` ``[n_i, d]`` per layer,
 each written atomically (tmp file + rename), and ``index.json`` (written last, atomically) listing the shards,
-their token counts, the layers, ``d``, the dtype and the harvest settings (``meta``). A directory without
-``index.json`` is an incomplete cache. :class:`CachedActivationStream` streams a complete cache through the
-same shuffle buffer as a live harvest, so it yields the same batches.
+their token counts, the layers, ``d``, the dtype and what the harvest read and how (``meta``: the model's
+identity, the text, the policy, ...; :class:`~dlmscope.data.activations.ActivationStream` refuses a cache whose
+``meta`` is not its own). A directory without ``index.json`` is an incomplete cache. :class:`CachedActivationStream`
+streams a complete cache through the same shuffle buffer as a live harvest, so it yields the same batches.
+
+Reading trusts nothing on disk: :func:`load_cache_index` checks the index and every shard's header against it
+(shard names must be plain file names in the folder), so a damaged or hostile cache raises a ValueError naming
+the file before any tensor is read.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ from torch import Tensor
 from dlmscope.util import atomic
 from .shuffle import SizedLayerStream, check_batching, chunk_len, shuffle_batches, slice_chunk
 
-__all__ = ["CACHE_VERSION", "INDEX_FILE", "write_cache", "read_cache", "load_cache_index", "check_index",
-           "check_shard", "cache_layers", "CachedActivationStream"]
+__all__ = ["CACHE_VERSION", "INDEX_FILE", "INDEX_KEYS", "SAFETENSORS_DTYPES", "write_cache", "read_cache",
+           "load_cache_index", "check_index", "check_shard", "dtype_name", "cache_layers", "CachedActivationStream"]
 
 CACHE_VERSION = 1
 INDEX_FILE = "index.json"
@@ -144,6 +149,8 @@ def check_index(index, path: str) -> None:
         raise ValueError(f"{path}: layers must be a list of distinct non-negative ints, got {layers!r}")
     if not isinstance(shards, list):
         raise ValueError(f"{path}: shards must be a list, got {type(shards).__name__}")
+    if shards and not layers:
+        raise ValueError(f"{path}: shards but no layers")
     if not isinstance(index["meta"], dict):
         raise ValueError(f"{path}: meta must be an object, got {type(index['meta']).__name__}")
     # an empty harvest writes no shard and knows no d or dtype

@@ -124,9 +124,10 @@ def test_21_2_cache_with_another_d_is_refused(llada, cache):
     lambda ix: ix | {"dtype": "complex64"},
     lambda ix: ix | {"meta": []},
     lambda ix: ix | {"version": [1]},
+    lambda ix: ix | {"layers": []},
 ], ids=["list", "string", "no-shards", "no-layers", "no-d", "no-total", "no-meta", "shards-dict", "shard-no-file",
         "shard-file-int", "tokens-str", "shard-str", "shard-twice", "layers-str", "layer-str", "d-str", "d-zero",
-        "dtype-list", "dtype-complex", "meta-list", "version-list"])
+        "dtype-list", "dtype-complex", "meta-list", "version-list", "no-layer"])
 def test_21_13_malformed_index_is_a_value_error_naming_it(cache, edit):
     _edit_index(cache, edit)
     where = re.escape(str(cache / "index.json"))
@@ -203,3 +204,30 @@ def test_21_18_shard_names_outside_the_cache_folder_are_refused(cache, tmp_path,
         load_cache_index(cache)
     with pytest.raises(ValueError, match=f"^{re.escape(str(cache / 'index.json'))}"):
         list(read_cache(cache))
+
+
+def test_21_13_mutated_cache_files_raise_only_value_errors(cache):
+    """Seeded byte flips, truncations and junk in the index and a shard: reading either works or raises a ValueError
+    naming the damaged file, never another exception."""
+    gen = torch.Generator().manual_seed(0)
+    originals = {p: p.read_bytes() for p in (cache / "index.json", cache / "shard_00000.safetensors")}
+    for trial in range(60):
+        target, data = list(originals.items())[trial % 2]
+        data = bytearray(data)
+        kind = trial // 2 % 3
+        if kind == 0:  # flip a few bytes (the index's text or the shard's header)
+            for _ in range(3):
+                i = int(torch.randint(0, min(len(data), 400), (1,), generator=gen))
+                data[i] = int(torch.randint(0, 256, (1,), generator=gen))
+        elif kind == 1:  # truncate
+            data = data[: int(torch.randint(0, len(data), (1,), generator=gen))]
+        else:  # insert junk
+            i = int(torch.randint(0, len(data), (1,), generator=gen))
+            data[i:i] = bytes(int(x) for x in torch.randint(0, 256, (8,), generator=gen))
+        target.write_bytes(bytes(data))
+        try:
+            list(CachedActivationStream(cache, **KW))
+        except ValueError as e:
+            assert str(target) in str(e), (trial, str(e))
+        finally:
+            target.write_bytes(originals[target])
