@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,14 +19,14 @@ from dlmscope.interp.autointerp import OpenAIExplainer, PlantedExplainer, score_
 from dlmscope.interp.concepts import labelled_activations, score_concepts
 from dlmscope.interp.dashboard import write_dashboard
 from dlmscope.interp.features import feature_report
-from dlmscope.interp.judges import OpenAIJudge, PlantedJudge
+from dlmscope.interp.judges import JudgeRejected, JudgeUnreachable, OpenAIJudge, PlantedJudge
 from dlmscope.interp.neuronpedia import export_neuronpedia
 from dlmscope.util import atomic
 from dlmscope.world import CONCEPTS, concept_id_table
-from .options import add_option, add_text_options, load_model_layer_sae, text_from_args
+from .options import add_option, add_text_options, load_model_layer_sae, out_dir, positive_int, text_from_args
 from .sources import WORLD
 
-__all__ = ["add_planted_concepts", "build_report", "add_parser", "run_from_args"]
+__all__ = ["add_planted_concepts", "build_report", "auto_interp", "masking_rate", "add_parser", "run_from_args"]
 
 
 def add_planted_concepts(report: dict, adapter, sae, layer: int, token_batches: Sequence) -> None:
@@ -46,17 +47,34 @@ def build_report(adapter, sae, layer: int, token_batches: Sequence, *, sample: i
     """The feature report with planted concepts (``planted``: world text) and auto-interp scores (the planted
     explainer and judge by default on world text; pass others for real models, or ``explainer=False`` to
     skip auto-interp)."""
+    if explainer is None and not planted:
+        raise ValueError("auto-interp outside the embedded world needs an explainer and a judge "
+                         "(dlmscope.interp.autointerp.HFExplainer / OpenAIExplainer with an HF / OpenAI judge)")
     report = feature_report(adapter, sae, layer, token_batches, sample=sample, masked_t=masked_t, seed=seed,
                             policy=policy, model_name=model_name)
     if planted:
         add_planted_concepts(report, adapter, sae, layer, token_batches)
     if explainer is not False:
-        if explainer is None and not planted:
-            raise ValueError("auto-interp outside the embedded world needs an explainer and a judge "
-                             "(dlmscope.interp.autointerp.HFExplainer / OpenAIExplainer with an HF / OpenAI judge)")
-        score_report(report, explainer or PlantedExplainer(concepts=CONCEPTS), judge or PlantedJudge(concepts=CONCEPTS),
-                     seed=seed)
+        auto_interp(report, explainer, judge, seed=seed)
     return report
+
+
+def auto_interp(report: dict, explainer=None, judge=None, *, seed: int = 0) -> dict:
+    """:func:`dlmscope.interp.autointerp.score_report` of ``report`` with ``explainer`` and ``judge``, the planted
+    ones (the embedded world's concepts) for those not given."""
+    return score_report(report, explainer or PlantedExplainer(concepts=CONCEPTS),
+                        judge or PlantedJudge(concepts=CONCEPTS), seed=seed)
+
+
+def masking_rate(text: str) -> float:
+    """argparse ``type``: a masking rate ``t`` in (0, 1]."""
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < t <= 1:                                              # NaN fails this too
+        raise argparse.ArgumentTypeError(f"a masking rate must be in (0, 1], got {text}")
+    return t
 
 
 # ------------------------------------------------------------------------------------------------- the verb
@@ -66,9 +84,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_text_options(b)
     add_option(b, "--sae")
     add_option(b, "--layer")
-    b.add_argument("--batches", type=int, default=40, help="held-out LM batches read")
-    b.add_argument("--sample", type=int, default=50, help="alive latents in the report")
-    b.add_argument("--masked-t", type=float, default=0.3, help="masking rate of the DLM's masked-position pass")
+    b.add_argument("--batches", type=positive_int, default=40, help="held-out LM batches read")
+    b.add_argument("--sample", type=positive_int, default=50, help="alive latents in the report")
+    b.add_argument("--masked-t", type=masking_rate, default=0.3,
+                   help="masking rate of the DLM's masked-position pass, in (0, 1]")
     b.add_argument("--judge", default="planted", choices=("planted", "openai", "none"),
                    help="auto-interp: planted (world ground truth), openai ($OPENAI_BASE_URL …), none")
     b.add_argument("--neuronpedia", default=None, help="also export the features for Neuronpedia into this dir")
@@ -80,15 +99,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Build the report on ``--batches`` held-out batches; write ``report.json`` and the dashboard under ``--out``."""
-    adapter, layer, sae = load_model_layer_sae(args)
-    _, held = text_from_args(adapter, args)
-    held = list(itertools.islice(held, args.batches))               # read only the batches used
+    """Build the report on ``--batches`` held-out batches; write ``report.json`` and the dashboard under ``--out``.
+
+    The output folders, the judge's cache and (``--judge openai``) its endpoint are checked before the work. The
+    judge's calls and failures are reported at the end (and kept in ``report.json`` as ``judge_calls``); exit 1
+    when every judge call failed. A judge that stops answering part-way (unreachable, refusing) still leaves the
+    report of what was computed, then fails the run with its one-line error."""
+    out = out_dir(args.out)
+    if args.neuronpedia:
+        out_dir(args.neuronpedia, "--neuronpedia")
     world = args.corpus == WORLD
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)                          # before the work: the judge caches into it
+    client = None
     if args.judge == "openai":
         client = OpenAIJudge(cache_path=str(out / "judge_cache.json"))
+        client.check()
         explainer, judge = OpenAIExplainer(client), client
     elif args.judge == "none":
         explainer, judge = False, None
@@ -96,9 +120,22 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not world:
             raise ValueError("--judge planted needs --corpus world (the planted concepts); use openai or none")
         explainer, judge = None, None
-    report = build_report(adapter, sae, layer, held, sample=args.sample, masked_t=args.masked_t,
-                          explainer=explainer, judge=judge, planted=world, seed=args.seed,
-                          policy=str(sae.cfg.meta.get("policy", "")), model_name=args.model)
+    adapter, layer, sae = load_model_layer_sae(args)
+    _, held = text_from_args(adapter, args)
+    held = list(itertools.islice(held, args.batches))               # read only the batches used
+    report = build_report(adapter, sae, layer, held, sample=args.sample, masked_t=args.masked_t, explainer=False,
+                          planted=world, seed=args.seed, policy=str(sae.cfg.meta.get("policy", "")),
+                          model_name=args.model)
+    failed: Exception | None = None
+    if explainer is not False:
+        try:
+            auto_interp(report, explainer, judge, seed=args.seed)
+        except (JudgeRejected, JudgeUnreachable) as exc:           # written below, then raised
+            failed = exc
+            report["interp_error"] = str(exc)
+    if client is not None:
+        report["judge_calls"] = client.stats()
+    out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "report.json", report)
     index = write_dashboard(report, out)
     if args.neuronpedia:
@@ -110,4 +147,20 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"auto-interp over {s['n']} latents: accuracy {s['accuracy']['mean']:.3f} (balanced "
               f"{s['balanced_accuracy']['mean']:.3f}; an explainer that says 'none' gets {s['chance_accuracy']:.3f})")
     print(f"wrote {out / 'report.json'} and the dashboard {index}")
+    if failed is not None:
+        raise failed
+    if client is not None and client.calls:
+        return _judge_verdict(client.stats())
+    return 0
+
+
+def _judge_verdict(stats: dict) -> int:
+    """Print the judge's calls and failures (stderr when any failed); 1 when every call failed, else 0."""
+    reasons = ", ".join(f"{why}: {n}" for why, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]))
+    if stats["failed"] == stats["calls"]:
+        print(f"dlmscope dashboard: error: every one of the {stats['calls']} judge calls failed ({reasons}); the "
+              "report above has no auto-interp scores", file=sys.stderr)
+        return 1
+    line = f"judge: {stats['calls']} calls, {stats['failed']} failed"
+    print(f"{line} ({reasons})" if stats["failed"] else line, file=sys.stderr if stats["failed"] else sys.stdout)
     return 0

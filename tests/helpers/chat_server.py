@@ -15,18 +15,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class ChatHandler(BaseHTTPRequestHandler):
-    """Subclasses implement ``content(body) -> str | None`` (None: answer HTTP 500); requests are kept in
-    ``server.seen``."""
+    """Subclasses implement ``content(body) -> str | int | None`` (an int: answer that HTTP status, no body;
+    None: HTTP 500); requests are kept in ``server.seen``."""
 
-    def content(self, body: dict) -> str | None:
+    def content(self, body: dict) -> str | int | None:
         raise NotImplementedError
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.seen.append(body)
         content = self.content(body)
-        if content is None:
-            self.send_response(500)
+        if content is None or isinstance(content, int):
+            self.send_response(500 if content is None else content)
+            self.send_header("Content-Length", "0")
             self.end_headers()
             return
         reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
