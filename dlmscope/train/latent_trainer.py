@@ -14,11 +14,13 @@ since the other ranks of its latent group hold the same rows. Every rank still j
 agreement, so a rank whose stream ends stops every rank.
 
 Checkpoints are sharded (:mod:`.sharded_checkpoint`): data rank 0 of each latent column writes its shard, rank 0
-the manifest; resume needs the same grid and is exact.
+the manifest; resume needs the same grid and the same run (the base trainer's identity check), and is exact. Rank 0
+chooses the checkpoint to resume for every rank, skipping damaged newer ones with a warning.
 """
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -144,10 +146,30 @@ class LatentParallelTrainer(Trainer):
     def _latest_checkpoint(self) -> Path | None:
         """Rank 0's choice for every rank (one all-reduce): ranks that looked on their own could disagree on a
         laggy shared filesystem, one resuming while another starts fresh."""
-        found = sc.latest(self.cfg.checkpoint_dir) if D.is_main() else None
-        step = torch.tensor([int(found.name.split("-")[1]) if found is not None else -1], device=self.device)
+        found, problem = self._newest_intact() if D.is_main() else (None, None)
+        self._agree(problem, "every checkpoint")
+        step = torch.tensor([ckpt.checkpoint_step(found) if found is not None else -1], device=self.device)
         step = int(D.all_reduce_(step, op="max"))
         return None if step < 0 else Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(step)
+
+    def _newest_intact(self) -> tuple[Path | None, str | None]:
+        """(the newest complete checkpoint whose files parse, why none does when some are damaged); newer damaged
+        ones are skipped with a warning. Step directories without a manifest are interrupted writes, passed over."""
+        skipped = []
+        for path in reversed(ckpt.list_checkpoints(self.cfg.checkpoint_dir)):
+            if not (path / ckpt.META_FILE).is_file():
+                continue
+            try:
+                sc.verify(path)
+            except (ckpt.CorruptCheckpoint, FileNotFoundError) as e:
+                warnings.warn(f"skipping damaged checkpoint {path}: {e}", stacklevel=4)
+                skipped.append(str(e))
+                continue
+            return path, None
+        if skipped:
+            return None, (f"no intact checkpoint to resume in {self.cfg.checkpoint_dir}: {'; '.join(skipped)}. Move "
+                          "the damaged ones out of the folder to start afresh there")
+        return None, None
 
     def save_checkpoint(self) -> Path | None:
         """Each latent shard (from data rank 0) and then the manifest (rank 0); every rank waits."""
@@ -197,7 +219,14 @@ class LatentParallelTrainer(Trainer):
         _on_every_rank(lambda: box.update(t=sc.read_shard(path, self.grid.latent_rank, meta)), "reading a shard",
                        self.device)
         tensors = box["t"]
-        rng_meta = json.loads(bytes(tensors.pop("rng.py_numpy").tolist()).decode())
+        file = Path(path) / sc.shard_name(self.grid.latent_rank, self.grid.latent_size)
+        try:
+            rng_meta = json.loads(bytes(tensors.pop("rng.py_numpy").to(torch.uint8).tolist()).decode())
+        except (KeyError, ValueError, RecursionError) as e:
+            raise ValueError(f"{file}: malformed python / numpy RNG state 'rng.py_numpy' ({type(e).__name__})") \
+                from None
+        if not isinstance(rng_meta, dict):
+            raise ValueError(f"{file}: 'rng.py_numpy' must hold a JSON object, got {type(rng_meta).__name__}")
         self._restore(tensors, {**meta, "rng": rng_meta}, path)
 
 

@@ -16,7 +16,13 @@ replicated: every shard holds them).
 
 :func:`load_merged` joins the shards of a checkpoint in one process (checking that they belong together);
 :func:`load_saes` / :func:`export` turn it into ordinary :class:`~dlmscope.sae.topk.TopKSAE` s on the raw activation
-scale and write them in any single-file format of :mod:`dlmscope.sae.formats`.
+scale and write them in any single-file format of :mod:`dlmscope.sae.formats`; an export checks every target folder
+before it writes any.
+
+Reading validates: a missing file is ``FileNotFoundError``, one that cannot be parsed (a truncated shard, a manifest
+that is not a JSON object) :class:`~dlmscope.train.checkpoint.CorruptCheckpoint`, anything else malformed (wrong
+fields, NaN / Inf tensors) ``ValueError``, each naming the file. :func:`verify` checks a checkpoint's files
+without reading its tensors (a resume uses it to skip a damaged latest checkpoint).
 """
 from __future__ import annotations
 
@@ -26,9 +32,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from dlmscope.sae import formats
 from dlmscope.util import atomic
 from . import checkpoint as ckpt
 from .latent_parallel import shard_bounds
@@ -36,7 +43,7 @@ from .step import adam_index
 from dlmscope.sae.topk import PARAMS, TopKSAE
 
 __all__ = ["FORMAT", "shard_name", "begin", "save_shard", "commit", "list_complete", "latest", "read_meta",
-           "read_shard", "load_merged", "load_saes", "export"]
+           "read_shard", "verify", "load_merged", "load_saes", "export"]
 
 FORMAT = "dlmscope-latent-shard"
 #: tensors that every shard holds whole (the replicated b_dec, its Adam state and the rng); the rest are sliced
@@ -99,10 +106,10 @@ def list_complete(directory: str | Path) -> list[Path]:
         if not (p.is_dir() and re.match(r"^step-\d+$", p.name) and (p / ckpt.META_FILE).is_file()):
             continue
         try:
-            shards = json.loads((p / ckpt.META_FILE).read_text()).get("shards", [])
-        except json.JSONDecodeError:
+            shards = read_meta(p)["shards"]
+        except (ValueError, FileNotFoundError):  # a damaged manifest: not complete
             continue
-        if shards and all((p / s).is_file() for s in shards):
+        if all((p / s).is_file() for s in shards):
             out.append(p)
     return out
 
@@ -113,42 +120,89 @@ def latest(directory: str | Path) -> Path | None:
 
 
 def read_meta(path: str | Path) -> dict:
-    """The manifest of a sharded checkpoint directory; ValueError if it is not one."""
+    """The manifest of a sharded checkpoint directory: ``FileNotFoundError`` without one, ``ValueError`` (naming
+    it) when it is not a sharded checkpoint's manifest."""
     path = Path(path)
     if not (path / ckpt.META_FILE).is_file():
         raise FileNotFoundError(f"{path} has no {ckpt.META_FILE}: not a complete sharded checkpoint (a write that "
                                 "was interrupted before its manifest, or not a checkpoint)")
-    meta = json.loads((path / ckpt.META_FILE).read_text())
+    meta = ckpt.read_meta(path)
+    file = path / ckpt.META_FILE
     if "shards" not in meta or "latent_size" not in meta:
-        raise ValueError(f"{path / ckpt.META_FILE} is not a sharded checkpoint manifest (no 'shards'): a "
+        raise ValueError(f"{file} is not a sharded checkpoint manifest (no 'shards'): a "
                          "single-process checkpoint loads with dlmscope.train.checkpoint.load_checkpoint")
+    size, step, shards, saes = meta["latent_size"], meta.get("step"), meta["shards"], meta.get("saes")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v, lo in ((size, 1), (step, 0))):
+        raise ValueError(f"{file}: 'latent_size' must be a positive int and 'step' a non-negative int, got "
+                         f"{size!r:.40} and {step!r:.40}")
+    if shards != [shard_name(r, size) for r in range(size)]:
+        raise ValueError(f"{file}: 'shards' must name the {size} shard files {shard_name(0, size)}..., "
+                         f"got {shards!r:.200}")
+    if not isinstance(saes, list) or not all(isinstance(c, dict) and isinstance(c.get("n"), int)
+                                             and not isinstance(c.get("n"), bool) and c["n"] >= size for c in saes):
+        raise ValueError(f"{file}: 'saes' must list each SAE's config with an int n >= latent_size, "
+                         f"got {saes!r:.200}")
     return meta
 
 
-def read_shard(path: str | Path, latent_rank: int, meta: dict | None = None) -> dict[str, Tensor]:
-    """Latent rank ``latent_rank``'s tensors of checkpoint ``path``, checked against the manifest."""
-    path = Path(path)
-    meta = meta if meta is not None else read_meta(path)
-    R, step = int(meta["latent_size"]), int(meta["step"])
+def _shard_file(path: Path, latent_rank: int, meta: dict) -> Path:
+    R = meta["latent_size"]
     if not 0 <= latent_rank < R:
         raise ValueError(f"{path} has {R} latent shards; there is no shard {latent_rank}")
     file = path / shard_name(latent_rank, R)
     if not file.is_file():
         raise FileNotFoundError(f"{path}: shard {latent_rank} of {R} ({file.name}) is missing")
-    with safe_open(str(file), framework="pt") as f:
-        info = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return file
+
+
+def _check_shard_info(file: Path, info: dict, latent_rank: int, meta: dict) -> None:
+    """ValueError naming ``file`` unless its safetensors metadata says it is shard ``latent_rank`` of ``meta``."""
+    R, step = meta["latent_size"], meta["step"]
     if info.get("format") != FORMAT:
         raise ValueError(f"{file} is not a latent shard (metadata format {info.get('format')!r})")
-    got = (int(info["latent_rank"]), int(info["latent_size"]), int(info["step"]))
+    try:
+        got = (int(info["latent_rank"]), int(info["latent_size"]), int(info["step"]))
+        bounds = json.loads(info["bounds"])
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
+        raise ValueError(f"{file}: malformed shard metadata ({type(e).__name__}: {e})") from None
     if got != (latent_rank, R, step):
         raise ValueError(f"{file} holds shard {got[0]} of {got[1]} at step {got[2]}, but the manifest expects "
                          f"shard {latent_rank} of {R} at step {step}: mismatched shards")
     want = [list(shard_bounds(c["n"], R)[latent_rank]) for c in meta["saes"]]
-    if json.loads(info["bounds"]) != want:
+    if bounds != want:
         raise ValueError(f"{file} holds latents {info['bounds']} per SAE, but the manifest's SAEs "
                          f"(n={[c['n'] for c in meta['saes']]}) split over {R} ranks give {want}")
+
+
+def read_shard(path: str | Path, latent_rank: int, meta: dict | None = None) -> dict[str, Tensor]:
+    """Latent rank ``latent_rank``'s tensors of checkpoint ``path``, checked against the manifest (and finite)."""
+    path = Path(path)
+    meta = meta if meta is not None else read_meta(path)
+    file = _shard_file(path, latent_rank, meta)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            info = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, ValueError, RecursionError) as e:
+        raise ckpt.CorruptCheckpoint(f"{file} cannot be read, a truncated or damaged shard: {e}") from None
+    _check_shard_info(file, info, latent_rank, meta)
+    ckpt.check_finite(tensors, file)
     return tensors
+
+
+def verify(path: str | Path) -> None:
+    """Check that the sharded checkpoint ``path`` is complete and its files parse (the manifest, and each shard's
+    header and metadata; its tensors are not read). Raises as :func:`read_shard` does."""
+    path = Path(path)
+    meta = read_meta(path)
+    for r in range(meta["latent_size"]):
+        file = _shard_file(path, r, meta)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                info = f.metadata() or {}
+        except (SafetensorError, ValueError, RecursionError) as e:
+            raise ckpt.CorruptCheckpoint(f"{file} cannot be read, a truncated or damaged shard: {e}") from None
+        _check_shard_info(file, info, r, meta)
 
 
 def load_merged(path: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -189,7 +243,33 @@ def load_saes(path: str | Path) -> list[TopKSAE]:
     return saes
 
 
+def _refuse_foreign(target: Path) -> None:
+    """``FileExistsError`` if ``target`` holds anything a save may not replace (:func:`dlmscope.sae.formats.save`'s
+    rule: only the files of a recognisable checkpoint), so that an export refuses before it writes anything."""
+    if not target.is_dir():
+        return
+    entries = sorted(target.iterdir(), key=lambda p: p.name)
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries
+               if p.is_dir() or p.name not in formats.CHECKPOINT_FILES]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{target} is not an SAE checkpoint; refusing to export into it (a save replaces the "
+                              f"whole directory) because it holds {shown}. Nothing was exported: export to a new or "
+                              "empty directory, or move those entries out first")
+    if entries:
+        try:
+            formats.detect_format(target)
+        except ValueError as e:
+            raise FileExistsError(f"{target} is a non-empty directory that is not an SAE checkpoint; refusing to "
+                                  f"export into it ({e}). Nothing was exported") from None
+
+
 def export(path: str | Path, out_dir: str | Path, format: str = "dlmscope") -> list[Path]:
     """Write each SAE of the sharded checkpoint ``path`` to ``out_dir/sae_{i}`` in ``format`` (any of
-    :data:`dlmscope.sae.formats.FORMATS`); returns the directories."""
-    return [sae.save(Path(out_dir) / f"sae_{i}", format) for i, sae in enumerate(load_saes(path))]
+    :data:`dlmscope.sae.formats.FORMATS`); returns the directories. Every target is checked before any is
+    written: one holding anything but a previous SAE checkpoint refuses the whole export (``FileExistsError``)."""
+    saes = load_saes(path)
+    targets = [Path(out_dir) / f"sae_{i}" for i in range(len(saes))]
+    for target in targets:
+        _refuse_foreign(target)
+    return [sae.save(target, format) for sae, target in zip(saes, targets)]

@@ -45,6 +45,10 @@ batch, rank 0 writes checkpoints, and training stops when any rank's stream is e
 
 Resume: ``fit(stream, resume=True)`` continues from the latest checkpoint in ``checkpoint_dir`` (or
 ``resume_from=path``), skipping the batches already trained on from the re-created (deterministic) stream.
+A damaged latest checkpoint is skipped for the newest intact one, with a warning. Each checkpoint records the run's
+identity (:func:`.checkpoint.run_fields`: recipe, SAEs, world size, ``fit(..., data=...)``): a fresh run refuses a
+``checkpoint_dir`` holding checkpoints already, a resume refuses another run's checkpoint naming what differs, and
+a malformed checkpoint raises ``ValueError`` / ``FileNotFoundError`` naming the file before any state is set.
 """
 from __future__ import annotations
 
@@ -66,8 +70,7 @@ from .geometric_median import geometric_median
 from dlmscope.sae.topk import TopKSAE
 from .schedule import lr_at
 from .log import LogConfig, Trackers
-from .step import (ADAM_PARAMS, PARAMS, SAEOptimizer, backward, make_groups, reduce_across_ranks,
-                         sae_loss, step_metrics, terms_by_sae)
+from .step import PARAMS, SAEOptimizer, backward, make_groups, reduce_across_ranks, sae_loss, step_metrics, terms_by_sae
 from .batches import CheckedBatches
 
 __all__ = ["TrainConfig", "LogConfig", "Trainer"]
@@ -196,6 +199,9 @@ class Trainer:
         self._pulled = 0              # index of the next raw batch to pull from this rank's stream
         self._batches: CheckedBatches | None = None
         self._fitted = False
+        #: what the stream is (``fit(..., data=...)``): part of the run's identity
+        self.data_identity = None
+        self._loaded: tuple[Path, dict[str, Tensor], dict] | None = None  # a checkpoint read while choosing it
         cfg = self.cfg
         self.k_aux = [min(cfg.k_aux if cfg.k_aux is not None else self.d // 2, s.n) for s in saes]
         compute_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype is not None else None
@@ -258,31 +264,35 @@ class Trainer:
                 "sae": step_metrics(xs, self.saes, self.groups, terms, losses, cfg.dead_tokens)}
 
     # ---- fit ---------------------------------------------------------------------------------------------------
-    def fit(self, stream: Iterable[Tensor], *, resume: bool = False,
-            resume_from: str | Path | None = None) -> list[TopKSAE]:
+    def fit(self, stream: Iterable[Tensor], *, resume: bool = False, resume_from: str | Path | None = None,
+            data=None) -> list[TopKSAE]:
         """Train on ``stream`` (an iterable of [B, d] tensors); returns the SAEs, ready for raw activations.
 
-        ``resume=True`` continues from the latest checkpoint in ``cfg.checkpoint_dir`` if there is one (else
-        starts fresh); ``resume_from`` names a checkpoint directory. The stream must then be the same,
-        re-created stream: the batches already trained on are pulled and skipped.
+        ``resume=True`` continues from the latest intact checkpoint in ``cfg.checkpoint_dir`` if there is one
+        (else starts fresh, refusing a ``checkpoint_dir`` holding checkpoints); ``resume_from`` names a checkpoint
+        directory. The stream must then be the same, re-created stream: the batches already trained on are skipped.
+        ``data`` (JSON: what the stream is, e.g. model, text, harvest settings) joins the run's identity.
         """
         if self._fitted:
             raise RuntimeError("this Trainer has already fitted its SAEs (their biases are rescaled to raw "
                                "activations); make a new Trainer to train further")
         cfg = self.cfg
+        self.data_identity = json.loads(json.dumps(data, sort_keys=True, allow_nan=False))  # plain JSON, or raise
         D.maybe_init(self.device)
         path = Path(resume_from) if resume_from is not None else None
         if path is None and resume and cfg.checkpoint_dir:
             path = self._latest_checkpoint()
         fresh = path is None
+        if not fresh:
+            self.load_checkpoint(path)
+        if cfg.checkpoint_dir:  # after the load: a resume checks the folder's other checkpoints against this run
+            self._claim_checkpoint_dir(path)
         if fresh:
             if cfg.seed is not None:
                 random.seed(cfg.seed)
                 np.random.seed(cfg.seed)
                 torch.manual_seed(cfg.seed + D.rank())
             self._broadcast_params()
-        else:
-            self.load_checkpoint(path)
 
         it = iter(stream)
         for skipped in range(self._pulled):  # batches trained on before the checkpoint
@@ -404,21 +414,8 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, Tensor]:
-        """Everything that determines the next step, by name: ``sae.{i}.{param}``, ``adam.{i}.{j}.{key}``,
-        ``dec.{i}.exp_avg(_sq)``, ``dead.{i}`` (tokens since each latent fired)."""
-        tensors: dict[str, Tensor] = {}
-        for i, (s, optimizer) in enumerate(zip(self.saes, self.optimizers)):
-            for p in PARAMS:
-                tensors[f"sae.{i}.{p}"] = getattr(s, p).detach()
-            for j, pstate in optimizer.adam.state_dict()["state"].items():
-                for key, value in pstate.items():
-                    tensors[f"adam.{i}.{j}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
-            tensors[f"dec.{i}.exp_avg"] = optimizer.dec_exp_avg
-            tensors[f"dec.{i}.exp_avg_sq"] = optimizer.dec_exp_avg_sq
-        for group in self.groups:
-            for j, i in enumerate(group.members):
-                tensors[f"dead.{i}"] = group.since[group.latents(j)]
-        return tensors
+        """Everything that determines the next step, by name (:func:`.checkpoint.state_tensors`)."""
+        return ckpt.state_tensors(self.saes, self.optimizers, self.groups)
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current state to ``cfg.checkpoint_dir`` (rank 0 writes; all ranks wait)."""
@@ -437,47 +434,65 @@ class Trainer:
         return path
 
     def _checkpoint_meta(self, rng_meta: dict) -> dict:
+        fields = self._run_fields()
         return {"format": "dlmscope-trainer-checkpoint", "version": 1,
                 "step": self.step, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
                 "batches_consumed": self.step, "norm_factor": self.norm_factor, "world_size": D.world_size(),
-                "config": self.cfg.to_dict(), "saes": [s.cfg.to_dict() for s in self.saes], "rng": rng_meta}
+                "config": self.cfg.to_dict(), "saes": [s.cfg.to_dict() for s in self.saes], "rng": rng_meta,
+                "run": {"id": ckpt.run_identity(fields), "fields": fields}}
 
+    # ---- a run's identity -------------------------------------------------------------------------------------
+    def _run_fields(self) -> dict:
+        """What decides what this run trains (:func:`.checkpoint.run_fields`)."""
+        saes = [{**s.cfg.to_dict(), "dtype": str(s.W_dec.dtype).removeprefix("torch.")} for s in self.saes]
+        return ckpt.run_fields(self.cfg.to_dict(), saes, D.world_size(), self.data_identity)
+
+    def _claim_checkpoint_dir(self, resumed: Path | None) -> None:
+        """Refuse, on every rank as rank 0 finds, a ``checkpoint_dir`` holding another run's checkpoints."""
+        fields = self._run_fields()
+        self._agree(ckpt.checkpoint_dir_problem(self.cfg.checkpoint_dir, fields, resumed) if D.is_main() else None,
+                    "the checkpoint_dir")
+
+    def _agree(self, problem: str | None, what: str) -> None:
+        """Raise ``problem`` here, and on every other rank too (one all-reduce), so that none is left waiting."""
+        flag = D.all_reduce_(torch.tensor([int(problem is not None)], device=self.device), op="max")
+        if problem is not None:
+            raise ValueError(problem)
+        if int(flag.item()):
+            raise ValueError(f"rank 0 refused {what} (see its error)")
+
+    # ---- resume ------------------------------------------------------------------------------------------------
     def _latest_checkpoint(self) -> Path | None:
-        return ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        """The newest checkpoint in ``checkpoint_dir`` that reads (:func:`.checkpoint.newest_intact`), kept read."""
+        self._loaded = ckpt.newest_intact(self.cfg.checkpoint_dir)
+        return self._loaded[0] if self._loaded is not None else None
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore the trainer state (SAEs, optimisers, counters, schedule, RNG, stream position) from ``path``.
 
-        The saved ``config`` is not applied (this trainer's ``cfg`` is); it may hold keys of any age."""
-        self._restore(*ckpt.load_checkpoint(path), path)
+        The saved ``config`` is not applied (this trainer's ``cfg`` is); it may hold keys of any age. The checkpoint
+        must be this run's (same identity) and well formed; ValueError / FileNotFoundError naming it otherwise."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded[0] == Path(path):
+            self._restore(loaded[1], loaded[2], path)
+        else:
+            self._restore(*ckpt.load_checkpoint(path), path)
 
-    @torch.no_grad()
     def _restore(self, tensors: dict[str, Tensor], meta: dict, path: str | Path) -> None:
-        """Set the state from a checkpoint's ``tensors`` (named as :meth:`_state_tensors` names them) and ``meta``."""
+        """Set the state from a checkpoint's ``tensors`` (named as :meth:`_state_tensors` names them) and ``meta``,
+        after checking all of it against this run (nothing is set from a checkpoint that is refused)."""
+        ckpt.check_meta(meta, path)
         saved = [(c["d"], c["n"], c["k"]) for c in meta["saes"]]
         ours = [(s.d, s.n, s.k) for s in self.saes]
         if saved != ours:
             raise ValueError(f"checkpoint {path} holds SAEs (d, n, k) = {saved}, but this trainer has {ours}")
-        for i, (s, optimizer) in enumerate(zip(self.saes, self.optimizers)):
-            for p in PARAMS:
-                getattr(s, p).copy_(tensors[f"sae.{i}.{p}"])
-            sd = optimizer.adam.state_dict()
-            state = {}
-            for j in range(len(ADAM_PARAMS)):
-                prefix = f"adam.{i}.{j}."
-                entry = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-                if entry:
-                    state[j] = entry
-            sd["state"] = state
-            optimizer.adam.load_state_dict(sd)
-            optimizer.dec_exp_avg.copy_(tensors[f"dec.{i}.exp_avg"])
-            optimizer.dec_exp_avg_sq.copy_(tensors[f"dec.{i}.exp_avg_sq"])
-        for group in self.groups:
-            group.since = torch.cat([tensors[f"dead.{i}"] for i in group.members]).to(group.device)
+        ckpt.check_identity(self._run_fields(), meta, path)
+        ckpt.check_state(tensors, self.saes, self.optimizers, self.groups, path)
+        ckpt.set_rng_state(tensors, meta.get("rng", {}), f"checkpoint {path}")
+        ckpt.set_state(tensors, self.saes, self.optimizers, self.groups)
         self.step = int(meta["step"])
         self.total_steps = meta["total_steps"]
         self.tokens_seen = int(meta["tokens_seen"])
         self.norm_factor = meta["norm_factor"]
         self._pulled = int(meta["batches_consumed"])
-        ckpt.set_rng_state(tensors, meta.get("rng", {}))
         self.last_checkpoint = Path(path)

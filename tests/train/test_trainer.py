@@ -425,12 +425,14 @@ def test_resume_from_checkpoint_whose_config_has_logging_keys(tmp_path):
     make = lambda: [TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(4))]  # noqa: E731
     cfg = _quiet(steps=8, dead_tokens=256, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=4)
     full = Trainer(make(), cfg, log=_log()).fit(iter(batches))
-    Trainer(make(), cfg, log=_log()).fit(iter(batches[:5]))  # stopped by its stream: last checkpoint at step 5
-    tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "a"))
+    cut = TrainConfig.from_dict({**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "b")})
+    Trainer(make(), cut, log=_log()).fit(iter(batches[:5]))  # stopped by its stream: last checkpoint at step 5
+    tensors, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b"))
+    assert meta["step"] == 5
     meta["config"].update(log_every=100, progress=True, progress_desc="SAE training", wandb_project=None,
                           wandb_run_name=None, tensorboard_dir=None)
     old = ckpt.save_checkpoint(tmp_path / "old", meta["step"], tensors, meta)
-    assert TrainConfig.split_dict(ckpt.load_checkpoint(old)[1]["config"])[0] == cfg
+    assert TrainConfig.split_dict(ckpt.load_checkpoint(old)[1]["config"])[0] == cut
     saved_cfg, _ = TrainConfig.split_dict({**meta["config"], "checkpoint_dir": str(tmp_path / "c")})
     resumed = Trainer(make(), saved_cfg, log=_log())
     resumed.fit(iter(batches), resume_from=old)
