@@ -17,6 +17,7 @@ range — are on by default and can be switched off for hot loops with ``set_val
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -60,6 +61,17 @@ def value_checks(enabled: bool):
 
 def _checking_values() -> bool:
     return _value_checks and not torch.compiler.is_compiling()
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(requested: str | None, device: torch.device) -> str:
+    """The name of the backend that runs for ``requested`` on ``device`` (see :func:`resolve_backend`).
+
+    ``torch.compile`` calls this once while tracing and keeps the name as a constant, so the backend's first
+    (lazy) import happens outside the traced graph: a ``fullgraph=True`` compile works as the very first call.
+    A compiled graph keeps the backend it was traced with, even if ``$DLMSCOPE_BACKEND`` changes later.
+    """
+    return resolve_backend(requested, device).name
 
 
 # ---- validation ---------------------------------------------------------------------------------------
@@ -333,9 +345,8 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, 
     Differentiable in x, W_enc, b_enc, b_dec; only the selected pre-activations carry gradient.
     """
     x2, lead = _validate_encode(x, W_enc, b_enc, b_dec, k)
-    impl = resolve_backend(backend, x2.device)
     values, indices = _topk_encode_op(x2.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(),
-                                      int(k), impl.name)
+                                      int(k), _backend_name(backend, x2.device))
     return values.reshape(*lead, int(k)), indices.reshape(*lead, int(k))
 
 
@@ -384,9 +395,9 @@ def topk_encode_grouped(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, 
         if len(k_aux) != len(ks) or any(not 0 <= ka <= size for ka, size in zip(k_aux, sizes)):
             raise ValueError(f"k_aux must give one value in [0, size] per segment, got {k_aux} for sizes {sizes}")
         aux_mask = aux_mask.contiguous()
-    impl = resolve_backend(backend, x2.device)
     return GroupedCodes(*_topk_encode_grouped_op(x2.contiguous(), W_enc.contiguous(), b_enc.contiguous(),
-                                                 b_dec.contiguous(), ks, sizes, aux_mask, list(k_aux), impl.name))
+                                                 b_dec.contiguous(), ks, sizes, aux_mask, list(k_aux),
+                                                 _backend_name(backend, x2.device)))
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,
@@ -397,8 +408,8 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     Duplicate indices within a row add up. Differentiable in values, W_dec, b_dec.
     """
     v2, i2, lead = _validate_decode(values, indices, W_dec, b_dec)
-    impl = resolve_backend(backend, v2.device)
-    x_hat = _sparse_decode_op(v2.contiguous(), i2.contiguous(), W_dec.contiguous(), b_dec.contiguous(), impl.name)
+    x_hat = _sparse_decode_op(v2.contiguous(), i2.contiguous(), W_dec.contiguous(), b_dec.contiguous(),
+                              _backend_name(backend, v2.device))
     return x_hat.reshape(*lead, W_dec.shape[1])
 
 
@@ -432,7 +443,7 @@ def decoder_norm_step(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
     if not eps > 0.0:
         raise ValueError(f"eps must be > 0, got {eps}")
     _require_finite("grad", grad)
-    impl = resolve_backend(backend, W_dec.device)
+    name = _backend_name(backend, W_dec.device)
     with torch.no_grad():
         _decoder_norm_step_op(W_dec, grad.contiguous(), exp_avg, exp_avg_sq, step, float(lr), beta1, beta2,
-                              float(eps), impl.name)
+                              float(eps), name)
