@@ -278,6 +278,7 @@ class OpenAIJudge:
         self.sleep = sleep
         self.cache_path = cache_path
         self.cache: dict[str, object] = self._load_cache(cache_path) if cache_path else {}
+        self.cache_unwritable = False
         self.calls = self.failures = self.requests = 0
         self.failure_reasons: collections.Counter[str] = collections.Counter()
 
@@ -438,17 +439,23 @@ class OpenAIJudge:
     def cached(self, key_parts, compute: Callable[[], object]):
         """The cached value for ``key_parts`` (with the base URL and the model: another endpoint serving the
         same model name is another judge), computing and storing it if absent; a None result (a failed call) is
-        not cached."""
+        not cached. A cache file that cannot be written warns once and the cache stays in memory: losing the
+        answers a run has paid for to a full disk would be worse."""
         key = hashlib.sha256(json.dumps([self.base_url, self.model, *key_parts]).encode()).hexdigest()
         if key not in self.cache:
             value = compute()
             if value is None:
                 return None
             self.cache[key] = value
-            if self.cache_path:
-                # the cache may live in an output folder the run has not made yet (``dashboard --out``)
-                os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
-                atomic.write_json(self.cache_path, self.cache)
+            if self.cache_path and not self.cache_unwritable:
+                try:
+                    # the cache may live in an output folder the run has not made yet (``dashboard --out``)
+                    os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+                    atomic.write_json(self.cache_path, self.cache)
+                except OSError as exc:
+                    self.cache_unwritable = True
+                    warnings.warn(f"judge cache {self.cache_path} could not be written ({exc}); the answers stay "
+                                  "in memory for this run only", UserWarning, stacklevel=2)
         return self.cache[key]
 
     def score(self, concept: str, texts: Sequence[str]) -> list[float | None]:

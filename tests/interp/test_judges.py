@@ -294,3 +294,14 @@ def test_21_12_check_stops_a_dead_endpoint_or_a_refused_key_before_the_work():
             OpenAIJudge(_url(srv), "m", "k").check()
     with serving(_ScoreHandler) as srv:                      # no GET at all (501)
         OpenAIJudge(_url(srv), "m", "k").check()
+
+
+def test_21_8_an_unwritable_cache_warns_once_and_the_judging_goes_on(server, tmp_path):
+    """Saving the cache is a saving, not the result: a cache that cannot be written (here its folder is a file)
+    warns once, and the answers still come back (kept in memory)."""
+    (tmp_path / "file").write_text("")
+    j = OpenAIJudge(_url(server), "tiny", "k", retries=1, backoff=0.0,
+                    cache_path=str(tmp_path / "file" / "judge.json"))
+    with pytest.warns(UserWarning, match="could not be written") as record:
+        assert j.score("red", ["a red cat", "a blue cat"]) == [0.9, 0.1]
+    assert len(record) == 1 and len(j.cache) == 2
