@@ -105,9 +105,12 @@ def _esc(text) -> str:
 
 def _num(x) -> float | None:
     """``x`` as a finite float, or None (missing / not a number / NaN)."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         return None
-    return float(x)
+    try:
+        return float(x) if math.isfinite(x) else None
+    except OverflowError:  # an int too large for a float
+        return None
 
 
 def _fmt(x, spec: str = ".3g") -> str:

@@ -14,8 +14,9 @@ optional parts marked::
                            "interp": {"explanation", "accuracy", "judge"}, "concept": {"name", "f1"}}}}
     window = {"tokens": [T] str, "values": [T] float (this latent's activation per token), "centre": int}
 
-:func:`validate_report` checks every part that is present: numbers are finite (``frequency`` a fraction), a
-window has as many values as tokens and its centre among them, histogram edges increase and counts are
+:func:`validate_report` checks every part that is present: each field has its type (counts ints >= 0, names
+strings, ``is_diffusion`` a bool), numbers are finite (``frequency`` a fraction), a window has as many values as
+tokens and its centre among them, histogram edges increase and counts are
 ``>= 0``, a ``masked`` section only in a report for a diffusion LM. A reader names what it cannot do without
 (``require_header`` / ``require_entry``): the dashboard each latent's ``top`` windows, the Neuronpedia export the
 ``layer`` and each latent's ``frequency``. A bad report raises ``ValueError("bad report: ...")`` naming the
@@ -37,16 +38,44 @@ REQUIRABLE_HEADER = ("layer",)
 REQUIRABLE_ENTRY = ("frequency", "n_fired", "max_act", "top", "importance")
 
 
+def _finite(x: numbers.Real) -> bool:
+    """Whether the real number ``x`` is finite as a float (an int too large for a float is not)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _number(x, where: str, *, required: bool = False, fraction: bool = False) -> None:
     """A finite real number (not a bool), in [0, 1] for a ``fraction``; None passes unless ``required``."""
     if x is None and not required:
         return
     if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
-        raise ValueError(f"bad report: {where} must be a number, got {x!r}")
-    if x is None or not math.isfinite(x):
-        raise ValueError(f"bad report: {where} must be a finite number, got {x!r}")
+        raise ValueError(f"bad report: {where} must be a number, got {_short(x)}")
+    if x is None or not _finite(x):
+        raise ValueError(f"bad report: {where} must be a finite number, got {_short(x)}")
     if fraction and not 0 <= x <= 1:
         raise ValueError(f"bad report: {where} must be a fraction in [0, 1], got {x!r}")
+
+
+def _short(x) -> str:
+    """``repr(x)``, cut to 60 characters (a wrong value may be a whole section)."""
+    text = repr(x) if not isinstance(x, int) or abs(x) < 10 ** 30 else f"an integer of {len(str(abs(x)))} digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _typed(x, types: tuple, what: str, where: str) -> None:
+    """``x`` is None or an instance of ``types`` (not a bool unless ``bool`` is one of them), else ValueError."""
+    if x is None or (isinstance(x, types) and (bool in types or not isinstance(x, bool))):
+        return
+    raise ValueError(f"bad report: {where} must be {what}, got {_short(x)}")
+
+
+def _count(x, where: str) -> None:
+    """An int >= 0 (not a bool); None passes."""
+    _typed(x, (int,), "an int >= 0", where)
+    if x is not None and x < 0:
+        raise ValueError(f"bad report: {where} must be an int >= 0, got {_short(x)}")
 
 
 def _windows(part: Mapping, name: str, where: str, *, prefix: str = "", required: bool = False) -> None:
@@ -79,6 +108,7 @@ def _windows(part: Mapping, name: str, where: str, *, prefix: str = "", required
                              f"must be a token index in [0, {n}))")
         for j, v in enumerate(values):
             _number(v, f"{at}.values[{j}]", required=True)
+        _typed(w.get("hidden"), (str,), "a string (the token a [MASK] hid)", f"{at}.hidden")
 
 
 def _pairs(part: Mapping, name: str, where: str) -> None:
@@ -144,11 +174,12 @@ def _latent(key: str, entry, diffusion: bool, required: Sequence[str]) -> None:
         _windows(masked, "top", where, prefix="masked.")
         _pairs(masked, "hidden_tokens", f"{where}: masked")
     interp = _section(entry, "interp", where)
-    explanation = interp.get("explanation")
-    if explanation is not None and not isinstance(explanation, str):
-        raise ValueError(f"bad report: {where}: interp.explanation must be a string, got {explanation!r}")
+    for name in ("explanation", "judge", "explainer"):
+        _typed(interp.get(name), (str,), "a string", f"{where}: interp.{name}")
     _number(interp.get("accuracy"), f"{where}: interp.accuracy")
-    _section(entry, "concept", where)
+    concept = _section(entry, "concept", where)
+    _typed(concept.get("name"), (str,), "a string", f"{where}: concept.name")
+    _typed(concept.get("f1"), (numbers.Real,), "a number", f"{where}: concept.f1")
 
 
 def validate_report(report, *, require_header: Sequence[str] = (), require_entry: Sequence[str] = ()) -> None:
@@ -171,7 +202,12 @@ def validate_report(report, *, require_header: Sequence[str] = (), require_entry
     layer = report.get("layer")
     if layer is not None or "layer" in require_header:
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ValueError(f"bad report: 'layer' must be an int >= 0, got {layer!r}")
+            raise ValueError(f"bad report: 'layer' must be an int >= 0, got {_short(layer)}")
+    for name in ("n_latents", "k", "tokens_seen", "alive"):
+        _count(report.get(name), repr(name))
+    for name in ("model", "policy"):
+        _typed(report.get(name), (str,), "a string", repr(name))
+    _typed(report.get("is_diffusion"), (bool,), "true or false", "'is_diffusion'")
     for key, entry in latents.items():
         if not isinstance(key, str) or not LATENT_KEY.fullmatch(key):
             raise ValueError(f"bad report: each key of 'latents' is a latent id string: it must be str(latent id), "

@@ -302,3 +302,23 @@ def test_chromium_renders_a_latent_page(chromium, tmp_path):
     assert "<h1>Latent 17</h1>" in dom and 'id="masked"' in dom and "<svg" in dom
     assert "&lt;script&gt;" in dom and "<script" not in dom
     _assert_screenshot(shot)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: r["latents"]["7"].update(frequency=10 ** 400), "frequency"),
+    (lambda r: r["latents"]["7"]["top"][0]["values"].__setitem__(0, -10 ** 400), r"top\[0\].values\[0\]"),
+    (lambda r: r["latents"]["7"]["histogram"]["counts"].__setitem__(0, 10 ** 400), r"histogram.counts\[0\]"),
+    (lambda r: r.update(n_latents="many"), "'n_latents'"),
+    (lambda r: r.update(k=[8]), "'k'"),
+    (lambda r: r.update(tokens_seen=-1), "'tokens_seen'"),
+    (lambda r: r.update(model={"name": "m"}), "'model'"),
+    (lambda r: r.update(is_diffusion="yes"), "'is_diffusion'"),
+    (lambda r: r["latents"]["7"]["interp"].update(judge=["planted"]), "interp.judge"),
+    (lambda r: r["latents"]["7"]["concept"].update(name=3), "concept.name"),
+    (lambda r: r["latents"]["7"]["concept"].update(f1="high"), "concept.f1"),
+    (lambda r: r["latents"]["7"]["masked"]["top"][0].update(hidden={"t": 1}), r"masked.top\[0\].hidden"),
+])
+def test_21_13_write_dashboard_with_wrong_field_types_names_the_field(tmp_path, change, field):
+    with pytest.raises(ValueError, match=f"bad report: .*{field}"):
+        write_dashboard(_bad(change), tmp_path)
+    assert not (tmp_path / "index.html").exists()
