@@ -1,6 +1,6 @@
 """Subprocess entry for the trainer's resume and torchrun tests (not a test module itself).
 
-    python -m tests.helpers.train_worker --out final.safetensors [--ckpt DIR] [--resume] [--kill-at N]
+    python -m tests.helpers.train_worker --out final.safetensors [--ckpt DIR] [--resume] [--kill-at N] [--lr LR]
     python -m torch.distributed.run --nproc-per-node 2 -m tests.helpers.train_worker --out final.safetensors
 
 The problem (SAEs, stream, config) is defined here once so the tests can build the same run in-process. Under
@@ -80,9 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--steps", type=int, default=N_BATCHES)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: make_config's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = make_config(steps=args.steps, checkpoint_dir=args.ckpt,
+    lr = {} if args.lr is None else {"lr": args.lr}
+    cfg = make_config(steps=args.steps, checkpoint_dir=args.ckpt, **lr,
                       checkpoint_every=args.checkpoint_every if args.ckpt else None)
     trainer = Trainer(make_saes(), cfg, log=make_log())
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.torchrun import run_torchrun
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,3 +53,23 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     got = load_file(str(out))
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.distributed
+def test_21_6_ddp_fresh_run_and_another_runs_resume_are_refused_on_every_rank(tmp_path):
+    """Rank 0 judges the checkpoint folder and every rank stops with it (none left waiting in a collective)."""
+    ck = tmp_path / "ckpt"
+    worker = "tests.helpers.train_worker"
+    first = run_torchrun(2, "--out", str(tmp_path / "a.safetensors"), "--steps", "20", "--ckpt", str(ck),
+                         worker=worker)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in ck.iterdir())
+    fresh = run_torchrun(2, "--out", str(tmp_path / "b.safetensors"), "--steps", "20", "--ckpt", str(ck),
+                         worker=worker)
+    assert fresh.returncode != 0 and "already holds checkpoints" in fresh.stderr, fresh.stderr[-3000:]
+    assert "rank 0 refused the checkpoint_dir" in fresh.stderr  # rank 1 stopped too
+    other = run_torchrun(2, "--out", str(tmp_path / "c.safetensors"), "--steps", "20", "--ckpt", str(ck),
+                         "--resume", "--lr", "0.003", worker=worker)
+    assert other.returncode != 0 and "config.lr" in other.stderr, other.stderr[-3000:]
+    assert sorted(p.name for p in ck.iterdir()) == before
+    assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
