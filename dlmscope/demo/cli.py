@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
+
+from dlmscope.jobs.options import out_dir
 
 from .config import DemoConfig
 from .run import run_demo
@@ -65,9 +66,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the demo into ``--out`` and say what it wrote."""
-    results = run_demo(args.out, config_from_args(args))
-    out = Path(args.out)
+    """Run the demo into ``--out`` (checked first: not a file) and say what it wrote."""
+    out = out_dir(args.out)
+    results = run_demo(out, config_from_args(args))
     print(f"wrote {out / 'report.md'} (+ results.json, " + ", ".join(sorted(p.name for p in out.glob("*.png")))
           + ") in "
           f"{results['timings_s']['total'] / 60:.1f} min")

@@ -16,7 +16,8 @@ from dlmscope.analysis.splice import ar_delta_loss, average_results, dlm_delta_l
 from dlmscope.data.activations import ActivationStream
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.util import atomic
-from .options import add_option, add_text_options, load_model_layer_sae, text_from_args
+from .options import (add_option, add_text_options, load_model_layer_sae, out_file, positive_int,
+                      text_from_args)
 
 __all__ = ["add_parser", "run_from_args"]
 
@@ -28,8 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_option(e, "--sae", help="SAE directory (any supported format)")
     add_option(e, "--layer")
     e.add_argument("--policy", default=None, help="default: mask for DLMs, clean for AR models")
-    e.add_argument("--tokens", type=int, default=20_000)
-    e.add_argument("--loss-batches", type=int, default=4)
+    e.add_argument("--tokens", type=positive_int, default=20_000)
+    e.add_argument("--loss-batches", type=positive_int, default=4)
     add_option(e, "--out", required=False, default=None, help="also write the JSON here")
     e.set_defaults(func=run_from_args)
     return e
@@ -37,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Evaluate ``--sae`` at ``--layer`` on ``--tokens`` held-out activations and ``--loss-batches`` LM batches;
-    print the JSON (and write it to ``--out``)."""
+    print the JSON (and write it to ``--out``, checked first). Non-finite numbers are written as ``null``."""
+    out = out_file(args.out) if args.out else None
     adapter, layer, sae = load_model_layer_sae(args)
     _, held_batches = text_from_args(adapter, args)
     policy = args.policy if args.policy is not None else \
@@ -53,7 +55,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                                                for ids in batches])
     else:
         result["ar_delta"] = average_results([ar_delta_loss(adapter, sae, layer, ids) for ids in batches])
-    print(json.dumps(result, indent=2))
-    if args.out:
-        atomic.write_json(args.out, result)
+    print(json.dumps(atomic.nan_to_null(result), indent=2))
+    if out is not None:
+        atomic.write_json(out, result)
     return 0

@@ -27,11 +27,12 @@ from dlmscope.interp.judges import PlantedJudge
 from dlmscope.models.sampling import ar_generate, dream_generate, llada_generate
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.util import atomic
+from dlmscope.util.choices import check_choice
 from dlmscope.util.bootstrap import paired_difference
 from dlmscope.analysis.steering import steering_baseline, steering_score
 from dlmscope.world import CONCEPTS, LM_BATCH, SEQ_LEN, asset, concept_id_table, world_batches
 from dlmscope.world.tasks import load_tasks
-from .options import add_option, load_model_layer_sae
+from .options import add_option, load_model_layer_sae, out_dir
 from .plots import condition_label, plot_sweep, plot_tradeoff
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
@@ -144,6 +145,9 @@ def run_steer(adapter, sae, prompts, features: Sequence[tuple[str, int]], spec: 
     (the means and intervals use all of them)."""
     adapter.check_layer(spec.layer)
     judge = judge or PlantedJudge(concepts=CONCEPTS)
+    if isinstance(judge, PlantedJudge):  # an unknown concept fails here, not after the first generations
+        for concept, _ in features:
+            check_choice("planted concept", concept, sorted(judge.vocab), valid="concepts")
     generate = _generator(spec)
     conditions = _conditions(spec)
     out = {"spec": asdict(spec) | {"scopes": [repr(s) if not isinstance(s, str) else s for s in spec.scopes],
@@ -286,21 +290,36 @@ def _print_summary(name: str, result: dict) -> None:
               f"ppl ×{row['ppl_ratio_median']:.2f}, score {row['score_mean']:+.3f}")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the sweep (and the ``--compare-model`` one), write the JSON and plots under ``--out``."""
-    adapter, layer, sae = load_model_layer_sae(args)
-    ref = models.load(args.ref_model) if args.ref_model else models.load(asset("models", "ar"))
-    features = _features_from_args(adapter, sae, layer, args)
+def _check_args(args: argparse.Namespace) -> Path:
+    """Every check that needs no model, made before any loads: ``--out`` (returned), the concepts the planted
+    judge knows, the option pairs and the schedules."""
+    out = out_dir(args.out)
+    for concept in ([args.judge_concept] if args.judge_concept is not None else []) + list(args.concepts or []):
+        check_choice("planted concept", concept, sorted(CONCEPTS), valid="concepts")
+    if args.features and not args.judge_concept:
+        raise ValueError("--features needs --judge-concept (the planted concept the generations are judged on)")
+    if not args.features and not args.concepts:
+        raise ValueError("give --features (latent ids) or --concepts (planted concepts)")
     if args.compare_model and not args.concepts:
         raise ValueError("--compare-model needs --concepts: the other model's SAE has its own latent ids")
     if bool(args.compare_model) != bool(args.compare_sae):
         raise ValueError("--compare-model and --compare-sae go together")
+    for text in args.schedule:
+        _schedule_arg(text)
+    return out
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the sweep (and the ``--compare-model`` one), write the JSON and plots under ``--out``."""
+    out = _check_args(args)
+    adapter, layer, sae = load_model_layer_sae(args)
+    ref = models.load(args.ref_model) if args.ref_model else models.load(asset("models", "ar"))
+    features = _features_from_args(adapter, sae, layer, args)
     spec = SteerSpec(layer=layer, alphas=args.alpha, sampler=args.sampler, gen_length=args.gen_length,
                      steps=args.steps, temperature=args.temperature, scopes=args.scope,
                      schedules=[_schedule_arg(s) for s in args.schedule], seed=args.seed)
     prompts = neutral_prompts(adapter.tokenizer, args.n_prompts, args.prompts)
     results = {"": run_steer(adapter, sae, prompts, features, spec, ref)}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "steer.json", results[""])
     plot_sweep(results[""], out / "steer.png")

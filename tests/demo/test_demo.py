@@ -198,3 +198,12 @@ def test_cli_demo_reports_bad_layers(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "layer" in err and f"0..{n - 1}" in err
+
+
+def test_21_12_demo_out_an_existing_file_is_one_line(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    rc = cli.main(["demo", "--quick", "--out", str(existing / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "is a file" in err and "Traceback" not in err
+    assert existing.read_text() == "mine"

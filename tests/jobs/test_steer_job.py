@@ -13,7 +13,9 @@ import dataclasses
 import pytest
 import torch
 
+from dlmscope import cli
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
+from dlmscope.jobs import steer
 from dlmscope.jobs.steer import SteerSpec, concept_features, neutral_prompts, run_steer
 from dlmscope.world import CONCEPTS, world_batches
 
@@ -41,3 +43,40 @@ def test_steering_raises_the_planted_concepts_over_the_same_seed_baseline(steere
     assert row["n_features"] == len(CONCEPTS)
     assert row["concept_delta"]["mean"] >= MIN_MEAN_RISE and row["concept_delta"]["low"] > 0, shown
     assert row["features_up"] >= MIN_CONCEPTS_UP, shown
+
+
+# ---- the CLI checks its arguments before any model loads (the model path does not exist) ----------------------
+
+
+def steer_cli(tmp_path, *extra):
+    return cli.main(["steer", "--model", str(tmp_path / "no-model"), "--sae", str(tmp_path / "no-sae"),
+                     "--layer", "4", *extra])
+
+
+def test_21_17_unknown_judge_concept_is_refused_before_the_first_generation(tmp_path, capsys):
+    rc = steer_cli(tmp_path, "--features", "3", "--judge-concept", "bogus", "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown planted concept 'bogus'" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_21_17_run_steer_refuses_an_unknown_concept_before_generating(monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before checking the concepts")
+
+    monkeypatch.setattr(steer, "steering_baseline", no_generation)
+
+    class Adapter:
+        def check_layer(self, layer):
+            return layer
+
+    with pytest.raises(ValueError, match="unknown planted concept 'animalz'"):
+        run_steer(Adapter(), None, ["a prompt"], [("animalz", 3)], SteerSpec(layer=4, alphas=[1.0]), None)
+
+
+def test_21_12_steer_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    rc = steer_cli(tmp_path, "--concepts", next(iter(CONCEPTS)), "--out", str(existing))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "is a file" in err and existing.read_text() == "mine"
