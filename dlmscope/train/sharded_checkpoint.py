@@ -224,7 +224,10 @@ def load_merged(path: str | Path) -> tuple[dict[str, Tensor], dict]:
                 raise ValueError(f"{path}: the replicated tensor {name} differs between shards")
             merged[name] = parts[0]
         else:
-            merged[name] = torch.cat(parts)
+            try:
+                merged[name] = torch.cat(parts)
+            except RuntimeError as e:  # shapes that do not join along the latent axis
+                raise ValueError(f"{path}: the shards' {name} do not join ({e})") from None
     return merged, meta
 
 
@@ -232,14 +235,19 @@ def load_saes(path: str | Path) -> list[TopKSAE]:
     """The SAEs of a sharded checkpoint as full :class:`TopKSAE` s, the norm factor folded into the biases (so
     they run on raw activations, as the trainer returns them)."""
     tensors, meta = load_merged(path)
-    s = meta.get("norm_factor") or 1.0
+    ckpt.check_meta(meta, path)
+    s = meta["norm_factor"] or 1.0
     saes = []
     for i, cfg in enumerate(meta["saes"]):
-        params = {p: tensors[f"sae.{i}.{p}"] for p in PARAMS}
-        params["b_enc"], params["b_dec"] = params["b_enc"] * s, params["b_dec"] * s
-        cfg = {**cfg, "meta": {**cfg.get("meta", {}), "norm_factor": float(s), "norm_factor_folded": True,
-                               "trained_steps": int(meta["step"]), "trained_tokens": int(meta["tokens_seen"])}}
-        saes.append(TopKSAE.from_state(cfg, params))
+        try:
+            params = {p: tensors[f"sae.{i}.{p}"] for p in PARAMS}
+            params["b_enc"], params["b_dec"] = params["b_enc"] * s, params["b_dec"] * s
+            cfg = {**cfg, "meta": {**cfg.get("meta", {}), "norm_factor": float(s), "norm_factor_folded": True,
+                                   "trained_steps": meta["step"], "trained_tokens": meta["tokens_seen"]}}
+            saes.append(TopKSAE.from_state(cfg, params))
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:  # a missing tensor, a malformed config
+            raise ValueError(f"{Path(path) / ckpt.META_FILE}: SAE {i} cannot be rebuilt from the checkpoint "
+                             f"({type(e).__name__}: {e})") from None
     return saes
 
 

@@ -362,6 +362,53 @@ def test_21_13_latent_shard_with_nan_is_refused_naming_the_file(tmp_path):
         _latent_run(tmp_path, resume=True)
 
 
+def _manifest_mutations():
+    def put(key, value):
+        return lambda m: m.__setitem__(key, value)
+
+    return [("latent_size-str", put("latent_size", "1")), ("latent_size-0", put("latent_size", 0)),
+            ("shards-empty", put("shards", [])), ("shards-other", put("shards", ["../x.safetensors"])),
+            ("saes-dicts-empty", put("saes", [{}, {}, {}])), ("saes-str", put("saes", "x")),
+            ("step-neg", put("step", -1)), ("norm-str", put("norm_factor", "x")), ("no-tokens", lambda m: m.pop(
+                "tokens_seen")), ("sae-meta-list", lambda m: m["saes"][0].__setitem__("meta", [1])),
+            ("sae-k-too-big", lambda m: m["saes"][0].__setitem__("k", 10 ** 6)),
+            ("sae-n-other", lambda m: m["saes"][1].__setitem__("n", 20))]
+
+
+def test_21_13_fuzzed_sharded_checkpoints_raise_only_value_or_file_not_found_errors(tmp_path):
+    """Structured manifest damage and random byte damage to a sharded checkpoint: loading its SAEs raises
+    ValueError / FileNotFoundError naming the checkpoint, or (damage in tensor data) succeeds."""
+    _latent_run(tmp_path / "ckpt", 9)
+    good = sc.latest(tmp_path / "ckpt")
+    cases = []
+    for name, mutate in _manifest_mutations():
+        path = tmp_path / name / good.name
+        shutil.copytree(good, path)
+        meta = json.loads((path / ckpt.META_FILE).read_text())
+        mutate(meta)
+        (path / ckpt.META_FILE).write_text(json.dumps(meta))
+        cases.append((name, path, True))
+    rng = random.Random(13)
+    for trial in range(30):
+        path = tmp_path / f"t{trial}" / good.name
+        shutil.copytree(good, path)
+        file = path / rng.choice([ckpt.META_FILE, sc.shard_name(0, 1)])
+        data = bytearray(file.read_bytes())
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(min(len(data), 400))] = rng.randrange(256)
+        file.write_bytes(bytes(data[: rng.choice([len(data), rng.randrange(len(data))])]))
+        cases.append((f"bytes {trial} {file.name}", path, False))
+    for name, path, must_fail in cases:
+        try:
+            sc.load_saes(path)
+        except (ValueError, FileNotFoundError) as exc:
+            assert str(path) in str(exc), (name, str(exc))
+        except BaseException as exc:  # noqa: BLE001
+            raise AssertionError(f"{name}: {exc!r}") from exc
+        else:
+            assert not must_fail, name
+
+
 # ---- 21.1: a sharded export writes every target or none ------------------------------------------------------
 
 
