@@ -106,7 +106,10 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, Tensor]
             atomic.crash_point("checkpoint:state-written")
             atomic.write_json(tmp / META_FILE, {**meta, "step": step}, durable=False)
     except OSError as e:
-        kept = latest_checkpoint(directory) if directory.is_dir() else None
+        try:
+            kept = latest_checkpoint(directory)
+        except OSError:  # an unreadable folder: say nothing about what it holds
+            kept = None
         raise OSError(e.errno, f"cannot write checkpoint step {step} to {directory} ({e.strerror or e}); "
                                f"{f'the last checkpoint {kept} is intact' if kept else 'no earlier checkpoint'}",
                       e.filename) from e

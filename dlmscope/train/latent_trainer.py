@@ -147,7 +147,7 @@ class LatentParallelTrainer(Trainer):
         """Rank 0's choice for every rank (one all-reduce): ranks that looked on their own could disagree on a
         laggy shared filesystem, one resuming while another starts fresh."""
         found, problem = self._newest_intact() if D.is_main() else (None, None)
-        self._agree(problem, "every checkpoint")
+        self._agree(ValueError(problem) if problem else None, "choosing the checkpoint to resume")
         step = torch.tensor([ckpt.checkpoint_step(found) if found is not None else -1], device=self.device)
         step = int(D.all_reduce_(step, op="max"))
         return None if step < 0 else Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(step)

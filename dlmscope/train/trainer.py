@@ -199,8 +199,7 @@ class Trainer:
         self._pulled = 0              # index of the next raw batch to pull from this rank's stream
         self._batches: CheckedBatches | None = None
         self._fitted = False
-        #: what the stream is (``fit(..., data=...)``): part of the run's identity
-        self.data_identity = None
+        self.data_identity = None     # what the stream is (fit(..., data=...)): part of the run's identity
         self._loaded: tuple[Path, dict[str, Tensor], dict] | None = None  # a checkpoint read while choosing it
         cfg = self.cfg
         self.k_aux = [min(cfg.k_aux if cfg.k_aux is not None else self.d // 2, s.n) for s in saes]
@@ -418,18 +417,20 @@ class Trainer:
         return ckpt.state_tensors(self.saes, self.optimizers, self.groups)
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current state to ``cfg.checkpoint_dir`` (rank 0 writes; all ranks wait)."""
+        """Write a checkpoint of the current state to ``cfg.checkpoint_dir`` (rank 0 writes; all wait, all raise)."""
         if not self.cfg.checkpoint_dir:
             return None
         self._check_deferred()
         D.barrier()
-        path = Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(self.step)
+        path, error = Path(self.cfg.checkpoint_dir) / ckpt.checkpoint_name(self.step), None
         if D.is_main():
-            rng_tensors, rng_meta = ckpt.rng_state()
-            meta = self._checkpoint_meta(rng_meta)
-            path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, {**self._state_tensors(), **rng_tensors},
-                                        meta)
-        D.barrier()
+            try:
+                rng_tensors, rng_meta = ckpt.rng_state()
+                path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step,
+                                            {**self._state_tensors(), **rng_tensors}, self._checkpoint_meta(rng_meta))
+            except Exception as e:  # noqa: BLE001 (raised below, once the other ranks know)
+                error = e
+        self._agree(error, "writing a checkpoint")
         self.last_checkpoint = path
         return path
 
@@ -449,22 +450,22 @@ class Trainer:
 
     def _claim_checkpoint_dir(self, resumed: Path | None) -> None:
         """Refuse, on every rank as rank 0 finds, a ``checkpoint_dir`` holding another run's checkpoints."""
-        fields = self._run_fields()
-        self._agree(ckpt.checkpoint_dir_problem(self.cfg.checkpoint_dir, fields, resumed) if D.is_main() else None,
-                    "the checkpoint_dir")
+        problem = ckpt.checkpoint_dir_problem(self.cfg.checkpoint_dir, self._run_fields(), resumed) \
+            if D.is_main() else None
+        self._agree(ValueError(problem) if problem else None, "checking the checkpoint_dir")
 
-    def _agree(self, problem: str | None, what: str) -> None:
-        """Raise ``problem`` here, and on every other rank too (one all-reduce), so that none is left waiting."""
-        flag = D.all_reduce_(torch.tensor([int(problem is not None)], device=self.device), op="max")
-        if problem is not None:
-            raise ValueError(problem)
+    def _agree(self, error: Exception | None, what: str) -> None:
+        """Raise ``error`` here and a RuntimeError on every other rank (one all-reduce, also a barrier), so that
+        no rank is left waiting in a collective."""
+        flag = D.all_reduce_(torch.tensor([int(error is not None)], device=self.device), op="max")
+        if error is not None:
+            raise error
         if int(flag.item()):
-            raise ValueError(f"rank 0 refused {what} (see its error)")
+            raise RuntimeError(f"another rank failed while {what} (see its error)")
 
     # ---- resume ------------------------------------------------------------------------------------------------
     def _latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint in ``checkpoint_dir`` that reads (:func:`.checkpoint.newest_intact`), kept read."""
-        self._loaded = ckpt.newest_intact(self.cfg.checkpoint_dir)
+        self._loaded = ckpt.newest_intact(self.cfg.checkpoint_dir)  # kept for load_checkpoint
         return self._loaded[0] if self._loaded is not None else None
 
     def load_checkpoint(self, path: str | Path) -> None:

@@ -1,14 +1,14 @@
 """Subprocess entry for the latent-parallel tests (not a test module itself).
 
-    python -m torch.distributed.run --nproc-per-node 4 -m tests.helpers.latent_worker --latent 2 --out final.safetensors
+    python -m torch.distributed.run --nproc-per-node 4 -m tests.helpers.latent_worker --latent 2 --out out.st
 
 The problem: three SAEs of a k sweep with latent counts that split unevenly (46 -> 23,23 / 12,12,11,11; 21 ->
-11,10 / 6,5,5,5; 9 -> 5,4 / 3,2,2,2 over 2 / 4 ranks; k=6 above a shard's size), AuxK active (dead_tokens=64), on the global batches of
-:mod:`tests.helpers.train_worker` (the last one uneven, 37 rows). Data rank p of P gets the p-th of ``P`` contiguous
-chunks of every global batch (``tensor_split``, the first chunks one row longer); every latent rank of a data
-rank gets the same rows. ``--short-rank r --short-at m`` ends rank r's stream after m batches (the others have
-more): every rank must stop at step m. ``--kill-at i`` SIGKILLs rank 1 when its stream is asked for batch i.
-Rank 0 writes the gathered full SAEs to ``--out`` and prints ``done step=... auxk_steps=...``.
+11,10 / 6,5,5,5; 9 -> 5,4 / 3,2,2,2 over 2 / 4 ranks; k=6 above a shard's size), AuxK active (dead_tokens=64),
+on the global batches of :mod:`tests.helpers.train_worker` (the last one uneven, 37 rows). Data rank p of P gets
+the p-th of ``P`` contiguous chunks of every global batch (``tensor_split``, the first chunks one row longer);
+every latent rank of a data rank gets the same rows. ``--short-rank r --short-at m`` ends rank r's stream after m
+batches (the others have more): every rank must stop at step m. ``--kill-at i`` SIGKILLs rank 1 when its stream
+is asked for batch i. Rank 0 writes the gathered full SAEs to ``--out`` and prints ``done step=... auxk_steps=...``.
 """
 from __future__ import annotations
 
