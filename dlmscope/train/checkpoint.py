@@ -105,14 +105,16 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, Tensor]
             save_file(cpu, str(tmp / STATE_FILE))
             atomic.crash_point("checkpoint:state-written")
             atomic.write_json(tmp / META_FILE, {**meta, "step": step}, durable=False)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError "(os error 28)"
         try:
             kept = latest_checkpoint(directory)
         except OSError:  # an unreadable folder: say nothing about what it holds
             kept = None
-        raise OSError(e.errno, f"cannot write checkpoint step {step} to {directory} ({e.strerror or e}); "
-                               f"{f'the last checkpoint {kept} is intact' if kept else 'no earlier checkpoint'}",
-                      e.filename) from e
+        code = e.errno if isinstance(e, OSError) else next(map(int, re.findall(r"os error (\d+)", str(e))), None)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise OSError(code, f"cannot write checkpoint step {step} to {directory} ({reason}); "
+                            f"{f'the last checkpoint {kept} is intact' if kept else 'no earlier checkpoint'}",
+                      getattr(e, "filename", None)) from e
     found = list_checkpoints(directory)  # rolls back any interrupted fallback rewrite first
     # leftovers of crashed writes of any step (one writer), swept while every step's directory is still there: a
     # stale .old of a step pruned below would otherwise outlive it, and be restored as that step by a later reader

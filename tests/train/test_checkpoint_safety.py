@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -299,13 +300,67 @@ def test_checkpoint_save_into_a_read_only_folder_keeps_the_previous_checkpoint(t
         else:
             probe.rmdir()
             pytest.skip("chmod does not stop this user from writing (running as root): the read-only case is "
-                        "covered by the EACCES / EROFS simulation above")
+                        "covered by the read-only tmpfs and the EACCES / EROFS simulation")
         with pytest.raises(PermissionError, match=rf"(?s){tmp_path}.*step-000000005"):
             _run(tmp_path, resume=True)
     finally:
         tmp_path.chmod(0o755)
     assert [p.name for p in tmp_path.iterdir()] == ["step-000000005"]
     _assert_same(final_tensors(_run(tmp_path, resume=True).saes), uninterrupted)
+
+
+def _mount(*args: str) -> str | None:
+    """Run ``mount *args``; the reason it failed, or None."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "mounting a tmpfs needs root and the mount command"
+    proc = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+    return None if proc.returncode == 0 else f"mount {' '.join(args)} failed: {proc.stderr.strip()}"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a folder on a new tmpfs of ``size`` (mount's syntax), unmounted after the test. Skipped
+    where it cannot be mounted."""
+    mounted = []
+
+    def make(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        reason = _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt))
+        if reason:
+            pytest.skip(reason)
+        mounted.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_checkpoint_save_on_a_full_disk_keeps_the_previous_checkpoint(tmpfs, uninterrupted):
+    """112 KiB: room for one checkpoint of the worker's problem (~76 KiB), not for the next one beside it (a
+    checkpoint is written in full before the previous one is pruned)."""
+    mnt = tmpfs("112k")
+    with pytest.raises(OSError, match=rf"(?s){mnt}.*step-000000004") as info:
+        _run(mnt)
+    assert info.value.errno == errno.ENOSPC
+    assert [p.name for p in mnt.iterdir()] == ["step-000000004"]  # no partial step 8, no temp directory
+    ckpt.load_checkpoint(mnt / "step-000000004")
+    assert _mount("-o", "remount,size=1m", str(mnt)) is None  # room again: the run resumes, exactly
+    _assert_same(final_tensors(_run(mnt, resume=True).saes), uninterrupted)
+
+
+def test_checkpoint_save_on_a_read_only_mount_keeps_the_previous_checkpoint(tmpfs, uninterrupted):
+    """A read-only file system stops root too (chmod does not)."""
+    mnt = tmpfs("1m")
+    _run(mnt, 5)
+    assert _mount("-o", "remount,ro", str(mnt)) is None
+    with pytest.raises(OSError, match=rf"(?s){mnt}.*step-000000005") as info:
+        _run(mnt, resume=True)
+    assert info.value.errno == errno.EROFS
+    assert _mount("-o", "remount,rw", str(mnt)) is None
+    assert [p.name for p in mnt.iterdir()] == ["step-000000005"]
+    _assert_same(final_tensors(_run(mnt, resume=True).saes), uninterrupted)
 
 
 # ---- the latent-parallel trainer (a 1 x 1 grid in this process) ----------------------------------------------
