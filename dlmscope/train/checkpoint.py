@@ -37,7 +37,7 @@ from dlmscope.util import atomic
 from .step import ADAM_PARAMS, PARAMS
 
 __all__ = ["STATE_FILE", "META_FILE", "CorruptCheckpoint", "checkpoint_name", "checkpoint_step", "list_checkpoints",
-           "latest_checkpoint", "save_checkpoint", "load_checkpoint", "read_meta", "check_finite",
+           "latest_checkpoint", "save_checkpoint", "write_error", "load_checkpoint", "read_meta", "check_finite",
            "RUN_IDENTITY_IGNORES",
            "TRAINER_META", "run_fields", "run_identity", "saved_run_fields", "run_differences", "check_identity",
            "checkpoint_dir_problem", "check_meta", "check_tensors", "newest_intact", "state_tensors", "check_state",
@@ -110,11 +110,8 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, Tensor]
             kept = latest_checkpoint(directory)
         except OSError:  # an unreadable folder: say nothing about what it holds
             kept = None
-        code = e.errno if isinstance(e, OSError) else next(map(int, re.findall(r"os error (\d+)", str(e))), None)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise OSError(code, f"cannot write checkpoint step {step} to {directory} ({reason}); "
-                            f"{f'the last checkpoint {kept} is intact' if kept else 'no earlier checkpoint'}",
-                      getattr(e, "filename", None)) from e
+        raise write_error(e, f"cannot write checkpoint step {step} to {directory}",
+                          f"the last checkpoint {kept} is intact" if kept else "no earlier checkpoint") from e
     found = list_checkpoints(directory)  # rolls back any interrupted fallback rewrite first
     # leftovers of crashed writes of any step (one writer), swept while every step's directory is still there: a
     # stale .old of a step pruned below would otherwise outlive it, and be restored as that step by a later reader
@@ -124,6 +121,16 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, Tensor]
             atomic.remove_directory(old)
             atomic.crash_point("checkpoint:pruned")
     return target
+
+
+def write_error(error: OSError | SafetensorError, what: str, after: str) -> OSError:
+    """An ``OSError`` "``what`` (the reason); ``after``" with ``error``'s errno (safetensors' SafetensorError carries
+    it only in its text, "os error N")."""
+    if isinstance(error, OSError):
+        code, reason = error.errno, error.strerror or str(error)
+    else:
+        code, reason = next(map(int, re.findall(r"os error (\d+)", str(error))), None), str(error)
+    return OSError(code, f"{what} ({reason}); {after}", getattr(error, "filename", None))
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> tuple[dict[str, Tensor], dict]:

@@ -76,7 +76,12 @@ def save_shard(directory: str | Path, step: int, latent_rank: int, latent_size: 
     path = Path(directory) / ckpt.checkpoint_name(step) / shard_name(latent_rank, latent_size)
     meta = {"format": FORMAT, "version": "1", "step": str(step), "latent_rank": str(latent_rank),
             "latent_size": str(latent_size), "bounds": json.dumps([list(b) for b in bounds])}
-    atomic.save_safetensors(path, {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}, meta)
+    try:
+        atomic.save_safetensors(path, {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()},
+                                meta)
+    except (OSError, SafetensorError) as e:
+        raise ckpt.write_error(e, f"cannot write checkpoint shard {path}", "the checkpoint of this step is not "
+                               "committed; the last complete one is kept") from e
     return path
 
 

@@ -374,6 +374,17 @@ def _latent_run(directory: Path, batches: int = N_BATCHES, *, resume: bool = Fal
     return trainer
 
 
+def test_sharded_checkpoint_save_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, tmpfs):
+    _latent_run(tmp_path / "sized", 4)
+    pages = sum(-(-p.stat().st_size // 4096) for p in (tmp_path / "sized" / "step-000000004").iterdir())
+    mnt = tmpfs(f"{(pages * 3 // 2 + 1) * 4}k")  # room for one checkpoint, not two
+    with pytest.raises(OSError, match=rf"(?s){mnt}.*shard") as info:
+        _latent_run(mnt)
+    assert info.value.errno == errno.ENOSPC
+    assert sc.latest(mnt) == mnt / "step-000000004"
+    sc.load_saes(sc.latest(mnt))
+
+
 def test_21_6_latent_fresh_run_refuses_folder_with_another_runs_checkpoints(tmp_path):
     _latent_run(tmp_path, 9)
     before = _snapshot(tmp_path)
