@@ -20,16 +20,18 @@ tokens and its centre among them, histogram edges increase and counts are
 ``>= 0``, a ``masked`` section only in a report for a diffusion LM. A reader names what it cannot do without
 (``require_header`` / ``require_entry``): the dashboard each latent's ``top`` windows, the Neuronpedia export the
 ``layer`` and each latent's ``frequency``. A bad report raises ``ValueError("bad report: ...")`` naming the
-latent and the field.
+latent and the field. :func:`read_report` reads a ``report.json`` and validates it, its errors naming the file.
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
 import re
 from collections.abc import Mapping, Sequence
 
-__all__ = ["LATENT_KEY", "REQUIRABLE_HEADER", "REQUIRABLE_ENTRY", "validate_report"]
+__all__ = ["LATENT_KEY", "REQUIRABLE_HEADER", "REQUIRABLE_ENTRY", "validate_report", "read_report"]
 
 #: a latent key is ``str(id)`` exactly (it names files, so nothing else may pass)
 LATENT_KEY = re.compile(r"0|[1-9][0-9]*")
@@ -213,3 +215,20 @@ def validate_report(report, *, require_header: Sequence[str] = (), require_entry
             raise ValueError(f"bad report: each key of 'latents' is a latent id string: it must be str(latent id), "
                              f"got {key!r}")
         _latent(key, entry, bool(report.get("is_diffusion")), require_entry)
+
+
+def read_report(path: str | os.PathLike, *, require_header: Sequence[str] = (),
+                require_entry: Sequence[str] = ()) -> dict:
+    """The feature report in the JSON file ``path`` (a job's ``report.json``), validated (:func:`validate_report`
+    with the fields required); ``ValueError`` naming the file for bad UTF-8 or JSON, nesting too deep to parse,
+    or a bad report, ``FileNotFoundError`` for a missing file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{os.fspath(path)}: not a readable feature report ({type(e).__name__}: {e})") from None
+    try:
+        validate_report(report, require_header=require_header, require_entry=require_entry)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
+    return report

@@ -7,12 +7,16 @@ The figures read only the result dicts, so this module imports no model, SAE or 
 without importing the training stack. matplotlib (the ``plot`` extra) is imported where a figure is drawn, and
 a Figure is drawn without pyplot (no global backend state is touched).
 
+The result dicts may come from the jobs' JSON files, where a NaN is written as ``null``: every number read here
+may be None, drawn as NaN (a gap).
+
 The order job's step labels and SAE-guided orders (:data:`STEPS`, :data:`SAE_ORDERS`) and the steering
 conditions' names (:func:`condition_label`) live here, where the figures need them; :mod:`dlmscope.jobs.order`
 and :mod:`dlmscope.jobs.steer` import them from here and export them as their own.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -23,6 +27,16 @@ __all__ = ["SAE_ORDERS", "STEPS", "condition_label", "plot_sweep", "plot_by_laye
 #: the order job's SAE-guided orders (dashed in its figures) and step labels (the x axis)
 SAE_ORDERS = ("sae_stable", "sae_stable_entropy")
 STEPS = ("one", "half", "all")
+
+
+def _f(x) -> float:
+    """A number of a result, None (a NaN read back from JSON) as NaN."""
+    return math.nan if x is None else x
+
+
+def _grid(rows) -> list[list[float]]:
+    """A 2-D list of numbers with None as NaN."""
+    return [[_f(v) for v in row] for row in rows]
 
 
 def condition_label(scope, schedule) -> str:
@@ -56,15 +70,17 @@ def plot_sweep(result: dict, path: Path) -> None:
     for key, entry in result["features"].items():
         runs = [p for p in entry["sweep"] if condition_label(p["scope"], p["schedule"]) == first]
         a = [p["alpha"] for p in runs]
-        axes[0].plot(a, [p["concept_after"] - p["concept_before"] for p in runs], lw=0.8, alpha=0.5, label=key)
-        axes[2].plot(a, [p["score"] for p in runs], lw=0.8, alpha=0.5)
+        axes[0].plot(a, [_f(p["concept_after"]) - _f(p["concept_before"]) for p in runs], lw=0.8, alpha=0.5,
+                     label=key)
+        axes[2].plot(a, [_f(p["score"]) for p in runs], lw=0.8, alpha=0.5)
     for label, rows in _by_condition(result).items():
         a = [r["alpha"] for r in rows]
         ci = [r["concept_delta"] for r in rows]
-        line, = axes[0].plot(a, [c["mean"] for c in ci], lw=2.2, marker="o", label=f"mean: {label}")
-        axes[0].fill_between(a, [c["low"] for c in ci], [c["high"] for c in ci], color=line.get_color(), alpha=0.2)
-        axes[1].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", color=line.get_color(), label=label)
-        axes[2].plot(a, [r["score_mean"] for r in rows], lw=2.2, marker="o", color=line.get_color())
+        line, = axes[0].plot(a, [_f(c["mean"]) for c in ci], lw=2.2, marker="o", label=f"mean: {label}")
+        axes[0].fill_between(a, [_f(c["low"]) for c in ci], [_f(c["high"]) for c in ci], color=line.get_color(),
+                             alpha=0.2)
+        axes[1].plot(a, [_f(r["ppl_ratio_median"]) for r in rows], marker="o", color=line.get_color(), label=label)
+        axes[2].plot(a, [_f(r["score_mean"]) for r in rows], lw=2.2, marker="o", color=line.get_color())
     titles = ("concept rate change (judge), 95% CI", "median perplexity ratio (steered / baseline)",
               "steering score")
     for ax, title in zip(axes, titles):
@@ -93,10 +109,10 @@ def plot_by_layer(results: dict[str, dict[int, dict]], path: Path) -> None:
             rows = [r for r in by_layer[L]["summary"]["rows"] if r["scope"] == "all" and r["schedule"] == "all"]
             a = [r["alpha"] for r in rows]
             c = [r["concept_delta"] for r in rows]
-            line, = axes[0, j].plot(a, [x["mean"] for x in c], marker="o", ms=3, label=name)
-            axes[0, j].fill_between(a, [x["low"] for x in c], [x["high"] for x in c], alpha=0.2,
+            line, = axes[0, j].plot(a, [_f(x["mean"]) for x in c], marker="o", ms=3, label=name)
+            axes[0, j].fill_between(a, [_f(x["low"]) for x in c], [_f(x["high"]) for x in c], alpha=0.2,
                                     color=line.get_color())
-            axes[1, j].plot(a, [r["ppl_ratio_median"] for r in rows], marker="o", ms=3, color=line.get_color())
+            axes[1, j].plot(a, [_f(r["ppl_ratio_median"]) for r in rows], marker="o", ms=3, color=line.get_color())
         axes[0, j].set_title(f"block {L}", fontsize=9)
         axes[0, j].axhline(0, color="grey", lw=0.6)
         axes[1, j].set_yscale("log")
@@ -117,10 +133,10 @@ def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
     ax = fig.subplots()
     for name, result in results.items():
         for label, rows in _by_condition(result).items():
-            x = [r["ppl_ratio_median"] for r in rows]
-            y = [r["concept_delta"]["mean"] for r in rows]
-            err = [[r["concept_delta"]["mean"] - r["concept_delta"]["low"] for r in rows],
-                   [r["concept_delta"]["high"] - r["concept_delta"]["mean"] for r in rows]]
+            x = [_f(r["ppl_ratio_median"]) for r in rows]
+            ci = [{key: _f(v) for key, v in r["concept_delta"].items()} for r in rows]
+            y = [c["mean"] for c in ci]
+            err = [[c["mean"] - c["low"] for c in ci], [c["high"] - c["mean"] for c in ci]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{name}: {label}" if name else label)
             for xi, yi, r in zip(x, y, rows):
                 ax.annotate(f"{r['alpha']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
@@ -148,7 +164,7 @@ def plot_order(result: dict, path_prefix) -> list:
     ax = fig.subplots()
     for order, by_steps in result["accuracy"].items():
         xs = [s for s in STEPS if s in by_steps and by_steps[s]["order_sensitive"]]
-        c = [by_steps[s]["order_sensitive"] for s in xs]
+        c = [{key: _f(v) for key, v in by_steps[s]["order_sensitive"].items()} for s in xs]
         ax.errorbar([STEPS.index(s) for s in xs], [x["mean"] for x in c],
                     yerr=[[x["mean"] - x["low"] for x in c], [x["high"] - x["mean"] for x in c]],
                     marker="o", capsize=2, label=order, ls="--" if order in SAE_ORDERS else "-")
@@ -171,7 +187,7 @@ def plot_order(result: dict, path_prefix) -> list:
                 continue
             for c, (data, xlabel) in enumerate(((d["step_stability"], "step"),
                                                 (d["per_position"]["pre_stability"], "answer position"))):
-                im = axes[r, c].imshow(torch.tensor(data, dtype=torch.float32).numpy(), aspect="auto", vmin=0,
+                im = axes[r, c].imshow(torch.tensor(_grid(data), dtype=torch.float32).numpy(), aspect="auto", vmin=0,
                                        vmax=1, cmap="viridis")
                 axes[r, c].set_yticks(range(len(d["layers"])), [str(L) for L in d["layers"]], fontsize=6)
                 axes[r, c].set_xlabel(xlabel, fontsize=7)
@@ -200,7 +216,7 @@ def _plot_progress(stats: dict, path, bins: int = 5) -> None:
             for d in groups.values():
                 row = d["step_stability"][li]
                 for step, v in enumerate(row):
-                    if v == v:
+                    if v is not None and v == v:
                         b = min(bins - 1, int((step + 0.5) / len(row) * bins))
                         sums[b] += v
                         counts[b] += 1
@@ -231,7 +247,7 @@ def plot_transfer(result: dict, path: str | Path) -> Path:
     def grouped_bars(ax, bars):  # one group of bars per layer
         w = 0.8 / len(bars)
         for i, (key, label) in enumerate(bars):
-            ax.bar((x + (i - (len(bars) - 1) / 2) * w).tolist(), [r[key] for r in s], w, label=label)
+            ax.bar((x + (i - (len(bars) - 1) / 2) * w).tolist(), [_f(r[key]) for r in s], w, label=label)
 
     grouped_bars(ax_fve, [("fve_base_on_base", "base SAE, base acts"),
                           ("fve_base_on_target", "base SAE, instruct acts"),
@@ -245,13 +261,13 @@ def plot_transfer(result: dict, path: str | Path) -> Path:
     marks = [("hungarian_mean", "instruct", "-"), ("chance_hungarian_mean", "random SAE (chance)", ":")]
     marks += [("init_hungarian_mean", "shared init", "--")] if "init_hungarian_mean" in s[0] else []
     for key, label, ls in marks:
-        ax_dec.hlines([r[key] for r in s], (x - 0.45).tolist(), (x + 0.45).tolist(), colors="black", linestyles=ls,
+        ax_dec.hlines([_f(r[key]) for r in s], (x - 0.45).tolist(), (x + 0.45).tolist(), colors="black", linestyles=ls,
                       label=f"mean cos: {label}")
     ax_dec.set_title("Hungarian-matched decoder rows, base vs other", fontsize=10)
 
     for pre, label, mk in (("", "instruct", "o"),) + ((("control_", "AR control", "s"),) if ctrl else ()):
-        ax_cor.plot(x.tolist(), [r[f"{pre}corr_median"] for r in s], marker=mk, label=f"{label}: median r")
-        ax_cor.plot(x.tolist(), [r[f"{pre}corr_frac_gt_0.9"] for r in s], marker=mk, ls="--",
+        ax_cor.plot(x.tolist(), [_f(r[f"{pre}corr_median"]) for r in s], marker=mk, label=f"{label}: median r")
+        ax_cor.plot(x.tolist(), [_f(r[f"{pre}corr_frac_gt_0.9"]) for r in s], marker=mk, ls="--",
                     label=f"{label}: fraction r > 0.9")
     ax_cor.set_title("base SAE latent activation, base vs target", fontsize=10)
 
