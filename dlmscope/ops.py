@@ -10,9 +10,15 @@ inside ``torch.compile(fullgraph=True)``. Leading dimensions of ``x`` / ``values
 axis B and restored on the way out.
 
 Validation happens here, once, for every backend (bad input raises ``TypeError`` / ``ValueError`` naming the
-argument and the shapes). The value checks that need a device-to-host sync — NaN/Inf in activations, index
-range — are on by default and can be switched off for hot loops with ``set_value_checks(False)`` or
+argument and the shapes). The value checks that need a device-to-host sync — NaN/Inf in the encoder's inputs and
+weights (x, W_enc, b_enc, b_dec), in the decoder's values and b_dec and in the decoder update's grad; index range —
+are on by default and can be switched off for hot loops with ``set_value_checks(False)`` or
 ``DLMSCOPE_VALUE_CHECKS=0``; they are skipped while ``torch.compile`` traces.
+
+Without them, non-finite input is the caller's responsibility: a NaN pre-activation is selected first by ``torch``
+and ``chunked`` (``torch.topk`` orders NaN first) but never by ``cpu`` and ``triton`` (so a NaN in x or b_dec gives
+zero values there); an Inf is an ordinary extreme everywhere. An index out of [0, n) still raises (RuntimeError) on
+``torch``, ``chunked`` and ``cpu``, whose kernels check each index they read; ``triton``'s kernels do not.
 """
 from __future__ import annotations
 
@@ -20,12 +26,13 @@ import contextlib
 import math
 import numbers
 import os
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .backends import Backend, available_backends, get_backend, resolve_backend
+from .backends import available_backends, get_backend, resolve_backend_name
+from .backends.base import in_native_dtype
 
 __all__ = [
     "topk_encode",
@@ -43,7 +50,7 @@ _value_checks = os.environ.get("DLMSCOPE_VALUE_CHECKS", "1") != "0"
 
 
 def set_value_checks(enabled: bool) -> None:
-    """Turn the host-syncing value checks (NaN/Inf in x, index range) on or off globally."""
+    """Turn the host-syncing value checks (NaN/Inf in inputs and weights, index range) on or off globally."""
     global _value_checks
     _value_checks = bool(enabled)
 
@@ -61,17 +68,6 @@ def value_checks(enabled: bool):
 
 def _checking_values() -> bool:
     return _value_checks and not torch.compiler.is_compiling()
-
-
-@torch.compiler.assume_constant_result
-def _backend_name(requested: str | None, device: torch.device) -> str:
-    """The name of the backend that runs for ``requested`` on ``device`` (see :func:`resolve_backend`).
-
-    ``torch.compile`` calls this once while tracing and keeps the name as a constant, so the backend's first
-    (lazy) import happens outside the traced graph: a ``fullgraph=True`` compile works as the very first call.
-    A compiled graph keeps the backend it was traced with, even if ``$DLMSCOPE_BACKEND`` changes later.
-    """
-    return resolve_backend(requested, device).name
 
 
 # ---- validation ---------------------------------------------------------------------------------------
@@ -113,17 +109,29 @@ def _require_k(k, n: int) -> None:
         raise ValueError(f"k must satisfy 1 <= k <= n (number of latents = {n}), got k={int(k)}")
 
 
-def _require_finite(name: str, t: Tensor) -> None:
-    if _checking_values() and not bool(torch.isfinite(t).all()):
-        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-        raise ValueError(f"{name} {_shape(t)} contains NaN or Inf (first at index {tuple(bad)})")
+def _require_finite(*named: tuple[str, Tensor]) -> None:
+    """ValueError naming the first of the (name, tensor) pairs that holds NaN or Inf, while value checks run. One
+    host sync for all: each tensor's min and max (NaN propagates into both), no temporary the size of a weight."""
+    if not _checking_values():
+        return
+    present = [(name, t) for name, t in named if t.numel()]
+    if not present:
+        return
+    if bool(torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for _, t in present]).all()):
+        return
+    for name, t in present:
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"{name} {_shape(t)} contains NaN or Inf (first at index {tuple(bad)})")
 
 
 def _flatten_batch(name: str, t: Tensor, width_name: str) -> tuple[Tensor, tuple[int, ...]]:
+    """t [..., w] as [B, w] (B = the product of the leading dimensions; w may be 0) and the leading shape."""
     if t.dim() < 1:
         raise ValueError(f"{name} must have shape [..., {width_name}], got a scalar")
     lead = tuple(t.shape[:-1])
-    flat = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    flat = t.reshape(math.prod(lead), t.shape[-1]) if t.dim() != 2 else t
     if flat.shape[0] == 0:
         raise ValueError(f"{name} {_shape(t)} is an empty batch")
     return flat, lead
@@ -144,7 +152,8 @@ def _validate_encode(x, W_enc, b_enc, b_dec, k):
     _require_same((("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)), "x", x)
     _require_k(k, n)
     x2, lead = _flatten_batch("x", x, "d")
-    _require_finite("x", x2)
+    # a NaN pre-activation is selected first by torch.topk but never by the fused kernels (see the module docstring)
+    _require_finite(("x", x2), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec))
     return x2, lead
 
 
@@ -171,25 +180,105 @@ def _validate_decode(values, indices, W_dec, b_dec):
         if lo < 0 or hi >= n:
             raise ValueError(f"indices must lie in [0, n) = [0, {n}) for W_dec {_shape(W_dec)}, "
                              f"got values in [{lo}, {hi}]")
-    _require_finite("values", v2)
+    # W_dec is not scanned: reading all n rows would cost far more than the decode reads (B·k rows); a NaN in a
+    # selected row propagates alike on every backend
+    _require_finite(("values", v2), ("b_dec", b_dec))
     return v2, i2, lead
 
 
-# ---- dtype adaptation shared by all backends -----------------------------------------------------------
+def _require_ints(name: str, seq) -> list[int]:
+    """``seq`` as a list of ints; ValueError naming ``name`` for anything but integers (2.0 and True included)."""
+    items = list(seq) if hasattr(seq, "__iter__") and not isinstance(seq, (str, bytes)) else None
+    if items is None or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in items):
+        raise ValueError(f"{name} must be a sequence of ints, got {seq!r}")
+    return [int(i) for i in items]
 
 
-def _in_native_dtype(method: Callable, *args):
-    """``method(*args)`` for a bound method of a :class:`Backend`; where that backend lacks the float dtype of
-    the inputs, the float inputs are widened to float32 and the float outputs cast back to that dtype."""
-    backend: Backend = method.__self__
-    dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
-    if dtype is None or dtype in backend.native_dtypes:
-        return method(*args)
-    cast = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-    out = method(*cast)
-    if isinstance(out, tuple):
-        return tuple(o.to(dtype) if o.is_floating_point() else o for o in out)
-    return out.to(dtype)
+def _validate_grouped(x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux):
+    """Checks of :func:`topk_encode_grouped`; returns (x2 [B, d], ks, sizes, aux_mask contiguous or None, k_aux)."""
+    x2, _ = _validate_encode(x, W_enc, b_enc, b_dec, 1)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, d] for the grouped encoder, got shape {_shape(x)}")
+    ks, sizes = _require_ints("ks", ks), _require_ints("sizes", sizes)
+    if not ks or len(ks) != len(sizes):
+        raise ValueError(f"ks and sizes must be non-empty and of equal length, got {len(ks)} and {len(sizes)}")
+    if sum(sizes) != W_enc.shape[0]:
+        raise ValueError(f"sizes sum to {sum(sizes)} but W_enc {_shape(W_enc)} has {W_enc.shape[0]} latents")
+    for g, (k, size) in enumerate(zip(ks, sizes)):
+        if not 1 <= k <= size:
+            raise ValueError(f"segment {g}: k must satisfy 1 <= k <= size ({size}), got k={k}")
+    if aux_mask is None:
+        return x2, ks, sizes, None, [0] * len(ks)
+    _require_tensor("aux_mask", aux_mask)
+    if aux_mask.dtype != torch.bool or aux_mask.shape != (W_enc.shape[0],):
+        raise ValueError(f"aux_mask must be a bool tensor of shape [{W_enc.shape[0]}], got {aux_mask.dtype} "
+                         f"{_shape(aux_mask)}")
+    if aux_mask.device != x.device:
+        raise ValueError(f"aux_mask is on {aux_mask.device} but x is on {x.device}")
+    k_aux = _require_ints("k_aux", k_aux if k_aux is not None else [])
+    if len(k_aux) != len(ks) or any(not 0 <= ka <= size for ka, size in zip(k_aux, sizes)):
+        raise ValueError(f"k_aux must give one value in [0, size] per segment, got {k_aux} for sizes {sizes}")
+    return x2, ks, sizes, aux_mask.contiguous(), k_aux
+
+
+def _require_real(name: str, value) -> float:
+    """``value`` as a float; TypeError naming ``name`` unless it is a real number (not a bool) or a one-element
+    tensor."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _require_disjoint(named: Sequence[tuple[str, Tensor]]) -> None:
+    """ValueError naming two of the (name, tensor) pairs whose memory overlaps: an op that updates one of them in
+    place would change the other mid-update. Compares storages and element spans (no data is read)."""
+    if torch.compiler.is_compiling():  # fake tensors have no memory; functionalisation sees the aliases
+        return
+    spans = []
+    for name, t in named:
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        first = t.storage_offset() * t.element_size()
+        last = first + (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+        spans.append((name, t.untyped_storage().data_ptr(), first, last))
+    for i, (name_a, base_a, first_a, last_a) in enumerate(spans):
+        for name_b, base_b, first_b, last_b in spans[i + 1:]:
+            if base_a == base_b and first_a < last_b and first_b < last_a:
+                raise ValueError(f"{name_a} and {name_b} share memory; decoder_norm_step needs separate tensors "
+                                 "(W_dec, exp_avg and exp_avg_sq are updated in place)")
+
+
+def _validate_decoder_step(W_dec, grad, exp_avg, exp_avg_sq, step, lr, betas, eps):
+    """Checks of :func:`decoder_norm_step`; returns (lr, (beta1, beta2), eps) as floats."""
+    tensors = (("W_dec", W_dec), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+    for name, t in tensors:
+        _require_tensor(name, t)
+        _require_float(name, t)
+        _require_ndim(name, t, 2, "[n, d]")
+        if t.shape != W_dec.shape:
+            raise ValueError(f"{name} has shape {_shape(t)} but W_dec has {_shape(W_dec)}")
+    _require_same(tensors[1:], "W_dec", W_dec)
+    for name, t in (("W_dec", W_dec), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: it is updated in place")
+    _require_disjoint(tensors)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 1 <= step < 2**63:  # the op's int64
+        raise ValueError(f"step must be an int >= 1 (Adam counts steps from 1) and < 2**63, got {step!r}")
+    pair = list(betas) if isinstance(betas, (tuple, list)) else []
+    if len(pair) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (_require_real("betas", b) for b in pair)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must lie in [0, 1), got {(beta1, beta2)}")
+    lr, eps = _require_real("lr", lr), _require_real("eps", eps)
+    if not (lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be >= 0 and finite, got {lr}")
+    if not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be > 0 and finite, got {eps}")
+    _require_finite(("grad", grad))
+    return lr, (beta1, beta2), eps
 
 
 # ---- custom ops -----------------------------------------------------------------------------------------
@@ -198,7 +287,7 @@ def _in_native_dtype(method: Callable, *args):
 @torch.library.custom_op("dlmscope::topk_encode", mutates_args=())
 def _topk_encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
                     backend: str) -> tuple[Tensor, Tensor]:
-    values, indices = _in_native_dtype(get_backend(backend).encode, x, W_enc, b_enc, b_dec, k)
+    values, indices = in_native_dtype(get_backend(backend).encode, x, W_enc, b_enc, b_dec, k)
     return values, indices.long()
 
 
@@ -210,7 +299,7 @@ def _(x, W_enc, b_enc, b_dec, k, backend):
 @torch.library.custom_op("dlmscope::topk_encode_backward", mutates_args=())
 def _topk_encode_backward_op(d_values: Tensor, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor,
                              b_dec: Tensor, need_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _in_native_dtype(get_backend(backend).encode_backward, d_values.contiguous(), values, indices, x, W_enc,
+    return in_native_dtype(get_backend(backend).encode_backward, d_values.contiguous(), values, indices, x, W_enc,
                             b_dec, need_dx)
 
 
@@ -243,7 +332,7 @@ _topk_encode_op.register_autograd(_topk_encode_backward, setup_context=_topk_enc
 def _topk_encode_grouped_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, ks: list[int], sizes: list[int],
                             aux_mask: Optional[Tensor], k_aux: list[int],
                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    values, indices, aux_values, aux_indices = _in_native_dtype(get_backend(backend).encode_grouped, x, W_enc, b_enc,
+    values, indices, aux_values, aux_indices = in_native_dtype(get_backend(backend).encode_grouped, x, W_enc, b_enc,
                                                                 b_dec, list(ks), list(sizes), aux_mask, list(k_aux))
     return values, indices.long(), aux_values, aux_indices.long()
 
@@ -281,7 +370,7 @@ _topk_encode_grouped_op.register_autograd(_topk_encode_grouped_backward, setup_c
 
 @torch.library.custom_op("dlmscope::sparse_decode", mutates_args=())
 def _sparse_decode_op(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, backend: str) -> Tensor:
-    return _in_native_dtype(get_backend(backend).decode, values, indices, W_dec, b_dec)
+    return in_native_dtype(get_backend(backend).decode, values, indices, W_dec, b_dec)
 
 
 @_sparse_decode_op.register_fake
@@ -292,7 +381,7 @@ def _(values, indices, W_dec, b_dec, backend):
 @torch.library.custom_op("dlmscope::sparse_decode_backward", mutates_args=())
 def _sparse_decode_backward_op(g: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _in_native_dtype(get_backend(backend).decode_backward, g.contiguous(), values, indices, W_dec)
+    return in_native_dtype(get_backend(backend).decode_backward, g.contiguous(), values, indices, W_dec)
 
 
 @_sparse_decode_backward_op.register_fake
@@ -346,7 +435,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, 
     """
     x2, lead = _validate_encode(x, W_enc, b_enc, b_dec, k)
     values, indices = _topk_encode_op(x2.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(),
-                                      int(k), _backend_name(backend, x2.device))
+                                      int(k), resolve_backend_name(backend, x2.device))
     return values.reshape(*lead, int(k)), indices.reshape(*lead, int(k))
 
 
@@ -371,33 +460,10 @@ def topk_encode_grouped(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, 
     x [B, d] (2-D). Returns GroupedCodes(values [B, sum(ks)], indices [B, sum(ks)] int64 global,
     aux_values [B, sum(k_aux)], aux_indices), blocks in segment order; all values are differentiable.
     """
-    x2, _ = _validate_encode(x, W_enc, b_enc, b_dec, 1)
-    if x.dim() != 2:
-        raise ValueError(f"x must be [B, d] for the grouped encoder, got shape {_shape(x)}")
-    ks, sizes = [int(k) for k in ks], [int(s) for s in sizes]
-    if not ks or len(ks) != len(sizes):
-        raise ValueError(f"ks and sizes must be non-empty and of equal length, got {len(ks)} and {len(sizes)}")
-    if sum(sizes) != W_enc.shape[0]:
-        raise ValueError(f"sizes sum to {sum(sizes)} but W_enc {_shape(W_enc)} has {W_enc.shape[0]} latents")
-    for g, (k, size) in enumerate(zip(ks, sizes)):
-        if not 1 <= k <= size:
-            raise ValueError(f"segment {g}: k must satisfy 1 <= k <= size ({size}), got k={k}")
-    if aux_mask is None:
-        k_aux = [0] * len(ks)
-    else:
-        _require_tensor("aux_mask", aux_mask)
-        if aux_mask.dtype != torch.bool or aux_mask.shape != (W_enc.shape[0],):
-            raise ValueError(f"aux_mask must be a bool tensor of shape [{W_enc.shape[0]}], got {aux_mask.dtype} "
-                             f"{_shape(aux_mask)}")
-        if aux_mask.device != x.device:
-            raise ValueError(f"aux_mask is on {aux_mask.device} but x is on {x.device}")
-        k_aux = [int(k) for k in (k_aux if k_aux is not None else [])]
-        if len(k_aux) != len(ks) or any(not 0 <= ka <= size for ka, size in zip(k_aux, sizes)):
-            raise ValueError(f"k_aux must give one value in [0, size] per segment, got {k_aux} for sizes {sizes}")
-        aux_mask = aux_mask.contiguous()
+    x2, ks, sizes, aux_mask, k_aux = _validate_grouped(x, W_enc, b_enc, b_dec, ks, sizes, aux_mask, k_aux)
     return GroupedCodes(*_topk_encode_grouped_op(x2.contiguous(), W_enc.contiguous(), b_enc.contiguous(),
-                                                 b_dec.contiguous(), ks, sizes, aux_mask, list(k_aux),
-                                                 _backend_name(backend, x2.device)))
+                                                 b_dec.contiguous(), ks, sizes, aux_mask, k_aux,
+                                                 resolve_backend_name(backend, x2.device)))
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,
@@ -409,7 +475,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     """
     v2, i2, lead = _validate_decode(values, indices, W_dec, b_dec)
     x_hat = _sparse_decode_op(v2.contiguous(), i2.contiguous(), W_dec.contiguous(), b_dec.contiguous(),
-                              _backend_name(backend, v2.device))
+                              resolve_backend_name(backend, v2.device))
     return x_hat.reshape(*lead, W_dec.shape[1])
 
 
@@ -423,27 +489,8 @@ def decoder_norm_step(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
     takes its gradient unprojected and stays exactly zero while its update is zero (never NaN; see
     ``reference.decoder_norm_step``). ``grad`` is read only.
     """
-    for name, t in (("W_dec", W_dec), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _require_tensor(name, t)
-        _require_float(name, t)
-        _require_ndim(name, t, 2, "[n, d]")
-        if t.shape != W_dec.shape:
-            raise ValueError(f"{name} has shape {_shape(t)} but W_dec has {_shape(W_dec)}")
-    _require_same((("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)), "W_dec", W_dec)
-    for name, t in (("W_dec", W_dec), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous: it is updated in place")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1 (Adam counts steps from 1), got {step!r}")
-    beta1, beta2 = (float(b) for b in betas)
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    _require_finite("grad", grad)
-    name = _backend_name(backend, W_dec.device)
+    lr, (beta1, beta2), eps = _validate_decoder_step(W_dec, grad, exp_avg, exp_avg_sq, step, lr, betas, eps)
+    name = resolve_backend_name(backend, W_dec.device)
     with torch.no_grad():
-        _decoder_norm_step_op(W_dec, grad.contiguous(), exp_avg, exp_avg_sq, step, float(lr), beta1, beta2,
-                              float(eps), name)
+        _decoder_norm_step_op(W_dec, grad.contiguous(), exp_avg, exp_avg_sq, int(step), lr, beta1, beta2, eps,
+                              name)

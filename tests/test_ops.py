@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import dlmscope
 from dlmscope import ops, reference
 from dlmscope.backends import get_backend
+from dlmscope.backends.base import in_native_dtype
 
 from tests.helpers.devices import backend_device, backend_params, native_float64, tolerance
 from tests.helpers.saes import check_topk, make_sae
@@ -289,7 +290,7 @@ def test_primitives_match_reference(backend, device, dtype):
     ours = [t.to(device=device, dtype=dtype) for t in (coef, W, X)]
     c64, W64, X64 = (t.cpu().double() for t in ours)  # the same inputs, rounded to dtype
     tol = tolerance(dtype, backend) * 5
-    impl, call, idx_d = get_backend(backend), ops._in_native_dtype, idx.to(device)
+    impl, call, idx_d = get_backend(backend), in_native_dtype, idx.to(device)
     cases = {  # name: (backend outputs, reference outputs)
         "gather_accumulate": ((call(impl.gather_accumulate, ours[0], idx_d, ours[1]),),
                               (reference.gather_accumulate(c64, idx, W64),)),

@@ -78,4 +78,15 @@ def resolve_backend(requested: str | None, device: torch.device) -> Backend:
     return get_backend("torch")
 
 
-__all__ = ["Backend", "available_backends", "get_backend", "resolve_backend", "ENV_VAR"]
+@torch.compiler.assume_constant_result
+def resolve_backend_name(requested: str | None, device: torch.device) -> str:
+    """The name of :func:`resolve_backend`'s choice, for the public ops to dispatch on.
+
+    ``torch.compile`` calls this once while tracing and keeps the name as a constant, so the backend's first
+    (lazy) import happens outside the traced graph: a ``fullgraph=True`` compile works as the very first call.
+    A compiled graph keeps the backend it was traced with, even if ``$DLMSCOPE_BACKEND`` changes later.
+    """
+    return resolve_backend(requested, device).name
+
+
+__all__ = ["Backend", "available_backends", "get_backend", "resolve_backend", "resolve_backend_name", "ENV_VAR"]

@@ -55,6 +55,20 @@ def bias_grad(g: Tensor) -> Tensor:
     return g.sum(0, dtype=torch.float32 if g.dtype in (torch.bfloat16, torch.float16) else None).to(g.dtype)
 
 
+def in_native_dtype(method, *args):
+    """``method(*args)`` for a bound method of a :class:`Backend`; where that backend lacks the float dtype of
+    the inputs, the float inputs are widened to float32 and the float outputs cast back to that dtype."""
+    backend: Backend = method.__self__
+    dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+    if dtype is None or dtype in backend.native_dtypes:
+        return method(*args)
+    cast = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    out = method(*cast)
+    if isinstance(out, tuple):
+        return tuple(o.to(dtype) if o.is_floating_point() else o for o in out)
+    return out.to(dtype)
+
+
 class SortCache:
     """The last sort of an ids tensor by latent, so that a training step's two transpose-reduces (dW_dec in the
     decoder's backward, dW_enc in the encoder's, over the same ``indices``) sort once.

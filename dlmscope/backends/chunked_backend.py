@@ -63,7 +63,8 @@ def select_over_chunks(x, W_enc, b_enc, b_dec, selections: list[Selection], sele
     return [(vals.to(x.dtype), ids) for vals, ids in out]
 
 
-def grouped_selections(ks: list[int], sizes: list[int], aux_mask, k_aux: list[int]) -> tuple[list[Selection], list[int], list[int]]:
+def grouped_selections(ks: list[int], sizes: list[int], aux_mask,
+                       k_aux: list[int]) -> tuple[list[Selection], list[int], list[int]]:
     """(selections, each segment's start, the segments that have an AuxK selection) for ``encode_grouped``: one
     selection per segment, then one per segment with ``k_aux > 0`` restricted to ``aux_mask``."""
     starts = [sum(sizes[:g]) for g in range(len(sizes))]

@@ -30,6 +30,8 @@ class TorchBackend(Backend):
         return torch.relu_(pre).topk(k, dim=-1, sorted=False)
 
     def gather_accumulate(self, coef: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+        if idx.shape[1] == 0:  # embedding_bag refuses bags of size 0; an empty sum is zero
+            return W.new_zeros(idx.shape[0], W.shape[1])
         return F.embedding_bag(idx, W, per_sample_weights=coef, mode="sum")
 
     def transpose_reduce(self, coef, idx, X, n):
