@@ -2,6 +2,7 @@
 checkpoint format does not write: such a save is refused before anything is written, and every file stays."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -113,3 +114,77 @@ def test_every_saved_file_is_one_a_save_may_replace(tmp_path, fmt):
     assert {p.name for p in target.iterdir()} <= formats.CHECKPOINT_FILES
     for again in sorted(formats.FORMATS):
         sae(seed=4).save(target, again)
+
+
+# ---- a full disk, a read-only folder: the previous checkpoint stays loadable ---------------------------------
+
+
+@pytest.mark.parametrize("fmt, where", [(fmt, "config") for fmt in sorted(formats.FORMATS)]
+                         + [("dictionary_learning", "weights")])
+def test_a_full_disk_mid_save_keeps_the_old_checkpoint_loadable(tmp_path, monkeypatch, fmt, where):
+    """ENOSPC while a file of the new checkpoint is half written: the config (written after the weights), or the
+    torch-saved weights of ``ae.pt``."""
+    old = sae(0)
+    path = old.save(tmp_path / "ckpt", fmt)
+    before = snapshot(tmp_path)
+    real_write_json, real_save = atomic.write_json, torch.save
+
+    def half_then_enospc(target, data: bytes):
+        with open(target, "wb") as f:
+            f.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    def write_json(target, obj, **kwargs):
+        real_write_json(target, obj, **kwargs)
+        half_then_enospc(target, Path(target).read_bytes())
+
+    def save(obj, target, *args, **kwargs):
+        real_save(obj, target, *args, **kwargs)
+        half_then_enospc(target, Path(target).read_bytes())
+
+    if where == "config":
+        monkeypatch.setattr(atomic, "write_json", write_json)
+    else:
+        monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError) as info:
+        sae(1).save(path, fmt)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before and no_leftovers(tmp_path)
+    assert_same(TopKSAE.load(path), old)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes into a read-only folder anyway (chmod does not block it)")
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+def test_a_read_only_folder_keeps_the_old_checkpoint_loadable(tmp_path, fmt):
+    old = sae(0)
+    path = old.save(tmp_path / "runs" / "ckpt", fmt)
+    before = snapshot(tmp_path)
+    os.chmod(tmp_path / "runs", 0o555)
+    try:
+        with pytest.raises(PermissionError):
+            sae(1).save(path, fmt)
+    finally:
+        os.chmod(tmp_path / "runs", 0o755)
+    assert snapshot(tmp_path) == before
+    assert_same(TopKSAE.load(path), old)
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+def test_a_read_only_file_system_keeps_the_old_checkpoint_loadable(tmp_path, monkeypatch, fmt):
+    """EROFS (what a read-only mount answers, to root too) at the first thing a save creates."""
+    old = sae(0)
+    path = old.save(tmp_path / "ckpt", fmt)
+    before = snapshot(tmp_path)
+
+    def read_only(target, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(target))
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(OSError) as info:
+        sae(1).save(path, fmt)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EROFS
+    assert snapshot(tmp_path) == before
+    assert_same(TopKSAE.load(path), old)
