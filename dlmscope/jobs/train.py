@@ -159,6 +159,8 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
     stream.check_cache()  # a cache of another harvest is refused now, before any SAE is built or trained
     train = dataclasses.replace(train, total_tokens=spec.tokens, seed=spec.seed)
     source = str(getattr(adapter, "source", ""))
+    # what every rank's stream shares (its seed and token share are per rank): joins each run's identity
+    harvest = {key: value for key, value in stream.meta().items() if key not in ("source", "seed", "max_tokens")}
     out = {}
     sharded = latent_parallel is not None            # R = 1 too: one process then equals any R on the same text
     for layer in layers:
@@ -172,10 +174,11 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
             shards = ([LatentShard.from_sae(sae, *grid.bounds(sae.n)) for sae in saes[layer]] if saes is not None
                       else make_shards(adapter.d_model, spec, layer, grid, {"model": source}, adapter.device))
             trainer = LatentParallelTrainer(shards, grid, cfg, log=layer_log)
-            trainer.fit(stream.for_layer(layer), resume=resume)
+            trainer.fit(stream.for_layer(layer), resume=resume, data={"harvest": harvest, "layer": layer})
             out[layer] = gather_saes(trainer.saes, grid)
             continue
-        Trainer(layer_saes, cfg, log=layer_log).fit(stream.for_layer(layer), resume=resume)
+        Trainer(layer_saes, cfg, log=layer_log).fit(stream.for_layer(layer), resume=resume,
+                                                    data={"harvest": harvest, "layer": layer})
         out[layer] = layer_saes
     return out
 

@@ -66,6 +66,18 @@ def test_checkpoints_per_layer_and_exact_resume(setup, tmp_path):
     assert all(_same(a, b) for a, b in zip(first[1], again[1]))
 
 
+def test_21_6_resume_on_other_text_is_refused(setup, tmp_path):
+    """The run's identity holds the harvest (model, text, policy): a resume into the same checkpoint folder over
+    another text source is refused, naming the difference, before any step."""
+    adapter, batches, spec = setup
+    spec = dataclasses.replace(spec, layers=(1,))
+    train = TrainConfig(warmup_steps=2, norm_batches=2, checkpoint_every=3)
+    train_sweep(adapter, batches, spec, train, checkpoint_root=tmp_path, log=QUIET, text_source={"corpus": "a"})
+    with pytest.raises(ValueError, match="text"):
+        train_sweep(adapter, batches, spec, train, checkpoint_root=tmp_path, resume=True, log=QUIET,
+                    text_source={"corpus": "b"})
+
+
 def test_heldout_is_a_different_corruption_of_the_same_policy(setup):
     adapter, batches, spec = setup
     held = heldout_activations(adapter, batches, spec, tokens=300)
