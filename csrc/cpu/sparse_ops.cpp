@@ -157,9 +157,11 @@ void counting_sort(const int64_t* idx, int64_t M, int64_t n, std::vector<int64_t
     for (int64_t p = pb; p < pe; ++p) {
       int64_t* h = hist.data() + p * n;
       const int64_t e1 = std::min(M, (p + 1) * chunk);
-      const int64_t e0 = std::min(M, p * chunk);
-      check_ids(idx + e0, e1 - e0, n, "transpose_reduce");
-      for (int64_t e = e0; e < e1; ++e) ++h[idx[e]];
+      for (int64_t e = p * chunk; e < e1; ++e) {
+        const uint64_t i = static_cast<uint64_t>(idx[e]);
+        if (__builtin_expect(i >= static_cast<uint64_t>(n), 0)) throw_bad_id(idx + e, 1, n, "transpose_reduce");
+        ++h[i];
+      }
     }
   });
   start.assign(n + 1, 0);
