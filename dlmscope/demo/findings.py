@@ -31,7 +31,7 @@ def _significant_negatives(results, keys, pairs, dkey) -> list:
         for L, k in pairs:
             d = get(results, key, L, k, "delta")
             se = d.get(f"{dkey}_se", 0.0)
-            se = 0.0 if se != se else se  # NaN (one batch): no noise estimate
+            se = 0.0 if se is None or se != se else se  # NaN / null (one batch): no noise estimate
             if d[dkey] < -2 * se:
                 out.append([key.split("/")[1], L, k, d[dkey], se])
     return out

@@ -26,9 +26,15 @@ _VERDICT = {True: "**reproduced**", False: "**not reproduced**", "partly": "**pa
 
 
 def _fmt(v, digits=3) -> str:
-    if isinstance(v, float) and math.isnan(v):
+    """``v`` to ``digits`` decimals; NaN, or None (a NaN read back from results.json), as ``n/a``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _signed(v, digits=2) -> str:
+    """``v`` with its sign; NaN or None as ``n/a``."""
+    return "n/a" if v is None or v != v else f"{v:+.{digits}f}"
 
 
 def header(results: dict, cfg: DemoConfig) -> list[str]:
@@ -108,7 +114,7 @@ def concepts(results: dict, cfg: DemoConfig) -> list[str]:
 
 
 def _ci(c: dict) -> str:
-    return f"{c['mean']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+    return f"{_signed(c['mean'])} [{_signed(c['low'])}, {_signed(c['high'])}]"
 
 
 def steering(results: dict, cfg: DemoConfig) -> list[str]:
@@ -167,7 +173,7 @@ def decoding_orders(results: dict, cfg: DemoConfig) -> list[str]:
         for o, by in r["sae_vs_best_confidence"].items() for st, c in by.items() if st != "one") + ".", ""]
     best = []
     for o, c in r["correlations_within_group"].items():
-        finite = {k: v for k, v in c.items() if v["mean"] == v["mean"]}
+        finite = {k: v for k, v in c.items() if v["mean"] is not None and v["mean"] == v["mean"]}
         if finite:
             k, v = max(finite.items(), key=lambda kv: abs(kv[1]["mean"]))
             best.append(f"{o} {k} r = {_ci(v)}")
@@ -203,7 +209,7 @@ def transfer(results: dict, cfg: DemoConfig) -> list[str]:
 
 
 def _ci01(c) -> str:
-    return "—" if not c else f"{c['mean']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
+    return "—" if not c else f"{_fmt(c['mean'], 2)} [{_fmt(c['low'], 2)}, {_fmt(c['high'], 2)}]"
 
 
 def plot_gallery(results: dict, cfg: DemoConfig) -> list[str]:

@@ -9,7 +9,9 @@ import pytest
 
 from dlmscope import cli
 from dlmscope.demo import RUNS, DemoConfig, findings, load_world_model, run_demo
+from dlmscope.demo.report import write_report
 from dlmscope.jobs.order import ORDERS
+from dlmscope.util import atomic
 
 TINY = DemoConfig(layers=(0, 3), ks=(4, 8), k_ref=8, n_latents=128, train_tokens=6_000, eval_tokens=2_000,
                   delta_batches=2, concept_batches=2, sentences=6_000, sae_batch=512, warmup_steps=2,
@@ -27,7 +29,7 @@ def demo_run(tmp_path_factory):
 
 def test_results_cover_every_run_layer_and_k(demo_run):
     out, results = demo_run
-    assert json.loads((out / "results.json").read_text())["findings"] == json.loads(json.dumps(results["findings"]))
+    assert json.loads((out / "results.json").read_text())["findings"] == atomic.nan_to_null(results["findings"])
     for model, policy in RUNS:
         run = results["runs"][f"{model}/{policy}"]
         assert sorted(run) == ["0", "3"]
@@ -207,3 +209,19 @@ def test_21_12_demo_out_an_existing_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--out" in err and "is a file" in err and "Traceback" not in err
     assert existing.read_text() == "mine"
+
+
+def test_21_11_results_json_is_strict_json_and_the_report_reads_it_back(demo_run, tmp_path):
+    out, results = demo_run
+    text = (out / "results.json").read_text()
+
+    def refuse(name):
+        raise ValueError(f"results.json holds {name}, which is not JSON")
+
+    back = json.loads(text, parse_constant=refuse)
+    with_nan = json.loads(json.dumps(results, sort_keys=True))  # NaN kept; lists for tuples, keys sorted: the file
+    assert back == atomic.nan_to_null(with_nan)
+    (tmp_path / "read_back").mkdir()
+    (tmp_path / "with_nan").mkdir()
+    report = write_report(back, TINY, tmp_path / "read_back", plots=False).read_text()
+    assert report == write_report(with_nan, TINY, tmp_path / "with_nan", plots=False).read_text()
