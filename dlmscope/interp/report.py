@@ -14,6 +14,10 @@ optional parts marked::
                            "interp": {"explanation", "accuracy", "judge"}, "concept": {"name", "f1"}}}}
     window = {"tokens": [T] str, "values": [T] float (this latent's activation per token), "centre": int}
 
+A scored report also holds ``interp_summary`` (means over the scored latents with intervals; ``complete`` False
+when the judge failed part-way), and the dashboard job adds ``judge_calls`` (calls, failures by reason) and, when
+the judge stopped the scoring, ``interp_error``. Numbers that are not finite are written as ``null``.
+
 :func:`validate_report` checks every part that is present: each field has its type (counts ints >= 0, names
 strings, ``is_diffusion`` a bool), numbers are finite (``frequency`` a fraction), a window has as many values as
 tokens and its centre among them, histogram edges increase and counts are

@@ -256,27 +256,6 @@ def load_saes(path: str | Path) -> list[TopKSAE]:
     return saes
 
 
-def _refuse_foreign(target: Path) -> None:
-    """``FileExistsError`` if ``target`` holds anything a save may not replace (:func:`dlmscope.sae.formats.save`'s
-    rule: only the files of a recognisable checkpoint), so that an export refuses before it writes anything."""
-    if not target.is_dir():
-        return
-    entries = sorted(target.iterdir(), key=lambda p: p.name)
-    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries
-               if p.is_dir() or p.name not in formats.CHECKPOINT_FILES]
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(f"{target} is not an SAE checkpoint; refusing to export into it (a save replaces the "
-                              f"whole directory) because it holds {shown}. Nothing was exported: export to a new or "
-                              "empty directory, or move those entries out first")
-    if entries:
-        try:
-            formats.detect_format(target)
-        except ValueError as e:
-            raise FileExistsError(f"{target} is a non-empty directory that is not an SAE checkpoint; refusing to "
-                                  f"export into it ({e}). Nothing was exported") from None
-
-
 def export(path: str | Path, out_dir: str | Path, format: str = "dlmscope") -> list[Path]:
     """Write each SAE of the sharded checkpoint ``path`` to ``out_dir/sae_{i}`` in ``format`` (any of
     :data:`dlmscope.sae.formats.FORMATS`); returns the directories. Every target is checked before any is
@@ -284,5 +263,5 @@ def export(path: str | Path, out_dir: str | Path, format: str = "dlmscope") -> l
     saes = load_saes(path)
     targets = [Path(out_dir) / f"sae_{i}" for i in range(len(saes))]
     for target in targets:
-        _refuse_foreign(target)
+        formats.check_target(target)
     return [sae.save(target, format) for sae, target in zip(saes, targets)]

@@ -185,7 +185,7 @@ def test_cache_round_trip_equals_live_stream(llada, tmp_path, monkeypatch):
     index = load_cache_index(cache)
     assert index["layers"] == [0, 2] and index["d"] == D and index["meta"]["policy"] == "unmask"
     assert len(index["shards"]) > 1 and all(s["tokens"] <= 10 for s in index["shards"])
-    assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(cache) if ".tmp" in f]
     # a second run needs no model: reading the cache replays the live stream exactly
     monkeypatch.setattr(llada, "forward_until", lambda *a, **k: pytest.fail("model ran despite the cache"))
     second = list(cached_run)

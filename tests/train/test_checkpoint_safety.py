@@ -26,15 +26,8 @@ from dlmscope.train.latent_trainer import LatentParallelTrainer
 from dlmscope.train.trainer import Trainer
 from dlmscope.util import atomic
 from tests.helpers import latent_worker
+from tests.helpers.tiny_models import single_thread  # noqa: F401  (autouse: one thread)
 from tests.helpers.train_worker import N_BATCHES, final_tensors, global_stream, make_config, make_log, make_saes
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _run(directory: Path | None, batches: int = N_BATCHES, *, resume: bool = False, resume_from=None, **cfg):

@@ -39,7 +39,7 @@ from . import _checks, dictionary_learning, dlmscope_format, saelens, sparsify
 from .config import PARAMS, SAEConfig, check_state, param_shapes
 
 __all__ = ["FORMATS", "CHECKPOINT_FILES", "PARAMS", "SAEConfig", "check_state", "param_shapes", "save", "load",
-           "detect_format"]
+           "detect_format", "check_target"]
 
 #: format name -> module with ``save(cfg, tensors, directory)``, ``load(directory) -> (cfg, tensors)``,
 #: ``detect(...)``, ``DESCRIPTION``
@@ -139,10 +139,12 @@ def _check_state(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> None:
             raise ValueError(f"cannot save: {name} holds non-finite values (NaN or Inf)")
 
 
-def _check_target(path: Path) -> None:
+def check_target(path: str | os.PathLike) -> None:
     """Refuse (``FileExistsError``) a ``path`` that :func:`save` may not replace: one holding anything besides a
     previous checkpoint's files. Nothing is written here (a crashed earlier save to ``path`` is rolled back first, as
-    the write would do, so that what is checked is what would be replaced)."""
+    the write would do, so that what is checked is what would be replaced). Call it for every target before the
+    first write of a multi-SAE save."""
+    path = Path(path)
     atomic.restore_directory(path)
     if not path.is_dir():
         return  # missing: created; a file: atomic_directory refuses it
@@ -184,7 +186,7 @@ def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike,
     _check_state(cfg, tensors)
     path = Path(path)
     target = atomic.resolve_link(path)  # a symlinked checkpoint is replaced where the link points; the link stays
-    _check_target(target)
+    check_target(target)
     with atomic.atomic_directory(target) as tmp:
         FORMATS[name].save(cfg, tensors, tmp)
     atomic.sweep_leftovers(target.parent, lambda owner: owner == target.name)
