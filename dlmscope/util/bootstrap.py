@@ -1,16 +1,19 @@
 """Confidence intervals for the studies' means: a percentile bootstrap over the units that were sampled.
 
-The units are prompts (steering) or tasks × seeds (decoding orders); values measured on the same unit under
-two conditions are resampled together, so a paired difference keeps its pairing.
+An interval is over the units the claim is about. :func:`bootstrap_mean` resamples one kind of unit (prompts, or
+tasks × seeds) and holds any groups fixed; :func:`bootstrap_crossed` resamples every sampled factor at once
+(SAE seeds × concepts or latents × prompts), each axis independently, for a claim about the population behind
+each factor. Values measured on the same unit under two conditions are resampled together, so a paired
+difference keeps its pairing. Every :class:`Interval` names what it was resampled over (``over``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-__all__ = ["Interval", "bootstrap_mean", "paired_difference", "correlation"]
+__all__ = ["Interval", "bootstrap_mean", "bootstrap_crossed", "paired_difference", "correlation"]
 
 
 @dataclass(frozen=True)
@@ -22,8 +25,10 @@ class Interval:
     #: the ``level`` percentile interval of the resampled means
     low: float
     high: float
-    #: the number of units resampled
+    #: the number of units resampled (for a crossed bootstrap, the cells: the product of ``over``'s sizes)
     n: int
+    #: what was resampled: axis name -> its size, e.g. ``{"concepts": 10, "prompts": 64}``
+    over: dict = field(default_factory=dict)
 
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
@@ -42,18 +47,68 @@ def _tensor(values) -> torch.Tensor:
     return t if rows is values else t[0]
 
 
-def bootstrap_mean(values, *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
-    """The mean of ``values`` and its bootstrap interval. ``values`` is ``[U]`` or ``[G, U]``: with groups
-    (e.g. one row per steered concept over the same prompts), the statistic is the mean over all cells and a
-    resample draws units (columns), keeping each unit's values across groups together. NaN cells are
-    ignored (``None`` counts as NaN)."""
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def _percentiles(means: torch.Tensor, level: float) -> tuple[float, float]:
+    """The ``level`` percentile interval of the resampled statistics (NaN draws dropped; NaN if none is left)."""
+    means = means[~torch.isnan(means)]
+    if means.numel() == 0:
+        return float("nan"), float("nan")
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(means, q).tolist()
+    return low, high
+
+
+def bootstrap_crossed(values, axes: Sequence[str], *, level: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> Interval:
+    """The mean of ``values`` ``[A_1, ..., A_m]`` and its bootstrap interval with every axis resampled.
+
+    ``axes`` names the m sampled factors (e.g. ``("seeds", "concepts", "prompts")``); the design is crossed
+    (each prompt measured under every concept, with every seed), so each resample draws every axis's levels
+    independently with replacement and takes the mean over the drawn cells. The interval then covers the
+    variation of every factor: an effect carried by a few concepts is uncertain however many prompts there are.
+    NaN cells (``None`` too) are ignored. A factor with one level cannot be resampled and adds no width: say so.
+    """
+    v = _tensor(values)
+    axes = tuple(axes)
+    if v.dim() != len(axes) or v.numel() == 0:
+        raise ValueError(f"values {tuple(v.shape)} must have one non-empty axis per name in axes={axes}")
+    _check_level(level)
+    ok = ~torch.isnan(v)
+    filled = torch.where(ok, v, 0.0)
+    total = ok.sum()
+    mean = float(filled.sum() / total) if total else float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(0, size, (resamples, size), generator=gen) for size in v.shape]   # [R, A_i] per axis
+    m = v.dim()
+    chunk = max(1, 2 ** 22 // max(1, v.numel()))   # resamples per pass: ~4M cells gathered at a time
+    means = []
+    for start in range(0, resamples, chunk):
+        index = tuple(d[start:start + chunk].view(-1, *[d.shape[1] if j == i else 1 for j in range(m)])
+                      for i, d in enumerate(draws))                                    # broadcast to [Rc, A_1..A_m]
+        sums = filled[index].flatten(1).sum(1)
+        counts = ok[index].flatten(1).sum(1).to(torch.float64)
+        means.append(sums / counts)
+    low, high = _percentiles(torch.cat(means), level)
+    return Interval(mean, low, high, v.numel(), dict(zip(axes, v.shape)))
+
+
+def bootstrap_mean(values, *, level: float = 0.95, resamples: int = 2000, seed: int = 0,
+                   unit: str = "units") -> Interval:
+    """The mean of ``values`` and its bootstrap interval over ``unit`` (its name, for ``Interval.over``).
+    ``values`` is ``[U]`` or ``[G, U]``: with groups (e.g. one row per steered concept over the same prompts),
+    the statistic is the mean over all cells and a resample draws units (columns), keeping each unit's values
+    across groups together; the groups are held fixed (use :func:`bootstrap_crossed` to resample them too).
+    NaN cells are ignored (``None`` counts as NaN)."""
     v = _tensor(values)
     if v.dim() == 1:
         v = v[None]
     if v.dim() != 2 or v.shape[1] == 0:
         raise ValueError(f"values must be [units] or [groups, units] with at least one unit, got {tuple(v.shape)}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    _check_level(level)
     U = v.shape[1]
     ok = ~torch.isnan(v)
     filled = torch.where(ok, v, 0.0)
@@ -62,22 +117,19 @@ def bootstrap_mean(values, *, level: float = 0.95, resamples: int = 2000, seed: 
     sums = filled[:, idx].sum(dim=(0, 2))                                       # [R]
     counts = ok[:, idx].sum(dim=(0, 2)).to(torch.float64)
     means = sums / counts                                                      # NaN where a draw has no value
-    means = means[~torch.isnan(means)]
     total = ok.sum()
     mean = float(filled.sum() / total) if total else float("nan")
-    if means.numel() == 0:
-        return Interval(mean, float("nan"), float("nan"), U)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    low, high = torch.quantile(means, q).tolist()
-    return Interval(mean, low, high, U)
+    low, high = _percentiles(means, level)
+    return Interval(mean, low, high, U, {unit: U})
 
 
-def paired_difference(before: Sequence, after: Sequence, **kw) -> Interval:
-    """``bootstrap_mean(after − before)``: both ``[U]`` or ``[G, U]``, measured on the same units."""
+def paired_difference(before: Sequence, after: Sequence, *, axes: Sequence[str] | None = None, **kw) -> Interval:
+    """The mean of ``after − before`` (same shape, measured on the same units) and its interval:
+    :func:`bootstrap_mean` (``[U]`` or ``[G, U]``, groups fixed) or, with ``axes``, :func:`bootstrap_crossed`."""
     b, a = _tensor(before), _tensor(after)
     if a.shape != b.shape:
         raise ValueError(f"before {tuple(b.shape)} and after {tuple(a.shape)} must have the same shape")
-    return bootstrap_mean(a - b, **kw)
+    return bootstrap_mean(a - b, **kw) if axes is None else bootstrap_crossed(a - b, axes, **kw)
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -100,10 +152,7 @@ def correlation(x: Sequence, y: Sequence, *, level: float = 0.95, resamples: int
         return Interval(float("nan"), float("nan"), float("nan"), U)
     r = float(_pearson(a, b))
     idx = torch.randint(0, U, (resamples, U), generator=torch.Generator().manual_seed(seed))
-    rs = _pearson(a[idx], b[idx])
-    rs = rs[~torch.isnan(rs)]
-    if rs.numel() == 0 or r != r:
+    if r != r:
         return Interval(r, float("nan"), float("nan"), U)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    low, high = torch.quantile(rs, q).tolist()
+    low, high = _percentiles(_pearson(a[idx], b[idx]), level)
     return Interval(r, low, high, U)
