@@ -14,6 +14,13 @@ transformers causal LM, greedy), and :class:`OpenAIExplainer` (an OpenAI-compati
 concept is a property of tokens, and a random window's centre is where it was drawn); model judges read the whole
 window. Explanations and judgements of the OpenAI path are cached on disk, so a re-run costs nothing; the planted
 and HF paths are deterministic.
+
+The floor. Most windows are negatives, so an explanation that matches nothing is mostly right: an empty
+explanation scores negatives / windows (10/14 ≈ 0.714 with four positives). Every latent's floor is computed on
+its own windows with the same judge (:func:`score_report`), and every accuracy in the summary
+(:func:`interp_summary`) carries the mean floor of the same latents and the interval of its margin above it.
+:func:`compare_reports` gives the difference between two reports (a DLM SAE vs its AR twin's) with an interval
+over latents, each report's latents resampled independently (:func:`two_sample_difference`).
 """
 from __future__ import annotations
 
@@ -24,10 +31,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .judges import OpenAIJudge, PlantedJudge, planted_vocabulary
-from dlmscope.util.bootstrap import bootstrap_mean
+from dlmscope.util.bootstrap import Interval, bootstrap_mean, paired_difference
 
 __all__ = ["EXPLAIN_TOP", "EXPLAIN_IW", "DETECT_TOP", "DETECT_IW", "DETECT_RANDOM", "highlight",
-           "PlantedExplainer", "HFExplainer", "OpenAIExplainer", "detection_windows", "detect", "score_report"]
+           "PlantedExplainer", "HFExplainer", "OpenAIExplainer", "detection_windows", "detect", "score_report",
+           "explained", "interp_summary", "two_sample_difference", "compare_reports"]
 
 EXPLAIN_TOP, EXPLAIN_IW = 10, 5
 DETECT_TOP, DETECT_IW, DETECT_RANDOM = 2, 2, 10
@@ -161,16 +169,18 @@ def detect(entry: Mapping, explanation: str, judge, random_windows: Sequence[Map
 
 def score_report(report: dict, explainer, judge, *, seed: int = 0) -> dict:
     """Explain and detect every latent of a :func:`dlmscope.interp.features.feature_report`; writes
-    ``latents[id]["interp"] = {"explanation", "accuracy", "balanced_accuracy", "judge", "explainer"}`` into the
-    report and returns (and stores as ``report["interp_summary"]``) the means over latents with bootstrap
-    intervals: ``accuracy``, ``balanced_accuracy``, ``accuracy_explained`` (latents with an explanation other
-    than "none"), ``explained_fraction`` and ``chance_accuracy`` (an explainer that says "none": 10/14).
+    ``latents[id]["interp"] = {"explanation", "accuracy", "balanced_accuracy", "floor", "judge", "explainer"}``
+    into the report and returns (and stores as ``report["interp_summary"]``) :func:`interp_summary` of them.
+
+    ``floor`` is the accuracy of an empty explanation on the same latent's windows with the same judge (the
+    always-"no" accuracy, negatives / windows: 10/14 when the latent has 4 positive windows, more when it has
+    fewer): the score an explainer gets for saying nothing, against which every accuracy is read.
 
     When the explainer or the judge raises part-way (an endpoint gone or refusing), the error propagates, but
     the latents scored before it keep their scores and the summary covers them, with ``complete`` False."""
     if "latents" not in report or "random_windows" not in report:
         raise ValueError("score_report needs a feature report (dlmscope.interp.features.feature_report)")
-    accs = []
+    scored = []
     complete = False
     try:
         for key, entry in report["latents"].items():
@@ -178,19 +188,102 @@ def score_report(report: dict, explainer, judge, *, seed: int = 0) -> dict:
             if explanation is None:                   # the explainer's call failed: no score for this latent
                 continue
             d = detect(entry, explanation, judge, report["random_windows"], seed=seed + int(key))
+            empty = detect(entry, "", judge, report["random_windows"], seed=seed + int(key))   # same windows
             entry["interp"] = {"explanation": explanation, "accuracy": d["accuracy"],
-                               "balanced_accuracy": d["balanced_accuracy"], "judge": type(judge).__name__,
+                               "balanced_accuracy": d["balanced_accuracy"], "floor": empty["accuracy"],
+                               "balanced_floor": empty["balanced_accuracy"], "judge": type(judge).__name__,
                                "explainer": explainer.name}
-            accs.append((d["accuracy"], d["balanced_accuracy"], explanation not in ("none", "")))
+            scored.append(entry["interp"])
         complete = True
     finally:
-        report["interp_summary"] = _summary(accs, seed, complete)
+        report["interp_summary"] = interp_summary(scored, seed=seed, complete=complete)
     return report["interp_summary"]
 
 
-def _summary(accs: list[tuple[float, float, bool]], seed: int, complete: bool) -> dict:
-    ci = lambda xs: dataclasses.asdict(bootstrap_mean(xs, seed=seed)) if xs else None  # noqa: E731
-    return {"n": len(accs), "accuracy": ci([a for a, _, _ in accs]), "balanced_accuracy": ci([b for _, b, _ in accs]),
-            "explained_fraction": sum(e for _, _, e in accs) / len(accs) if accs else float("nan"),
-            "accuracy_explained": ci([a for a, _, e in accs if e]),
-            "chance_accuracy": DETECT_RANDOM / (DETECT_TOP + DETECT_IW + DETECT_RANDOM), "complete": complete}
+def explained(interp: Mapping) -> bool:
+    """Whether a latent's ``interp`` holds an explanation (not ``"none"`` or empty)."""
+    return interp.get("explanation") not in ("none", "", None)
+
+
+def _with_floor(values: Sequence[float], floors: Sequence[float], seed: int) -> dict | None:
+    """The mean of ``values`` with its interval over latents, the mean floor of the same latents beside it, and
+    the interval of the paired margin above the floor."""
+    if not values:
+        return None
+    out = dataclasses.asdict(bootstrap_mean(values, seed=seed, unit="latents"))
+    out["floor"] = float(torch.tensor(floors, dtype=torch.float64).nanmean())
+    out["above_floor"] = dataclasses.asdict(paired_difference(floors, values, seed=seed, unit="latents"))
+    return out
+
+
+def interp_summary(interps: Sequence[Mapping], *, seed: int = 0, complete: bool = True) -> dict:
+    """Means over latents of their ``interp`` dicts, each with its bootstrap interval over latents and the
+    floor beside it: ``accuracy`` and ``accuracy_explained`` (the latents with an explanation other than "none")
+    each carry ``floor`` (the mean accuracy of an empty explanation on the same latents' windows) and
+    ``above_floor`` (the paired margin's interval); ``balanced_accuracy`` likewise (its floor is 0.5).
+    ``chance_accuracy`` is the floor over all scored latents (a number, for printing); ``explained_fraction``
+    the fraction explained."""
+    acc = [i["accuracy"] for i in interps]
+    floor = [i["floor"] for i in interps]
+    bal = [i["balanced_accuracy"] for i in interps]
+    bal_floor = [i.get("balanced_floor", 0.5) for i in interps]
+    exp = [explained(i) for i in interps]
+    pick = lambda xs: [x for x, e in zip(xs, exp) if e]  # noqa: E731
+    return {"n": len(interps), "accuracy": _with_floor(acc, floor, seed),
+            "balanced_accuracy": _with_floor(bal, bal_floor, seed),
+            "explained_fraction": sum(exp) / len(exp) if exp else float("nan"), "n_explained": sum(exp),
+            "accuracy_explained": _with_floor(pick(acc), pick(floor), seed),
+            "chance_accuracy": float(torch.tensor(floor, dtype=torch.float64).mean()) if floor else float("nan"),
+            "floor_is": "the accuracy of an empty explanation on the same latents' windows, same judge",
+            "complete": complete}
+
+
+def two_sample_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
+                          seed: int = 0, unit: str = "latents") -> Interval:
+    """``mean(a) − mean(b)`` for two *independent* samples (``[A]``, ``[B]``; NaN/None dropped) and its
+    percentile bootstrap interval, each sample's units resampled on their own (``over``: ``{unit_a: A,
+    unit_b: B}``). NaN when either sample is empty."""
+    x, y = (torch.tensor([float("nan") if v is None else float(v) for v in s], dtype=torch.float64) for s in (a, b))
+    x, y = x[~x.isnan()], y[~y.isnan()]
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    over = {f"{unit}_a": x.numel(), f"{unit}_b": y.numel()}
+    if x.numel() == 0 or y.numel() == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), x.numel() + y.numel(), over)
+    gen = torch.Generator().manual_seed(seed)
+    da = x[torch.randint(0, x.numel(), (resamples, x.numel()), generator=gen)].mean(1)     # [R]
+    db = y[torch.randint(0, y.numel(), (resamples, y.numel()), generator=gen)].mean(1)     # [R]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(da - db, q).tolist()
+    return Interval(float(x.mean() - y.mean()), low, high, x.numel() + y.numel(), over)
+
+
+def compare_reports(report_a: Mapping, report_b: Mapping, *, metric: str = "accuracy", explained_only: bool = False,
+                    level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
+    """The difference A − B of a detection metric between two scored reports (e.g. a DLM SAE's and its AR
+    twin's), with an interval over latents: :func:`two_sample_difference`, the latents of each report resampled
+    independently. Returns ``{"metric", "explained_only", "difference", "difference_above_floor", "a", "b"}``:
+    ``difference`` of the means, ``difference_above_floor`` of the margins ``metric − floor`` (a fairer contrast
+    when the two reports' floors differ), and per report the mean with its interval, ``floor`` (the mean floor
+    of the same latents) and ``n``. ``metric``: ``"accuracy"`` or ``"balanced_accuracy"``; ``explained_only``:
+    only latents with an explanation other than "none"."""
+    if metric not in ("accuracy", "balanced_accuracy"):
+        raise ValueError(f"metric must be 'accuracy' or 'balanced_accuracy', got {metric!r}")
+    floor_key = "floor" if metric == "accuracy" else "balanced_floor"
+    sides = []
+    for name, report in (("a", report_a), ("b", report_b)):
+        interps = [e["interp"] for e in report.get("latents", {}).values() if "interp" in e]
+        if any(floor_key not in i for i in interps):
+            raise ValueError(f"report {name}: a latent's interp has no {floor_key!r}; score it with score_report")
+        interps = [i for i in interps if explained(i) or not explained_only]
+        sides.append(([i[metric] for i in interps], [i[floor_key] for i in interps]))
+    kw = dict(level=level, resamples=resamples, seed=seed)
+    out = {"metric": metric, "explained_only": explained_only,
+           "difference": dataclasses.asdict(two_sample_difference(sides[0][0], sides[1][0], **kw)),
+           "difference_above_floor": dataclasses.asdict(two_sample_difference(
+               *([v - f for v, f in zip(*side)] for side in sides), **kw))}
+    for name, (values, floors) in zip(("a", "b"), sides):
+        side = _with_floor(values, floors, seed) or {"mean": float("nan"), "floor": float("nan")}
+        out[name] = {"mean": side["mean"], "interval": [side.get("low"), side.get("high")], "floor": side["floor"],
+                     "above_floor": side.get("above_floor"), "n": len(values)}
+    return out

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dlmscope.interp.autointerp import (PlantedExplainer, HFExplainer, OpenAIExplainer, detect, detection_windows,
-                                 highlight, score_report)
+from dlmscope.interp.autointerp import (PlantedExplainer, HFExplainer, OpenAIExplainer, compare_reports, detect,
+                                        detection_windows, highlight, score_report, two_sample_difference)
 from dlmscope.interp.judges import JudgeUnreachable, OpenAIJudge, PlantedJudge
 from dlmscope.world import CONCEPTS
 
@@ -92,6 +92,12 @@ def test_score_report_fills_interp_and_summarises():
     assert report["latents"]["4"]["interp"]["explanation"] == "none"
     assert s["n"] == 2 and s["explained_fraction"] == 0.5 and s["chance_accuracy"] == pytest.approx(10 / 14)
     assert s["accuracy_explained"]["mean"] == 1.0 and report["interp_summary"] == s
+    # the floor beside every accuracy: the explained latent's, and both latents' (the "none" one sits at it)
+    assert s["accuracy_explained"]["floor"] == pytest.approx(10 / 14)
+    assert s["accuracy"]["floor"] == pytest.approx(10 / 14)
+    assert s["accuracy"]["mean"] == pytest.approx((1 + 10 / 14) / 2)
+    assert s["accuracy"]["above_floor"]["mean"] == pytest.approx((1 - 10 / 14) / 2)
+    assert s["balanced_accuracy"]["floor"] == 0.5 and s["accuracy"]["over"] == {"latents": 2}
     with pytest.raises(ValueError, match="feature report"):
         score_report({"latents": {}}, PlantedExplainer(concepts=CONCEPTS), PlantedJudge(concepts=CONCEPTS))
 
@@ -120,3 +126,58 @@ def test_21_8_score_report_keeps_what_was_scored_when_the_judge_fails_late():
     assert report["latents"]["3"]["interp"]["accuracy"] == 1.0 and "interp" not in report["latents"]["4"]
     s = report["interp_summary"]
     assert s["n"] == 1 and s["accuracy"]["mean"] == 1.0 and s["complete"] is False
+
+
+class _AlwaysNo:
+    """A model judge that answers "no" to every window, whatever the explanation."""
+
+    def score(self, concept, texts):
+        return [0.0] * len(texts)
+
+
+def test_22_8_floor_is_the_always_no_accuracy_on_the_latents_own_windows():
+    """The floor is computed per latent on its windows (not 10/14 hard-coded): a latent with two positive
+    windows has floor 10/12, and an always-"no" judge scores exactly the floor whatever the explanation."""
+    few = {"max_act": 2.0, "top": ENTRY["top"][:1], "importance": ENTRY["importance"][:1]}
+    report = {"random_windows": RANDOM, "latents": {"3": dict(ENTRY), "7": few}}
+    s = score_report(report, PlantedExplainer(concepts=CONCEPTS), _AlwaysNo())
+    floors = {k: e["interp"]["floor"] for k, e in report["latents"].items()}
+    assert floors == {"3": pytest.approx(10 / 14), "7": pytest.approx(10 / 12)}
+    for key, entry in report["latents"].items():
+        windows, labels = detection_windows(entry, RANDOM, seed=int(key))
+        assert entry["interp"]["floor"] == pytest.approx(labels.count(False) / len(labels))
+        assert entry["interp"]["accuracy"] == entry["interp"]["floor"]            # always "no" = the floor
+        assert detect(entry, "food", _AlwaysNo(), RANDOM, seed=int(key))["accuracy"] == entry["interp"]["floor"]
+    assert s["chance_accuracy"] == pytest.approx((10 / 14 + 10 / 12) / 2)
+    assert s["accuracy"]["above_floor"]["mean"] == 0 and s["accuracy_explained"]["floor"] == s["chance_accuracy"]
+
+
+def _scored(accuracies, floor=10 / 14):
+    """A scored report whose latents have these accuracies (all explained, one floor)."""
+    return {"latents": {str(i): {"interp": {"explanation": "food", "accuracy": a, "balanced_accuracy": a,
+                                            "floor": floor, "balanced_floor": 0.5}}
+                        for i, a in enumerate(accuracies)}}
+
+
+def test_22_8_two_report_difference_interval_over_latents():
+    """Two reports drawn from one distribution: the interval of A − B covers 0; B shifted down by 0.1 (about two
+    standard errors of 60 latents' mean apart, times three): it excludes 0. Each report keeps its floor."""
+    g = torch.Generator().manual_seed(0)
+    draw = lambda n: (torch.randint(8, 15, (n,), generator=g).double() / 14).tolist()  # noqa: E731
+    a, b = draw(60), draw(80)
+    same = compare_reports(_scored(a), _scored(b))
+    assert same["difference"]["low"] < 0 < same["difference"]["high"]
+    assert same["difference"]["over"] == {"latents_a": 60, "latents_b": 80}
+    assert same["a"]["floor"] == pytest.approx(10 / 14) and same["a"]["n"] == 60 and same["b"]["n"] == 80
+    shifted = compare_reports(_scored(a), _scored([x - 0.1 for x in b]))
+    assert shifted["difference"]["low"] > 0
+    assert shifted["difference"]["mean"] == pytest.approx(sum(a) / 60 - sum(b) / 80 + 0.1)
+    # a lower floor for B (fewer positives per latent) is taken out by the margin above the floor
+    floor_b = compare_reports(_scored(a), _scored([x - 0.1 for x in b], floor=10 / 14 - 0.1))
+    m = floor_b["difference_above_floor"]
+    assert m["low"] < 0 < m["high"] and floor_b["b"]["floor"] == pytest.approx(10 / 14 - 0.1)
+    with pytest.raises(ValueError, match="floor"):
+        compare_reports({"latents": {"0": {"interp": {"explanation": "x", "accuracy": 1.0}}}}, _scored(a))
+    # the two-sample helper on its own: exact mean, NaNs dropped, seeded
+    d = two_sample_difference([1.0, None, 3.0], [0.0, 1.0], seed=1)
+    assert d.mean == pytest.approx(1.5) and d.n == 4 and d == two_sample_difference([1.0, 3.0], [0.0, 1.0], seed=1)
