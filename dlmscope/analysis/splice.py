@@ -13,8 +13,17 @@ model: :func:`dlmscope.sae.metrics.evaluate_sae`).
 * :func:`scale_free` / :func:`compare_deltas` — scale-free numbers (Δ/clean, fraction of loss recovered vs
   zero-ablation) that make the DLM and AR deltas comparable despite different objectives.
 
-Batches with no masked (or unmasked) position contribute a loss of 0 for that term (the empty sum) and report
-``n_masked = 0``; :func:`average_results` weights nothing and averages per batch, as the paper does.
+Over batches, two estimators (docs/reference.md §4), both with a standard error over batches (the unit: one
+batch is one draw of text, of t and of the mask, so its tokens are not independent):
+
+* :func:`pooled_results` — the paper's: ``Σ_b Σ_{masked} CE / t_b ÷ Σ_b #masked`` (each term's numerator and
+  count pooled; scale ≈ mean CE / E[t]); its SE is the ratio estimator's delta method over batches.
+* :func:`per_batch_results` (alias :func:`average_results`) — the mean of the per-batch losses (each batch weighted
+  equally, so a masked token by ``1 / (t_b · #masked_b)``; scale ≈ mean CE · E[1/t]); SE = std / √B.
+
+:func:`delta_loss_over_batches` returns the pooled numbers with the per-batch ones beside them, and by default
+draws the batches' masking rates stratified (:func:`stratified_ts`). Batches with no masked (or unmasked)
+position contribute a loss of 0 for that term (the empty sum) and report ``n_masked = 0``.
 """
 from __future__ import annotations
 
@@ -39,8 +48,15 @@ __all__ = [
     "scale_free",
     "compare_deltas",
     "average_results",
+    "per_batch_results",
+    "pooled_results",
+    "stratified_ts",
+    "ESTIMATORS",
     "fraction_recovered",
 ]
+
+#: the two ΔLM estimators over batches; the first is the paper's and the default
+ESTIMATORS = ("pooled", "per_batch")
 
 
 # ----------------------------------------------------------------------------------------------- splicing
@@ -284,10 +300,30 @@ def ar_delta_loss(
     return results if many else results[0]
 
 
-def average_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per-key mean over per-batch result dicts (counts ``n_*`` are summed; NaNs are ignored)."""
+def _count_key(key: str) -> str:
+    """The count a loss key is a mean over: ``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``,
+    ``n_tokens`` for the AR keys."""
+    return "n_masked" if key.startswith("mask_") else "n_unmasked" if key.startswith("unmask_") else "n_tokens"
+
+
+def _recompute_recovered(out: dict) -> None:
+    """The recovered fractions of the combined losses (more stable than combining per-batch fractions)."""
+    for pre in ("mask_", "unmask_", ""):
+        if f"{pre}zero" in out:
+            out[f"{pre}recovered"] = fraction_recovered(out[f"{pre}clean"], out[f"{pre}sae"], out[f"{pre}zero"])
+
+
+def _check(results: Sequence[dict]) -> None:
     if not results:
-        raise ValueError("no results to average")
+        raise ValueError("no results to combine")
+
+
+def per_batch_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean over per-batch result dicts, each batch weighted equally (counts ``n_*`` are summed; NaNs
+    ignored), with ``{mask_,unmask_,}delta_se`` = std over batches / √B (NaN for one batch). Not the paper's
+    estimator (that is :func:`pooled_results`): the DLM losses are means over a batch's masked tokens of CE / t_b,
+    so a batch of few masked tokens (small t_b) weighs as much as a large one."""
+    _check(results)
     out: dict[str, float] = {}
     for key in results[0]:
         vals = [r[key] for r in results if key in r]
@@ -296,33 +332,105 @@ def average_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
         else:
             finite = [float(v) for v in vals if not math.isnan(float(v))]
             out[key] = sum(finite) / len(finite) if finite else float("nan")
-    # the recovered fractions of the averages (more stable than the average of per-batch fractions)
-    for pre in ("mask_", "unmask_", ""):
-        if f"{pre}zero" in out:
-            key = f"{pre}recovered"
-            out[key] = fraction_recovered(out[f"{pre}clean"], out[f"{pre}sae"], out[f"{pre}zero"])
+    _recompute_recovered(out)
+    for key in ("mask_delta", "unmask_delta", "delta"):
+        if key in out:
+            vals = torch.tensor([r[key] for r in results], dtype=torch.float64)
+            out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
     return out
 
 
-def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequence[Tensor], *,
-                            seed: int) -> list[dict[str, float]]:
-    """Per SAE, :func:`average_results` of its ΔLM over ``batches`` — the DLM loss with one corruption per
-    batch seeded by ``seed`` (the same for every SAE; the clean and zero-ablated forwards run once per batch for
-    all of them), or next-token CE for an AR model — plus ``*_delta_se``, the standard error over batches."""
+#: the per-batch mean under its former name
+average_results = per_batch_results
+
+
+def _ratio_se(num: Tensor, den: Tensor) -> float:
+    """Delta-method SE of ``R = Σ num_b / Σ den_b`` over B batches ``[B]``:
+    ``sqrt(B / (B − 1) · Σ_b (num_b − R·den_b)²) / Σ_b den_b`` (NaN for B < 2 or no count)."""
+    B, total = num.numel(), float(den.sum())
+    if B < 2 or total <= 0:
+        return float("nan")
+    r = float(num.sum()) / total
+    return float(((num - r * den) ** 2).sum() * B / (B - 1)) ** 0.5 / total
+
+
+def pooled_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The paper's pooled estimator over per-batch result dicts (of :func:`dlm_delta_loss` or
+    :func:`ar_delta_loss`): each loss is ``Σ_b loss_b · count_b ÷ Σ_b count_b`` with its own count
+    (``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``, ``n_tokens`` for the AR keys) — for ``L_mask``
+    exactly ``Σ_b Σ_{masked} CE / t_b ÷ Σ_b #masked``. Counts are summed, ``t`` is the mean over batches,
+    ``n_batches`` is B, and ``{mask_,unmask_,}delta_se`` is the ratio estimator's delta-method SE over batches.
+    A loss with a NaN batch (or no count at all) is NaN."""
+    _check(results)
+    out: dict[str, float] = {}
+    for key in results[0]:
+        if key.startswith("n_"):
+            out[key] = int(sum(r[key] for r in results))
+        elif key == "t":
+            out[key] = sum(float(r["t"]) for r in results) / len(results)
+    deltas = {}
+    for key in results[0]:
+        if key.startswith("n_") or key == "t" or key.endswith("recovered"):
+            continue
+        count = torch.tensor([float(r.get(_count_key(key), 0)) for r in results], dtype=torch.float64)
+        vals = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
+        sums = torch.where(count > 0, vals * count, torch.zeros_like(vals))  # an empty term's loss is its 0 sum
+        total = float(count.sum())
+        out[key] = float(sums.sum()) / total if total > 0 and not bool(vals.isnan().any()) else float("nan")
+        if key.endswith("delta"):
+            deltas[key] = (sums, count)
+    _recompute_recovered(out)
+    for key, (sums, count) in deltas.items():
+        out[f"{key}_se"] = _ratio_se(sums, count)
+    out["n_batches"] = len(results)
+    return out
+
+
+def stratified_ts(n: int, t_min: float = T_MIN, t_max: float = T_MAX,
+                  generator: torch.Generator | None = None) -> list[float]:
+    """``n`` masking rates, one uniform draw in each of ``n`` equal strata of ``[t_min, t_max]``, in a seeded
+    random order (so the batch order does not carry t). Marginally each is ``U[t_min, t_max]`` as in the paper;
+    together they cover the range evenly, which removes most of the between-batch variance that t adds."""
+    t_min, t_max = check_t_range(t_min, t_max)
+    if n < 1:
+        raise ValueError(f"need at least one masking rate, got n={n}")
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    order = torch.randperm(n, generator=generator)
+    ts = t_min + (t_max - t_min) * (order.double() + u) / n
+    # never exactly 0 or 1 (dlm_delta_loss needs t in (0, 1))
+    return [min(max(float(t), 1e-6), 1.0 - 1e-6) for t in ts]
+
+
+def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequence[Tensor], *, seed: int,
+                            t_sampling: str = "stratified", t_min: float = T_MIN,
+                            t_max: float = T_MAX) -> list[dict]:
+    """Per SAE, the ΔLM over ``batches`` by the paper's pooled estimator (:func:`pooled_results`), with
+    ``per_batch`` (:func:`per_batch_results`) beside it; ``estimator = "pooled"`` and ``se_over = "batches"``
+    name them. A DLM gets one corruption per batch seeded by ``seed`` (the same for every SAE; the clean and
+    zero-ablated forwards run once per batch for all of them) at masking rates ``t_sampling = "stratified"``
+    (:func:`stratified_ts` over ``[t_min, t_max]``, drawn from the same seed) or ``"iid"`` (``U[t_min, t_max]``
+    per batch, as the paper); an AR model gets next-token CE. Keys: those of :func:`pooled_results`, and
+    ``t_sampling`` for a DLM."""
     saes = list(saes)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("delta_loss_over_batches needs at least one batch")
     if adapter.is_diffusion:
+        if t_sampling not in ("stratified", "iid"):
+            raise ValueError(f"t_sampling must be 'stratified' or 'iid', got {t_sampling!r}")
         gen = torch.Generator().manual_seed(seed)
-        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, generator=gen) for ids in batches]
+        ts = stratified_ts(len(batches), t_min, t_max, gen) if t_sampling == "stratified" else [None] * len(batches)
+        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, t_min=t_min, t_max=t_max, generator=gen, t=t)
+                     for ids, t in zip(batches, ts)]
     else:
         per_batch = [ar_delta_loss(adapter, saes, layer, ids) for ids in batches]
     results = []
     for i in range(len(saes)):
         mine = [batch[i] for batch in per_batch]
-        out = average_results(mine)
-        for key in ("mask_delta", "unmask_delta", "delta"):  # standard error over batches (corruption + text)
-            if key in out:
-                vals = torch.tensor([r[key] for r in mine], dtype=torch.float64)
-                out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
+        out: dict = {**pooled_results(mine), "estimator": "pooled", "se_over": "batches",
+                     "per_batch": per_batch_results(mine)}
+        if adapter.is_diffusion:
+            out["t_sampling"] = t_sampling
         results.append(out)
     return results
 

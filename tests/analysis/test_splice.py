@@ -13,9 +13,13 @@ from dlmscope.analysis.splice import (
     ar_delta_loss,
     average_results,
     compare_deltas,
+    delta_loss_over_batches,
     dlm_delta_loss,
+    per_batch_results,
+    pooled_results,
     scale_free,
     splice,
+    stratified_ts,
     zero_ablate,
 )
 
@@ -290,3 +294,96 @@ def test_dlm_delta_loss_masked_positions_only(llada):
     assert part["mask_clean"] == full["mask_clean"] and part["n_masked"] == full["n_masked"]
     assert part["mask_sae"] != pytest.approx(full["mask_sae"], rel=1e-3)
     assert part["mask_zero"] != pytest.approx(full["mask_zero"], rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ estimators over batches (22.5)
+def _batch(t, ce_clean, ce_sae):
+    """A per-batch result as dlm_delta_loss reports it, from the CE of each masked token (clean and with the
+    SAE): ``mask_* = Σ CE / t / #masked``."""
+    n = len(ce_clean)
+    clean, sae = sum(ce_clean) / t / n, sum(ce_sae) / t / n
+    return {"t": t, "n_masked": n, "n_unmasked": 10 - n, "mask_clean": clean, "mask_sae": sae,
+            "mask_delta": sae - clean, "unmask_clean": 1.0, "unmask_sae": 1.0, "unmask_delta": 0.0}
+
+
+def test_pooled_and_per_batch_delta_lm_on_hand_built_batches():
+    """Two batches: t = 0.1 with 1 masked token (CE 1 → 2), t = 0.5 with 5 masked tokens (CE 1 → 1). The paper
+    pools: (2/0.1 + 5/0.5 − (1/0.1 + 5/0.5)) / 6 = 10/6; the per-batch mean is (10 + 0) / 2 = 5."""
+    a, b = _batch(0.1, [1.0], [2.0]), _batch(0.5, [1.0] * 5, [1.0] * 5)
+    pooled, per = pooled_results([a, b]), per_batch_results([a, b])
+    assert pooled["mask_clean"] == pytest.approx((1 / 0.1 + 5 / 0.5) / 6)
+    assert pooled["mask_sae"] == pytest.approx((2 / 0.1 + 5 / 0.5) / 6)
+    assert pooled["mask_delta"] == pytest.approx(10 / 6)
+    assert per["mask_delta"] == pytest.approx(5.0) and per["mask_clean"] == pytest.approx(6.0)
+    assert pooled["n_masked"] == per["n_masked"] == 6 and pooled["n_batches"] == 2 and pooled["t"] == 0.3
+    # per-batch SE: std of (10, 0) / √2 = 5; pooled: delta method, Σ_b (D_b − R n_b)² · B/(B−1) / (Σ n)²
+    assert per["mask_delta_se"] == pytest.approx(5.0)
+    r = 10 / 6
+    assert pooled["mask_delta_se"] == pytest.approx(math.sqrt(((10 - r) ** 2 + (0 - 5 * r) ** 2) * 2) / 6)
+    # equal batches: the two estimators agree
+    same = [_batch(0.3, [1.0, 2.0], [1.5, 2.0])] * 3
+    assert pooled_results(same)["mask_delta"] == pytest.approx(per_batch_results(same)["mask_delta"])
+
+
+def test_pooled_estimator_weights_each_term_by_its_own_count_and_keeps_empty_batches():
+    a = {"n_tokens": 3, "clean": 1.0, "sae": 2.0, "delta": 1.0, "zero": 4.0}
+    b = {"n_tokens": 1, "clean": 5.0, "sae": 5.0, "delta": 0.0, "zero": 9.0}
+    p = pooled_results([a, b])
+    assert p["clean"] == pytest.approx(2.0) and p["sae"] == pytest.approx(11 / 4) and p["delta"] == 0.75
+    assert p["recovered"] == pytest.approx((p["zero"] - p["sae"]) / (p["zero"] - p["clean"]))
+    empty = {"t": 0.2, "n_masked": 0, "n_unmasked": 4, "mask_clean": 0.0, "mask_sae": 0.0, "mask_delta": 0.0,
+             "unmask_clean": 2.0, "unmask_sae": 3.0, "unmask_delta": 1.0}
+    full = _batch(0.2, [1.0, 1.0], [2.0, 2.0])
+    p = pooled_results([empty, full])
+    assert p["mask_delta"] == pytest.approx(full["mask_delta"])  # the empty batch adds no masked token
+    assert p["unmask_clean"] == pytest.approx((2.0 * 4 + 1.0 * 8) / 12)
+
+
+def test_pooled_standard_error_shrinks_as_one_over_root_n():
+    gen = torch.Generator().manual_seed(0)
+
+    def batches(n):
+        out = []
+        for _ in range(n):
+            t = float(torch.empty(()).uniform_(0.05, 0.5, generator=gen))
+            m = int(torch.randint(5, 40, (), generator=gen))
+            clean = (torch.rand(m, generator=gen) * 3).tolist()
+            out.append(_batch(t, clean, [c + float(torch.randn((), generator=gen)) + 0.2 for c in clean]))
+        return out
+
+    se_small, se_large = (pooled_results(batches(n))["mask_delta_se"] for n in (200, 3200))
+    assert 0.15 < se_large / se_small < 0.35  # 1/√16 = 0.25
+    assert math.isnan(pooled_results(batches(1))["mask_delta_se"])
+
+
+def test_stratified_ts_cover_the_strata_and_are_seeded():
+    ts = stratified_ts(8, 0.1, 0.5, torch.Generator().manual_seed(3))
+    strata = sorted(int((t - 0.1) / 0.05) for t in ts)
+    assert strata == list(range(8)) and all(0.1 <= t <= 0.5 for t in ts)
+    assert ts != sorted(ts)  # the batch order does not carry t
+    assert ts == stratified_ts(8, 0.1, 0.5, torch.Generator().manual_seed(3))
+    assert ts != stratified_ts(8, 0.1, 0.5, torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="at least one"):
+        stratified_ts(0)
+
+
+def test_delta_loss_over_batches_reports_pooled_with_per_batch_beside(llada, ar):
+    batches = [token_batch(seed=s, batch=2, seq=12)[0] for s in range(4)]
+    saes = [random_sae(1), random_sae(2)]
+    got = delta_loss_over_batches(llada, saes, 1, batches, seed=5)
+    assert len(got) == 2 and got[0]["estimator"] == "pooled" and got[0]["se_over"] == "batches"
+    assert got[0]["t_sampling"] == "stratified" and got[0]["n_batches"] == 4
+    # the same per-batch results, by hand: stratified t from the seed, then one corruption per batch
+    gen = torch.Generator().manual_seed(5)
+    ts = stratified_ts(4, generator=gen)
+    per = [dlm_delta_loss(llada, saes, 1, ids, generator=gen, t=t) for ids, t in zip(batches, ts)]
+    mine = [p[1] for p in per]
+    assert sorted(int((t - 0.05) / (0.45 / 4)) for t in (r["t"] for r in mine)) == [0, 1, 2, 3]
+    assert got[1]["mask_delta"] == pytest.approx(pooled_results(mine)["mask_delta"], rel=1e-6)
+    assert got[1]["per_batch"]["mask_delta"] == pytest.approx(per_batch_results(mine)["mask_delta"], rel=1e-6)
+    iid = delta_loss_over_batches(llada, saes, 1, batches, seed=5, t_sampling="iid")
+    assert iid[0]["t_sampling"] == "iid" and iid[0]["mask_clean"] != pytest.approx(got[0]["mask_clean"])
+    with pytest.raises(ValueError, match="t_sampling"):
+        delta_loss_over_batches(llada, saes, 1, batches, seed=5, t_sampling="even")
+    a = delta_loss_over_batches(ar, saes[:1], 1, batches, seed=5)[0]
+    assert "t_sampling" not in a and math.isfinite(a["delta_se"]) and "delta_se" in a["per_batch"]
