@@ -1,6 +1,8 @@
 """The ``dlmscope eval`` job: one trained SAE on held-out text of its model — FVE, L0 and dead latents
 (:func:`dlmscope.sae.metrics.evaluate_sae`) under a policy, and the ΔLM loss of splicing it in
 (:mod:`dlmscope.analysis.splice`: the DLM's for a diffusion model, the AR one for a causal model), printed as JSON.
+ΔLM is the paper's pooled estimator with its SE over batches and the per-batch mean beside it
+(:func:`~dlmscope.analysis.splice.delta_loss_over_batches`); a DLM's masking rates are stratified by default.
 
     dlmscope eval --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000 [--out eval.json]
 """
@@ -10,9 +12,7 @@ import argparse
 import itertools
 import json
 
-import torch
-
-from dlmscope.analysis.splice import ar_delta_loss, average_results, dlm_delta_loss
+from dlmscope.analysis.splice import delta_loss_over_batches
 from dlmscope.data.activations import ActivationStream
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.util import atomic
@@ -31,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--policy", default=None, help="default: mask for DLMs, clean for AR models")
     e.add_argument("--tokens", type=positive_int, default=20_000)
     e.add_argument("--loss-batches", type=positive_int, default=4)
+    e.add_argument("--t-sampling", choices=("stratified", "iid"), default="stratified",
+                   help="DLM masking rates over the loss batches: one per stratum of [0.05, 0.5] (default) or "
+                        "U[0.05, 0.5] per batch (the paper's)")
     add_option(e, "--out", required=False, default=None, help="also write the JSON here")
     e.set_defaults(func=run_from_args)
     return e
@@ -48,13 +51,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                               buffer_tokens=max(args.batch_size * 4, 4096), seed=args.seed, max_tokens=args.tokens,
                               drop_last=False)
     result = {"sae": args.sae, "layer": layer, "policy": policy, **evaluate_sae(sae, stream.for_layer(layer))}
-    gen = torch.Generator().manual_seed(args.seed)
     batches = list(itertools.islice(held_batches, args.loss_batches))
-    if adapter.is_diffusion:  # dlm_delta_loss names a missing mask token (DiffusionGemma) itself
-        result["dlm_delta"] = average_results([dlm_delta_loss(adapter, sae, layer, ids, generator=gen)
-                                               for ids in batches])
-    else:
-        result["ar_delta"] = average_results([ar_delta_loss(adapter, sae, layer, ids) for ids in batches])
+    # dlm_delta_loss names a missing mask token (DiffusionGemma) itself
+    key = "dlm_delta" if adapter.is_diffusion else "ar_delta"
+    result[key] = delta_loss_over_batches(adapter, [sae], layer, batches, seed=args.seed,
+                                          t_sampling=args.t_sampling)[0]
     print(json.dumps(atomic.nan_to_null(result), indent=2))
     if out is not None:
         atomic.write_json(out, result)

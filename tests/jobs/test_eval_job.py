@@ -45,3 +45,18 @@ def test_21_11_eval_json_holds_null_for_nan(tmp_path, monkeypatch, capsys):
     printed = strict(capsys.readouterr().out)
     written = strict((tmp_path / "eval.json").read_text())
     assert printed["fve"] is None and written == printed and written["l0"] > 0
+
+
+@pytest.mark.parametrize("sampling", ["stratified", "iid"])
+def test_22_5_eval_reports_the_pooled_delta_lm_with_the_per_batch_beside(tmp_path, capsys, sampling):
+    model = build_tiny_llada(tmp_path / "m")
+    TopKSAE(models.load(model).d_model, 32, 4).save(tmp_path / "sae")
+    rc = cli.main(["eval", "--model", str(model), "--sentences", "200", "--seq-len", "16", "--lm-batch", "8",
+                   "--batch-size", "64", "--sae", str(tmp_path / "sae"), "--layer", "0", "--tokens", "128",
+                   "--loss-batches", "3", "--t-sampling", sampling])
+    assert rc == 0
+    d = strict(capsys.readouterr().out)["dlm_delta"]
+    assert d["estimator"] == "pooled" and d["se_over"] == "batches" and d["t_sampling"] == sampling
+    assert d["n_batches"] == 3 and d["mask_delta_se"] > 0 and d["per_batch"]["mask_delta_se"] > 0
+    assert d["mask_delta"] == pytest.approx(d["mask_sae"] - d["mask_clean"], abs=1e-5)
+    assert d["per_batch"]["n_masked"] == d["n_masked"] > 0
