@@ -28,12 +28,11 @@ from torch import Tensor
 from dlmscope.util.choices import check_choice
 from dlmscope.models import hooks
 from dlmscope.models.sampling import Progress, current_progress
+from .steering_stats import FLUENCY_WEIGHT, paper_score
 
 __all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors", "SteeringResult", "steering_score",
-           "generation_perplexity", "SteeringBaseline", "steering_baseline", "FLUENCY_WEIGHT"]
-
-#: The weight of fluency in the steering score (docs/reference.md §5).
-FLUENCY_WEIGHT = 0.3
+           "generation_perplexity", "SteeringBaseline", "steering_baseline", "FLUENCY_WEIGHT", "steered_generations",
+           "alive_latents", "random_directions", "norm_ratio"]
 
 SCOPES = ("all", "generation", "masked", "decoded", "top_active")
 STRENGTHS = ("max_act", "constant")
@@ -112,10 +111,13 @@ def _positions(scope, ids: Tensor | None, progress: Progress, T: int, mask_id: i
 
 @contextlib.contextmanager
 def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act", scope="all", schedule="all",
-          top_active: int = 3) -> Iterator[None]:
+          top_active: int = 3, directions: Tensor | None = None, record: list | None = None) -> Iterator[None]:
     """Within the block, every forward of ``adapter``'s model adds ``Σ_f alpha_f · m(h) · v_f`` to block
     ``layer``'s output (module docstring). ``features`` is one latent index or several; ``alpha`` one value
-    or one per feature."""
+    or one per feature. ``directions [F, d]`` replaces the features' decoder rows by other directions (made
+    unit norm; a control: ``m(h)`` and the ``top_active`` positions still come from the SAE and ``features``).
+    ``record``: each steered forward appends a ``[2]`` tensor, the sum of ``‖added‖ / ‖h‖`` over the positions
+    in scope and their count (:func:`norm_ratio` of the list is their mean)."""
     module = adapter.hook_module(layer)  # ValueError if out of range
     if getattr(sae, "d", None) != adapter.d_model:
         raise ValueError(f"SAE input size d={getattr(sae, 'd', None)} does not match the model's hidden size "
@@ -133,7 +135,13 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
         raise ValueError(f"top_active must be a positive integer, got {top_active!r}")
     active = _schedule(schedule)
     mask_id = adapter.mask_token_id
-    vectors = steering_vectors(sae, feats)                                      # [F, d]
+    if directions is None:
+        vectors = steering_vectors(sae, feats)                                  # [F, d]
+    else:
+        vectors = torch.as_tensor(directions).detach().float().reshape(-1, adapter.d_model)
+        if vectors.shape[0] != feats.numel():
+            raise ValueError(f"directions has {vectors.shape[0]} rows for {feats.numel()} features")
+        vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def delta(x: Tensor) -> Tensor | None:
         """``[B, T, d]``: what is added to the block's output ``x [B, T, d]`` (None outside the schedule)."""
@@ -153,13 +161,52 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
             act = torch.relu((xs - b_dec) @ W_enc.T + b_enc).float()            # [B, T, F]
             k = min(top_active, x.shape[1])
             top = torch.zeros_like(act, dtype=torch.bool).scatter_(1, act.topk(k, dim=1).indices, True)
-            return torch.einsum("btf,f,fd->btd", top.float() * m[..., None], a, v)
+            added = torch.einsum("btf,f,fd->btd", top.float() * m[..., None], a, v)
+            return _recorded(added, x, top.any(-1), record)
         pm = _positions(scope, seen.ids, progress, x.shape[1], mask_id, x.device)
         weight = m if pm is None else m * pm.float()
-        return weight[..., None] * (a @ v)
+        added = weight[..., None] * (a @ v)
+        return _recorded(added, x, pm, record)
 
     with hooks.record_input_ids(adapter.model) as seen, hooks.intervene(module, delta):
         yield
+
+
+def _recorded(added: Tensor, x: Tensor, where: Tensor | None, record: list | None) -> Tensor:
+    """``added``, after appending ``[Σ ‖added‖/‖h‖, count]`` over ``where`` (``[B, T]``, None = all) to ``record``."""
+    if record is not None:
+        ratio = added.float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)   # [B, T]
+        w = torch.ones_like(ratio) if where is None else where.float()
+        record.append(torch.stack([(ratio * w).sum(), w.sum()]).detach().cpu())
+    return added
+
+
+def norm_ratio(record: Sequence[Tensor]) -> float:
+    """The mean ``‖α·m(h)·v‖ / ‖h‖`` over the positions a :func:`steer` ``record`` saw (NaN if none)."""
+    if not record:
+        return float("nan")
+    total = torch.stack(list(record)).sum(0)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def random_directions(d: int, n: int, *, seed: int = 0) -> Tensor:
+    """``[n, d]`` unit directions drawn uniformly on the sphere (a Gaussian, normalised), seeded."""
+    g = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (g / g.norm(dim=-1, keepdim=True)).float()
+
+
+@torch.no_grad()
+def alive_latents(adapter, layer: int, sae, sequences: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The latents (sorted ids) that are among the top k at some attended position of ``sequences [B, T]``
+    at block ``layer`` (e.g. the unsteered generations: alive on the text the sweep steers)."""
+    ids = sequences.to(adapter.device)
+    mask = attention_mask.to(adapter.device) if attention_mask is not None else None
+    h = adapter.forward_until(ids, [layer], mask)[layer]
+    values, indices = sae.encode(h.to(sae.W_enc.dtype).reshape(-1, h.shape[-1]))
+    keep = values > 0
+    if mask is not None:
+        keep &= mask.reshape(-1, 1).bool()
+    return torch.unique(indices[keep]).cpu()
 
 
 # ------------------------------------------------------------------------------------------------ score
@@ -221,6 +268,8 @@ class SteeringBaseline:
     seed: int
     #: (judge, concept) -> the judge's scores of the generations, so each is judged once per sweep
     judged: dict = field(default_factory=dict, repr=False, compare=False)
+    #: the sampler's output (``sequences``, ``attention_mask``), e.g. to find the latents alive on it
+    generation: object = field(default=None, repr=False, compare=False)
 
     def judge(self, judge, concept: str) -> list:
         key = (id(judge), concept)
@@ -232,8 +281,21 @@ class SteeringBaseline:
 def steering_baseline(adapter, prompts, generate: Callable, gen_length: int, ref_lm, *, seed: int = 0
                       ) -> SteeringBaseline:
     """Run ``generate(adapter, prompts, seed=seed)`` without steering and measure its fluency once."""
-    p_text, texts = _texts(adapter, generate(adapter, prompts, seed=seed), gen_length)
-    return SteeringBaseline(p_text, texts, generation_perplexity(ref_lm, p_text, texts), seed)
+    gen = generate(adapter, prompts, seed=seed)
+    p_text, texts = _texts(adapter, gen, gen_length)
+    return SteeringBaseline(p_text, texts, generation_perplexity(ref_lm, p_text, texts), seed, generation=gen)
+
+
+def steered_generations(adapter, prompts, generate: Callable, gen_length: int, layer: int, sae, features, alpha,
+                        ref_lm, *, seed: int = 0, **steer_kw) -> tuple[list[str], list[float], float]:
+    """``(generations, perplexities, norm ratio)`` of ``generate(adapter, prompts, seed=seed)`` while
+    ``features`` are steered (:func:`steer`'s keywords, e.g. ``directions`` for a random-direction control):
+    per prompt the text and its reference-LM perplexity given the prompt, and the mean ``‖α·m(h)·v‖ / ‖h‖``."""
+    record: list = []
+    with steer(adapter, layer, sae, features, alpha, record=record, **steer_kw):
+        out = generate(adapter, prompts, seed=seed)
+    p_text, texts = _texts(adapter, out, gen_length)
+    return texts, generation_perplexity(ref_lm, p_text, texts), norm_ratio(record)
 
 
 @dataclass
@@ -246,7 +308,7 @@ class SteeringResult:
     #: mean reference-LM perplexity of the generations
     ppl_before: float
     ppl_after: float
-    #: ``(concept_after − concept_before) + FLUENCY_WEIGHT · (ppl_before − ppl_after) / ppl_before``
+    #: the paper's score: ``(concept_after − concept_before) + FLUENCY_WEIGHT · (ppl_before − ppl_after) / ppl_before``
     score: float
     #: judgements that failed (excluded from the means)
     failed: int
@@ -257,6 +319,8 @@ class SteeringResult:
     concepts_after: list = field(default_factory=list)
     ppls_before: list = field(default_factory=list)
     ppls_after: list = field(default_factory=list)
+    #: the mean ``‖α·m(h)·v‖ / ‖h‖`` at the steered positions (every step and forward of the steered run)
+    norm_ratio: float = float("nan")
 
 
 def _mean(xs) -> float:
@@ -277,14 +341,12 @@ def steering_score(adapter, prompts, generate: Callable, gen_length: int, layer:
     elif baseline.seed != seed or len(baseline.generations) != len(prompts):
         raise ValueError(f"the baseline was run with seed {baseline.seed} on {len(baseline.generations)} prompts; "
                          f"this run uses seed {seed} on {len(prompts)}")
-    with steer(adapter, layer, sae, features, alpha, **steer_kw):
-        after = generate(adapter, prompts, seed=seed)
-    _, after_text = _texts(adapter, after, gen_length)
+    after_text, ppls_after, ratio = steered_generations(adapter, prompts, generate, gen_length, layer, sae,
+                                                        features, alpha, ref_lm, seed=seed, **steer_kw)
     c_before, c_after = baseline.judge(judge, concept), judge.score(concept, after_text)
-    ppls_after = generation_perplexity(ref_lm, baseline.prompts, after_text)
     failed = sum(x is None for x in c_before + c_after)
     cb, ca = _mean(c_before), _mean(c_after)
     pb, pa = _mean(baseline.ppls), _mean(ppls_after)
-    return SteeringResult(cb, ca, pb, pa, (ca - cb) + FLUENCY_WEIGHT * (pb - pa) / pb, failed,
+    return SteeringResult(cb, ca, pb, pa, paper_score(cb, ca, pb, pa), failed,
                           list(baseline.generations), after_text, list(c_before), list(c_after),
-                          list(baseline.ppls), ppls_after)
+                          list(baseline.ppls), ppls_after, ratio)
