@@ -16,6 +16,9 @@ Two views for a DLM (:func:`labelled_activations`):
             auto-interpretability uses);
 ``masked``  activations at *masked* positions of corrupted text, labelled by the hidden token — does a
             Mask-SAE latent announce the concept the model is about to fill in?
+
+A score is read against its controls (:mod:`dlmscope.interp.baselines`): several untrained SAEs with the trained
+``b_dec`` and scale, and the best single residual coordinate.
 """
 from __future__ import annotations
 
