@@ -169,12 +169,14 @@ def detect(entry: Mapping, explanation: str, judge, random_windows: Sequence[Map
 
 def score_report(report: dict, explainer, judge, *, seed: int = 0) -> dict:
     """Explain and detect every latent of a :func:`dlmscope.interp.features.feature_report`; writes
-    ``latents[id]["interp"] = {"explanation", "accuracy", "balanced_accuracy", "floor", "judge", "explainer"}``
-    into the report and returns (and stores as ``report["interp_summary"]``) :func:`interp_summary` of them.
+    ``latents[id]["interp"] = {"explanation", "accuracy", "balanced_accuracy", "floor", "balanced_floor",
+    "judge", "explainer"}`` into the report and returns (and stores as ``report["interp_summary"]``)
+    :func:`interp_summary` of them.
 
-    ``floor`` is the accuracy of an empty explanation on the same latent's windows with the same judge (the
-    always-"no" accuracy, negatives / windows: 10/14 when the latent has 4 positive windows, more when it has
-    fewer): the score an explainer gets for saying nothing, against which every accuracy is read.
+    ``floor`` is :func:`detect`'s accuracy for an empty explanation on the same latent's windows with the same
+    judge: :func:`detect` predicts no window for it without asking the judge (it names nothing to match), so the
+    floor is negatives / windows — 10/14 when the latent has 4 positive windows, more when it has fewer — the
+    score an explainer gets for saying nothing, against which every accuracy is read.
 
     When the explainer or the judge raises part-way (an endpoint gone or refusing), the error propagates, but
     the latents scored before it keep their scores and the summary covers them, with ``complete`` False."""
