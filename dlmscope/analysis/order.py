@@ -15,6 +15,13 @@ paper's per-position statistics over **every** generated position:
 positions whose top-K holds f at state t. :class:`SAEStabilityGuide` is a sampler ``guide``: it commits first
 the masked positions whose top-K set stopped changing since the previous step, confidence breaking ties, at the
 cost of one SAE encode per step at one layer (the activations come from the sampler's own forward).
+:class:`DreamConfidence` is a guide that ranks by one of Dream's confidence measures, so that LLaDA's loop runs
+Dream's algorithms at LLaDA's commit counts (matched commits; Dream's own schedule commits nothing at the first
+of G steps for G answers).
+
+:func:`group_correlation` correlates a per-task statistic with exact match over the task groups whose outcome
+varies (a group where every task is right, or every task wrong, adds no covariance, only dilution), with its
+sign, an interval and a sign-agnostic verdict; :func:`conjecture_verdict` summarises it over orders.
 """
 from __future__ import annotations
 
@@ -22,14 +29,20 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
+import math
+
 import torch
 from torch import Tensor
 
 from dlmscope.models import hooks
+from dlmscope.models.sampler_rules import dream_tokens
 from dlmscope.models.sampling import Generation
+from dlmscope.util.bootstrap import correlation
+from dlmscope.util.choices import check_choice
 
 __all__ = ["FeatureTrace", "replay", "jaccard", "OrderStats", "order_statistics", "feature_counts",
-           "order_sensitive_features", "SAEStabilityGuide", "BYTES_PER_LATENT", "top_latents"]
+           "order_sensitive_features", "SAEStabilityGuide", "BYTES_PER_LATENT", "top_latents", "LogitsTap",
+           "DreamConfidence", "DREAM_CONFIDENCE_ALGS", "group_correlation", "conjecture_verdict"]
 
 #: bytes a trace keeps per latent per (layer, state, row, position): an int32 id and a float16 value
 BYTES_PER_LATENT = 6
@@ -274,3 +287,122 @@ class SAEStabilityGuide:
         finite = torch.where(torch.isfinite(conf), conf, torch.zeros_like(conf))
         lift = finite.max() - finite.min() + 1                                 # above every unstable score
         return torch.where(stable & masked, conf + lift, conf)
+
+
+#: Dream's confidence measures (``origin`` reveals at random and has none)
+DREAM_CONFIDENCE_ALGS = ("maskgit_plus", "topk_margin", "entropy")
+
+
+class LogitsTap:
+    """An adapter whose every ``logits`` call is kept (``last``) for a guide that ranks by the step's whole
+    distribution (:class:`DreamConfidence`); everything else is the wrapped adapter's."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.last: Tensor | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.adapter, name)
+
+    def logits(self, *args, **kwargs) -> Tensor:
+        self.last = self.adapter.logits(*args, **kwargs)
+        return self.last
+
+
+class DreamConfidence:
+    """A guide for :func:`~dlmscope.models.sampling.llada_fill` run on ``tap``: the masked positions rank by
+    Dream's confidence ``alg`` of the step's logits (``maskgit_plus`` the top probability, ``topk_margin`` top-1
+    − top-2, ``entropy`` Σ p log p), so Dream's algorithm commits LLaDA's counts per step; ``then`` (e.g. an
+    :class:`SAEStabilityGuide`) re-ranks after. Tokens are the argmax in both samplers at temperature 0, the
+    only temperature this matches; no CFG."""
+
+    def __init__(self, tap: LogitsTap, alg: str, then=None):
+        check_choice("alg", alg, DREAM_CONFIDENCE_ALGS)
+        self.tap, self.alg, self.then = tap, alg, then
+
+    @contextlib.contextmanager
+    def attach(self, adapter) -> Iterator[None]:
+        self.tap.last = None
+        with self.then.attach(adapter) if self.then is not None else contextlib.nullcontext():
+            try:
+                yield
+            finally:
+                self.tap.last = None
+
+    @torch.no_grad()
+    def rank(self, conf: Tensor, gen_pos: Tensor, masked: Tensor) -> Tensor:
+        """``[B, G]``: Dream's confidence at the generated positions (``conf``, LLaDA's, is not used)."""
+        logits = self.tap.last
+        if logits is None or logits.shape[0] != gen_pos.shape[0]:
+            raise RuntimeError("DreamConfidence.rank needs the step's logits, one row per canvas row: run the "
+                               "sampler on the LogitsTap, inside attach(), without CFG")
+        gl = logits.gather(1, gen_pos[..., None].expand(-1, -1, logits.shape[-1])).float()
+        _, dream_conf = dream_tokens(gl, self.alg, 0.0, None, None, None)
+        return self.then.rank(dream_conf, gen_pos, masked) if self.then is not None else dream_conf
+
+
+def _floats(values) -> Tensor:
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float64)
+
+
+def group_correlation(x, y, groups, *, within: bool = True, n_total: int | None = None, units: str = "tasks",
+                      **kw) -> dict:
+    """Pearson r between a per-task statistic ``x`` and the outcome ``y`` (exact match), one value per task,
+    ``groups`` naming each task's group. Tasks where either is NaN / None are dropped; then the groups whose
+    ``y`` does not vary are left out. ``within``: both sides centred per group first (a correlation within
+    groups, not between their difficulties). Returns the bootstrap :class:`Interval` over tasks (its fields),
+    ``sign``, ``fisher_z`` (atanh r · √(n − 3), or √(n − g − 2) within g groups), ``verdict``
+    ("association" when the interval excludes 0, of either sign; "none"; "undefined" without an r),
+    ``excluded_groups`` ``{group: tasks}`` and ``denominator`` ("over n ``units`` of ``n_total``", default
+    every task given)."""
+    xv, yv = _floats(x), _floats(y)
+    groups = list(groups)
+    if not len(xv) == len(yv) == len(groups):
+        raise ValueError(f"x, y and groups must have one value per task, got {len(xv)}, {len(yv)}, {len(groups)}")
+    ok = ~(torch.isnan(xv) | torch.isnan(yv))
+    keep = torch.zeros_like(ok)
+    excluded: dict = {}
+    for g in dict.fromkeys(groups):
+        sel = ok & torch.tensor([gg == g for gg in groups])
+        if not sel.any():
+            continue
+        if bool((yv[sel] == yv[sel][0]).all()):
+            excluded[str(g)] = int(sel.sum())
+            continue
+        keep |= sel
+        if within:
+            xv[sel] = xv[sel] - xv[sel].mean()
+            yv[sel] = yv[sel] - yv[sel].mean()
+    n_groups = len({g for g, k in zip(groups, keep.tolist()) if k})
+    iv = correlation(xv[keep], yv[keep], **kw)
+    n = int(keep.sum())
+    df = n - (n_groups + 2 if within else 3)
+    z = math.atanh(max(-1 + 1e-12, min(1 - 1e-12, iv.mean))) * math.sqrt(df) if iv.mean == iv.mean and df > 0 \
+        else float("nan")
+    verdict = "undefined" if iv.low != iv.low else "association" if iv.excludes_zero() else "none"
+    total = len(groups) if n_total is None else n_total
+    denominator = f"over {n} {units} of {total}" + (
+        "; out for zero outcome variance: " + ", ".join(f"{g} ({k} tasks)" for g, k in excluded.items())
+        if excluded else "")
+    return {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": n, "over": {"tasks": n},
+            "sign": "positive" if iv.mean > 0 else "negative" if iv.mean < 0 else "none",
+            "fisher_z": z, "verdict": verdict, "within_groups": within, "excluded_groups": excluded,
+            "denominator": denominator}
+
+
+def conjecture_verdict(per_order: Mapping[str, dict]) -> dict:
+    """The paper's conjecture (feature dynamics track decoding quality; it has no sign) over orders, from one
+    :func:`group_correlation` per order: "association" when more than half of the orders with an r have a
+    robust one (interval excluding 0, either sign), "partly" when some do, "not reproduced" when none does;
+    ``sign`` says which way (positive, negative or mixed)."""
+    rated = {o: c for o, c in per_order.items() if c["verdict"] != "undefined"}
+    positive = [o for o, c in rated.items() if c["verdict"] == "association" and c["mean"] > 0]
+    negative = [o for o, c in rated.items() if c["verdict"] == "association" and c["mean"] < 0]
+    robust = len(positive) + len(negative)
+    verdict = "association" if robust > len(rated) / 2 else "partly" if robust else "not reproduced"
+    sign = None if not robust else "positive" if not negative else "negative" if not positive else "mixed"
+    detail = "; ".join(f"{o} r = {c['mean']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] {c['denominator']}"
+                       for o, c in rated.items())
+    return {"verdict": verdict, "sign": sign, "positive": positive, "negative": negative, "orders": list(rated),
+            "text": f"{verdict}: a robust correlation at {robust} of {len(rated)} orders"
+                    + (f" ({sign})" if sign else "") + (f": {detail}" if detail else "")}

@@ -13,14 +13,29 @@ number of steps, so the orders differ only in *which* masked positions each step
 ``sae_stable_entropy``                 Dream's entropy re-ranked the same way
 
 Steps per task are ``one`` (everything at once), ``half`` (⌈answers / 2⌉) or ``all`` (one answer per step).
-Accuracy is exact match (every answer right), averaged over seeds per task, with bootstrap intervals over
-tasks; the SAE orders are compared with the best confidence order on the same tasks (paired). At ``all``
-steps the runs are replayed with the SAEs (:func:`dlmscope.analysis.order.replay`) for the per-position statistics,
-their correlation with accuracy per order (pooled, and within task groups), and the order-sensitive features
-against ``low_confidence``.
 
-Dream's schedule commits ``int(n · (1 − s/t))`` per step: at G steps for G = 3 answers that is 0, 1, 2, not
-one per step, so Dream's orders at "G steps" are not one answer per step (LLaDA's are).
+Matched commits. Dream's own schedule commits ``int(n · (1 − t_{s+1}/t_s))`` on ``t = linspace(1, eps, S + 1)``:
+at S = n steps the first step's share is ``1 − eps`` < 1, floored to 0, and the last step takes two (``[0, 1, 2]``
+for 3 answers); no (S, eps) gives one per step for n ≥ 2. With ``dream_schedule="matched"`` (the default) Dream's
+confidence orders run in LLaDA's loop ranked by Dream's measure
+(:class:`~dlmscope.analysis.order.DreamConfidence`), so every confidence order commits the same counts per step;
+``"dream"`` keeps Dream's schedule. ``origin`` reveals at random (counts differ by row); ``random`` is its
+matched twin. ``order.json`` records each run's commit counts (``schedules``).
+
+Comparisons. Pre-specified (:data:`BASE_ORDER`): each SAE-guided order against its own base order
+(``sae_stable`` − ``low_confidence``, ``sae_stable_entropy`` − ``entropy``), paired over the order-sensitive
+(multi-answer) tasks, seeds crossed where both have several (``sae_vs_base``). The SAE orders against the best
+of the confidence orders on the same tasks are kept as ``sae_vs_best_confidence``, marked post hoc (the
+comparator is picked on the test data). Accuracy is exact match (every answer right), averaged over seeds per
+task, with bootstrap intervals over tasks; per-task correctness per (order, steps, seed) is stored
+(``per_task``) for paired tests elsewhere. Every number names its denominator ("over 6 order-sensitive tasks
+of 10").
+
+At ``all`` steps the runs are replayed with the SAEs (:func:`dlmscope.analysis.order.replay`) for the
+per-position statistics and their correlation with exact match per order over the order-sensitive tasks
+(:func:`~dlmscope.analysis.order.group_correlation`: pooled, and within task groups; groups with zero outcome
+variance out), reported with sign; the paper's conjecture (no sign) gets a sign-agnostic verdict
+(``conjecture``). The order-sensitive features are scored against ``low_confidence``.
 
 The ``dlmscope order`` verb (:func:`add_parser`, :func:`run_from_args`) runs the world's tasks (or a
 ``tasks.jsonl``) and writes ``order.json`` and the plots.
@@ -39,25 +54,34 @@ from tqdm.auto import tqdm
 from dlmscope import models
 from dlmscope.util import atomic
 from dlmscope.util.choices import check_choice
-from dlmscope.analysis.order import SAEStabilityGuide, order_sensitive_features, order_statistics, replay
+from dlmscope.analysis.order import (DreamConfidence, LogitsTap, SAEStabilityGuide, conjecture_verdict,
+                                     group_correlation, order_sensitive_features, order_statistics, replay)
+from dlmscope.models.sampler_rules import dream_counts, step_counts
 from dlmscope.models.sampling import dream_fill, llada_fill
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.util.bootstrap import bootstrap_mean, correlation, paired_difference
+from dlmscope.util.bootstrap import bootstrap_mean, paired_difference
 from dlmscope.world import asset
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 from .options import add_option, out_dir, positive_int
 from .plots import SAE_ORDERS, STEPS, plot_order
 
-__all__ = ["ORDERS", "CONFIDENCE_ORDERS", "SAE_ORDERS", "STEPS", "OrderSpec", "task_groups", "fill_with_order",
-           "run_order", "add_parser", "run_from_args"]
+__all__ = ["ORDERS", "CONFIDENCE_ORDERS", "SAE_ORDERS", "STEPS", "BASE_ORDER", "DREAM_SCHEDULES", "OrderSpec",
+           "task_groups", "commit_schedule", "fill_with_order", "run_order", "add_parser", "run_from_args"]
 
 # SAE_ORDERS and STEPS are defined in .plots, whose figures draw them, and exported from here
 CONFIDENCE_ORDERS = ("low_confidence", "maskgit_plus", "topk_margin", "entropy")
 ORDERS = ("low_confidence", "random", "left_to_right", "origin", "maskgit_plus", "topk_margin", "entropy") + SAE_ORDERS
+#: the pre-specified comparison of each SAE-guided order: the confidence order it re-ranks
+BASE_ORDER = {"sae_stable": "low_confidence", "sae_stable_entropy": "entropy"}
+#: Dream's confidence orders: at matched commits (LLaDA's counts per step) or on Dream's own schedule
+DREAM_SCHEDULES = ("matched", "dream")
+DREAM_CONFIDENCE_ORDERS = ("maskgit_plus", "topk_margin", "entropy", "sae_stable_entropy")
 #: orders whose result depends on the seed at temperature 0
 SEEDED = ("random", "origin")
 #: per-task statistics correlated with accuracy (means over the task's answer positions)
 STATS = ("pre_stability", "lock_ratio", "post_drift")
+#: Dream's eps (the last timestep), as :func:`dlmscope.models.sampling.dream_fill` defaults
+DREAM_EPS = 1e-3
 
 
 @dataclass
@@ -70,6 +94,8 @@ class OrderSpec:
     #: latents kept per position in the replay and compared by the guide
     top_k: int = 8
     batch: int = 128
+    #: "matched": Dream's confidence orders commit LLaDA's counts per step; "dream": Dream's own schedule
+    dream_schedule: str = "matched"
 
 
 def _steps(label: str, G: int) -> int:
@@ -84,11 +110,27 @@ def task_groups(tasks, tokenizer) -> dict[tuple[str, int], list[int]]:
     return dict(groups)
 
 
-def fill_with_order(adapter, canvas, order: str, steps: int, *, seed: int = 0, guide_sae=None, guide_layer=None,
-                    top_k: int = 8, history: bool = False):
-    """One fill of ``canvas`` (rows with the same number ``G`` of masks) under ``order``; None where the order
-    cannot run at these steps (``left_to_right`` needs ``steps == G``)."""
+def commit_schedule(order: str, G: int, steps: int, dream_schedule: str = "matched") -> list[int] | str | None:
+    """Answers committed per step by ``order`` for ``G`` answers in ``steps`` steps; a sentence for
+    ``origin`` (random counts per row); None where the order cannot run at these steps."""
     check_choice("order", order, ORDERS)
+    check_choice("dream_schedule", dream_schedule, DREAM_SCHEDULES)
+    if order == "left_to_right":
+        return [1] * G if steps == G else None
+    if order == "origin":
+        return "random: each masked answer revealed with probability 1 − t_{s+1}/t_s (Dream's origin)"
+    if order in DREAM_CONFIDENCE_ORDERS and dream_schedule == "dream":
+        return dream_counts(G, steps, DREAM_EPS)
+    return step_counts(G, steps)
+
+
+def fill_with_order(adapter, canvas, order: str, steps: int, *, seed: int = 0, guide_sae=None, guide_layer=None,
+                    top_k: int = 8, history: bool = False, dream_schedule: str = "matched"):
+    """One fill of ``canvas`` (rows with the same number ``G`` of masks) under ``order``; None where the order
+    cannot run at these steps (``left_to_right`` needs ``steps == G``). Dream's confidence orders commit
+    :func:`commit_schedule`'s counts (``dream_schedule``)."""
+    check_choice("order", order, ORDERS)
+    check_choice("dream_schedule", dream_schedule, DREAM_SCHEDULES)
     G = int((torch.as_tensor(canvas[0]) == adapter.mask_token_id).sum())
     guide = None
     if order in SAE_ORDERS:
@@ -102,6 +144,9 @@ def fill_with_order(adapter, canvas, order: str, steps: int, *, seed: int = 0, g
     if order == "left_to_right":
         return llada_fill(adapter, canvas, block_length=1, **kw) if steps == G else None
     alg = "entropy" if order == "sae_stable_entropy" else order
+    if alg != "origin" and dream_schedule == "matched":
+        tap = LogitsTap(adapter)
+        return llada_fill(tap, canvas, guide=DreamConfidence(tap, alg, then=guide), **kw)
     return dream_fill(adapter, canvas, alg=alg, guide=guide, **kw)
 
 
@@ -111,55 +156,47 @@ def _canvas_and_targets(tasks, idx, tokenizer):
     return [inp for inp, _, _ in enc], answers
 
 
-def _centred(values, groups) -> list[float]:
-    """``values`` minus the (NaN-skipping) mean of their group; NaN stays NaN."""
-    v = torch.tensor([float("nan") if x is None else float(x) for x in values], dtype=torch.float64)
-    out = v.clone()
-    for g in set(groups):
-        sel = torch.tensor([gg == g for gg in groups])
-        out[sel] = v[sel] - torch.nanmean(v[sel])
-    return out.tolist()
-
-
-def _interval(x) -> dict:
-    return asdict(bootstrap_mean(x))
-
-
 def run_order(adapter, saes: Mapping[int, object], tasks, heldout: Sequence[bool], spec: OrderSpec, *,
               progress: bool = True) -> dict:
-    """Accuracy per (order, steps) and per kind, SAE order vs the best confidence order, and at ``all`` steps
-    the per-position statistics, their correlation with accuracy, and the order-sensitive features. JSON-able."""
+    """Accuracy per (order, steps) and per kind, each SAE order against its base order (and, post hoc, the
+    best confidence order), per-task correctness, and at ``all`` steps the per-position statistics, their
+    correlation with exact match, and the order-sensitive features. JSON-able."""
     for o in spec.orders:
         check_choice("order", o, ORDERS)
     for s in spec.steps:
         check_choice("steps", s, STEPS)
+    check_choice("dream_schedule", spec.dream_schedule, DREAM_SCHEDULES)
     if any(o in SAE_ORDERS for o in spec.orders) and spec.guide_layer not in saes:
         raise ValueError(f"guide_layer {spec.guide_layer} has no SAE; SAEs are at layers {sorted(saes)}")
     tok = adapter.tokenizer
     groups = task_groups(tasks, tok)
-    correct: dict = {}          # (order, steps) -> [task] mean exact match over seeds (NaN: not run)
+    correct: dict = {}          # (order, steps) -> [seeds run, task] exact match (NaN: not run)
+    schedules: dict = defaultdict(dict)     # order -> steps -> group -> commit counts
     stats_rows: dict = defaultdict(lambda: defaultdict(list))    # order -> stat/layer -> per task values
     feature_runs: dict = {}     # order -> {group: trace}, at 'all' steps, for order-sensitive features
     per_group_stats: dict = defaultdict(dict)
     jobs = [(o, st) for o in spec.orders for st in spec.steps]
     bar = tqdm(total=len(jobs) * len(groups), desc="decoding orders", unit="fill", disable=not progress)
     for order, steps_label in jobs:
-        acc = torch.full((len(tasks),), float("nan"), dtype=torch.float64)
+        seeds = list(spec.seeds if order in SEEDED else spec.seeds[:1])
+        acc = torch.full((len(seeds), len(tasks)), float("nan"), dtype=torch.float64)
         for (kind, G), idx in groups.items():
             steps = _steps(steps_label, G)
-            seeds = spec.seeds if order in SEEDED else spec.seeds[:1]
+            schedules[order].setdefault(steps_label, {})[f"{kind}/{G}"] = commit_schedule(
+                order, G, steps, spec.dream_schedule)
             for start in range(0, len(idx), spec.batch):
                 chunk = idx[start:start + spec.batch]
                 canvas, answers = _canvas_and_targets(tasks, chunk, tok)
-                scores = []
-                for seed in seeds:
-                    want_history = steps_label == "all" and seed == seeds[0] and bool(saes) and G > 1
-                    gen = fill_with_order(adapter, canvas, order, steps, seed=seed, guide_sae=saes.get(spec.guide_layer),
-                                          guide_layer=spec.guide_layer, top_k=spec.top_k, history=want_history)
+                for si, seed in enumerate(seeds):
+                    want_history = steps_label == "all" and si == 0 and bool(saes) and G > 1
+                    gen = fill_with_order(adapter, canvas, order, steps, seed=seed,
+                                          guide_sae=saes.get(spec.guide_layer), guide_layer=spec.guide_layer,
+                                          top_k=spec.top_k, history=want_history,
+                                          dream_schedule=spec.dream_schedule)
                     if gen is None:
                         break
                     right = (gen.generated().cpu() == answers).all(1).double()      # [b] exact match
-                    scores.append(right)
+                    acc[si, chunk] = right
                     if want_history:
                         trace = replay(adapter, gen, saes, top_k=spec.top_k)
                         st = order_statistics(trace)
@@ -172,53 +209,115 @@ def run_order(adapter, saes: Mapping[int, object], tasks, heldout: Sequence[bool
                         if start == 0:
                             per_group_stats[order][f"{kind}/{G}"] = st.as_dict()
                             feature_runs.setdefault(order, {})[f"{kind}/{G}"] = trace
-                if scores:
-                    acc[chunk] = torch.stack(scores).mean(0)
             bar.update()
-        correct[(order, steps_label)] = acc
+        correct[(order, steps_label)] = (seeds, acc)
     bar.close()
-    return _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, feature_runs, saes, spec)
+    out = _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, feature_runs, saes, spec)
+    out["schedules"] = dict(schedules)
+    return out
+
+
+def _accuracy_cell(acc: torch.Tensor, sel: torch.Tensor, label: str, n_total: int) -> dict | None:
+    """Exact match over the tasks ``sel`` that ran (seed means per task), bootstrap over tasks."""
+    per_task = acc.nanmean(0) if acc.shape[0] > 1 else acc[0]
+    vals = per_task[sel & ~torch.isnan(per_task)]
+    if not vals.numel():
+        return None
+    seeds = f", mean of {acc.shape[0]} seeds per task" if acc.shape[0] > 1 else ""
+    return asdict(bootstrap_mean(vals, unit="tasks")) | {
+        "denominator": f"over {vals.numel()} {label}tasks of {n_total}{seeds}"}
+
+
+def _paired_vs(before, after, sel: torch.Tensor) -> dict | None:
+    """``after − before`` over the tasks ``sel`` both ran, paired by task; seeds crossed (paired by seed index,
+    a one-seed side repeated) where either side has several."""
+    (_, b), (_, a) = before, after
+    b, a = b[:, sel], a[:, sel]
+    if b.shape[0] != a.shape[0]:
+        if min(b.shape[0], a.shape[0]) != 1:
+            b, a = b.nanmean(0, keepdim=True), a.nanmean(0, keepdim=True)
+        else:
+            S = max(b.shape[0], a.shape[0])
+            b, a = b.expand(S, -1), a.expand(S, -1)
+    ran = ~(torch.isnan(b).all(0) | torch.isnan(a).all(0))
+    b, a = b[:, ran], a[:, ran]
+    if not b.shape[1]:
+        return None
+    if b.shape[0] > 1:
+        iv = paired_difference(b, a, axes=("seeds", "tasks"))
+    else:
+        iv = paired_difference(b[0], a[0], unit="tasks")
+    verdict = "better" if iv.low > 0 else "worse" if iv.high < 0 else "tie"
+    seeds = f" × {b.shape[0]} seeds" if b.shape[0] > 1 else ""
+    return {"difference": asdict(iv), "verdict": verdict, "n_tasks": int(b.shape[1]),
+            "denominator": f"over {b.shape[1]} order-sensitive tasks{seeds}"}
+
+
+def _per_task(tasks, heldout, correct) -> dict:
+    """Exact match per (order, steps, seed) and task (null: not run), with each task's kind, answers and split."""
+    rows: dict = {}
+    for (order, st), (seeds, acc) in correct.items():
+        rows.setdefault(order, {})[st] = {str(seed): [None if v != v else v for v in acc[si].tolist()]
+                                          for si, seed in enumerate(seeds)}
+    return {"kind": [t.kind for t in tasks], "answers": [len(t.answer_positions) for t in tasks],
+            "heldout": [bool(h) for h in heldout], "correct": rows}
 
 
 def _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, feature_runs, saes, spec) -> dict:
+    N = len(tasks)
     kinds = sorted({t.kind for t in tasks})
     held = torch.tensor(list(heldout), dtype=torch.bool)
     multi = torch.tensor([len(t.answer_positions) > 1 for t in tasks])
     kind_of = [t.kind for t in tasks]
-    out: dict = {"spec": asdict(spec), "n_tasks": len(tasks), "groups": {f"{k}/{G}": len(v) for (k, G), v in
-                                                                          groups.items()},
-                 "accuracy": {}, "sae_vs_best_confidence": {}, "statistics": dict(per_group_stats),
-                 "correlations": {}, "order_sensitive_features": {}}
-    for (order, st), acc in correct.items():
+    n_multi = int(multi.sum())
+    out: dict = {"spec": asdict(spec), "n_tasks": N, "n_order_sensitive": n_multi,
+                 "groups": {f"{k}/{G}": len(v) for (k, G), v in groups.items()},
+                 "accuracy": {}, "sae_vs_base": {}, "sae_vs_best_confidence": {}, "statistics": dict(per_group_stats),
+                 "correlations": {}, "correlations_within_group": {}, "order_sensitive_features": {}}
+    for (order, st), (_, acc) in correct.items():
         cell: dict = {}
-        for name, sel in (("all", torch.ones_like(multi)), ("order_sensitive", multi), ("heldout", held),
-                          ("in_distribution", ~held)):
-            vals = acc[sel & ~torch.isnan(acc)]
-            cell[name] = _interval(vals) if vals.numel() else None
-        cell["by_kind"] = {k: _interval(acc[[i for i, kk in enumerate(kind_of) if kk == k]]) for k in kinds
-                           if not torch.isnan(acc[[i for i, kk in enumerate(kind_of) if kk == k]]).all()}
+        for name, sel, label in (("all", torch.ones_like(multi), ""),
+                                 ("order_sensitive", multi, "order-sensitive (multi-answer) "),
+                                 ("heldout", held, "held-out "), ("in_distribution", ~held, "in-distribution ")):
+            cell[name] = _accuracy_cell(acc, sel, label, N)
+        by_kind = {k: _accuracy_cell(acc, torch.tensor([kk == k for kk in kind_of]), f"{k} ", N) for k in kinds}
+        cell["by_kind"] = {k: c for k, c in by_kind.items() if c is not None}
         out["accuracy"].setdefault(order, {})[st] = cell
-    # each SAE order against the best confidence order at the same steps, on the order-sensitive tasks (paired)
+    # pre-specified: each SAE order against the confidence order it re-ranks, same tasks and steps (paired)
+    for o, base in BASE_ORDER.items():
+        for st in spec.steps:
+            if (o, st) in correct and (base, st) in correct:
+                cmp = _paired_vs(correct[(base, st)], correct[(o, st)], multi)
+                if cmp is not None:
+                    out["sae_vs_base"].setdefault(o, {})[st] = {"base_order": base, "pre_specified": True} | cmp
+    # post hoc: against the best confidence order on these same tasks (the comparator is picked on the test data)
     for st in spec.steps:
         conf = [o for o in CONFIDENCE_ORDERS if (o, st) in correct]
         if not conf:
             continue
-        best = max(conf, key=lambda o: float(torch.nanmean(correct[(o, st)][multi])))
+        best = max(conf, key=lambda o: float(torch.nanmean(correct[(o, st)][1][:, multi])))
         for o in SAE_ORDERS:
             if (o, st) in correct:
-                out["sae_vs_best_confidence"].setdefault(o, {})[st] = {
-                    "best_confidence_order": best,
-                    "difference": asdict(paired_difference(correct[(best, st)][multi], correct[(o, st)][multi]))}
-    # the paper's conjecture: do the feature dynamics track accuracy? (per order, over order-sensitive tasks;
-    # pooled, and within task groups — both sides centred per group, so kinds that differ in difficulty and
-    # in step count do not make a correlation on their own)
+                cmp = _paired_vs(correct[(best, st)], correct[(o, st)], multi)
+                if cmp is not None:
+                    out["sae_vs_best_confidence"].setdefault(o, {})[st] = {
+                        "best_confidence_order": best, "post_hoc": True} | cmp
+    out["per_task"] = _per_task(tasks, heldout, correct)
+    # the paper's conjecture: do the feature dynamics track accuracy? Per order, over the order-sensitive tasks
+    # replayed at 'all' steps; pooled, and within task groups (kinds that differ in difficulty and step count do
+    # not make a correlation on their own); groups whose exact match does not vary out of r
     for order, rows in stats_rows.items():
-        groups_of = rows["group"]
         keys = [k for k in rows if k not in ("correct", "group")]
-        out["correlations"][order] = {key: asdict(correlation(rows[key], rows["correct"])) for key in keys}
-        y = _centred(rows["correct"], groups_of)
-        out.setdefault("correlations_within_group", {})[order] = {
-            key: asdict(correlation(_centred(rows[key], groups_of), y)) for key in keys}
+        for name, within in (("correlations", False), ("correlations_within_group", True)):
+            units = f"order-sensitive tasks (of {N} tasks) replayed at 'all' steps"
+            out[name][order] = {key: group_correlation(rows[key], rows["correct"], rows["group"], within=within,
+                                                       units=units) for key in keys}
+    layers = sorted({int(k.split("/")[1]) for c in out["correlations_within_group"].values() for k in c})
+    if layers:
+        L = spec.guide_layer if spec.guide_layer in layers else layers[0]
+        key = f"pre_stability/{L}"
+        out["conjecture"] = {"statistic": key, "scope": "within task groups"} | conjecture_verdict(
+            {o: c[key] for o, c in out["correlations_within_group"].items() if key in c})
     ref = feature_runs.get("low_confidence", {})
     n_latents = max((s.n for s in saes.values()), default=0)
     for order, traces in feature_runs.items():
@@ -249,6 +348,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     o.add_argument("--guide-layer", type=int, default=4, help="the layer the SAE-guided orders read")
     o.add_argument("--top-k", type=positive_int, default=8, help="latents kept per position (replay and guide)")
+    o.add_argument("--dream-schedule", default="matched", help="matched (Dream's confidence orders commit LLaDA's "
+                   "counts per step) | dream (Dream's own schedule, which commits nothing at the first of G steps)")
     add_option(o, "--out")
     o.set_defaults(func=run_from_args)
     return o
@@ -272,6 +373,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         check_choice("--orders", order, ORDERS)
     for steps in args.steps:
         check_choice("--steps", steps, STEPS)
+    check_choice("--dream-schedule", args.dream_schedule, DREAM_SCHEDULES)
     adapter = models.load(args.model)
     adapter.require_mask_token()
     saes = _layer_saes(args.sae)
@@ -282,7 +384,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not keep:
         raise ValueError(f"no tasks of kinds {kinds} in {args.tasks or 'the world tasks'}")
     spec = OrderSpec(orders=args.orders, steps=args.steps, seeds=args.seeds, guide_layer=args.guide_layer,
-                     top_k=args.top_k)
+                     top_k=args.top_k, dream_schedule=args.dream_schedule)
     result = run_order(adapter, saes, [tasks[i] for i in keep], [heldout[i] for i in keep], spec)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "order.json", result)
@@ -290,5 +392,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     for order, by_steps in result["accuracy"].items():
         print(f"{order:>20}: " + ", ".join(f"{st} {c['order_sensitive']['mean']:.2f}" for st, c in by_steps.items()
                                           if c["order_sensitive"]))
+    for o, by_steps in result["sae_vs_base"].items():
+        print(f"{o} − {BASE_ORDER[o]} (pre-specified): " + "; ".join(
+            f"{st} {c['difference']['mean']:+.3f} [{c['difference']['low']:+.3f}, {c['difference']['high']:+.3f}] "
+            f"{c['verdict']} {c['denominator']}" for st, c in by_steps.items()))
+    if "conjecture" in result:
+        print(f"conjecture ({result['conjecture']['statistic']}, within groups): {result['conjecture']['text']}")
     print(f"wrote {out / 'order.json'} and " + ", ".join(p.name for p in paths))
     return 0
