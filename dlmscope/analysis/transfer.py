@@ -15,6 +15,14 @@ activations; :mod:`dlmscope.jobs.transfer` trains the SAEs, adds ΔLM and runs t
   (max-cos) and a one-to-one Hungarian matching (:func:`match_decoders`), beside the same statistics against a
   randomly initialised SAE of the same shape (chance) and, when known, against the SAEs' shared initialisation.
 
+**Seed-to-seed ceiling and null** (:func:`compare_layer` with ``second_base_sae``; :func:`transfer_verdict`).
+"The instruct SAE agrees with the base SAE" is read against how much two base SAEs from different init seeds
+agree (the ceiling: base SAE vs second base SAE, same measures, on base activations) and against a random SAE
+(the null). Per layer three measures are pre-specified: the FVE ratio (foreign SAE / own SAE), the Hungarian-
+matched decoder cosine and the *matched-latent correlation* (base latent i on base activations vs its Hungarian
+partner in the other SAE on the other activations, :func:`matched_agreement`). The words are "consistent with
+stability" at best: no threshold of ours decides "reproduced".
+
 Signed, not absolute, cosines: a Top-K latent only ever adds its direction with a positive weight, so a row and
 its negation are different features. SAEs that share their initialisation (as the transfer job trains them, unless
 told otherwise) keep the index of matched rows (``identity_fraction``), and part of any match is the start
@@ -35,10 +43,12 @@ from torch import Tensor
 from dlmscope.data.activations import check_policy, harvest, split_batch
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.sae.topk import TopKSAE
+from dlmscope.util.bootstrap import paired_difference
 
 __all__ = ["THRESHOLDS", "CHANCE_SEED", "check_saes", "check_same_tokens", "check_models", "paired_activations",
-           "LatentAgreement", "latent_agreement", "alive_overlap", "correlation_summary", "DecoderMatch",
-           "match_decoders", "match_summary", "compare_layer"]
+           "LatentAgreement", "latent_agreement", "matched_agreement", "alive_overlap", "correlation_summary",
+           "DecoderMatch", "match_decoders", "match_summary", "chance_sae", "measure_verdict", "fve_verdict",
+           "transfer_verdict", "compare_layer", "VERDICTS"]
 
 #: cosine / correlation thresholds the fractions are reported at
 THRESHOLDS = (0.9, 0.7, 0.5)
@@ -130,29 +140,44 @@ class LatentAgreement(NamedTuple):
 
 
 @torch.no_grad()
-def latent_agreement(sae, base_acts: Tensor, target_acts: Tensor) -> LatentAgreement:
-    """Per-latent activation correlation and fire counts of ``sae`` on token-aligned ``[N, d]`` activations.
-
-    The Top-K code (zero off the top-k) is formed densely in row blocks of about 16M entries; the moments are
-    accumulated in float64.
-    """
-    check_same_tokens(base_acts, target_acts, sae.d)
-    n = sae.n
-    p = next(sae.parameters())
+def _agreement(sae_a, acts_a: Tensor, sae_b, acts_b: Tensor, partner: Tensor | None) -> LatentAgreement:
+    """Per latent i of ``sae_a``: Pearson r of its code on ``acts_a`` with the code of latent ``partner[i]`` of
+    ``sae_b`` on ``acts_b`` (same rows), and their fire counts. Dense codes in row blocks of ~16M entries;
+    moments in float64."""
+    check_same_tokens(acts_a, acts_b, sae_a.d)
+    n = sae_a.n
+    pa, pb = next(sae_a.parameters()), next(sae_b.parameters())
     s = torch.zeros(5, n, dtype=torch.float64)  # Σa, Σb, Σa², Σb², Σab
     fires = torch.zeros(2, n, dtype=torch.int64)
     rows = max(1, 2 ** 24 // n)
-    for xa, xb in zip(base_acts.split(rows), target_acts.split(rows)):
-        a, b = (sae.encode_dense(x.to(p.device, p.dtype)).double().cpu() for x in (xa, xb))
+    for xa, xb in zip(acts_a.split(rows), acts_b.split(rows)):
+        a = sae_a.encode_dense(xa.to(pa.device, pa.dtype)).double().cpu()
+        b = sae_b.encode_dense(xb.to(pb.device, pb.dtype)).double().cpu()
+        if partner is not None:
+            b = b[:, partner]
         s += torch.stack([a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), (a * b).sum(0)])
         fires += torch.stack([(a > 0).sum(0), (b > 0).sum(0)])
-    N = base_acts.shape[0]
+    N = acts_a.shape[0]
     cov = s[4] - s[0] * s[1] / N
     var_a, var_b = s[2] - s[0] ** 2 / N, s[3] - s[1] ** 2 / N
     # a latent that is constant on either side (never fired, or cancellation noise) has no correlation
     ok = (var_a > 1e-12 * s[2].clamp_min(1e-300)) & (var_b > 1e-12 * s[3].clamp_min(1e-300))
     corr = torch.where(ok, cov / (var_a * var_b).clamp_min(1e-300).sqrt(), torch.full_like(cov, math.nan))
     return LatentAgreement(corr.clamp(-1.0, 1.0), fires[0], fires[1])
+
+
+def latent_agreement(sae, base_acts: Tensor, target_acts: Tensor) -> LatentAgreement:
+    """Per-latent activation correlation and fire counts of one ``sae`` on token-aligned ``[N, d]`` activations
+    of the two models (the Top-K code, zero off the top-k)."""
+    return _agreement(sae, base_acts, sae, target_acts, None)
+
+
+def matched_agreement(sae_a, acts_a: Tensor, sae_b, acts_b: Tensor, partner: Tensor) -> LatentAgreement:
+    """Per latent i of ``sae_a`` ``[n]``: the correlation of its code on ``acts_a`` with the code of its partner
+    ``partner[i]`` (e.g. the Hungarian assignment of :func:`match_decoders`) in ``sae_b`` on ``acts_b`` —
+    the same tokens. Comparable across pairs of SAEs: base vs instruct SAE, base vs second base SAE."""
+    check_saes(sae_a, sae_b)
+    return _agreement(sae_a, acts_a, sae_b, acts_b, partner)
 
 
 def alive_overlap(fires_base: Tensor, fires_target: Tensor) -> dict:
@@ -230,28 +255,130 @@ def match_summary(m: DecoderMatch) -> dict:
             "same_index_cos_mean": float(m.same_index_cos.mean())}
 
 
+# ------------------------------------------------------------------------------------- ceiling, null, verdict
+#: the per-measure outcomes of :func:`measure_verdict` / :func:`fve_verdict`, best first
+VERDICTS = ("at_ceiling", "below_ceiling", "at_null", "undefined")
+_WORDS = {"at_ceiling": "consistent with stability (as close as two base seeds)",
+          "below_ceiling": "above the null but below the seed-to-seed ceiling",
+          "at_null": "not distinguishable from the null",
+          "undefined": "undefined (a ratio over an FVE ≤ 0, or no defined value)"}
+
+
+def chance_sae(like) -> TopKSAE:
+    """A random SAE of ``like``'s shape (seed :data:`CHANCE_SEED`) centred with ``like``'s ``b_dec``: the null."""
+    out = TopKSAE(like.d, like.n, like.k, generator=torch.Generator().manual_seed(CHANCE_SEED))
+    with torch.no_grad():
+        out.b_dec.copy_(like.b_dec.detach().to(out.b_dec))
+    return out
+
+
+def measure_verdict(observed: Tensor, ceiling: Tensor, null: Tensor, *, level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> dict:
+    """Pre-specified comparison of a per-latent measure ``[n]`` (base latent i vs its partner: observed = in the
+    instruct SAE, ceiling = in the second base SAE, null = in the random SAE). Intervals of the mean paired
+    differences over latents (bootstrap, NaN latents dropped): ``at_null`` unless observed − null is above 0;
+    else ``at_ceiling`` unless observed − ceiling is below 0; else ``below_ceiling`` (``undefined``: no latent
+    with all three values)."""
+    kw = dict(level=level, resamples=resamples, seed=seed, unit="latents")
+    vs_ceiling, vs_null = paired_difference(ceiling, observed, **kw), paired_difference(null, observed, **kw)
+    if math.isnan(vs_null.low) or math.isnan(vs_ceiling.high):
+        outcome = "undefined"
+    else:
+        outcome = "at_null" if not vs_null.low > 0 else "below_ceiling" if vs_ceiling.high < 0 else "at_ceiling"
+    mean = lambda v: float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else math.nan  # noqa: E731
+    return {"observed": mean(observed.double()), "ceiling": mean(ceiling.double()), "null": mean(null.double()),
+            "minus_ceiling": _interval(vs_ceiling), "minus_null": _interval(vs_null), "outcome": outcome,
+            "words": _WORDS[outcome]}
+
+
+def fve_verdict(ratio: float, ceiling_ratio: float, null_ratio: float) -> dict:
+    """The FVE ratio (foreign SAE / own SAE on the same activations) against the seed-to-seed one (base SAE /
+    second base SAE on base activations, its distance from 1 the seed spread) and the null's (random SAE / own
+    SAE): ``at_null`` if ``ratio ≤ null``; ``below_ceiling`` if ``ratio < 1 − |1 − ceiling|``; else
+    ``at_ceiling``; ``undefined`` where a ratio is NaN. Two seeds give one draw of the spread: a single ratio,
+    no interval."""
+    floor = 1.0 - abs(1.0 - ceiling_ratio)
+    if not all(map(math.isfinite, (ratio, ceiling_ratio, null_ratio))):
+        outcome = "undefined"
+    else:
+        outcome = "at_null" if ratio <= null_ratio else "below_ceiling" if ratio < floor else "at_ceiling"
+    return {"observed": ratio, "ceiling": ceiling_ratio, "null": null_ratio, "ceiling_floor": floor,
+            "outcome": outcome, "words": _WORDS[outcome]}
+
+
+def transfer_verdict(measures: dict) -> dict:
+    """One layer's verdict from its :func:`fve_verdict` / :func:`measure_verdict` dicts ``{name: dict}``:
+    ``consistent`` when every measure is at its ceiling, ``below_ceiling`` when every one is above its null,
+    else ``at_null`` (an undefined measure counts as not above its null); ``words`` say which measures fell short.
+    Never "reproduced": the ceiling is two seeds."""
+    short = {o: [m for m, v in measures.items() if v["outcome"] == o] for o in VERDICTS}
+    if short["at_null"] or short["undefined"]:
+        why = [f"{m} not above the null" for m in short["at_null"]] + [f"{m} undefined" for m in short["undefined"]]
+        return {"outcome": "at_null", "words": "not shown: " + ", ".join(why)}
+    if short["below_ceiling"]:
+        return {"outcome": "below_ceiling", "words": "above the null, below the seed-to-seed ceiling on "
+                + ", ".join(short["below_ceiling"])}
+    return {"outcome": "consistent", "words": "consistent with stability: the base and target SAEs agree as "
+            "much as two base SAEs of different seeds, on every measure"}
+
+
+def _interval(iv) -> dict:
+    return {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n, "over": dict(iv.over)}
+
+
+def _fve_ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
 # ---------------------------------------------------------------------------------------------- one layer
-def compare_layer(base_sae, target_sae, base_acts: Tensor, target_acts: Tensor, *, init_sae=None) -> dict:
+def compare_layer(base_sae, target_sae, base_acts: Tensor, target_acts: Tensor, *, init_sae=None,
+                  second_base_sae=None, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
     """Everything but ΔLM for one layer, as a JSON-able dict.
 
     ``base_acts`` / ``target_acts``: ``[N, d]`` activations of the same tokens from the base and the target
     model. Keys: ``fve`` (``base_on_base``, ``base_on_target``, ``target_on_target``: :func:`evaluate_sae`
     dicts, and ``ratio`` = base-on-target / target-on-target FVE), ``alive``, ``correlation``, ``decoder``
-    (base vs target), ``decoder_chance`` (base vs a random SAE of the same shape) and, with ``init_sae`` (the
-    SAEs' shared initialisation), ``decoder_init`` (base vs that init).
+    (base vs target), ``decoder_chance`` (base vs :func:`chance_sae`), ``matched_correlation``
+    (:func:`matched_agreement` summary, base vs target SAE) and, with ``init_sae`` (a shared initialisation),
+    ``decoder_init``. With ``second_base_sae`` (the base model's SAE from another init seed): ``ceiling`` (its
+    FVE ratio, decoder match and matched correlation against the base SAE, on ``base_acts``), ``null`` (the
+    random SAE's) and ``verdict`` (per measure and :func:`transfer_verdict`; intervals over latents).
     """
     check_saes(base_sae, target_sae)
     check_same_tokens(base_acts, target_acts, base_sae.d)
     fve = {"base_on_base": evaluate_sae(base_sae, base_acts), "base_on_target": evaluate_sae(base_sae, target_acts),
            "target_on_target": evaluate_sae(target_sae, target_acts)}
-    own = fve["target_on_target"]["fve"]
-    fve["ratio"] = fve["base_on_target"]["fve"] / own if own > 0 else math.nan
+    fve["ratio"] = _fve_ratio(fve["base_on_target"]["fve"], fve["target_on_target"]["fve"])
     agreement = latent_agreement(base_sae, base_acts, target_acts)
-    chance = TopKSAE(base_sae.d, base_sae.n, base_sae.k, generator=torch.Generator().manual_seed(CHANCE_SEED))
+    chance = chance_sae(base_sae)
+    matches = {"target": match_decoders(base_sae, target_sae), "chance": match_decoders(base_sae, chance)}
+    matched = {"target": matched_agreement(base_sae, base_acts, target_sae, target_acts, matches["target"].assignment),
+               "chance": matched_agreement(base_sae, base_acts, chance, target_acts, matches["chance"].assignment)}
     out = {"fve": fve, "alive": alive_overlap(agreement.fires_base, agreement.fires_target),
-           "correlation": correlation_summary(agreement),
-           "decoder": match_summary(match_decoders(base_sae, target_sae)),
-           "decoder_chance": match_summary(match_decoders(base_sae, chance))}
+           "correlation": correlation_summary(agreement), "decoder": match_summary(matches["target"]),
+           "decoder_chance": match_summary(matches["chance"]),
+           "matched_correlation": correlation_summary(matched["target"])}
     if init_sae is not None:
         out["decoder_init"] = match_summary(match_decoders(base_sae, init_sae))
+    if second_base_sae is None:
+        return out
+    check_saes(base_sae, second_base_sae)
+    second_fve = evaluate_sae(second_base_sae, base_acts)["fve"]
+    chance_fve = evaluate_sae(chance, target_acts)["fve"]
+    matches["ceiling"] = match_decoders(base_sae, second_base_sae)
+    matched["ceiling"] = matched_agreement(base_sae, base_acts, second_base_sae, base_acts,
+                                           matches["ceiling"].assignment)
+    out["ceiling"] = {"fve_second_on_base": second_fve,
+                      "fve_ratio": _fve_ratio(fve["base_on_base"]["fve"], second_fve),
+                      "decoder": match_summary(matches["ceiling"]),
+                      "matched_correlation": correlation_summary(matched["ceiling"])}
+    out["null"] = {"fve_chance_on_target": chance_fve,
+                   "fve_ratio": _fve_ratio(chance_fve, fve["target_on_target"]["fve"]),
+                   "decoder": out["decoder_chance"], "matched_correlation": correlation_summary(matched["chance"])}
+    kw = dict(level=level, resamples=resamples, seed=seed)
+    measures = {"fve_ratio": fve_verdict(fve["ratio"], out["ceiling"]["fve_ratio"], out["null"]["fve_ratio"]),
+                "decoder_cos": measure_verdict(*(matches[w].matched_cos for w in ("target", "ceiling", "chance")),
+                                               **kw),
+                "matched_corr": measure_verdict(*(matched[w].corr for w in ("target", "ceiling", "chance")), **kw)}
+    out["verdict"] = {**transfer_verdict(measures), "measures": measures}
     return out

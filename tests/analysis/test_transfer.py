@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.analysis.transfer import (alive_overlap, check_same_tokens, compare_layer, correlation_summary,
-                                        latent_agreement, match_decoders, match_summary, paired_activations)
+from dlmscope.analysis.transfer import (alive_overlap, chance_sae, check_same_tokens, compare_layer,
+                                        correlation_summary, fve_verdict, latent_agreement, match_decoders,
+                                        match_summary, matched_agreement, measure_verdict, paired_activations,
+                                        transfer_verdict)
 
 from tests.helpers.saes import random_biased_sae as random_sae
 
@@ -102,6 +104,97 @@ def test_alive_overlap_counts():
     assert got == {"n_latents": 4, "alive_base": 2, "alive_target": 2, "alive_both": 1, "alive_base_only": 1,
                    "alive_target_only": 1, "jaccard": pytest.approx(1 / 3)}
     assert math.isnan(alive_overlap(torch.zeros(3), torch.zeros(3))["jaccard"])
+
+
+def _noisy(sae: TopKSAE, scale: float, seed: int) -> TopKSAE:
+    """``sae`` with Gaussian noise of ``scale`` added to its encoder and decoder rows (decoder renormalised)."""
+    g = torch.Generator().manual_seed(seed)
+    out = TopKSAE(sae.d, sae.n, sae.k)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            w = getattr(sae, name)
+            getattr(out, name).copy_(w + scale * torch.randn(w.shape, generator=g) * (name.startswith("W")))
+        out.W_dec.copy_(torch.nn.functional.normalize(out.W_dec, dim=1))
+    return out
+
+
+# ------------------------------------------------------------------------------- ceiling, null, verdict (22.7)
+def test_matched_agreement_of_a_permuted_copy_is_one():
+    sae, x = random_sae(3), _acts()
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(7))
+    other = _permuted(sae, perm)
+    got = matched_agreement(sae, x, other, x, match_decoders(sae, other).assignment)
+    alive = got.fires_base > 0
+    assert torch.allclose(got.corr[alive], torch.ones(int(alive.sum()), dtype=torch.float64), atol=1e-9)
+    unmatched = matched_agreement(sae, x, other, x, torch.arange(N))  # same index: a different latent
+    assert correlation_summary(unmatched)["median"] < 0.5
+
+
+def test_measure_verdict_reads_the_observed_against_ceiling_and_null():
+    g = torch.Generator().manual_seed(0)
+    noise = lambda: 0.05 * torch.randn(200, generator=g)  # noqa: E731
+    ceiling, null = 0.9 + noise(), 0.1 + noise()
+    at = measure_verdict(0.9 + noise(), ceiling, null)
+    assert at["outcome"] == "at_ceiling" and at["minus_ceiling"]["low"] < 0 < at["minus_ceiling"]["high"]
+    assert at["minus_null"]["over"] == {"latents": 200} and "consistent with" in at["words"]
+    assert measure_verdict(0.5 + noise(), ceiling, null)["outcome"] == "below_ceiling"
+    low = measure_verdict(0.1 + noise(), ceiling, null)
+    assert low["outcome"] == "at_null" and low["minus_null"]["low"] < 0
+    with_nan = torch.cat([0.9 + noise()[:199], torch.tensor([math.nan])])
+    assert measure_verdict(with_nan, ceiling, null)["outcome"] == "at_ceiling"  # a NaN latent is dropped
+
+
+def test_fve_verdict_uses_the_seed_spread_and_the_null():
+    assert fve_verdict(0.97, 1.02, 0.1)["outcome"] == "below_ceiling"   # floor 0.98: below two seeds' spread
+    assert fve_verdict(0.985, 1.02, 0.1)["outcome"] == "at_ceiling"
+    assert fve_verdict(0.985, 0.98, 0.1)["ceiling_floor"] == pytest.approx(0.98)
+    assert fve_verdict(0.05, 1.0, 0.1)["outcome"] == "at_null"
+    assert fve_verdict(math.nan, 1.0, 0.1)["outcome"] == "undefined"
+
+
+def test_transfer_verdict_needs_every_measure():
+    m = lambda o: {"outcome": o}  # noqa: E731
+    assert transfer_verdict({"a": m("at_ceiling"), "b": m("at_ceiling")})["outcome"] == "consistent"
+    v = transfer_verdict({"a": m("at_ceiling"), "b": m("below_ceiling")})
+    assert v["outcome"] == "below_ceiling" and v["words"].endswith("ceiling on b")
+    v = transfer_verdict({"a": m("at_null"), "b": m("below_ceiling"), "c": m("undefined")})
+    assert v["outcome"] == "at_null" and "a not above the null" in v["words"] and "c undefined" in v["words"]
+    assert "reproduced" not in " ".join(transfer_verdict({"a": m(o)})["words"] for o in
+                                        ("at_ceiling", "below_ceiling", "at_null"))
+
+
+def _dictionary_data(sae: TopKSAE, n_tokens: int, seed: int) -> torch.Tensor:
+    """``[n_tokens, d]`` activations made of ``sae.k`` of its own decoder rows with positive weights (it
+    reconstructs them well)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n_tokens, sae.n, generator=g).topk(sae.k, dim=1).indices
+    codes = torch.zeros(n_tokens, sae.n).scatter_(1, idx, 1.0 + torch.rand(n_tokens, sae.k, generator=g))
+    return codes @ sae.W_dec.detach() + sae.b_dec.detach()
+
+
+def test_compare_layer_with_a_ceiling_on_known_cases():
+    sae = TopKSAE(64, 48, 4, generator=torch.Generator().manual_seed(0))
+    x = _dictionary_data(sae, 3_000, seed=1)
+    second = _noisy(sae, 0.03, seed=1)  # two "seeds" that found nearly the same dictionary
+    # the target model's SAE nearly equals the base SAE and its activations equal the base's
+    same = compare_layer(sae, _noisy(sae, 0.01, seed=2), x, x.clone(), second_base_sae=second, resamples=500)
+    assert same["ceiling"]["decoder"]["hungarian_mean"] > 0.9 and same["ceiling"]["fve_ratio"] == pytest.approx(
+        same["fve"]["base_on_base"]["fve"] / same["ceiling"]["fve_second_on_base"])
+    assert same["verdict"]["outcome"] == "consistent", same["verdict"]
+    assert set(same["verdict"]["measures"]) == {"fve_ratio", "decoder_cos", "matched_corr"}
+    json.dumps(same)
+    # a target SAE that moved further than a second seed does: above chance, below the ceiling
+    moved = compare_layer(sae, _noisy(sae, 0.1, seed=3), x, x.clone(), second_base_sae=second, resamples=500)
+    assert moved["verdict"]["measures"]["decoder_cos"]["outcome"] == "below_ceiling"
+    assert moved["verdict"]["outcome"] == "below_ceiling", moved["verdict"]
+    # an unrelated target SAE on unrelated activations: at the null
+    other_sae = TopKSAE(64, 48, 4, generator=torch.Generator().manual_seed(9))
+    other = compare_layer(sae, other_sae, x, _dictionary_data(other_sae, 3_000, seed=5), second_base_sae=second,
+                          resamples=500)
+    assert other["verdict"]["outcome"] == "at_null"
+    assert other["verdict"]["measures"]["matched_corr"]["outcome"] == "at_null"
+    # the null SAE is random but centred like the base SAE
+    assert torch.equal(chance_sae(sae).b_dec, sae.b_dec.detach())
 
 
 # ------------------------------------------------------------------------------------------------ bad input
