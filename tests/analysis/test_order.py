@@ -1,5 +1,6 @@
 """dlmscope.analysis.order: the statistics on hand-built traces with known answers, replay against a direct forward,
-the SAE-guided order's commit counts, and bad input."""
+the SAE-guided order's commit counts, Dream's confidence at matched commits, the correlation with zero-variance
+groups out and its sign-agnostic verdict, and bad input."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,10 @@ import math
 import pytest
 import torch
 
-from dlmscope.analysis.order import (FeatureTrace, SAEStabilityGuide, jaccard, order_sensitive_features,
-                                     order_statistics, replay, top_latents)
+from dlmscope.analysis.order import (DreamConfidence, FeatureTrace, LogitsTap, SAEStabilityGuide, conjecture_verdict,
+                                     group_correlation, jaccard, order_sensitive_features, order_statistics, replay,
+                                     top_latents)
+from dlmscope.models.sampler_rules import dream_tokens
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.models.sampler_rules import dream_counts as _dream_counts, step_counts as _step_counts
 from dlmscope.models.sampling import dream_fill, llada_fill, llada_generate
@@ -143,3 +146,75 @@ def test_bad_input_names_the_problem(dlm, saes):
             pass
     with pytest.raises(ValueError, match="guide"):
         llada_generate(dlm, prompt, gen_length=2, steps=2, remasking="random", guide=SAEStabilityGuide(saes[2], 2))
+
+
+def test_zero_variance_groups_are_left_out_of_r():
+    # group a: r = 2 / √5 by hand (x centred −1.5 −.5 .5 1.5, y centred −.5 −.5 .5 .5); group b: every task right
+    x = [1, 2, 3, 4, 10, -10, 5]
+    y = [0, 0, 1, 1, 1, 1, 1]
+    groups = ["a"] * 4 + ["b"] * 3
+    c = group_correlation(x, y, groups)
+    assert c["mean"] == pytest.approx(2 / math.sqrt(5)) and c["n"] == 4 and c["excluded_groups"] == {"b": 3}
+    assert c["denominator"] == "over 4 tasks of 7; out for zero outcome variance: b (3 tasks)"
+    # kept in, group b adds x variance and no covariance: r shrinks to 2 / √(5 + Σ(x_b − x̄_b)²)
+    ss_b = sum((v - 5 / 3) ** 2 for v in (10, -10, 5))
+    xc = [v - 2.5 for v in x[:4]] + [v - 5 / 3 for v in x[4:]]
+    yc = [v - 0.5 for v in y[:4]] + [0.0] * 3
+    diluted = sum(a * b for a, b in zip(xc, yc)) / math.sqrt(sum(a * a for a in xc) * sum(b * b for b in yc))
+    assert diluted == pytest.approx(2 / math.sqrt(5 + ss_b)) and diluted < c["mean"] - 0.5
+    # a task with no statistic (NaN / None) is dropped before the variance check: group c keeps one value
+    c2 = group_correlation(x + [None, 3], y + [0, 1], groups + ["c", "c"], n_total=20, units="order-sensitive tasks")
+    assert c2["excluded_groups"] == {"b": 3, "c": 1} and c2["denominator"].startswith("over 4 order-sensitive tasks "
+                                                                                        "of 20")
+    # pooled (not centred) over two groups that vary: plain Pearson over the kept tasks
+    xp, yp = [1, 2, 3, 4, 5, 7, 6, 9], [0, 1, 0, 1, 1, 0, 1, 1]
+    pooled = group_correlation(xp, yp, ["a"] * 4 + ["b"] * 4, within=False)
+    assert pooled["mean"] == pytest.approx(float(torch.corrcoef(torch.tensor([xp, yp], dtype=torch.float64))[0, 1]))
+    assert not pooled["within_groups"] and pooled["excluded_groups"] == {}
+
+
+def test_a_robust_negative_correlation_is_an_association():
+    x = [float(i) for i in range(40)]
+    groups = ["a"] * 20 + ["b"] * 20
+    y = [1.0 if i % 20 < 10 else 0.0 for i in range(40)]          # stable tasks go wrong, within each group
+    neg = group_correlation(x, y, groups)
+    assert neg["sign"] == "negative" and neg["verdict"] == "association" and neg["high"] < 0
+    assert neg["fisher_z"] < -3
+    null = group_correlation([1.0, 2.0] * 20, [0.0, 0.0, 1.0, 1.0] * 10, groups)   # r = 0 exactly
+    assert null["mean"] == pytest.approx(0.0, abs=1e-12) and null["verdict"] == "none"
+    assert conjecture_verdict({"o1": neg, "o2": neg})["verdict"] == "association"
+    assert conjecture_verdict({"o1": neg, "o2": neg})["sign"] == "negative"
+    half = conjecture_verdict({"o1": neg, "o2": null})
+    assert half["verdict"] == "partly" and half["negative"] == ["o1"] and "1 of 2 orders" in half["text"]
+    pos = group_correlation(x, [1 - v for v in y], groups)
+    mixed = conjecture_verdict({"o1": neg, "o2": pos, "o3": null})
+    assert mixed["verdict"] == "association" and mixed["sign"] == "mixed"
+    assert conjecture_verdict({"o1": null})["verdict"] == "not reproduced"
+
+
+def test_dream_confidence_at_matched_commits(dlm, saes):
+    tok = dlm.tokenizer
+    words = "five minus five is [MASK] , then [MASK] minus zero is [MASK] ."
+    canvas = [[tok.bos_token_id] + tok(words, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * 2
+    # Dream's own schedule at 3 steps for 3 answers: nothing at the first step, two at the last
+    dream = dream_fill(dlm, canvas, steps=3, alg="entropy", history=True)
+    assert dream.committed.sum(2)[:, 0].tolist() == [0, 1, 2]
+    # ... so the SAE guide sees an unchanged canvas at the second step (every set stable) and changes nothing
+    guided = dream_fill(dlm, canvas, steps=3, alg="entropy", guide=SAEStabilityGuide(saes[5], 5), history=True)
+    assert torch.equal(guided.committed, dream.committed) and torch.equal(guided.sequences, dream.sequences)
+    # in LLaDA's loop ranked by Dream's entropy: one answer per step, each the most confident masked position
+    tap = LogitsTap(dlm)
+    out = llada_fill(tap, canvas, steps=3, guide=DreamConfidence(tap, "entropy"), history=True)
+    assert out.committed.sum(2)[:, 0].tolist() == [1, 1, 1]
+    for s in range(3):
+        logits = dlm.logits(out.history[s], out.attention_mask)
+        gl = logits.gather(1, out.gen_positions[..., None].expand(-1, -1, logits.shape[-1])).float()
+        _, conf = dream_tokens(gl, "entropy", 0.0, None, None, None)
+        masked = out.history[s].gather(1, out.gen_positions) == dlm.mask_token_id
+        best = torch.where(masked, conf, torch.full_like(conf, -torch.inf)).argmax(1)
+        assert torch.equal(out.committed[s].gather(1, out.gen_positions).float().argmax(1), best)
+    assert tap.last is None                                                # released after the run
+    with pytest.raises(ValueError, match="did you mean 'entropy'"):
+        DreamConfidence(tap, "entropi")
+    with pytest.raises(RuntimeError, match="LogitsTap"):
+        DreamConfidence(tap, "entropy").rank(torch.zeros(2, 3), out.gen_positions, torch.ones(2, 3, dtype=torch.bool))

@@ -1,4 +1,5 @@
-"""dlmscope.jobs.order and ``dlmscope order``: orders compared on world tasks (small), structure and bad input."""
+"""dlmscope.jobs.order and ``dlmscope order``: orders compared on world tasks (small), the pre-specified pairing,
+matched commit schedules, per-task correctness, structure and bad input."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from dlmscope import cli
-from dlmscope.jobs.order import OrderSpec, fill_with_order, run_order
+from dlmscope.jobs.order import BASE_ORDER, OrderSpec, commit_schedule, fill_with_order, run_order
 from dlmscope.jobs.plots import plot_order
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import ASSETS_DIR
@@ -49,11 +50,40 @@ def test_orders_compared_on_tasks(dlm, world_tasks, saes, tmp_path):
     assert len(set(one.values())) == 1
     cmp = r["sae_vs_best_confidence"]["sae_stable"]["all"]
     assert cmp["best_confidence_order"] in ("low_confidence", "entropy") and cmp["difference"]["n"] == 6
+    assert cmp["post_hoc"] is True
+    # the pre-specified comparison: against its own base order, paired over the 6 order-sensitive tasks
+    own = r["sae_vs_base"]["sae_stable"]
+    assert set(own) == {"one", "all"} and own["all"]["base_order"] == "low_confidence" and own["all"]["pre_specified"]
+    assert own["all"]["difference"]["over"] == {"tasks": 6} and own["all"]["denominator"] == \
+        "over 6 order-sensitive tasks"
+    assert own["one"]["difference"]["mean"] == 0 and own["one"]["verdict"] == "tie"   # one step: the same fill
+    # per-task correctness: one list per (order, steps, seed); the paired mean is the mean of the stored pairs
+    pt = r["per_task"]
+    assert pt["answers"] == [3] * 6 + [1] * 4 and pt["kind"][0] == "arith_chain" and len(pt["heldout"]) == 10
+    assert set(pt["correct"]["random"]["all"]) == {"0", "1"} and set(pt["correct"]["sae_stable"]["all"]) == {"0"}
+    assert pt["correct"]["left_to_right"]["one"]["0"][:6] == [None] * 6
+    sae, base = pt["correct"]["sae_stable"]["all"]["0"][:6], pt["correct"]["low_confidence"]["all"]["0"][:6]
+    assert own["all"]["difference"]["mean"] == pytest.approx(sum(a - b for a, b in zip(sae, base)) / 6)
+    assert r["accuracy"]["random"]["all"]["all"]["mean"] == pytest.approx(
+        sum(sum(v) / 2 for v in zip(*pt["correct"]["random"]["all"].values())) / 10)
+    # denominators named; every order commits the same counts per step (Dream's entropy at matched commits)
+    assert r["accuracy"]["low_confidence"]["all"]["order_sensitive"]["denominator"] == \
+        "over 6 order-sensitive (multi-answer) tasks of 10"
+    assert r["accuracy"]["random"]["all"]["all"]["denominator"] == "over 10 tasks of 10, mean of 2 seeds per task"
+    assert r["n_order_sensitive"] == 6 and r["spec"]["dream_schedule"] == "matched"
+    assert {o: r["schedules"][o]["all"]["arith_chain/3"] for o in ("low_confidence", "entropy", "sae_stable")} == \
+        {o: [1, 1, 1] for o in ("low_confidence", "entropy", "sae_stable")}
     # replayed statistics and correlations exist for every order at 'all' steps (multi-answer tasks only)
     assert set(r["statistics"]) == {"low_confidence", "random", "left_to_right", "entropy", "sae_stable"}
     assert set(r["statistics"]["entropy"]) == {"arith_chain/3"}
     keys = {f"{s}/{L}" for s in ("pre_stability", "lock_ratio", "post_drift") for L in (1, 3)}
     assert set(r["correlations"]["sae_stable"]) == keys == set(r["correlations_within_group"]["sae_stable"])
+    c = r["correlations_within_group"]["sae_stable"]["pre_stability/3"]
+    assert c["verdict"] in ("association", "none", "undefined") and c["sign"] in ("positive", "negative", "none")
+    assert c["denominator"].startswith(f"over {c['n']} order-sensitive tasks (of 10 tasks) replayed at 'all' steps")
+    assert c["n"] + sum(c["excluded_groups"].values()) == 6 and c["within_groups"]
+    conj = r["conjecture"]
+    assert conj["statistic"] == "pre_stability/3" and conj["verdict"] in ("association", "partly", "not reproduced")
     feats = r["order_sensitive_features"]["entropy"]["arith_chain/3"]
     assert set(feats) == {"1", "3"} and len(feats["1"]) == 20 and all(0 <= f < 64 for f, _ in feats["1"])
     assert r["bytes_per_state_position_layer"] == 24
@@ -65,6 +95,17 @@ def test_orders_compared_on_tasks(dlm, world_tasks, saes, tmp_path):
     gen = fill_with_order(dlm, canvas, "sae_stable", 3, guide_sae=saes[3], guide_layer=3, history=True)
     assert gen.committed.sum(2)[:, 0].tolist() == [1, 1, 1]
     assert not math.isnan(r["accuracy"]["random"]["all"]["all"]["mean"])
+
+
+def test_commit_schedules():
+    assert BASE_ORDER == {"sae_stable": "low_confidence", "sae_stable_entropy": "entropy"}
+    assert commit_schedule("entropy", 3, 3) == [1, 1, 1] == commit_schedule("sae_stable", 3, 3)
+    assert commit_schedule("entropy", 3, 3, "dream") == [0, 1, 2]         # Dream's floor: nothing at the first step
+    assert commit_schedule("sae_stable_entropy", 5, 3, "dream") == [1, 1, 3]
+    assert commit_schedule("low_confidence", 5, 3, "dream") == [2, 2, 1]  # LLaDA's orders keep LLaDA's counts
+    assert commit_schedule("left_to_right", 3, 2) is None and commit_schedule("origin", 3, 3).startswith("random")
+    with pytest.raises(ValueError, match="dream_schedule"):
+        commit_schedule("entropy", 3, 3, "published")
 
 
 def test_bad_input(dlm, world_tasks, saes):
