@@ -32,7 +32,7 @@ from .steering_stats import FLUENCY_WEIGHT, paper_score
 
 __all__ = ["steer", "SCOPES", "STRENGTHS", "steering_vectors", "SteeringResult", "steering_score",
            "generation_perplexity", "SteeringBaseline", "steering_baseline", "FLUENCY_WEIGHT", "steered_generations",
-           "alive_latents", "random_directions", "norm_ratio"]
+           "alive_latents", "random_directions", "norm_ratio", "control_runs"]
 
 SCOPES = ("all", "generation", "masked", "decoded", "top_active")
 STRENGTHS = ("max_act", "constant")
@@ -350,3 +350,42 @@ def steering_score(adapter, prompts, generate: Callable, gen_length: int, layer:
     return SteeringResult(cb, ca, pb, pa, paper_score(cb, ca, pb, pa), failed,
                           list(baseline.generations), after_text, list(c_before), list(c_after),
                           list(baseline.ppls), ppls_after, ratio)
+
+
+def control_runs(adapter, sae, prompts, generate: Callable, gen_length: int, layer: int, conditions: Sequence[tuple],
+                 ref_lm, baseline: SteeringBaseline, *, kinds: Sequence[str], draws: int = 1, exclude=(),
+                 seed: int = 0, strength: str = "max_act", on_run: Callable | None = None) -> dict:
+    """The control runs of each ``(scope, schedule, α)`` of ``conditions``, to be judged for any concept:
+    ``{"latents", "pool", "runs": [per condition: {kind: [per draw (texts, perplexities, norm ratio)] or a
+    reason it did not run]}}``. ``random_latent`` steers a random latent alive on the baseline generations (not
+    one of ``exclude``, the steered ones); ``random_direction`` a random unit direction. The same ``draws``
+    latents and directions serve every condition; at the same α the norm ``‖α·m(h)·v‖`` matches the steered
+    latent's by construction (``v`` unit, ``m(h)`` the position's largest activation over all latents)."""
+    exclude = set(exclude)
+    gen = baseline.generation
+    alive = alive_latents(adapter, layer, sae, gen.sequences, getattr(gen, "attention_mask", None)).tolist()
+    pool = [i for i in alive if i not in exclude]
+    note = f"{len(pool)} latents alive on the baseline generations, the steered ones excluded"
+    if not pool:
+        pool = [i for i in range(sae.n) if i not in exclude]
+        note = f"no unsteered latent alive on the baseline generations: drawn from all {len(pool)} unsteered"
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:draws]
+    latents = [pool[int(j)] for j in order]
+    directions = random_directions(adapter.d_model, draws, seed=seed)
+    runs = []
+    for scope, schedule, a in conditions:
+        kw = dict(seed=seed, scope=scope, schedule=schedule, strength=strength)
+        cell = {}
+        for kind in kinds:
+            if kind == "random_latent":
+                cell[kind] = [steered_generations(adapter, prompts, generate, gen_length, layer, sae, f, a, ref_lm,
+                                                  **kw) for f in latents] or "no unsteered latent"
+            elif scope == "top_active":
+                cell[kind] = "top_active positions follow a latent's activation; a direction has none"
+            else:   # the direction replaces latent 0's decoder row; m(h) does not depend on the latent
+                cell[kind] = [steered_generations(adapter, prompts, generate, gen_length, layer, sae, 0, a, ref_lm,
+                                                  directions=v[None], **kw) for v in directions]
+            if on_run is not None:
+                on_run()
+        runs.append(cell)
+    return {"latents": latents, "pool": note, "runs": runs}

@@ -32,7 +32,7 @@ from dlmscope.util.bootstrap import Interval, bootstrap_crossed, bootstrap_mean
 
 __all__ = ["FLUENCY_WEIGHT", "FLUENCY_TERM", "MAX_PPL_RATIO", "CONTROLS", "PRIMARY_CONTROL", "paper_score",
            "cell_deltas", "log_ratio_cells", "composite_cells", "difference_cells", "feature_axis", "crossed",
-           "per_feature", "median_ratio", "nanmedian", "summarise_condition", "matched_fluency", "verdict",
+           "per_feature", "median_ratio", "nanmedian", "nanmean", "summarise_condition", "matched_fluency", "verdict", "judged_control",
            "VERDICT_RULE"]
 
 #: the weight of fluency in the steering score (docs/reference.md §5)
@@ -111,13 +111,26 @@ def median_ratio(after: Sequence, before: Sequence) -> float:
 
 
 def nanmedian(xs) -> float:
+    """The median of the numbers that are not None or NaN (NaN if none)."""
     xs = [_num(x) for x in xs if _num(x) == _num(x)]
     return statistics.median(xs) if xs else math.nan
 
 
-def _nanmean(xs) -> float:
+def nanmean(xs) -> float:
+    """The mean of the numbers that are not None or NaN (NaN if none)."""
     xs = [_num(x) for x in xs if _num(x) == _num(x)]
     return statistics.fmean(xs) if xs else math.nan
+
+
+def judged_control(draws: Sequence[tuple], judge, concept: str) -> dict:
+    """One control judged for ``concept``, from its draws ``(texts [U], perplexities [U], norm ratio)``: per
+    prompt the concept score (mean over draws; None if a judgement failed) and perplexity (geometric mean)."""
+    per_prompt = list(zip(*(judge.score(concept, texts) for texts, _, _ in draws)))
+    concepts = [None if any(x is None for x in xs) else statistics.fmean(xs) for xs in per_prompt]
+    ppls = [math.exp(statistics.fmean(math.log(p) for p in ps)) if all(p == p and p > 0 for p in ps) else math.nan
+            for ps in zip(*(pp for _, pp, _ in draws))]
+    return {"concept_after": nanmean(concepts), "concepts_after": concepts, "ppls_after": ppls,
+            "norm_ratio": nanmean(r for _, _, r in draws)}
 
 
 def summarise_condition(runs: Sequence[dict], concepts: Sequence[str], *, threshold: float = 0.1,
@@ -142,10 +155,10 @@ def summarise_condition(runs: Sequence[dict], concepts: Sequence[str], *, thresh
            "features_up": sum(i.mean >= threshold and i.low > 0
                               for i in (per_feature(b, a, seed=seed) for b, a in zip(before, after))),
            "ppl_ratio_median": nanmedian(median_ratio(a, b) for a, b in zip(p_after, p_before)),
-           "score_mean": _nanmean(r["score"] for r in runs),
+           "score_mean": nanmean(r["score"] for r in runs),
            "composite": crossed(composite_cells(before, after, p_before, p_after), axis, seed=seed),
            "composite_fluency_term": FLUENCY_TERM,
-           "norm_ratio": _nanmean(r.get("norm_ratio") for r in runs),
+           "norm_ratio": nanmean(r.get("norm_ratio") for r in runs),
            "controls": {}, "controlled": {}}
     for kind in runs[0].get("controls", {}):
         c_after = [r["controls"][kind]["concepts_after"] for r in runs]
@@ -155,7 +168,7 @@ def summarise_condition(runs: Sequence[dict], concepts: Sequence[str], *, thresh
             "concept_delta": crossed(control, axis, seed=seed),
             "ppl_ratio_median": nanmedian(median_ratio(a, b) for a, b in zip(c_ppl, p_before)),
             "composite": crossed(composite_cells(before, c_after, p_before, c_ppl), axis, seed=seed),
-            "norm_ratio": _nanmean(r["controls"][kind].get("norm_ratio") for r in runs)}
+            "norm_ratio": nanmean(r["controls"][kind].get("norm_ratio") for r in runs)}
         row["controlled"][kind] = crossed(difference_cells(steered, control), axis, seed=seed)
     return row
 

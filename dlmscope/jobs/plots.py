@@ -59,9 +59,23 @@ def _by_condition(result: dict) -> dict[str, list[dict]]:
     return groups
 
 
+def _over(rows: list[dict], key: str = "concept_delta") -> str:
+    """What the rows' ``key`` intervals were resampled over, e.g. ``"concepts × prompts"`` (older results: prompts)."""
+    over = next((r[key].get("over") for r in rows if r.get(key)), None)
+    return " × ".join(over) if over else "prompts"
+
+
+def _band(ax, a, ci: list[dict], **kw):
+    """The means of ``ci`` against ``a`` with their intervals as a band; returns the line."""
+    line, = ax.plot(a, [_f(c["mean"]) for c in ci], **kw)
+    ax.fill_between(a, [_f(c["low"]) for c in ci], [_f(c["high"]) for c in ci], color=line.get_color(), alpha=0.2)
+    return line
+
+
 def plot_sweep(result: dict, path: Path) -> None:
-    """Against α: each feature's concept-rate change (thin) and the mean with its interval (bold, per
-    condition), the median perplexity ratio, and the score."""
+    """Against α: each feature's concept-rate change (thin), the mean with its interval (bold, per condition)
+    and the random-latent control's (dashed); the median perplexity ratio (the controls' dashed); the composite
+    with its interval (bold) and the paper's score (dotted)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 3.8))
@@ -72,20 +86,27 @@ def plot_sweep(result: dict, path: Path) -> None:
         a = [p["alpha"] for p in runs]
         axes[0].plot(a, [_f(p["concept_after"]) - _f(p["concept_before"]) for p in runs], lw=0.8, alpha=0.5,
                      label=key)
-        axes[2].plot(a, [_f(p["score"]) for p in runs], lw=0.8, alpha=0.5)
+    all_rows = result["summary"]["rows"]
     for label, rows in _by_condition(result).items():
         a = [r["alpha"] for r in rows]
-        ci = [r["concept_delta"] for r in rows]
-        line, = axes[0].plot(a, [_f(c["mean"]) for c in ci], lw=2.2, marker="o", label=f"mean: {label}")
-        axes[0].fill_between(a, [_f(c["low"]) for c in ci], [_f(c["high"]) for c in ci], color=line.get_color(),
-                             alpha=0.2)
-        axes[1].plot(a, [_f(r["ppl_ratio_median"]) for r in rows], marker="o", color=line.get_color(), label=label)
-        axes[2].plot(a, [_f(r["score_mean"]) for r in rows], lw=2.2, marker="o", color=line.get_color())
-    titles = ("concept rate change (judge), 95% CI", "median perplexity ratio (steered / baseline)",
-              "steering score")
+        line = _band(axes[0], a, [r["concept_delta"] for r in rows], lw=2.2, marker="o", label=f"mean: {label}")
+        colour = line.get_color()
+        axes[1].plot(a, [_f(r["ppl_ratio_median"]) for r in rows], marker="o", color=colour, label=label)
+        for kind, ls in (("random_latent", "--"), ("random_direction", ":")):
+            ctl = [r.get("controls", {}).get(kind) for r in rows]
+            if all(ctl):
+                axes[0].plot(a, [_f(c["concept_delta"]["mean"]) for c in ctl], ls=ls, color=colour,
+                             label=f"{kind.replace('_', ' ')} control: {label}")
+                axes[1].plot(a, [_f(c["ppl_ratio_median"]) for c in ctl], ls=ls, color=colour)
+        if all(r.get("composite") for r in rows):
+            _band(axes[2], a, [r["composite"] for r in rows], lw=2.2, marker="o", color=colour)
+        axes[2].plot(a, [_f(r["score_mean"]) for r in rows], ls=":", marker=".", color=colour)
+    titles = (f"concept rate change (judge), 95% CI over {_over(all_rows)}; dashed: controls",
+              "median perplexity ratio (steered / baseline)",
+              f"composite (log-ratio fluency), CI over {_over(all_rows, 'composite')}; dotted: paper's score")
     for ax, title in zip(axes, titles):
         ax.set_xlabel("α")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=8)
     axes[1].set_yscale("log")
     axes[2].set_yscale("symlog")
     axes[0].legend(fontsize=6)
@@ -94,47 +115,53 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def plot_by_layer(results: dict[str, dict[int, dict]], path: Path) -> None:
-    """Per layer (columns): the mean concept-rate change with its interval (top) and the median perplexity
-    ratio (bottom) against α, scope all, one line per model; ``results`` is ``{model: {layer: run_steer
-    result}}``."""
+    """Per layer (columns): the mean concept-rate change with its interval and the random-latent control's
+    (dashed) (top) and the median perplexity ratio (bottom) against α, scope all, one line per model;
+    ``results`` is ``{model: {layer: run_steer result}}``."""
     from matplotlib.figure import Figure
 
     layers = sorted({L for by_layer in results.values() for L in by_layer})
     fig = Figure(figsize=(max(4.0, 2.6 * len(layers)), 5.2))
     axes = fig.subplots(2, len(layers), squeeze=False)
+    over = "prompts"
     for j, L in enumerate(layers):
         for name, by_layer in results.items():
             if L not in by_layer:
                 continue
             rows = [r for r in by_layer[L]["summary"]["rows"] if r["scope"] == "all" and r["schedule"] == "all"]
             a = [r["alpha"] for r in rows]
-            c = [r["concept_delta"] for r in rows]
-            line, = axes[0, j].plot(a, [_f(x["mean"]) for x in c], marker="o", ms=3, label=name)
-            axes[0, j].fill_between(a, [_f(x["low"]) for x in c], [_f(x["high"]) for x in c], alpha=0.2,
-                                    color=line.get_color())
+            over = _over(rows)
+            line = _band(axes[0, j], a, [r["concept_delta"] for r in rows], marker="o", ms=3, label=name)
+            ctl = [r.get("controls", {}).get("random_latent") for r in rows]
+            if all(ctl):
+                axes[0, j].plot(a, [_f(c["concept_delta"]["mean"]) for c in ctl], ls="--", color=line.get_color(),
+                                label=f"{name}: random-latent control")
             axes[1, j].plot(a, [_f(r["ppl_ratio_median"]) for r in rows], marker="o", ms=3, color=line.get_color())
         axes[0, j].set_title(f"block {L}", fontsize=9)
         axes[0, j].axhline(0, color="grey", lw=0.6)
         axes[1, j].set_yscale("log")
         axes[1, j].set_xlabel("α")
-    axes[0, 0].set_ylabel("Δ concept rate (95% CI)")
+    axes[0, 0].set_ylabel(f"Δ concept rate (95% CI over {over})", fontsize=8)
     axes[1, 0].set_ylabel("median perplexity ratio")
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
     """Concept gained against fluency lost: one point per (model, condition, α), the mean concept-rate change
-    with its interval against the median perplexity ratio; the curves of a condition join its α values."""
+    with its interval against the median perplexity ratio; the curves of a condition join its α values; the
+    matched-fluency bound (perplexity ratio 2) is the dotted vertical."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
+    over = "prompts"
     for name, result in results.items():
         for label, rows in _by_condition(result).items():
+            over = _over(rows)
             x = [_f(r["ppl_ratio_median"]) for r in rows]
-            ci = [{key: _f(v) for key, v in r["concept_delta"].items()} for r in rows]
+            ci = [{key: _f(r["concept_delta"][key]) for key in ("mean", "low", "high")} for r in rows]
             y = [c["mean"] for c in ci]
             err = [[c["mean"] - c["low"] for c in ci], [c["high"] - c["mean"] for c in ci]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{name}: {label}" if name else label)
@@ -142,8 +169,9 @@ def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
                 ax.annotate(f"{r['alpha']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.axhline(0, color="grey", lw=0.6)
+    ax.axvline(2.0, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("median perplexity ratio (fluency lost →)")
-    ax.set_ylabel("mean concept-rate change")
+    ax.set_ylabel(f"mean concept-rate change (95% CI over {over})", fontsize=8)
     ax.set_title("concept gained per fluency lost (labels: α)", fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()

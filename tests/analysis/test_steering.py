@@ -201,3 +201,133 @@ def test_cli_steer_writes_a_sweep(dlm, sae, tmp_path, capsys):
     assert "--judge-concept" in capsys.readouterr().err
     assert cli.main(base + ["--features", "5", "--judge-concept", "food", "--schedule", "frist:0.1"]) == 2
     assert "--schedule" in capsys.readouterr().err
+
+
+# ---- issue 22: the record of ‖α·m(h)·v‖/‖h‖, a given direction, and the sweep's statistics on known answers -----
+def test_22_3_record_gives_the_norm_ratio_and_directions_replace_the_decoder_rows(dlm, sae):
+    from dlmscope.analysis.steering import norm_ratio, random_directions
+
+    ids = _prompt(dlm, "the capital of france is", masks=2)
+    h = _block(dlm, ids)
+    m = sae.encode(h)[0].max(-1).values.clamp_min(0).detach()                           # [1, T]
+    record = []
+    with steer(dlm, LAYER, sae, 5, 2.5, record=record):
+        _block(dlm, ids)
+    assert norm_ratio(record) == pytest.approx(float((2.5 * m / h.norm(dim=-1)).mean()), rel=1e-4)
+    # a random direction at the same α: the same norm at every position (matched by construction), another vector
+    v = random_directions(dlm.d_model, 1, seed=3)
+    assert v.norm(dim=-1).item() == pytest.approx(1.0)
+    record_dir = []
+    with steer(dlm, LAYER, sae, 5, 2.5, directions=3 * v, record=record_dir):
+        h_dir = _block(dlm, ids)
+    torch.testing.assert_close(h_dir, h + 2.5 * m[..., None] * v[0], rtol=1e-5, atol=1e-5)
+    assert norm_ratio(record_dir) == pytest.approx(norm_ratio(record), rel=1e-5)
+    # a random latent at the same α: the same norm too (m(h) is the largest activation over all latents)
+    record_lat = []
+    with steer(dlm, LAYER, sae, 40, 2.5, record=record_lat):
+        _block(dlm, ids)
+    assert norm_ratio(record_lat) == pytest.approx(norm_ratio(record), rel=1e-5)
+    with pytest.raises(ValueError, match="directions has 2 rows for 1 features"):
+        steer(dlm, LAYER, sae, 5, 1.0, directions=torch.randn(2, dlm.d_model)).__enter__()
+
+
+def _runs(deltas, *, before=0.2, ppl_after=None, control=None, alpha=1.0, seed=0):
+    """Runs ``[G]`` of a sweep at one condition from concept-rate changes ``deltas [G, U]`` (a float tensor);
+    ``control [G, U]``: a random-latent control's changes."""
+    G, U = deltas.shape
+    ppl_after = torch.full((G, U), 10.0) if ppl_after is None else ppl_after
+    runs = []
+    for g in range(G):
+        run = {"scope": "all", "schedule": "all", "alpha": alpha, "concepts_before": [before] * U,
+               "concepts_after": (before + deltas[g]).tolist(), "ppls_before": [10.0] * U,
+               "ppls_after": ppl_after[g].tolist(), "score": 0.0, "norm_ratio": 0.5}
+        if control is not None:
+            run["controls"] = {"random_latent": {"concepts_after": (before + control[g]).tolist(),
+                                                 "ppls_after": [10.0] * U, "norm_ratio": 0.5}}
+        runs.append(run)
+    return runs
+
+
+def test_22_1_pooled_interval_is_over_concepts_and_covers_zero_when_only_prompts_are_many():
+    from dlmscope.analysis.steering_stats import summarise_condition
+    from dlmscope.util.bootstrap import paired_difference
+
+    gen = torch.Generator().manual_seed(0)
+    concept_effect = torch.tensor([0.6, 0.5, 0.4, -0.3, -0.4, -0.5])      # the concepts' mean: 0.05, spread 0.45
+    deltas = concept_effect[:, None] + 0.02 * torch.randn(6, 80, generator=gen)
+    row = summarise_condition(_runs(deltas), [f"c{i}" for i in range(6)])
+    ci = row["concept_delta"]
+    assert ci["over"] == {"concepts": 6, "prompts": 80} and row["feature_axis"] == "concepts"
+    assert ci["low"] < 0 < ci["high"]                                    # the claim about features: not shown
+    # the same numbers with the concepts held fixed (prompts resampled only) exclude 0: the wrong unit
+    old = paired_difference(torch.zeros_like(deltas), deltas, seed=0)
+    assert old.low > 0 and old.over == {"units": 80}
+    assert row["features_up"] == 3                                      # per feature (over prompts): the 3 up
+    # the same concept steered with several latents: the axis is named latents
+    assert summarise_condition(_runs(deltas[:2]), ["food", "food"])["concept_delta"]["over"] == {"latents": 2,
+                                                                                                "prompts": 80}
+
+
+def test_22_3_a_control_that_moves_the_concept_as_much_leaves_no_controlled_effect():
+    from dlmscope.analysis.steering_stats import summarise_condition
+
+    gen = torch.Generator().manual_seed(1)
+    steered = 0.4 + 0.1 * torch.randn(5, 30, generator=gen)
+    control = steered + 0.01 * torch.randn(5, 30, generator=gen)      # a random latent raises it just as much
+    row = summarise_condition(_runs(steered, control=control), list("abcde"))
+    assert row["concept_delta"]["low"] > 0.3                           # the steered change alone looks real
+    controlled = row["controlled"]["random_latent"]
+    assert abs(controlled["mean"]) < 0.01 and controlled["low"] < 0 < controlled["high"]
+    assert controlled["over"] == {"concepts": 5, "prompts": 30}
+    assert row["controls"]["random_latent"]["concept_delta"]["mean"] == pytest.approx(row["concept_delta"]["mean"],
+                                                                                       abs=0.01)
+    # a control that does nothing leaves the steered effect whole
+    row = summarise_condition(_runs(steered, control=torch.zeros_like(steered)), list("abcde"))
+    assert row["controlled"]["random_latent"]["mean"] == pytest.approx(row["concept_delta"]["mean"])
+
+
+def test_22_3_composite_and_paper_score_on_hand_built_numbers():
+    import math
+
+    from dlmscope.analysis.steering_stats import composite_cells, paper_score, summarise_condition
+
+    cells = composite_cells([[0.1, 0.2]], [[0.5, 0.4]], [[10.0, 20.0]], [[20.0, 20.0]])
+    assert cells[0] == pytest.approx([0.4 - 0.3 * math.log(2), 0.2])
+    # the paper's score on prompt means: (0.45 − 0.15) + 0.3 · (15 − 20) / 15
+    assert paper_score(0.15, 0.45, 15.0, 20.0) == pytest.approx(0.2)
+    # one exploded perplexity (×670): the paper's mean-based term collapses, the log-ratio term stays bounded
+    assert paper_score(0.0, 0.5, 10.0, (10 + 6700) / 2) < -90
+    assert composite_cells([[0.0, 0.0]], [[0.5, 0.5]], [[10.0, 10.0]], [[10.0, 6700.0]])[0][1] == pytest.approx(
+        0.5 - 0.3 * math.log(670))
+    # an empty generation (NaN perplexity) drops its cell; the row names its fluency term
+    assert math.isnan(composite_cells([[0.0]], [[0.5]], [[10.0]], [[float("nan")]])[0][0])
+    row = summarise_condition(_runs(torch.full((2, 4), 0.3), ppl_after=torch.full((2, 4), 20.0)), ["a", "b"])
+    assert row["composite_fluency_term"] == "log_ratio"
+    assert row["composite"]["mean"] == pytest.approx(0.3 - 0.3 * math.log(2))
+    assert row["ppl_ratio_median"] == pytest.approx(2.0) and row["norm_ratio"] == pytest.approx(0.5)
+
+
+def test_22_3_matched_fluency_picks_the_best_alpha_that_keeps_fluency():
+    from dlmscope.analysis.steering_stats import matched_fluency
+
+    def row(alpha, gain, ratio, scope="all"):
+        return {"scope": scope, "schedule": "all", "alpha": alpha, "ppl_ratio_median": ratio,
+                "concept_delta": {"mean": gain, "low": gain - 0.1, "high": gain + 0.1}}
+
+    rows = [row(1.0, 0.1, 1.1), row(2.0, 0.3, 1.9), row(4.0, 0.6, 5.0), row(8.0, 0.9, None),
+            row(1.0, 0.2, 1.0, "masked"), row(2.0, 0.2, 1.5, "masked"), row(4.0, 0.5, 3.0, "masked")]
+    best = matched_fluency(rows)
+    assert [(b["scope"], b["alpha"]) for b in best] == [("all", 2.0), ("masked", 1.0)]   # a tie: the smaller α
+    assert best[0]["concept_delta"]["mean"] == 0.3 and best[0]["max_ppl_ratio"] == 2.0
+    assert matched_fluency([row(4.0, 0.6, 5.0)])[0]["alpha"] is None                    # no α keeps fluency
+    assert matched_fluency(rows, max_ratio=10.0)[0]["alpha"] == 4.0
+
+
+def test_22_3_verdict_follows_the_prespecified_rule():
+    from dlmscope.analysis.steering_stats import verdict
+
+    assert verdict({"mean": 0.2, "low": 0.1, "high": 0.3}) == "DLM"
+    assert verdict({"mean": -0.2, "low": -0.3, "high": -0.1}) == "AR"
+    assert verdict({"mean": 0.2, "low": -0.01, "high": 0.3}) == "no difference"
+    assert verdict({"mean": None, "low": None, "high": None}) is None and verdict(None) is None
+    assert verdict({"mean": 0.2, "low": 0.1, "high": 0.3}, ("model", "compare")) == "model"
