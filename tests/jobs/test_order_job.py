@@ -124,10 +124,15 @@ def test_cli_order(dlm, saes, tmp_path, capsys):
     model = str(Path(ASSETS_DIR) / "models" / "dlm")
     rc = cli.main(["order", "--model", model, "--sae", f"1={tmp_path / 'sae1'}", f"3={tmp_path / 'sae3'}",
                    "--kinds", "count", "--max-tasks", "6", "--orders", "low_confidence", "sae_stable",
-                   "--steps", "all", "--seeds", "0", "--guide-layer", "3", "--top-k", "4", "--out", str(tmp_path / "o")])
+                   "--steps", "all", "--seeds", "0", "--guide-layer", "3", "--top-k", "4",
+                   "--out", str(tmp_path / "o")])
     assert rc == 0
     result = json.loads((tmp_path / "o" / "order.json").read_text())
     assert result["n_tasks"] == 6 and (tmp_path / "o" / "order_accuracy.png").exists()
-    assert "sae_stable" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sae_stable" in printed and "sae_stable − low_confidence (pre-specified): all" in printed
     assert cli.main(["order", "--model", model, "--sae", "x=y", "--out", str(tmp_path / "o")]) == 2
     assert "LAYER=DIR" in capsys.readouterr().err
+    assert cli.main(["order", "--model", model, "--sae", f"1={tmp_path / 'sae1'}", "--dream-schedule", "published",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "--dream-schedule" in capsys.readouterr().err
