@@ -1,25 +1,28 @@
 """The base → instruct transfer job: train the SAEs, measure them on paired held-out tokens, add ΔLM, report.
 
-Per layer, :func:`run_transfer` trains (or takes) a base SAE on the base model and a target SAE on the instruct
-model (and, optionally, on the AR twin as a control), all from one shared initialisation (the pipeline seeds it by
-``(seed, layer)``) unless ``target_init_seed`` is set, then scores them with
-:func:`dlmscope.analysis.transfer.compare_layer` and splices them into the models
-(:func:`~dlmscope.analysis.splice.delta_loss_over_batches`): the base SAE and the target SAE into the target
-model (one corruption for both), and the base SAE into the base model for reference.
+Per layer, :func:`run_transfer` trains (or takes) a base SAE on the base model, a second base SAE from another
+init seed (the seed-to-seed ceiling), a target SAE on the instruct model from its own init seed (and, optionally,
+one on the AR twin as a control), then scores them with :func:`dlmscope.analysis.transfer.compare_layer` (the
+measures, their ceiling, a random-SAE null and the pre-specified verdict) and splices them into the models
+(:func:`~dlmscope.analysis.splice.delta_loss_over_batches`, the paper's pooled ΔLM): the base SAE and the target
+SAE into the target model (one corruption for both), and the base SAE into the base model for reference. With
+``own_batches`` (text of the fine-tune's own distribution, e.g. Q&A prompts) all of it is repeated on that text
+beside the pre-training text.
 
     result = run_transfer(load_world_model("dlm"), load_world_model("instruct"), [2, 5],
-                          control=load_world_model("ar"))
+                          control=load_world_model("ar"), own_batches=world_qa_batches(tokenizer))
     print("\\n".join(summary_lines(result)))
     plot_transfer(result, "transfer.png")       # from dlmscope.jobs.plots
 
 The ``dlmscope transfer`` verb (:func:`add_parser`, :func:`run_from_args`) loads the models, runs this on the
-world's corpus or ``--corpus`` and writes ``transfer.json`` and ``transfer.png``.
+world's corpus or ``--corpus`` (and ``--own-corpus``) and writes ``transfer.json`` and ``transfer.png``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import random
 import tempfile
 from collections.abc import Mapping, Sequence
 
@@ -31,16 +34,30 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.train.log import LogConfig
 from dlmscope.train.trainer import TrainConfig
 from dlmscope.util import atomic
-from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN, world_batches
+from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN, pack, world_batches
+from dlmscope.world.samples import qa_sample
 from .options import add_option, out_dir, positive_int, text_from_args
 from .plots import plot_transfer
-from .sources import WORLD
+from .sources import WORLD, token_batches
 from .train import SweepSpec, make_saes, train_sweep
 
-__all__ = ["WORLD_RECIPE", "train_saes", "run_transfer", "summary_lines", "add_parser", "run_from_args"]
+__all__ = ["WORLD_RECIPE", "WORLD_QA", "INIT_OFFSETS", "train_saes", "world_qa_batches", "run_transfer",
+           "summary_lines", "add_parser", "run_from_args"]
 
 #: the world's SAE recipe for its tiny models (the demo's); pass ``train=`` for real models
 WORLD_RECIPE = TrainConfig(**SAE_TRAIN)
+#: the ``--own-corpus`` name of the world's Q&A prompts (the instruct twin's fine-tuning distribution)
+WORLD_QA = "world-qa"
+#: init seed = ``seed + offset`` of each SAE a run trains: each its own start (the data order is ``seed`` for all)
+INIT_OFFSETS = {"base_saes": 0, "second_base_saes": 1, "instruct_saes": 2, "control_saes": 3}
+
+
+def world_qa_batches(tokenizer, samples: int = 2_000, seq_len: int = SEQ_LEN, lm_batch: int = LM_BATCH,
+                     seed: int = 0) -> list:
+    """``[lm_batch, seq_len]`` LM batches of ``samples`` of the world's Q&A items (question, ``answer :``, answer)
+    packed one after another: the instruct twin's own distribution, as held-out text for :func:`run_transfer`."""
+    rng = random.Random(seed)
+    return list(pack([qa_sample(rng) for _ in range(samples)], tokenizer, seq_len).split(lm_batch))
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -51,7 +68,7 @@ def train_saes(adapter, token_batches, layers: Sequence[int], policy: str, *, n_
     :func:`~dlmscope.jobs.train.train_sweep` (one harvest for all layers, cached in a temporary directory).
 
     ``seed`` fixes the data order and corruption; the initialisation depends on ``(init_seed, layer)`` only
-    (default ``init_seed = seed``, as in :func:`.train.train_sweep`), so SAEs trained here on two models share it.
+    (default ``init_seed = seed``, as in :func:`.train.train_sweep`): equal init seeds give a shared start.
     """
     spec = SweepSpec(layers=tuple(layers), ks=(k,), n_latents=n_latents, policy=policy, tokens=tokens,
                      batch_size=batch_size, seed=seed)
@@ -88,29 +105,33 @@ def _pick(saes: Mapping, layer: int, k: int, d_model: int, n_latents: int, what:
 def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, policy: str = "unmask",
                  n_latents: int = SAE_LATENTS, k: int = SAE_K, train_tokens: int = 200_000, eval_tokens: int = 30_000,
                  delta_batches: int = 12, seed: int = 0, control=None, base_saes: Mapping | None = None,
-                 instruct_saes: Mapping | None = None, control_saes: Mapping | None = None,
-                 batches: tuple[Sequence, Sequence] | None = None, sentences: int = 100_000,
-                 train: TrainConfig | None = None, sae_batch: int = 1024,
-                 target_init_seed: int | None = None, seq_len: int = SEQ_LEN,
-                 lm_batch: int = LM_BATCH) -> dict:
+                 second_base_saes: Mapping | None = None, instruct_saes: Mapping | None = None,
+                 control_saes: Mapping | None = None, batches: tuple[Sequence, Sequence] | None = None,
+                 own_batches: Sequence | None = None, ceiling: bool = True, sentences: int = 100_000,
+                 train: TrainConfig | None = None, sae_batch: int = 1024, target_init_seed: int | None = None,
+                 seq_len: int = SEQ_LEN, lm_batch: int = LM_BATCH, resamples: int = 2000) -> dict:
     """Base → instruct SAE transfer at each of ``layers``; returns a JSON-able dict.
 
-    SAEs: ``base_saes`` / ``instruct_saes`` ``{layer: SAE or [SAE per k]}`` are used as given (a list: its
-    ``k`` SAE; every layer, ``n_latents`` latents); when ``None`` they are trained here on ``train_tokens``
-    activations of ``policy`` (:func:`train_saes`, recipe ``train``, default the demo's), all from one shared
-    initialisation, unless ``target_init_seed`` gives the instruct and control SAEs their own. ``batches``:
-    ``(train, heldout)`` LM batches, default the embedded world's corpus (``sentences`` sentences in
+    SAEs: ``base_saes`` / ``second_base_saes`` / ``instruct_saes`` / ``control_saes`` ``{layer: SAE or [SAE per
+    k]}`` are used as given (a list: its ``k`` SAE; every layer, ``n_latents`` latents); when ``None`` they are
+    trained here on ``train_tokens`` activations of ``policy`` (:func:`train_saes`, recipe ``train``, default the
+    demo's, data order ``seed``), each from its own init seed ``seed + INIT_OFFSETS[...]`` — unless
+    ``target_init_seed`` gives the instruct and control SAEs that one (``seed``: the base SAE's start, then
+    ``decoder_init`` is reported). ``ceiling=False`` skips the second base SAE (no ceiling, no verdict).
+    ``batches``: ``(train, heldout)`` LM batches, default the embedded world's corpus (``sentences`` sentences in
     ``seq_len``-token rows, ``lm_batch`` rows per batch, split by ``seed``); both models see the same text.
-    Evaluation runs on ``eval_tokens`` paired held-out tokens (corruption seed ``seed + 1``, as
-    :func:`.train.heldout_activations`) and ΔLM on the first ``delta_batches`` held-out batches (corruption seed
-    ``seed + 7``, as the demo's).
+    ``own_batches``: optional held-out LM batches of the fine-tune's own distribution (e.g.
+    :func:`world_qa_batches`), evaluated beside the pre-training text. Evaluation runs on ``eval_tokens`` paired
+    held-out tokens (corruption seed ``seed + 1``, as :func:`.train.heldout_activations`) and ΔLM (pooled, with
+    stratified t) on the first ``delta_batches`` held-out batches (corruption seed ``seed + 7``, as the demo's).
 
-    ``control``: optionally the AR twin (an adapter): its ``clean``-policy SAE (``control_saes``, or trained here)
-    against the base SAE on clean text, as the reference for "a different model".
+    ``control``: optionally the AR twin (an adapter): its ``clean``-policy SAE against the base SAE on clean text,
+    as the reference for "a different model".
 
-    Result: ``config``; ``layers[str(L)]`` with ``instruct`` (:func:`compare_layer` plus ``delta``:
-    ``base_in_base``, ``base_in_target``, ``target_in_target``) and, with a control, ``control`` (the same with
-    the AR twin as target); ``summary[str(L)]`` with the headline numbers (see :func:`summary_lines`).
+    Result: ``config``; ``layers[str(L)]`` with ``instruct`` (:func:`compare_layer` — with ``ceiling``, ``null``
+    and ``verdict`` when there is a second base SAE — plus ``delta``: ``base_in_base``, ``base_in_target``,
+    ``target_in_target``), ``instruct_own_text`` (the same on ``own_batches``) and ``control``;
+    ``summary[str(L)]`` with the headline numbers and verdicts (see :func:`summary_lines`).
     """
     policy = check_policy(policy)
     check_models(base_adapter, instruct_adapter, policy)
@@ -121,8 +142,8 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
     d = base_adapter.d_model
     # the given SAEs are checked before any work: every layer, this k, the model's d and n_latents
     given = {what: None if saes is None else {L: _pick(saes, L, k, d, n_latents, what) for L in layers}
-             for what, saes in (("base_saes", base_saes), ("instruct_saes", instruct_saes),
-                                ("control_saes", control_saes))}
+             for what, saes in (("base_saes", base_saes), ("second_base_saes", second_base_saes),
+                                ("instruct_saes", instruct_saes), ("control_saes", control_saes))}
     if base_adapter.tokenizer is None and batches is None:
         raise ValueError("the base model has no tokenizer; pass batches=(train, heldout) token batches")
     if delta_batches < 1:
@@ -132,6 +153,9 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
     held_b = list(held_b)
     if not held_b:
         raise ValueError("run_transfer needs held-out token batches")
+    own_b = None if own_batches is None else list(own_batches)
+    if own_b is not None and not own_b:
+        raise ValueError("own_batches is empty: pass held-out batches of the fine-tune's own text, or None")
     spec = SweepSpec(layers=tuple(layers), ks=(k,), n_latents=n_latents, policy=policy, tokens=train_tokens,
                      batch_size=sae_batch, seed=seed)
 
@@ -139,11 +163,14 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
         """``({layer: SAE}, trained here?)``: the given SAEs of every layer, or ones trained now."""
         if given[what] is not None:
             return given[what], False
-        init_seed = target_init_seed if what != "base_saes" else None
+        own_init = seed + INIT_OFFSETS[what]
+        init_seed = own_init if target_init_seed is None or what.endswith("base_saes") else target_init_seed
         return train_saes(adapter, train_b, layers, pol, n_latents=n_latents, k=k, tokens=train_tokens, seed=seed,
                           init_seed=init_seed, train=train, batch_size=sae_batch, label=what), True
 
     base, base_trained = saes_for(base_adapter, "base_saes", policy)
+    second = saes_for(base_adapter, "second_base_saes", policy)[0] if ceiling else None
+    texts = [("", held_b)] + ([("_own_text", own_b)] if own_b is not None else [])
     targets = [("instruct", instruct_adapter, *saes_for(instruct_adapter, "instruct_saes", policy), policy)]
     if control is not None:
         targets.append(("control", control, *saes_for(control, "control_saes", "clean"), "clean"))
@@ -151,35 +178,44 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
     out: dict = {"config": {"layers": list(layers), "policy": policy, "control_policy": "clean",
                             "n_latents": n_latents, "k": k, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
                             "delta_batches": delta_batches, "seed": seed, "control": control is not None,
-                            "target_init_seed": target_init_seed, "cosine": "signed"},
+                            "target_init_seed": target_init_seed, "init_offsets": INIT_OFFSETS,
+                            "ceiling": ceiling, "own_text": own_b is not None, "cosine": "signed",
+                            "delta_estimator": "pooled", "verdict_intervals_over": "latents"},
                  "layers": {str(L): {} for L in layers}}
-    delta_ids = held_b[:delta_batches]
+    shared_init = base_trained and target_init_seed == seed
     for name, adapter, target, trained, pol in targets:
-        acts_b, acts_t = paired_activations(base_adapter, adapter, held_b, layers, pol, tokens=eval_tokens,
-                                            seed=seed + 1)
-        for L in layers:
-            # the init both SAEs started from is known only when this run trained both of them
-            init = make_saes(d, spec, L)[0] if base_trained and trained and target_init_seed is None else None
-            entry = compare_layer(base[L], target[L], acts_b[L], acts_t[L], init_sae=init)
-            b_in_t, t_in_t = delta_loss_over_batches(adapter, [base[L], target[L]], L, delta_ids, seed=seed + 7)
-            entry["delta"] = {"base_in_target": b_in_t, "target_in_target": t_in_t}
-            if name == "instruct":
-                entry["delta"]["base_in_base"] = delta_loss_over_batches(base_adapter, [base[L]], L, delta_ids,
-                                                                         seed=seed + 7)[0]
-            out["layers"][str(L)][name] = entry
+        for suffix, held in texts:
+            if suffix and name == "control":
+                continue  # the fine-tune's own text is the instruct model's question
+            acts_b, acts_t = paired_activations(base_adapter, adapter, held, layers, pol, tokens=eval_tokens,
+                                                seed=seed + 1)
+            delta_ids = held[:delta_batches]
+            for L in layers:
+                init = make_saes(d, spec, L)[0] if shared_init and trained else None
+                entry = compare_layer(base[L], target[L], acts_b[L], acts_t[L], init_sae=init,
+                                      second_base_sae=None if second is None else second[L], resamples=resamples,
+                                      seed=seed)
+                b_in_t, t_in_t = delta_loss_over_batches(adapter, [base[L], target[L]], L, delta_ids, seed=seed + 7)
+                entry["delta"] = {"base_in_target": b_in_t, "target_in_target": t_in_t}
+                if name == "instruct":
+                    entry["delta"]["base_in_base"] = delta_loss_over_batches(base_adapter, [base[L]], L, delta_ids,
+                                                                             seed=seed + 7)[0]
+                out["layers"][str(L)][name + suffix] = entry
     out["summary"] = {str(L): _layer_summary(out["layers"][str(L)]) for L in layers}
     return out
 
 
 def _layer_summary(entry: dict) -> dict:
-    """Headline numbers of one layer (the control's prefixed ``control_``), with the fraction of loss recovered
-    vs zero-ablation (the DLM's ``L_mask`` one, or the AR one) of the base and the target SAE in the target."""
+    """Headline numbers of one layer (the control's prefixed ``control_``, the fine-tune's own text's ``own_``),
+    with the fraction of loss recovered vs zero-ablation (the DLM's ``L_mask`` one, or the AR one) of the base
+    and the target SAE in the target, and, with a ceiling, its numbers, the null's and the verdict."""
     out = {}
+    prefixes = {"instruct": "", "control": "control_", "instruct_own_text": "own_"}
     for name, e in entry.items():
         f, dec, cor = e["fve"], e["decoder"], e["correlation"]
         vals = {**{f"fve_{c}": f[c]["fve"] for c in ("base_on_base", "base_on_target", "target_on_target")},
                 "fve_ratio": f["ratio"], "alive_jaccard": e["alive"]["jaccard"], "corr_median": cor["median"],
-                "corr_frac_gt_0.9": cor["corr_frac_gt_0.9"],
+                "corr_frac_gt_0.9": cor["corr_frac_gt_0.9"], "matched_corr_median": e["matched_correlation"]["median"],
                 **{key: dec[key] for key in ("max_cos_mean", "hungarian_mean", "hungarian_frac_gt_0.9",
                                              "hungarian_frac_gt_0.7", "identity_fraction")},
                 **{f"chance_{key}": e["decoder_chance"][key] for key in ("max_cos_mean", "hungarian_mean")},
@@ -187,12 +223,20 @@ def _layer_summary(entry: dict) -> dict:
                    for c, d in e["delta"].items() if c != "base_in_base"}}
         if "decoder_init" in e:
             vals["init_hungarian_mean"] = e["decoder_init"]["hungarian_mean"]
-        out.update({("" if name == "instruct" else f"{name}_") + key: v for key, v in vals.items()})
+        if "ceiling" in e:
+            c, z, v = e["ceiling"], e["null"], e["verdict"]
+            vals.update({"ceiling_fve_ratio": c["fve_ratio"], "ceiling_hungarian_mean": c["decoder"]["hungarian_mean"],
+                         "ceiling_matched_corr_median": c["matched_correlation"]["median"],
+                         "null_fve_ratio": z["fve_ratio"], "null_matched_corr_median": z["matched_correlation"]["median"],
+                         "verdict": v["outcome"], "verdict_words": v["words"],
+                         **{f"{m}_outcome": mv["outcome"] for m, mv in v["measures"].items()}})
+        out.update({prefixes.get(name, name + "_") + key: val for key, val in vals.items()})
     return out
 
 
 def summary_lines(result: dict) -> list[str]:
-    """One plain-language line per layer: how much of the base SAE survives on the instruct model."""
+    """One plain-language line per layer: how much of the base SAE survives on the instruct model, read against
+    two base SAEs of different seeds (the ceiling) and a random SAE (the null) where the run had them."""
     lines = []
     for L, s in result["summary"].items():
         line = (f"layer {L}: base SAE on instruct keeps {s['fve_ratio']:.0%} of the instruct SAE's FVE "
@@ -200,6 +244,15 @@ def summary_lines(result: dict) -> list[str]:
                 f"{s['fve_base_on_base']:.3f}); Hungarian-matched decoder rows: mean cos {s['hungarian_mean']:.2f}, "
                 f"{s['hungarian_frac_gt_0.9']:.0%} > 0.9 (chance mean {s['chance_hungarian_mean']:.2f}); median "
                 f"latent correlation {s['corr_median']:.2f}; alive Jaccard {s['alive_jaccard']:.2f}")
+        if "verdict" in s:
+            line += (f" | seed-to-seed ceiling: FVE ratio {s['ceiling_fve_ratio']:.2f}, Hungarian mean "
+                     f"{s['ceiling_hungarian_mean']:.2f}, matched-latent r {s['ceiling_matched_corr_median']:.2f} "
+                     f"(instruct {s['matched_corr_median']:.2f}) — {s['verdict_words']}")
+        if "own_verdict" in s:
+            line += (f" | on the fine-tune's own text: FVE ratio {s['own_fve_ratio']:.2f} (ceiling "
+                     f"{s['own_ceiling_fve_ratio']:.2f}) — {s['own_verdict_words']}")
+        elif "own_fve_ratio" in s:
+            line += f" | on the fine-tune's own text: FVE ratio {s['own_fve_ratio']:.2f}"
         if "control_fve_ratio" in s:
             line += (f" | AR control: FVE ratio {s['control_fve_ratio']:.0%}, Hungarian mean "
                      f"{s['control_hungarian_mean']:.2f}, median correlation {s['control_corr_median']:.2f}")
@@ -218,6 +271,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_option(t, "--layers")
     t.add_argument("--policy", default="unmask", help="mask | unmask | clean")
     add_option(t, "--corpus", help="as for train; 'world' is the embedded corpus")
+    t.add_argument("--own-corpus", default=None,
+                   help=f"optional: text of the fine-tune's own distribution (a text source as --corpus, or "
+                        f"{WORLD_QA!r}: the world's Q&A prompts), evaluated beside the pre-training text")
+    t.add_argument("--no-ceiling", action="store_true",
+                   help="skip the second base SAE (no seed-to-seed ceiling, no verdict)")
     t.add_argument("--n", type=positive_int, default=SAE_LATENTS)
     t.add_argument("--k", type=positive_int, default=SAE_K)
     t.add_argument("--tokens", type=positive_int, default=200_000, help="training tokens per SAE")
@@ -240,10 +298,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     base, target = models.load(args.base), models.load(args.target)
     control = models.load(args.control) if args.control else None
     text = None if args.corpus == WORLD else text_from_args(base, args)
+    own = None
+    if args.own_corpus == WORLD_QA:
+        own = world_qa_batches(base.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch, seed=args.seed)
+    elif args.own_corpus is not None:
+        own = list(token_batches(args.own_corpus, base.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch,
+                                 text_field=args.text_field, split=args.split, seed=args.seed)[1])
     result = run_transfer(base, target, args.layers, policy=args.policy, n_latents=args.n, k=args.k,
                           train_tokens=args.tokens, eval_tokens=args.eval_tokens, delta_batches=args.delta_batches,
-                          seed=args.seed, control=control, batches=text, sentences=args.sentences,
-                          seq_len=args.seq_len, lm_batch=args.lm_batch)
+                          seed=args.seed, control=control, batches=text, own_batches=own,
+                          ceiling=not args.no_ceiling, sentences=args.sentences, seq_len=args.seq_len,
+                          lm_batch=args.lm_batch)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "transfer.json", result)
     plot_transfer(result, out / "transfer.png")
