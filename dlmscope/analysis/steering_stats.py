@@ -175,14 +175,15 @@ def summarise_condition(runs: Sequence[dict], concepts: Sequence[str], *, thresh
 
 def matched_fluency(rows: Sequence[dict], *, max_ratio: float = MAX_PPL_RATIO) -> list[dict]:
     """Per (scope, schedule): the α with the largest mean concept-rate change among those whose median
-    perplexity ratio is at most ``max_ratio`` (ties: the smaller α), with its row's intervals; ``alpha`` None
-    where no α keeps fluency (the rule is fixed: the gain picks α, fluency only gates)."""
+    perplexity ratio is at most ``max_ratio`` (ties: the smaller α; α = 0 steers nothing and is left out), with
+    its row's intervals; ``alpha`` None where no α keeps fluency (the rule is fixed: the gain picks α, fluency
+    only gates)."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["scope"], repr(r["schedule"])), []).append(r)
     out = []
     for group in groups.values():
-        ok = [r for r in group if _num(r["ppl_ratio_median"]) <= max_ratio
+        ok = [r for r in group if r["alpha"] != 0 and _num(r["ppl_ratio_median"]) <= max_ratio
               and _num(r["concept_delta"]["mean"]) == _num(r["concept_delta"]["mean"])]
         best = max(sorted(ok, key=lambda r: r["alpha"]), key=lambda r: r["concept_delta"]["mean"], default=None)
         entry = {"scope": group[0]["scope"], "schedule": group[0]["schedule"], "max_ppl_ratio": max_ratio,

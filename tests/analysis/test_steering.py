@@ -181,21 +181,46 @@ def test_cli_steer_writes_a_sweep(dlm, sae, tmp_path, capsys):
     assert [p["alpha"] for p in sweep] == [0.0, 3.0] and sweep[0]["score"] == 0.0
     assert sweep[0]["concept_delta"]["mean"] == 0.0 and sweep[0]["schedule"] == ["first", 0.5]
     assert result["n_prompts"] == 4 and (tmp_path / "out" / "steer.png").stat().st_size > 1000
+    # issue 22: intervals say what they are over; controls, composite, norm ratio, matched fluency, fluency judge
+    assert sweep[1]["concept_delta"]["over"] == {"prompts": 4}                    # one feature: over prompts
+    assert set(sweep[1]["controls"]) == {"random_latent", "random_direction"}
+    row = result["summary"]["rows"][1]
+    assert row["concept_delta"]["over"] == {"concepts": 1, "prompts": 4}          # one concept: no width from it
+    assert row["composite_fluency_term"] == "log_ratio" and row["composite"]["over"] == row["concept_delta"]["over"]
+    for kind in ("random_latent", "random_direction"):
+        assert row["controlled"][kind]["over"] == row["concept_delta"]["over"]
+        assert row["controls"][kind]["norm_ratio"] == pytest.approx(row["norm_ratio"], rel=0.5)
+    assert row["norm_ratio"] > 0 and result["summary"]["rows"][0]["norm_ratio"] == 0.0     # α 0: nothing added
+    assert result["summary"]["matched_fluency"][0]["max_ppl_ratio"] == 2.0
+    assert result["summary"]["matched_fluency"][0]["alpha"] in (3.0, None)        # α 0 steers nothing: not a gain
+    assert result["controls"]["latents"] and result["controls"]["latents"][0] != 5
+    assert result["fluency"]["independent"] is False and "neither twin" in result["fluency"]["why"]
     # two scopes × two schedules, and the AR twin at matched α on the same concept
     ar_sae = tmp_path / "ar_sae"
     TopKSAE(dlm.d_model, 64, 4).save(ar_sae)
     assert cli.main(base + ["--concepts", "food", "--alpha", "2", "--scope", "all", "masked", "--schedule", "all",
                             "last:0.5", "--compare-model", os.path.join(ASSETS_DIR, "models", "ar"),
-                            "--compare-sae", str(ar_sae)]) == 0
+                            "--compare-sae", str(ar_sae), "--controls", "random_latent"]) == 0
     result = json.loads((tmp_path / "out" / "steer.json").read_text())
     assert list(result["features"])[0].startswith("food/")
     rows = result["summary"]["rows"]
     assert [(r["scope"], r["schedule"]) for r in rows] == [("all", "all"), ("all", ["last", 0.5]),
                                                            ("masked", "all"), ("masked", ["last", 0.5])]
     compare = json.loads((tmp_path / "out" / "steer_compare.json").read_text())
+    assert result["summary"]["rows"][0]["concept_delta"]["over"] == {"concepts": 1, "prompts": 4}
     assert compare["spec"]["sampler"] == "ar" and compare["spec"]["alphas"] == [2.0]
     assert compare["spec"]["scopes"] == ["all"]                       # no masked positions in an AR model
     assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 1000
+    cells = compare["comparison"]
+    assert [(c["scope"], c["schedule"], c["alpha"]) for c in cells] == [("all", "all", 2.0), ("all", ["last", 0.5], 2.0)]
+    for c in cells:
+        assert c["verdict"] in ("DLM", "AR", "no difference") and c["names"] == ["DLM", "AR"]
+        assert c["over"] == {"concepts": 1, "prompts": 4} and c["low"] <= c["mean"] <= c["high"]
+        assert c["composite_verdict"] in ("DLM", "AR", "no difference") and set(c["norm_ratio"]) == {"DLM", "AR"}
+        assert set(c["score_paper"]) == {"DLM", "AR", "difference"} and "random_latent" in c["effect"]
+    assert compare["fluency"]["independent"] is False                  # the AR twin judged its own fluency
+    out = capsys.readouterr().out
+    assert "over concepts × prompts" in out and "DLM − AR" in out and "controlled" in out
     capsys.readouterr()
     assert cli.main(base + ["--features", "5"]) == 2
     assert "--judge-concept" in capsys.readouterr().err
@@ -320,6 +345,7 @@ def test_22_3_matched_fluency_picks_the_best_alpha_that_keeps_fluency():
     assert [(b["scope"], b["alpha"]) for b in best] == [("all", 2.0), ("masked", 1.0)]   # a tie: the smaller α
     assert best[0]["concept_delta"]["mean"] == 0.3 and best[0]["max_ppl_ratio"] == 2.0
     assert matched_fluency([row(4.0, 0.6, 5.0)])[0]["alpha"] is None                    # no α keeps fluency
+    assert matched_fluency([row(0.0, 0.0, 1.0), row(4.0, -0.1, 1.0)])[0]["alpha"] == 4.0  # α 0 is not a steer
     assert matched_fluency(rows, max_ratio=10.0)[0]["alpha"] == 4.0
 
 

@@ -55,3 +55,20 @@ def test_21_11_figures_draw_results_read_back_from_json_with_nulls(tmp_path):
     for path in [tmp_path / "sweep.png", tmp_path / "layers.png", tmp_path / "tradeoff.png", *paths,
                  tmp_path / "transfer.png"]:
         assert path.stat().st_size > 1000, path
+
+
+def test_22_steer_figures_draw_the_controls_and_the_composite_read_back_from_json(tmp_path):
+    over = {"concepts": 10, "prompts": 24}
+    ci = {"mean": 0.2, "low": NAN, "high": 0.3, "n": 240, "over": over}
+    control = {"concept_delta": ci, "ppl_ratio_median": 1.5, "composite": ci, "norm_ratio": 0.4}
+    steer = steer_result()
+    for r in steer["summary"]["rows"]:
+        r |= {"concept_delta": ci, "composite": ci, "norm_ratio": 0.4, "ppl_ratio_median": 1.2,
+              "controls": {"random_latent": control, "random_direction": control},
+              "controlled": {"random_latent": ci}}
+    steer = read_back(steer, tmp_path)
+    plot_sweep(steer, tmp_path / "sweep.png")
+    plot_by_layer({"dlm": {4: steer}, "ar": {4: steer}}, tmp_path / "layers.png")
+    plot_tradeoff({"dlm": steer}, tmp_path / "tradeoff.png")
+    for name in ("sweep.png", "layers.png", "tradeoff.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name

@@ -80,3 +80,63 @@ def test_21_12_steer_out_that_is_a_file_is_refused_before_any_work(tmp_path, cap
     rc = steer_cli(tmp_path, "--concepts", next(iter(CONCEPTS)), "--out", str(existing))
     err = capsys.readouterr().err
     assert rc == 2 and "--out" in err and "is a file" in err and existing.read_text() == "mine"
+
+
+# ---- issue 22: the comparison of two models, on synthetic sweeps with a known answer ---------------------------
+def _result(steered, control=None, concepts=("food", "animal", "place", "time"), alpha=2.0, ppl_after=10.0):
+    """A run_steer-shaped result at one α: per concept, the concept-rate change of each prompt (``steered``
+    ``[G, U]``) and the random-latent control's (``control``)."""
+    features = {}
+    for g, concept in enumerate(concepts):
+        U = steered.shape[1]
+        run = {"scope": "all", "schedule": "all", "alpha": alpha, "concepts_before": [0.1] * U,
+               "concepts_after": (0.1 + steered[g]).tolist(), "ppls_before": [10.0] * U,
+               "ppls_after": [ppl_after] * U, "score": float(steered[g].mean()), "norm_ratio": 0.4}
+        if control is not None:
+            run["controls"] = {"random_latent": {"concepts_after": (0.1 + control[g]).tolist(), "ppls_after": [10.0] * U,
+                                                 "concept_after": 0.1 + float(control[g].mean()), "norm_ratio": 0.4}}
+        features[f"{concept}/{g}"] = {"concept": concept, "feature": g, "sweep": [run]}
+    return {"features": features}
+
+
+def test_22_3_compare_models_decides_on_the_controlled_effect_over_concepts_and_prompts():
+    gen = torch.Generator().manual_seed(0)
+    noise = lambda: 0.02 * torch.randn(4, 30, generator=gen)  # noqa: E731
+    # both models raise the concepts by 0.5; the AR twin's random latent does nearly as much, the DLM's little
+    dlm = _result(0.5 + noise(), control=0.1 + noise())
+    ar = _result(0.5 + noise(), control=0.4 + noise())
+    c = steer.compare_models(dlm, ar, 2.0, seed=0)
+    assert c["verdict"] == "DLM" and c["mean"] == pytest.approx(0.3, abs=0.02) and c["low"] > 0
+    assert c["over"] == {"concepts": 4, "prompts": 30} and "random_latent" in c["effect"]
+    assert c["concept_delta"]["low"] < 0 < c["concept_delta"]["high"]       # uncontrolled: no difference
+    assert c["composite_verdict"] == "no difference" and c["rule"]
+    assert c["norm_ratio"] == {"DLM": pytest.approx(0.4), "AR": pytest.approx(0.4)}
+    assert c["score_paper"]["difference"] == pytest.approx(0.0, abs=0.02)
+    # a control that moves the concepts as much as the steered latent does, on both sides: no controlled effect
+    same = steer.compare_models(_result(0.5 + noise(), control=0.5 + noise()), _result(0.2 + noise(),
+                                control=0.2 + noise()), 2.0, seed=0)
+    assert same["verdict"] == "no difference" and same["concept_delta"]["low"] > 0
+    # the effect is carried by two of four concepts, in opposite directions: over concepts, no difference
+    carried = torch.tensor([0.8, -0.8, 0.1, -0.1])[:, None] + noise()
+    c = steer.compare_models(_result(carried, control=torch.zeros(4, 30)), _result(noise(), control=torch.zeros(4, 30)),
+                             2.0, seed=0)
+    assert c["verdict"] == "no difference" and c["high"] - c["low"] > 0.5
+    # AR ahead on the composite: its fluency is kept, the DLM's collapses (perplexity ×100)
+    c = steer.compare_models(_result(0.3 + noise(), control=noise(), ppl_after=1000.0),
+                             _result(0.3 + noise(), control=noise()), 2.0, seed=0)
+    assert c["verdict"] == "no difference" and c["composite_verdict"] == "AR"
+
+
+def test_22_3_compare_models_without_controls_gives_no_verdict_and_refuses_other_concepts():
+    flat = torch.full((4, 10), 0.3)
+    c = steer.compare_models(_result(flat), _result(flat * 0), 2.0)
+    assert c["verdict"] is None and "no control" in c["effect"] and c["controlled"] == {}
+    with pytest.raises(ValueError, match="different concepts"):
+        steer.compare_models(_result(flat), _result(flat, concepts=("food", "animal", "place", "colour")), 2.0)
+
+
+def test_22_3_without_per_prompt_strips_the_controls_lists_too():
+    r = steer.without_per_prompt(_result(torch.zeros(4, 5), control=torch.zeros(4, 5)))
+    run = next(iter(r["features"].values()))["sweep"][0]
+    assert "concepts_after" not in run and "concepts_after" not in run["controls"]["random_latent"]
+    assert run["controls"]["random_latent"]["concept_after"] == pytest.approx(0.1)
