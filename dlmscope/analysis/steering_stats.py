@@ -32,7 +32,8 @@ from dlmscope.util.bootstrap import Interval, bootstrap_crossed, bootstrap_mean
 
 __all__ = ["FLUENCY_WEIGHT", "FLUENCY_TERM", "MAX_PPL_RATIO", "CONTROLS", "PRIMARY_CONTROL", "paper_score",
            "cell_deltas", "log_ratio_cells", "composite_cells", "difference_cells", "feature_axis", "crossed",
-           "per_feature", "median_ratio", "nanmedian", "nanmean", "summarise_condition", "matched_fluency", "verdict", "judged_control",
+           "per_feature", "median_ratio", "nanmedian", "nanmean", "summarise_condition", "matched_fluency", "verdict",
+           "judged_control",
            "VERDICT_RULE"]
 
 #: the weight of fluency in the steering score (docs/reference.md §5)

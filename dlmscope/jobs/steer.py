@@ -15,8 +15,9 @@ baseline and every steered run, and so is the seed: the baseline is generated on
 compared with it prompt by prompt.
 
 The ``dlmscope steer`` verb (:func:`add_parser`, :func:`run_from_args`) runs one sweep, and optionally the same
-concepts on a second model (e.g. the AR twin), and writes ``steer.json``, ``steer.png`` and ``tradeoff.png`` (with a second model:
-``steer_compare.json``, its sweep and the ``comparison``). ``fluency`` says which model judged fluency and whether it is neither twin.
+concepts on a second model (e.g. the AR twin), and writes ``steer.json``, ``steer.png`` and ``tradeoff.png``
+(with a second model: ``steer_compare.json``, its sweep and the ``comparison``). ``fluency`` says which model
+judged fluency and whether it is neither twin.
 """
 from __future__ import annotations
 
@@ -166,7 +167,8 @@ def run_steer(adapter, sae, prompts, features: Sequence[tuple[str, int]], spec: 
                                    "schedules": [repr(s) for s in spec.schedules]},
            "n_prompts": len(prompts), "fluency": reference or fluency_reference(ref_lm, adapter), "features": {}}
     baseline = steering_baseline(adapter, prompts, generate, spec.gen_length, ref_lm, seed=spec.seed)
-    bar = tqdm(total=len(conditions) * len(spec.alphas) * (len(features) + len(spec.controls)), desc=f"steer layer {spec.layer}", unit="run",
+    bar = tqdm(total=len(conditions) * len(spec.alphas) * (len(features) + len(spec.controls)),
+               desc=f"steer layer {spec.layer}", unit="run",
                disable=not progress)
     cells = [(s, sc, a) for s, sc in conditions for a in spec.alphas]
     controls = control_runs(adapter, sae, prompts, generate, spec.gen_length, spec.layer, cells, ref_lm, baseline,

@@ -78,7 +78,8 @@ def test_generation_and_decoded_scopes_follow_the_sampler(dlm, sae):
 
 def test_schedule_picks_denoising_steps(dlm, sae):
     prompt = [_prompt(dlm, "the sky is")[0].tolist()]
-    for schedule, steps_on in ((("first", 0.5), [0, 1]), (("last", 0.25), [3]), ([0, 2], [0, 2]), ("all", [0, 1, 2, 3])):
+    for schedule, steps_on in ((("first", 0.5), [0, 1]), (("last", 0.25), [3]), ([0, 2], [0, 2]),
+                               ("all", [0, 1, 2, 3])):
         seen = []
 
         def record(ids, progress):
@@ -212,7 +213,8 @@ def test_cli_steer_writes_a_sweep(dlm, sae, tmp_path, capsys):
     assert compare["spec"]["scopes"] == ["all"]                       # no masked positions in an AR model
     assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 1000
     cells = compare["comparison"]
-    assert [(c["scope"], c["schedule"], c["alpha"]) for c in cells] == [("all", "all", 2.0), ("all", ["last", 0.5], 2.0)]
+    assert [(c["scope"], c["schedule"], c["alpha"]) for c in cells] == [("all", "all", 2.0),
+                                                                         ("all", ["last", 0.5], 2.0)]
     for c in cells:
         assert c["verdict"] in ("DLM", "AR", "no difference") and c["names"] == ["DLM", "AR"]
         assert c["over"] == {"concepts": 1, "prompts": 4} and c["low"] <= c["mean"] <= c["high"]
