@@ -227,7 +227,8 @@ def _layer_summary(entry: dict) -> dict:
             c, z, v = e["ceiling"], e["null"], e["verdict"]
             vals.update({"ceiling_fve_ratio": c["fve_ratio"], "ceiling_hungarian_mean": c["decoder"]["hungarian_mean"],
                          "ceiling_matched_corr_median": c["matched_correlation"]["median"],
-                         "null_fve_ratio": z["fve_ratio"], "null_matched_corr_median": z["matched_correlation"]["median"],
+                         "null_fve_ratio": z["fve_ratio"],
+                         "null_matched_corr_median": z["matched_correlation"]["median"],
                          "verdict": v["outcome"], "verdict_words": v["words"],
                          **{f"{m}_outcome": mv["outcome"] for m, mv in v["measures"].items()}})
         out.update({prefixes.get(name, name + "_") + key: val for key, val in vals.items()})
