@@ -214,6 +214,10 @@ def test_dream_confidence_at_matched_commits(dlm, saes):
         best = torch.where(masked, conf, torch.full_like(conf, -torch.inf)).argmax(1)
         assert torch.equal(out.committed[s].gather(1, out.gen_positions).float().argmax(1), best)
     assert tap.last is None                                                # released after the run
+    # re-ranked by the SAE guide after: the same counts, and the first step is Dream's choice (nothing is stable yet)
+    both = llada_fill(tap, canvas, steps=3, guide=DreamConfidence(tap, "entropy", then=SAEStabilityGuide(saes[5], 5)),
+                      history=True)
+    assert both.committed.sum(2)[:, 0].tolist() == [1, 1, 1] and torch.equal(both.committed[0], out.committed[0])
     with pytest.raises(ValueError, match="did you mean 'entropy'"):
         DreamConfidence(tap, "entropi")
     with pytest.raises(RuntimeError, match="LogitsTap"):
