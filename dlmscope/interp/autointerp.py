@@ -20,7 +20,8 @@ explanation scores negatives / windows (10/14 ≈ 0.714 with four positives). Ev
 its own windows with the same judge (:func:`score_report`), and every accuracy in the summary
 (:func:`interp_summary`) carries the mean floor of the same latents and the interval of its margin above it.
 :func:`compare_reports` gives the difference between two reports (a DLM SAE vs its AR twin's) with an interval
-over latents, each report's latents resampled independently (:func:`two_sample_difference`).
+over latents, each report's latents resampled independently
+(:func:`dlmscope.util.bootstrap.two_sample_difference`).
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .judges import OpenAIJudge, PlantedJudge, planted_vocabulary
-from dlmscope.util.bootstrap import Interval, bootstrap_mean, paired_difference
+from dlmscope.util.bootstrap import bootstrap_mean, paired_difference, two_sample_difference
 
 __all__ = ["EXPLAIN_TOP", "EXPLAIN_IW", "DETECT_TOP", "DETECT_IW", "DETECT_RANDOM", "highlight",
            "PlantedExplainer", "HFExplainer", "OpenAIExplainer", "detection_windows", "detect", "score_report",
-           "explained", "interp_summary", "two_sample_difference", "compare_reports"]
+           "explained", "interp_summary", "compare_reports"]
 
 EXPLAIN_TOP, EXPLAIN_IW = 10, 5
 DETECT_TOP, DETECT_IW, DETECT_RANDOM = 2, 2, 10
@@ -240,30 +241,10 @@ def interp_summary(interps: Sequence[Mapping], *, seed: int = 0, complete: bool 
             "complete": complete}
 
 
-def two_sample_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
-                          seed: int = 0, unit: str = "latents") -> Interval:
-    """``mean(a) − mean(b)`` for two *independent* samples (``[A]``, ``[B]``; NaN/None dropped) and its
-    percentile bootstrap interval, each sample's units resampled on their own (``over``: ``{unit_a: A,
-    unit_b: B}``). NaN when either sample is empty."""
-    x, y = (torch.tensor([float("nan") if v is None else float(v) for v in s], dtype=torch.float64) for s in (a, b))
-    x, y = x[~x.isnan()], y[~y.isnan()]
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    over = {f"{unit}_a": x.numel(), f"{unit}_b": y.numel()}
-    if x.numel() == 0 or y.numel() == 0:
-        return Interval(float("nan"), float("nan"), float("nan"), x.numel() + y.numel(), over)
-    gen = torch.Generator().manual_seed(seed)
-    da = x[torch.randint(0, x.numel(), (resamples, x.numel()), generator=gen)].mean(1)     # [R]
-    db = y[torch.randint(0, y.numel(), (resamples, y.numel()), generator=gen)].mean(1)     # [R]
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    low, high = torch.quantile(da - db, q).tolist()
-    return Interval(float(x.mean() - y.mean()), low, high, x.numel() + y.numel(), over)
-
-
 def compare_reports(report_a: Mapping, report_b: Mapping, *, metric: str = "accuracy", explained_only: bool = False,
                     level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
     """The difference A − B of a detection metric between two scored reports (e.g. a DLM SAE's and its AR
-    twin's), with an interval over latents: :func:`two_sample_difference`, the latents of each report resampled
+    twin's), with an interval over latents: :func:`~dlmscope.util.bootstrap.two_sample_difference`, the latents of each report resampled
     independently. Returns ``{"metric", "explained_only", "difference", "difference_above_floor", "a", "b"}``:
     ``difference`` of the means, ``difference_above_floor`` of the margins ``metric − floor`` (a fairer contrast
     when the two reports' floors differ), and per report the mean with its interval, ``floor`` (the mean floor
@@ -279,7 +260,7 @@ def compare_reports(report_a: Mapping, report_b: Mapping, *, metric: str = "accu
             raise ValueError(f"report {name}: a latent's interp has no {floor_key!r}; score it with score_report")
         interps = [i for i in interps if explained(i) or not explained_only]
         sides.append(([i[metric] for i in interps], [i[floor_key] for i in interps]))
-    kw = dict(level=level, resamples=resamples, seed=seed)
+    kw = dict(level=level, resamples=resamples, seed=seed, unit="latents")
     out = {"metric": metric, "explained_only": explained_only,
            "difference": dataclasses.asdict(two_sample_difference(sides[0][0], sides[1][0], **kw)),
            "difference_above_floor": dataclasses.asdict(two_sample_difference(

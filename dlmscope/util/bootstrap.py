@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Interval", "bootstrap_mean", "bootstrap_crossed", "paired_difference", "correlation"]
+__all__ = ["Interval", "bootstrap_mean", "bootstrap_crossed", "paired_difference", "two_sample_difference",
+           "correlation"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,24 @@ def paired_difference(before: Sequence, after: Sequence, *, axes: Sequence[str] 
     if a.shape != b.shape:
         raise ValueError(f"before {tuple(b.shape)} and after {tuple(a.shape)} must have the same shape")
     return bootstrap_mean(a - b, **kw) if axes is None else bootstrap_crossed(a - b, axes, **kw)
+
+
+def two_sample_difference(a: Sequence, b: Sequence, *, level: float = 0.95, resamples: int = 2000, seed: int = 0,
+                          unit: str = "units") -> Interval:
+    """``mean(a) − mean(b)`` for two *independent* samples (``[A]``, ``[B]``; NaN/None dropped, e.g. the latents
+    of two SAEs) and its percentile bootstrap interval, each sample resampled on its own (``over``:
+    ``{unit_a: A, unit_b: B}``). NaN when either sample is empty."""
+    x, y = _tensor(list(a)), _tensor(list(b))
+    x, y = x[~x.isnan()], y[~y.isnan()]
+    _check_level(level)
+    over = {f"{unit}_a": x.numel(), f"{unit}_b": y.numel()}
+    if x.numel() == 0 or y.numel() == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), x.numel() + y.numel(), over)
+    gen = torch.Generator().manual_seed(seed)
+    da = x[torch.randint(0, x.numel(), (resamples, x.numel()), generator=gen)].mean(1)     # [R]
+    db = y[torch.randint(0, y.numel(), (resamples, y.numel()), generator=gen)].mean(1)     # [R]
+    low, high = _percentiles(da - db, level)
+    return Interval(float(x.mean() - y.mean()), low, high, x.numel() + y.numel(), over)
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dlmscope.interp.autointerp import (PlantedExplainer, HFExplainer, OpenAIExplainer, compare_reports, detect,
-                                        detection_windows, highlight, score_report, two_sample_difference)
+                                        detection_windows, highlight, score_report)
 from dlmscope.interp.judges import JudgeUnreachable, OpenAIJudge, PlantedJudge
 from dlmscope.world import CONCEPTS
 
@@ -178,6 +178,3 @@ def test_22_8_two_report_difference_interval_over_latents():
     assert m["low"] < 0 < m["high"] and floor_b["b"]["floor"] == pytest.approx(10 / 14 - 0.1)
     with pytest.raises(ValueError, match="floor"):
         compare_reports({"latents": {"0": {"interp": {"explanation": "x", "accuracy": 1.0}}}}, _scored(a))
-    # the two-sample helper on its own: exact mean, NaNs dropped, seeded
-    d = two_sample_difference([1.0, None, 3.0], [0.0, 1.0], seed=1)
-    assert d.mean == pytest.approx(1.5) and d.n == 4 and d == two_sample_difference([1.0, 3.0], [0.0, 1.0], seed=1)

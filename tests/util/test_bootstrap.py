@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dlmscope.util.bootstrap import bootstrap_crossed, bootstrap_mean, correlation, paired_difference
+from dlmscope.util.bootstrap import bootstrap_crossed, bootstrap_mean, correlation, paired_difference, two_sample_difference
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
@@ -109,3 +109,16 @@ def test_22_crossed_bootstrap_over_seeds_nan_cells_and_paired_axes():
         bootstrap_crossed(v, ("concepts", "prompts"))
     with pytest.raises(ValueError, match="level"):
         bootstrap_crossed(v, ("s", "c", "p"), level=1.5)
+
+
+def test_two_sample_difference_resamples_each_sample_on_its_own():
+    d = two_sample_difference([1.0, None, 3.0], [0.0, 1.0], seed=1, unit="latents")
+    assert d.mean == pytest.approx(1.5) and d.n == 4 and d.over == {"latents_a": 2, "latents_b": 2}
+    assert d == two_sample_difference([1.0, 3.0], [0.0, 1.0], seed=1, unit="latents")
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(300, generator=gen, dtype=torch.float64), torch.randn(200, generator=gen, dtype=torch.float64)
+    same, shifted = two_sample_difference(a, a.flip(0)), two_sample_difference(a + 0.5, b)
+    assert same.mean == pytest.approx(0.0, abs=1e-12) and not same.excludes_zero() and shifted.excludes_zero()
+    se = math.sqrt(float(a.var()) / 300 + float(b.var()) / 200)
+    assert shifted.high - shifted.low == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert math.isnan(two_sample_difference([], [1.0]).mean)
