@@ -44,7 +44,8 @@ from .options import add_option, load_model_layer_sae, out_dir
 from .plots import condition_label, plot_sweep, plot_tradeoff
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
-           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "add_parser", "run_from_args"]
+           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "fluency_reference", "add_parser",
+           "run_from_args"]
 
 
 @dataclass
