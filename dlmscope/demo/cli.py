@@ -28,6 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--layers", type=int, nargs="+", default=None)
     d.add_argument("--k", type=int, nargs="+", default=None)
     d.add_argument("--k-ref", type=int, default=None, help="the k shown in the per-layer plots")
+    d.add_argument("--sae-seeds", type=int, default=None,
+                   help="SAE init seeds at --k-ref per run and layer (default 3; the other k have one)")
     d.add_argument("--n", type=int, default=None, help="latents per SAE")
     d.add_argument("--tokens", type=int, default=None, help="kept training tokens per (model, policy, layer)")
     d.add_argument("--eval-tokens", type=int, default=None)
@@ -48,7 +50,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     overrides = {"layers": args.layers, "ks": args.k, "n_latents": args.n, "train_tokens": args.tokens,
                  "eval_tokens": args.eval_tokens, "sentences": args.sentences, "delta_batches": args.delta_batches,
-                 "concept_batches": args.concept_batches, "k_ref": args.k_ref}
+                 "concept_batches": args.concept_batches, "k_ref": args.k_ref,
+                 "sae_seeds": args.sae_seeds}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "ks" in overrides and "k_ref" not in overrides and cfg.k_ref not in overrides["ks"]:
         overrides["k_ref"] = min(overrides["ks"])

@@ -31,8 +31,14 @@ class DemoConfig:
     concept_batches: int = 16
     #: masking rate of the ``masked`` concept view
     concept_t: float = 0.3
-    #: the k shown in the per-layer ΔLM and concept plots
+    #: the k shown in the per-layer ΔLM and concept plots, and the k trained with several SAE seeds
     k_ref: int = SAE_K
+    #: SAE init seeds at ``k_ref`` for every run and layer (``results["sae_seeds"]``): the k sweep's SAEs start from
+    #: ``seed``; ``sae_seeds - 1`` more SAEs at ``k_ref`` only start from ``seed + 1``, ``seed + 2``, ... and train
+    #: in the same grouped trainer on the same harvest (the data order and corruption are shared; only the
+    #: initialisation differs, so the spread over seeds is the spread of the initialisation). The other k have
+    #: one seed: a cheaper grid, the FVE gaps and concept margins the findings state with a spread are at k_ref.
+    sae_seeds: int = 3
     sentences: int = 100_000
     seq_len: int = SEQ_LEN
     lm_batch: int = LM_BATCH
@@ -68,6 +74,8 @@ class DemoConfig:
             raise ValueError("DemoConfig needs at least one layer and one k")
         if self.k_ref not in self.ks:
             raise ValueError(f"k_ref={self.k_ref} must be one of ks={self.ks}")
+        if self.sae_seeds < 1:
+            raise ValueError(f"sae_seeds must be >= 1 (the k sweep's own seed), got {self.sae_seeds}")
         if self.concept_batches < 2:
             raise ValueError("concept_batches must be >= 2 (one half chooses the best latent, the other scores it)")
         self.steer_alphas = tuple(sorted(float(a) for a in self.steer_alphas))
@@ -81,6 +89,11 @@ class DemoConfig:
             raise ValueError("steer_alphas must not be empty when steer_layers is set")
         if self.ks[-1] > self.n_latents:
             raise ValueError(f"every k must be <= n_latents={self.n_latents}, got ks={self.ks}")
+
+    @property
+    def init_seeds(self) -> tuple[int, ...]:
+        """The SAE init seeds at ``k_ref``: the k sweep's (``seed``) first, then the extra ones."""
+        return tuple(self.seed + i for i in range(self.sae_seeds))
 
     def train_config(self) -> TrainConfig:
         """The SAE recipe of every demo SAE (the k sweeps and the transfer section alike)."""

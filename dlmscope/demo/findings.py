@@ -6,9 +6,11 @@ its :class:`~dlmscope.demo.config.DemoConfig`.
 from __future__ import annotations
 
 from .config import DemoConfig
+from .seeds import seed_entries, seed_summary, spread
 
-__all__ = ["PAPER_FVE_MASK", "PAPER_FVE_UNMASK", "PAPER_MASK_UNMASK_GAP", "get", "findings", "steering_finding",
-           "order_finding", "transfer_finding", "observations"]
+__all__ = ["PAPER_FVE_MASK", "PAPER_FVE_UNMASK", "PAPER_MASK_UNMASK_GAP", "MAX_DEAD_FRACTION", "FVE_TOLERANCE",
+           "get", "failed_sae",
+           "findings", "steering_finding", "order_finding", "transfer_finding", "concept_margins", "observations"]
 
 
 def get(results, run_key, layer, k, *path):
@@ -22,13 +24,45 @@ def get(results, run_key, layer, k, *path):
 #: The paper's FVE of a Mask-SAE and an Unmask-SAE (LLaDA-8B layer 16, k = 50) and their gap.
 PAPER_FVE_MASK, PAPER_FVE_UNMASK = 0.711, 0.857
 PAPER_MASK_UNMASK_GAP = PAPER_FVE_MASK - PAPER_FVE_UNMASK
+#: a trained SAE with more of its latents dead on held-out tokens than this has failed
+MAX_DEAD_FRACTION = 0.5
+#: an SAE whose FVE is more than this below a smaller k's (same run and layer) has failed
+FVE_TOLERANCE = 0.01
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def failed_sae(fve: float, dead_fraction: float, smaller_k_fves=()) -> str | None:
+    """Why an SAE's training failed, or None: more than :data:`MAX_DEAD_FRACTION` of its latents dead on
+    held-out tokens, or its FVE more than :data:`FVE_TOLERANCE` below that of an SAE with a smaller k of the same
+    run and layer (``smaller_k_fves``: FVE falling as k rises; an SAE with more active latents can reconstruct at
+    least as well), or an undefined FVE or dead fraction. A failed SAE is flagged in results.json and kept out of
+    the means and counts."""
+    why = []
+    if _num(dead_fraction) != _num(dead_fraction) or _num(fve) != _num(fve):
+        why.append("FVE or dead fraction undefined")
+    if _num(dead_fraction) > MAX_DEAD_FRACTION:
+        why.append(f"{dead_fraction:.0%} of latents dead (> {MAX_DEAD_FRACTION:.0%})")
+    lower = [f for f in smaller_k_fves if f is not None and f == f]
+    if lower and _num(fve) < max(lower) - FVE_TOLERANCE:
+        why.append(f"FVE {fve:.3f} below {max(lower):.3f} at a smaller k")
+    return "; ".join(why) or None
+
+
+def _failed(results, key, L, k) -> bool:
+    return bool(results["runs"][key][str(L)][str(k)].get("failed"))
 
 
 def _significant_negatives(results, keys, pairs, dkey) -> list:
-    """``[[run, layer, k, Δ, se]]`` where Δ < −2·SE (SE over the ΔLM batches): negative beyond batch noise."""
+    """``[[run, layer, k, Δ, se]]`` where Δ < −2·SE (SE over the ΔLM batches): negative beyond batch noise;
+    failed SAEs out."""
     out = []
     for key in keys:
         for L, k in pairs:
+            if _failed(results, key, L, k):
+                continue
             d = get(results, key, L, k, "delta")
             se = d.get(f"{dkey}_se", 0.0)
             se = 0.0 if se is None or se != se else se  # NaN / null (one batch): no noise estimate
@@ -38,49 +72,72 @@ def _significant_negatives(results, keys, pairs, dkey) -> list:
 
 
 def findings(results: dict, cfg: DemoConfig) -> dict:
-    """The paper's claims, checked on this run's numbers.
+    """The paper's claims, checked on this run's numbers. Failed SAEs (:func:`failed_sae`) are out of every
+    count and mean (``failed`` lists them).
 
     ``mask_vs_unmask``: Mask-SAEs reconstruct worse than Unmask-SAEs (:data:`PAPER_FVE_MASK` vs
-    :data:`PAPER_FVE_UNMASK` in the paper).
+    :data:`PAPER_FVE_UNMASK` in the paper): over the (layer, k) pairs where neither SAE failed, and at ``k_ref``
+    over init seeds (``seeds``: the mean gap over layers per seed, its mean and min–max). Reproduced in sign when
+    most pairs have the Mask-SAE worse, the mean gap is negative and every seed's mean gap is negative (the
+    seed-to-seed spread is the null the sign is read against).
     ``negative_delta``: splicing a DLM SAE in can *lower* the masked-diffusion loss at early layers (the first
-    quarter of the blocks, at least block 0); a Δ counts as negative when it is below −2 standard errors.
+    quarter of the blocks, at least block 0); a Δ counts as negative when it is below −2 standard errors over
+    the ΔLM batches (the paper's pooled estimator).
     ``ar_contrast``: that effect is weaker or absent for the AR twin (relative to each model's clean loss);
     not testable (``reproduced: None``) when the DLM shows no negative Δ.
-    ``steering``: :func:`steering_finding` (None when the run did not steer).
+    ``steering`` / ``orders`` / ``transfer``: :func:`steering_finding`, :func:`order_finding`,
+    :func:`transfer_finding` (None when the run did not have that section). ``concepts``: :func:`concept_margins`.
+    ``seeds``: :func:`dlmscope.demo.seeds.seed_summary`.
     """
-    pairs = [(layer, k) for layer in cfg.layers for k in cfg.ks]
-    gaps = [get(results, "dlm/mask", L, k, "fve") - get(results, "dlm/unmask", L, k, "fve") for L, k in pairs]
+    all_pairs = [(layer, k) for layer in cfg.layers for k in cfg.ks]
+    pairs = [(L, k) for L, k in all_pairs if not (_failed(results, "dlm/mask", L, k)
+                                                  or _failed(results, "dlm/unmask", L, k))]
+    gap = lambda L, k: get(results, "dlm/mask", L, k, "fve") - get(results, "dlm/unmask", L, k, "fve")  # noqa: E731
+    gaps = [gap(L, k) for L, k in pairs]
+    all_gaps = [gap(L, k) for L, k in all_pairs]
     mask_worse = sum(g < 0 for g in gaps)
-    mean_gap = sum(gaps) / len(gaps)
+    mean_gap = sum(gaps) / len(gaps) if gaps else float("nan")
+    seeds = seed_summary(results, list(cfg.layers), cfg.k_ref)
+    seed_gap = seeds["gaps"]["mask_minus_unmask"]["mean_over_layers"]
     dlm_keys = ("dlm/mask", "dlm/unmask")
-    neg = _significant_negatives(results, dlm_keys, pairs, "mask_delta")
-    neg_unmask_objective = _significant_negatives(results, dlm_keys, pairs, "unmask_delta")
-    ar_neg = _significant_negatives(results, ("ar/clean",), pairs, "delta")
+    neg = _significant_negatives(results, dlm_keys, all_pairs, "mask_delta")
+    neg_unmask_objective = _significant_negatives(results, dlm_keys, all_pairs, "unmask_delta")
+    ar_neg = _significant_negatives(results, ("ar/clean",), all_pairs, "delta")
     rel = {}
     for L in cfg.layers:
         d = get(results, "dlm/mask", L, cfg.k_ref, "delta")
         a = get(results, "ar/clean", L, cfg.k_ref, "delta")
         rel[str(L)] = {"dlm_rel_delta": d["mask_delta"] / d["mask_clean"], "ar_rel_delta": a["delta"] / a["clean"],
                        "dlm_recovered": d.get("mask_recovered", float("nan")),
-                       "ar_recovered": a.get("recovered", float("nan"))}
+                       "ar_recovered": a.get("recovered", float("nan")),
+                       "dlm_failed": _failed(results, "dlm/mask", L, cfg.k_ref),
+                       "ar_failed": _failed(results, "ar/clean", L, cfg.k_ref)}
     early = [L for L in cfg.layers if L < max(1.0, results["num_layers"] / 4)]
     neg_layers = sorted({L for _, L, _, _, _ in neg})
-    # scale-free: the smallest Δ/clean over every (layer, k) of the Mask-SAEs and of the AR twin's SAEs
-    dlm_min = min(get(results, "dlm/mask", L, k, "delta", "mask_delta")
-                  / get(results, "dlm/mask", L, k, "delta", "mask_clean") for L, k in pairs)
-    ar_min = min(get(results, "ar/clean", L, k, "delta", "delta") / get(results, "ar/clean", L, k, "delta", "clean")
-                 for L, k in pairs)
+    # scale-free: the smallest Δ/clean over every (layer, k) of the Mask-SAEs and of the AR twin's SAEs (not failed)
+    def rel_min(key, dk, ck):
+        return min((get(results, key, L, k, "delta", dk) / get(results, key, L, k, "delta", ck)
+                    for L, k in all_pairs if not _failed(results, key, L, k)), default=float("nan"))
     early_neg = [L for L in neg_layers if L in early]
+    failed = [[key, L, k, e["failed"]] for key, run in results["runs"].items() for L, by in run.items()
+              for k, e in by.items() if e.get("failed")]
+    sign_ok = len(seed_gap["values"]) < 2 or _num(seed_gap["high"]) < 0
     return {
-        "mask_vs_unmask": {"mask_worse": mask_worse, "pairs": len(pairs), "mean_gap": mean_gap,
-                           "min_gap": min(gaps), "max_gap": max(gaps), "paper_gap": PAPER_MASK_UNMASK_GAP,
-                           "reproduced": mask_worse > len(pairs) / 2 and mean_gap < 0},
+        "mask_vs_unmask": {"mask_worse": mask_worse, "pairs": len(pairs), "pairs_all": len(all_pairs),
+                           "mean_gap": mean_gap, "mean_gap_with_failed": sum(all_gaps) / len(all_gaps),
+                           "min_gap": min(gaps, default=float("nan")), "max_gap": max(gaps, default=float("nan")),
+                           "paper_gap": PAPER_MASK_UNMASK_GAP, "seeds": seed_gap, "k_seeds": cfg.k_ref,
+                           "reproduced": bool(gaps) and mask_worse > len(pairs) / 2 and mean_gap < 0 and sign_ok},
         "negative_delta": {"dlm": neg, "ar": ar_neg, "dlm_unmask_objective": neg_unmask_objective,
                            "dlm_layers": neg_layers, "early_layers": early, "reproduced": bool(early_neg)},
         "steering": steering_finding(results),
         "orders": order_finding(results),
         "transfer": transfer_finding(results),
-        "ar_contrast": {"per_layer": rel, "dlm_min_rel_delta": dlm_min, "ar_min_rel_delta": ar_min,
+        "concepts": concept_margins(results, cfg),
+        "seeds": seeds,
+        "failed": failed,
+        "ar_contrast": {"per_layer": rel, "dlm_min_rel_delta": rel_min("dlm/mask", "mask_delta", "mask_clean"),
+                        "ar_min_rel_delta": rel_min("ar/clean", "delta", "clean"),
                         "reproduced": (len(_significant_negatives(results, ("ar/clean",), [(L, k) for L in early_neg
                                                                                            for k in cfg.ks], "delta"))
                                        < len([n for n in neg if n[1] in early_neg])) if early_neg else None},
@@ -89,102 +146,165 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
 
 def steering_finding(results: dict) -> dict | None:
     """*SAE features steer the DLM more than the AR model* (the paper's headline, docs/reference.md §5), per
-    steered layer: the DLM's mean concept-rate change minus the AR twin's over the same prompts and concepts,
-    at the paper's strengths (DLM 2.0, AR 1.2) and at matched α, with paired 95% intervals. Reproduced when
-    the paper-strength difference is positive beyond its interval at every steered layer, partly when at some.
-    None without a steering section."""
+    steered layer, at the paper's strengths (DLM 2.0, AR 1.2) and at matched α: the pre-specified verdict of
+    :func:`dlmscope.jobs.steer.compare_models` on the DLM − AR difference of the *controlled* effect (steered −
+    random-latent control concept-rate change), its 95% interval over concepts × prompts (both resampled: the
+    claim is about features, one per planted concept); beside it the verdict on the log-ratio composite and the
+    paper's own score (its difference, without an interval).
+
+    A layer supports the claim when the controlled verdict is "DLM" *and* the paper's score favours the DLM (the
+    paper's metric and the control agree); reproduced when every steered layer does, partly when some do. None
+    without a steering section."""
     st = results.get("steering")
     if not st:
         return None
     per_layer = st["dlm_minus_ar"]
-    wins = [L for L, cell in per_layer.items() if cell["paper"]["low"] > 0]
-    losses = [L for L, cell in per_layer.items() if cell["paper"]["high"] < 0]
+    paper = {L: cell["paper"] for L, cell in per_layer.items()}
+    agree = [L for L, c in paper.items() if c.get("verdict") == "DLM" and _num(c["score_paper"]["difference"]) > 0]
     alphas = [a for a in next(iter(per_layer.values())) if a != "paper"]
-    matched = {a: [L for L, cell in per_layer.items() if cell[a]["low"] > 0] for a in alphas}
-    matched_losses = {a: [L for L, cell in per_layer.items() if cell[a]["high"] < 0] for a in alphas}
-    verdict = len(wins) == len(per_layer) or ("partly" if wins else False)
-    return {"dlm_wins_paper_alpha": wins, "ar_wins_paper_alpha": losses, "dlm_wins_matched": matched,
-            "ar_wins_matched": matched_losses, "layers": list(per_layer), "reproduced": verdict}
+    verdict = len(agree) == len(per_layer) or ("partly" if agree else False)
+    return {"unit": "concepts × prompts", "effect": "controlled: steered − random-latent control concept-rate change",
+            "dlm_wins_paper_alpha": [L for L, c in paper.items() if c.get("verdict") == "DLM"],
+            "ar_wins_paper_alpha": [L for L, c in paper.items() if c.get("verdict") == "AR"],
+            "verdicts_paper_alpha": {L: c.get("verdict") for L, c in paper.items()},
+            "composite_verdicts_paper_alpha": {L: c.get("composite_verdict") for L, c in paper.items()},
+            "score_paper_difference": {L: c["score_paper"]["difference"] for L, c in paper.items()},
+            "paper_metric_and_control_agree": agree,
+            "dlm_wins_matched": {a: [L for L, c in per_layer.items() if c[a].get("verdict") == "DLM"] for a in alphas},
+            "ar_wins_matched": {a: [L for L, c in per_layer.items() if c[a].get("verdict") == "AR"] for a in alphas},
+            "composite_verdicts_matched": {a: {L: c[a].get("composite_verdict") for L, c in per_layer.items()}
+                                           for a in alphas},
+            "layers": list(per_layer), "reproduced": verdict}
+
+
+#: how a sign-agnostic or ceiling-read verdict of the library maps onto the demo's wording (never "reproduced")
+_CONSISTENT = {"association": "consistent", "consistent": "consistent", "partly": "partly consistent"}
 
 
 def order_finding(results: dict) -> dict | None:
-    """*SAE feature dynamics track decoding quality* (the paper's conjecture, docs/reference.md §6): per order, the
-    within-group correlation over tasks between the pre-decode stability at the guide layer and exact match
-    (:func:`dlmscope.jobs.order.run_order`); supported when
-    it is positive beyond its interval for more than half of the orders that have one, partly when for more
-    orders than it is negative beyond its interval, not otherwise.
-    Also whether each SAE-guided order beats, ties or loses to the best confidence order at G and ⌈G/2⌉ steps
-    (paired intervals). None without an order section."""
+    """*SAE feature dynamics track decoding quality* (the paper's conjecture, docs/reference.md §6; it has no sign
+    and no metric in the paper): the job's sign-agnostic verdict (``result["conjecture"]``,
+    :func:`dlmscope.analysis.order.conjecture_verdict`) on the within-group correlation over the order-sensitive
+    tasks between the pre-decode stability at the guide layer and exact match: "consistent" when more than half
+    of the orders with an r have one whose interval excludes 0 (either sign; ``sign`` says which), "partly
+    consistent" when some do, not reproduced when none does.
+
+    Pre-specified: each SAE-guided order against its own base order (``sae_vs_base``, paired over the
+    order-sensitive tasks; better / worse / tie with its denominator). The comparison with the best confidence
+    order is post hoc (the comparator is picked on the same tasks) and labelled so. None without an order
+    section."""
     r = results.get("orders")
     if not r:
         return None
-    key = f"pre_stability/{r['spec']['guide_layer']}"
-    rs = {o: c[key] for o, c in r["correlations_within_group"].items()
-          if key in c and c[key]["mean"] == c[key]["mean"]}
-    positive = [o for o, c in rs.items() if c["low"] > 0]
-    negative = [o for o, c in rs.items() if c["high"] < 0]
-    verdict = (len(positive) > len(rs) / 2) or ("partly" if len(positive) > len(negative) else False)
-    guided = {}
-    for o, by in r["sae_vs_best_confidence"].items():
-        for st in ("half", "all"):
-            if st in by:
-                d = by[st]["difference"]
-                guided[f"{o}/{st}"] = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "tie"
-    return {"statistic": key, "positive": positive, "negative": negative, "orders": list(rs),
-            "reproduced": verdict, "guided_vs_best_confidence": guided}
-
-
-#: the bar for "the base SAE still works on the instruct model": FVE ratio and median latent correlation
-TRANSFER_FVE_RATIO, TRANSFER_CORR = 0.9, 0.8
+    conj = r.get("conjecture") or {}
+    pre = {f"{o}/{st}": {"base_order": c["base_order"], "verdict": c["verdict"], "difference": c["difference"],
+                         "denominator": c["denominator"]}
+           for o, by in r.get("sae_vs_base", {}).items() for st, c in by.items() if st != "one"}
+    post = {f"{o}/{st}": c["verdict"] if "verdict" in c else
+            ("better" if c["difference"]["low"] > 0 else "worse" if c["difference"]["high"] < 0 else "tie")
+            for o, by in r.get("sae_vs_best_confidence", {}).items() for st, c in by.items() if st != "one"}
+    return {"statistic": conj.get("statistic"), "positive": conj.get("positive", []),
+            "negative": conj.get("negative", []), "orders": conj.get("orders", []), "sign": conj.get("sign"),
+            "conjecture": conj.get("verdict"), "verdict": conj.get("verdict"), "text": conj.get("text"),
+            "reproduced": _CONSISTENT.get(conj.get("verdict"), False),
+            "sae_vs_base": pre, "guided_vs_best_confidence_post_hoc": post}
 
 
 def transfer_finding(results: dict) -> dict | None:
-    """*SAE features stay stable from base to instruct* (the paper's claim, docs/reference.md §7): reproduced at a
-    layer when the base SAE keeps ≥ :data:`TRANSFER_FVE_RATIO` of the instruct SAE's FVE on instruct activations
-    and its latents' median activation correlation across the two models is ≥ :data:`TRANSFER_CORR`; the
-    verdict is every layer / some (partly) / none. None without a transfer section."""
+    """*SAE features stay stable from base to instruct* (the paper's claim without code, docs/reference.md §7): the
+    job's pre-specified verdict per layer (``summary[L]["verdict"]``, :func:`dlmscope.analysis.transfer
+    .transfer_verdict`): the base SAE against the instruct SAE read against two base SAEs of different init seeds
+    (the ceiling) and a random SAE (the null), on pre-training text and on the fine-tune's own Q&A text
+    (``own_verdict``). "consistent" when every layer is consistent on every text, "partly consistent" when some
+    are, else not shown; never "reproduced" (the ceiling is two seeds, the paper has no number). None without a
+    transfer section."""
     r = results.get("transfer")
     if not r:
         return None
-    ok = [L for L, sm in r["summary"].items()
-          if sm["fve_ratio"] >= TRANSFER_FVE_RATIO and sm["corr_median"] >= TRANSFER_CORR]
-    verdict = len(ok) == len(r["summary"]) or ("partly" if ok else False)
-    return {"layers": list(r["summary"]), "stable_layers": ok, "reproduced": verdict}
+    sm = r["summary"]
+    texts = [""] + (["own_"] if any("own_verdict" in s for s in sm.values()) else [])
+    per = {L: {t or "pretraining_": s.get(f"{t}verdict") for t in texts} for L, s in sm.items()}
+    ok = [L for L, s in sm.items() if all(s.get(f"{t}verdict") == "consistent" for t in texts)]
+    some = [L for L, s in sm.items() if any(s.get(f"{t}verdict") == "consistent" for t in texts)]
+    verdict = "consistent" if ok and len(ok) == len(sm) else "partly consistent" if some else False
+    return {"layers": list(sm), "stable_layers": ok, "verdicts": per, "reproduced": verdict,
+            "words": {L: {t or "pretraining_": s.get(f"{t}verdict_words") for t in texts} for L, s in sm.items()}}
+
+
+def concept_margins(results: dict, cfg: DemoConfig) -> dict:
+    """Per run, concept view and layer at ``k_ref``: the trained SAE's held-out median F1 (the k sweep's seed, and
+    over init seeds with its min–max), the random SAEs' (mean and percentile range over 5 untrained SAEs with the
+    trained b_dec) and the best single residual dimension's, and the margins against both."""
+    out: dict = {}
+    for key, by_layer in results.get("concept_baselines", {}).items():
+        for L, views in by_layer.items():
+            for view, base in views.items():
+                if not isinstance(base, dict) or "random_sae" not in base:
+                    continue
+                rand, dim = base["random_sae"]["median_f1"], base["best_dimension"]["median_f1"]
+                by_seed = seed_entries(results, key, L, cfg.k_ref)
+                f1 = [None if e.get("failed") else e[view]["median_f1"] for e in by_seed.values() if view in e]
+                sp = spread(f1)
+                out.setdefault(key, {}).setdefault(view, {})[L] = {
+                    "trained": get(results, key, L, cfg.k_ref, view, "median_f1"), "trained_over_seeds": sp,
+                    "random_sae": rand, "best_dimension": dim,
+                    "margin_random": spread(None if v is None else v - rand["mean"] for v in f1),
+                    "margin_best_dimension": spread(None if v is None else v - dim for v in f1)}
+    return out
+
+
+def _margin_cells(m: dict, layers) -> str:
+    """``L0 0.62 (+0.10 / −0.03)``: the trained median F1 and its margins over the random SAEs' mean and over the
+    best single dimension (mean over seeds)."""
+    return ", ".join(f"L{L} {m[str(L)]['trained']:.2f} ({_signed(m[str(L)]['margin_random']['mean'])} / "
+                     f"{_signed(m[str(L)]['margin_best_dimension']['mean'])})" for L in layers if str(L) in m)
+
+
+def _signed(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:+.2f}"
 
 
 def observations(results: dict, cfg: DemoConfig) -> list[str]:
     """Bullet lines on what else the numbers show (each one states the comparison it is computed from)."""
     pairs = [(L, k) for L in cfg.layers for k in cfg.ks]
+    keys = ("dlm/mask", "dlm/unmask", "ar/clean")
+    ok = [(L, k) for L, k in pairs if not any(_failed(results, key, L, k) for key in keys)]
     ar_better = sum(get(results, "ar/clean", L, k, "fve") > max(get(results, "dlm/mask", L, k, "fve"),
                                                                   get(results, "dlm/unmask", L, k, "fve"))
-                    for L, k in pairs)
+                    for L, k in ok)
     unmask_hurts = [L for L, k in pairs if get(results, "dlm/unmask", L, k, "delta", "mask_delta")
                     > get(results, "dlm/mask", L, k, "delta", "mask_delta")]
-    base = results.get("concept_baselines", {})
-    med = {(key, view): [get(results, key, L, cfg.k_ref, view, "median_f1") for L in cfg.layers]
-           for key in ("dlm/mask", "dlm/unmask", "ar/clean") for view in ("concepts_clean", "concepts_masked")
-           if view in results["runs"][key][str(cfg.layers[0])][str(cfg.k_ref)]}
-    margin = {kv: [v - base[kv[0]][str(L)][kv[1]] for L, v in zip(cfg.layers, vals)] for kv, vals in med.items()}
+    seeds = results.get("findings", {}).get("seeds") or seed_summary(results, list(cfg.layers), cfg.k_ref)
+    gaps = seeds["gaps"]
+    n_seeds = len(seeds["init_seeds"])
     lines = [
-        f"- The AR twin's SAEs reconstruct better than both DLM SAEs at {ar_better} of {len(pairs)} (layer, k) pairs.",
+        f"- The AR twin's SAEs reconstruct better than both DLM SAEs at {ar_better} of {len(ok)} (layer, k) pairs "
+        f"where no SAE failed (of {len(pairs)}). At k = {cfg.k_ref} over {n_seeds} init seeds (mean over layers, "
+        "mean [min, max] over seeds; failed SAEs out): FVE Unmask-SAE − AR twin "
+        + _range(gaps.get("unmask_minus_ar")) + ", Mask-SAE − AR twin " + _range(gaps.get("mask_minus_ar"))
+        + " (the DLM and its AR twin as trained: objective, training budget and data all differ).",
         f"- Spliced in at every position, the Unmask-SAE raises L_mask more than the Mask-SAE at {len(unmask_hurts)} "
         f"of {len(pairs)} pairs (per layer: " + ", ".join(f"L{L} {unmask_hurts.count(L)}/{len(cfg.ks)}"
                                                           for L in cfg.layers) + ").",
     ]
-    if ("dlm/mask", "concepts_masked") in med:
-        m, u = ("dlm/mask", "concepts_masked"), ("dlm/unmask", "concepts_masked")
+    margins = results.get("findings", {}).get("concepts") or concept_margins(results, cfg)
+    explain = (f"held-out median best-latent F1 at k = {cfg.k_ref}; in parentheses its margin over 5 untrained SAEs "
+               "with the trained b_dec (their mean) and over the best single residual dimension, each the mean over "
+               "init seeds")
+    if "concepts_masked" in margins.get("dlm/mask", {}):
         lines.append(
-            f"- Masked positions (t = {cfg.concept_t}), scored against the *hidden* token's concept (held-out median "
-            f"best-latent F1, k = {cfg.k_ref}; in parentheses the margin over an untrained SAE): Mask-SAE "
-            + ", ".join(f"L{L} {v:.2f} ({d:+.2f})" for L, v, d in zip(cfg.layers, med[m], margin[m]))
-            + "; Unmask-SAE (never trained on masked positions) "
-            + ", ".join(f"L{L} {v:.2f} ({d:+.2f})" for L, v, d in zip(cfg.layers, med[u], margin[u])) + ".")
-    lines.append(
-        f"- Clean text (held-out median best-latent F1, k = {cfg.k_ref}; margin over an untrained SAE): "
-        + "; ".join(f"{label} " + ", ".join(f"L{L} {v:.2f} ({d:+.2f})" for L, v, d in
-                                           zip(cfg.layers, med[(key, 'concepts_clean')], margin[(key, 'concepts_clean')]))
-                    for key, label in (("dlm/mask", "Mask-SAE"), ("dlm/unmask", "Unmask-SAE"), ("ar/clean", "AR twin")))
-        + ".")
+            f"- Masked positions (t = {cfg.concept_t}), scored against the *hidden* token's concept ({explain}): "
+            f"Mask-SAE {_margin_cells(margins['dlm/mask']['concepts_masked'], cfg.layers)}; Unmask-SAE (never "
+            f"trained on masked positions) {_margin_cells(margins['dlm/unmask']['concepts_masked'], cfg.layers)}.")
+    if all("concepts_clean" in margins.get(key, {}) for key in keys):
+        lines.append(f"- Clean text ({explain}): " + "; ".join(
+            f"{label} {_margin_cells(margins[key]['concepts_clean'], cfg.layers)}"
+            for key, label in zip(keys, ("Mask-SAE", "Unmask-SAE", "AR twin"))) + ".")
     return lines
 
 
+def _range(sp: dict | None) -> str:
+    if not sp:
+        return "n/a"
+    m = sp["mean_over_layers"]
+    return f"{_signed(m['mean'])} [{_signed(m['low'])}, {_signed(m['high'])}] ({m['n']} seeds)"

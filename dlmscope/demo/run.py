@@ -16,14 +16,15 @@ from tqdm.auto import tqdm
 from dlmscope.util import atomic
 from dlmscope import models
 from dlmscope.interp.concepts import labelled_activations, score_concepts
-from dlmscope.jobs.train import SweepSpec, heldout_activations, train_sweep
+from dlmscope.interp.baselines import concept_baselines
+from dlmscope.jobs.train import SweepSpec, heldout_activations, make_saes, train_sweep
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.analysis.splice import delta_loss_over_batches
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.train.log import LogConfig
 from dlmscope.world import asset, concept_id_table, world_batches
 from .config import RUNS, DemoConfig
-from .findings import findings
+from .findings import FVE_TOLERANCE, MAX_DEAD_FRACTION, failed_sae, findings
 from .plots import write_plots
 from .report import write_report
 from .orders import run_orders
@@ -47,12 +48,20 @@ def sweep_spec(cfg: DemoConfig, policy: str, layers=None) -> SweepSpec:
 
 
 def train_layer_saes(adapter, batches: list[torch.Tensor], policy: str, cfg: DemoConfig, *, layers=None,
-                     cache_dir: str | os.PathLike | None = None, label: str = "") -> dict[int, list[TopKSAE]]:
+                     cache_dir: str | os.PathLike | None = None, label: str = "",
+                     extra_seeds: tuple[int, ...] = ()) -> dict[int, list[TopKSAE]]:
     """Train the demo's k sweep on each layer (one harvest, :func:`~dlmscope.jobs.train.train_sweep`);
-    returns ``{layer: [SAE per k]}``. Several layers need ``cache_dir``."""
-    train = cfg.train_config()
-    return train_sweep(adapter, batches, sweep_spec(cfg, policy, layers), train,
-                       cache_dir=cache_dir, log=LogConfig(log_every=25), label=label)
+    returns ``{layer: [SAE per k]}``, followed by one SAE at ``cfg.k_ref`` per init seed of ``extra_seeds``
+    (trained in the same grouped trainer on the same activations; only the initialisation differs, from
+    :func:`~dlmscope.jobs.train.make_saes` with that seed). Several layers need ``cache_dir``."""
+    spec = sweep_spec(cfg, policy, layers)
+    source = {"model": str(getattr(adapter, "source", ""))}
+    start = {L: make_saes(adapter.d_model, spec, L, source | {"init_seed": spec.seed})
+             + [make_saes(adapter.d_model, dataclasses.replace(spec, seed=s, ks=(cfg.k_ref,)), L,
+                          source | {"init_seed": s})[0] for s in extra_seeds]
+             for L in spec.layers}
+    return train_sweep(adapter, batches, spec, cfg.train_config(), cache_dir=cache_dir, saes=start,
+                       log=LogConfig(log_every=25), label=label)
 
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = None, *,
@@ -66,7 +75,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads":
-                     torch.get_num_threads(), "runs": {}, "concept_baselines": {}, "timings_s": {}}
+                     torch.get_num_threads(), "runs": {}, "seed_runs": {}, "concept_baselines": {}, "timings_s": {}}
     names = {m for m, _ in RUNS} | ({"instruct"} if cfg.transfer_layers else set())
     adapters = {name: load_world_model(name) for name in sorted(names)}
     for a in adapters.values():
@@ -84,13 +93,24 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     results["corpus"] = {"train_tokens": sum(b.numel() for b in train_batches),
                          "heldout_tokens": sum(b.numel() for b in held_batches)}
 
+    extra_seeds = cfg.init_seeds[1:]
+    results["sae_seeds"] = {
+        "k": cfg.k_ref, "init_seeds": list(cfg.init_seeds), "k_sweep_seed": cfg.seed,
+        "runs": [f"{m}/{p}" for m, p in RUNS], "layers": list(cfg.layers),
+        "grid": f"every run and layer at k = {cfg.k_ref}; the other k with init seed {cfg.seed} only",
+        "shared": "the harvest, data order and corruption; only the SAE initialisation differs between seeds",
+        "interval": "min–max over the seeds that did not fail (with 3 seeds a bootstrap interval says no more)",
+        "failed_rule": f"more than {MAX_DEAD_FRACTION:.0%} of latents dead on held-out tokens, or FVE more than "
+                       f"{FVE_TOLERANCE} below that of a smaller k of the same run and layer (for the extra seeds: "
+                       f"of the k sweep's); failed SAEs are kept out of every mean"}
     for model_name, policy in RUNS:
         adapter = adapters[model_name]
         run_key = f"{model_name}/{policy}"
         t0 = time.perf_counter()
         cache = out / "cache" / f"{model_name}_{policy}"
         shutil.rmtree(cache, ignore_errors=True)  # the demo's cache is scratch: always harvest afresh
-        saes = train_layer_saes(adapter, train_batches, policy, cfg, cache_dir=cache, label=run_key)
+        trained = train_layer_saes(adapter, train_batches, policy, cfg, cache_dir=cache, label=run_key,
+                                   extra_seeds=extra_seeds)
         shutil.rmtree(out / "cache", ignore_errors=True)
         t_train = time.perf_counter() - t0
         # held-out activations of every layer from one pass (the same tokens for every SAE of a layer)
@@ -98,6 +118,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
                                    tokens=cfg.eval_tokens)
         run: dict = {}
         for layer in tqdm(cfg.layers, desc=f"evaluate {run_key}", unit="layer"):
+            sweep, extras = trained[layer][:len(cfg.ks)], trained[layer][len(cfg.ks):]
             # view -> (choose-on (acts, labels), score-on (acts, labels)): two disjoint halves of the text
             views = {"concepts_clean": tuple(labelled_activations(adapter, rows, layer, table, "clean")
                                              for rows in (concept_rows[0::2], concept_rows[1::2]))}
@@ -105,26 +126,39 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
                 views["concepts_masked"] = tuple(
                     labelled_activations(adapter, rows, layer, table, "masked", t=cfg.concept_t, seed=cfg.seed + i)
                     for i, rows in enumerate((concept_rows[0::2], concept_rows[1::2])))
-            # chance level: an untrained SAE of the same shape
-            untrained = TopKSAE(adapter.d_model, cfg.n_latents, cfg.k_ref,
-                                generator=torch.Generator().manual_seed(cfg.seed))
-            results["concept_baselines"].setdefault(run_key, {})[str(layer)] = {
-                view: score_concepts(untrained, *score, names, select_on=choose).median_f1
-                for view, (choose, score) in views.items()}
-            deltas = delta_loss_over_batches(adapter, saes[layer], layer, delta_batches, seed=cfg.seed + 7)
-            for sae, delta in zip(saes[layer], deltas):
-                sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}")
+            deltas = delta_loss_over_batches(adapter, sweep + extras, layer, delta_batches, seed=cfg.seed + 7)
+            entries = []
+            for sae, delta in zip(sweep + extras, deltas):
                 entry = evaluate_sae(sae, held[layer])
                 entry["delta"] = delta
                 for view, (choose, score) in views.items():
                     entry[view] = score_concepts(sae, *score, names, select_on=choose).as_dict()
+                entries.append(entry)
+            fves = {}
+            for sae, entry in zip(sweep, entries):
+                entry["failed"] = failed_sae(entry["fve"], entry["dead_fraction"],
+                                             [f for k, f in fves.items() if k < sae.k])
+                fves[sae.k] = entry["fve"]
+                sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}")
                 run.setdefault(str(layer), {})[str(sae.k)] = entry
-                if policy == "mask" and layer in cfg.order_layers and sae.k == cfg.k_ref:
-                    order_saes[layer] = sae
-                if policy in ("unmask", "clean") and layer in cfg.steer_layers and sae.k == cfg.k_ref:
-                    steer_saes[(model_name, layer)] = sae
-                    steer_latents[(model_name, layer)] = {c: v["latent"] for c, v in
-                                                          entry["concepts_clean"]["concepts"].items()}
+            for seed, sae, entry in zip(extra_seeds, extras, entries[len(sweep):]):
+                entry["failed"] = failed_sae(entry["fve"], entry["dead_fraction"],
+                                             [f for k, f in fves.items() if k < sae.k])
+                entry["init_seed"] = seed
+                sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}_seed_{seed}")
+                results["seed_runs"].setdefault(run_key, {}).setdefault(str(layer), {})[str(seed)] = entry
+            ref = next(s for s in sweep if s.k == cfg.k_ref)
+            # controls of the concept F1, on the same tokens and choice: untrained SAEs with the reference SAE's
+            # b_dec and row norms, and the best single residual dimension
+            results["concept_baselines"].setdefault(run_key, {})[str(layer)] = {
+                view: concept_baselines(ref, *score, names, count=5, seed=cfg.seed, select_on=choose)
+                for view, (choose, score) in views.items()}
+            if policy == "mask" and layer in cfg.order_layers:
+                order_saes[layer] = ref
+            if policy in ("unmask", "clean") and layer in cfg.steer_layers:
+                steer_saes[(model_name, layer)] = ref
+                chosen = run[str(layer)][str(cfg.k_ref)]["concepts_clean"]["concepts"]
+                steer_latents[(model_name, layer)] = {c: v["latent"] for c, v in chosen.items()}
         results["runs"][run_key] = run
         results["timings_s"][run_key] = {"harvest_and_train": t_train, "total": time.perf_counter() - t0}
     if cfg.steer_layers:

@@ -4,11 +4,15 @@ At each of ``cfg.steer_layers`` the DLM's Unmask-SAE and the AR twin's SAE (both
 planted concept's best latent — the one the demo's concept scores chose on held-out text, so no latent is
 chosen by its steering result — over the world's neutral prompts, the same seed for the baseline and every
 steered run (:func:`dlmscope.jobs.steer.run_steer`). The DLM runs at ``cfg.steer_alphas``; the AR twin at the
-same α (matched) and at the paper's AR α (docs/reference.md §5: DLM 2.0 vs AR 1.2).
+same α (matched) and at the paper's AR α (docs/reference.md §5: DLM 2.0 vs AR 1.2). Every (α, model) has a
+random-latent and a random-direction control at the same α; the DLM − AR verdict is on the controlled effect,
+with its interval over concepts × prompts (:func:`dlmscope.jobs.steer.compare_models`). Fluency is judged by the
+AR twin: the world ships no causal LM that is neither twin, and ``fluency`` says so.
 """
 from __future__ import annotations
 
-from dlmscope.jobs.steer import SteerSpec, compare_models, neutral_prompts, run_steer, without_per_prompt
+from dlmscope.jobs.steer import (SteerSpec, compare_models, fluency_reference, neutral_prompts, run_steer,
+                                 without_per_prompt)
 from .config import DemoConfig
 
 __all__ = ["PAPER_ALPHA", "run_steering"]
@@ -23,8 +27,8 @@ def _alphas(cfg: DemoConfig, model: str) -> tuple[float, ...]:
 
 def run_steering(adapters: dict, saes: dict, latents: dict, cfg: DemoConfig) -> dict:
     """``{"layers", "alphas": {model: [...]}, "runs": {"dlm/L" | "ar/L": run_steer result},
-    "dlm_minus_ar": {L: {"α" | "paper": interval}}}``. ``saes[(model, L)]`` is the SAE to steer with and
-    ``latents[(model, L)]`` maps each planted concept to its best latent."""
+    "dlm_minus_ar": {L: {"α" | "paper": compare_models result}}}``. ``saes[(model, L)]`` is the SAE to steer
+    with and ``latents[(model, L)]`` maps each planted concept to its best latent."""
     ref = adapters["ar"]
     prompts = neutral_prompts(ref.tokenizer, cfg.steer_prompts)
     out: dict = {"layers": list(cfg.steer_layers), "alphas": {m: list(_alphas(cfg, m)) for m in PAPER_ALPHA},
@@ -34,8 +38,10 @@ def run_steering(adapters: dict, saes: dict, latents: dict, cfg: DemoConfig) -> 
             spec = SteerSpec(layer=L, alphas=_alphas(cfg, model), sampler=sampler, gen_length=cfg.steer_gen,
                              steps=cfg.steer_gen, temperature=0.7, seed=cfg.seed)
             features = list(latents[(model, L)].items())
+            reference = fluency_reference(ref, adapters[model], independent=False,
+                                          why="the world ships no causal LM that is neither twin")
             out["runs"][f"{model}/{L}"] = run_steer(adapters[model], saes[(model, L)], prompts, features, spec, ref,
-                                                    keep_generations=2)
+                                                    keep_generations=2, reference=reference)
     for L in cfg.steer_layers:
         dlm, ar = out["runs"][f"dlm/{L}"], out["runs"][f"ar/{L}"]
         cell = {f"{a:g}": compare_models(dlm, ar, a, seed=cfg.seed) for a in cfg.steer_alphas}

@@ -8,8 +8,11 @@ import math
 import pytest
 
 from dlmscope import cli
+from dlmscope.analysis.order import conjecture_verdict
 from dlmscope.demo import RUNS, DemoConfig, findings, load_world_model, run_demo
+from dlmscope.demo.findings import failed_sae
 from dlmscope.demo.report import write_report
+from dlmscope.demo.seeds import seed_summary, spread
 from dlmscope.jobs.order import ORDERS
 from dlmscope.util import atomic
 
@@ -57,12 +60,32 @@ def test_results_cover_every_run_layer_and_k(demo_run):
     assert set(base) == {f"{m}/{p}" for m, p in RUNS} and set(base["dlm/mask"]["0"]) == {"concepts_clean",
                                                                                           "concepts_masked"}
     assert set(base["ar/clean"]["0"]) == {"concepts_clean"}
-    assert all(0.0 <= v <= 1.0 for run in base.values() for layer in run.values() for v in layer.values())
+    for run in base.values():
+        for layer in run.values():
+            for v in layer.values():   # five random SAEs with the trained b_dec, and the best single dimension
+                r = v["random_sae"]["median_f1"]
+                assert len(r["values"]) == 5 and 0.0 <= r["low"] <= r["mean"] <= r["high"] <= 1.0
+                assert 0.0 <= v["best_dimension"]["median_f1"] <= 1.0
+    # SAE seeds: the k sweep's SAE at k_ref and two more init seeds, each evaluated and flagged
+    assert results["sae_seeds"]["init_seeds"] == [0, 1, 2] and results["sae_seeds"]["k"] == 8
+    for model, policy in RUNS:
+        for layer in ("0", "3"):
+            extra = results["seed_runs"][f"{model}/{policy}"][layer]
+            assert sorted(extra) == ["1", "2"]
+            for seed, e in extra.items():
+                assert e["init_seed"] == int(seed) and 0.0 < e["fve"] <= 1.0 and "failed" in e
+                assert e["fve"] != results["runs"][f"{model}/{policy}"][layer]["8"]["fve"]   # another start
+    seeds = results["findings"]["seeds"]
+    assert seeds["init_seeds"] == [0, 1, 2] and set(seeds["gaps"]) == {"mask_minus_unmask", "unmask_minus_ar",
+                                                                        "mask_minus_ar"}
+    assert all("failed" in e for run in results["runs"].values() for layer in run.values() for e in layer.values())
     # the SAEs are saved and load back
     from dlmscope.sae.topk import TopKSAE
 
     sae = TopKSAE.load(out / "saes" / "dlm_mask" / "layer_3" / "k_8")
     assert (sae.d, sae.n, sae.k) == (128, 128, 8) and sae.cfg.meta["policy"] == "mask"
+    other = TopKSAE.load(out / "saes" / "dlm_mask" / "layer_3" / "k_8_seed_2")
+    assert other.k == 8 and other.cfg.meta["init_seed"] == 2 and sae.cfg.meta["init_seed"] == 0
 
 
 def test_plots_and_report(demo_run):
@@ -82,17 +105,36 @@ def test_plots_and_report(demo_run):
     fve = results["runs"]["dlm/unmask"]["3"]["8"]["fve"]
     assert f"{fve:.3f}" in report
     f = results["findings"]
-    verdicts = ("**reproduced**", "**not reproduced**", "**not testable here**", "**partly reproduced**")
+    verdicts = ("**reproduced**", "**not reproduced**", "**not testable here**", "**partly reproduced**",
+                "**consistent with the claim**", "**partly consistent with the claim**")
     assert sum(report.count(v) for v in verdicts) == 6
     assert isinstance(f["mask_vs_unmask"]["reproduced"], bool)
-    assert f["mask_vs_unmask"]["pairs"] == 4 and 0 <= f["mask_vs_unmask"]["mask_worse"] <= 4
+    assert f["mask_vs_unmask"]["pairs_all"] == 4 and 0 <= f["mask_vs_unmask"]["mask_worse"] <= 4
+    # every interval names its unit, the controls and the paper's metric stand beside the effect
+    for text in ("concepts × prompts", "random latent", "paper's score", "Pre-specified", "Post hoc", "ceiling",
+                 "own Q&A", "pooled estimator", "best dimension", "init seeds"):
+        assert text in report, text
+    assert "paired over prompts" not in report and "≥ 0.9" not in report and "shared initialisation" not in report
     assert not (out / "cache").exists()  # the scratch activation cache is removed
+
+
+def _healthy(fake):
+    """Every SAE of a fake results dict marked as not failed."""
+    for by_run in (fake["runs"], fake["seed_runs"]):
+        for run in by_run.values():
+            for layer in run.values():
+                for e in layer.values():
+                    e["failed"] = None
 
 
 def test_findings_follow_the_numbers(demo_run):
     _, results = demo_run
     fake = json.loads(json.dumps(results))
+    _healthy(fake)
     for layer in ("0", "3"):
+        for seed in ("1", "2"):
+            fake["seed_runs"]["dlm/mask"][layer][seed]["fve"] = 0.55
+            fake["seed_runs"]["dlm/unmask"][layer][seed]["fve"] = 0.85
         for k in ("4", "8"):
             fake["runs"]["dlm/mask"][layer][k]["fve"] = 0.5
             fake["runs"]["dlm/unmask"][layer][k]["fve"] = 0.9
@@ -102,6 +144,22 @@ def test_findings_follow_the_numbers(demo_run):
             fake["runs"]["ar/clean"][layer][k]["delta"]["delta"] = 0.3
     f = findings(fake, TINY)
     assert f["mask_vs_unmask"]["reproduced"] and f["mask_vs_unmask"]["mean_gap"] == pytest.approx(-0.4)
+    seeds = f["mask_vs_unmask"]["seeds"]      # per seed the mean gap over layers: −0.4, −0.3, −0.3
+    assert seeds["mean"] == pytest.approx(-1 / 3) and (seeds["low"], seeds["high"]) == pytest.approx((-0.4, -0.3))
+    # one seed with the opposite sign: the sign is within seed noise, not reproduced
+    flipped = json.loads(json.dumps(fake))
+    for layer in ("0", "3"):
+        flipped["seed_runs"]["dlm/mask"][layer]["2"]["fve"] = 0.95
+    assert not findings(flipped, TINY)["mask_vs_unmask"]["reproduced"]
+    # a failed SAE is out of the pairs and of the seed means
+    failing = json.loads(json.dumps(fake))
+    failing["runs"]["dlm/mask"]["0"]["4"]["failed"] = "90% of latents dead (> 50%)"
+    failing["seed_runs"]["dlm/unmask"]["3"]["1"]["failed"] = "90% of latents dead (> 50%)"
+    f2 = findings(failing, TINY)
+    assert f2["mask_vs_unmask"]["pairs"] == 3 and f2["mask_vs_unmask"]["pairs_all"] == 4
+    assert f2["seeds"]["fve"]["dlm/unmask"]["3"]["n"] == 2
+    assert f2["seeds"]["gaps"]["mask_minus_unmask"]["per_seed"][1]["layers_used"] == 1
+    assert ["dlm/mask", "0", "4", "90% of latents dead (> 50%)"] in f2["failed"]
     assert f["negative_delta"]["reproduced"] and f["negative_delta"]["dlm_layers"] == [0]
     assert f["negative_delta"]["early_layers"] == [0]  # the first quarter of a 4-block model
     # a negative Δ within 2 standard errors of zero is noise, not a finding
@@ -137,14 +195,24 @@ def test_steering_section(demo_run):
     assert f"food/{chosen}" in st["runs"]["dlm/3"]["features"]
     cell = st["dlm_minus_ar"]["3"]
     assert set(cell) == {"2", "4", "paper"} and cell["paper"]["low"] <= cell["paper"]["mean"] <= cell["paper"]["high"]
-    # the finding follows the intervals
+    # the controlled effect's interval is over concepts × prompts; the composite and the paper's score beside it
+    assert cell["paper"]["over"] == {"concepts": 10, "prompts": 4} and cell["paper"]["verdict"] in ("DLM", "AR",
+                                                                                                 "no difference")
+    assert {"composite", "composite_verdict", "score_paper", "norm_ratio"} <= set(cell["paper"])
+    assert st["runs"]["dlm/3"]["fluency"]["independent"] is False
+    assert "neither twin" in st["runs"]["dlm/3"]["fluency"]["why"]
+    # the finding follows the pre-specified verdicts, and needs the paper's score to agree
     fake = json.loads(json.dumps(results))
-    for c, (lo, hi) in zip(("paper", "2", "4"), ((0.1, 0.3), (-0.1, 0.2), (0.05, 0.1))):
-        fake["steering"]["dlm_minus_ar"]["3"][c] |= {"low": lo, "high": hi}
+    for c, v in zip(("paper", "2", "4"), ("DLM", "no difference", "DLM")):
+        fake["steering"]["dlm_minus_ar"]["3"][c] |= {"verdict": v}
+    fake["steering"]["dlm_minus_ar"]["3"]["paper"]["score_paper"]["difference"] = 0.2
     f = findings(fake, TINY)["steering"]
     assert f["reproduced"] is True and f["dlm_wins_matched"] == {"2": [], "4": ["3"]}
-    assert f["ar_wins_matched"] == {"2": [], "4": []}
-    fake["steering"]["dlm_minus_ar"]["3"]["paper"] |= {"low": -0.3, "high": -0.1}
+    assert f["ar_wins_matched"] == {"2": [], "4": []} and f["unit"] == "concepts × prompts"
+    fake["steering"]["dlm_minus_ar"]["3"]["paper"]["score_paper"]["difference"] = -0.2
+    f = findings(fake, TINY)["steering"]
+    assert f["reproduced"] is False and f["dlm_wins_paper_alpha"] == ["3"]    # the paper's metric disagrees
+    fake["steering"]["dlm_minus_ar"]["3"]["paper"] |= {"verdict": "AR"}
     f = findings(fake, TINY)["steering"]
     assert f["reproduced"] is False and f["ar_wins_paper_alpha"] == ["3"]
     del fake["steering"]
@@ -157,25 +225,40 @@ def test_order_and_transfer_sections(demo_run):
     assert orders["n_tasks"] == 12 and orders["spec"]["guide_layer"] == 3      # 4 per order-sensitive kind
     assert set(orders["accuracy"]) == set(ORDERS) and "correlations_within_group" in orders
     tr = results["transfer"]
-    assert list(tr["summary"]) == ["3"] and tr["config"]["control"]
-    assert -1 <= tr["summary"]["3"]["fve_ratio"] <= 2
+    assert list(tr["summary"]) == ["3"] and tr["config"]["control"] and tr["config"]["own_text"]
+    sm = tr["summary"]["3"]
+    assert -1 <= sm["fve_ratio"] <= 2 and "ceiling_fve_ratio" in sm and "own_fve_ratio" in sm
+    assert "init_hungarian_mean" not in sm          # each SAE from its own init seed
     f = findings(results, TINY)
     assert f["orders"]["statistic"] == "pre_stability/3" and f["transfer"]["layers"] == ["3"]
+    assert set(f["orders"]["sae_vs_base"]) <= {"sae_stable/half", "sae_stable/all", "sae_stable_entropy/half",
+                                               "sae_stable_entropy/all"}
     fake = json.loads(json.dumps(results))
-    fake["transfer"]["summary"]["3"] |= {"fve_ratio": 0.95, "corr_median": 0.9}
-    assert findings(fake, TINY)["transfer"]["reproduced"] is True
-    fake["transfer"]["summary"]["3"] |= {"fve_ratio": 0.5}
-    assert findings(fake, TINY)["transfer"]["reproduced"] is False
-    # the order finding counts orders whose within-group correlation is beyond its interval, by sign
+    fake["transfer"]["summary"]["3"] |= {"verdict": "consistent", "own_verdict": "consistent"}
+    assert findings(fake, TINY)["transfer"]["reproduced"] == "consistent"       # never "reproduced"
+    fake["transfer"]["summary"]["3"] |= {"own_verdict": "below_ceiling"}
+    assert findings(fake, TINY)["transfer"]["reproduced"] == "partly consistent"
+    fake["transfer"]["summary"]["3"] |= {"verdict": "at_null", "own_verdict": "at_null", "fve_ratio": 0.99}
+    assert findings(fake, TINY)["transfer"]["reproduced"] is False               # no fixed threshold decides
+    # the order finding reads the job's sign-agnostic verdict: a robust negative r counts as a robust positive
     within = fake["orders"]["correlations_within_group"]
-    for i, order in enumerate(within):
-        within[order]["pre_stability/3"] = {"mean": 0.3, "low": 0.1, "high": 0.5, "n": 12}
-    assert findings(fake, TINY)["orders"]["reproduced"] is True
-    for i, order in enumerate(within):
-        if i:  # one positive order, the rest negative
-            within[order]["pre_stability/3"] = {"mean": -0.3, "low": -0.5, "high": -0.1, "n": 12}
+
+    def corr(mean, low, high):
+        return {"mean": mean, "low": low, "high": high, "n": 12, "sign": "positive" if mean > 0 else "negative",
+                "verdict": "association" if low > 0 or high < 0 else "none", "denominator": "over 12 tasks of 12"}
+
+    for order in within:
+        within[order]["pre_stability/3"] = corr(-0.3, -0.5, -0.1)
+    fake["orders"]["conjecture"] = {"statistic": "pre_stability/3"} | conjecture_verdict(
+        {o: c["pre_stability/3"] for o, c in within.items()})
     f = findings(fake, TINY)["orders"]
-    assert f["reproduced"] is False and len(f["positive"]) == 1 and len(f["negative"]) == len(within) - 1
+    assert f["reproduced"] == "consistent" and f["sign"] == "negative" and len(f["negative"]) == len(within)
+    for i, order in enumerate(within):
+        within[order]["pre_stability/3"] = corr(0.3, 0.1, 0.5) if i == 0 else corr(0.05, -0.2, 0.3)
+    fake["orders"]["conjecture"] = {"statistic": "pre_stability/3"} | conjecture_verdict(
+        {o: c["pre_stability/3"] for o, c in within.items()})
+    f = findings(fake, TINY)["orders"]
+    assert f["reproduced"] == "partly consistent" and f["positive"] == [next(iter(within))]
 
 
 def test_config_validation():
@@ -225,3 +308,37 @@ def test_21_11_results_json_is_strict_json_and_the_report_reads_it_back(demo_run
     (tmp_path / "with_nan").mkdir()
     report = write_report(back, TINY, tmp_path / "read_back", plots=False).read_text()
     assert report == write_report(with_nan, TINY, tmp_path / "with_nan", plots=False).read_text()
+
+
+def test_failed_sae_rule():
+    assert failed_sae(0.9, 0.2, [0.8, 0.85]) is None
+    assert "dead" in failed_sae(0.9, 0.6, [0.8])                       # more than half of the latents dead
+    assert "smaller k" in failed_sae(0.3, 0.1, [0.7, 0.2])              # FVE falls as k rises
+    assert failed_sae(0.5, 0.5) is None                                 # the bound itself is not a failure
+    assert failed_sae(0.695, 0.1, [0.70]) is None                       # within the FVE tolerance (0.01)
+    assert "undefined" in failed_sae(float("nan"), 0.1)
+    both = failed_sae(0.26, 0.95, [0.69])
+    assert "dead" in both and "smaller k" in both
+
+
+def test_seed_spread_and_gaps_by_hand():
+    assert spread([0.1, None, 0.3, float("nan")]) | {"values": None} == {
+        "mean": pytest.approx(0.2), "low": 0.1, "high": 0.3, "n": 2, "values": None, "interval": "min–max over seeds"}
+    assert spread([None])["n"] == 0
+
+    def entry(fve, failed=None):
+        return {"fve": fve, "failed": failed}
+
+    results = {"config": {"seed": 0}, "sae_seeds": {"k_sweep_seed": 0},
+               "runs": {key: {"1": {"8": entry(f)}} for key, f in (("dlm/mask", 0.6), ("dlm/unmask", 0.9),
+                                                                    ("ar/clean", 0.95))},
+               "seed_runs": {"dlm/mask": {"1": {"1": entry(0.7), "2": entry(0.1, "dead")}},
+                             "dlm/unmask": {"1": {"1": entry(0.8), "2": entry(0.9)}},
+                             "ar/clean": {"1": {"1": entry(0.9), "2": entry(0.9)}}}}
+    sm = seed_summary(results, [1], 8)
+    assert sm["fve"]["dlm/mask"]["1"] | {"values": None} == {"mean": pytest.approx(0.65), "low": 0.6, "high": 0.7,
+                                                             "n": 2, "values": None,
+                                                             "interval": "min–max over seeds"}
+    gap = sm["gaps"]["mask_minus_unmask"]
+    assert [p["mean_gap"] for p in gap["per_seed"]] == [pytest.approx(-0.3), pytest.approx(-0.1), None]
+    assert gap["mean_over_layers"]["mean"] == pytest.approx(-0.2) and sm["failed"] == [["dlm/mask", 1, 8, 2, "dead"]]
