@@ -8,6 +8,7 @@ import torch
 from dlmscope.jobs.plots import plot_by_layer, plot_order, plot_transfer
 from .config import RUN_LABELS, DemoConfig
 from .findings import get
+from .seeds import seed_summary
 
 __all__ = ["write_plots"]
 
@@ -23,10 +24,15 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
 
     fig = Figure(figsize=(3.2 * len(cfg.layers), 3.2))
     axes = fig.subplots(1, len(cfg.layers), sharey=True, squeeze=False)
+    seeds = seed_summary(results, list(cfg.layers), cfg.k_ref)["fve"]
     for ax, L in zip(axes[0], cfg.layers):
         for key, (ls, mk) in styles.items():
-            ax.plot(cfg.ks, [get(results, key, L, k, "fve") for k in cfg.ks], ls=ls, marker=mk,
-                    label=RUN_LABELS[key])
+            line, = ax.plot(cfg.ks, [get(results, key, L, k, "fve") for k in cfg.ks], ls=ls, marker=mk,
+                            label=RUN_LABELS[key])
+            sp = seeds[key][str(L)]
+            if sp["n"] > 1:   # min–max over the init seeds that did not fail, at k_ref
+                ax.errorbar([cfg.k_ref], [sp["mean"]], yerr=[[sp["mean"] - sp["low"]], [sp["high"] - sp["mean"]]],
+                            color=line.get_color(), marker="_", capsize=3, lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg.ks, [str(k) for k in cfg.ks])
         ax.set_title(f"layer {L}")
@@ -34,7 +40,8 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out FVE")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"FVE vs k (n = {cfg.n_latents} latents, d_model = {results['d_model']})")
+    fig.suptitle(f"FVE vs k (n = {cfg.n_latents} latents, d_model = {results['d_model']}); at k = {cfg.k_ref} the "
+                 f"mean and min–max over {cfg.sae_seeds} init seeds")
     fig.tight_layout()
     paths.append(out / "fve_vs_k.png")
     fig.savefig(paths[-1], dpi=110)
