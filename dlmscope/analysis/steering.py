@@ -116,8 +116,8 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
     ``layer``'s output (module docstring). ``features`` is one latent index or several; ``alpha`` one value
     or one per feature. ``directions [F, d]`` replaces the features' decoder rows by other directions (made
     unit norm; a control: ``m(h)`` and the ``top_active`` positions still come from the SAE and ``features``).
-    ``record``: each steered forward appends a ``[2]`` tensor, the sum of ``‖added‖ / ‖h‖`` over the positions
-    in scope and their count (:func:`norm_ratio` of the list is their mean)."""
+    ``record``: each steered forward appends a ``[2]`` tensor, the sums of ``‖added‖`` and of ``‖h‖`` over the
+    positions in scope (:func:`norm_ratio` of the list is their ratio)."""
     module = adapter.hook_module(layer)  # ValueError if out of range
     if getattr(sae, "d", None) != adapter.d_model:
         raise ValueError(f"SAE input size d={getattr(sae, 'd', None)} does not match the model's hidden size "
@@ -173,16 +173,17 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
 
 
 def _recorded(added: Tensor, x: Tensor, where: Tensor | None, record: list | None) -> Tensor:
-    """``added``, after appending ``[Σ ‖added‖/‖h‖, count]`` over ``where`` (``[B, T]``, None = all) to ``record``."""
+    """``added``, after appending ``[Σ ‖added‖, Σ ‖h‖]`` over ``where`` (``[B, T]``, None = all) to ``record``."""
     if record is not None:
-        ratio = added.float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)   # [B, T]
-        w = torch.ones_like(ratio) if where is None else where.float()
-        record.append(torch.stack([(ratio * w).sum(), w.sum()]).detach().cpu())
+        w = torch.ones(x.shape[:2], device=x.device) if where is None else where.float()
+        record.append(torch.stack([(added.float().norm(dim=-1) * w).sum(),
+                                   (x.float().norm(dim=-1) * w).sum()]).detach().cpu())
     return added
 
 
 def norm_ratio(record: Sequence[Tensor]) -> float:
-    """The mean ``‖α·m(h)·v‖ / ‖h‖`` over the positions a :func:`steer` ``record`` saw (NaN if none)."""
+    """``Σ ‖α·m(h)·v‖ / Σ ‖h‖`` over the positions a :func:`steer` ``record`` saw (NaN if none): a ratio of
+    totals, so positions where ‖h‖ is near 0 (padding) cannot dominate it as they would a mean of ratios."""
     if not record:
         return float("nan")
     total = torch.stack(list(record)).sum(0)

@@ -240,7 +240,9 @@ def test_22_3_record_gives_the_norm_ratio_and_directions_replace_the_decoder_row
     record = []
     with steer(dlm, LAYER, sae, 5, 2.5, record=record):
         _block(dlm, ids)
-    assert norm_ratio(record) == pytest.approx(float((2.5 * m / h.detach().norm(dim=-1)).mean()), rel=1e-4)
+    assert norm_ratio(record) == pytest.approx(float((2.5 * m).sum() / h.detach().norm(dim=-1).sum()), rel=1e-4)
+    # a ratio of totals: a position whose ‖h‖ is ~0 (padding) adds its small ‖added‖ and cannot blow it up
+    assert norm_ratio([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1e-20])]) == pytest.approx(2.0)
     # a random direction at the same α: the same norm at every position (matched by construction), another vector
     v = random_directions(dlm.d_model, 1, seed=3)
     assert v.norm(dim=-1).item() == pytest.approx(1.0)
