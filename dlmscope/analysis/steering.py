@@ -173,11 +173,12 @@ def steer(adapter, layer: int, sae, features, alpha, *, strength: str = "max_act
 
 
 def _recorded(added: Tensor, x: Tensor, where: Tensor | None, record: list | None) -> Tensor:
-    """``added``, after appending ``[Σ ‖added‖, Σ ‖h‖]`` over ``where`` (``[B, T]``, None = all) to ``record``."""
+    """``added``, after appending ``[Σ ‖added‖, Σ ‖h‖]`` over ``where`` (``[B, T]``, None = all) and ``h ≠ 0`` to
+    ``record``."""
     if record is not None:
-        w = torch.ones(x.shape[:2], device=x.device) if where is None else where.float()
-        record.append(torch.stack([(added.float().norm(dim=-1) * w).sum(),
-                                   (x.float().norm(dim=-1) * w).sum()]).detach().cpu())
+        h = x.float().norm(dim=-1)                                                        # [B, T]
+        w = (h > 0).float() if where is None else where.float() * (h > 0)   # padding's h is exactly 0: left out
+        record.append(torch.stack([(added.float().norm(dim=-1) * w).sum(), (h * w).sum()]).detach().cpu())
     return added
 
 
