@@ -4,17 +4,19 @@
 
 :class:`ReconstructionStats` accumulates the sums FVE, MSE, L0 and firing counts need over batches in float64,
 so a held-out set of any size is scored in bounded memory; :func:`fve` is the one-batch case and
-:func:`evaluate_sae` scores an SAE on held-out activations (no language model involved). The oracle
+:func:`evaluate_sae` scores an SAE on held-out activations (no language model involved). :func:`failed_training`
+flags the SAEs of a k sweep whose training failed (mostly dead, or FVE falling as k rises). The oracle
 ``reference.fraction_of_variance_explained`` is kept independent of this module and tests compare the two.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["ReconstructionStats", "fve", "fves", "evaluate_sae"]
+__all__ = ["ReconstructionStats", "fve", "fves", "evaluate_sae", "failed_training"]
 
 
 class ReconstructionStats:
@@ -146,3 +148,26 @@ def evaluate_sae(
     if stats.tokens == 0:
         raise ValueError("evaluate_sae got no activations")
     return stats.result(dead_max_fires)
+
+
+# ------------------------------------------------------------------------------------------ failed trainings
+def failed_training(ks: Sequence[int], fves: Sequence[float], dead_fractions: Sequence[float], *,
+                    max_dead: float = 0.5, fve_tolerance: float = 0.01) -> list[bool]:
+    """Per SAE of one k sweep (one model, policy, layer and seed; any order of ``ks``): whether its training failed.
+
+    Failed: more than ``max_dead`` of its latents dead, or its FVE more than ``fve_tolerance`` below the FVE of an
+    SAE of the sweep with a smaller k (a Top-K SAE with more active latents can reconstruct at least as well, so
+    FVE falling as k rises marks the larger-k SAE as under-trained). A NaN FVE or dead fraction is a failure.
+    ``fves`` and ``dead_fractions`` as :func:`evaluate_sae` reports them, on the same held-out activations for
+    every SAE of the sweep.
+    """
+    if not len(ks) == len(fves) == len(dead_fractions):
+        raise ValueError(f"ks, fves and dead_fractions must have one entry per SAE, got lengths "
+                         f"{len(ks)}, {len(fves)}, {len(dead_fractions)}")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"one SAE per k, got ks={list(ks)}")
+    out = []
+    for k, value, dead in zip(ks, fves, dead_fractions):
+        best_smaller = max((f for kk, f in zip(ks, fves) if kk < k and math.isfinite(f)), default=-math.inf)
+        out.append(not (math.isfinite(value) and dead <= max_dead and value >= best_smaller - fve_tolerance))
+    return out

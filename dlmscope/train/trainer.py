@@ -19,10 +19,12 @@ what is logged where:
 - lr: linear warmup from 0, constant, linear decay to 0 over the last ``decay_fraction`` (:mod:`.schedule`).
 - init: ``b_dec`` = geometric median (Weiszfeld) of the first (normalised, global) batch; ``W_enc = W_dec`` and
   ``b_enc = 0`` come from :class:`TopKSAE`'s own initialisation.
-- normalisation: one scalar ``s = sqrt(mean |x|^2)`` over the first ``norm_batches`` batches (buffered, then
-  trained on), training on ``x / s``; at the end ``b_enc`` and ``b_dec`` are multiplied by ``s`` so the returned
-  SAEs run on raw activations (top-k commutes with positive scaling: the raw SAE's codes are ``s`` times the
-  normalised ones and its reconstruction is ``s * x_hat'``); ``s`` is recorded in ``sae.cfg.meta["norm_factor"]``.
+- normalisation: one scalar ``s`` over the first ``norm_batches`` batches (buffered, then trained on), training
+  on ``x / s``: by default the root of the total variance ``sqrt(mean |x - mean x|^2)``, or the paper's
+  ``sqrt(mean |x|^2)`` (``normalization="rms"``; :mod:`.normalization` says why they differ); at the end ``b_enc``
+  and ``b_dec`` are multiplied by ``s`` so the returned SAEs run on raw activations (top-k commutes with positive
+  scaling: the raw SAE's codes are ``s`` times the normalised ones and its reconstruction is ``s * x_hat'``); ``s``
+  is recorded in ``sae.cfg.meta["norm_factor"]``.
 
 Layout: this module holds the configuration and the run (init, the step as a sequence of phases, checkpoints);
 :mod:`.step` the phases of a step over small dataclasses; :mod:`.batches` the checked, rank-agreed
@@ -67,6 +69,7 @@ from . import checkpoint as ckpt
 from dlmscope.util import distributed as D
 from dlmscope import ops
 from .geometric_median import geometric_median
+from .normalization import NORMALIZATIONS, norm_factor
 from dlmscope.sae.topk import TopKSAE
 from .schedule import lr_at
 from .log import LogConfig, Trackers
@@ -79,7 +82,8 @@ __all__ = ["TrainConfig", "LogConfig", "Trainer"]
 @dataclasses.dataclass
 class TrainConfig:
     """What is trained and how the run is kept (length, recipe, checkpoints, seed, backend, NaN checks); defaults
-    follow the paper's code. Where metrics go is :class:`~dlmscope.train.log.LogConfig`. Round-trips through JSON."""
+    follow the paper's code except ``normalization`` (the paper's is "rms"). Where metrics go is
+    :class:`~dlmscope.train.log.LogConfig`. Round-trips through JSON."""
 
     #: training length: ``steps`` (batches) or ``total_tokens`` (steps = ceil(total_tokens / global batch of the
     #: first step)); if both are None, ``len(stream)``.
@@ -98,6 +102,9 @@ class TrainConfig:
     #: a latent is dead when it has not fired for this many (global) tokens
     dead_tokens: int = 10_000_000
     normalize_activations: bool = True
+    #: the norm factor: "centred" (root of the total variance) or "rms" (the paper's, the root mean square norm);
+    #: "rms" fails where the stream's mean dwarfs its variance (dlmscope.train.normalization)
+    normalization: str = "centred"
     norm_batches: int = 100
     #: initialise b_dec to the geometric median of the first batch (fresh runs only)
     init_b_dec: bool = True
@@ -120,6 +127,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.nan_check not in ("auto", "batch", "deferred"):
             raise ValueError(f"nan_check must be 'auto', 'batch' or 'deferred', got {self.nan_check!r}")
         for name in ("steps", "total_tokens", "checkpoint_every", "k_aux"):
@@ -358,7 +367,7 @@ class Trainer:
                     break
                 pending.append(nxt)
             self._check_deferred()
-            self.norm_factor = self._estimate_norm(pending)
+            self.norm_factor = norm_factor([x for x, _ in pending], cfg.normalization, self.data_group)
         elif fresh:
             self.norm_factor = None
         if fresh and cfg.init_b_dec:
@@ -373,19 +382,6 @@ class Trainer:
             self._batches.check_deferred()
 
     # ---- init -------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _estimate_norm(self, buffered: list[tuple[Tensor, int]]) -> float:
-        """``sqrt(mean_b |x_b|^2)`` over the buffered batches of every rank."""
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for x, _ in buffered:
-            acc[0] += x.double().pow(2).sum()
-            acc[1] += x.shape[0]
-        D.all_reduce_(acc, group=self.data_group)
-        mean_sq = float(acc[0] / acc[1])
-        if not math.isfinite(mean_sq) or mean_sq <= 0:
-            raise ValueError(f"cannot normalise activations: mean squared norm is {mean_sq}")
-        return math.sqrt(mean_sq)
-
     @torch.no_grad()
     def _init_b_dec(self, x_first: Tensor) -> None:
         points = D.all_gather_rows(x_first, group=self.data_group)
@@ -446,7 +442,10 @@ class Trainer:
     def _run_fields(self) -> dict:
         """What decides what this run trains (:func:`.checkpoint.run_fields`)."""
         saes = [{**s.cfg.to_dict(), "dtype": str(s.W_dec.dtype).removeprefix("torch.")} for s in self.saes]
-        return ckpt.run_fields(self.cfg.to_dict(), saes, D.world_size(), self.data_identity)
+        config = self.cfg.to_dict()
+        if config["normalization"] == "rms":  # a checkpoint that names no normalization used the paper's
+            del config["normalization"]
+        return ckpt.run_fields(config, saes, D.world_size(), self.data_identity)
 
     def _claim_checkpoint_dir(self, resumed: Path | None) -> None:
         """Refuse, on every rank as rank 0 finds, a ``checkpoint_dir`` holding another run's checkpoints."""

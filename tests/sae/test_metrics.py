@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dlmscope import reference
-from dlmscope.sae.metrics import ReconstructionStats, evaluate_sae, fve, fves
+from dlmscope.sae.metrics import ReconstructionStats, evaluate_sae, failed_training, fve, fves
 
 from tests.helpers.saes import perfect_sae, random_sae
 from tests.helpers.tiny_models import D
@@ -56,3 +56,24 @@ def test_evaluate_sae_matches_reference():
     assert evaluate_sae(sae, x, max_tokens=100)["n_tokens"] == 100
     with pytest.raises(ValueError, match="no activations"):
         evaluate_sae(sae, [])
+
+
+# ------------------------------------------------------------------------------------------ failed_training
+def test_failed_training_flags_dead_and_falling_fve():
+    ks = (4, 8, 16, 32)
+    # a healthy sweep (the world DLM's block-1 Mask-SAEs): FVE rising with k, few dead
+    assert failed_training(ks, [0.854, 0.899, 0.923, 0.938], [0.44, 0.10, 0.01, 0.0]) == [False] * 4
+    # the block-0 Mask-SAEs under the paper's normalisation (seed 0): 90-97% dead, FVE falling from k=4 to k=16
+    assert failed_training(ks, [0.507, 0.116, 0.405, 0.797], [0.97, 0.96, 0.95, 0.90]) == [True] * 4
+    # FVE falling alone: only the SAEs below a smaller k's FVE (beyond the tolerance) fail; the order is free
+    assert failed_training((32, 4, 8, 16), [0.80, 0.90, 0.95, 0.945], [0.0] * 4) == [True, False, False, False]
+    assert failed_training((4, 8), [0.90, 0.85], [0.0, 0.0], fve_tolerance=0.1) == [False, False]
+    # dead alone, at the threshold and past it
+    assert failed_training((4, 8), [0.90, 0.95], [0.5, 0.51]) == [False, True]
+    assert failed_training((4, 8), [0.90, 0.95], [0.6, 0.6], max_dead=0.7) == [False, False]
+    # NaN is a failure and does not make a larger k fail
+    assert failed_training((4, 8, 16), [float("nan"), 0.9, 0.95], [0.0, 0.0, float("nan")]) == [True, False, True]
+    with pytest.raises(ValueError, match="one entry per SAE"):
+        failed_training((4, 8), [0.9], [0.0, 0.0])
+    with pytest.raises(ValueError, match="one SAE per k"):
+        failed_training((4, 4), [0.9, 0.9], [0.0, 0.0])

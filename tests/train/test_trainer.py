@@ -171,7 +171,8 @@ def test_norm_factor_folded_into_saved_weights(tmp_path):
     sae = TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(0))
     trainer = Trainer([sae], _quiet(steps=12, norm_batches=5, checkpoint_dir=str(tmp_path)), log=_log())
     trainer.fit(iter(batches))
-    s = math.sqrt(float(torch.cat(batches[:5]).double().pow(2).sum(1).mean()))
+    first = torch.cat(batches[:5]).double()
+    s = math.sqrt(float((first - first.mean(0)).pow(2).sum(1).mean()))  # the default: root of the total variance
     assert sae.cfg.meta["norm_factor"] == pytest.approx(s, rel=1e-9)
     assert trainer.norm_factor == sae.cfg.meta["norm_factor"]
     # the final checkpoint holds the SAE as trained (on x / s)
