@@ -8,8 +8,7 @@ from __future__ import annotations
 from .config import DemoConfig
 from .seeds import seed_entries, seed_summary, spread
 
-__all__ = ["PAPER_FVE_MASK", "PAPER_FVE_UNMASK", "PAPER_MASK_UNMASK_GAP", "MAX_DEAD_FRACTION", "FVE_TOLERANCE",
-           "get", "failed_sae",
+__all__ = ["PAPER_FVE_MASK", "PAPER_FVE_UNMASK", "PAPER_MASK_UNMASK_GAP", "get",
            "findings", "steering_finding", "order_finding", "transfer_finding", "concept_margins", "observations"]
 
 
@@ -24,31 +23,10 @@ def get(results, run_key, layer, k, *path):
 #: The paper's FVE of a Mask-SAE and an Unmask-SAE (LLaDA-8B layer 16, k = 50) and their gap.
 PAPER_FVE_MASK, PAPER_FVE_UNMASK = 0.711, 0.857
 PAPER_MASK_UNMASK_GAP = PAPER_FVE_MASK - PAPER_FVE_UNMASK
-#: a trained SAE with more of its latents dead on held-out tokens than this has failed
-MAX_DEAD_FRACTION = 0.5
-#: an SAE whose FVE is more than this below a smaller k's (same run and layer) has failed
-FVE_TOLERANCE = 0.01
 
 
 def _num(x) -> float:
     return float("nan") if x is None else float(x)
-
-
-def failed_sae(fve: float, dead_fraction: float, smaller_k_fves=()) -> str | None:
-    """Why an SAE's training failed, or None: more than :data:`MAX_DEAD_FRACTION` of its latents dead on
-    held-out tokens, or its FVE more than :data:`FVE_TOLERANCE` below that of an SAE with a smaller k of the same
-    run and layer (``smaller_k_fves``: FVE falling as k rises; an SAE with more active latents can reconstruct at
-    least as well), or an undefined FVE or dead fraction. A failed SAE is flagged in results.json and kept out of
-    the means and counts."""
-    why = []
-    if _num(dead_fraction) != _num(dead_fraction) or _num(fve) != _num(fve):
-        why.append("FVE or dead fraction undefined")
-    if _num(dead_fraction) > MAX_DEAD_FRACTION:
-        why.append(f"{dead_fraction:.0%} of latents dead (> {MAX_DEAD_FRACTION:.0%})")
-    lower = [f for f in smaller_k_fves if f is not None and f == f]
-    if lower and _num(fve) < max(lower) - FVE_TOLERANCE:
-        why.append(f"FVE {fve:.3f} below {max(lower):.3f} at a smaller k")
-    return "; ".join(why) or None
 
 
 def _failed(results, key, L, k) -> bool:
@@ -72,7 +50,8 @@ def _significant_negatives(results, keys, pairs, dkey) -> list:
 
 
 def findings(results: dict, cfg: DemoConfig) -> dict:
-    """The paper's claims, checked on this run's numbers. Failed SAEs (:func:`failed_sae`) are out of every
+    """The paper's claims, checked on this run's numbers. Failed SAEs
+    (:func:`dlmscope.sae.metrics.training_failure`) are out of every
     count and mean (``failed`` lists them).
 
     ``mask_vs_unmask``: Mask-SAEs reconstruct worse than Unmask-SAEs (:data:`PAPER_FVE_MASK` vs

@@ -12,10 +12,9 @@ from pathlib import Path
 from dlmscope.util import atomic
 from dlmscope.data.noise import T_MAX, T_MIN
 from dlmscope.jobs.order import STEPS
-from .config import DemoConfig
-from .config import RUN_LABELS
-from .findings import (FVE_TOLERANCE, MAX_DEAD_FRACTION, PAPER_FVE_MASK, PAPER_FVE_UNMASK, get,
-                       observations)
+from dlmscope.sae.metrics import FVE_TOLERANCE, MAX_DEAD_FRACTION
+from .config import RUN_LABELS, DemoConfig
+from .findings import PAPER_FVE_MASK, PAPER_FVE_UNMASK, get, observations
 from .seeds import seed_summary
 
 __all__ = ["SECTIONS", "write_report"]

@@ -20,11 +20,11 @@ from dlmscope.interp.baselines import concept_baselines
 from dlmscope.jobs.train import SweepSpec, heldout_activations, make_saes, train_sweep
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.analysis.splice import delta_loss_over_batches
-from dlmscope.sae.metrics import evaluate_sae
+from dlmscope.sae.metrics import FVE_TOLERANCE, MAX_DEAD_FRACTION, evaluate_sae, training_failure
 from dlmscope.train.log import LogConfig
 from dlmscope.world import asset, concept_id_table, world_batches
 from .config import RUNS, DemoConfig
-from .findings import FVE_TOLERANCE, MAX_DEAD_FRACTION, failed_sae, findings
+from .findings import findings
 from .plots import write_plots
 from .report import write_report
 from .orders import run_orders
@@ -136,14 +136,14 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
                 entries.append(entry)
             fves = {}
             for sae, entry in zip(sweep, entries):
-                entry["failed"] = failed_sae(entry["fve"], entry["dead_fraction"],
-                                             [f for k, f in fves.items() if k < sae.k])
+                entry["failed"] = training_failure(entry["fve"], entry["dead_fraction"],
+                                                    [f for k, f in fves.items() if k < sae.k])
                 fves[sae.k] = entry["fve"]
                 sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}")
                 run.setdefault(str(layer), {})[str(sae.k)] = entry
             for seed, sae, entry in zip(extra_seeds, extras, entries[len(sweep):]):
-                entry["failed"] = failed_sae(entry["fve"], entry["dead_fraction"],
-                                             [f for k, f in fves.items() if k < sae.k])
+                entry["failed"] = training_failure(entry["fve"], entry["dead_fraction"],
+                                                    [f for k, f in fves.items() if k < sae.k])
                 entry["init_seed"] = seed
                 sae.save(out / "saes" / f"{model_name}_{policy}" / f"layer_{layer}" / f"k_{sae.k}_seed_{seed}")
                 results["seed_runs"].setdefault(run_key, {}).setdefault(str(layer), {})[str(seed)] = entry

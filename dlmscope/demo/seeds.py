@@ -3,7 +3,7 @@ mean over init seeds with its min–max range.
 
 Every run and layer has ``cfg.sae_seeds`` SAEs at ``k_ref`` (``results["runs"]`` holds the k sweep's, init seed
 ``cfg.seed``; ``results["seed_runs"][run][layer][seed]`` the others, see :mod:`dlmscope.demo.run`). A failed SAE
-(``entry["failed"]``, :func:`dlmscope.demo.findings.failed_sae`) is listed and kept out of every mean. The range
+(``entry["failed"]``, :func:`dlmscope.sae.metrics.training_failure`) is listed and kept out of every mean. The range
 is min–max over the seeds that did not fail: with three seeds a bootstrap percentile interval is about as wide and
 claims more than three draws support; the interval is over init seeds only (the data order is shared).
 """

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ReconstructionStats", "fve", "fves", "evaluate_sae", "failed_training"]
+__all__ = ["ReconstructionStats", "fve", "fves", "evaluate_sae", "MAX_DEAD_FRACTION", "FVE_TOLERANCE",
+           "training_failure", "failed_training"]
 
 
 class ReconstructionStats:
@@ -151,23 +152,42 @@ def evaluate_sae(
 
 
 # ------------------------------------------------------------------------------------------ failed trainings
-def failed_training(ks: Sequence[int], fves: Sequence[float], dead_fractions: Sequence[float], *,
-                    max_dead: float = 0.5, fve_tolerance: float = 0.01) -> list[bool]:
-    """Per SAE of one k sweep (one model, policy, layer and seed; any order of ``ks``): whether its training failed.
+#: the default rule for a failed training: more than half of the latents dead on held-out tokens, or the FVE this
+#: far below that of an SAE with a smaller k of the same sweep
+MAX_DEAD_FRACTION = 0.5
+FVE_TOLERANCE = 0.01
 
-    Failed: more than ``max_dead`` of its latents dead, or its FVE more than ``fve_tolerance`` below the FVE of an
-    SAE of the sweep with a smaller k (a Top-K SAE with more active latents can reconstruct at least as well, so
-    FVE falling as k rises marks the larger-k SAE as under-trained). A NaN FVE or dead fraction is a failure.
-    ``fves`` and ``dead_fractions`` as :func:`evaluate_sae` reports them, on the same held-out activations for
-    every SAE of the sweep.
-    """
+
+def training_failure(fve: float, dead_fraction: float, smaller_k_fves: Sequence[float] = (), *,
+                     max_dead: float = MAX_DEAD_FRACTION, fve_tolerance: float = FVE_TOLERANCE) -> str | None:
+    """Why one SAE's training failed, or None: more than ``max_dead`` of its latents dead, its FVE more than
+    ``fve_tolerance`` below the best of ``smaller_k_fves`` (the FVEs of the same sweep's SAEs with a smaller k: a
+    Top-K SAE with more active latents can reconstruct at least as well, so FVE falling as k rises marks the
+    larger-k SAE as under-trained), or an undefined FVE or dead fraction. Numbers as :func:`evaluate_sae`
+    reports them, on the same held-out activations for every SAE of the sweep; None/NaN entries of
+    ``smaller_k_fves`` are skipped."""
+    why = []
+    fve = float("nan") if fve is None else float(fve)
+    dead = float("nan") if dead_fraction is None else float(dead_fraction)
+    if not (math.isfinite(fve) and math.isfinite(dead)):
+        why.append("FVE or dead fraction undefined")
+    if dead > max_dead:
+        why.append(f"{dead:.0%} of latents dead (> {max_dead:.0%})")
+    lower = [float(f) for f in smaller_k_fves if f is not None and math.isfinite(float(f))]
+    if lower and fve < max(lower) - fve_tolerance:
+        why.append(f"FVE {fve:.3f} below {max(lower):.3f} at a smaller k")
+    return "; ".join(why) or None
+
+
+def failed_training(ks: Sequence[int], fves: Sequence[float], dead_fractions: Sequence[float], *,
+                    max_dead: float = MAX_DEAD_FRACTION, fve_tolerance: float = FVE_TOLERANCE) -> list[bool]:
+    """Per SAE of one k sweep (one model, policy, layer and seed; any order of ``ks``): whether its training failed
+    (:func:`training_failure` against the sweep's SAEs with a smaller k)."""
     if not len(ks) == len(fves) == len(dead_fractions):
         raise ValueError(f"ks, fves and dead_fractions must have one entry per SAE, got lengths "
                          f"{len(ks)}, {len(fves)}, {len(dead_fractions)}")
     if len(set(ks)) != len(ks):
         raise ValueError(f"one SAE per k, got ks={list(ks)}")
-    out = []
-    for k, value, dead in zip(ks, fves, dead_fractions):
-        best_smaller = max((f for kk, f in zip(ks, fves) if kk < k and math.isfinite(f)), default=-math.inf)
-        out.append(not (math.isfinite(value) and dead <= max_dead and value >= best_smaller - fve_tolerance))
-    return out
+    return [training_failure(value, dead, [f for kk, f in zip(ks, fves) if kk < k], max_dead=max_dead,
+                             fve_tolerance=fve_tolerance) is not None
+            for k, value, dead in zip(ks, fves, dead_fractions)]

@@ -10,7 +10,6 @@ import pytest
 from dlmscope import cli
 from dlmscope.analysis.order import conjecture_verdict
 from dlmscope.demo import RUNS, DemoConfig, findings, load_world_model, run_demo
-from dlmscope.demo.findings import failed_sae
 from dlmscope.demo.report import write_report
 from dlmscope.demo.seeds import seed_summary, spread
 from dlmscope.jobs.order import ORDERS
@@ -308,17 +307,6 @@ def test_21_11_results_json_is_strict_json_and_the_report_reads_it_back(demo_run
     (tmp_path / "with_nan").mkdir()
     report = write_report(back, TINY, tmp_path / "read_back", plots=False).read_text()
     assert report == write_report(with_nan, TINY, tmp_path / "with_nan", plots=False).read_text()
-
-
-def test_failed_sae_rule():
-    assert failed_sae(0.9, 0.2, [0.8, 0.85]) is None
-    assert "dead" in failed_sae(0.9, 0.6, [0.8])                       # more than half of the latents dead
-    assert "smaller k" in failed_sae(0.3, 0.1, [0.7, 0.2])              # FVE falls as k rises
-    assert failed_sae(0.5, 0.5) is None                                 # the bound itself is not a failure
-    assert failed_sae(0.695, 0.1, [0.70]) is None                       # within the FVE tolerance (0.01)
-    assert "undefined" in failed_sae(float("nan"), 0.1)
-    both = failed_sae(0.26, 0.95, [0.69])
-    assert "dead" in both and "smaller k" in both
 
 
 def test_seed_spread_and_gaps_by_hand():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dlmscope import reference
-from dlmscope.sae.metrics import ReconstructionStats, evaluate_sae, failed_training, fve, fves
+from dlmscope.sae.metrics import ReconstructionStats, evaluate_sae, failed_training, fve, fves, training_failure
 
 from tests.helpers.saes import perfect_sae, random_sae
 from tests.helpers.tiny_models import D
@@ -77,3 +77,14 @@ def test_failed_training_flags_dead_and_falling_fve():
         failed_training((4, 8), [0.9], [0.0, 0.0])
     with pytest.raises(ValueError, match="one SAE per k"):
         failed_training((4, 4), [0.9, 0.9], [0.0, 0.0])
+
+
+def test_training_failure_says_why():
+    assert training_failure(0.9, 0.2, [0.8, 0.85]) is None
+    assert "dead" in training_failure(0.9, 0.6, [0.8])                       # more than half of the latents dead
+    assert "smaller k" in training_failure(0.3, 0.1, [0.7, 0.2])              # FVE falls as k rises
+    assert training_failure(0.5, 0.5) is None                                 # the bound itself is not a failure
+    assert training_failure(0.695, 0.1, [0.70]) is None                       # within the FVE tolerance (0.01)
+    assert "undefined" in training_failure(float("nan"), 0.1)
+    both = training_failure(0.26, 0.95, [0.69])
+    assert "dead" in both and "smaller k" in both
