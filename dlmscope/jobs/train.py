@@ -39,6 +39,7 @@ from dlmscope.data.activations import ActivationStream, check_policy
 from dlmscope.data.ranks import rank_stream
 from dlmscope.train.latent_parallel import LatentShard, ProcessGrid, make_grid
 from dlmscope.train.latent_trainer import LatentParallelTrainer, gather_saes
+from dlmscope.train.normalization import NORMALIZATIONS
 from dlmscope.data.noise import T_MAX, T_MIN
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.sae.topk import TopKSAE
@@ -210,6 +211,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--dead-tokens", type=int, default=100_000)
     t.add_argument("--norm-batches", type=int, default=10)
+    t.add_argument("--normalization", choices=NORMALIZATIONS, default="centred",
+                   help="activation scale: RMS around the mean (default) or the paper's RMS ('rms')")
     t.add_argument("--buffer-tokens", type=int, default=None,
                    help="shuffle-buffer rows (default max(64·batch, 65536))")
     t.add_argument("--log-every", type=int, default=50)
@@ -275,7 +278,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     text = source_identity(args.corpus, seq_len=args.seq_len, lm_batch=args.lm_batch, text_field=args.text_field,
                            split=args.split, world_sentences=args.sentences, seed=args.seed)
     train = TrainConfig(lr=args.lr, warmup_steps=args.warmup, dead_tokens=args.dead_tokens,
-                        norm_batches=args.norm_batches, backend=args.backend,
+                        norm_batches=args.norm_batches, normalization=args.normalization, backend=args.backend,
                         checkpoint_every=args.checkpoint_every)
     saes = train_sweep(adapter, train_batches, spec, train, cache_dir=out / "activation_cache",
                        checkpoint_root=out, resume=args.resume, log=LogConfig(log_every=args.log_every),

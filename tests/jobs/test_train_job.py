@@ -177,3 +177,21 @@ def test_21_17_train_duplicate_k_is_refused(tiny_llada, tmp_path, capsys, no_for
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="duplicate"):
         SweepSpec(layers=(0,), ks=(4, 2, 4), n_latents=48)
+
+
+@pytest.mark.parametrize("choice", ["centred", "rms"])
+def test_train_normalization_option_reaches_the_trainer(choice, tiny_llada, tmp_path, monkeypatch):
+    """`--normalization` picks the activation scale (default: around the mean; 'rms': the paper's)."""
+    import dlmscope.jobs.train as job
+
+    seen = {}
+
+    def capture(adapter, batches, spec, train, **kw):
+        seen["cfg"] = train
+        raise SystemExit(0)
+
+    monkeypatch.setattr(job, "train_sweep", capture)
+    extra = () if choice == "centred" else ("--normalization", "rms")
+    with pytest.raises(SystemExit):
+        _train(tiny_llada, tmp_path / "run", *extra)
+    assert seen["cfg"].normalization == choice
