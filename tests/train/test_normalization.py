@@ -14,14 +14,7 @@ from dlmscope.train.log import LogConfig
 from dlmscope.train.normalization import norm_factor
 from dlmscope.train.trainer import Trainer, TrainConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread is as fast, and immune to OpenMP spin-waits on a busy 2-core runner."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.helpers.tiny_models import single_thread  # noqa: F401  (autouse: one thread)
 
 
 def test_norm_factor_values_and_translation_invariance():

@@ -17,14 +17,8 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.train.schedule import lr_at, lr_factor
 from dlmscope.train.trainer import LogConfig, Trainer, TrainConfig
 
+from tests.helpers.tiny_models import single_thread  # noqa: F401  (autouse: one thread)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread is as fast, and immune to OpenMP spin-waits on a busy 2-core runner."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _sparse_stream(n_batches: int, d: int = 32, n_true: int = 64, batch: int = 128, density: float = 0.06,
