@@ -31,10 +31,12 @@ from . import Adapter
 from .sampler_rules import dream_counts, dream_tokens, step_counts
 
 __all__ = ["Generation", "SamplerState", "Progress", "current_progress", "publish_progress", "llada_generate",
-           "llada_fill", "dream_generate", "dream_fill", "ar_generate", "REMASKING", "DREAM_ALGS"]
+           "llada_fill", "dream_generate", "dream_fill", "ar_generate", "REMASKING", "DREAM_ALGS", "DREAM_SCHEDULES"]
 
 REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+#: how many tokens each Dream step commits: Dream's own timestep counts, or LLaDA's even split (matched commits)
+DREAM_SCHEDULES = ("dream", "even")
 
 
 @dataclass(frozen=True)
@@ -350,41 +352,47 @@ def _llada(adapter, ids, attention, gen_pos, lengths, given, *, steps, block_len
 def dream_generate(adapter: Adapter, prompt_ids, *, max_new_tokens: int, steps: int, alg: str = "origin",
                    alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
                    top_k: int | None = None, eps: float = 1e-3, seed: int | None = None,
-                   callback: Callable | None = None, history: bool = False, guide=None) -> Generation:
+                   callback: Callable | None = None, history: bool = False, guide=None,
+                   schedule: str = "dream") -> Generation:
     """Dream's ``diffusion_generate``: ``max_new_tokens`` masks after each prompt, timesteps
     ``linspace(1, eps, steps + 1)``. ``origin`` reveals each mask with probability ``1 − s/t`` (all on the
     last step); the other algorithms commit :func:`dream_counts` tokens per step by confidence
     (``maskgit_plus``: the sampled token's probability, ``topk_margin``: p1 − p2, ``entropy``: Σ p log p), or
     sampled from ``softmax(confidence / alg_temp)`` when ``alg_temp > 0``. ``guide`` re-ranks the
-    confidence before the commit (not with ``origin``, which has none)."""
+    confidence before the commit (not with ``origin``, which has none). ``schedule="even"`` commits LLaDA's
+    :func:`step_counts` instead (for comparisons at matched commits: Dream's own counts floor its first step to 0
+    when ``steps`` equals the number of masks, e.g. ``[0, 1, …, 1, 2]``)."""
     mask_id = adapter.require_mask_token()
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     ids, attention, gen_pos, lengths = _canvas(adapter, prompt_ids, max_new_tokens, mask_id)
     return _dream(adapter, ids, attention, gen_pos, lengths, steps=steps, alg=alg, alg_temp=alg_temp,
                   temperature=temperature, top_p=top_p, top_k=top_k, eps=eps, seed=seed, callback=callback,
-                  history=history, guide=guide)
+                  history=history, guide=guide, schedule=schedule)
 
 
 @torch.no_grad()
 def dream_fill(adapter: Adapter, canvas_ids, *, steps: int, alg: str = "origin", alg_temp: float | None = None,
                temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, eps: float = 1e-3,
                seed: int | None = None, callback: Callable | None = None, history: bool = False,
-               guide=None) -> Generation:
+               guide=None, schedule: str = "dream") -> Generation:
     """:func:`dream_generate` on a given canvas whose ``[MASK]`` tokens (the same number in every row) are
     the positions generated; ``prompt_lengths`` holds each row's first mask."""
     mask_id = adapter.require_mask_token()
     ids, attention, gen_pos, first = _fill_canvas(adapter, canvas_ids, mask_id)
     return _dream(adapter, ids, attention, gen_pos, first, steps=steps, alg=alg, alg_temp=alg_temp,
                   temperature=temperature, top_p=top_p, top_k=top_k, eps=eps, seed=seed, callback=callback,
-                  history=history, guide=guide)
+                  history=history, guide=guide, schedule=schedule)
 
 
 def _dream(adapter, ids, attention, gen_pos, lengths, *, steps, alg, alg_temp, temperature, top_p, top_k, eps,
-           seed, callback, history, guide) -> Generation:
+           seed, callback, history, guide, schedule) -> Generation:
     """Dream's loop over a prepared canvas; ``gen_pos`` ``[B, G]`` are the masked positions to fill."""
     mask_id = adapter.mask_token_id
     steps = _positive_int("steps", steps)
     check_choice("alg", alg, DREAM_ALGS)
+    check_choice("schedule", schedule, DREAM_SCHEDULES)
+    if schedule == "even" and alg == "origin":
+        raise ValueError("schedule='even' sets how many tokens each step commits; alg='origin' reveals at random")
     if guide is not None and alg == "origin":
         raise ValueError("a guide re-ranks confidence; alg='origin' reveals at random and has none")
     if not 0 < eps < 1:
@@ -393,7 +401,8 @@ def _dream(adapter, ids, attention, gen_pos, lengths, *, steps, alg, alg_temp, t
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     gen = _generator(seed, ids.device)
     ts = torch.linspace(1, eps, steps + 1)
-    counts = dream_counts(gen_pos.shape[1], steps, eps)
+    G = gen_pos.shape[1]
+    counts = dream_counts(G, steps, eps) if schedule == "dream" else step_counts(G, steps)
     rec = _Recorder(ids, history, callback, steps, gen_pos, attention)
     with _guided(guide, adapter):
         for s in range(steps):

@@ -252,6 +252,25 @@ def test_fill_writes_only_the_masks_and_reproduces_a_certain_target(dlm, sampler
         assert order[b, h].tolist() == sorted(order[b, h].tolist())
 
 
+def test_dream_even_schedule_commits_one_answer_per_step(dlm):
+    """Dream's own counts floor the first of G steps to 0 for G masks; ``schedule="even"`` commits one per step,
+    the most confident first, and still fills the target."""
+    from dlmscope.models.sampling import dream_fill
+
+    target = _target(dlm, [[1]], 7).repeat(2, 1)
+    holes = [[2, 5, 6], [1, 3, 7]]
+    certain = Certain(dlm, target)
+    own = dream_fill(certain, _canvas(dlm, target, holes), steps=3, alg="entropy", history=True)
+    even = dream_fill(certain, _canvas(dlm, target, holes), steps=3, alg="entropy", history=True, schedule="even")
+    assert own.committed.sum(2)[:, 0].tolist() == _dream_counts(3, 3, 1e-3) and _dream_counts(3, 3, 1e-3)[0] == 0
+    assert even.committed.sum(2)[:, 0].tolist() == [1, 1, 1]
+    assert torch.equal(even.sequences, target)
+    with pytest.raises(ValueError, match="schedule"):
+        dream_fill(certain, _canvas(dlm, target, holes), steps=3, alg="origin", schedule="even")
+    with pytest.raises(ValueError, match="schedule"):
+        dream_fill(certain, _canvas(dlm, target, holes), steps=3, alg="entropy", schedule="uneven")
+
+
 def test_fill_rejects_rows_with_different_mask_counts(dlm):
     from dlmscope.models.sampling import llada_fill
 
