@@ -244,12 +244,12 @@ def interp_summary(interps: Sequence[Mapping], *, seed: int = 0, complete: bool 
 def compare_reports(report_a: Mapping, report_b: Mapping, *, metric: str = "accuracy", explained_only: bool = False,
                     level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
     """The difference A − B of a detection metric between two scored reports (e.g. a DLM SAE's and its AR
-    twin's), with an interval over latents: :func:`~dlmscope.util.bootstrap.two_sample_difference`, the latents of each report resampled
-    independently. Returns ``{"metric", "explained_only", "difference", "difference_above_floor", "a", "b"}``:
-    ``difference`` of the means, ``difference_above_floor`` of the margins ``metric − floor`` (a fairer contrast
-    when the two reports' floors differ), and per report the mean with its interval, ``floor`` (the mean floor
-    of the same latents) and ``n``. ``metric``: ``"accuracy"`` or ``"balanced_accuracy"``; ``explained_only``:
-    only latents with an explanation other than "none"."""
+    twin's), with an interval over latents (:func:`~dlmscope.util.bootstrap.two_sample_difference`: the latents of
+    each report resampled independently). Returns ``{"metric", "explained_only", "difference",
+    "difference_above_floor", "a", "b"}``: ``difference`` of the means, ``difference_above_floor`` of the margins
+    ``metric − floor`` (a fairer contrast when the two reports' floors differ), and per report the mean with its
+    interval, ``floor`` (the mean floor of the same latents) and ``n``. ``metric``: ``"accuracy"`` or
+    ``"balanced_accuracy"``; ``explained_only``: only latents with an explanation other than "none"."""
     if metric not in ("accuracy", "balanced_accuracy"):
         raise ValueError(f"metric must be 'accuracy' or 'balanced_accuracy', got {metric!r}")
     floor_key = "floor" if metric == "accuracy" else "balanced_floor"
