@@ -13,7 +13,6 @@ the file before any tensor is read.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 
@@ -118,13 +117,7 @@ def load_cache_index(cache_dir: str | os.PathLike) -> dict:
     path = os.path.join(cache_dir, INDEX_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{cache_dir!r} holds no complete activation cache (no {INDEX_FILE})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable activation-cache index ({type(e).__name__}: {e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not a readable activation-cache index (JSON nested too deeply)") from None
+    index = atomic.read_json(path, "not a readable activation-cache index")
     check_index(index, path)
     for shard in index["shards"]:
         check_shard(os.path.join(cache_dir, shard["file"]), shard["tokens"], index)

@@ -289,11 +289,10 @@ class OpenAIJudge:
         if not os.path.exists(path):
             return {}
         try:
-            with open(path, encoding="utf-8") as f:
-                cache = json.load(f)
-        except (ValueError, RecursionError, OSError) as exc:
-            raise ValueError(f"judge cache {path} is unreadable ({type(exc).__name__}: {exc}); delete it or use "
-                             "another --out") from None
+            cache = atomic.read_json(path, "judge cache is unreadable")
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{exc if isinstance(exc, ValueError) else f'{path}: judge cache is unreadable ({exc})'}"
+                             "; delete it or use another --out") from None
         if not isinstance(cache, dict) or not all(
                 isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in cache.values()):
             raise ValueError(f"judge cache {path} is not a judge cache (a JSON object of scores and explanations); "

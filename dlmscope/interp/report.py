@@ -28,12 +28,13 @@ latent and the field. :func:`read_report` reads a ``report.json`` and validates 
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
+
+from dlmscope.util import atomic
 
 __all__ = ["LATENT_KEY", "REQUIRABLE_HEADER", "REQUIRABLE_ENTRY", "validate_report", "read_report"]
 
@@ -226,11 +227,7 @@ def read_report(path: str | os.PathLike, *, require_header: Sequence[str] = (),
     """The feature report in the JSON file ``path`` (a job's ``report.json``), validated (:func:`validate_report`
     with the fields required); ``ValueError`` naming the file for bad UTF-8 or JSON, nesting too deep to parse,
     or a bad report, ``FileNotFoundError`` for a missing file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{os.fspath(path)}: not a readable feature report ({type(e).__name__}: {e})") from None
+    report = atomic.read_json(path, "not a readable feature report")
     try:
         validate_report(report, require_header=require_header, require_entry=require_entry)
     except ValueError as e:

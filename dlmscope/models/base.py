@@ -21,7 +21,6 @@ This module knows nothing of SAEs (see docs/design.md, "Layers").
 from __future__ import annotations
 
 import contextlib
-import json
 import operator
 import os
 from collections.abc import Iterable
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dlmscope.util import atomic
 from .hooks import capture
 
 __all__ = ["Adapter", "read_config", "read_state_dict", "build_from_state_dict", "load_tokenizer", "resolve_mask_token_id"]
@@ -259,19 +259,10 @@ class Adapter:
 
 
 # ------------------------------------------------------------------------------------------ loading helpers
-def _read_json(file: str):
-    """The JSON in ``file``; ``ValueError`` naming it for bad UTF-8, bad JSON or nesting too deep to parse."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{file}: invalid JSON ({type(e).__name__}: {e})") from None
-
-
 def _index_shards(index: str) -> list[str]:
     """The shard files ``model.safetensors.index.json`` names in its ``weight_map``: plain file names inside its
     folder (a name with a folder part, ``..`` or an absolute path would read outside it), else ``ValueError``."""
-    data = _read_json(index)
+    data = atomic.read_json(index)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> shard file name")
@@ -288,7 +279,7 @@ def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json: not a model checkpoint directory")
-    cfg = _read_json(cfg_path)
+    cfg = atomic.read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object")
     return cfg

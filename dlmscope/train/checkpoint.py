@@ -157,11 +157,9 @@ def read_meta(path: str | Path) -> dict:
     """The ``meta.json`` of checkpoint directory ``path`` (a JSON object); :class:`CorruptCheckpoint` otherwise."""
     file = Path(path) / META_FILE
     try:
-        meta = json.loads(file.read_bytes())
+        meta = atomic.read_json(file, "not valid JSON", error=CorruptCheckpoint)
     except FileNotFoundError:
         raise FileNotFoundError(f"{file} is missing: {Path(path)} is not a complete checkpoint") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CorruptCheckpoint(f"{file} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpoint(f"{file} holds a JSON {type(meta).__name__}, not the object of a checkpoint's meta")
     return meta

@@ -54,7 +54,7 @@ from typing import Callable, Iterator
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["write_text", "write_bytes", "write_json", "nan_to_null", "save_safetensors", "file_mode", "resolve_link",
+__all__ = ["write_text", "write_bytes", "write_json", "read_json", "nan_to_null", "save_safetensors", "file_mode", "resolve_link",
            "atomic_directory", "restore_directory", "remove_directory", "is_leftover", "leftover_target",
            "sweep_leftovers", "TMP_MARKER", "OLD_MARKER", "POINTS", "crash_point"]
 
@@ -164,6 +164,17 @@ def nan_to_null(obj):
     if isinstance(obj, (list, tuple)):
         return [nan_to_null(v) for v in obj]
     return obj
+
+
+def read_json(path: str | os.PathLike, what: str = "invalid JSON", *, error: type[ValueError] = ValueError,
+              parse_constant=None):
+    """The JSON value in the file ``path``; ``error`` (a ValueError) ``"{path}: {what} (why)"`` for bad UTF-8 or
+    JSON or nesting too deep to parse (``parse_constant`` as for :func:`json.load`). FileNotFoundError passes."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, parse_constant=parse_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{os.fspath(path)}: {what} ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = True, allow_nan: bool = True,

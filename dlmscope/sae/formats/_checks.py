@@ -42,11 +42,7 @@ def read_json(path: Path) -> dict:
     """The JSON object in ``path``; ``ValueError`` naming the file for anything else: bad UTF-8 or JSON, NaN or
     Infinity, nesting too deep to parse, a number too long to convert, a top level that is not an object."""
     require_file(path, "config file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path}: corrupt JSON config ({type(e).__name__}: {e})") from None
+    data = atomic.read_json(path, "corrupt JSON config", parse_constant=_no_constant)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config must be a JSON object, got {type(data).__name__}")
     return data
