@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from dlmscope.util.choices import check_choice
+from dlmscope.util.identity import differences
 from .cache import CachedActivationStream, cache_layers, dtype_name, load_cache_index, read_cache, write_cache
 from .noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, generator_device, valid_positions
 from .shuffle import LayerStream, check_batching, chunk_len, shuffle_batches, slice_chunk
@@ -185,20 +186,9 @@ def _as_json(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _differences(stored, want, key: str = "") -> list[str]:
-    """``key=stored, not want`` for every leaf where two JSON values differ (dicts compared key by key)."""
-    if isinstance(stored, dict) and isinstance(want, dict):
-        out = []
-        for k in sorted(set(stored) | set(want), key=str):
-            out += _differences(stored.get(k), want.get(k), f"{key}.{k}" if key else str(k))
-        return out
-    if stored == want:
-        return []
-
-    def short(v) -> str:
-        text = repr(v)
-        return text if len(text) <= 160 else text[:157] + "..."
-    return [f"{key}={short(stored)}, not {short(want)}"]
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 # ------------------------------------------------------------------------------------------------- streams
@@ -336,7 +326,8 @@ class ActivationStream:
             raise ValueError(f"activation cache {self.cache_dir!r} does not record {', '.join(missing)} (written "
                              "by an older dlmscope, it cannot show what it was harvested from); use another cache "
                              "dir or delete this one")
-        differs = _differences({key: stored[key] for key in want}, want)
+        differs = [f"{path}={_short(theirs)}, not {_short(ours)}"
+                   for path, ours, theirs in differences(want, {key: stored[key] for key in want})]
         if index["d"] is not None and want["d"] is not None and index["d"] != want["d"] and stored["d"] == want["d"]:
             differs.append(f"d={index['d']!r} in its shards, not {want['d']!r}")
         if differs:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dlmscope.util import atomic
+from dlmscope.util.identity import differences
 from .step import ADAM_PARAMS, PARAMS
 
 __all__ = ["STATE_FILE", "META_FILE", "CorruptCheckpoint", "checkpoint_name", "checkpoint_step", "list_checkpoints",
@@ -218,26 +219,11 @@ def saved_run_fields(meta: dict, path: str | Path) -> tuple[dict, bool]:
     return run_fields(meta["config"], meta["saes"], meta.get("world_size")), True
 
 
-def _flatten(obj, prefix: str, out: dict) -> dict:
-    if isinstance(obj, dict) and obj:
-        for key, value in obj.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
-        for i, value in enumerate(obj):
-            _flatten(value, f"{prefix}[{i}]", out)
-    else:
-        out[prefix] = obj
-    return out
-
-
 def run_differences(ours: dict, saved: dict, *, only_shared: bool = False) -> list[str]:
     """``"key: <ours> here, <saved> in the checkpoint"`` for every leaf of two runs' identity fields that differs
     (nested keys joined by dots). ``only_shared``: compare only the keys both hold (a legacy checkpoint)."""
-    a, b = _flatten(ours, "", {}), _flatten(saved, "", {})
-    keys = sorted(a.keys() & b.keys()) if only_shared else sorted(a.keys() | b.keys())
-    missing = "(not set)"
-    return [f"{k}: {a.get(k, missing)!r} here, {b.get(k, missing)!r} in the checkpoint"
-            for k in keys if a.get(k, missing) != b.get(k, missing)]
+    return [f"{k}: {a!r} here, {b!r} in the checkpoint"
+            for k, a, b in differences(ours, saved, only_shared=only_shared)]
 
 
 def check_identity(fields: dict, meta: dict, path: str | Path) -> None:

@@ -54,7 +54,8 @@ from typing import Callable, Iterator
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["write_text", "write_bytes", "write_json", "read_json", "nan_to_null", "save_safetensors", "file_mode", "resolve_link",
+__all__ = ["write_text", "write_bytes", "write_json", "read_json", "nan_to_null", "save_safetensors", "file_mode",
+           "resolve_link",
            "atomic_directory", "restore_directory", "remove_directory", "is_leftover", "leftover_target",
            "sweep_leftovers", "TMP_MARKER", "OLD_MARKER", "POINTS", "crash_point"]
 
