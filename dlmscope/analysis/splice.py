@@ -13,28 +13,22 @@ model: :func:`dlmscope.sae.metrics.evaluate_sae`).
 * :func:`scale_free` / :func:`compare_deltas` — scale-free numbers (Δ/clean, fraction of loss recovered vs
   zero-ablation) that make the DLM and AR deltas comparable despite different objectives.
 
-Over batches, two estimators (docs/reference.md §4), both with a standard error over batches (the unit: one
-batch is one draw of text, of t and of the mask, so its tokens are not independent):
-
-* :func:`pooled_results` — the paper's: ``Σ_b Σ_{masked} CE / t_b ÷ Σ_b #masked`` (each term's numerator and
-  count pooled; scale ≈ mean CE / E[t]); its SE is the ratio estimator's delta method over batches.
-* :func:`per_batch_results` (alias :func:`average_results`) — the mean of the per-batch losses (each batch weighted
-  equally, so a masked token by ``1 / (t_b · #masked_b)``; scale ≈ mean CE · E[1/t]); SE = std / √B.
-
-:func:`delta_loss_over_batches` returns the pooled numbers with the per-batch ones beside them, and by default
+The estimators over batches (the paper's pooled one and the per-batch mean, each with its SE) live in
+:mod:`dlmscope.analysis.estimators` and are re-exported here. :func:`delta_loss_over_batches` returns the pooled numbers with the per-batch ones beside them, and by default
 draws the batches' masking rates stratified (:func:`stratified_ts`). Batches with no masked (or unmasked)
 position contribute a loss of 0 for that term (the empty sum) and report ``n_masked = 0``.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dlmscope.analysis.estimators import (ESTIMATORS, HEADLINE_DELTAS, average_results, fraction_recovered,
+                                         per_batch_results, pooled_results, relative_se)
 from dlmscope.data.noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, valid_positions
 from dlmscope.models import hooks
 from dlmscope.models.hooks import InputIds
@@ -51,12 +45,11 @@ __all__ = [
     "per_batch_results",
     "pooled_results",
     "stratified_ts",
+    "relative_se",
+    "HEADLINE_DELTAS",
     "ESTIMATORS",
     "fraction_recovered",
 ]
-
-#: the two ΔLM estimators over batches; the first is the paper's and the default
-ESTIMATORS = ("pooled", "per_batch")
 
 
 # ----------------------------------------------------------------------------------------------- splicing
@@ -160,14 +153,6 @@ def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
 def _masked_mean(ce: Tensor, sel: Tensor) -> Tensor:
     sel = sel.to(ce.dtype)
     return (ce * sel).sum() / sel.sum().clamp_min(1.0)
-
-
-def fraction_recovered(clean: float, sae: float, zero: float) -> float:
-    """``(L_zero − L_sae) / (L_zero − L_clean)``: 1 = the SAE loses nothing, 0 = as bad as zero-ablation."""
-    denom = zero - clean
-    if not math.isfinite(denom) or abs(denom) < 1e-12:
-        return float("nan")
-    return (zero - sae) / denom
 
 
 def _run_variants(adapter, layer: int, saes: list, loss_fn, ids, attention_mask, *, zero_ablation: bool,
@@ -300,92 +285,6 @@ def ar_delta_loss(
     return results if many else results[0]
 
 
-def _count_key(key: str) -> str:
-    """The count a loss key is a mean over: ``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``,
-    ``n_tokens`` for the AR keys."""
-    return "n_masked" if key.startswith("mask_") else "n_unmasked" if key.startswith("unmask_") else "n_tokens"
-
-
-def _recompute_recovered(out: dict) -> None:
-    """The recovered fractions of the combined losses (more stable than combining per-batch fractions)."""
-    for pre in ("mask_", "unmask_", ""):
-        if f"{pre}zero" in out:
-            out[f"{pre}recovered"] = fraction_recovered(out[f"{pre}clean"], out[f"{pre}sae"], out[f"{pre}zero"])
-
-
-def _check(results: Sequence[dict]) -> None:
-    if not results:
-        raise ValueError("no results to combine")
-
-
-def per_batch_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per-key mean over per-batch result dicts, each batch weighted equally (counts ``n_*`` are summed; NaNs
-    ignored), with ``{mask_,unmask_,}delta_se`` = std over batches / √B (NaN for one batch). Not the paper's
-    estimator (that is :func:`pooled_results`): the DLM losses are means over a batch's masked tokens of CE / t_b,
-    so a batch of few masked tokens (small t_b) weighs as much as a large one."""
-    _check(results)
-    out: dict[str, float] = {}
-    for key in results[0]:
-        vals = [r[key] for r in results if key in r]
-        if key.startswith("n_"):
-            out[key] = int(sum(vals))
-        else:
-            finite = [float(v) for v in vals if not math.isnan(float(v))]
-            out[key] = sum(finite) / len(finite) if finite else float("nan")
-    _recompute_recovered(out)
-    for key in ("mask_delta", "unmask_delta", "delta"):
-        if key in out:
-            vals = torch.tensor([r[key] for r in results], dtype=torch.float64)
-            out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
-    return out
-
-
-#: the per-batch mean under its former name
-average_results = per_batch_results
-
-
-def _ratio_se(num: Tensor, den: Tensor) -> float:
-    """Delta-method SE of ``R = Σ num_b / Σ den_b`` over B batches ``[B]``:
-    ``sqrt(B / (B − 1) · Σ_b (num_b − R·den_b)²) / Σ_b den_b`` (NaN for B < 2 or no count)."""
-    B, total = num.numel(), float(den.sum())
-    if B < 2 or total <= 0:
-        return float("nan")
-    r = float(num.sum()) / total
-    return float(((num - r * den) ** 2).sum() * B / (B - 1)) ** 0.5 / total
-
-
-def pooled_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
-    """The paper's pooled estimator over per-batch result dicts (of :func:`dlm_delta_loss` or
-    :func:`ar_delta_loss`): each loss is ``Σ_b loss_b · count_b ÷ Σ_b count_b`` with its own count
-    (``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``, ``n_tokens`` for the AR keys) — for ``L_mask``
-    exactly ``Σ_b Σ_{masked} CE / t_b ÷ Σ_b #masked``. Counts are summed, ``t`` is the mean over batches,
-    ``n_batches`` is B, and ``{mask_,unmask_,}delta_se`` is the ratio estimator's delta-method SE over batches.
-    A loss with a NaN batch (or no count at all) is NaN."""
-    _check(results)
-    out: dict[str, float] = {}
-    for key in results[0]:
-        if key.startswith("n_"):
-            out[key] = int(sum(r[key] for r in results))
-        elif key == "t":
-            out[key] = sum(float(r["t"]) for r in results) / len(results)
-    deltas = {}
-    for key in results[0]:
-        if key.startswith("n_") or key == "t" or key.endswith("recovered"):
-            continue
-        count = torch.tensor([float(r.get(_count_key(key), 0)) for r in results], dtype=torch.float64)
-        vals = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
-        sums = torch.where(count > 0, vals * count, torch.zeros_like(vals))  # an empty term's loss is its 0 sum
-        total = float(count.sum())
-        out[key] = float(sums.sum()) / total if total > 0 and not bool(vals.isnan().any()) else float("nan")
-        if key.endswith("delta"):
-            deltas[key] = (sums, count)
-    _recompute_recovered(out)
-    for key, (sums, count) in deltas.items():
-        out[f"{key}_se"] = _ratio_se(sums, count)
-    out["n_batches"] = len(results)
-    return out
-
-
 def stratified_ts(n: int, t_min: float = T_MIN, t_max: float = T_MAX,
                   generator: torch.Generator | None = None) -> list[float]:
     """``n`` masking rates, one uniform draw in each of ``n`` equal strata of ``[t_min, t_max]``, in a seeded
@@ -402,35 +301,63 @@ def stratified_ts(n: int, t_min: float = T_MIN, t_max: float = T_MAX,
 
 
 def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequence[Tensor], *, seed: int,
-                            t_sampling: str = "stratified", t_min: float = T_MIN,
-                            t_max: float = T_MAX) -> list[dict]:
+                            t_sampling: str = "stratified", t_min: float = T_MIN, t_max: float = T_MAX,
+                            target_rel_se: float | None = None, round_batches: int | None = None) -> list[dict]:
     """Per SAE, the ΔLM over ``batches`` by the paper's pooled estimator (:func:`pooled_results`), with
     ``per_batch`` (:func:`per_batch_results`) beside it; ``estimator = "pooled"`` and ``se_over = "batches"``
     name them. A DLM gets one corruption per batch seeded by ``seed`` (the same for every SAE; the clean and
     zero-ablated forwards run once per batch for all of them) at masking rates ``t_sampling = "stratified"``
     (:func:`stratified_ts` over ``[t_min, t_max]``, drawn from the same seed) or ``"iid"`` (``U[t_min, t_max]``
-    per batch, as the paper); an AR model gets next-token CE. Keys: those of :func:`pooled_results`, and
-    ``t_sampling`` for a DLM."""
+    per batch, as the paper); an AR model gets next-token CE. Keys: those of :func:`pooled_results`,
+    ``t_sampling`` for a DLM, and ``rel_se`` (:func:`relative_se`).
+
+    ``target_rel_se`` (e.g. 0.1: a standard error below a tenth of the effect) makes the evaluation sequential:
+    rounds of ``round_batches`` batches (default a quarter of ``batches``; each round's t stratified on its own),
+    an SAE leaving once every ΔLM of its result has ``SE < target_rel_se · |Δ|``, until ``batches`` run out.
+    Every SAE of a round sees the same corruptions, so an SAE's batches are a prefix of ``batches``. Results then
+    carry ``se_target`` and ``se_target_met`` (False: the batches ran out first — the effect is not resolved at
+    that precision). Stopping on the estimate's own SE biases |Δ| slightly upward; with a first round of 12
+    batches the bias is small against the SE, and an unmet target is reported, never hidden."""
     saes = list(saes)
     batches = list(batches)
     if not batches:
         raise ValueError("delta_loss_over_batches needs at least one batch")
-    if adapter.is_diffusion:
-        if t_sampling not in ("stratified", "iid"):
-            raise ValueError(f"t_sampling must be 'stratified' or 'iid', got {t_sampling!r}")
-        gen = torch.Generator().manual_seed(seed)
-        ts = stratified_ts(len(batches), t_min, t_max, gen) if t_sampling == "stratified" else [None] * len(batches)
-        per_batch = [dlm_delta_loss(adapter, saes, layer, ids, t_min=t_min, t_max=t_max, generator=gen, t=t)
-                     for ids, t in zip(batches, ts)]
-    else:
-        per_batch = [ar_delta_loss(adapter, saes, layer, ids) for ids in batches]
+    if adapter.is_diffusion and t_sampling not in ("stratified", "iid"):
+        raise ValueError(f"t_sampling must be 'stratified' or 'iid', got {t_sampling!r}")
+    if target_rel_se is not None and not target_rel_se > 0:
+        raise ValueError(f"target_rel_se must be > 0, got {target_rel_se}")
+    size = len(batches) if target_rel_se is None else (round_batches or max(2, len(batches) // 4))
+    if size < 1:
+        raise ValueError(f"round_batches must be >= 1, got {round_batches}")
+    gen = torch.Generator().manual_seed(seed)
+    seen: list[list[dict]] = [[] for _ in saes]
+    active = list(range(len(saes)))
+    for start in range(0, len(batches), size):
+        chunk = batches[start:start + size]
+        group = [saes[i] for i in active]
+        if adapter.is_diffusion:
+            ts = stratified_ts(len(chunk), t_min, t_max, gen) if t_sampling == "stratified" else [None] * len(chunk)
+            per_batch = [dlm_delta_loss(adapter, group, layer, ids, t_min=t_min, t_max=t_max, generator=gen, t=t)
+                         for ids, t in zip(chunk, ts)]
+        else:
+            per_batch = [ar_delta_loss(adapter, group, layer, ids) for ids in chunk]
+        for j, i in enumerate(active):
+            seen[i].extend(batch[j] for batch in per_batch)
+        if target_rel_se is None:
+            continue
+        active = [i for i in active if not relative_se(pooled_results(seen[i])) < target_rel_se]
+        if not active:
+            break
     results = []
-    for i in range(len(saes)):
-        mine = [batch[i] for batch in per_batch]
+    for mine in seen:
         out: dict = {**pooled_results(mine), "estimator": "pooled", "se_over": "batches",
                      "per_batch": per_batch_results(mine)}
+        out["rel_se"] = relative_se(out)
         if adapter.is_diffusion:
             out["t_sampling"] = t_sampling
+        if target_rel_se is not None:
+            out["se_target"] = target_rel_se
+            out["se_target_met"] = bool(out["rel_se"] < target_rel_se)
         results.append(out)
     return results
 

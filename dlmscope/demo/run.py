@@ -31,13 +31,17 @@ from .orders import run_orders
 from .steering import run_steering
 from .transfer import run_transfer_section
 
-__all__ = ["load_world_model", "sweep_spec", "train_layer_saes", "run_demo"]
+#: the embedded world's models (dlmscope/world/assets/models/)
+WORLD_MODELS = ("dlm", "ar", "ar_matched", "instruct")
+
+__all__ = ["WORLD_MODELS", "load_world_model", "sweep_spec", "train_layer_saes", "run_demo"]
 
 
 def load_world_model(name: str):
-    """The embedded world's ``dlm`` (LLaDA format), ``ar`` (Llama) or ``instruct`` model as an adapter."""
-    if name not in ("dlm", "ar", "instruct"):
-        raise ValueError(f"unknown embedded-world model {name!r}; expected 'dlm', 'ar' or 'instruct'")
+    """The embedded world's ``dlm`` (LLaDA format), ``ar`` (Llama, the DLM's init), ``ar_matched`` (Llama, the
+    budget-matched AR twin: the DLM's steps and data) or ``instruct`` model as an adapter."""
+    if name not in WORLD_MODELS:
+        raise ValueError(f"unknown embedded-world model {name!r}; expected one of {', '.join(WORLD_MODELS)}")
     return models.load(asset("models", name))
 
 

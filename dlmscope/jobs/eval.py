@@ -16,8 +16,8 @@ from dlmscope.analysis.splice import delta_loss_over_batches
 from dlmscope.data.activations import ActivationStream
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.util import atomic
-from .options import (add_option, add_text_options, load_model_layer_sae, out_file, positive_int,
-                      text_from_args)
+from .options import (add_option, add_text_options, load_model_layer_sae, out_file, positive_float,
+                      positive_int, text_from_args)
 
 __all__ = ["add_parser", "run_from_args"]
 
@@ -30,7 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_option(e, "--layer")
     e.add_argument("--policy", default=None, help="default: mask for DLMs, clean for AR models")
     e.add_argument("--tokens", type=positive_int, default=20_000)
-    e.add_argument("--loss-batches", type=positive_int, default=4)
+    e.add_argument("--loss-batches", type=positive_int, default=4,
+                   help="LM batches of the ΔLM (with --rel-se: the most it may use)")
+    e.add_argument("--rel-se", type=positive_float, default=None,
+                   help="evaluate the ΔLM in rounds of a quarter of --loss-batches until its SE is below this "
+                        "fraction of |ΔLM| (e.g. 0.1), or the batches run out (then se_target_met is false)")
     e.add_argument("--t-sampling", choices=("stratified", "iid"), default="stratified",
                    help="DLM masking rates over the loss batches: one per stratum of [0.05, 0.5] (default) or "
                         "U[0.05, 0.5] per batch (the paper's)")
@@ -55,7 +59,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     # dlm_delta_loss names a missing mask token (DiffusionGemma) itself
     key = "dlm_delta" if adapter.is_diffusion else "ar_delta"
     result[key] = delta_loss_over_batches(adapter, [sae], layer, batches, seed=args.seed,
-                                          t_sampling=args.t_sampling)[0]
+                                          t_sampling=args.t_sampling, target_rel_se=args.rel_se)[0]
     print(json.dumps(atomic.nan_to_null(result), indent=2))
     if out is not None:
         atomic.write_json(out, result)

@@ -18,7 +18,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import LM_BATCH, SEQ_LEN
 from .sources import token_batches
 
-__all__ = ["USER_ERRORS", "SHARED", "positive_int", "out_dir", "out_file", "add_option", "add_text_options",
+__all__ = ["USER_ERRORS", "SHARED", "positive_int", "positive_float", "out_dir", "out_file", "add_option", "add_text_options",
            "text_from_args", "load_model_layer_sae"]
 
 #: what a verb raises for bad input or a refused service: the CLI prints it as one line and exits 2
@@ -33,6 +33,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 

@@ -1,6 +1,6 @@
 """The embedded world: a planted-concept corpus (:mod:`.corpus`, :mod:`.samples`, :mod:`.templates`,
 :mod:`.tasks`), a word-level HF tokenizer (:mod:`.tokenizer`), tiny trained models (:mod:`.train_models`,
-:mod:`.quality`; rebuilt by :mod:`.build`), and how the jobs run on it (:mod:`.recipe`: its LM batches and SAE
+:mod:`.objectives`, :mod:`.evaluation`, :mod:`.quality`; rebuilt by :mod:`.build`), and how the jobs run on it (:mod:`.recipe`: its LM batches and SAE
 recipe).
 
 ``python -m dlmscope.world.build`` regenerates ``dlmscope/world/assets/`` deterministically.

@@ -143,9 +143,11 @@ def main(argv=None) -> int:
     p.add_argument("--n-pretrain", type=int, default=WorldConfig.n_pretrain)
     p.add_argument("--n-instruct", type=int, default=WorldConfig.n_instruct)
     p.add_argument("--no-models", action="store_true", help="write the corpus files and tokenizer only")
+    p.add_argument("--reuse-models", action="store_true",
+                   help="load models already under --out instead of training them again (the missing ones train)")
     a = p.parse_args(argv)
     cfg = WorldConfig(seed=a.seed, n_pretrain=a.n_pretrain, n_instruct=a.n_instruct)
-    build(a.out, cfg, models=not a.no_models)
+    build(a.out, cfg, models=not a.no_models, reuse=a.reuse_models)
     return 0
 
 

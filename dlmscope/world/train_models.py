@@ -6,6 +6,9 @@
                               ``loss = Σ_masked CE / t / #tokens`` (LLaDA's 1/t-weighted ELBO).
 ``out_dir/models/ar/``        the AR twin: the same architecture with causal attention, next-token CE on the
                               same packed corpus and budget, saved as a plain transformers Llama checkpoint.
+``out_dir/models/ar_matched/`` the budget-matched AR twin: the AR twin continued with next-token CE for the
+                              DLM's own steps on the DLM's own data (the pre-training corpus, then the annealing
+                              mix), so that both have seen the same rows x tokens of the same data; Llama format.
 ``out_dir/models/instruct/``  the DLM fine-tuned on the Q&A slice (LLaDA-style SFT: the prompt is never
                               masked, only answer / ``[EOS]`` positions are), with base-corpus sentences mixed
                               in (whole sentence maskable) so it keeps the base facts; LLaDA format.
@@ -31,13 +34,18 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from dlmscope.models import load as load_model
 from dlmscope.models.llada import save_llada_checkpoint
 from . import corpus as C
+from .evaluation import (ar_perplexity, evaluate_models, masked_accuracy, qa_accuracy, quality_summary,
+                         unigram_counts)
+from .objectives import diffusion_mask, dlm_loss, stratified_t
 from .quality import task_quality
 from .tokenizer import save_tokenizer
 
 __all__ = ["ModelConfig", "TrainConfig", "train_models", "evaluate_models", "masked_accuracy", "ar_perplexity",
-           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "stratified_t", "anneal_dlm", "sft_samples", "quality_summary"]
+           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "stratified_t", "anneal_dlm", "sft_samples", "quality_summary",
+           "train_ar_matched", "training_record"]
 
 #: Worlds smaller than this many pre-training sentences get no models (a model trained on a toy slice would
 #: be meaningless, and the corpus-only build tests stay fast).
@@ -84,6 +92,8 @@ class TrainConfig:
     anneal_lr: float = 1e-3
     anneal_warmup: int = 50
     anneal_low_t: float = 0.3
+    #: also train the budget-matched AR twin (``models/ar_matched``)
+    ar_matched: bool = True
     #: log in-distribution exact match on the first scored tasks every this many steps (0: never)
     probe_every: int = 500
     probe_tasks: int = 240
@@ -127,36 +137,6 @@ def _batches(n_rows: int, batch: int, steps: int, gen: torch.Generator):
             perm, pos = torch.randperm(n_rows, generator=gen), 0
         yield perm[pos:pos + batch]
         pos += batch
-
-
-def stratified_t(n: int, eps: float, gen: torch.Generator) -> torch.Tensor:
-    """``n`` mask rates in ``[eps, 1)``, stratified: one per equal slice of ``[0, 1)``, shuffled (the same
-    marginal ``U(eps, 1)`` as independent draws, with less variance across the batch)."""
-    u = (torch.arange(n, dtype=torch.float32) + torch.rand(n, generator=gen)) / n
-    return ((1 - eps) * u + eps)[torch.randperm(n, generator=gen)]
-
-
-def diffusion_mask(ids: torch.Tensor, t: torch.Tensor, gen: torch.Generator, mask_id: int, pad_id: int,
-                   maskable: torch.Tensor | None = None):
-    """``(noisy_ids, masked)``: each maskable position (non-pad, not position 0, and ``maskable`` if given)
-    replaced by ``mask_id`` with probability ``t`` (one rate per row)."""
-    u = torch.rand(ids.shape, generator=gen)
-    can = ids != pad_id
-    can[:, 0] = False
-    if maskable is not None:
-        can &= maskable
-    masked = (u < t[:, None]) & can
-    return torch.where(masked, torch.full_like(ids, mask_id), ids), masked
-
-
-def dlm_loss(model, ids, t, masked, noisy, attention_mask=None, norm=None):
-    """Masked-diffusion loss ``Σ_masked CE / t / norm`` (``norm`` defaults to the number of tokens)."""
-    logits = model(input_ids=noisy, attention_mask=attention_mask).logits
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none")
-    ce = ce.view_as(ids) * masked / t[:, None]
-    if norm is None:
-        return ce.sum() / ids.numel()
-    return (ce.sum(1) / norm).mean()
 
 
 def _train_loop(model, opt, steps, lr, warmup, clip, step_fn, log, name, log_every=100, probe=None,
@@ -248,6 +228,62 @@ def anneal_dlm(model, anneal_ids, tok, tc: TrainConfig, log=print, probe=None):
     return model, secs
 
 
+def train_ar_matched(ar, train_ids, anneal_ids, tok, tc: TrainConfig, log=print, probe=None):
+    """The budget-matched AR twin: a copy of the trained AR twin continued with next-token CE for the DLM's
+    ``dlm_steps`` on ``train_ids`` (the DLM's learning rate and schedule), then its ``anneal_steps`` on
+    ``anneal_ids`` (the annealing phase's learning rate and schedule), each phase with a fresh optimiser as the
+    DLM's. Total steps, rows and tokens then equal the DLM's (which starts from the same AR twin)."""
+    import copy
+
+    torch.manual_seed(tc.seed + 4)
+    model = copy.deepcopy(ar)
+    gen = torch.Generator().manual_seed(tc.seed + 14)
+    secs = 0.0
+    for ids_all, steps, lr, warmup, name in ((train_ids, tc.dlm_steps, tc.lr, tc.warmup, "ar_matched"),
+                                             (anneal_ids, tc.anneal_steps, tc.anneal_lr, tc.anneal_warmup,
+                                              "ar_matched anneal")):
+        if not steps:
+            continue
+        opt = _optimizer(model, lr, tc.weight_decay)
+        batches = _batches(ids_all.shape[0], tc.batch, steps, gen)
+
+        def step_fn(_, ids_all=ids_all, batches=batches):
+            ids = ids_all[next(batches)]
+            logits = model(input_ids=ids).logits[:, :-1]
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+        secs += _train_loop(model, opt, steps, lr, warmup, tc.clip, step_fn, log, name, probe=probe,
+                            probe_every=tc.probe_every)
+    return model, secs
+
+
+def training_record(tc: TrainConfig, seq_len: int) -> dict:
+    """What each model was trained on: per model its phases (``steps``, ``rows``, ``tokens`` = steps x batch x
+    seq_len, ``data``, ``objective``, ``init``) and the totals; stored as ``world.json["models"]["training"]``."""
+    def phase(steps, data, objective, batch=tc.batch, length=seq_len):
+        return {"steps": steps, "rows": steps * batch, "tokens": steps * batch * length, "data": data,
+                "objective": objective}
+
+    ar = [phase(tc.ar_steps, "pretrain corpus", "next-token CE")]
+    dlm = ar + [phase(tc.dlm_steps, "pretrain corpus", "masked diffusion (1/t ELBO)")]
+    if tc.anneal_steps:
+        dlm.append(phase(tc.anneal_steps, "anneal mix (task-rich)", "masked diffusion, half of each batch t < "
+                         f"{tc.anneal_low_t}"))
+    rec = {"ar": {"init": "random", "phases": ar},
+           "dlm": {"init": "random, then the AR twin's phase" if tc.dlm_init == "ar" else "random",
+                   "phases": dlm if tc.dlm_init == "ar" else dlm[1:]},
+           "instruct": {"init": "the DLM", "phases": [phase(tc.sft_steps, "Q&A + base sentences 1:1",
+                                                            "LLaDA SFT (prompt never masked)",
+                                                            tc.sft_batch, tc.sft_seq_len)]}}
+    if tc.ar_matched:
+        rec["ar_matched"] = {"init": "the AR twin", "phases": ar + [
+            phase(tc.dlm_steps, "pretrain corpus", "next-token CE")]
+            + ([phase(tc.anneal_steps, "anneal mix (task-rich)", "next-token CE")] if tc.anneal_steps else [])}
+    for r in rec.values():
+        r["total"] = {k: sum(p[k] for p in r["phases"]) for k in ("steps", "rows", "tokens")}
+    return rec
+
+
 def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=print):
     """LLaDA-style SFT of a copy of ``base_model``: prompt positions never masked; answer + [EOS] positions
     masked with probability ``t``; loss normalised by the answer length. Rows without a prompt (base-corpus
@@ -274,80 +310,6 @@ def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=prin
     return model, secs
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
-def unigram_counts(ids: torch.Tensor, vocab_size: int, pad_id: int) -> torch.Tensor:
-    flat = ids.flatten()
-    flat = flat[flat != pad_id]
-    return torch.bincount(flat, minlength=vocab_size).double()
-
-
-@torch.no_grad()
-def _logits(model, ids, attention_mask=None, chunk=64):
-    out = [model(input_ids=ids[i:i + chunk],
-                 attention_mask=None if attention_mask is None else attention_mask[i:i + chunk]).logits.float()
-           for i in range(0, ids.shape[0], chunk)]
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def masked_accuracy(model, ids, rate: float, mask_id: int, pad_id: int, unigram: torch.Tensor, seed: int = 0):
-    """Masked-token accuracy at mask rate ``rate`` (argmax at masked positions; position 0 never masked), with
-    the unigram baseline (always predict the most frequent training token) on the same positions, and the
-    mean masked CE (nats)."""
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.full((ids.shape[0],), float(rate))
-    noisy, masked = diffusion_mask(ids, t, gen, mask_id, pad_id)
-    logits = _logits(model, noisy)
-    tgt = ids[masked]
-    pred = logits[masked].argmax(-1)
-    ce = F.cross_entropy(logits[masked], tgt).item()
-    return {"accuracy": (pred == tgt).double().mean().item(),
-            "unigram_accuracy": (tgt == int(unigram.argmax())).double().mean().item(),
-            "ce": ce, "n_masked": int(masked.sum())}
-
-
-@torch.no_grad()
-def ar_perplexity(model, ids, unigram: torch.Tensor):
-    """Next-token perplexity of the AR model on ``ids`` vs a unigram model (training counts, add-one)."""
-    logits = _logits(model, ids)[:, :-1]
-    tgt = ids[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)).item()
-    p = (unigram + 1) / (unigram + 1).sum()
-    uni = -(p.log()[tgt.flatten()]).mean().item()
-    acc = (logits.argmax(-1) == tgt).double().mean().item()
-    return {"ppl": math.exp(ce), "unigram_ppl": math.exp(uni), "next_token_accuracy": acc}
-
-
-@torch.no_grad()
-def qa_accuracy(model, samples, tok, seq_len: int):
-    """Exact-match accuracy on Q&A items: ``[BOS] prompt [MASK]*len(answer) [EOS]`` (padded), one-shot argmax
-    at the answer positions."""
-    ids, prompt = C.encode_prompted(samples, tok, seq_len)
-    answer = ~prompt & (ids != tok.pad_token_id) & (ids != tok.eos_token_id)
-    noisy = torch.where(answer, torch.full_like(ids, tok.mask_token_id), ids)
-    att = (ids != tok.pad_token_id).long()
-    pred = _logits(model, noisy, att).argmax(-1)
-    ok = ((pred == ids) | ~answer).all(1)
-    return {"accuracy": ok.double().mean().item(), "n": len(samples)}
-
-
-def evaluate_models(dlm, ar, instruct, world, tok, tc: TrainConfig) -> dict:
-    train_ids = C.pack(world.train, tok, tc.seq_len)
-    unigram = unigram_counts(train_ids, len(tok), tok.pad_token_id)
-    held = C.pack(world.heldout, tok, tc.seq_len)[:tc.eval_rows]
-    out: dict = {"heldout_rows": int(held.shape[0]), "seq_len": tc.seq_len}
-    out["dlm_masked"] = {f"t={r}": masked_accuracy(dlm, held, r, tok.mask_token_id, tok.pad_token_id, unigram,
-                                                   seed=tc.seed + 100) for r in tc.eval_mask_rates}
-    out["ar"] = ar_perplexity(ar, held, unigram)
-    qa = world.instruct_heldout
-    out["qa_accuracy"] = {"dlm": qa_accuracy(dlm, qa, tok, tc.sft_seq_len),
-                          "instruct": qa_accuracy(instruct, qa, tok, tc.sft_seq_len)}
-    heldout = [C.task_heldout(t, world.config.heldout_frac, world.config.seed) for t in world.tasks]
-    out["quality"] = {name: task_quality(model, world.tasks, heldout, tok, causal=name == "ar")
-                      for name, model in (("dlm", dlm), ("ar", ar), ("instruct", instruct))}
-    return out
-
-
 def sft_samples(world, frac_base: float, seq_len: int, seed: int) -> list:
     """The instruct twin's fine-tuning samples: the Q&A training slice plus base-corpus sentences (a fraction
     ``frac_base`` of the total, those that fit ``seq_len`` tokens), shuffled with ``random.Random(seed)``."""
@@ -359,21 +321,13 @@ def sft_samples(world, frac_base: float, seq_len: int, seed: int) -> list:
     return mixed
 
 
-def quality_summary(quality: dict, prefix: str = "[world] ") -> str:
-    """One line per model: in-distribution exact match per task kind, then the held-out tasks'."""
-    return "\n".join(f"{prefix}{name}: " + ", ".join(f"{k} {v['exact_match']:.2f}"
-                                                                 for k, v in q["in_distribution"].items())
-                     + " | held out: " + ", ".join(f"{k} {v['exact_match']:.2f}" for k, v in q["heldout"].items())
-                     for name, q in quality.items())
-
-
 # ------------------------------------------------------------------------------------------------ entry point
 def save_model(model, tok, models_dir: str, name: str) -> int:
     """Write one checkpoint (+ tokenizer files) to ``models_dir/name``: LLaDA format for the diffusion models
-    (``dlm``, ``instruct``), transformers Llama format for ``ar``. Returns the weight file's size in bytes."""
+    (``dlm``, ``instruct``), transformers Llama format for the AR twins (``ar``, ``ar_matched``). Returns the weight file's size in bytes."""
     d = os.path.join(models_dir, name)
     os.makedirs(d, exist_ok=True)
-    if name == "ar":
+    if name.startswith("ar"):
         model.save_pretrained(d, safe_serialization=True)
     else:
         save_llada_checkpoint(model, d, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
@@ -382,10 +336,21 @@ def save_model(model, tok, models_dir: str, name: str) -> int:
     return os.path.getsize(os.path.join(d, "model.safetensors"))
 
 
+def _reused(models_dir: str, name: str, reuse: bool, log):
+    """The checkpoint ``models_dir/name`` as a training-side model when ``reuse`` and it exists, else None."""
+    d = os.path.join(models_dir, name)
+    if not (reuse and os.path.isfile(os.path.join(d, "model.safetensors"))):
+        return None
+    log(f"[world] {name}: reusing {d}")
+    return load_model(d).model.eval()
+
+
 def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = ModelConfig(),
-                 tc: TrainConfig | None = None) -> dict:
-    """Train the DLM, its AR twin and the instruct twin; write them under ``out_dir/models/{dlm,ar,instruct}``
-    and return the metrics (stored as ``world.json["models"]``)."""
+                 tc: TrainConfig | None = None, reuse: bool = False) -> dict:
+    """Train the DLM, its AR twins and the instruct twin; write them under
+    ``out_dir/models/{dlm,ar,ar_matched,instruct}`` and return the metrics (stored as ``world.json["models"]``).
+    ``reuse``: load a model whose checkpoint is already in ``out_dir`` instead of training it again (training is
+    deterministic, so a reused checkpoint of the same recipe equals a retrained one)."""
     tc = tc or TrainConfig(seed=world.config.seed, seq_len=world.config.seq_len)
     if world.config.n_pretrain < MIN_PRETRAIN:
         log(f"[world] models: skipped (n_pretrain {world.config.n_pretrain} < {MIN_PRETRAIN})")
@@ -409,31 +374,46 @@ def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = Mo
             return lambda model: quality_summary(
                 {"exact match": task_quality(model, probe_tasks, probe_held, tokenizer, causal=causal)}, prefix="")
 
-        ar, t_ar = train_ar(train_ids, tokenizer, mc, tc, log, probe=probe(True))
-        sizes["ar"] = save_model(ar, tokenizer, models_dir, "ar")
+        secs: dict = {}
+
+        def made(name, train_fn):
+            """The model ``name``: reused from ``models_dir`` (when ``reuse``) or trained by ``train_fn`` and saved."""
+            model = _reused(models_dir, name, reuse, log)
+            if model is None:
+                model, secs[name] = train_fn()
+                save_model(model, tokenizer, models_dir, name)
+            sizes[name] = os.path.getsize(os.path.join(models_dir, name, "model.safetensors"))
+            return model
+
+        def dlm_fn():
+            model, t = train_dlm(train_ids, tokenizer, mc, tc, log, init=ar if tc.dlm_init == "ar" else None,
+                                 probe=probe(False))
+            if tc.anneal_steps:
+                model, t_anneal = anneal_dlm(model, anneal_ids, tokenizer, tc, log, probe=probe(False))
+                t += t_anneal
+            return model, t
+
         if tc.dlm_init not in ("ar", "scratch"):
             raise ValueError(f"dlm_init must be 'ar' or 'scratch', got {tc.dlm_init!r}")
-        dlm, t_dlm = train_dlm(train_ids, tokenizer, mc, tc, log, init=ar if tc.dlm_init == "ar" else None,
-                               probe=probe(False))
-        if tc.anneal_steps:
-            dlm, t_anneal = anneal_dlm(dlm, C.pack(world.anneal, tokenizer, tc.seq_len), tokenizer, tc, log,
-                                       probe=probe(False))
-            t_dlm += t_anneal
-        sizes["dlm"] = save_model(dlm, tokenizer, models_dir, "dlm")
+        anneal_ids = C.pack(world.anneal, tokenizer, tc.seq_len)
+        ar = made("ar", lambda: train_ar(train_ids, tokenizer, mc, tc, log, probe=probe(True)))
+        dlm = made("dlm", dlm_fn)
+        ar_matched = made("ar_matched", lambda: train_ar_matched(ar, train_ids, anneal_ids, tokenizer, tc, log,
+                                                                 probe=probe(True))) if tc.ar_matched else None
         qa_ids, qa_prompt = C.encode_prompted(sft_samples(world, tc.sft_base_frac, tc.sft_seq_len, tc.seed),
                                               tokenizer, tc.sft_seq_len)
-        instruct, t_sft = train_instruct(dlm, qa_ids, qa_prompt, tokenizer, tc, log)
-        sizes["instruct"] = save_model(instruct, tokenizer, models_dir, "instruct")
-        metrics = evaluate_models(dlm, ar, instruct, world, tokenizer, tc)
+        instruct = made("instruct", lambda: train_instruct(dlm, qa_ids, qa_prompt, tokenizer, tc, log))
+        metrics = evaluate_models(dlm, ar, instruct, world, tokenizer, tc, ar_matched=ar_matched)
         metrics.update({
+            "training": training_record(tc, tc.seq_len),
             "model_config": asdict(mc), "train_config": {k: (list(v) if isinstance(v, tuple) else v)
                                                          for k, v in asdict(tc).items()},
             "n_params": sum(p.numel() for p in dlm.parameters()),
             "file_bytes": sizes,
         })
         # wall times are logged, not stored: world.json stays byte-identical across rebuilds
-        log(f"[world] models trained in {time.perf_counter() - t0:.0f}s (dlm {t_dlm:.0f}s, ar {t_ar:.0f}s, "
-            f"instruct {t_sft:.0f}s)")
+        log(f"[world] models made in {time.perf_counter() - t0:.0f}s (training: "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()) + ")")
         m = metrics
         log("[world] dlm masked acc " + ", ".join(f"{k}: {v['accuracy']:.3f} (unigram {v['unigram_accuracy']:.3f})"
                                                    for k, v in m["dlm_masked"].items()))

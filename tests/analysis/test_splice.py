@@ -387,3 +387,58 @@ def test_delta_loss_over_batches_reports_pooled_with_per_batch_beside(llada, ar)
         delta_loss_over_batches(llada, saes, 1, batches, seed=5, t_sampling="even")
     a = delta_loss_over_batches(ar, saes[:1], 1, batches, seed=5)[0]
     assert "t_sampling" not in a and math.isfinite(a["delta_se"]) and "delta_se" in a["per_batch"]
+
+
+def test_relative_se_is_the_worst_headline_ratio():
+    from dlmscope.analysis.splice import relative_se
+
+    assert relative_se({"mask_delta": 2.0, "mask_delta_se": 0.1, "unmask_delta": -1.0, "unmask_delta_se": 0.3}) \
+        == pytest.approx(0.3)
+    assert relative_se({"delta": 0.0, "delta_se": 0.1}) == math.inf
+    assert math.isnan(relative_se({"delta": 1.0, "delta_se": float("nan")}))
+
+
+def test_22_5_sequential_delta_lm_stops_each_sae_at_its_se_target(monkeypatch):
+    """Known answer: batch b of an SAE with effect e has Δ = e + σ·(−1)^b, so after B batches the pooled Δ is e
+    and its SE σ/√(B−1). With σ = 0.1 and a target SE < 0.2·|Δ|: e = 1 stops after the first round (B = 2),
+    e = 0.25 after the third (B = 6), e = 0.1 never (all 8 batches, ``se_target_met`` False)."""
+    import types
+
+    import dlmscope.analysis.splice as S
+
+    def fake_ar(adapter, group, layer, ids):
+        b = int(ids)
+        return [{"clean": 1.0, "sae": 1.0 + sae.e + 0.1 * (-1) ** b, "delta": sae.e + 0.1 * (-1) ** b,
+                 "n_tokens": 100} for sae in group]
+
+    monkeypatch.setattr(S, "ar_delta_loss", fake_ar)
+    saes = [types.SimpleNamespace(e=e) for e in (1.0, 0.25, 0.1)]
+    adapter = types.SimpleNamespace(is_diffusion=False)
+    got = S.delta_loss_over_batches(adapter, saes, 0, list(range(8)), seed=0, target_rel_se=0.2, round_batches=2)
+    assert [g["n_batches"] for g in got] == [2, 6, 8]
+    assert [g["se_target_met"] for g in got] == [True, True, False]
+    for g, e in zip(got, (1.0, 0.25, 0.1)):
+        B = g["n_batches"]
+        assert g["delta"] == pytest.approx(e) and g["delta_se"] == pytest.approx(0.1 / (B - 1) ** 0.5)
+        assert g["rel_se"] == pytest.approx(0.1 / (B - 1) ** 0.5 / e)
+
+
+def test_22_5_sequential_delta_lm_rounds_share_corruptions(llada, ar):
+    """On a real DLM: a first round that satisfies everyone equals a plain run over its batches; an SAE's later
+    rounds see the same corruptions whichever other SAEs are still running."""
+    batches = [token_batch(seed=s, batch=2, seq=12)[0] for s in range(6)]
+    one, two = random_sae(1), random_sae(2)
+    loose = delta_loss_over_batches(llada, [one, two], 1, batches, seed=5, target_rel_se=1e9, round_batches=2)
+    plain = delta_loss_over_batches(llada, [one, two], 1, batches[:2], seed=5)
+    for got, ref in zip(loose, plain):
+        assert got["n_batches"] == 2 and got["se_target_met"] and "se_target" not in ref
+        assert got["mask_delta"] == pytest.approx(ref["mask_delta"], rel=1e-9)
+    tight = delta_loss_over_batches(llada, [one, two], 1, batches, seed=5, target_rel_se=1e-12, round_batches=2)
+    alone = delta_loss_over_batches(llada, [two], 1, batches, seed=5, target_rel_se=1e-12, round_batches=2)[0]
+    assert tight[1]["n_batches"] == 6 and not tight[1]["se_target_met"]
+    assert alone["mask_delta"] == pytest.approx(tight[1]["mask_delta"], rel=1e-9)
+    assert alone["unmask_delta"] == pytest.approx(tight[1]["unmask_delta"], rel=1e-9)
+    a = delta_loss_over_batches(ar, [one], 1, batches, seed=5, target_rel_se=1e9, round_batches=3)[0]
+    assert a["n_batches"] == 3 and a["se_target_met"]
+    with pytest.raises(ValueError, match="target_rel_se"):
+        delta_loss_over_batches(llada, [one], 1, batches, seed=5, target_rel_se=0.0)

@@ -60,3 +60,21 @@ def test_22_5_eval_reports_the_pooled_delta_lm_with_the_per_batch_beside(tmp_pat
     assert d["n_batches"] == 3 and d["mask_delta_se"] > 0 and d["per_batch"]["mask_delta_se"] > 0
     assert d["mask_delta"] == pytest.approx(d["mask_sae"] - d["mask_clean"], abs=1e-5)
     assert d["per_batch"]["n_masked"] == d["n_masked"] > 0
+
+
+def test_22_5_eval_rel_se_reports_whether_the_target_was_met(tmp_path, capsys):
+    model = build_tiny_llada(tmp_path / "m")
+    TopKSAE(models.load(model).d_model, 32, 4).save(tmp_path / "sae")
+    args = ["eval", "--model", str(model), "--sentences", "2000", "--seq-len", "16", "--lm-batch", "8",
+            "--batch-size", "64", "--sae", str(tmp_path / "sae"), "--layer", "0", "--tokens", "128",
+            "--loss-batches", "8"]
+    assert cli.main(args + ["--rel-se", "1e-9"]) == 0
+    d = strict(capsys.readouterr().out)["dlm_delta"]
+    # an unreachable target uses every batch, in rounds of 2, and says it was not met
+    assert d["n_batches"] == 8 and d["se_target"] == 1e-9 and d["se_target_met"] is False
+    assert d["rel_se"] == max(d["mask_delta_se"] / abs(d["mask_delta"]), d["unmask_delta_se"] / abs(d["unmask_delta"]))
+    assert cli.main(args + ["--rel-se", "1e9"]) == 0
+    d = strict(capsys.readouterr().out)["dlm_delta"]
+    assert d["n_batches"] == 2 and d["se_target_met"] is True
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--rel-se", "0"])

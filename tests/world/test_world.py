@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -355,10 +356,21 @@ def test_build_with_models_is_byte_identical(tmp_path):
     B.build(str(tmp_path / "b"), cfg, log=lambda *_: None, **short)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert {str(f) for f in files} >= {"world.json", "tasks.jsonl", "models/dlm/model.safetensors",
-                                       "models/ar/model.safetensors", "models/instruct/model.safetensors"}
+                                       "models/ar/model.safetensors", "models/instruct/model.safetensors",
+                                       "models/ar_matched/model.safetensors"}
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     q = m1["models"]["quality"]
-    assert set(q) == {"dlm", "ar", "instruct"}
+    assert set(q) == {"dlm", "ar", "instruct", "ar_matched"}
+    # the budget-matched AR twin has seen exactly the DLM's steps, rows and tokens
+    tr = m1["models"]["training"]
+    assert tr["ar_matched"]["total"] == tr["dlm"]["total"] and tr["ar"]["total"]["steps"] == 4
+    assert tr["dlm"]["total"] == {"steps": 11, "rows": 88, "tokens": 88 * 64}
+    # a rebuild that reuses the others' checkpoints and trains only the missing one writes the same bytes
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    shutil.rmtree(tmp_path / "c" / "models" / "ar_matched")
+    B.build(str(tmp_path / "c"), cfg, log=lambda *_: None, reuse=True, **short)
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes(), f
     assert set(q["dlm"]["heldout"]) >= {"chain3"} and "neutral" not in q["dlm"]["in_distribution"]
     assert models.load(str(tmp_path / "a" / "models" / "dlm")).num_layers == 2

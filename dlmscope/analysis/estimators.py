@@ -1,0 +1,132 @@
+"""The ΔLM estimators over batches (docs/reference.md §4), each with a standard error over batches (the unit:
+one batch is one draw of text, of t and of the mask, so its tokens are not independent).
+
+* :func:`pooled_results` — the paper's: ``Σ_b Σ_{masked} CE / t_b ÷ Σ_b #masked`` (each term's numerator and
+  count pooled; scale ≈ mean CE / E[t]); its SE is the ratio estimator's delta method over batches.
+* :func:`per_batch_results` (alias :func:`average_results`) — the mean of the per-batch losses (each batch weighted
+  equally, so a masked token by ``1 / (t_b · #masked_b)``; scale ≈ mean CE · E[1/t]); SE = std / √B.
+* :func:`relative_se` — ``SE / |Δ|``, the precision a reported effect is held to.
+
+The per-batch dicts come from :func:`dlmscope.analysis.splice.dlm_delta_loss` / ``ar_delta_loss``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ESTIMATORS", "HEADLINE_DELTAS", "average_results", "fraction_recovered", "per_batch_results",
+           "pooled_results", "relative_se"]
+
+#: the two ΔLM estimators over batches; the first is the paper's and the default
+ESTIMATORS = ("pooled", "per_batch")
+
+def fraction_recovered(clean: float, sae: float, zero: float) -> float:
+    """``(L_zero − L_sae) / (L_zero − L_clean)``: 1 = the SAE loses nothing, 0 = as bad as zero-ablation."""
+    denom = zero - clean
+    if not math.isfinite(denom) or abs(denom) < 1e-12:
+        return float("nan")
+    return (zero - sae) / denom
+
+
+def _count_key(key: str) -> str:
+    """The count a loss key is a mean over: ``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``,
+    ``n_tokens`` for the AR keys."""
+    return "n_masked" if key.startswith("mask_") else "n_unmasked" if key.startswith("unmask_") else "n_tokens"
+
+
+def _recompute_recovered(out: dict) -> None:
+    """The recovered fractions of the combined losses (more stable than combining per-batch fractions)."""
+    for pre in ("mask_", "unmask_", ""):
+        if f"{pre}zero" in out:
+            out[f"{pre}recovered"] = fraction_recovered(out[f"{pre}clean"], out[f"{pre}sae"], out[f"{pre}zero"])
+
+
+def _check(results: Sequence[dict]) -> None:
+    if not results:
+        raise ValueError("no results to combine")
+
+
+def per_batch_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean over per-batch result dicts, each batch weighted equally (counts ``n_*`` are summed; NaNs
+    ignored), with ``{mask_,unmask_,}delta_se`` = std over batches / √B (NaN for one batch). Not the paper's
+    estimator (that is :func:`pooled_results`): the DLM losses are means over a batch's masked tokens of CE / t_b,
+    so a batch of few masked tokens (small t_b) weighs as much as a large one."""
+    _check(results)
+    out: dict[str, float] = {}
+    for key in results[0]:
+        vals = [r[key] for r in results if key in r]
+        if key.startswith("n_"):
+            out[key] = int(sum(vals))
+        else:
+            finite = [float(v) for v in vals if not math.isnan(float(v))]
+            out[key] = sum(finite) / len(finite) if finite else float("nan")
+    _recompute_recovered(out)
+    for key in ("mask_delta", "unmask_delta", "delta"):
+        if key in out:
+            vals = torch.tensor([r[key] for r in results], dtype=torch.float64)
+            out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
+    return out
+
+
+#: the per-batch mean under its former name
+average_results = per_batch_results
+
+
+def _ratio_se(num: Tensor, den: Tensor) -> float:
+    """Delta-method SE of ``R = Σ num_b / Σ den_b`` over B batches ``[B]``:
+    ``sqrt(B / (B − 1) · Σ_b (num_b − R·den_b)²) / Σ_b den_b`` (NaN for B < 2 or no count)."""
+    B, total = num.numel(), float(den.sum())
+    if B < 2 or total <= 0:
+        return float("nan")
+    r = float(num.sum()) / total
+    return float(((num - r * den) ** 2).sum() * B / (B - 1)) ** 0.5 / total
+
+
+def pooled_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The paper's pooled estimator over per-batch result dicts (of :func:`dlm_delta_loss` or
+    :func:`ar_delta_loss`): each loss is ``Σ_b loss_b · count_b ÷ Σ_b count_b`` with its own count
+    (``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``, ``n_tokens`` for the AR keys) — for ``L_mask``
+    exactly ``Σ_b Σ_{masked} CE / t_b ÷ Σ_b #masked``. Counts are summed, ``t`` is the mean over batches,
+    ``n_batches`` is B, and ``{mask_,unmask_,}delta_se`` is the ratio estimator's delta-method SE over batches.
+    A loss with a NaN batch (or no count at all) is NaN."""
+    _check(results)
+    out: dict[str, float] = {}
+    for key in results[0]:
+        if key.startswith("n_"):
+            out[key] = int(sum(r[key] for r in results))
+        elif key == "t":
+            out[key] = sum(float(r["t"]) for r in results) / len(results)
+    deltas = {}
+    for key in results[0]:
+        if key.startswith("n_") or key == "t" or key.endswith("recovered"):
+            continue
+        count = torch.tensor([float(r.get(_count_key(key), 0)) for r in results], dtype=torch.float64)
+        vals = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
+        sums = torch.where(count > 0, vals * count, torch.zeros_like(vals))  # an empty term's loss is its 0 sum
+        total = float(count.sum())
+        out[key] = float(sums.sum()) / total if total > 0 and not bool(vals.isnan().any()) else float("nan")
+        if key.endswith("delta"):
+            deltas[key] = (sums, count)
+    _recompute_recovered(out)
+    for key, (sums, count) in deltas.items():
+        out[f"{key}_se"] = _ratio_se(sums, count)
+    out["n_batches"] = len(results)
+    return out
+
+
+#: the ΔLM keys a result's standard-error target is checked on: a DLM's two losses, an AR model's one
+HEADLINE_DELTAS = ("mask_delta", "unmask_delta", "delta")
+
+
+def relative_se(result: dict) -> float:
+    """The largest ``SE / |Δ|`` over the ΔLM keys of ``result`` (:data:`HEADLINE_DELTAS`); inf for a zero Δ,
+    NaN when no SE is known (one batch)."""
+    rel = []
+    for key in HEADLINE_DELTAS:
+        if key in result:
+            se, delta = result[f"{key}_se"], abs(result[key])
+            rel.append(float("nan") if math.isnan(se) else (se / delta if delta > 0 else float("inf")))
+    return max(rel) if rel and not any(math.isnan(r) for r in rel) else float("nan")
