@@ -14,7 +14,8 @@ model: :func:`dlmscope.sae.metrics.evaluate_sae`).
   zero-ablation) that make the DLM and AR deltas comparable despite different objectives.
 
 The estimators over batches (the paper's pooled one and the per-batch mean, each with its SE) live in
-:mod:`dlmscope.analysis.estimators` and are re-exported here. :func:`delta_loss_over_batches` returns the pooled numbers with the per-batch ones beside them, and by default
+:mod:`dlmscope.analysis.estimators` and are re-exported here. :func:`delta_loss_over_batches` returns the
+pooled numbers with the per-batch ones beside them, and by default
 draws the batches' masking rates stratified (:func:`stratified_ts`). Batches with no masked (or unmasked)
 position contribute a loss of 0 for that term (the empty sum) and report ``n_masked = 0``.
 """

@@ -32,4 +32,5 @@ from .config import RUNS, DemoConfig
 from .findings import findings, observations
 from .run import WORLD_MODELS, load_world_model, run_demo, train_layer_saes
 
-__all__ = ["DemoConfig", "RUNS", "WORLD_MODELS", "run_demo", "train_layer_saes", "load_world_model", "findings", "observations"]
+__all__ = ["DemoConfig", "RUNS", "WORLD_MODELS", "run_demo", "train_layer_saes", "load_world_model", "findings",
+           "observations"]

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--tokens", type=int, default=None, help="kept training tokens per (model, policy, layer)")
     d.add_argument("--eval-tokens", type=int, default=None)
     d.add_argument("--sentences", type=int, default=None, help="world corpus size")
-    d.add_argument("--delta-batches", type=int, default=None)
+    d.add_argument("--delta-batches", type=int, default=None,
+                   help="LM batches per ΔLM round (up to four rounds, until SE < 0.1·|ΔLM|)")
     d.add_argument("--concept-batches", type=int, default=None)
     d.add_argument("--steer-layers", type=int, nargs="*", default=None,
                    help="blocks of the steering section (none: no steering; default 1 4 6 or the middle --layers)")
@@ -65,6 +66,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
             tuple(sorted(set(overrides["layers"])))
     if args.steer_prompts is not None:
         overrides["steer_prompts"] = args.steer_prompts
+    if "delta_batches" in overrides:
+        overrides["delta_max_batches"] = 4 * overrides["delta_batches"]
     return dataclasses.replace(cfg, **overrides)
 
 

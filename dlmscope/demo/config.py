@@ -6,12 +6,17 @@ import dataclasses
 from dlmscope.train.trainer import TrainConfig
 from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN
 
-__all__ = ["DemoConfig", "RUNS", "RUN_LABELS"]
+__all__ = ["DemoConfig", "RUNS", "RUN_LABELS", "AR_TWINS"]
 
 #: (model, harvest policy) pairs the demo trains SAEs for.
-RUNS = (("dlm", "mask"), ("dlm", "unmask"), ("ar", "clean"))
+RUNS = (("dlm", "mask"), ("dlm", "unmask"), ("ar", "clean"), ("ar_matched", "clean"))
 #: each run's key in ``results["runs"]`` -> its label in tables and plots
-RUN_LABELS = {"dlm/mask": "DLM Mask-SAE", "dlm/unmask": "DLM Unmask-SAE", "ar/clean": "AR twin SAE"}
+RUN_LABELS = {"dlm/mask": "DLM Mask-SAE", "dlm/unmask": "DLM Unmask-SAE", "ar/clean": "AR init twin SAE",
+              "ar_matched/clean": "matched AR twin SAE"}
+#: the AR twins every DLM-vs-AR line compares with (run key -> which pair it is; world.json["models"]["training"])
+AR_TWINS = {"ar/clean": "AR init twin: 1200 steps, the DLM's initialisation (the DLM has 5500 more steps)",
+            "ar_matched/clean": "budget-matched AR twin: the init twin + the DLM's own 4500 + 1000 steps on the "
+                                "DLM's data (6700 steps each)"}
 
 
 @dataclasses.dataclass
@@ -25,8 +30,11 @@ class DemoConfig:
     train_tokens: int = 200_000
     #: held-out activations per (model, policy, layer) for FVE / L0 / dead
     eval_tokens: int = 30_000
-    #: held-out LM batches for the ΔLM losses (the same corruption for every SAE and layer)
+    #: held-out LM batches per round of the ΔLM losses (the same corruption for every SAE and layer); an SAE gets
+    #: more rounds, up to ``delta_max_batches``, until the SE of each of its ΔLM is below ``delta_rel_se`` · |Δ|
     delta_batches: int = 12
+    delta_max_batches: int = 48
+    delta_rel_se: float = 0.1
     #: held-out LM batches for concept scoring: the best latent is chosen on the even ones, scored on the odd ones
     concept_batches: int = 16
     #: masking rate of the ``masked`` concept view
@@ -76,6 +84,9 @@ class DemoConfig:
             raise ValueError(f"k_ref={self.k_ref} must be one of ks={self.ks}")
         if self.sae_seeds < 1:
             raise ValueError(f"sae_seeds must be >= 1 (the k sweep's own seed), got {self.sae_seeds}")
+        if self.delta_max_batches < self.delta_batches:
+            raise ValueError(f"delta_max_batches={self.delta_max_batches} must be >= "
+                             f"delta_batches={self.delta_batches}")
         if self.concept_batches < 2:
             raise ValueError("concept_batches must be >= 2 (one half chooses the best latent, the other scores it)")
         self.steer_alphas = tuple(sorted(float(a) for a in self.steer_alphas))
@@ -104,6 +115,7 @@ class DemoConfig:
     def quick(cls) -> "DemoConfig":
         """A smaller demo (two layers, two k, fewer tokens) for smoke tests: about a minute."""
         return cls(layers=(0, 2), ks=(8, 16), train_tokens=40_000, eval_tokens=8_000, delta_batches=2,
+                   delta_max_batches=4,
                    concept_batches=4, sentences=40_000, steer_layers=(2,), steer_prompts=8, order_layers=(0, 2),
                    order_tasks=20, order_seeds=(0,), transfer_layers=(2,), transfer_tokens=40_000,
                    transfer_eval_tokens=4_000, transfer_delta_batches=2)

@@ -5,7 +5,7 @@ its :class:`~dlmscope.demo.config.DemoConfig`.
 """
 from __future__ import annotations
 
-from .config import DemoConfig
+from .config import AR_TWINS, DemoConfig
 from .seeds import seed_entries, seed_summary, spread
 
 __all__ = ["PAPER_FVE_MASK", "PAPER_FVE_UNMASK", "PAPER_MASK_UNMASK_GAP", "get",
@@ -62,9 +62,11 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
     ``negative_delta``: splicing a DLM SAE in can *lower* the masked-diffusion loss at early layers (the first
     quarter of the blocks, at least block 0); a Δ counts as negative when it is below −2 standard errors over
     the ΔLM batches (the paper's pooled estimator).
-    ``ar_contrast``: that effect is weaker or absent for the AR twin (relative to each model's clean loss);
-    not testable (``reproduced: None``) when the DLM shows no negative Δ.
-    ``steering`` / ``orders`` / ``transfer``: :func:`steering_finding`, :func:`order_finding`,
+    ``ar_contrast`` / ``ar_matched_contrast``: that effect is weaker or absent for the AR init twin / the
+    budget-matched AR twin (relative to each model's clean loss, :func:`_ar_contrast`); not testable
+    (``reproduced: None``) when the DLM shows no negative Δ.
+    ``steering`` / ``steering_matched`` (the pair with the budget-matched twin) / ``orders`` / ``transfer``:
+    :func:`steering_finding`, :func:`order_finding`,
     :func:`transfer_finding` (None when the run did not have that section). ``concepts``: :func:`concept_margins`.
     ``seeds``: :func:`dlmscope.demo.seeds.seed_summary`.
     """
@@ -81,22 +83,8 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
     dlm_keys = ("dlm/mask", "dlm/unmask")
     neg = _significant_negatives(results, dlm_keys, all_pairs, "mask_delta")
     neg_unmask_objective = _significant_negatives(results, dlm_keys, all_pairs, "unmask_delta")
-    ar_neg = _significant_negatives(results, ("ar/clean",), all_pairs, "delta")
-    rel = {}
-    for L in cfg.layers:
-        d = get(results, "dlm/mask", L, cfg.k_ref, "delta")
-        a = get(results, "ar/clean", L, cfg.k_ref, "delta")
-        rel[str(L)] = {"dlm_rel_delta": d["mask_delta"] / d["mask_clean"], "ar_rel_delta": a["delta"] / a["clean"],
-                       "dlm_recovered": d.get("mask_recovered", float("nan")),
-                       "ar_recovered": a.get("recovered", float("nan")),
-                       "dlm_failed": _failed(results, "dlm/mask", L, cfg.k_ref),
-                       "ar_failed": _failed(results, "ar/clean", L, cfg.k_ref)}
     early = [L for L in cfg.layers if L < max(1.0, results["num_layers"] / 4)]
     neg_layers = sorted({L for _, L, _, _, _ in neg})
-    # scale-free: the smallest Δ/clean over every (layer, k) of the Mask-SAEs and of the AR twin's SAEs (not failed)
-    def rel_min(key, dk, ck):
-        return min((get(results, key, L, k, "delta", dk) / get(results, key, L, k, "delta", ck)
-                    for L, k in all_pairs if not _failed(results, key, L, k)), default=float("nan"))
     early_neg = [L for L in neg_layers if L in early]
     failed = [[key, L, k, e["failed"]] for key, run in results["runs"].items() for L, by in run.items()
               for k, e in by.items() if e.get("failed")]
@@ -107,23 +95,46 @@ def findings(results: dict, cfg: DemoConfig) -> dict:
                            "min_gap": min(gaps, default=float("nan")), "max_gap": max(gaps, default=float("nan")),
                            "paper_gap": PAPER_MASK_UNMASK_GAP, "seeds": seed_gap, "k_seeds": cfg.k_ref,
                            "reproduced": bool(gaps) and mask_worse > len(pairs) / 2 and mean_gap < 0 and sign_ok},
-        "negative_delta": {"dlm": neg, "ar": ar_neg, "dlm_unmask_objective": neg_unmask_objective,
+        "negative_delta": {"dlm": neg, "dlm_unmask_objective": neg_unmask_objective,
+                           **{key.split("/")[0]: _significant_negatives(results, (key,), all_pairs, "delta")
+                              for key in AR_TWINS if key in results["runs"]},
                            "dlm_layers": neg_layers, "early_layers": early, "reproduced": bool(early_neg)},
         "steering": steering_finding(results),
+        "steering_matched": steering_finding(results, "ar_matched"),
         "orders": order_finding(results),
         "transfer": transfer_finding(results),
         "concepts": concept_margins(results, cfg),
         "seeds": seeds,
         "failed": failed,
-        "ar_contrast": {"per_layer": rel, "dlm_min_rel_delta": rel_min("dlm/mask", "mask_delta", "mask_clean"),
-                        "ar_min_rel_delta": rel_min("ar/clean", "delta", "clean"),
-                        "reproduced": (len(_significant_negatives(results, ("ar/clean",), [(L, k) for L in early_neg
-                                                                                           for k in cfg.ks], "delta"))
-                                       < len([n for n in neg if n[1] in early_neg])) if early_neg else None},
+        **{f"{key.split('/')[0]}_contrast": _ar_contrast(results, cfg, key, neg, early_neg)
+           for key in AR_TWINS if key in results["runs"]},
     }
 
 
-def steering_finding(results: dict) -> dict | None:
+def _ar_contrast(results: dict, cfg: DemoConfig, ar_key: str, neg: list, early_neg: list) -> dict:
+    """The negative-ΔLM effect against one AR twin (``ar_key``): per layer at ``k_ref`` each model's Δ/clean and
+    recovered fraction, the smallest Δ/clean over every (layer, k), and whether the twin has fewer significant
+    negatives at the DLM's early negative layers (None when the DLM has none)."""
+    rel_min = lambda key, dk, ck: min(  # noqa: E731
+        (get(results, key, L, k, "delta", dk) / get(results, key, L, k, "delta", ck)
+         for L in cfg.layers for k in cfg.ks if not _failed(results, key, L, k)), default=float("nan"))
+    rel = {}
+    for L in cfg.layers:
+        d = get(results, "dlm/mask", L, cfg.k_ref, "delta")
+        a = get(results, ar_key, L, cfg.k_ref, "delta")
+        rel[str(L)] = {"dlm_rel_delta": d["mask_delta"] / d["mask_clean"], "ar_rel_delta": a["delta"] / a["clean"],
+                       "dlm_recovered": d.get("mask_recovered", float("nan")),
+                       "ar_recovered": a.get("recovered", float("nan")),
+                       "dlm_failed": _failed(results, "dlm/mask", L, cfg.k_ref),
+                       "ar_failed": _failed(results, ar_key, L, cfg.k_ref)}
+    ar_early = _significant_negatives(results, (ar_key,), [(L, k) for L in early_neg for k in cfg.ks], "delta")
+    return {"pair": f"dlm/mask vs {ar_key}", "twin": AR_TWINS[ar_key], "per_layer": rel,
+            "dlm_min_rel_delta": rel_min("dlm/mask", "mask_delta", "mask_clean"),
+            "ar_min_rel_delta": rel_min(ar_key, "delta", "clean"),
+            "reproduced": (len(ar_early) < len([n for n in neg if n[1] in early_neg])) if early_neg else None}
+
+
+def steering_finding(results: dict, twin: str = "ar") -> dict | None:
     """*SAE features steer the DLM more than the AR model* (the paper's headline, docs/reference.md §5), per
     steered layer, at the paper's strengths (DLM 2.0, AR 1.2) and at matched α: the pre-specified verdict of
     :func:`dlmscope.jobs.steer.compare_models` on the DLM − AR difference of the *controlled* effect (steered −
@@ -132,17 +143,19 @@ def steering_finding(results: dict) -> dict | None:
     paper's own score (its difference, without an interval).
 
     A layer supports the claim when the controlled verdict is "DLM" *and* the paper's score favours the DLM (the
-    paper's metric and the control agree); reproduced when every steered layer does, partly when some do. None
-    without a steering section."""
+    paper's metric and the control agree); reproduced when every steered layer does, partly when some do. ``twin``
+    names the AR twin of the pair (``"ar"``: the init twin, ``"ar_matched"``: the budget-matched one). None
+    without a steering section or that pair."""
     st = results.get("steering")
-    if not st:
+    if not st or f"dlm_minus_{twin}" not in st:
         return None
-    per_layer = st["dlm_minus_ar"]
+    per_layer = st[f"dlm_minus_{twin}"]
     paper = {L: cell["paper"] for L, cell in per_layer.items()}
     agree = [L for L, c in paper.items() if c.get("verdict") == "DLM" and _num(c["score_paper"]["difference"]) > 0]
     alphas = [a for a in next(iter(per_layer.values())) if a != "paper"]
     verdict = len(agree) == len(per_layer) or ("partly" if agree else False)
-    return {"unit": "concepts × prompts", "effect": "controlled: steered − random-latent control concept-rate change",
+    return {"pair": f"dlm vs {twin}", "unit": "concepts × prompts",
+            "effect": "controlled: steered − random-latent control concept-rate change",
             "dlm_wins_paper_alpha": [L for L, c in paper.items() if c.get("verdict") == "DLM"],
             "ar_wins_paper_alpha": [L for L, c in paper.items() if c.get("verdict") == "AR"],
             "verdicts_paper_alpha": {L: c.get("verdict") for L, c in paper.items()},
@@ -246,22 +259,26 @@ def _signed(v) -> str:
 def observations(results: dict, cfg: DemoConfig) -> list[str]:
     """Bullet lines on what else the numbers show (each one states the comparison it is computed from)."""
     pairs = [(L, k) for L in cfg.layers for k in cfg.ks]
-    keys = ("dlm/mask", "dlm/unmask", "ar/clean")
+    twins = [key for key in AR_TWINS if key in results["runs"]]
+    keys = ("dlm/mask", "dlm/unmask", *twins)
     ok = [(L, k) for L, k in pairs if not any(_failed(results, key, L, k) for key in keys)]
-    ar_better = sum(get(results, "ar/clean", L, k, "fve") > max(get(results, "dlm/mask", L, k, "fve"),
-                                                                  get(results, "dlm/unmask", L, k, "fve"))
-                    for L, k in ok)
     unmask_hurts = [L for L, k in pairs if get(results, "dlm/unmask", L, k, "delta", "mask_delta")
                     > get(results, "dlm/mask", L, k, "delta", "mask_delta")]
     seeds = results.get("findings", {}).get("seeds") or seed_summary(results, list(cfg.layers), cfg.k_ref)
     gaps = seeds["gaps"]
     n_seeds = len(seeds["init_seeds"])
-    lines = [
-        f"- The AR twin's SAEs reconstruct better than both DLM SAEs at {ar_better} of {len(ok)} (layer, k) pairs "
-        f"where no SAE failed (of {len(pairs)}). At k = {cfg.k_ref} over {n_seeds} init seeds (mean over layers, "
-        "mean [min, max] over seeds; failed SAEs out): FVE Unmask-SAE − AR twin "
-        + _range(gaps.get("unmask_minus_ar")) + ", Mask-SAE − AR twin " + _range(gaps.get("mask_minus_ar"))
-        + " (the DLM and its AR twin as trained: objective, training budget and data all differ).",
+    lines = []
+    for key in twins:
+        name = key.split("/")[0]
+        better = sum(get(results, key, L, k, "fve") > max(get(results, "dlm/mask", L, k, "fve"),
+                                                          get(results, "dlm/unmask", L, k, "fve")) for L, k in ok)
+        lines.append(
+            f"- The {AR_TWINS[key]}: its SAEs reconstruct better than both DLM SAEs at {better} of {len(ok)} "
+            f"(layer, k) pairs where no SAE failed (of {len(pairs)}). At k = {cfg.k_ref} over {n_seeds} init seeds "
+            "(mean over layers, mean [min, max] over seeds; failed SAEs out): FVE Unmask-SAE − this twin "
+            + _range(gaps.get(f"unmask_minus_{name}")) + ", Mask-SAE − this twin "
+            + _range(gaps.get(f"mask_minus_{name}")) + ".")
+    lines += [
         f"- Spliced in at every position, the Unmask-SAE raises L_mask more than the Mask-SAE at {len(unmask_hurts)} "
         f"of {len(pairs)} pairs (per layer: " + ", ".join(f"L{L} {unmask_hurts.count(L)}/{len(cfg.ks)}"
                                                           for L in cfg.layers) + ").",
@@ -278,7 +295,7 @@ def observations(results: dict, cfg: DemoConfig) -> list[str]:
     if all("concepts_clean" in margins.get(key, {}) for key in keys):
         lines.append(f"- Clean text ({explain}): " + "; ".join(
             f"{label} {_margin_cells(margins[key]['concepts_clean'], cfg.layers)}"
-            for key, label in zip(keys, ("Mask-SAE", "Unmask-SAE", "AR twin"))) + ".")
+            for key, label in zip(keys, ("Mask-SAE", "Unmask-SAE", "AR init twin", "matched AR twin"))) + ".")
     return lines
 
 

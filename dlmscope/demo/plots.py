@@ -20,7 +20,9 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
     paths = []
-    styles = dict(zip(RUN_LABELS, (("-", "o"), ("--", "s"), (":", "^"))))  # line style, marker per run
+    # line style and marker per run
+    styles = {k: v for k, v in zip(RUN_LABELS, (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")))
+              if k in results["runs"]}
 
     fig = Figure(figsize=(3.2 * len(cfg.layers), 3.2))
     axes = fig.subplots(1, len(cfg.layers), sharey=True, squeeze=False)
@@ -49,17 +51,19 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 2)
     x = torch.arange(len(cfg.layers)).float()
-    w = 0.27
     # (run, its delta key, its clean-loss key, the objective)
-    series = [("dlm/mask", "mask_delta", "mask_clean", "L_mask"), ("dlm/unmask", "mask_delta", "mask_clean", "L_mask"),
-              ("ar/clean", "delta", "clean", "next-token CE")]
+    series = [("dlm/mask", "mask_delta", "mask_clean", "L_mask"), ("dlm/unmask", "mask_delta", "mask_clean", "L_mask")]
+    series += [(key, "delta", "clean", "next-token CE") for key in ("ar/clean", "ar_matched/clean")
+               if key in results["runs"]]
+    w = 0.8 / len(series)
     for i, (key, dk, ck, objective) in enumerate(series):
         label = f"{RUN_LABELS[key]} ({objective})"
         d = [get(results, key, L, cfg.k_ref, "delta", dk) for L in cfg.layers]
         rel = [get(results, key, L, cfg.k_ref, "delta", dk) / get(results, key, L, cfg.k_ref, "delta", ck)
                for L in cfg.layers]
-        axes[0].bar((x + (i - 1) * w).tolist(), d, w, label=label)
-        axes[1].bar((x + (i - 1) * w).tolist(), rel, w, label=label)
+        shift = (i - (len(series) - 1) / 2) * w
+        axes[0].bar((x + shift).tolist(), d, w, label=label)
+        axes[1].bar((x + shift).tolist(), rel, w, label=label)
     for ax, title in zip(axes, ("ΔLM loss (SAE − clean), each model's own objective",
                                 "scale-free: ΔLM / clean loss")):
         ax.axhline(0, color="black", lw=0.8)
@@ -74,7 +78,7 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
 
     names = list(next(iter(results["runs"]["dlm/unmask"].values()))[str(cfg.k_ref)]["concepts_clean"]["concepts"])
     rows, labels = [], []
-    for key in RUN_LABELS:
+    for key in (k for k in RUN_LABELS if k in results["runs"]):
         for L in cfg.layers:
             c = get(results, key, L, cfg.k_ref, "concepts_clean", "concepts")
             rows.append([c[n]["f1"] for n in names])
@@ -95,8 +99,9 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
 
     if results.get("steering"):
         st = results["steering"]
-        by_model = {label: {int(L): st["runs"][f"{key}/{L}"] for L in st["layers"]}
-                    for key, label in (("dlm", "DLM (Unmask-SAE)"), ("ar", "AR twin"))}
+        labels = {"dlm": "DLM (Unmask-SAE)", "ar": "AR init twin", "ar_matched": "matched AR twin"}
+        by_model = {labels[key]: {int(L): st["runs"][f"{key}/{L}"] for L in st["layers"]}
+                    for key in ["dlm"] + st.get("twins", ["ar"])}
         paths.append(out / "steering.png")
         plot_by_layer(by_model, paths[-1])
     if results.get("orders"):

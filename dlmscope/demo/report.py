@@ -13,8 +13,10 @@ from dlmscope.util import atomic
 from dlmscope.data.noise import T_MAX, T_MIN
 from dlmscope.jobs.order import STEPS
 from dlmscope.sae.metrics import FVE_TOLERANCE, MAX_DEAD_FRACTION
-from .config import RUN_LABELS, DemoConfig
-from .findings import PAPER_FVE_MASK, PAPER_FVE_UNMASK, get, observations
+from .config import AR_TWINS, RUN_LABELS, DemoConfig
+from .claims import paper_findings
+from .findings import PAPER_FVE_MASK, PAPER_FVE_UNMASK, get
+from .formatting import ci, conjecture_words, fmt, over, signed, signed_spread, spread_text
 from .seeds import seed_summary
 
 __all__ = ["SECTIONS", "write_report"]
@@ -22,37 +24,29 @@ __all__ = ["SECTIONS", "write_report"]
 Section = Callable[[dict, DemoConfig], list[str]]
 
 
-#: how the report words a finding's verdict
-_VERDICT = {True: "**reproduced**", False: "**not reproduced**", "partly": "**partly reproduced**",
-            "consistent": "**consistent with the claim**", "partly consistent": "**partly consistent with the claim**"}
-
-
-def _fmt(v, digits=3) -> str:
-    """``v`` to ``digits`` decimals; NaN, or None (a NaN read back from results.json), as ``n/a``."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def _signed(v, digits=2) -> str:
-    """``v`` with its sign; NaN or None as ``n/a``."""
-    return "n/a" if v is None or v != v else f"{v:+.{digits}f}"
-
-
 def header(results: dict, cfg: DemoConfig) -> list[str]:
     """Title and the run's settings."""
     n_eval = [e["n_tokens"] for run in results["runs"].values() for layer in run.values() for e in layer.values()]
     min_eval, max_eval = min(n_eval), max(n_eval)
+    deltas = [e["delta"] for run in results["runs"].values() for layer in run.values() for e in layer.values()]
+    deltas += [e["delta"] for run in results.get("seed_runs", {}).values() for layer in run.values()
+               for e in layer.values()]
+    met = sum(bool(d.get("se_target_met")) for d in deltas)
+    twins = [f"{RUN_LABELS[k].removesuffix(' SAE')} ({why})" for k, why in AR_TWINS.items() if k in results["runs"]]
     lines = ["# dlmscope demo — DLM-Scope on the embedded world", "",
-             f"Embedded world: LLaDA-format masked DLM and its Llama AR twin ({results['num_layers']} blocks, d_model "
-             f"{results.get('d_model', '?')}, {results.get('n_params', 0) / 1e6:.2f}M params), "
-             f"trained on the planted-concept corpus. SAEs: Top-K, n = {cfg.n_latents}, k ∈ {list(cfg.ks)}, "
+             f"Embedded world: LLaDA-format masked DLM and its Llama AR twins ({results['num_layers']} blocks, d_model "
+             f"{results.get('d_model', '?')}, {results.get('n_params', 0) / 1e6:.2f}M params each), "
+             f"trained on the planted-concept corpus. AR twins: {'; '.join(twins)}. SAEs: Top-K, "
+             f"n = {cfg.n_latents}, k ∈ {list(cfg.ks)}, "
              f"{cfg.train_tokens:,} kept training tokens per (model, policy, layer), lr {cfg.lr}, batch "
              f"{cfg.sae_batch}; held-out FVE on {min_eval:,}–{max_eval:,} tokens of the same policy (dead = never "
-             "fired on them); ΔLM on "
-             f"{cfg.delta_batches} held-out LM batches of {cfg.lm_batch}×{cfg.seq_len} tokens "
-             f"(t stratified over [{T_MIN}, {T_MAX}], the same corruption for every SAE and layer; the paper's pooled "
-             f"estimator, ± its SE over batches). SAE seeds: {cfg.sae_seeds} init seeds at k = {cfg.k_ref} for every "
+             "fired on them); ΔLM on held-out LM batches of "
+             f"{cfg.lm_batch}×{cfg.seq_len} tokens in rounds of {cfg.delta_batches}, up to {cfg.delta_max_batches}, "
+             f"until every ΔLM of the SAE has SE < {cfg.delta_rel_se:g}·|Δ| (met by {met} of {len(deltas)} SAEs; "
+             "◦ marks the others) "
+             f"(t stratified over [{T_MIN}, {T_MAX}] per round, the same corruption for every SAE and layer; the "
+             "paper's pooled estimator, ± its SE over batches). "
+             f"SAE seeds: {cfg.sae_seeds} init seeds at k = {cfg.k_ref} for every "
              "run and layer (the same harvest and data order; the other k one seed); spreads over seeds are min–max. "
              f"A failed SAE (more than {MAX_DEAD_FRACTION:.0%} of latents dead, or FVE more than {FVE_TOLERANCE} "
              "below a smaller k's) is marked † and kept out of every mean and count. Wall time "
@@ -64,12 +58,13 @@ def header(results: dict, cfg: DemoConfig) -> list[str]:
 
 def reconstruction(results: dict, cfg: DemoConfig) -> list[str]:
     """Held-out FVE, L0 and dead fraction per (layer, k) and run; FVE and the gaps over init seeds at k_ref."""
+    runs = [key for key in RUN_LABELS if key in results["runs"]]
     lines = ["## Reconstruction: held-out FVE (L0, dead fraction)", "",
-             "| layer | k | " + " | ".join(RUN_LABELS.values()) + " |", "|---|---|" + "---|" * len(RUN_LABELS)]
+             "| layer | k | " + " | ".join(RUN_LABELS[k] for k in runs) + " |", "|---|---|" + "---|" * len(runs)]
     for L in cfg.layers:
         for k in cfg.ks:
             cells = []
-            for key in RUN_LABELS:
+            for key in runs:
                 e = results["runs"][key][str(L)][str(k)]
                 mark = "†" if e.get("failed") else ""
                 cells.append(f"{e['fve']:.3f}{mark} ({e['l0']:.1f}, {e['dead_fraction']:.2f})")
@@ -78,26 +73,20 @@ def reconstruction(results: dict, cfg: DemoConfig) -> list[str]:
     n = len(sm["init_seeds"])
     lines += ["", f"At k = {cfg.k_ref}, over {n} init seeds {sm['init_seeds']} (mean [min, max] (seeds that did not "
               "fail); the gaps pair seed i of one run with seed i of the other):", "",
-              "| layer | " + " | ".join(RUN_LABELS.values()) + " | Mask − Unmask | Unmask − AR |",
-              "|---|" + "---|" * (len(RUN_LABELS) + 2)]
+              "| layer | " + " | ".join(RUN_LABELS[k] for k in runs) + " | Mask − Unmask | Unmask − AR init twin | "
+              "Unmask − matched AR |", "|---|" + "---|" * (len(runs) + 3)]
     for L in cfg.layers:
-        cells = [_sp(sm["fve"][key][str(L)], 3) for key in RUN_LABELS]
-        gaps = [_sp(sm["gaps"][g]["per_layer"][str(L)], 3) for g in ("mask_minus_unmask", "unmask_minus_ar")]
+        cells = [spread_text(sm["fve"][key][str(L)], 3) for key in runs]
+        gaps = [spread_text(sm["gaps"][g]["per_layer"][str(L)], 3) if g in sm["gaps"] else "—"
+                for g in ("mask_minus_unmask", "unmask_minus_ar", "unmask_minus_ar_matched")]
         lines.append(f"| {L} | " + " | ".join(cells + gaps) + " |")
     g = sm["gaps"]["mask_minus_unmask"]["mean_over_layers"]
-    lines += ["", f"Mean FVE gap Mask − Unmask over layers at k = {cfg.k_ref}: {_sp(g, 3)} over seeds (the paper: "
+    lines += ["", f"Mean FVE gap Mask − Unmask over layers at k = {cfg.k_ref}: {spread_text(g, 3)} over seeds (the paper: "
               f"{PAPER_FVE_MASK - PAPER_FVE_UNMASK:+.3f}, one SAE each at LLaDA L16, k = 50)."]
     if sm["failed"]:
         lines += ["", "Failed SAEs at k = " + f"{cfg.k_ref} (out of the means): " + "; ".join(
             f"{RUN_LABELS.get(key, key)} L{L} seed {s}: {why}" for key, L, _, s, why in sm["failed"]) + "."]
     return lines + [""]
-
-
-def _sp(c: dict | None, digits: int = 2) -> str:
-    """A seed spread ``mean [min, max] (n)``."""
-    if not c or not c.get("n"):
-        return "n/a"
-    return f"{_fmt(c['mean'], digits)} [{_fmt(c['low'], digits)}, {_fmt(c['high'], digits)}] ({c['n']})"
 
 
 def splice_in(results: dict, cfg: DemoConfig) -> list[str]:
@@ -108,25 +97,33 @@ def splice_in(results: dict, cfg: DemoConfig) -> list[str]:
              "(Σ_b Σ_masked CE/t_b ÷ Σ_b #masked) ± its delta-method SE over the batches; beside it, the per-batch "
              "mean of the Mask-SAE's ΔL_mask (each batch weighted equally, not the paper's).", "",
              "| layer | k | Mask-SAE ΔL_mask | (per-batch) | Mask-SAE ΔL_unmask | Unmask-SAE ΔL_mask | "
-             "Unmask-SAE ΔL_unmask | AR ΔCE | DLM clean L_mask | AR clean CE | recovered (Mask-SAE / AR) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Unmask-SAE ΔL_unmask | AR init twin ΔCE | matched AR ΔCE | DLM clean L_mask | AR clean CE (init / "
+             "matched) | recovered (Mask-SAE / AR init / matched) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for L in cfg.layers:
         for k in cfg.ks:
             m = get(results, "dlm/mask", L, k, "delta")
             u = get(results, "dlm/unmask", L, k, "delta")
             a = get(results, "ar/clean", L, k, "delta")
+            b = get(results, "ar_matched/clean", L, k, "delta") if "ar_matched/clean" in results["runs"] else None
             mark = lambda key: "†" if get(results, key, L, k).get("failed") else ""  # noqa: E731
             lines.append(f"| {L} | {k} | {_pm(m, 'mask_delta')}{mark('dlm/mask')} | "
-                         f"{_signed(m.get('per_batch', {}).get('mask_delta'), 4)} | {_pm(m, 'unmask_delta')} | "
+                         f"{signed(m.get('per_batch', {}).get('mask_delta'), 4)} | {_pm(m, 'unmask_delta')} | "
                          f"{_pm(u, 'mask_delta')}{mark('dlm/unmask')} | {_pm(u, 'unmask_delta')} | "
-                         f"{_pm(a, 'delta')}{mark('ar/clean')} | {m['mask_clean']:.3f} | {a['clean']:.3f} | "
-                         f"{_fmt(m.get('mask_recovered', float('nan')))} / {_fmt(a.get('recovered', float('nan')))} |")
+                         f"{_pm(a, 'delta')}{mark('ar/clean')} | "
+                         + (f"{_pm(b, 'delta')}{mark('ar_matched/clean')} | " if b else "— | ")
+                         + f"{m['mask_clean']:.3f} | {a['clean']:.3f} / {fmt(b['clean'] if b else None)} | "
+                         f"{fmt(m.get('mask_recovered'))} / {fmt(a.get('recovered'))} / "
+                         f"{fmt(b.get('recovered') if b else None)} |")
     return lines + [""]
 
 
 def _pm(d: dict, key: str) -> str:
-    """``Δ ± SE`` of a ΔLM result (the SE over batches; n/a for one batch)."""
-    return f"{_signed(d[key], 4)} ± {_fmt(d.get(f'{key}_se'), 4)}"
+    """``Δ ± SE`` of a ΔLM result (the SE over batches; n/a for one batch); ◦ when its SE stayed ≥ the target
+    fraction of |Δ| after every batch."""
+    unresolved = "◦" if d.get("se_target_met") is False and d.get(f"{key}_se", 0) >= d.get("se_target", 1) * abs(
+        d[key]) else ""
+    return f"{signed(d[key], 4)} ± {fmt(d.get(f'{key}_se'), 4)}{unresolved}"
 
 
 def concepts(results: dict, cfg: DemoConfig) -> list[str]:
@@ -143,36 +140,21 @@ def concepts(results: dict, cfg: DemoConfig) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     series = [("dlm/mask", "concepts_clean", "Mask-SAE (clean)"), ("dlm/mask", "concepts_masked", "Mask-SAE (masked)"),
               ("dlm/unmask", "concepts_clean", "Unmask-SAE (clean)"),
-              ("dlm/unmask", "concepts_masked", "Unmask-SAE (masked)"), ("ar/clean", "concepts_clean", "AR twin")]
+              ("dlm/unmask", "concepts_masked", "Unmask-SAE (masked)"), ("ar/clean", "concepts_clean", "AR init twin"),
+              ("ar_matched/clean", "concepts_clean", "matched AR twin")]
     for L in cfg.layers:
         for key, view, label in series:
             m = margins.get(key, {}).get(view, {}).get(str(L))
             if m is None:
                 continue
             r = m["random_sae"]
-            lines.append(f"| {L} | {label} | {_sp(m['trained_over_seeds'])} | {_fmt(r['mean'], 2)} "
-                         f"[{_fmt(r['low'], 2)}, {_fmt(r['high'], 2)}] | {_fmt(m['best_dimension'], 2)} | "
-                         f"{_sp_signed(m['margin_random'])} | {_sp_signed(m['margin_best_dimension'])} |")
+            lines.append(f"| {L} | {label} | {spread_text(m['trained_over_seeds'])} | {fmt(r['mean'], 2)} "
+                         f"[{fmt(r['low'], 2)}, {fmt(r['high'], 2)}] | {fmt(m['best_dimension'], 2)} | "
+                         f"{signed_spread(m['margin_random'])} | {signed_spread(m['margin_best_dimension'])} |")
     n_concepts = len(get(results, "dlm/unmask", cfg.layers[0], cfg.k_ref, "concepts_clean", "concepts"))
     lines += ["", f"(median over the {n_concepts} concepts; per-concept values in `results.json` and "
               "`concept_f1.png`)", ""]
     return lines
-
-
-def _sp_signed(c: dict | None) -> str:
-    if not c or not c.get("n"):
-        return "n/a"
-    return f"{_signed(c['mean'])} [{_signed(c['low'])}, {_signed(c['high'])}]"
-
-
-def _ci(c: dict) -> str:
-    return f"{_signed(c['mean'])} [{_signed(c['low'])}, {_signed(c['high'])}]"
-
-
-def _over(c: dict) -> str:
-    """What an interval was resampled over, from its ``over`` field: ``concepts × prompts (10 × 24)``."""
-    over = c.get("over") or {}
-    return (" × ".join(over) + " (" + " × ".join(str(v) for v in over.values()) + ")") if over else "n/a"
 
 
 def steering(results: dict, cfg: DemoConfig) -> list[str]:
@@ -186,10 +168,11 @@ def steering(results: dict, cfg: DemoConfig) -> list[str]:
     flu = first.get("fluency", {})
     lines = ["## Steering during generation", "",
              f"Each planted concept's best latent (chosen by detection F1 above, k = {cfg.k_ref}; DLM: Unmask-SAE, "
-             f"AR: the twin's SAE) steered with `α · m(h) · v_f` at every position and step, on {st['n_prompts']} "
+             f"AR init twin (AR) and matched AR twin (AR-M): their SAEs) steered with `α · m(h) · v_f` at every "
+             f"position and step, on {st['n_prompts']} "
              f"neutral prompts, {st['gen_length']} tokens (DLM: LLaDA sampler, {st['gen_length']} steps; AR: sampled), "
              "temperature 0.7, the same seed for the baseline and every steered run. Δconcept: mean concept-rate "
-             "change (planted judge) with its 95% interval over " + _over(row0["concept_delta"]) + "; controlled: "
+             "change (planted judge) with its 95% interval over " + over(row0["concept_delta"]) + "; controlled: "
              "minus the change a random alive latent (or a random unit direction) of the same SAE makes at the same "
              "α and norm; composite: ΔC − 0.3·log(P_after/P_before) per cell (a robust fluency term); paper's score: "
              "ΔC̄ + 0.3·(P̄_b − P̄_a)/P̄_b per concept, averaged (no interval); ppl: median perplexity ratio; "
@@ -197,40 +180,54 @@ def steering(results: dict, cfg: DemoConfig) -> list[str]:
              f"models: {flu.get('independent')}; {flu.get('why', 'not stated')}).", "",
              "| layer | model | α | Δconcept | − random latent | − random direction | up | ppl ×| composite "
              "| paper's score | norm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    models = ["dlm"] + st.get("twins", ["ar"])
     for L in st["layers"]:
-        for model in ("dlm", "ar"):
+        for model in models:
             for r in st["runs"][f"{model}/{L}"]["summary"]["rows"]:
                 ctl = r.get("controlled", {})
                 lines.append(
-                    f"| {L} | {model.upper()} | {r['alpha']:g} | {_ci(r['concept_delta'])} | "
-                    + " | ".join(_ci(ctl[k]) if k in ctl else "—" for k in ("random_latent", "random_direction"))
-                    + f" | {r['features_up']}/{r['n_features']} | ×{_fmt(r['ppl_ratio_median'], 3)} | "
-                    f"{_ci(r['composite']) if 'composite' in r else '—'} | {_signed(r['score_mean'], 3)} | "
-                    f"{_fmt(r.get('norm_ratio'), 3)} |")
+                    f"| {L} | {_MODEL[model]} | {r['alpha']:g} | {ci(r['concept_delta'])} | "
+                    + " | ".join(ci(ctl[k]) if k in ctl else "—" for k in ("random_latent", "random_direction"))
+                    + f" | {r['features_up']}/{r['n_features']} | ×{fmt(r['ppl_ratio_median'], 3)} | "
+                    f"{ci(r['composite']) if 'composite' in r else '—'} | {signed(r['score_mean'], 3)} | "
+                    f"{fmt(r.get('norm_ratio'), 3)} |")
     lines += ["", "Best concept gain at matched fluency (median perplexity ratio ≤ 2; α picked by the gain): "
               + "; ".join(
-        f"L{L} {model.upper()} " + ", ".join(
-            (f"α {m['alpha']:g}: {_ci(m['concept_delta'])}" if m.get("alpha") is not None else "no α")
+        f"L{L} {_MODEL[model]} " + ", ".join(
+            (f"α {m['alpha']:g}: {ci(m['concept_delta'])}" if m.get("alpha") is not None else "no α")
             for m in st["runs"][f"{model}/{L}"]["summary"].get("matched_fluency", []))
-        for L in st["layers"] for model in ("dlm", "ar")) + "."]
-    keys = [k for k in next(iter(st["dlm_minus_ar"].values())) if k != "paper"]
-    cell0 = st["dlm_minus_ar"][str(st["layers"][0])]["paper"]
-    lines += ["", "DLM − AR, pre-specified: the difference of the controlled effect (steered − random-latent "
-              f"control), 95% interval over {_over(cell0)}, → DLM if above 0, AR if below, else no difference; the "
-              "same rule on the composite; the paper's score difference beside it (no interval); norm DLM / AR.", "",
-              "| layer | α (DLM vs AR) | controlled effect → verdict | composite → verdict | paper's score DLM / AR "
-              "(difference) | uncontrolled Δconcept | norm DLM / AR |", "|---|---|---|---|---|---|---|"]
-    for L, cell in st["dlm_minus_ar"].items():
+        for L in st["layers"] for model in models) + "."]
+    for twin in models[1:]:
+        lines += _steering_pair(st, twin)
+    return lines + [""]
+
+
+#: how the steering tables name the steered models
+_MODEL = {"dlm": "DLM", "ar": "AR", "ar_matched": "AR-M"}
+
+
+def _steering_pair(st: dict, twin: str) -> list[str]:
+    """The pre-specified DLM − AR table of one pair (``twin``: ``"ar"`` or ``"ar_matched"``)."""
+    pair = st[f"dlm_minus_{twin}"]
+    keys = [k for k in next(iter(pair.values())) if k != "paper"]
+    cell0 = pair[str(st["layers"][0])]["paper"]
+    lines = ["", f"DLM − {_MODEL[twin]} ({AR_TWINS[twin + '/clean']}), pre-specified: the difference of the "
+             f"controlled effect (steered − random-latent control), 95% interval over {over(cell0)}, → DLM if above "
+             "0, AR if below, else no difference; the same rule on the composite; the paper's score difference "
+             "beside it (no interval); norm DLM / AR.", "",
+             "| layer | α (DLM vs AR) | controlled effect → verdict | composite → verdict | paper's score DLM / AR "
+             "(difference) | uncontrolled Δconcept | norm DLM / AR |", "|---|---|---|---|---|---|---|"]
+    for L, cell in pair.items():
         for name in ["paper"] + keys:
             c = cell[name]
             sp, nr = c.get("score_paper", {}), c.get("norm_ratio", {})
             label = "paper's (2.0 vs 1.2)" if name == "paper" else f"matched {name}"
-            lines.append(f"| {L} | {label} | {_ci(c)} → {c.get('verdict')} | "
-                         f"{_ci(c['composite']) if 'composite' in c else '—'} → {c.get('composite_verdict')} | "
-                         f"{_signed(sp.get('DLM'), 3)} / {_signed(sp.get('AR'), 3)} "
-                         f"({_signed(sp.get('difference'), 3)}) | "
-                         f"{_ci(c['concept_delta']) if 'concept_delta' in c else '—'} | "
-                         f"{_fmt(nr.get('DLM'), 3)} / {_fmt(nr.get('AR'), 3)} |")
+            lines.append(f"| {L} | {label} | {ci(c)} → {c.get('verdict')} | "
+                         f"{ci(c['composite']) if 'composite' in c else '—'} → {c.get('composite_verdict')} | "
+                         f"{signed(sp.get('DLM'), 3)} / {signed(sp.get('AR'), 3)} "
+                         f"({signed(sp.get('difference'), 3)}) | "
+                         f"{ci(c['concept_delta']) if 'concept_delta' in c else '—'} | "
+                         f"{fmt(nr.get('DLM'), 3)} / {fmt(nr.get('AR'), 3)} |")
     return lines + [""]
 
 
@@ -258,11 +255,11 @@ def decoding_orders(results: dict, cfg: DemoConfig) -> list[str]:
     if cell and cell["order_sensitive"].get("denominator"):
         lines += ["", f"(order-sensitive accuracy {cell['order_sensitive']['denominator']})"]
     lines += ["", "Pre-specified — each SAE-guided order − the confidence order it re-ranks (same tasks, paired): "
-              + "; ".join(f"{o} − {c['base_order']} at {st} steps {_ci(c['difference'])} {c['verdict']} "
+              + "; ".join(f"{o} − {c['base_order']} at {st} steps {ci(c['difference'])} {c['verdict']} "
                           f"({c['denominator']})"
                           for o, by in r.get("sae_vs_base", {}).items() for st, c in by.items() if st != "one") + ".",
               "", "Post hoc (the comparator is the best confidence order on these same tasks) — SAE-guided − best: "
-              + "; ".join(f"{o} at {st} steps vs {c['best_confidence_order']} {_ci(c['difference'])}"
+              + "; ".join(f"{o} at {st} steps vs {c['best_confidence_order']} {ci(c['difference'])}"
                           for o, by in r["sae_vs_best_confidence"].items() for st, c in by.items() if st != "one")
               + ".", ""]
     best = []
@@ -270,25 +267,17 @@ def decoding_orders(results: dict, cfg: DemoConfig) -> list[str]:
         finite = {k: v for k, v in c.items() if v["mean"] is not None and v["mean"] == v["mean"]}
         if finite:
             k, v = max(finite.items(), key=lambda kv: abs(kv[1]["mean"]))
-            best.append(f"{o} {k} r = {_ci(v)} ({v.get('sign', 'n/a')}, {v.get('denominator', 'n/a')})")
+            best.append(f"{o} {k} r = {ci(v)} ({v.get('sign', 'n/a')}, {v.get('denominator', 'n/a')})")
     lines += ["Feature dynamics vs accuracy (Pearson r over tasks at G steps, within task groups, groups with no "
               "variance in exact match left out; per order the statistic with the largest |r|, chosen post hoc): "
               + "; ".join(best) + ".", ""]
     conj = r.get("conjecture")
     if conj:
-        per = "; ".join(f"{o} r = {_ci(c[conj['statistic']])} ({c[conj['statistic']].get('denominator', 'n/a')})"
+        per = "; ".join(f"{o} r = {ci(c[conj['statistic']])} ({c[conj['statistic']].get('denominator', 'n/a')})"
                         for o, c in r["correlations_within_group"].items() if o in conj["orders"])
         lines += [f"Pre-specified statistic {conj['statistic']} ({conj.get('scope', 'within task groups')}), "
                   f"sign-agnostic: {conjecture_words(conj)}. Per order: {per}.", ""]
     return lines
-
-
-def conjecture_words(conj: dict) -> str:
-    """The conjecture's verdict in one clause: how many orders have a robust r, of which sign."""
-    robust = len(conj.get("positive", [])) + len(conj.get("negative", []))
-    return (f"{conj.get('verdict')} — a robust correlation (interval excluding 0) at {robust} of "
-            f"{len(conj.get('orders', []))} orders (positive: {', '.join(conj.get('positive', [])) or 'none'}; "
-            f"negative: {', '.join(conj.get('negative', [])) or 'none'})")
 
 
 def transfer(results: dict, cfg: DemoConfig) -> list[str]:
@@ -316,26 +305,26 @@ def transfer(results: dict, cfg: DemoConfig) -> list[str]:
             if prefix and prefix + "fve_ratio" not in sm:
                 continue
             lines.append(
-                f"| {L} | {text} | {_fmt(g('fve_base_on_base'))} / {_fmt(g('fve_base_on_target'))} / "
-                f"{_fmt(g('fve_target_on_target'))} | {_fmt(g('fve_ratio'), 2)} ({_fmt(g('ceiling_fve_ratio'), 2)}, "
-                f"{_fmt(g('null_fve_ratio'), 2)}) | {_fmt(g('matched_corr_median'), 2)} "
-                f"({_fmt(g('ceiling_matched_corr_median'), 2)}) | {_fmt(g('corr_median'), 2)} | "
-                f"{_fmt(g('hungarian_mean'), 2)} ({_fmt(g('ceiling_hungarian_mean'), 2)}, "
-                f"{_fmt(g('chance_hungarian_mean'), 2)}) | {_fmt(g('recovered_base_in_target'), 2)} / "
-                f"{_fmt(g('recovered_target_in_target'), 2)} | {sm.get(prefix + 'verdict_words', 'n/a')} |")
+                f"| {L} | {text} | {fmt(g('fve_base_on_base'))} / {fmt(g('fve_base_on_target'))} / "
+                f"{fmt(g('fve_target_on_target'))} | {fmt(g('fve_ratio'), 2)} ({fmt(g('ceiling_fve_ratio'), 2)}, "
+                f"{fmt(g('null_fve_ratio'), 2)}) | {fmt(g('matched_corr_median'), 2)} "
+                f"({fmt(g('ceiling_matched_corr_median'), 2)}) | {fmt(g('corr_median'), 2)} | "
+                f"{fmt(g('hungarian_mean'), 2)} ({fmt(g('ceiling_hungarian_mean'), 2)}, "
+                f"{fmt(g('chance_hungarian_mean'), 2)}) | {fmt(g('recovered_base_in_target'), 2)} / "
+                f"{fmt(g('recovered_target_in_target'), 2)} | {sm.get(prefix + 'verdict_words', 'n/a')} |")
     lines += ["", "AR twin as a different-model reference (base DLM SAE on the AR twin's clean activations): "
               + "; ".join(
-        f"L{L} FVE ratio {_fmt(sm.get('control_fve_ratio', math.nan), 2)}, median latent r "
-        f"{_fmt(sm.get('control_corr_median', math.nan), 2)}" for L, sm in r["summary"].items()) + "."]
+        f"L{L} FVE ratio {fmt(sm.get('control_fve_ratio', math.nan), 2)}, median latent r "
+        f"{fmt(sm.get('control_corr_median', math.nan), 2)}" for L, sm in r["summary"].items()) + "."]
     if any("init_hungarian_mean" in sm for sm in r["summary"].values()):
         lines += ["", "Shared initialisation (base vs its start): " + "; ".join(
-            f"L{L} Hungarian cos {_fmt(sm['init_hungarian_mean'], 2)}" for L, sm in r["summary"].items()
+            f"L{L} Hungarian cos {fmt(sm['init_hungarian_mean'], 2)}" for L, sm in r["summary"].items()
             if "init_hungarian_mean" in sm) + "."]
     return lines + [""]
 
 
 def _ci01(c) -> str:
-    return "—" if not c else f"{_fmt(c['mean'], 2)} [{_fmt(c['low'], 2)}, {_fmt(c['high'], 2)}]"
+    return "—" if not c else f"{fmt(c['mean'], 2)} [{fmt(c['low'], 2)}, {fmt(c['high'], 2)}]"
 
 
 def plot_gallery(results: dict, cfg: DemoConfig) -> list[str]:
@@ -348,101 +337,6 @@ def plot_gallery(results: dict, cfg: DemoConfig) -> list[str]:
         if results.get(key):
             lines += [f"![{name[:-4]}]({name})", ""]
     return lines
-
-
-def _steering_claim(st: dict | None) -> list[str]:
-    if st is None:
-        return []
-    names = lambda Ls: ", ".join("L" + L for L in Ls) or "none"  # noqa: E731
-    per = "; ".join(f"L{L} {st['verdicts_paper_alpha'][L]} (composite: {st['composite_verdicts_paper_alpha'][L]}, "
-                    f"paper's score difference {_signed(st['score_paper_difference'][L], 3)})" for L in st["layers"])
-    matched = "; ".join(f"α={a}: DLM {names(Ls)}, AR {names(st['ar_wins_matched'][a])}"
-                        for a, Ls in st["dlm_wins_matched"].items())
-    return [f"4. *SAE features steer the DLM more than the AR model* (paper: DLM α 2.0 vs AR α 1.2): "
-            f"{_VERDICT[st['reproduced']]} — the controlled effect (steered − random-latent control) and the paper's "
-            f"score both favour the DLM at {len(st['paper_metric_and_control_agree'])} of {len(st['layers'])} steered "
-            f"layers ({names(st['paper_metric_and_control_agree'])}). Pre-specified verdict per layer, interval over "
-            f"{st['unit']}: {per}. At matched α the controlled verdict favours: {matched}."]
-
-
-def _order_claim(o: dict | None) -> list[str]:
-    if o is None:
-        return []
-    pre = "; ".join(f"{k.replace('/all', ' at G steps').replace('/half', ' at ⌈G/2⌉ steps')} vs {v['base_order']} "
-                    f"{v['verdict']} ({_signed(v['difference']['mean'], 3)}, {v['denominator']})"
-                    for k, v in o["sae_vs_base"].items())
-    post = ", ".join(f"{k.replace('/all', ' at G steps').replace('/half', ' at ⌈G/2⌉ steps')} {v}"
-                     for k, v in o["guided_vs_best_confidence_post_hoc"].items())
-    return [f"5. *SAE feature dynamics track decoding quality* (a conjecture in the paper, with no sign and never "
-            f"measured there): {_VERDICT[o['reproduced']]} — sign-agnostic, on {o['statistic']} within task groups: "
-            f"{conjecture_words(o) if o.get('conjecture') else 'no correlation'}. Pre-specified, each SAE-guided "
-            "order against its own base order: "
-            f"{pre or 'not run'}. Post hoc, against the best confidence order on the same tasks: {post or 'not run'}."]
-
-
-def _transfer_claim(t: dict | None, results: dict) -> list[str]:
-    if t is None:
-        return []
-    sm = results["transfer"]["summary"]
-    per = "; ".join(f"L{L}: pre-training text FVE ratio {_fmt(sm[L]['fve_ratio'], 2)} (ceiling "
-                    f"{_fmt(sm[L].get('ceiling_fve_ratio'), 2)}) — {sm[L].get('verdict_words', 'no verdict')}"
-                    + (f"; own Q&A text FVE ratio {_fmt(sm[L]['own_fve_ratio'], 2)} (ceiling "
-                       f"{_fmt(sm[L].get('own_ceiling_fve_ratio'), 2)}) — "
-                       f"{sm[L].get('own_verdict_words', 'no verdict')}"
-                       if "own_fve_ratio" in sm[L] else "") for L in t["layers"])
-    return [f"6. *SAE features stay stable from base to instruct* (a claim without code or numbers in the paper; here "
-            f"read against two base SAEs of different seeds and a random SAE, never 'reproduced'): "
-            f"{_VERDICT[t['reproduced']]} — {per}."]
-
-
-def paper_findings(results: dict, cfg: DemoConfig) -> list[str]:
-    """The paper's three claims checked on this run, other observations and the caveat of scale."""
-    f = results["findings"]
-    mv, nd, ac = f["mask_vs_unmask"], f["negative_delta"], f["ar_contrast"]
-    yes = {True: "**reproduced**", False: "**not reproduced**", None: "**not testable here**"}
-    negs = lambda items: ", ".join(f"L{L} k={k} ({pol}-SAE, {d:+.4f} ± {se:.4f})"  # noqa: E731
-                                   for pol, L, k, d, se in items) or "no (layer, k) pair"
-    lines = ["## The paper's findings in the embedded world", "",
-             "A ΔLM counts as negative only below −2 standard errors over the ΔLM batches (± values below); failed "
-             "SAEs (†) are out of every count. Every DLM-vs-AR line compares the world's DLM with its AR twin as "
-             "trained: the DLM starts from the AR twin's weights and trains further on a task-richer mix, so the "
-             "objective, the training budget and the data all differ.", "",
-             f"1. *Mask-SAEs fit worse than Unmask-SAEs* (paper, LLaDA L16 k=50, one SAE each: FVE {PAPER_FVE_MASK} "
-             f"vs {PAPER_FVE_UNMASK}, gap {mv['paper_gap']:+.3f}): {yes[mv['reproduced']]}"
-             + (" in sign" if mv["reproduced"] else "")
-             + f" — the Mask-SAE has the lower FVE at {mv['mask_worse']} of {mv['pairs']} (layer, k) pairs where "
-             f"neither SAE failed (of {mv['pairs_all']}); FVE gap Mask − Unmask mean {_signed(mv['mean_gap'], 3)} "
-             f"(range {_signed(mv['min_gap'], 3)} … {_signed(mv['max_gap'], 3)}; with the failed SAEs "
-             f"{_signed(mv['mean_gap_with_failed'], 3)}). At k = {mv['k_seeds']} over init seeds, the mean gap over "
-             f"layers is {_sp(mv['seeds'], 3)} (mean [min, max] (seeds)), {_ratio(mv['seeds'], mv['paper_gap'])} the "
-             "paper's; the sign counts as reproduced only when every seed's gap is negative.",
-            f"2. *Negative ΔLM at early DLM layers* (splicing the SAE in lowers the masked-diffusion loss; early = "
-             f"the first quarter of the blocks, here {nd['early_layers']}): {yes[nd['reproduced']]} — negative "
-             f"ΔL_mask at {negs(nd['dlm'])}. On the auxiliary unmasked-position loss, negative ΔL_unmask at "
-             f"{negs(nd['dlm_unmask_objective'])}.",
-             f"3. *Weaker or absent for the AR twin*: {yes[ac['reproduced']]}"
-             + ("" if nd["reproduced"] else " (no negative early-layer DLM ΔL_mask to contrast)")
-             + f" — AR ΔCE negative at {negs(nd['ar'])}. Smallest Δ/clean over all (layer, k): Mask-SAE "
-             f"{ac['dlm_min_rel_delta']:+.4f}, AR twin {ac['ar_min_rel_delta']:+.4f}. Per layer at k = {cfg.k_ref} "
-             "(Mask-SAE vs AR twin): "
-             + "; ".join(f"L{L} Δ/clean {v['dlm_rel_delta']:+.3f} vs {v['ar_rel_delta']:+.3f}, recovered "
-                         f"{_fmt(v['dlm_recovered'])} vs {_fmt(v['ar_recovered'])}" for L, v in ac["per_layer"].items())
-             + "."] + (_steering_claim(f.get("steering")) + _order_claim(f.get("orders"))
-                       + _transfer_claim(f.get("transfer"), results)) + ["",
-             "### Other observations (computed from the tables above)", ""] + observations(results, cfg) + ["",
-             f"These are {results['num_layers']}-block, {results.get('n_params', 0) / 1e6:.2f}M-parameter models "
-             "trained for under an hour on 2 CPU cores on a templated corpus: a finding that does not appear here "
-             "says nothing about 8B models, and one that does is a sanity check of the pipeline, not a replication.",
-             ""]
-    return lines
-
-
-def _ratio(sp: dict, paper: float) -> str:
-    """``0.62×–1.10×``: the seed range of a gap as multiples of the paper's."""
-    if not sp.get("n") or not paper:
-        return "n/a ×"
-    lo, hi = sorted((sp["low"] / paper, sp["high"] / paper))
-    return f"{sp['mean'] / paper:.2f}× ({lo:.2f}×–{hi:.2f}×)"
 
 
 plot_gallery.needs_plots = True

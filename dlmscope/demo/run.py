@@ -90,7 +90,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     tokenizer = adapters["dlm"].tokenizer
     train_batches, held_batches = world_batches(tokenizer, cfg.sentences, cfg.seq_len, cfg.lm_batch, cfg.seed)
     names, table = concept_id_table(tokenizer)
-    delta_batches = held_batches[: cfg.delta_batches]
+    delta_batches = held_batches[: cfg.delta_max_batches]
     concept_rows = held_batches[: cfg.concept_batches]
     steer_saes, steer_latents = {}, {}   # (model, layer) -> the k_ref SAE and each concept's best latent
     order_saes = {}                      # layer -> the Mask-SAE at k_ref that replays the decoding orders
@@ -130,7 +130,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
                 views["concepts_masked"] = tuple(
                     labelled_activations(adapter, rows, layer, table, "masked", t=cfg.concept_t, seed=cfg.seed + i)
                     for i, rows in enumerate((concept_rows[0::2], concept_rows[1::2])))
-            deltas = delta_loss_over_batches(adapter, sweep + extras, layer, delta_batches, seed=cfg.seed + 7)
+            deltas = delta_loss_over_batches(adapter, sweep + extras, layer, delta_batches, seed=cfg.seed + 7,
+                                             target_rel_se=cfg.delta_rel_se, round_batches=cfg.delta_batches)
             entries = []
             for sae, delta in zip(sweep + extras, deltas):
                 entry = evaluate_sae(sae, held[layer])

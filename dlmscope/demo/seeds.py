@@ -15,7 +15,8 @@ __all__ = ["seed_entries", "spread", "seed_summary", "GAPS"]
 
 #: the FVE gaps the findings use, ``(name, run minus, run subtracted)``
 GAPS = (("mask_minus_unmask", "dlm/mask", "dlm/unmask"), ("unmask_minus_ar", "dlm/unmask", "ar/clean"),
-        ("mask_minus_ar", "dlm/mask", "ar/clean"))
+        ("mask_minus_ar", "dlm/mask", "ar/clean"), ("unmask_minus_ar_matched", "dlm/unmask", "ar_matched/clean"),
+        ("mask_minus_ar_matched", "dlm/mask", "ar_matched/clean"))
 
 
 def seed_entries(results: dict, run_key: str, layer, k_ref: int) -> dict[int, dict]:

@@ -18,7 +18,8 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import LM_BATCH, SEQ_LEN
 from .sources import token_batches
 
-__all__ = ["USER_ERRORS", "SHARED", "positive_int", "positive_float", "out_dir", "out_file", "add_option", "add_text_options",
+__all__ = ["USER_ERRORS", "SHARED", "positive_int", "positive_float", "out_dir", "out_file", "add_option",
+           "add_text_options",
            "text_from_args", "load_model_layer_sae"]
 
 #: what a verb raises for bad input or a refused service: the CLI prints it as one line and exits 2

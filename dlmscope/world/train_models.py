@@ -1,4 +1,4 @@
-"""Train the embedded world's three tiny models and write them in their real checkpoint formats.
+"""Train the embedded world's four tiny models and write them in their real checkpoint formats.
 
 ``out_dir/models/dlm/``       LLaDA-format masked diffusion LM (``model_type: "llada"``, LLaDA key names),
                               trained with the masked-diffusion objective: per sequence ``t ~ U(eps, 1)``,
@@ -44,7 +44,8 @@ from .quality import task_quality
 from .tokenizer import save_tokenizer
 
 __all__ = ["ModelConfig", "TrainConfig", "train_models", "evaluate_models", "masked_accuracy", "ar_perplexity",
-           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "stratified_t", "anneal_dlm", "sft_samples", "quality_summary",
+           "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "stratified_t", "anneal_dlm", "sft_samples",
+           "quality_summary",
            "train_ar_matched", "training_record"]
 
 #: Worlds smaller than this many pre-training sentences get no models (a model trained on a toy slice would

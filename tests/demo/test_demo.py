@@ -16,7 +16,7 @@ from dlmscope.jobs.order import ORDERS
 from dlmscope.util import atomic
 
 TINY = DemoConfig(layers=(0, 3), ks=(4, 8), k_ref=8, n_latents=128, train_tokens=6_000, eval_tokens=2_000,
-                  delta_batches=2, concept_batches=2, sentences=6_000, sae_batch=512, warmup_steps=2,
+                  delta_batches=2, delta_max_batches=4, concept_batches=2, sentences=6_000, sae_batch=512, warmup_steps=2,
                   norm_batches=2, dead_tokens=4_000, steer_layers=(3,), steer_prompts=4, steer_gen=4,
                   order_layers=(0, 3), order_tasks=4, order_seeds=(0,), transfer_layers=(3,), transfer_tokens=6_000,
                   transfer_eval_tokens=2_000, transfer_delta_batches=1)
@@ -55,6 +55,9 @@ def test_results_cover_every_run_layer_and_k(demo_run):
                 assert ("concepts_masked" in e) == (model == "dlm")
                 if model == "dlm":
                     assert d["mask_delta_se"] >= 0.0
+                # ΔLM in rounds of 2 batches up to 4, until SE < 0.1·|Δ|; whether it got there is stored
+                assert d["n_batches"] in (2, 4) and d["se_target"] == 0.1
+                assert d["se_target_met"] == (d["rel_se"] < 0.1) and (d["n_batches"] == 4 or d["se_target_met"])
     base = results["concept_baselines"]
     assert set(base) == {f"{m}/{p}" for m, p in RUNS} and set(base["dlm/mask"]["0"]) == {"concepts_clean",
                                                                                           "concepts_masked"}
@@ -75,8 +78,8 @@ def test_results_cover_every_run_layer_and_k(demo_run):
                 assert e["init_seed"] == int(seed) and 0.0 < e["fve"] <= 1.0 and "failed" in e
                 assert e["fve"] != results["runs"][f"{model}/{policy}"][layer]["8"]["fve"]   # another start
     seeds = results["findings"]["seeds"]
-    assert seeds["init_seeds"] == [0, 1, 2] and set(seeds["gaps"]) == {"mask_minus_unmask", "unmask_minus_ar",
-                                                                        "mask_minus_ar"}
+    assert seeds["init_seeds"] == [0, 1, 2] and set(seeds["gaps"]) == {
+        "mask_minus_unmask", "unmask_minus_ar", "mask_minus_ar", "unmask_minus_ar_matched", "mask_minus_ar_matched"}
     assert all("failed" in e for run in results["runs"].values() for layer in run.values() for e in layer.values())
     # the SAEs are saved and load back
     from dlmscope.sae.topk import TopKSAE
@@ -106,7 +109,8 @@ def test_plots_and_report(demo_run):
     f = results["findings"]
     verdicts = ("**reproduced**", "**not reproduced**", "**not testable here**", "**partly reproduced**",
                 "**consistent with the claim**", "**partly consistent with the claim**")
-    assert sum(report.count(v) for v in verdicts) == 6
+    # one verdict per claim, and claims 3 and 4 once per AR twin (the init twin and the budget-matched one)
+    assert sum(report.count(v) for v in verdicts) == 8
     assert isinstance(f["mask_vs_unmask"]["reproduced"], bool)
     assert f["mask_vs_unmask"]["pairs_all"] == 4 and 0 <= f["mask_vs_unmask"]["mask_worse"] <= 4
     # every interval names its unit, the controls and the paper's metric stand beside the effect
@@ -141,6 +145,8 @@ def test_findings_follow_the_numbers(demo_run):
                 fake["runs"][key][layer][k]["delta"]["mask_delta"] = -0.1 if layer == "0" else 0.2
                 fake["runs"][key][layer][k]["delta"]["mask_delta_se"] = 0.01
             fake["runs"]["ar/clean"][layer][k]["delta"]["delta"] = 0.3
+            fake["runs"]["ar_matched/clean"][layer][k]["delta"]["delta"] = -0.3   # the matched twin: negative
+            fake["runs"]["ar_matched/clean"][layer][k]["delta"]["delta_se"] = 0.01
     f = findings(fake, TINY)
     assert f["mask_vs_unmask"]["reproduced"] and f["mask_vs_unmask"]["mean_gap"] == pytest.approx(-0.4)
     seeds = f["mask_vs_unmask"]["seeds"]      # per seed the mean gap over layers: −0.4, −0.3, −0.3
@@ -167,7 +173,10 @@ def test_findings_follow_the_numbers(demo_run):
         for k in ("4", "8"):
             noisy["runs"][key]["0"][k]["delta"]["mask_delta_se"] = 0.08
     assert not findings(noisy, TINY)["negative_delta"]["reproduced"]
-    assert f["ar_contrast"]["reproduced"]
+    assert f["ar_contrast"]["reproduced"] and f["ar_contrast"]["pair"] == "dlm/mask vs ar/clean"
+    # each twin's contrast is computed from its own SAEs
+    assert len(f["negative_delta"]["ar_matched"]) == 4 and f["negative_delta"]["ar"] == []
+    assert f["ar_matched_contrast"]["ar_min_rel_delta"] < 0 < f["ar_contrast"]["ar_min_rel_delta"]
     for layer in ("0", "3"):
         for k in ("4", "8"):
             fake["runs"]["dlm/mask"][layer][k]["fve"] = 0.95
@@ -176,13 +185,15 @@ def test_findings_follow_the_numbers(demo_run):
     f = findings(fake, TINY)
     assert not f["mask_vs_unmask"]["reproduced"] and not f["negative_delta"]["reproduced"]
     assert f["ar_contrast"]["reproduced"] is None  # nothing negative on the DLM side to contrast with
+    assert f["ar_matched_contrast"]["reproduced"] is None
 
 
 def test_steering_section(demo_run):
     _, results = demo_run
     st = results["steering"]
-    assert st["layers"] == [3] and st["alphas"] == {"dlm": [2.0, 4.0], "ar": [1.2, 2.0, 4.0]}
-    for key, n_alpha in (("dlm/3", 2), ("ar/3", 3)):
+    assert st["layers"] == [3] and st["twins"] == ["ar", "ar_matched"]
+    assert st["alphas"] == {"dlm": [2.0, 4.0], "ar": [1.2, 2.0, 4.0], "ar_matched": [1.2, 2.0, 4.0]}
+    for key, n_alpha in (("dlm/3", 2), ("ar/3", 3), ("ar_matched/3", 3)):
         run = st["runs"][key]
         assert run["n_prompts"] == 4 and len(run["features"]) == 10        # every planted concept
         assert [r["alpha"] for r in run["summary"]["rows"]] == st["alphas"][key.split("/")[0]]
@@ -198,8 +209,12 @@ def test_steering_section(demo_run):
     assert cell["paper"]["over"] == {"concepts": 10, "prompts": 4} and cell["paper"]["verdict"] in ("DLM", "AR",
                                                                                                  "no difference")
     assert {"composite", "composite_verdict", "score_paper", "norm_ratio"} <= set(cell["paper"])
+    # the same pre-specified comparison against the budget-matched twin, named as its own pair
+    matched = st["dlm_minus_ar_matched"]["3"]
+    assert set(matched) == {"2", "4", "paper"} and matched["paper"]["over"] == {"concepts": 10, "prompts": 4}
+    assert results["findings"]["steering_matched"]["pair"] == "dlm vs ar_matched"
     assert st["runs"]["dlm/3"]["fluency"]["independent"] is False
-    assert "neither twin" in st["runs"]["dlm/3"]["fluency"]["why"]
+    assert "no third causal LM" in st["runs"]["dlm/3"]["fluency"]["why"]
     # the finding follows the pre-specified verdicts, and needs the paper's score to agree
     fake = json.loads(json.dumps(results))
     for c, v in zip(("paper", "2", "4"), ("DLM", "no difference", "DLM")):
