@@ -16,7 +16,7 @@ from dlmscope.world import train_models as TM
 
 MODELS_DIR = os.path.join(ASSETS_DIR, "models")
 pytestmark = pytest.mark.skipif(not all(os.path.isfile(os.path.join(MODELS_DIR, n, "model.safetensors"))
-                                        for n in ("dlm", "ar", "instruct")),
+                                        for n in ("dlm", "ar", "ar_matched", "instruct")),
                                 reason="world models not built (python -m dlmscope.world.build)")
 
 #: margins the committed models must clear (the measured values are in world.json["models"])
@@ -33,7 +33,7 @@ def _load(name):
 @pytest.fixture(scope="module")
 def adapters():
     torch.manual_seed(0)
-    return {n: _load(n) for n in ("dlm", "ar", "instruct")}
+    return {n: _load(n) for n in ("dlm", "ar", "ar_matched", "instruct")}
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +92,21 @@ def test_dlm_checkpoints_are_llada_format(name, adapters, tok):
     assert cfg["embedding_size"] == cfg["vocab_size"] == len(tok)
 
 
-def test_ar_checkpoint_is_llama_format(adapters, tok):
+@pytest.mark.parametrize("name", ["ar", "ar_matched"])
+def test_ar_checkpoint_is_llama_format(name, adapters, tok):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = _config("ar")
+    cfg = _config(name)
     assert cfg["model_type"] == "llama" and cfg.get("is_causal", True) is not False
-    keys = _state_keys("ar")
+    keys = _state_keys(name)
     assert "model.embed_tokens.weight" in keys and "model.layers.0.self_attn.q_proj.weight" in keys
-    a = adapters["ar"]
+    a = adapters[name]
     assert a.family == "llama" and a.mask_token_id is None
-    direct = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS_DIR, "ar"))
+    direct = AutoModelForCausalLM.from_pretrained(os.path.join(MODELS_DIR, name))
     x = torch.tensor([tok("the capital of france is paris .")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(direct(input_ids=x).logits, a.logits(x))
-    assert AutoTokenizer.from_pretrained(os.path.join(MODELS_DIR, "ar")).get_vocab() == tok.get_vocab()
+    assert AutoTokenizer.from_pretrained(os.path.join(MODELS_DIR, name)).get_vocab() == tok.get_vocab()
     # same architecture as the DLM
     d = _config("dlm")
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]) == (
@@ -113,7 +114,7 @@ def test_ar_checkpoint_is_llama_format(adapters, tok):
 
 
 def test_sizes_are_small():
-    for name in ("dlm", "ar", "instruct"):
+    for name in ("dlm", "ar", "ar_matched", "instruct"):
         size = os.path.getsize(os.path.join(MODELS_DIR, name, "model.safetensors"))
         assert 0.5e6 < size < 10.5e6, (name, size)
 
@@ -126,8 +127,9 @@ def test_dlm_is_bidirectional_ar_is_causal(adapters, data):
         for name in ("dlm", "instruct"):
             a = adapters[name]
             assert (a.logits(x)[:, 0] - a.logits(y)[:, 0]).abs().max() > 1e-3, name
-        ar = adapters["ar"]
-        torch.testing.assert_close(ar.logits(x)[:, :-1], ar.logits(y)[:, :-1])
+        for name in ("ar", "ar_matched"):
+            ar = adapters[name]
+            torch.testing.assert_close(ar.logits(x)[:, :-1], ar.logits(y)[:, :-1])
 
 
 def test_dlm_masked_accuracy_beats_unigram(adapters, data, tok):
@@ -141,8 +143,12 @@ def test_dlm_masked_accuracy_beats_unigram(adapters, data, tok):
 
 
 def test_ar_perplexity_beats_unigram(adapters, data):
-    res = TM.ar_perplexity(adapters["ar"].model, data["held"], data["unigram"])
-    assert res["ppl"] < AR_PPL_RATIO * res["unigram_ppl"], res
+    res = {name: TM.ar_perplexity(adapters[name].model, data["held"], data["unigram"]) for name in ("ar", "ar_matched")}
+    for r in res.values():
+        assert r["ppl"] < AR_PPL_RATIO * r["unigram_ppl"], res
+    # the budget-matched twin ends on the task-rich annealing mix, so on plain held-out text it sits a little above the
+    # init twin (world.json: 3.82 vs 3.44), far below the unigram model
+    assert res["ar_matched"]["ppl"] < 1.25 * res["ar"]["ppl"], res
 
 
 def test_instruct_answers_qa_better_than_base(adapters, data, tok):
@@ -156,10 +162,16 @@ def test_instruct_answers_qa_better_than_base(adapters, data, tok):
 def test_world_json_records_model_metrics():
     meta = json.load(open(os.path.join(ASSETS_DIR, "world.json")))
     m = meta["models"]
-    for key in ("dlm_masked", "ar", "qa_accuracy", "quality", "model_config", "train_config", "file_bytes"):
+    for key in ("dlm_masked", "ar", "ar_matched", "qa_accuracy", "quality", "model_config", "train_config",
+                "file_bytes", "training"):
         assert key in m, key
     assert m["dlm_masked"]["t=0.15"]["accuracy"] > m["dlm_masked"]["t=0.15"]["unigram_accuracy"]
     assert m["ar"]["ppl"] < m["ar"]["unigram_ppl"]
+    # each model's steps, rows, tokens and data are recorded; the matched twin has read exactly the DLM's
+    tr = m["training"]
+    assert tr["ar_matched"]["total"] == tr["dlm"]["total"] == {"steps": 6700, "rows": 428_800, "tokens": 27_443_200}
+    assert tr["ar"]["total"]["steps"] == 1200 and [p["data"] for p in tr["ar_matched"]["phases"]] == [
+        p["data"] for p in tr["dlm"]["phases"]]
 
 
 # ---------------------------------------------------------------------------------------------- task quality
@@ -184,8 +196,8 @@ def measured_quality(adapters, shipped_tasks, tok):
     from dlmscope.world.quality import task_quality
 
     tasks, heldout = shipped_tasks
-    return {name: task_quality(adapters[name], tasks, heldout, tok, causal=name == "ar")
-            for name in ("dlm", "ar", "instruct")}
+    return {name: task_quality(adapters[name], tasks, heldout, tok, causal=name.startswith("ar"))
+            for name in ("dlm", "ar", "ar_matched", "instruct")}
 
 
 def test_quality_matches_world_json(measured_quality):
@@ -202,7 +214,8 @@ def test_quality_matches_world_json(measured_quality):
 def test_models_know_the_world(measured_quality):
     """The aim of the world: both base models know every in-distribution task kind; the instruct twin
     answers the Q&A slice and keeps the base facts."""
-    for name, kinds in (("dlm", C.SCORED_KINDS), ("ar", C.SCORED_KINDS), ("instruct", C.SCORED_KINDS)):
+    for name, kinds in (("dlm", C.SCORED_KINDS), ("ar", C.SCORED_KINDS), ("ar_matched", C.SCORED_KINDS),
+                        ("instruct", C.SCORED_KINDS)):
         q = measured_quality[name]["in_distribution"]
         for kind in kinds:
             if kind in q:
