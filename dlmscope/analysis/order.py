@@ -382,7 +382,7 @@ def group_correlation(x, y, groups, *, within: bool = True, n_total: int | None 
     verdict = "undefined" if iv.low != iv.low else "association" if iv.excludes_zero() else "none"
     total = len(groups) if n_total is None else n_total
     denominator = f"over {n} {units} of {total}" + (
-        "; out for zero outcome variance: " + ", ".join(f"{g} ({k} tasks)" for g, k in excluded.items())
+        "; out for zero outcome variance: " + ", ".join(f"{g} ({k} task{'' if k == 1 else 's'})" for g, k in excluded.items())
         if excluded else "")
     return {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": n, "over": {"tasks": n},
             "sign": "positive" if iv.mean > 0 else "negative" if iv.mean < 0 else "none",

@@ -309,7 +309,7 @@ def _summarise(tasks, heldout, groups, correct, stats_rows, per_group_stats, fea
     for order, rows in stats_rows.items():
         keys = [k for k in rows if k not in ("correct", "group")]
         for name, within in (("correlations", False), ("correlations_within_group", True)):
-            units = f"order-sensitive tasks (of {N} tasks) replayed at 'all' steps"
+            units = "order-sensitive tasks replayed at 'all' steps"  # group_correlation adds "of <replayed>"
             out[name][order] = {key: group_correlation(rows[key], rows["correct"], rows["group"], within=within,
                                                        units=units) for key in keys}
     layers = sorted({int(k.split("/")[1]) for c in out["correlations_within_group"].values() for k in c})
