@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import pytest
+
+import dlmscope
 
 from dlmscope import cli
 from dlmscope.analysis.order import conjecture_verdict
@@ -215,6 +218,9 @@ def test_steering_section(demo_run):
     assert results["findings"]["steering_matched"]["pair"] == "dlm vs ar_matched"
     assert st["runs"]["dlm/3"]["fluency"]["independent"] is False
     assert "no third causal LM" in st["runs"]["dlm/3"]["fluency"]["why"]
+    # the results name the judge, never a path of the machine they ran on
+    assert st["runs"]["dlm/3"]["fluency"]["model"] == "the embedded world's models/ar"
+    assert os.path.dirname(os.path.abspath(dlmscope.__file__)) not in json.dumps(results)
     # the finding follows the pre-specified verdicts, and needs the paper's score to agree
     fake = json.loads(json.dumps(results))
     for c, v in zip(("paper", "2", "4"), ("DLM", "no difference", "DLM")):
