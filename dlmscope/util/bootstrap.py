@@ -39,13 +39,19 @@ class Interval:
         return f"{self.mean:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
 
 
+def _nan_for_none(values):
+    """``values`` (numbers, or lists of them nested to any depth) with ``None`` as NaN."""
+    if isinstance(values, (list, tuple)):
+        return [_nan_for_none(v) for v in values]
+    return float("nan") if values is None else float(values)
+
+
 def _tensor(values) -> torch.Tensor:
-    """float64, with ``None`` (a failed measurement) as NaN."""
+    """float64, with ``None`` (a failed measurement) as NaN; nested lists of any depth (a ragged one is refused
+    by torch, naming its shape)."""
     if isinstance(values, torch.Tensor):
         return values.to(torch.float64)
-    rows = values if values and isinstance(values[0], (list, tuple)) else [values]
-    t = torch.tensor([[float("nan") if x is None else float(x) for x in r] for r in rows], dtype=torch.float64)
-    return t if rows is values else t[0]
+    return torch.tensor(_nan_for_none(values), dtype=torch.float64)
 
 
 def _check_level(level: float) -> None:

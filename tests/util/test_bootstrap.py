@@ -122,3 +122,15 @@ def test_two_sample_difference_resamples_each_sample_on_its_own():
     se = math.sqrt(float(a.var()) / 300 + float(b.var()) / 200)
     assert shifted.high - shifted.low == pytest.approx(2 * 1.96 * se, rel=0.15)
     assert math.isnan(two_sample_difference([], [1.0]).mean)
+
+
+def test_crossed_bootstrap_takes_nested_lists_of_any_depth():
+    """[seeds, concepts, prompts] as plain nested lists (None as a missing cell) equals the same tensor."""
+    cells = [[[0.1 * (s + c + p) for p in range(4)] for c in range(3)] for s in range(2)]
+    cells[1][2][3] = None
+    as_list = bootstrap_crossed(cells, ("seeds", "concepts", "prompts"), resamples=200)
+    t = torch.tensor([[[float("nan") if x is None else x for x in row] for row in block] for block in cells],
+                     dtype=torch.float64)
+    as_tensor = bootstrap_crossed(t, ("seeds", "concepts", "prompts"), resamples=200)
+    assert (as_list.mean, as_list.low, as_list.high) == (as_tensor.mean, as_tensor.low, as_tensor.high)
+    assert as_list.over == {"seeds": 2, "concepts": 3, "prompts": 4}
