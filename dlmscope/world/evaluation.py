@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import corpus as C
-from .objectives import diffusion_mask
+from .objectives import diffusion_mask, is_causal
 from .quality import task_quality
 
 __all__ = ["unigram_counts", "masked_accuracy", "ar_perplexity", "qa_accuracy", "evaluate_models",
@@ -87,10 +87,9 @@ def evaluate_models(dlm, ar, instruct, world, tok, tc, ar_matched=None) -> dict:
     out["qa_accuracy"] = {"dlm": qa_accuracy(dlm, qa, tok, tc.sft_seq_len),
                           "instruct": qa_accuracy(instruct, qa, tok, tc.sft_seq_len)}
     heldout = [C.task_heldout(t, world.config.heldout_frac, world.config.seed) for t in world.tasks]
-    named = (("dlm", dlm), ("ar", ar), ("instruct", instruct)) + ((("ar_matched", ar_matched),) if ar_matched
-                                                                  is not None else ())
-    out["quality"] = {name: task_quality(model, world.tasks, heldout, tok, causal=name.startswith("ar"))
-                      for name, model in named}
+    named = {"dlm": dlm, "ar": ar, "instruct": instruct, "ar_matched": ar_matched}
+    out["quality"] = {name: task_quality(model, world.tasks, heldout, tok, causal=is_causal(model))
+                      for name, model in named.items() if model is not None}
     return out
 
 

@@ -1,10 +1,11 @@
-"""The world models' training objectives: stratified mask rates, LLaDA-style masking and the 1/t-weighted loss."""
+"""The world models' training objectives: stratified mask rates, LLaDA-style masking and the 1/t-weighted loss;
+the AR twins' next-token CE."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["stratified_t", "diffusion_mask", "dlm_loss"]
+__all__ = ["stratified_t", "diffusion_mask", "dlm_loss", "ar_loss", "is_causal"]
 
 
 def stratified_t(n: int, eps: float, gen: torch.Generator) -> torch.Tensor:
@@ -35,3 +36,15 @@ def dlm_loss(model, ids, t, masked, noisy, attention_mask=None, norm=None):
     if norm is None:
         return ce.sum() / ids.numel()
     return (ce.sum(1) / norm).mean()
+
+
+def ar_loss(model, ids):
+    """Next-token CE of a causal model on ``ids`` ``[B, T]`` (mean over the ``B·(T−1)`` targets)."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def is_causal(model) -> bool:
+    """Whether ``model`` (a ``LlamaForCausalLM``) attends causally: the AR twins do, the DLMs (``is_causal=False``)
+    do not."""
+    return getattr(model.config, "is_causal", True) is not False

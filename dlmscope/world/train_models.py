@@ -32,14 +32,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dlmscope.models import load as load_model
 from dlmscope.models.llada import save_llada_checkpoint
 from . import corpus as C
 from .evaluation import (ar_perplexity, evaluate_models, masked_accuracy, qa_accuracy, quality_summary,
                          unigram_counts)
-from .objectives import diffusion_mask, dlm_loss, stratified_t
+from .objectives import ar_loss, diffusion_mask, dlm_loss, is_causal, stratified_t
 from .quality import task_quality
 from .tokenizer import save_tokenizer
 
@@ -199,9 +198,7 @@ def train_ar(train_ids, tok, mc: ModelConfig, tc: TrainConfig, log=print, probe=
     batches = _batches(train_ids.shape[0], tc.batch, tc.ar_steps, gen)
 
     def step_fn(_):
-        ids = train_ids[next(batches)]
-        logits = model(input_ids=ids).logits[:, :-1]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return ar_loss(model, train_ids[next(batches)])
 
     secs = _train_loop(model, opt, tc.ar_steps, tc.lr, tc.warmup, tc.clip, step_fn, log, "ar", probe=probe,
                        probe_every=tc.probe_every)
@@ -249,19 +246,17 @@ def train_ar_matched(ar, train_ids, anneal_ids, tok, tc: TrainConfig, log=print,
         batches = _batches(ids_all.shape[0], tc.batch, steps, gen)
 
         def step_fn(_, ids_all=ids_all, batches=batches):
-            ids = ids_all[next(batches)]
-            logits = model(input_ids=ids).logits[:, :-1]
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            return ar_loss(model, ids_all[next(batches)])
 
         secs += _train_loop(model, opt, steps, lr, warmup, tc.clip, step_fn, log, name, probe=probe,
                             probe_every=tc.probe_every)
     return model, secs
 
 
-def training_record(tc: TrainConfig, seq_len: int) -> dict:
+def training_record(tc: TrainConfig) -> dict:
     """What each model was trained on: per model its phases (``steps``, ``rows``, ``tokens`` = steps x batch x
     seq_len, ``data``, ``objective``, ``init``) and the totals; stored as ``world.json["models"]["training"]``."""
-    def phase(steps, data, objective, batch=tc.batch, length=seq_len):
+    def phase(steps, data, objective, batch=tc.batch, length=tc.seq_len):
         return {"steps": steps, "rows": steps * batch, "tokens": steps * batch * length, "data": data,
                 "objective": objective}
 
@@ -323,18 +318,17 @@ def sft_samples(world, frac_base: float, seq_len: int, seed: int) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def save_model(model, tok, models_dir: str, name: str) -> int:
-    """Write one checkpoint (+ tokenizer files) to ``models_dir/name``: LLaDA format for the diffusion models
-    (``dlm``, ``instruct``), transformers Llama format for the AR twins (``ar``, ``ar_matched``). Returns the weight file's size in bytes."""
+def save_model(model, tok, models_dir: str, name: str) -> None:
+    """Write one checkpoint (+ tokenizer files) to ``models_dir/name``: transformers Llama format for a causal
+    model (the AR twins), LLaDA format for a diffusion one (the DLM and the instruct twin)."""
     d = os.path.join(models_dir, name)
     os.makedirs(d, exist_ok=True)
-    if name.startswith("ar"):
+    if is_causal(model):
         model.save_pretrained(d, safe_serialization=True)
     else:
         save_llada_checkpoint(model, d, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id)
     save_tokenizer(tok, d)
-    return os.path.getsize(os.path.join(d, "model.safetensors"))
 
 
 def _reused(models_dir: str, name: str, reuse: bool, log):
@@ -406,7 +400,7 @@ def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = Mo
         instruct = made("instruct", lambda: train_instruct(dlm, qa_ids, qa_prompt, tokenizer, tc, log))
         metrics = evaluate_models(dlm, ar, instruct, world, tokenizer, tc, ar_matched=ar_matched)
         metrics.update({
-            "training": training_record(tc, tc.seq_len),
+            "training": training_record(tc),
             "model_config": asdict(mc), "train_config": {k: (list(v) if isinstance(v, tuple) else v)
                                                          for k, v in asdict(tc).items()},
             "n_params": sum(p.numel() for p in dlm.parameters()),
