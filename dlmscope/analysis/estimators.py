@@ -31,6 +31,10 @@ def fraction_recovered(clean: float, sae: float, zero: float) -> float:
     return (zero - sae) / denom
 
 
+#: the ΔLM keys that carry a standard error (and a result's SE target): a DLM's two losses, an AR model's one
+HEADLINE_DELTAS = ("mask_delta", "unmask_delta", "delta")
+
+
 def _count_key(key: str) -> str:
     """The count a loss key is a mean over: ``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``,
     ``n_tokens`` for the AR keys."""
@@ -64,7 +68,7 @@ def per_batch_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
             finite = [float(v) for v in vals if not math.isnan(float(v))]
             out[key] = sum(finite) / len(finite) if finite else float("nan")
     _recompute_recovered(out)
-    for key in ("mask_delta", "unmask_delta", "delta"):
+    for key in HEADLINE_DELTAS:
         if key in out:
             vals = torch.tensor([r[key] for r in results], dtype=torch.float64)
             out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
@@ -115,10 +119,6 @@ def pooled_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
         out[f"{key}_se"] = _ratio_se(sums, count)
     out["n_batches"] = len(results)
     return out
-
-
-#: the ΔLM keys a result's standard-error target is checked on: a DLM's two losses, an AR model's one
-HEADLINE_DELTAS = ("mask_delta", "unmask_delta", "delta")
 
 
 def relative_se(result: dict) -> float:

@@ -327,7 +327,8 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
         raise ValueError(f"t_sampling must be 'stratified' or 'iid', got {t_sampling!r}")
     if target_rel_se is not None and not target_rel_se > 0:
         raise ValueError(f"target_rel_se must be > 0, got {target_rel_se}")
-    size = len(batches) if target_rel_se is None else (round_batches or max(2, len(batches) // 4))
+    size = len(batches) if target_rel_se is None else (
+        max(2, len(batches) // 4) if round_batches is None else round_batches)
     if size < 1:
         raise ValueError(f"round_batches must be >= 1, got {round_batches}")
     gen = torch.Generator().manual_seed(seed)
