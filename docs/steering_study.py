@@ -113,7 +113,7 @@ def sweep(name: str, model, sae, layer: int, prompts, lms: dict) -> dict:
     out = {}
     for j, pair in judges.items():
         # the judge by its world name: the adapter's source is an absolute path
-        ref = fluency_reference(lms[j], model, independent=False, why=JUDGE_WHY[pair]) | {"model": j}
+        ref = fluency_reference(lms[j], model, independent=False, why=JUDGE_WHY[pair], name=j)
         out[j] = run_steer(model, sae, prompts, feats, spec, lms[j], keep_generations=2, progress=False,
                            reference=ref)
     return out

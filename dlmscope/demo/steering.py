@@ -47,8 +47,8 @@ def run_steering(adapters: dict, saes: dict, latents: dict, cfg: DemoConfig) -> 
             features = list(latents[(model, L)].items())
             reference = fluency_reference(ref, adapters[model], independent=False,
                                           why="the AR init twin judges every model (the world ships no third "
-                                              "causal LM); it is the DLM's and the matched twin's initialisation")
-            reference["model"] = "the embedded world's models/ar"   # a name, not this checkout's path
+                                              "causal LM); it is the DLM's and the matched twin's initialisation",
+                                          name="the embedded world's models/ar")
             out["runs"][f"{model}/{L}"] = run_steer(adapters[model], saes[(model, L)], prompts, features, spec, ref,
                                                     keep_generations=2, reference=reference)
     for twin in out["twins"]:

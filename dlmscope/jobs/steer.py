@@ -135,12 +135,14 @@ def summarise(sweeps: Sequence[list[dict]], *, concepts: Sequence[str] | None = 
             "matched_fluency": stats.matched_fluency(rows, max_ratio=max_ppl_ratio)}
 
 
-def fluency_reference(ref_lm, adapter, independent: bool | None = None, why: str | None = None) -> dict:
-    """What judges fluency: the reference LM's source and whether it is independent of the steered models
-    (neither the steered model nor its twin); ``why`` says how that is known, or why no independent one."""
+def fluency_reference(ref_lm, adapter, independent: bool | None = None, why: str | None = None,
+                      name: str | None = None) -> dict:
+    """What judges fluency: the reference LM (``name``, default its source) and whether it is independent of the
+    steered models (neither the steered model nor its twin); ``why`` says how that is known, or why no independent
+    one. Give ``name`` where the output is published: the source is a path on the machine that ran it."""
     if ref_lm is adapter or getattr(ref_lm, "source", None) == getattr(adapter, "source", object()):
         independent, why = False, "the reference LM is the steered model itself"
-    return {"model": getattr(ref_lm, "source", repr(ref_lm)), "independent": independent,
+    return {"model": name or getattr(ref_lm, "source", repr(ref_lm)), "independent": independent,
             "why": why or "not stated by the caller"}
 
 
