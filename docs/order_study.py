@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dlmscope.util import atomic
-from dlmscope.util.bootstrap import paired_difference
+from dlmscope.util.bootstrap import paired_difference, side_of_zero
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
 from dlmscope.demo.report import conjecture_words
 from dlmscope.demo.run import sweep_spec
@@ -103,7 +103,7 @@ def over_seeds(runs: dict, kept: list, key: str, comparator: str) -> dict:
             n = sum(any(a[t] is not None and b[t] is not None for a, b in zip(A, B)) for t in range(len(A[0])))
             out.setdefault(o, {})[st] = {
                 comparator: sorted(set(base.values())), "difference": asdict(iv),
-                "verdict": "better" if iv.low > 0 else "worse" if iv.high < 0 else "tie",
+                "verdict": side_of_zero(iv, "better", "worse", "tie"),
                 "denominator": f"over {n} order-sensitive tasks × {len(kept)} SAE seeds {kept}",
                 "per_seed": {s: {"difference": c["difference"], "verdict": c["verdict"]} for s, c in per.items()},
                 "seed_spread": spread(c["difference"]["mean"] for c in per.values())}

@@ -28,7 +28,7 @@ import statistics
 from dataclasses import asdict
 from typing import Sequence
 
-from dlmscope.util.bootstrap import Interval, bootstrap_crossed, bootstrap_mean
+from dlmscope.util.bootstrap import Interval, bootstrap_crossed, bootstrap_mean, side_of_zero
 
 __all__ = ["FLUENCY_WEIGHT", "FLUENCY_TERM", "MAX_PPL_RATIO", "CONTROLS", "PRIMARY_CONTROL", "paper_score",
            "cell_deltas", "log_ratio_cells", "composite_cells", "difference_cells", "feature_axis", "crossed",
@@ -199,10 +199,4 @@ def matched_fluency(rows: Sequence[dict], *, max_ratio: float = MAX_PPL_RATIO) -
 def verdict(interval: dict | None, names: tuple[str, str] = ("DLM", "AR")) -> str | None:
     """:data:`VERDICT_RULE` on one difference interval (first − second): ``names[0]`` if it lies above 0,
     ``names[1]`` if below, else ``"no difference"``; None without an interval (or a NaN one)."""
-    if interval is None or _num(interval["low"]) != _num(interval["low"]):
-        return None
-    if interval["low"] > 0:
-        return names[0]
-    if interval["high"] < 0:
-        return names[1]
-    return "no difference"
+    return side_of_zero(interval, names[0], names[1], "no difference")

@@ -5,6 +5,8 @@ its :class:`~dlmscope.demo.config.DemoConfig`.
 """
 from __future__ import annotations
 
+from dlmscope.util.bootstrap import side_of_zero
+
 from .config import AR_TWINS, DemoConfig
 from .seeds import seed_entries, seed_summary, spread
 
@@ -193,7 +195,7 @@ def order_finding(results: dict) -> dict | None:
                          "denominator": c["denominator"]}
            for o, by in r.get("sae_vs_base", {}).items() for st, c in by.items() if st != "one"}
     post = {f"{o}/{st}": c["verdict"] if "verdict" in c else
-            ("better" if c["difference"]["low"] > 0 else "worse" if c["difference"]["high"] < 0 else "tie")
+            side_of_zero(c["difference"], "better", "worse", "tie")
             for o, by in r.get("sae_vs_best_confidence", {}).items() for st, c in by.items() if st != "one"}
     return {"statistic": conj.get("statistic"), "positive": conj.get("positive", []),
             "negative": conj.get("negative", []), "orders": conj.get("orders", []), "sign": conj.get("sign"),

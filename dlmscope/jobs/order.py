@@ -59,7 +59,7 @@ from dlmscope.analysis.order import (DreamConfidence, LogitsTap, SAEStabilityGui
 from dlmscope.models.sampler_rules import dream_counts, step_counts
 from dlmscope.models.sampling import dream_fill, llada_fill
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.util.bootstrap import bootstrap_mean, paired_difference
+from dlmscope.util.bootstrap import bootstrap_mean, paired_difference, side_of_zero
 from dlmscope.world import asset
 from dlmscope.world.tasks import SCORED_KINDS, load_tasks
 from .options import add_option, out_dir, positive_int
@@ -247,7 +247,7 @@ def _paired_vs(before, after, sel: torch.Tensor) -> dict | None:
         iv = paired_difference(b, a, axes=("seeds", "tasks"))
     else:
         iv = paired_difference(b[0], a[0], unit="tasks")
-    verdict = "better" if iv.low > 0 else "worse" if iv.high < 0 else "tie"
+    verdict = side_of_zero(iv, "better", "worse", "tie")
     seeds = f" × {b.shape[0]} seeds" if b.shape[0] > 1 else ""
     return {"difference": asdict(iv), "verdict": verdict, "n_tasks": int(b.shape[1]),
             "denominator": f"over {b.shape[1]} order-sensitive tasks{seeds}"}

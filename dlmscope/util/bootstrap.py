@@ -8,13 +8,14 @@ difference keeps its pairing. Every :class:`Interval` names what it was resample
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 __all__ = ["Interval", "bootstrap_mean", "bootstrap_crossed", "paired_difference", "two_sample_difference",
-           "correlation"]
+           "correlation", "side_of_zero"]
 
 
 @dataclass(frozen=True)
@@ -181,3 +182,14 @@ def correlation(x: Sequence, y: Sequence, *, level: float = 0.95, resamples: int
         return Interval(r, float("nan"), float("nan"), U)
     low, high = _percentiles(_pearson(a[idx], b[idx]), level)
     return Interval(r, low, high, U)
+
+
+def side_of_zero(interval, above: str, below: str, neither: str) -> str | None:
+    """The pre-specified reading of a difference interval (an :class:`Interval` or its dict): ``above`` when it
+    lies above 0, ``below`` when below, else ``neither``; None without an interval (or a NaN one)."""
+    if interval is None:
+        return None
+    low, high = (interval["low"], interval["high"]) if isinstance(interval, dict) else (interval.low, interval.high)
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return None
+    return above if low > 0 else below if high < 0 else neither

@@ -134,3 +134,14 @@ def test_crossed_bootstrap_takes_nested_lists_of_any_depth():
     as_tensor = bootstrap_crossed(t, ("seeds", "concepts", "prompts"), resamples=200)
     assert (as_list.mean, as_list.low, as_list.high) == (as_tensor.mean, as_tensor.low, as_tensor.high)
     assert as_list.over == {"seeds": 2, "concepts": 3, "prompts": 4}
+
+
+def test_side_of_zero_reads_an_interval_or_its_dict():
+    from dlmscope.util.bootstrap import Interval, side_of_zero
+
+    words = ("better", "worse", "tie")
+    assert side_of_zero(Interval(0.2, 0.1, 0.3, 5), *words) == "better"
+    assert side_of_zero({"low": -0.3, "high": -0.01}, *words) == "worse"
+    assert side_of_zero({"low": -0.1, "high": 0.2}, *words) == "tie"
+    assert side_of_zero({"low": 0.0, "high": 0.2}, *words) == "tie"      # touching 0 is not above it
+    assert side_of_zero(None, *words) is None and side_of_zero({"low": float("nan"), "high": 1.0}, *words) is None
