@@ -34,8 +34,8 @@ from dlmscope.analysis import steering_stats as stats
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
 from dlmscope.demo.run import sweep_spec
 from dlmscope.jobs.plots import plot_by_layer, plot_tradeoff
-from dlmscope.jobs.steer import (SteerSpec, compare_models, concept_features, fluency_reference, neutral_prompts,
-                                 run_steer, summary_row, without_per_prompt)
+from dlmscope.jobs.steer import (SteerSpec, compare_models, concept_features, condition_cells, fluency_reference,
+                                 neutral_prompts, run_steer, summary_row, without_per_prompt)
 from dlmscope.jobs.train import heldout_activations
 from dlmscope.sae.metrics import evaluate_sae, training_failure
 from dlmscope.util import atomic
@@ -121,14 +121,10 @@ def sweep(name: str, model, sae, layer: int, prompts, lms: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- statistics
 def _cells(result: dict, alpha: float) -> dict:
-    """``{"controlled", "composite"}``: ``[concepts, prompts]`` cells of one sweep at α, scope all (the same
-    library cell functions :func:`compare_models` differences)."""
-    runs = [next(r for r in e["sweep"] if r["alpha"] == alpha) for e in result["features"].values()]
-    before, after = [r["concepts_before"] for r in runs], [r["concepts_after"] for r in runs]
-    control = [r["controls"][stats.PRIMARY_CONTROL]["concepts_after"] for r in runs]
-    return {"controlled": stats.difference_cells(stats.cell_deltas(before, after), stats.cell_deltas(before, control)),
-            "composite": stats.composite_cells(before, after, [r["ppls_before"] for r in runs],
-                                               [r["ppls_after"] for r in runs])}
+    """``{"controlled", "composite"}``: ``[concepts, prompts]`` cells of one sweep at α, scope all (the cells
+    :func:`compare_models` differences; controlled = minus the primary control)."""
+    cells = condition_cells(result, alpha)
+    return {"controlled": cells[stats.PRIMARY_CONTROL], "composite": cells["composite"]}
 
 
 def _pairings() -> dict:

@@ -44,7 +44,7 @@ from .options import add_option, load_model_layer_sae, out_dir
 from .plots import condition_label, plot_sweep, plot_tradeoff
 
 __all__ = ["SteerSpec", "neutral_prompts", "concept_features", "run_steer", "summarise", "condition_label",
-           "summary_row", "concept_deltas", "compare_models", "without_per_prompt", "fluency_reference", "add_parser",
+           "summary_row", "concept_deltas", "condition_cells", "compare_models", "without_per_prompt", "fluency_reference", "add_parser",
            "run_from_args"]
 
 
@@ -228,8 +228,11 @@ def concept_deltas(result: dict, alpha: float, scope="all", schedule="all") -> l
     return stats.cell_deltas([r["concepts_before"] for r in runs], [r["concepts_after"] for r in runs])
 
 
-def _cells(runs: list[dict]) -> dict:
-    """``{"steered", "composite", kind...}``: ``[G, U]`` cells of one model at one condition (controlled per kind)."""
+def condition_cells(result: dict, alpha: float, scope="all", schedule="all") -> dict:
+    """``{"steered", "composite", <control kind>...}``: the ``[feature, prompt]`` cells of one model's sweep at
+    (scope, schedule, α) — the concept-rate change, the log-ratio composite, and per control kind the change minus
+    the control's (the controlled effect) — that :func:`compare_models` differences."""
+    runs = _runs_at(result, alpha, scope, schedule)
     before = [r["concepts_before"] for r in runs]
     steered = stats.cell_deltas(before, [r["concepts_after"] for r in runs])
     out = {"steered": steered, "composite": stats.composite_cells(
@@ -253,16 +256,16 @@ def compare_models(result: dict, other: dict, alpha: float, other_alpha: float |
     ``names[0]`` if the interval lies above 0, ``names[1]`` if below, else ``"no difference"``; ``verdict`` is
     None without control runs (every effect needs a control)."""
     a2 = alpha if other_alpha is None else other_alpha
-    mine, theirs = _runs_at(result, alpha, scope, schedule), _runs_at(other, a2, scope, schedule)
     concepts = [e["concept"] for e in result["features"].values()]
     if concepts != [e["concept"] for e in other["features"].values()]:
         raise ValueError(f"the runs steer different concepts: {concepts} vs "
                          f"{[e['concept'] for e in other['features'].values()]}")
     axis = stats.feature_axis(concepts)
-    cm, ct = _cells(mine), _cells(theirs)
+    cm, ct = condition_cells(result, alpha, scope, schedule), condition_cells(other, a2, scope, schedule)
     diff = {k: stats.crossed(stats.difference_cells(cm[k], ct[k]), axis, seed=seed) for k in cm if k in ct}
     controlled = {k: v for k, v in diff.items() if k in stats.CONTROLS}
     top = diff.get(stats.PRIMARY_CONTROL)
+    mine, theirs = _runs_at(result, alpha, scope, schedule), _runs_at(other, a2, scope, schedule)
     paper = [stats.nanmean(r["score"] for r in rs) for rs in (mine, theirs)]
     norms = [stats.nanmean(r.get("norm_ratio") for r in rs) for rs in (mine, theirs)]
     return dict(top or diff["steered"]) | {
