@@ -6,6 +6,9 @@ one batch is one draw of text, of t and of the mask, so its tokens are not indep
 * :func:`per_batch_results` (alias :func:`average_results`) — the mean of the per-batch losses (each batch weighted
   equally, so a masked token by ``1 / (t_b · #masked_b)``; scale ≈ mean CE · E[1/t]); SE = std / √B.
 * :func:`relative_se` — ``SE / |Δ|``, the precision a reported effect is held to.
+* :func:`collapsed_strata` — the variance groups of batches whose t was drawn stratified (one batch per stratum):
+  given as ``strata``, both SEs use the collapsed-strata estimator (pairs of adjacent strata) instead of treating
+  the batches as independent draws of t, which would count the spread of t the design removed.
 
 The per-batch dicts come from :func:`dlmscope.analysis.splice.dlm_delta_loss` / ``ar_delta_loss``.
 """
@@ -17,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ESTIMATORS", "HEADLINE_DELTAS", "average_results", "fraction_recovered", "per_batch_results",
-           "pooled_results", "relative_se"]
+__all__ = ["ESTIMATORS", "HEADLINE_DELTAS", "average_results", "collapsed_strata", "fraction_recovered",
+           "per_batch_results", "pooled_results", "relative_se"]
 
 #: the two ΔLM estimators over batches; the first is the paper's and the default
 ESTIMATORS = ("pooled", "per_batch")
@@ -48,17 +51,60 @@ def _recompute_recovered(out: dict) -> None:
             out[f"{pre}recovered"] = fraction_recovered(out[f"{pre}clean"], out[f"{pre}sae"], out[f"{pre}zero"])
 
 
-def _check(results: Sequence[dict]) -> None:
+def _check(results: Sequence[dict], strata: Sequence[int] | None = None) -> None:
     if not results:
         raise ValueError("no results to combine")
+    if strata is not None:
+        if len(strata) != len(results):
+            raise ValueError(f"strata has {len(strata)} labels for {len(results)} batches")
+        sizes = {g: list(strata).count(g) for g in strata}
+        if len(results) > 1 and min(sizes.values()) < 2:
+            raise ValueError("every stratum group needs at least 2 batches (collapse single strata in pairs)")
 
 
-def per_batch_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
+def collapsed_strata(ts: Sequence[float], rounds: Sequence[int]) -> list[int]:
+    """Group labels for the collapsed-strata variance of batches with stratified masking rates: within each round
+    (``rounds[b]``, the batches whose t were stratified together, one per stratum), the batches sorted by t are
+    grouped in adjacent pairs, an odd one out joining the last pair. A round of one batch has no partner and
+    joins the group before it."""
+    if len(ts) != len(rounds):
+        raise ValueError(f"{len(ts)} masking rates but {len(rounds)} round labels")
+    labels = [0] * len(ts)
+    group = -1
+    for r in dict.fromkeys(rounds):
+        mine = sorted((b for b in range(len(ts)) if rounds[b] == r), key=lambda b: ts[b])
+        if len(mine) == 1 and group >= 0:
+            labels[mine[0]] = group
+            continue
+        for j, b in enumerate(mine):
+            if j % 2 == 0 and j + 1 < len(mine):
+                group += 1
+            labels[b] = max(group, 0)
+    return labels
+
+
+def _sum_variance(e: Tensor, strata: Sequence[int] | None) -> float:
+    """Estimated variance of ``Σ_b e_b`` ``[B]``: independent draws ``B/(B−1) Σ (e_b − ē)²``, or collapsed strata
+    ``Σ_g m_g/(m_g−1) Σ_{b∈g} (e_b − ē_g)²`` (NaN for B < 2)."""
+    B = e.numel()
+    if B < 2:
+        return float("nan")
+    groups = [torch.arange(B)] if strata is None else [
+        torch.tensor([b for b in range(B) if strata[b] == g]) for g in dict.fromkeys(strata)]
+    total = 0.0
+    for idx in groups:
+        x = e[idx]
+        total += float(((x - x.mean()) ** 2).sum()) * len(x) / (len(x) - 1)
+    return total
+
+
+def per_batch_results(results: Sequence[dict[str, float]], strata: Sequence[int] | None = None) -> dict[str, float]:
     """Per-key mean over per-batch result dicts, each batch weighted equally (counts ``n_*`` are summed; NaNs
-    ignored), with ``{mask_,unmask_,}delta_se`` = std over batches / √B (NaN for one batch). Not the paper's
+    ignored), with ``{mask_,unmask_,}delta_se`` = std over batches / √B (NaN for one batch; over ``strata``
+    groups, see :func:`collapsed_strata`, when given). Not the paper's
     estimator (that is :func:`pooled_results`): the DLM losses are means over a batch's masked tokens of CE / t_b,
     so a batch of few masked tokens (small t_b) weighs as much as a large one."""
-    _check(results)
+    _check(results, strata)
     out: dict[str, float] = {}
     for key in results[0]:
         vals = [r[key] for r in results if key in r]
@@ -71,7 +117,7 @@ def per_batch_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
     for key in HEADLINE_DELTAS:
         if key in out:
             vals = torch.tensor([r[key] for r in results], dtype=torch.float64)
-            out[f"{key}_se"] = float(vals.std() / len(vals) ** 0.5) if len(vals) > 1 else float("nan")
+            out[f"{key}_se"] = _sum_variance(vals, strata) ** 0.5 / len(vals)
     return out
 
 
@@ -79,24 +125,26 @@ def per_batch_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
 average_results = per_batch_results
 
 
-def _ratio_se(num: Tensor, den: Tensor) -> float:
-    """Delta-method SE of ``R = Σ num_b / Σ den_b`` over B batches ``[B]``:
-    ``sqrt(B / (B − 1) · Σ_b (num_b − R·den_b)²) / Σ_b den_b`` (NaN for B < 2 or no count)."""
+def _ratio_se(num: Tensor, den: Tensor, strata: Sequence[int] | None = None) -> float:
+    """Delta-method SE of ``R = Σ num_b / Σ den_b`` over B batches ``[B]``: ``sqrt(Var(Σ_b e_b)) / Σ_b den_b``
+    with residuals ``e_b = num_b − R·den_b`` and the variance of :func:`_sum_variance` (independent batches:
+    ``B / (B − 1) · Σ_b e_b²``; or collapsed ``strata``). NaN for B < 2 or no count."""
     B, total = num.numel(), float(den.sum())
     if B < 2 or total <= 0:
         return float("nan")
     r = float(num.sum()) / total
-    return float(((num - r * den) ** 2).sum() * B / (B - 1)) ** 0.5 / total
+    return _sum_variance(num - r * den, strata) ** 0.5 / total
 
 
-def pooled_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
+def pooled_results(results: Sequence[dict[str, float]], strata: Sequence[int] | None = None) -> dict[str, float]:
     """The paper's pooled estimator over per-batch result dicts (of :func:`dlm_delta_loss` or
     :func:`ar_delta_loss`): each loss is ``Σ_b loss_b · count_b ÷ Σ_b count_b`` with its own count
     (``n_masked`` for ``mask_*``, ``n_unmasked`` for ``unmask_*``, ``n_tokens`` for the AR keys) — for ``L_mask``
     exactly ``Σ_b Σ_{masked} CE / t_b ÷ Σ_b #masked``. Counts are summed, ``t`` is the mean over batches,
-    ``n_batches`` is B, and ``{mask_,unmask_,}delta_se`` is the ratio estimator's delta-method SE over batches.
-    A loss with a NaN batch (or no count at all) is NaN."""
-    _check(results)
+    ``n_batches`` is B, and ``{mask_,unmask_,}delta_se`` is the ratio estimator's delta-method SE over batches
+    (over ``strata`` groups, see :func:`collapsed_strata`, when given). A loss with a NaN batch (or no count at
+    all) is NaN."""
+    _check(results, strata)
     out: dict[str, float] = {}
     for key in results[0]:
         if key.startswith("n_"):
@@ -116,7 +164,7 @@ def pooled_results(results: Sequence[dict[str, float]]) -> dict[str, float]:
             deltas[key] = (sums, count)
     _recompute_recovered(out)
     for key, (sums, count) in deltas.items():
-        out[f"{key}_se"] = _ratio_se(sums, count)
+        out[f"{key}_se"] = _ratio_se(sums, count, strata)
     out["n_batches"] = len(results)
     return out
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlmscope.analysis.estimators import (ESTIMATORS, HEADLINE_DELTAS, average_results, fraction_recovered,
-                                         per_batch_results, pooled_results, relative_se)
+from dlmscope.analysis.estimators import (ESTIMATORS, HEADLINE_DELTAS, average_results, collapsed_strata,
+                                         fraction_recovered, per_batch_results, pooled_results, relative_se)
 from dlmscope.data.noise import T_MAX, T_MIN, check_t_range, corrupt, draw_t, valid_positions
 from dlmscope.models import hooks
 from dlmscope.models.hooks import InputIds
@@ -45,6 +45,7 @@ __all__ = [
     "average_results",
     "per_batch_results",
     "pooled_results",
+    "collapsed_strata",
     "stratified_ts",
     "relative_se",
     "HEADLINE_DELTAS",
@@ -159,14 +160,16 @@ def _masked_mean(ce: Tensor, sel: Tensor) -> Tensor:
 def _run_variants(adapter, layer: int, saes: list, loss_fn, ids, attention_mask, *, zero_ablation: bool,
                   positions=None) -> dict:
     """Loss tensors of one batch: ``{"clean": ..., i: ... per SAE, "zero": ...}``. Clean and zero-ablated
-    forwards run once however many SAEs are compared on the batch."""
-    runs = [("clean", contextlib.nullcontext())]
-    runs += [(i, splice(adapter, layer, sae, positions=positions)) for i, sae in enumerate(saes)]
+    forwards run once however many SAEs are compared on the batch, and blocks ``0 … layer−1``, which no variant
+    changes, run only in the clean forward (the others replay their outputs)."""
+    prefix = list(adapter.blocks)[:layer]
+    with hooks.record_outputs(prefix) as recorded:
+        vals = {"clean": loss_fn(adapter.logits(ids, attention_mask))}
+    runs = [(i, splice(adapter, layer, sae, positions=positions)) for i, sae in enumerate(saes)]
     if zero_ablation:
         runs.append(("zero", zero_ablate(adapter, layer, positions)))
-    vals = {}
     for name, ctx in runs:
-        with ctx:
+        with hooks.replay_outputs(prefix, recorded), ctx:
             vals[name] = loss_fn(adapter.logits(ids, attention_mask))
     return vals
 
@@ -305,8 +308,10 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
                             t_sampling: str = "stratified", t_min: float = T_MIN, t_max: float = T_MAX,
                             target_rel_se: float | None = None, round_batches: int | None = None) -> list[dict]:
     """Per SAE, the ΔLM over ``batches`` by the paper's pooled estimator (:func:`pooled_results`), with
-    ``per_batch`` (:func:`per_batch_results`) beside it; ``estimator = "pooled"`` and ``se_over = "batches"``
-    name them. A DLM gets one corruption per batch seeded by ``seed`` (the same for every SAE; the clean and
+    ``per_batch`` (:func:`per_batch_results`) beside it; ``estimator = "pooled"`` and ``se_over`` name them
+    (``"batches"``, or with stratified t ``"batches, collapsed strata"``: the SEs treat each round's batches as
+    one per t stratum and pool adjacent strata in pairs, :func:`~dlmscope.analysis.estimators.collapsed_strata`,
+    instead of counting the spread of t that the stratification removed). A DLM gets one corruption per batch seeded by ``seed`` (the same for every SAE; the clean and
     zero-ablated forwards run once per batch for all of them) at masking rates ``t_sampling = "stratified"``
     (:func:`stratified_ts` over ``[t_min, t_max]``, drawn from the same seed) or ``"iid"`` (``U[t_min, t_max]``
     per batch, as the paper); an AR model gets next-token CE. Keys: those of :func:`pooled_results`,
@@ -333,6 +338,13 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
         raise ValueError(f"round_batches must be >= 1, got {round_batches}")
     gen = torch.Generator().manual_seed(seed)
     seen: list[list[dict]] = [[] for _ in saes]
+    rounds: list[int] = []   # the round of each batch, for the strata of stratified t
+    stratified = adapter.is_diffusion and t_sampling == "stratified"
+
+    def combine(mine: list[dict], estimator=pooled_results) -> dict:
+        strata = collapsed_strata([r["t"] for r in mine], rounds[:len(mine)]) if stratified else None
+        return estimator(mine, strata)
+
     active = list(range(len(saes)))
     for start in range(0, len(batches), size):
         chunk = batches[start:start + size]
@@ -343,17 +355,19 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
                          for ids, t in zip(chunk, ts)]
         else:
             per_batch = [ar_delta_loss(adapter, group, layer, ids) for ids in chunk]
+        rounds.extend([start] * len(chunk))
         for j, i in enumerate(active):
             seen[i].extend(batch[j] for batch in per_batch)
         if target_rel_se is None:
             continue
-        active = [i for i in active if not relative_se(pooled_results(seen[i])) < target_rel_se]
+        active = [i for i in active if not relative_se(combine(seen[i])) < target_rel_se]
         if not active:
             break
     results = []
     for mine in seen:
-        out: dict = {**pooled_results(mine), "estimator": "pooled", "se_over": "batches",
-                     "per_batch": per_batch_results(mine)}
+        out: dict = {**combine(mine), "estimator": "pooled",
+                     "se_over": "batches, collapsed strata" if stratified else "batches",
+                     "per_batch": combine(mine, per_batch_results)}
         out["rel_se"] = relative_se(out)
         if adapter.is_diffusion:
             out["t_sampling"] = t_sampling

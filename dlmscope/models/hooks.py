@@ -9,20 +9,23 @@ hide the difference. Three context managers cover every use:
 * :func:`intervene` — ``delta(hidden)`` is added to the hidden state, outside autograd (steering).
 
 :func:`record_input_ids` keeps the token ids of the latest forward, for hooks whose edit depends on them.
+:func:`record_outputs` and :func:`replay_outputs` let several forwards that differ only from block L on share
+blocks ``0 … L−1``: one forward records their outputs, the others skip them and get (copies of) the recorded ones.
 Each registers its hook on entry and removes it on exit, also when the body raises; nothing is registered
 before the ``with`` is entered. This module knows nothing of SAEs: the functions it calls are the caller's.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["block_output", "replace_output", "capture", "replace", "intervene", "InputIds", "record_input_ids"]
+__all__ = ["block_output", "replace_output", "capture", "replace", "intervene", "InputIds", "record_input_ids",
+           "record_outputs", "replay_outputs"]
 
 
 def block_output(out: Any) -> Tensor:
@@ -113,3 +116,57 @@ def record_input_ids(model: nn.Module) -> Iterator[InputIds]:
     embedding = model.get_input_embeddings()
     with _registered(lambda: embedding.register_forward_pre_hook(hook, with_kwargs=True)):
         yield seen
+
+
+@contextlib.contextmanager
+def record_outputs(modules: Sequence[nn.Module]) -> Iterator[list[list[Any]]]:
+    """Context manager yielding ``outputs``: ``outputs[i]`` lists what ``modules[i]`` returned in each forward
+    within the ``with``, in call order (the objects themselves, for :func:`replay_outputs`)."""
+    outputs: list[list[Any]] = [[] for _ in modules]
+    with contextlib.ExitStack() as stack:
+        for module, mine in zip(modules, outputs):
+            stack.enter_context(_registered(
+                lambda m=module, o=mine: m.register_forward_hook(lambda _m, _a, out: o.append(out))))
+        yield outputs
+
+
+def _copy(out: Any) -> Any:
+    """``out`` with its tensors (itself, or the items of a tuple / list) cloned, so that a caller writing into
+    its input in place cannot change what is replayed next."""
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(x.clone() if isinstance(x, Tensor) else x for x in out)
+    return out
+
+
+@contextlib.contextmanager
+def replay_outputs(modules: Sequence[nn.Module], outputs: list[list[Any]]) -> Iterator[None]:
+    """Context manager: within it each module's forward does no work and returns a copy of its recorded output
+    (``outputs`` from :func:`record_outputs`), the j-th call of a forward the j-th recorded output; a call beyond
+    the recorded ones raises ``RuntimeError``. Right only when the modules' inputs are the recorded forward's:
+    replay blocks ``0 … L−1`` while editing block L or later, on the same input ids. Hooks on the modules
+    still run."""
+    if len(outputs) != len(modules):
+        raise ValueError(f"{len(outputs)} recorded output lists for {len(modules)} modules")
+    saved = []
+    try:
+        for module, mine in zip(modules, outputs):
+            calls = iter(mine)
+
+            def forward(*_args, _calls=calls, _module=module, **_kwargs):
+                try:
+                    return _copy(next(_calls))
+                except StopIteration:
+                    raise RuntimeError(f"{type(_module).__name__} was called more often than in the recorded "
+                                       f"forward") from None
+
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = forward
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

@@ -12,6 +12,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.analysis.splice import (
     ar_delta_loss,
     average_results,
+    collapsed_strata,
     compare_deltas,
     delta_loss_over_batches,
     dlm_delta_loss,
@@ -371,7 +372,7 @@ def test_delta_loss_over_batches_reports_pooled_with_per_batch_beside(llada, ar)
     batches = [token_batch(seed=s, batch=2, seq=12)[0] for s in range(4)]
     saes = [random_sae(1), random_sae(2)]
     got = delta_loss_over_batches(llada, saes, 1, batches, seed=5)
-    assert len(got) == 2 and got[0]["estimator"] == "pooled" and got[0]["se_over"] == "batches"
+    assert len(got) == 2 and got[0]["estimator"] == "pooled" and got[0]["se_over"] == "batches, collapsed strata"
     assert got[0]["t_sampling"] == "stratified" and got[0]["n_batches"] == 4
     # the same per-batch results, by hand: stratified t from the seed, then one corruption per batch
     gen = torch.Generator().manual_seed(5)
@@ -379,14 +380,50 @@ def test_delta_loss_over_batches_reports_pooled_with_per_batch_beside(llada, ar)
     per = [dlm_delta_loss(llada, saes, 1, ids, generator=gen, t=t) for ids, t in zip(batches, ts)]
     mine = [p[1] for p in per]
     assert sorted(int((t - 0.05) / (0.45 / 4)) for t in (r["t"] for r in mine)) == [0, 1, 2, 3]
+    strata = collapsed_strata([r["t"] for r in mine], [0] * 4)
     assert got[1]["mask_delta"] == pytest.approx(pooled_results(mine)["mask_delta"], rel=1e-6)
+    assert got[1]["mask_delta_se"] == pytest.approx(pooled_results(mine, strata)["mask_delta_se"], rel=1e-6)
     assert got[1]["per_batch"]["mask_delta"] == pytest.approx(per_batch_results(mine)["mask_delta"], rel=1e-6)
     iid = delta_loss_over_batches(llada, saes, 1, batches, seed=5, t_sampling="iid")
     assert iid[0]["t_sampling"] == "iid" and iid[0]["mask_clean"] != pytest.approx(got[0]["mask_clean"])
+    assert iid[0]["se_over"] == "batches"
     with pytest.raises(ValueError, match="t_sampling"):
         delta_loss_over_batches(llada, saes, 1, batches, seed=5, t_sampling="even")
     a = delta_loss_over_batches(ar, saes[:1], 1, batches, seed=5)[0]
     assert "t_sampling" not in a and math.isfinite(a["delta_se"]) and "delta_se" in a["per_batch"]
+
+
+def test_22_5_collapsed_strata_pair_adjacent_t_within_each_round():
+    # round 0: t sorted 0.1 (b2), 0.2 (b0), 0.3 (b4), 0.4 (b1), 0.5 (b3) -> pairs {2, 0}, {4, 1, 3} (odd one joins)
+    ts = [0.2, 0.4, 0.1, 0.5, 0.3, 0.35, 0.15]
+    rounds = [0, 0, 0, 0, 0, 1, 1]
+    assert collapsed_strata(ts, rounds) == [0, 1, 0, 1, 1, 2, 2]
+    # a last round of one batch joins the group before it
+    assert collapsed_strata([0.1, 0.3, 0.2], [0, 0, 2]) == [0, 0, 0]
+    with pytest.raises(ValueError, match="round labels"):
+        collapsed_strata([0.1], [0, 1])
+
+
+def test_22_5_collapsed_strata_se_removes_the_spread_of_t_a_known_answer():
+    """Known answer: Δ_b = 2·t_b + (−1)^b·σ on equal counts, t stratified over 8 strata. Treating the batches as
+    independent counts the spread of t; over adjacent-t pairs the variance of the sum is Σ_pairs (e_a − e_b)²
+    and, with the linear trend removed, only σ and the within-pair step of t remain."""
+    ts = [0.05 + 0.05 * i for i in range(8)]
+    sigma = 0.01
+    rows = [{"t": t, "n_masked": 10, "mask_clean": 1.0, "mask_sae": 1.0 + 2 * t + (-1) ** b * sigma,
+             "mask_delta": 2 * t + (-1) ** b * sigma} for b, t in enumerate(ts)]
+    strata = collapsed_strata(ts, [0] * 8)
+    assert strata == [0, 0, 1, 1, 2, 2, 3, 3]
+    iid, coll = pooled_results(rows)["mask_delta_se"], pooled_results(rows, strata)["mask_delta_se"]
+    # each pair's residuals differ by 2·0.05 − 2σ (b even then odd): Var(Σ) = 4 · (0.1 − 0.02)²
+    assert coll == pytest.approx((4 * (0.1 - 2 * sigma) ** 2) ** 0.5 / 8, rel=1e-9)
+    assert iid > 3 * coll
+    pb = per_batch_results(rows, strata)
+    assert pb["mask_delta_se"] == pytest.approx(coll, rel=1e-9)  # equal counts: the same estimate
+    with pytest.raises(ValueError, match="at least 2"):
+        pooled_results(rows, [0, 0, 1, 1, 2, 2, 3, 4])
+    with pytest.raises(ValueError, match="labels"):
+        pooled_results(rows, [0, 0])
 
 
 def test_relative_se_is_the_worst_headline_ratio():
@@ -442,3 +479,26 @@ def test_22_5_sequential_delta_lm_rounds_share_corruptions(llada, ar):
     assert a["n_batches"] == 3 and a["se_target_met"]
     with pytest.raises(ValueError, match="target_rel_se"):
         delta_loss_over_batches(llada, [one], 1, batches, seed=5, target_rel_se=0.0)
+
+
+@pytest.mark.parametrize("layer", [0, 1, LAYERS - 1])
+def test_22_5_delta_loss_variants_equal_full_forwards(llada, ar, layer):
+    """The ΔLM variants replay blocks 0 … L−1 from the clean forward: the losses equal full forwards'."""
+    ids = token_batch(seed=3, batch=2, seq=12)[0]
+    sae = random_sae(4)
+    got = dlm_delta_loss(llada, [sae], layer, ids, generator=torch.Generator().manual_seed(1), t=0.4)[0]
+    noisy, masked = corrupt(ids, None, MASK, 0.4, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = F.cross_entropy(llada.logits(noisy)[masked], ids[masked])
+        with splice(llada, layer, sae):
+            spliced = F.cross_entropy(llada.logits(noisy)[masked], ids[masked])
+        with zero_ablate(llada, layer):
+            zero = F.cross_entropy(llada.logits(noisy)[masked], ids[masked])
+    assert got["mask_clean"] == pytest.approx(float(clean) / 0.4, rel=1e-5)
+    assert got["mask_sae"] == pytest.approx(float(spliced) / 0.4, rel=1e-5)
+    assert got["mask_zero"] == pytest.approx(float(zero) / 0.4, rel=1e-5)
+    a = ar_delta_loss(ar, [sae], layer, ids)[0]
+    with torch.no_grad(), splice(ar, layer, sae):
+        logits = ar.logits(ids)
+    assert a["sae"] == pytest.approx(float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())),
+                                     rel=1e-5)

@@ -56,7 +56,8 @@ def test_22_5_eval_reports_the_pooled_delta_lm_with_the_per_batch_beside(tmp_pat
                    "--loss-batches", "3", "--t-sampling", sampling])
     assert rc == 0
     d = strict(capsys.readouterr().out)["dlm_delta"]
-    assert d["estimator"] == "pooled" and d["se_over"] == "batches" and d["t_sampling"] == sampling
+    se_over = "batches, collapsed strata" if sampling == "stratified" else "batches"
+    assert d["estimator"] == "pooled" and d["se_over"] == se_over and d["t_sampling"] == sampling
     assert d["n_batches"] == 3 and d["mask_delta_se"] > 0 and d["per_batch"]["mask_delta_se"] > 0
     assert d["mask_delta"] == pytest.approx(d["mask_sae"] - d["mask_clean"], abs=1e-5)
     assert d["per_batch"]["n_masked"] == d["n_masked"] > 0

@@ -92,3 +92,47 @@ def test_record_input_ids():
         model.emb(input=ids[:, :2])  # ids passed by keyword
         assert torch.equal(seen.ids, ids[:, :2])
     assert not model.emb._forward_pre_hooks
+
+
+class Counting(nn.Module):
+    """A block that counts its real forwards and writes into its input in place."""
+
+    def __init__(self, tuple_out: bool = False):
+        super().__init__()
+        self.calls, self.tuple_out = 0, tuple_out
+
+    def forward(self, x):
+        self.calls += 1
+        out = x + 1
+        return (out, "extra") if self.tuple_out else out
+
+
+def test_replay_outputs_skips_the_recorded_blocks_and_hands_out_copies():
+    first, second, third = Counting(), Counting(tuple_out=True), Counting()
+
+    def model(x):
+        h = first(x)
+        h = second(h)[0]
+        h.mul_(1.0)  # an in-place write into a replayed output must not reach the next replay
+        return third(h)
+
+    x = torch.zeros(2, 3)
+    with hooks.record_outputs([first, second]) as recorded:
+        ref = model(x)
+    assert [len(r) for r in recorded] == [1, 1] and recorded[1][0][1] == "extra"
+    for _ in range(2):
+        with hooks.replay_outputs([first, second], recorded):
+            got = model(torch.full((2, 3), 99.0))  # the replayed blocks ignore their input
+        assert torch.equal(got, ref)
+    assert (first.calls, second.calls, third.calls) == (1, 1, 3)
+    assert "forward" not in first.__dict__ and "forward" not in second.__dict__  # restored on exit
+    model(x)
+    assert first.calls == 2
+    with pytest.raises(RuntimeError, match="more often"):
+        with hooks.replay_outputs([first, second], recorded):
+            model(x)
+            model(x)
+    assert "forward" not in first.__dict__
+    with pytest.raises(ValueError, match="recorded output lists"):
+        with hooks.replay_outputs([first], recorded):
+            pass
