@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dlmscope.util import atomic
 from dlmscope import models
-from dlmscope.interp.concepts import labelled_activations, score_concepts
+from dlmscope.interp.concepts import labelled_activations_by_layer, score_concepts
 from dlmscope.interp.baselines import concept_baselines
 from dlmscope.jobs.train import SweepSpec, heldout_activations, make_saes, train_sweep
 from dlmscope.sae.topk import TopKSAE
@@ -120,16 +120,18 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
         # held-out activations of every layer from one pass (the same tokens for every SAE of a layer)
         held = heldout_activations(adapter, held_batches, sweep_spec(cfg, policy),
                                    tokens=cfg.eval_tokens)
+        # view -> (choose-on, score-on) halves of the text -> {layer: (acts, labels)}, every layer from one forward
+        halves = (concept_rows[0::2], concept_rows[1::2])
+        labelled = {"concepts_clean": [labelled_activations_by_layer(adapter, rows, cfg.layers, table, "clean")
+                                       for rows in halves]}
+        if policy != "clean":
+            labelled["concepts_masked"] = [
+                labelled_activations_by_layer(adapter, rows, cfg.layers, table, "masked", t=cfg.concept_t,
+                                              seed=cfg.seed + i) for i, rows in enumerate(halves)]
         run: dict = {}
         for layer in tqdm(cfg.layers, desc=f"evaluate {run_key}", unit="layer"):
             sweep, extras = trained[layer][:len(cfg.ks)], trained[layer][len(cfg.ks):]
-            # view -> (choose-on (acts, labels), score-on (acts, labels)): two disjoint halves of the text
-            views = {"concepts_clean": tuple(labelled_activations(adapter, rows, layer, table, "clean")
-                                             for rows in (concept_rows[0::2], concept_rows[1::2]))}
-            if policy != "clean":
-                views["concepts_masked"] = tuple(
-                    labelled_activations(adapter, rows, layer, table, "masked", t=cfg.concept_t, seed=cfg.seed + i)
-                    for i, rows in enumerate((concept_rows[0::2], concept_rows[1::2])))
+            views = {view: (choose[layer], score[layer]) for view, (choose, score) in labelled.items()}
             deltas = delta_loss_over_batches(adapter, sweep + extras, layer, delta_batches, seed=cfg.seed + 7,
                                              target_rel_se=cfg.delta_rel_se, round_batches=cfg.delta_batches)
             entries = []

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from dlmscope.data.activations import harvest
 
-__all__ = ["ConceptScores", "concept_counts", "concept_f1", "labelled_activations", "score_concepts"]
+__all__ = ["ConceptScores", "concept_counts", "concept_f1", "labelled_activations", "labelled_activations_by_layer",
+           "score_concepts"]
 
 
 @dataclasses.dataclass
@@ -122,20 +123,34 @@ def labelled_activations(adapter, token_batches: Iterable[Tensor], layer: int, l
     ``view="clean"``: every position of the clean text; ``view="masked"``: the masked positions of the text
     corrupted at rate ``t`` (position 0 never masked), labelled by the hidden token.
     """
+    return labelled_activations_by_layer(adapter, token_batches, [layer], label_table, view, t=t, seed=seed)[
+        adapter.check_layer(layer)]
+
+
+def labelled_activations_by_layer(adapter, token_batches: Iterable[Tensor], layers: Sequence[int],
+                                  label_table: Tensor, view: str = "clean", *, t: float = 0.3,
+                                  seed: int = 0) -> dict[int, tuple[Tensor, Tensor]]:
+    """:func:`labelled_activations` of several layers from one forward per batch: ``{layer: (activations
+    [N, d], labels [N])}``, each layer's equal to its own call's (the same corruption for every layer)."""
     if view not in ("clean", "masked"):
         raise ValueError(f"view must be 'clean' or 'masked', got {view!r}")
-    layer = adapter.check_layer(layer)
+    layers = sorted({adapter.check_layer(L) for L in layers})
+    if not layers:
+        raise ValueError("labelled_activations_by_layer needs at least one layer")
     gen = torch.Generator().manual_seed(seed)
-    acts, labels = [], []
+    acts: dict[int, list[Tensor]] = {L: [] for L in layers}
+    labels = []
     for ids in token_batches:
         policy = "clean" if view == "clean" else "mask"
-        out, info = harvest(adapter, ids, [layer], policy, t_min=t, t_max=t, generator=gen, return_info=True)
+        out, info = harvest(adapter, ids, layers, policy, t_min=t, t_max=t, generator=gen, return_info=True)
         keep = info["keep"].to(ids.device)
-        acts.append(out[layer].float())
+        for L in layers:
+            acts[L].append(out[L].float())
         labels.append(label_table[ids][keep])
-    if not acts:
+    if not labels:
         raise ValueError("labelled_activations got no token batches")
-    return torch.cat(acts), torch.cat(labels)
+    kept = torch.cat(labels)
+    return {L: (torch.cat(acts[L]), kept) for L in layers}
 
 
 @torch.no_grad()

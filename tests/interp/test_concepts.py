@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dlmscope.interp.baselines import concept_baselines
-from dlmscope.interp.concepts import concept_counts, concept_f1, labelled_activations, score_concepts
+from dlmscope.interp.concepts import (concept_counts, concept_f1, labelled_activations, labelled_activations_by_layer,
+                                      score_concepts)
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import CONCEPTS, concept_id_table, world_batches
@@ -145,3 +146,20 @@ def test_masked_view_labels_the_hidden_token():
     assert torch.equal(labels, table[batch][masked])
     with pytest.raises(ValueError, match="view must be"):
         labelled_activations(dlm, [batch], 2, table, "noisy")
+
+
+def test_labelled_activations_by_layer_equal_one_call_per_layer():
+    dlm = load_world_model("dlm")
+    _, table = concept_id_table(dlm.tokenizer)
+    cfg = DemoConfig()
+    train_batches, _ = world_batches(dlm.tokenizer, 400, cfg.seq_len, cfg.lm_batch, cfg.seed)
+    batches = [train_batches[0][:3], train_batches[1][:2]]
+    for view in ("clean", "masked"):
+        both = labelled_activations_by_layer(dlm, batches, [5, 1], table, view, t=0.4, seed=3)
+        assert sorted(both) == [1, 5]
+        for layer in (1, 5):
+            acts, labels = labelled_activations(dlm, batches, layer, table, view, t=0.4, seed=3)
+            torch.testing.assert_close(both[layer][0], acts, rtol=1e-5, atol=1e-5)
+            assert torch.equal(both[layer][1], labels)
+    with pytest.raises(ValueError, match="at least one layer"):
+        labelled_activations_by_layer(dlm, batches, [], table)
