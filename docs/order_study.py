@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 from dlmscope.util import atomic
-from dlmscope.util.bootstrap import paired_difference, side_of_zero
+from dlmscope.util.bootstrap import paired_difference, side_of_zero, spread
 from dlmscope.demo import DemoConfig, load_world_model, train_layer_saes
 from dlmscope.demo.report import conjecture_words
 from dlmscope.demo.run import sweep_spec
-from dlmscope.demo.seeds import spread
 from dlmscope.jobs.order import BASE_ORDER, ORDERS, SAE_ORDERS, STEPS, OrderSpec, run_order
 from dlmscope.jobs.plots import plot_order
 from dlmscope.jobs.train import heldout_activations

@@ -84,8 +84,8 @@ def collapsed_strata(ts: Sequence[float], rounds: Sequence[int]) -> list[int]:
 
 
 def _sum_variance(e: Tensor, strata: Sequence[int] | None) -> float:
-    """Estimated variance of ``Σ_b e_b`` ``[B]``: independent draws ``B/(B−1) Σ (e_b − ē)²``, or collapsed strata
-    ``Σ_g m_g/(m_g−1) Σ_{b∈g} (e_b − ē_g)²`` (NaN for B < 2)."""
+    """Estimated variance of ``Σ_b e_b`` ``[B]``: independent draws ``B/(B−1) Σ (e_b − ē)²``, or collapsed
+    strata ``Σ_g m_g/(m_g−1) Σ_{b∈g} (e_b − ē_g)²`` (NaN for B < 2)."""
     B = e.numel()
     if B < 2:
         return float("nan")

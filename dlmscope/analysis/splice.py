@@ -311,19 +311,20 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
     ``per_batch`` (:func:`per_batch_results`) beside it; ``estimator = "pooled"`` and ``se_over`` name them
     (``"batches"``, or with stratified t ``"batches, collapsed strata"``: the SEs treat each round's batches as
     one per t stratum and pool adjacent strata in pairs, :func:`~dlmscope.analysis.estimators.collapsed_strata`,
-    instead of counting the spread of t that the stratification removed). A DLM gets one corruption per batch seeded by ``seed`` (the same for every SAE; the clean and
-    zero-ablated forwards run once per batch for all of them) at masking rates ``t_sampling = "stratified"``
-    (:func:`stratified_ts` over ``[t_min, t_max]``, drawn from the same seed) or ``"iid"`` (``U[t_min, t_max]``
-    per batch, as the paper); an AR model gets next-token CE. Keys: those of :func:`pooled_results`,
-    ``t_sampling`` for a DLM, and ``rel_se`` (:func:`relative_se`).
+    instead of counting the spread of t that the stratification removed). A DLM gets one corruption per batch seeded
+    by ``seed`` (the same for every SAE; the clean and zero-ablated forwards run once per batch for all of them) at
+    masking rates ``t_sampling = "stratified"`` (:func:`stratified_ts` over ``[t_min, t_max]``, drawn from the same
+    seed) or ``"iid"`` (``U[t_min, t_max]`` per batch, as the paper); an AR model gets next-token CE. Keys: those of
+    :func:`pooled_results`, ``t_sampling`` for a DLM, and ``rel_se`` (:func:`relative_se`).
 
     ``target_rel_se`` (e.g. 0.1: a standard error below a tenth of the effect) makes the evaluation sequential:
-    rounds of ``round_batches`` batches (default a quarter of ``batches``; each round's t stratified on its own),
-    an SAE leaving once every ΔLM of its result has ``SE < target_rel_se · |Δ|``, until ``batches`` run out.
-    Every SAE of a round sees the same corruptions, so an SAE's batches are a prefix of ``batches``. Results then
-    carry ``se_target`` and ``se_target_met`` (False: the batches ran out first — the effect is not resolved at
-    that precision). Stopping on the estimate's own SE biases |Δ| slightly upward; with a first round of 12
-    batches the bias is small against the SE, and an unmet target is reported, never hidden."""
+    rounds of ``round_batches`` batches (default a quarter of ``batches``; each round's t stratified on its own), an
+    SAE leaving once every ΔLM of its result has ``SE < target_rel_se · |Δ|``, until ``batches`` run out. Every SAE
+    of a round sees the same corruptions, so an SAE's batches are a prefix of ``batches``. Results then carry
+    ``se_target`` and ``se_target_met`` (False: the batches ran out first — the effect is not resolved at that
+    precision). Stopping on the estimate's own SE biases |Δ| slightly upward and favours a round whose SE came out
+    low (with stratified t a round of 12 batches gives the SE 6 degrees of freedom); an unmet target is reported,
+    never hidden."""
     saes = list(saes)
     batches = list(batches)
     if not batches:

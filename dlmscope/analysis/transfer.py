@@ -20,7 +20,9 @@ activations; :mod:`dlmscope.jobs.transfer` trains the SAEs, adds ΔLM and runs t
 agree (the ceiling: base SAE vs second base SAE, same measures, on base activations) and against a random SAE
 (the null). Per layer three measures are pre-specified: the FVE ratio (foreign SAE / own SAE), the Hungarian-
 matched decoder cosine and the *matched-latent correlation* (base latent i on base activations vs its Hungarian
-partner in the other SAE on the other activations, :func:`matched_agreement`). The words are "consistent with
+partner in the other SAE on the other activations, :func:`matched_agreement`). With several seed replicates
+(each its own base, second-base and target SAE) the FVE ratio is judged over them (:func:`fve_replicate`,
+:func:`fve_verdict_over_seeds`: min–max over seeds, the worst replicate's outcome). The words are "consistent with
 stability" at best: no threshold of ours decides "reproduced".
 
 Signed, not absolute, cosines: a Top-K latent only ever adds its direction with a positive weight, so a row and
@@ -43,12 +45,12 @@ from torch import Tensor
 from dlmscope.data.activations import check_policy, harvest, split_batch
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.util.bootstrap import paired_difference
+from dlmscope.util.bootstrap import paired_difference, spread
 
 __all__ = ["THRESHOLDS", "CHANCE_SEED", "check_saes", "check_same_tokens", "check_models", "paired_activations",
            "LatentAgreement", "latent_agreement", "matched_agreement", "alive_overlap", "correlation_summary",
            "DecoderMatch", "match_decoders", "match_summary", "chance_sae", "measure_verdict", "fve_verdict",
-           "transfer_verdict", "compare_layer", "VERDICTS"]
+           "fve_replicate", "fve_verdict_over_seeds", "transfer_verdict", "compare_layer", "VERDICTS"]
 
 #: cosine / correlation thresholds the fractions are reported at
 THRESHOLDS = (0.9, 0.7, 0.5)
@@ -304,6 +306,36 @@ def fve_verdict(ratio: float, ceiling_ratio: float, null_ratio: float) -> dict:
         outcome = "at_null" if ratio <= null_ratio else "below_ceiling" if ratio < floor else "at_ceiling"
     return {"observed": ratio, "ceiling": ceiling_ratio, "null": null_ratio, "ceiling_floor": floor,
             "outcome": outcome, "words": _WORDS[outcome]}
+
+
+def fve_replicate(base_sae, second_base_sae, target_sae, base_acts: Tensor, target_acts: Tensor) -> dict:
+    """One seed replicate's FVE ratios (as in :func:`compare_layer`): ``ratio`` = base SAE / target SAE on
+    target activations, ``ceiling_ratio`` = base SAE / second base SAE on base activations, ``null_ratio`` = the
+    random SAE centred like the base SAE (:func:`chance_sae`) / target SAE on target activations."""
+    check_saes(base_sae, target_sae)
+    check_saes(base_sae, second_base_sae)
+    check_same_tokens(base_acts, target_acts, base_sae.d)
+    fve = lambda sae, acts: evaluate_sae(sae, acts)["fve"]  # noqa: E731
+    own = fve(target_sae, target_acts)
+    return {"ratio": _fve_ratio(fve(base_sae, target_acts), own),
+            "ceiling_ratio": _fve_ratio(fve(base_sae, base_acts), fve(second_base_sae, base_acts)),
+            "null_ratio": _fve_ratio(fve(chance_sae(base_sae), target_acts), own)}
+
+
+def fve_verdict_over_seeds(replicates: Sequence[dict]) -> dict:
+    """The FVE-ratio measure over seed replicates (:func:`fve_replicate` dicts, each replicate its own base,
+    second-base and target init seeds): :func:`fve_verdict` per replicate, and the worst outcome of them
+    (``at_ceiling`` only when every replicate is at its ceiling, ``at_null`` when any is at its null);
+    ``observed`` / ``ceiling`` / ``null`` are means over replicates, ``over_seeds`` their min–max ranges."""
+    if not replicates:
+        raise ValueError("fve_verdict_over_seeds needs at least one replicate")
+    per = [fve_verdict(r["ratio"], r["ceiling_ratio"], r["null_ratio"]) for r in replicates]
+    outcome = max((v["outcome"] for v in per), key=VERDICTS.index)
+    ranges = {key: spread(r[key] for r in replicates) for key in ("ratio", "ceiling_ratio", "null_ratio")}
+    return {"observed": ranges["ratio"]["mean"], "ceiling": ranges["ceiling_ratio"]["mean"],
+            "null": ranges["null_ratio"]["mean"], "over_seeds": ranges, "seeds": len(replicates),
+            "per_seed": [v["outcome"] for v in per], "outcome": outcome,
+            "words": _WORDS[outcome] + f" (the worst of {len(replicates)} seed replicates)"}
 
 
 def transfer_verdict(measures: dict) -> dict:

@@ -45,10 +45,15 @@ def _transfer_claim(t: dict | None, results: dict) -> list[str]:
     if t is None:
         return []
     sm = results["transfer"]["summary"]
-    per = "; ".join(f"L{L}: pre-training text FVE ratio {fmt(sm[L]['fve_ratio'], 2)} (ceiling "
-                    f"{fmt(sm[L].get('ceiling_fve_ratio'), 2)}) — {sm[L].get('verdict_words', 'no verdict')}"
-                    + (f"; own Q&A text FVE ratio {fmt(sm[L]['own_fve_ratio'], 2)} (ceiling "
-                       f"{fmt(sm[L].get('own_ceiling_fve_ratio'), 2)}) — "
+    def ratio(s: dict, pre: str) -> str:
+        if pre + "seeds" not in s:
+            return f"{fmt(s[pre + 'fve_ratio'], 2)} (ceiling {fmt(s.get(pre + 'ceiling_fve_ratio'), 2)})"
+        q = lambda key: f"{fmt(s[pre + key + '_seeds_low'], 3)}–{fmt(s[pre + key + '_seeds_high'], 3)}"  # noqa: E731
+        return f"{q('fve_ratio')} over {s[pre + 'seeds']} seeds (ceiling {q('ceiling_fve_ratio')})"
+
+    per = "; ".join(f"L{L}: pre-training text FVE ratio {ratio(sm[L], '')} — "
+                    f"{sm[L].get('verdict_words', 'no verdict')}"
+                    + (f"; own Q&A text FVE ratio {ratio(sm[L], 'own_')} — "
                        f"{sm[L].get('own_verdict_words', 'no verdict')}"
                        if "own_fve_ratio" in sm[L] else "") for L in t["layers"])
     return [f"6. *SAE features stay stable from base to instruct* (a claim without code or numbers in the paper; here "

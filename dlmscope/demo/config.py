@@ -74,6 +74,8 @@ class DemoConfig:
     transfer_tokens: int = 120_000
     transfer_eval_tokens: int = 10_000
     transfer_delta_batches: int = 6
+    #: seed replicates of the transfer section's base, second-base and instruct SAEs (the FVE ratio over them)
+    transfer_seeds: int = 3
 
     def __post_init__(self):
         self.layers = tuple(sorted({int(x) for x in self.layers}))
@@ -118,6 +120,6 @@ class DemoConfig:
                    delta_max_batches=4,
                    concept_batches=4, sentences=40_000, steer_layers=(2,), steer_prompts=8, order_layers=(0, 2),
                    order_tasks=20, order_seeds=(0,), transfer_layers=(2,), transfer_tokens=40_000,
-                   transfer_eval_tokens=4_000, transfer_delta_batches=2)
+                   transfer_eval_tokens=4_000, transfer_delta_batches=2, transfer_seeds=2)
 
 

@@ -5,10 +5,10 @@ its :class:`~dlmscope.demo.config.DemoConfig`.
 """
 from __future__ import annotations
 
-from dlmscope.util.bootstrap import side_of_zero
+from dlmscope.util.bootstrap import side_of_zero, spread
 
 from .config import AR_TWINS, DemoConfig
-from .seeds import seed_entries, seed_summary, spread
+from .seeds import seed_entries, seed_summary
 
 __all__ = ["PAPER_FVE_MASK", "PAPER_FVE_UNMASK", "PAPER_MASK_UNMASK_GAP", "get",
            "findings", "steering_finding", "order_finding", "transfer_finding", "concept_margins", "observations"]

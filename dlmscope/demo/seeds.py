@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import statistics
 
-__all__ = ["seed_entries", "spread", "seed_summary", "GAPS"]
+from dlmscope.util.bootstrap import spread
+
+__all__ = ["seed_entries", "seed_summary", "GAPS"]
 
 #: the FVE gaps the findings use, ``(name, run minus, run subtracted)``
 GAPS = (("mask_minus_unmask", "dlm/mask", "dlm/unmask"), ("unmask_minus_ar", "dlm/unmask", "ar/clean"),
@@ -26,18 +28,6 @@ def seed_entries(results: dict, run_key: str, layer, k_ref: int) -> dict[int, di
     for seed, entry in results.get("seed_runs", {}).get(run_key, {}).get(str(layer), {}).items():
         out[int(seed)] = entry
     return out
-
-
-def spread(values) -> dict:
-    """``{"mean", "low", "high", "n", "values", "interval"}``: the mean of the numbers that are not None or NaN
-    and their min–max range (NaN when there are none)."""
-    values = list(values)
-    ok = [float(v) for v in values if v is not None and v == v]
-    if not ok:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "values": values,
-                "interval": "min–max over seeds"}
-    return {"mean": statistics.fmean(ok), "low": min(ok), "high": max(ok), "n": len(ok), "values": values,
-            "interval": "min–max over seeds"}
 
 
 def _value(entry: dict, key: str):

@@ -2,7 +2,8 @@
 
 At ``cfg.transfer_layers``, Unmask-policy SAEs (n and k_ref of the demo) are trained on the demo's text: two on
 the base DLM from different init seeds (the seed-to-seed ceiling), one on the instruct twin and one on the AR twin
-(clean text), each from its own init seed (:data:`dlmscope.jobs.transfer.INIT_OFFSETS`), and compared with
+(clean text), each from its own init seed (:data:`dlmscope.jobs.transfer.INIT_OFFSETS`), the base, second-base and
+instruct SAEs in ``cfg.transfer_seeds`` seed replicates (the FVE ratio judged over them), and compared with
 :func:`dlmscope.jobs.transfer.run_transfer` on held-out pre-training text and on the instruct twin's own
 distribution (the world's Q&A prompts, :func:`~dlmscope.jobs.transfer.world_qa_batches`), each read against the
 ceiling and a random-SAE null.
@@ -23,4 +24,4 @@ def run_transfer_section(adapters: dict, batches: tuple, cfg: DemoConfig) -> dic
                         n_latents=cfg.n_latents, k=cfg.k_ref, train_tokens=cfg.transfer_tokens,
                         eval_tokens=cfg.transfer_eval_tokens, delta_batches=cfg.transfer_delta_batches,
                         seed=cfg.seed, control=adapters["ar"], batches=batches, own_batches=own, train=train,
-                        sae_batch=cfg.sae_batch)
+                        sae_batch=cfg.sae_batch, seeds=cfg.transfer_seeds)

@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 
 from dlmscope import models
 from dlmscope.analysis.splice import delta_loss_over_batches
-from dlmscope.analysis.transfer import check_models, compare_layer, paired_activations
+from dlmscope.analysis.transfer import (check_models, compare_layer, fve_replicate, fve_verdict_over_seeds,
+                                        paired_activations, transfer_verdict)
 from dlmscope.data.activations import check_policy
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.train.log import LogConfig
@@ -41,7 +42,8 @@ from .plots import plot_transfer
 from .sources import WORLD, token_batches
 from .train import SweepSpec, make_saes, train_sweep
 
-__all__ = ["WORLD_RECIPE", "WORLD_QA", "INIT_OFFSETS", "train_saes", "world_qa_batches", "run_transfer",
+__all__ = ["WORLD_RECIPE", "WORLD_QA", "INIT_OFFSETS", "REPLICATE_STRIDE", "train_saes", "train_seed_saes",
+           "world_qa_batches", "run_transfer",
            "summary_lines", "add_parser", "run_from_args"]
 
 #: the world's SAE recipe for its tiny models (the demo's); pass ``train=`` for real models
@@ -50,6 +52,8 @@ WORLD_RECIPE = TrainConfig(**SAE_TRAIN)
 WORLD_QA = "world-qa"
 #: init seed = ``seed + offset`` of each SAE a run trains: each its own start (the data order is ``seed`` for all)
 INIT_OFFSETS = {"base_saes": 0, "second_base_saes": 1, "instruct_saes": 2, "control_saes": 3}
+#: seed replicate r's init seeds are ``seed + INIT_OFFSETS[...] + REPLICATE_STRIDE · r`` (replicate 0 the above)
+REPLICATE_STRIDE = 10
 
 
 def world_qa_batches(tokenizer, samples: int = 2_000, seq_len: int = SEQ_LEN, lm_batch: int = LM_BATCH,
@@ -70,14 +74,24 @@ def train_saes(adapter, token_batches, layers: Sequence[int], policy: str, *, n_
     ``seed`` fixes the data order and corruption; the initialisation depends on ``(init_seed, layer)`` only
     (default ``init_seed = seed``, as in :func:`.train.train_sweep`): equal init seeds give a shared start.
     """
+    got = train_seed_saes(adapter, token_batches, layers, policy, n_latents=n_latents, k=k, tokens=tokens, seed=seed,
+                          init_seeds=[seed if init_seed is None else init_seed], train=train, batch_size=batch_size,
+                          label=label)
+    return {L: saes[0] for L, saes in got.items()}
+
+
+def train_seed_saes(adapter, token_batches, layers: Sequence[int], policy: str, *, n_latents: int, k: int,
+                    tokens: int, seed: int, init_seeds: Sequence[int], train: TrainConfig | None = None,
+                    batch_size: int = 1024, label: str = "") -> dict[int, list[TopKSAE]]:
+    """``{layer: [TopKSAE per init seed]}``: :func:`train_saes` for several init seeds at once, trained side by
+    side on one harvest (the same data order; only the initialisation differs)."""
     spec = SweepSpec(layers=tuple(layers), ks=(k,), n_latents=n_latents, policy=policy, tokens=tokens,
                      batch_size=batch_size, seed=seed)
-    init = dataclasses.replace(spec, seed=seed if init_seed is None else init_seed)
-    start = {L: make_saes(adapter.d_model, init, L, {"model": str(adapter.source)}) for L in spec.layers}
+    start = {L: [make_saes(adapter.d_model, dataclasses.replace(spec, seed=s), L, {"model": str(adapter.source)})[0]
+                 for s in init_seeds] for L in spec.layers}
     with tempfile.TemporaryDirectory(prefix="dlmscope-transfer-") as cache:
-        saes = train_sweep(adapter, token_batches, spec, train or WORLD_RECIPE, cache_dir=cache, saes=start,
+        return train_sweep(adapter, token_batches, spec, train or WORLD_RECIPE, cache_dir=cache, saes=start,
                            log=LogConfig(log_every=25), label=label)
-    return {L: s[0] for L, s in saes.items()}
 
 
 def _pick(saes: Mapping, layer: int, k: int, d_model: int, n_latents: int, what: str):
@@ -109,7 +123,7 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
                  control_saes: Mapping | None = None, batches: tuple[Sequence, Sequence] | None = None,
                  own_batches: Sequence | None = None, ceiling: bool = True, sentences: int = 100_000,
                  train: TrainConfig | None = None, sae_batch: int = 1024, target_init_seed: int | None = None,
-                 seq_len: int = SEQ_LEN, lm_batch: int = LM_BATCH, resamples: int = 2000) -> dict:
+                 seq_len: int = SEQ_LEN, lm_batch: int = LM_BATCH, resamples: int = 2000, seeds: int = 1) -> dict:
     """Base → instruct SAE transfer at each of ``layers``; returns a JSON-able dict.
 
     SAEs: ``base_saes`` / ``second_base_saes`` / ``instruct_saes`` / ``control_saes`` ``{layer: SAE or [SAE per
@@ -127,6 +141,12 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
 
     ``control``: optionally the AR twin (an adapter): its ``clean``-policy SAE against the base SAE on clean text,
     as the reference for "a different model".
+
+    ``seeds`` > 1 trains that many seed replicates of the base, second-base and instruct SAEs (replicate r from
+    init seeds ``seed + INIT_OFFSETS[...] + REPLICATE_STRIDE · r``; replicate 0 is the run's main SAEs, the data
+    order shared) and judges the FVE ratio over them (:func:`~dlmscope.analysis.transfer.fve_verdict_over_seeds`:
+    min–max over replicates, the worst replicate's outcome); the other measures stay replicate 0's, intervals over
+    latents. It needs the SAEs trained here and the ceiling.
 
     Result: ``config``; ``layers[str(L)]`` with ``instruct`` (:func:`compare_layer` — with ``ceiling``, ``null``
     and ``verdict`` when there is a second base SAE — plus ``delta``: ``base_in_base``, ``base_in_target``,
@@ -156,31 +176,47 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
     own_b = None if own_batches is None else list(own_batches)
     if own_b is not None and not own_b:
         raise ValueError("own_batches is empty: pass held-out batches of the fine-tune's own text, or None")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if seeds > 1 and (not ceiling or target_init_seed is not None
+                      or any(given[w] is not None for w in ("base_saes", "second_base_saes", "instruct_saes"))):
+        raise ValueError("seeds > 1 needs the ceiling, the base, second-base and instruct SAEs trained here, each "
+                         "from its own init seed (no target_init_seed)")
     spec = SweepSpec(layers=tuple(layers), ks=(k,), n_latents=n_latents, policy=policy, tokens=train_tokens,
                      batch_size=sae_batch, seed=seed)
 
-    def saes_for(adapter, what, pol):
-        """``({layer: SAE}, trained here?)``: the given SAEs of every layer, or ones trained now."""
-        if given[what] is not None:
-            return given[what], False
-        own_init = seed + INIT_OFFSETS[what]
-        init_seed = own_init if target_init_seed is None or what.endswith("base_saes") else target_init_seed
-        return train_saes(adapter, train_b, layers, pol, n_latents=n_latents, k=k, tokens=train_tokens, seed=seed,
-                          init_seed=init_seed, train=train, batch_size=sae_batch, label=what), True
+    def saes_for(adapter, whats, pol) -> dict[str, list[dict]]:
+        """``{what: [{layer: SAE} per seed replicate]}``: the given SAEs, or ones trained now (every ``what`` and
+        replicate side by side on one harvest of ``adapter``)."""
+        out = {w: [given[w]] for w in whats if given[w] is not None}
+        todo = [(w, r) for w in whats if given[w] is None for r in range(seeds if w != "control_saes" else 1)]
+        if todo:
+            inits = [seed + INIT_OFFSETS[w] + REPLICATE_STRIDE * r
+                     if target_init_seed is None or w.endswith("base_saes") else target_init_seed for w, r in todo]
+            got = train_seed_saes(adapter, train_b, layers, pol, n_latents=n_latents, k=k, tokens=train_tokens,
+                                  seed=seed, init_seeds=inits, train=train, batch_size=sae_batch,
+                                  label="+".join(dict.fromkeys(w for w, _ in todo)))
+            for j, (w, _) in enumerate(todo):
+                out.setdefault(w, []).append({L: got[L][j] for L in layers})
+        return out
 
-    base, base_trained = saes_for(base_adapter, "base_saes", policy)
-    second = saes_for(base_adapter, "second_base_saes", policy)[0] if ceiling else None
+    on_base = saes_for(base_adapter, ["base_saes"] + (["second_base_saes"] if ceiling else []), policy)
+    base, base_trained = on_base["base_saes"][0], given["base_saes"] is None
+    second = on_base["second_base_saes"][0] if ceiling else None
+    instruct = saes_for(instruct_adapter, ["instruct_saes"], policy)["instruct_saes"]
     texts = [("", held_b)] + ([("_own_text", own_b)] if own_b is not None else [])
-    targets = [("instruct", instruct_adapter, *saes_for(instruct_adapter, "instruct_saes", policy), policy)]
+    targets = [("instruct", instruct_adapter, instruct[0], given["instruct_saes"] is None, policy)]
     if control is not None:
-        targets.append(("control", control, *saes_for(control, "control_saes", "clean"), "clean"))
+        targets.append(("control", control, saes_for(control, ["control_saes"], "clean")["control_saes"][0],
+                        given["control_saes"] is None, "clean"))
 
     out: dict = {"config": {"layers": list(layers), "policy": policy, "control_policy": "clean",
                             "n_latents": n_latents, "k": k, "train_tokens": train_tokens, "eval_tokens": eval_tokens,
                             "delta_batches": delta_batches, "seed": seed, "control": control is not None,
                             "target_init_seed": target_init_seed, "init_offsets": INIT_OFFSETS,
                             "ceiling": ceiling, "own_text": own_b is not None, "cosine": "signed",
-                            "delta_estimator": "pooled", "verdict_intervals_over": "latents"},
+                            "delta_estimator": "pooled", "verdict_intervals_over": "latents", "seeds": seeds,
+                            "replicate_stride": REPLICATE_STRIDE},
                  "layers": {str(L): {} for L in layers}}
     shared_init = base_trained and target_init_seed == seed
     for name, adapter, target, trained, pol in targets:
@@ -195,6 +231,11 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
                 entry = compare_layer(base[L], target[L], acts_b[L], acts_t[L], init_sae=init,
                                       second_base_sae=None if second is None else second[L], resamples=resamples,
                                       seed=seed)
+                if seeds > 1 and name == "instruct":
+                    reps = [fve_replicate(b[L], s2[L], t[L], acts_b[L], acts_t[L])
+                            for b, s2, t in zip(on_base["base_saes"], on_base["second_base_saes"], instruct)]
+                    measures = {**entry["verdict"]["measures"], "fve_ratio": fve_verdict_over_seeds(reps)}
+                    entry["verdict"] = {**transfer_verdict(measures), "measures": measures}
                 b_in_t, t_in_t = delta_loss_over_batches(adapter, [base[L], target[L]], L, delta_ids, seed=seed + 7)
                 entry["delta"] = {"base_in_target": b_in_t, "target_in_target": t_in_t}
                 if name == "instruct":
@@ -231,6 +272,12 @@ def _layer_summary(entry: dict) -> dict:
                          "null_matched_corr_median": z["matched_correlation"]["median"],
                          "verdict": v["outcome"], "verdict_words": v["words"],
                          **{f"{m}_outcome": mv["outcome"] for m, mv in v["measures"].items()}})
+            over = v["measures"]["fve_ratio"].get("over_seeds")
+            if over:  # the FVE ratio judged over seed replicates: their mean and min–max
+                vals["seeds"] = v["measures"]["fve_ratio"]["seeds"]
+                for name_, key in (("fve_ratio", "ratio"), ("ceiling_fve_ratio", "ceiling_ratio"),
+                                   ("null_fve_ratio", "null_ratio")):
+                    vals.update({f"{name_}_seeds_{q}": over[key][q] for q in ("mean", "low", "high")})
         out.update({prefixes.get(name, name + "_") + key: val for key, val in vals.items()})
     return out
 
@@ -245,6 +292,10 @@ def summary_lines(result: dict) -> list[str]:
                 f"{s['fve_base_on_base']:.3f}); Hungarian-matched decoder rows: mean cos {s['hungarian_mean']:.2f}, "
                 f"{s['hungarian_frac_gt_0.9']:.0%} > 0.9 (chance mean {s['chance_hungarian_mean']:.2f}); median "
                 f"latent correlation {s['corr_median']:.2f}; alive Jaccard {s['alive_jaccard']:.2f}")
+        if "seeds" in s:
+            line += (f" | over {s['seeds']} seed replicates: FVE ratio {s['fve_ratio_seeds_low']:.3f}–"
+                     f"{s['fve_ratio_seeds_high']:.3f} (ceiling {s['ceiling_fve_ratio_seeds_low']:.3f}–"
+                     f"{s['ceiling_fve_ratio_seeds_high']:.3f})")
         if "verdict" in s:
             line += (f" | seed-to-seed ceiling: FVE ratio {s['ceiling_fve_ratio']:.2f}, Hungarian mean "
                      f"{s['ceiling_hungarian_mean']:.2f}, matched-latent r {s['ceiling_matched_corr_median']:.2f} "
@@ -277,6 +328,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"{WORLD_QA!r}: the world's Q&A prompts), evaluated beside the pre-training text")
     t.add_argument("--no-ceiling", action="store_true",
                    help="skip the second base SAE (no seed-to-seed ceiling, no verdict)")
+    t.add_argument("--seeds", type=positive_int, default=1,
+                   help="seed replicates of the base, second-base and instruct SAEs; > 1 judges the FVE ratio over "
+                        "them (min–max, the worst replicate's outcome)")
     t.add_argument("--n", type=positive_int, default=SAE_LATENTS)
     t.add_argument("--k", type=positive_int, default=SAE_K)
     t.add_argument("--tokens", type=positive_int, default=200_000, help="training tokens per SAE")
@@ -309,7 +363,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                           train_tokens=args.tokens, eval_tokens=args.eval_tokens, delta_batches=args.delta_batches,
                           seed=args.seed, control=control, batches=text, own_batches=own,
                           ceiling=not args.no_ceiling, sentences=args.sentences, seq_len=args.seq_len,
-                          lm_batch=args.lm_batch)
+                          lm_batch=args.lm_batch, seeds=args.seeds)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "transfer.json", result)
     plot_transfer(result, out / "transfer.png")

@@ -10,7 +10,8 @@ import torch
 
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.analysis.transfer import (alive_overlap, chance_sae, check_same_tokens, compare_layer,
-                                        correlation_summary, fve_verdict, latent_agreement, match_decoders,
+                                        correlation_summary, fve_replicate, fve_verdict, fve_verdict_over_seeds,
+                                        latent_agreement, match_decoders,
                                         match_summary, matched_agreement, measure_verdict, paired_activations,
                                         transfer_verdict)
 
@@ -150,6 +151,33 @@ def test_fve_verdict_uses_the_seed_spread_and_the_null():
     assert fve_verdict(0.985, 0.98, 0.1)["ceiling_floor"] == pytest.approx(0.98)
     assert fve_verdict(0.05, 1.0, 0.1)["outcome"] == "at_null"
     assert fve_verdict(math.nan, 1.0, 0.1)["outcome"] == "undefined"
+
+
+def test_fve_over_seeds_is_the_worst_replicate_with_min_max_ranges():
+    rep = lambda r, c, z: {"ratio": r, "ceiling_ratio": c, "null_ratio": z}  # noqa: E731
+    v = fve_verdict_over_seeds([rep(0.99, 0.98, 0.1), rep(0.992, 1.01, 0.2), rep(1.0, 0.995, 0.15)])
+    assert v["outcome"] == "at_ceiling" and v["per_seed"] == ["at_ceiling"] * 3 and v["seeds"] == 3
+    assert v["observed"] == pytest.approx((0.99 + 0.992 + 1.0) / 3)
+    assert (v["over_seeds"]["ratio"]["low"], v["over_seeds"]["ratio"]["high"]) == (0.99, 1.0)
+    assert v["over_seeds"]["null_ratio"]["high"] == 0.2 and "worst of 3" in v["words"]
+    # one replicate below its ceiling (floor 0.98) decides: not "at ceiling" on the strength of the others
+    v = fve_verdict_over_seeds([rep(0.99, 0.98, 0.1), rep(0.97, 1.02, 0.1), rep(1.0, 1.0, 0.1)])
+    assert v["outcome"] == "below_ceiling" and v["per_seed"] == ["at_ceiling", "below_ceiling", "at_ceiling"]
+    assert fve_verdict_over_seeds([rep(0.99, 1.0, 0.1), rep(0.05, 1.0, 0.1)])["outcome"] == "at_null"
+    with pytest.raises(ValueError, match="at least one"):
+        fve_verdict_over_seeds([])
+
+
+def test_fve_replicate_equals_compare_layers_ratios():
+    sae = TopKSAE(64, 48, 4, generator=torch.Generator().manual_seed(0))
+    x = _dictionary_data(sae, 2_000, seed=1)
+    second, target = _noisy(sae, 0.03, seed=1), _noisy(sae, 0.1, seed=3)
+    y = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    full = compare_layer(sae, target, x, y, second_base_sae=second, resamples=100)
+    rep = fve_replicate(sae, second, target, x, y)
+    assert rep["ratio"] == pytest.approx(full["fve"]["ratio"])
+    assert rep["ceiling_ratio"] == pytest.approx(full["ceiling"]["fve_ratio"])
+    assert rep["null_ratio"] == pytest.approx(full["null"]["fve_ratio"])
 
 
 def test_transfer_verdict_needs_every_measure():

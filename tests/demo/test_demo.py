@@ -14,7 +14,8 @@ from dlmscope import cli
 from dlmscope.analysis.order import conjecture_verdict
 from dlmscope.demo import RUNS, DemoConfig, findings, load_world_model, run_demo
 from dlmscope.demo.report import write_report
-from dlmscope.demo.seeds import seed_summary, spread
+from dlmscope.demo.seeds import seed_summary
+from dlmscope.util.bootstrap import spread
 from dlmscope.jobs.order import ORDERS
 from dlmscope.util import atomic
 

@@ -99,6 +99,31 @@ def test_run_transfer_shared_init_reports_the_start_and_no_ceiling(world):
     assert "seed-to-seed" not in summary_lines(result)[0]
 
 
+def test_run_transfer_over_seed_replicates_judges_the_fve_ratio_over_them(world):
+    base, inst, _, batches = world
+    L = 2
+    kw = dict(n_latents=64, k=4, train_tokens=3_000, eval_tokens=500, delta_batches=1, batches=batches,
+              train=TINY_TRAIN, sae_batch=256, resamples=100)
+    one = run_transfer(base, inst, [L], **kw)
+    three = run_transfer(base, inst, [L], seeds=3, **kw)
+    assert three["config"]["seeds"] == 3
+    e1, e3 = one["layers"][str(L)]["instruct"], three["layers"][str(L)]["instruct"]
+    # replicate 0 is the single-seed run's SAEs (trained beside the others on the same harvest)
+    assert e3["fve"]["ratio"] == pytest.approx(e1["fve"]["ratio"], rel=1e-4)
+    fr = e3["verdict"]["measures"]["fve_ratio"]
+    assert fr["seeds"] == 3 and len(fr["per_seed"]) == 3 and fr["over_seeds"]["ratio"]["n"] == 3
+    assert fr["over_seeds"]["ratio"]["values"][0] == pytest.approx(e1["fve"]["ratio"], rel=1e-4)
+    assert len(set(fr["over_seeds"]["ratio"]["values"])) == 3  # each replicate its own SAEs
+    assert e3["verdict"]["outcome"] in ("consistent", "below_ceiling", "at_null")
+    s = three["summary"][str(L)]
+    assert s["seeds"] == 3 and s["fve_ratio_seeds_low"] <= s["fve_ratio_seeds_mean"] <= s["fve_ratio_seeds_high"]
+    assert "over 3 seed replicates" in summary_lines(three)[0]
+    with pytest.raises(ValueError, match="seeds > 1"):
+        run_transfer(base, inst, [L], seeds=2, ceiling=False, **kw)
+    with pytest.raises(ValueError, match="seeds must be"):
+        run_transfer(base, inst, [L], seeds=0, **kw)
+
+
 def test_run_transfer_with_given_saes_trains_nothing(world):
     base, inst, _, (train, held) = world
     L = 1
@@ -136,3 +161,6 @@ def test_cli_transfer(tmp_path, capsys):
     assert cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "9",
                      "--out", str(tmp_path / "t")]) == 2
     assert "layer" in capsys.readouterr().err
+    assert cli.main(["transfer", "--base", m("dlm"), "--target", m("instruct"), "--layers", "2", "--seeds", "2",
+                     "--no-ceiling", "--out", str(tmp_path / "t")]) == 2  # refused before any training
+    assert "seeds > 1" in capsys.readouterr().err
