@@ -62,7 +62,7 @@ wheel: venv
 
 # The main job: Mask-/Unmask-SAEs on every layer of the embedded DLM and SAEs on its AR twin, evaluated
 # (FVE, delta-LM, planted concepts), steering, decoding orders and base->instruct transfer, written up in
-# runs/demo/report.md with plots (about 8 min on 2 cores).
+# runs/demo/report.md with plots (about 10 min on 2 cores).
 demo: install
 	$(PYBIN) -m dlmscope.cli demo --out runs/demo
 

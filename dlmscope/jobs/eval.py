@@ -2,7 +2,8 @@
 (:func:`dlmscope.sae.metrics.evaluate_sae`) under a policy, and the ΔLM loss of splicing it in
 (:mod:`dlmscope.analysis.splice`: the DLM's for a diffusion model, the AR one for a causal model), printed as JSON.
 ΔLM is the paper's pooled estimator with its SE over batches and the per-batch mean beside it
-(:func:`~dlmscope.analysis.splice.delta_loss_over_batches`); a DLM's masking rates are stratified by default.
+(:func:`~dlmscope.analysis.splice.delta_loss_over_batches`); a DLM's masking rates are stratified by default (the
+SE then over collapsed strata).
 
     dlmscope eval --model DIR --sae runs/x/layer_1/k_8 --layer 1 --tokens 20000 [--out eval.json]
 """
