@@ -22,7 +22,7 @@ position contribute a loss of 0 for that term (the empty sum) and report ``n_mas
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ __all__ = [
     "zero_ablate",
     "dlm_delta_loss",
     "delta_loss_over_batches",
+    "delta_loss_by_layer",
     "ar_delta_loss",
     "scale_free",
     "compare_deltas",
@@ -157,21 +158,25 @@ def _masked_mean(ce: Tensor, sel: Tensor) -> Tensor:
     return (ce * sel).sum() / sel.sum().clamp_min(1.0)
 
 
-def _run_variants(adapter, layer: int, saes: list, loss_fn, ids, attention_mask, *, zero_ablation: bool,
-                  positions=None) -> dict:
-    """Loss tensors of one batch: ``{"clean": ..., i: ... per SAE, "zero": ...}``. Clean and zero-ablated
-    forwards run once however many SAEs are compared on the batch, and blocks ``0 … layer−1``, which no variant
-    changes, run only in the clean forward (the others replay their outputs)."""
-    prefix = list(adapter.blocks)[:layer]
-    with hooks.record_outputs(prefix) as recorded:
-        vals = {"clean": loss_fn(adapter.logits(ids, attention_mask))}
-    runs = [(i, splice(adapter, layer, sae, positions=positions)) for i, sae in enumerate(saes)]
-    if zero_ablation:
-        runs.append(("zero", zero_ablate(adapter, layer, positions)))
-    for name, ctx in runs:
-        with hooks.replay_outputs(prefix, recorded), ctx:
-            vals[name] = loss_fn(adapter.logits(ids, attention_mask))
-    return vals
+def _run_variants(adapter, by_layer: dict[int, list], loss_fn, ids, attention_mask, *, zero_ablation: bool,
+                  positions=None) -> dict[int, dict]:
+    """Loss tensors of one batch per layer: ``{layer: {"clean": ..., i: ... per SAE, "zero": ...}}``. One clean
+    forward serves every layer and SAE; each layer's SAE and zero-ablated forwards replay blocks ``0 … layer−1``,
+    which they do not change, from it (its block outputs are kept up to the deepest layer)."""
+    blocks = list(adapter.blocks)[:max(by_layer)]
+    with hooks.record_outputs(blocks) as recorded:
+        clean = loss_fn(adapter.logits(ids, attention_mask))
+    out = {}
+    for layer, saes in by_layer.items():
+        vals = {"clean": clean}
+        runs = [(i, splice(adapter, layer, sae, positions=positions)) for i, sae in enumerate(saes)]
+        if zero_ablation:
+            runs.append(("zero", zero_ablate(adapter, layer, positions)))
+        for name, ctx in runs:
+            with hooks.replay_outputs(blocks[:layer], recorded[:layer]), ctx:
+                vals[name] = loss_fn(adapter.logits(ids, attention_mask))
+        out[layer] = vals
+    return out
 
 
 def _as_list(sae) -> tuple[list, bool]:
@@ -214,6 +219,16 @@ def dlm_delta_loss(
     t = float(t)
     if not 0.0 < t < 1.0:
         raise ValueError(f"the masking rate t must lie in (0, 1), got {t}")
+    saes, many = _as_list(sae)
+    results = _dlm_batch(adapter, {layer: saes}, input_ids, attention_mask, t, generator, mask_id,
+                         zero_ablation=zero_ablation, positions=positions)[layer]
+    return results if many else results[0]
+
+
+def _dlm_batch(adapter, by_layer: dict[int, list], input_ids: Tensor, attention_mask: Tensor | None, t: float,
+               generator, mask_id: int, *, zero_ablation: bool, positions=None) -> dict[int, list[dict]]:
+    """:func:`dlm_delta_loss` of one batch at masking rate ``t`` for every layer's SAEs (one corruption, one clean
+    forward, one host sync): ``{layer: [result dict per SAE]}``."""
     noisy, masked = corrupt(input_ids, attention_mask, mask_id, t, generator)
     valid = valid_positions(input_ids, attention_mask)
     unmasked = valid & ~masked
@@ -223,25 +238,29 @@ def dlm_delta_loss(
         ce = _token_ce(logits, input_ids)
         return _masked_mean(ce, masked) / t, _masked_mean(ce, unmasked) / (1.0 - t)
 
-    saes, many = _as_list(sae)
-    vals = _run_variants(adapter, layer, saes, losses, noisy, attention_mask, zero_ablation=zero_ablation,
+    vals = _run_variants(adapter, by_layer, losses, noisy, attention_mask, zero_ablation=zero_ablation,
                          positions=positions)
-    counts = torch.stack([masked.sum(), unmasked.sum()]).to(device=vals["clean"][0].device, dtype=torch.float32)
-    flat = torch.cat([torch.stack([v for pair in vals.values() for v in pair]), counts]).tolist()  # one host sync
-    got = {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(vals)}
-    results = []
-    for i in range(len(saes)):
-        out: dict[str, float] = {"t": t, "n_masked": int(flat[-2]), "n_unmasked": int(flat[-1])}
-        for name, key in (("clean", "clean"), (i, "sae"), ("zero", "zero")):
-            if name in got:
-                out[f"mask_{key}"], out[f"unmask_{key}"] = got[name]
-        out["mask_delta"] = out["mask_sae"] - out["mask_clean"]
-        out["unmask_delta"] = out["unmask_sae"] - out["unmask_clean"]
-        if zero_ablation:
-            out["mask_recovered"] = fraction_recovered(out["mask_clean"], out["mask_sae"], out["mask_zero"])
-            out["unmask_recovered"] = fraction_recovered(out["unmask_clean"], out["unmask_sae"], out["unmask_zero"])
-        results.append(out)
-    return results if many else results[0]
+    counts = torch.stack([masked.sum(), unmasked.sum()]).to(dtype=torch.float32)
+    pairs = [(layer, name, pair) for layer, v in vals.items() for name, pair in v.items()]
+    flat = torch.cat([torch.stack([x for *_, pair in pairs for x in pair]).float(),
+                      counts.to(pairs[0][2][0].device)]).tolist()  # one host sync
+    got = {(layer, name): (flat[2 * j], flat[2 * j + 1]) for j, (layer, name, _) in enumerate(pairs)}
+    out = {}
+    for layer, saes in by_layer.items():
+        results = []
+        for i in range(len(saes)):
+            r: dict[str, float] = {"t": t, "n_masked": int(flat[-2]), "n_unmasked": int(flat[-1])}
+            for name, key in (("clean", "clean"), (i, "sae"), ("zero", "zero")):
+                if (layer, name) in got:
+                    r[f"mask_{key}"], r[f"unmask_{key}"] = got[(layer, name)]
+            r["mask_delta"] = r["mask_sae"] - r["mask_clean"]
+            r["unmask_delta"] = r["unmask_sae"] - r["unmask_clean"]
+            if zero_ablation:
+                r["mask_recovered"] = fraction_recovered(r["mask_clean"], r["mask_sae"], r["mask_zero"])
+                r["unmask_recovered"] = fraction_recovered(r["unmask_clean"], r["unmask_sae"], r["unmask_zero"])
+            results.append(r)
+        out[layer] = results
+    return out
 
 
 @torch.no_grad()
@@ -265,6 +284,15 @@ def ar_delta_loss(
     adapter.hook_module(layer)
     if input_ids.shape[1] < 2:
         raise ValueError("ar_delta_loss needs sequences of at least 2 tokens")
+    saes, many = _as_list(sae)
+    results = _ar_batch(adapter, {layer: saes}, input_ids, attention_mask, zero_ablation=zero_ablation)[layer]
+    return results if many else results[0]
+
+
+def _ar_batch(adapter, by_layer: dict[int, list], input_ids: Tensor, attention_mask: Tensor | None, *,
+              zero_ablation: bool) -> dict[int, list[dict]]:
+    """:func:`ar_delta_loss` of one batch for every layer's SAEs (one clean forward, one host sync):
+    ``{layer: [result dict per SAE]}``."""
     valid = valid_positions(input_ids, attention_mask)
     sel = valid[:, 1:] & valid[:, :-1]
     targets = input_ids[:, 1:]
@@ -272,21 +300,24 @@ def ar_delta_loss(
     def loss(logits: Tensor) -> Tensor:
         return _masked_mean(_token_ce(logits[:, :-1], targets), sel)
 
-    saes, many = _as_list(sae)
-    vals = _run_variants(adapter, layer, saes, loss, input_ids, attention_mask, zero_ablation=zero_ablation)
-    stacked = torch.stack(list(vals.values()) + [sel.sum().to(vals["clean"])]).tolist()  # one host sync
-    flat, n_tokens = dict(zip(vals, stacked)), int(stacked[-1])
-    results = []
-    for i in range(len(saes)):
-        out: dict[str, float] = {"clean": flat["clean"], "sae": flat[i]}
-        if zero_ablation:
-            out["zero"] = flat["zero"]
-        out["delta"] = out["sae"] - out["clean"]
-        out["n_tokens"] = n_tokens
-        if zero_ablation:
-            out["recovered"] = fraction_recovered(out["clean"], out["sae"], out["zero"])
-        results.append(out)
-    return results if many else results[0]
+    vals = _run_variants(adapter, by_layer, loss, input_ids, attention_mask, zero_ablation=zero_ablation)
+    keys = [(layer, name) for layer, v in vals.items() for name in v]
+    stacked = torch.stack([vals[L][name] for L, name in keys] + [sel.sum().to(vals[keys[0][0]]["clean"])]).tolist()
+    flat, n_tokens = dict(zip(keys, stacked)), int(stacked[-1])  # one host sync
+    out = {}
+    for layer, saes in by_layer.items():
+        results = []
+        for i in range(len(saes)):
+            r: dict[str, float] = {"clean": flat[(layer, "clean")], "sae": flat[(layer, i)]}
+            if zero_ablation:
+                r["zero"] = flat[(layer, "zero")]
+            r["delta"] = r["sae"] - r["clean"]
+            r["n_tokens"] = n_tokens
+            if zero_ablation:
+                r["recovered"] = fraction_recovered(r["clean"], r["sae"], r["zero"])
+            results.append(r)
+        out[layer] = results
+    return out
 
 
 def stratified_ts(n: int, t_min: float = T_MIN, t_max: float = T_MAX,
@@ -325,8 +356,22 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
     precision). Stopping on the estimate's own SE biases |Δ| slightly upward and favours a round whose SE came out
     low (with stratified t a round of 12 batches gives the SE 6 degrees of freedom); an unmet target is reported,
     never hidden."""
-    saes = list(saes)
+    return delta_loss_by_layer(adapter, {layer: saes}, batches, seed=seed, t_sampling=t_sampling, t_min=t_min,
+                               t_max=t_max, target_rel_se=target_rel_se, round_batches=round_batches)[layer]
+
+
+def delta_loss_by_layer(adapter, saes_by_layer: Mapping[int, Sequence], batches: Sequence[Tensor], *, seed: int,
+                        t_sampling: str = "stratified", t_min: float = T_MIN, t_max: float = T_MAX,
+                        target_rel_se: float | None = None,
+                        round_batches: int | None = None) -> dict[int, list[dict]]:
+    """:func:`delta_loss_over_batches` of several layers' SAEs at once: ``{layer: [result per SAE]}``, each layer's
+    equal to its own call's (the same seed gives every layer the same t and corruption per batch). One clean
+    forward per batch serves every layer; each layer's SAE and zero-ablated forwards replay blocks ``0 … L−1``
+    from it (the clean forward's block outputs are kept up to the deepest layer: one hidden state per block)."""
+    by_layer = {adapter.check_layer(L): list(saes) for L, saes in saes_by_layer.items()}
     batches = list(batches)
+    if not by_layer or not all(by_layer.values()):
+        raise ValueError("delta_loss_by_layer needs at least one SAE for every layer it is given")
     if not batches:
         raise ValueError("delta_loss_over_batches needs at least one batch")
     if adapter.is_diffusion and t_sampling not in ("stratified", "iid"):
@@ -337,8 +382,11 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
         max(2, len(batches) // 4) if round_batches is None else round_batches)
     if size < 1:
         raise ValueError(f"round_batches must be >= 1, got {round_batches}")
+    if adapter.is_diffusion:
+        mask_id = adapter.require_mask_token()
+        t_min, t_max = check_t_range(t_min, t_max)
     gen = torch.Generator().manual_seed(seed)
-    seen: list[list[dict]] = [[] for _ in saes]
+    seen = {L: [[] for _ in saes] for L, saes in by_layer.items()}
     rounds: list[int] = []   # the round of each batch, for the strata of stratified t
     stratified = adapter.is_diffusion and t_sampling == "stratified"
 
@@ -346,37 +394,41 @@ def delta_loss_over_batches(adapter, saes: Sequence, layer: int, batches: Sequen
         strata = collapsed_strata([r["t"] for r in mine], rounds[:len(mine)]) if stratified else None
         return estimator(mine, strata)
 
-    active = list(range(len(saes)))
+    active = {L: list(range(len(saes))) for L, saes in by_layer.items()}
     for start in range(0, len(batches), size):
         chunk = batches[start:start + size]
-        group = [saes[i] for i in active]
+        groups = {L: [by_layer[L][i] for i in act] for L, act in active.items() if act}
         if adapter.is_diffusion:
-            ts = stratified_ts(len(chunk), t_min, t_max, gen) if t_sampling == "stratified" else [None] * len(chunk)
-            per_batch = [dlm_delta_loss(adapter, group, layer, ids, t_min=t_min, t_max=t_max, generator=gen, t=t)
-                         for ids, t in zip(chunk, ts)]
+            ts = stratified_ts(len(chunk), t_min, t_max, gen) if stratified else [None] * len(chunk)
+            per_batch = [_dlm_batch(adapter, groups, ids, None, draw_t(t_min, t_max, gen) if t is None else t, gen,
+                                    mask_id, zero_ablation=True) for ids, t in zip(chunk, ts)]
         else:
-            per_batch = [ar_delta_loss(adapter, group, layer, ids) for ids in chunk]
+            per_batch = [_ar_batch(adapter, groups, ids, None, zero_ablation=True) for ids in chunk]
         rounds.extend([start] * len(chunk))
-        for j, i in enumerate(active):
-            seen[i].extend(batch[j] for batch in per_batch)
+        for L in groups:
+            for j, i in enumerate(active[L]):
+                seen[L][i].extend(batch[L][j] for batch in per_batch)
         if target_rel_se is None:
             continue
-        active = [i for i in active if not relative_se(combine(seen[i])) < target_rel_se]
-        if not active:
+        active = {L: [i for i in act if not relative_se(combine(seen[L][i])) < target_rel_se]
+                  for L, act in active.items()}
+        if not any(active.values()):
             break
-    results = []
-    for mine in seen:
-        out: dict = {**combine(mine), "estimator": "pooled",
-                     "se_over": "batches, collapsed strata" if stratified else "batches",
-                     "per_batch": combine(mine, per_batch_results)}
-        out["rel_se"] = relative_se(out)
-        if adapter.is_diffusion:
-            out["t_sampling"] = t_sampling
-        if target_rel_se is not None:
-            out["se_target"] = target_rel_se
-            out["se_target_met"] = bool(out["rel_se"] < target_rel_se)
-        results.append(out)
-    return results
+    return {L: [_summary(mine, combine, stratified, adapter.is_diffusion and t_sampling, target_rel_se)
+                for mine in per_sae] for L, per_sae in seen.items()}
+
+
+def _summary(mine: list[dict], combine, stratified: bool, t_sampling, target_rel_se: float | None) -> dict:
+    """One SAE's result over its batches: the pooled estimator, the per-batch one beside it, the SE's unit."""
+    out: dict = {**combine(mine), "estimator": "pooled", "se_over": "batches, collapsed strata" if stratified
+                 else "batches", "per_batch": combine(mine, per_batch_results)}
+    out["rel_se"] = relative_se(out)
+    if t_sampling:
+        out["t_sampling"] = t_sampling
+    if target_rel_se is not None:
+        out["se_target"] = target_rel_se
+        out["se_target_met"] = bool(out["rel_se"] < target_rel_se)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- scale-free views

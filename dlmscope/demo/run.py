@@ -19,7 +19,7 @@ from dlmscope.interp.concepts import labelled_activations_by_layer, score_concep
 from dlmscope.interp.baselines import concept_baselines
 from dlmscope.jobs.train import SweepSpec, heldout_activations, make_saes, train_sweep
 from dlmscope.sae.topk import TopKSAE
-from dlmscope.analysis.splice import delta_loss_over_batches
+from dlmscope.analysis.splice import delta_loss_by_layer
 from dlmscope.sae.metrics import FVE_TOLERANCE, MAX_DEAD_FRACTION, evaluate_sae, training_failure
 from dlmscope.train.log import LogConfig
 from dlmscope.world import asset, concept_id_table, world_batches
@@ -128,12 +128,15 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
             labelled["concepts_masked"] = [
                 labelled_activations_by_layer(adapter, rows, cfg.layers, table, "masked", t=cfg.concept_t,
                                               seed=cfg.seed + i) for i, rows in enumerate(halves)]
+        # ΔLM of every layer's SAEs (the sweep's, then the extra seeds'), one clean forward per batch for all
+        deltas_by_layer = delta_loss_by_layer(adapter, {L: trained[L] for L in cfg.layers}, delta_batches,
+                                              seed=cfg.seed + 7, target_rel_se=cfg.delta_rel_se,
+                                              round_batches=cfg.delta_batches)
         run: dict = {}
         for layer in tqdm(cfg.layers, desc=f"evaluate {run_key}", unit="layer"):
             sweep, extras = trained[layer][:len(cfg.ks)], trained[layer][len(cfg.ks):]
             views = {view: (choose[layer], score[layer]) for view, (choose, score) in labelled.items()}
-            deltas = delta_loss_over_batches(adapter, sweep + extras, layer, delta_batches, seed=cfg.seed + 7,
-                                             target_rel_se=cfg.delta_rel_se, round_batches=cfg.delta_batches)
+            deltas = deltas_by_layer[layer]
             entries = []
             for sae, delta in zip(sweep + extras, deltas):
                 entry = evaluate_sae(sae, held[layer])

@@ -4,7 +4,7 @@ Per layer, :func:`run_transfer` trains (or takes) a base SAE on the base model, 
 init seed (the seed-to-seed ceiling), a target SAE on the instruct model from its own init seed (and, optionally,
 one on the AR twin as a control), then scores them with :func:`dlmscope.analysis.transfer.compare_layer` (the
 measures, their ceiling, a random-SAE null and the pre-specified verdict) and splices them into the models
-(:func:`~dlmscope.analysis.splice.delta_loss_over_batches`, the paper's pooled ΔLM): the base SAE and the target
+(:func:`~dlmscope.analysis.splice.delta_loss_by_layer`, the paper's pooled ΔLM): the base SAE and the target
 SAE into the target model (one corruption for both), and the base SAE into the base model for reference. With
 ``own_batches`` (text of the fine-tune's own distribution, e.g. Q&A prompts) all of it is repeated on that text
 beside the pre-training text.
@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 
 from dlmscope import models
-from dlmscope.analysis.splice import delta_loss_over_batches
+from dlmscope.analysis.splice import delta_loss_by_layer
 from dlmscope.analysis.transfer import (check_models, compare_layer, fve_replicate, fve_verdict_over_seeds,
                                         paired_activations, transfer_verdict)
 from dlmscope.data.activations import check_policy
@@ -226,6 +226,10 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
             acts_b, acts_t = paired_activations(base_adapter, adapter, held, layers, pol, tokens=eval_tokens,
                                                 seed=seed + 1)
             delta_ids = held[:delta_batches]
+            in_target = delta_loss_by_layer(adapter, {L: [base[L], target[L]] for L in layers}, delta_ids,
+                                            seed=seed + 7)
+            in_base = (delta_loss_by_layer(base_adapter, {L: [base[L]] for L in layers}, delta_ids, seed=seed + 7)
+                       if name == "instruct" else None)
             for L in layers:
                 init = make_saes(d, spec, L)[0] if shared_init and trained else None
                 entry = compare_layer(base[L], target[L], acts_b[L], acts_t[L], init_sae=init,
@@ -236,11 +240,9 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
                             for b, s2, t in zip(on_base["base_saes"], on_base["second_base_saes"], instruct)]
                     measures = {**entry["verdict"]["measures"], "fve_ratio": fve_verdict_over_seeds(reps)}
                     entry["verdict"] = {**transfer_verdict(measures), "measures": measures}
-                b_in_t, t_in_t = delta_loss_over_batches(adapter, [base[L], target[L]], L, delta_ids, seed=seed + 7)
-                entry["delta"] = {"base_in_target": b_in_t, "target_in_target": t_in_t}
-                if name == "instruct":
-                    entry["delta"]["base_in_base"] = delta_loss_over_batches(base_adapter, [base[L]], L, delta_ids,
-                                                                             seed=seed + 7)[0]
+                entry["delta"] = {"base_in_target": in_target[L][0], "target_in_target": in_target[L][1]}
+                if in_base is not None:
+                    entry["delta"]["base_in_base"] = in_base[L][0]
                 out["layers"][str(L)][name + suffix] = entry
     out["summary"] = {str(L): _layer_summary(out["layers"][str(L)]) for L in layers}
     return out

@@ -14,6 +14,7 @@ from dlmscope.analysis.splice import (
     average_results,
     collapsed_strata,
     compare_deltas,
+    delta_loss_by_layer,
     delta_loss_over_batches,
     dlm_delta_loss,
     per_batch_results,
@@ -443,14 +444,14 @@ def test_22_5_sequential_delta_lm_stops_each_sae_at_its_se_target(monkeypatch):
 
     import dlmscope.analysis.splice as S
 
-    def fake_ar(adapter, group, layer, ids):
+    def fake_ar_batch(adapter, by_layer, ids, attention_mask, zero_ablation):
         b = int(ids)
-        return [{"clean": 1.0, "sae": 1.0 + sae.e + 0.1 * (-1) ** b, "delta": sae.e + 0.1 * (-1) ** b,
-                 "n_tokens": 100} for sae in group]
+        return {L: [{"clean": 1.0, "sae": 1.0 + sae.e + 0.1 * (-1) ** b, "delta": sae.e + 0.1 * (-1) ** b,
+                     "n_tokens": 100} for sae in group] for L, group in by_layer.items()}
 
-    monkeypatch.setattr(S, "ar_delta_loss", fake_ar)
+    monkeypatch.setattr(S, "_ar_batch", fake_ar_batch)
     saes = [types.SimpleNamespace(e=e) for e in (1.0, 0.25, 0.1)]
-    adapter = types.SimpleNamespace(is_diffusion=False)
+    adapter = types.SimpleNamespace(is_diffusion=False, check_layer=lambda layer: layer)
     got = S.delta_loss_over_batches(adapter, saes, 0, list(range(8)), seed=0, target_rel_se=0.2, round_batches=2)
     assert [g["n_batches"] for g in got] == [2, 6, 8]
     assert [g["se_target_met"] for g in got] == [True, True, False]
@@ -502,3 +503,22 @@ def test_22_5_delta_loss_variants_equal_full_forwards(llada, ar, layer):
         logits = ar.logits(ids)
     assert a["sae"] == pytest.approx(float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())),
                                      rel=1e-5)
+
+
+@pytest.mark.parametrize("sampling", ["stratified", "iid"])
+def test_22_5_delta_loss_by_layer_equals_one_call_per_layer(llada, ar, sampling):
+    """Several layers from one clean forward per batch give each layer's own results, sequential rounds too."""
+    batches = [token_batch(seed=s, batch=2, seq=12)[0] for s in range(6)]
+    saes = {0: [random_sae(1), random_sae(2)], 2: [random_sae(3)], LAYERS - 1: [random_sae(4), random_sae(5)]}
+    for model in (llada, ar):
+        kw = dict(seed=5, t_sampling=sampling, target_rel_se=0.05, round_batches=2)
+        both = delta_loss_by_layer(model, saes, batches, **kw)
+        assert sorted(both) == sorted(saes)
+        for layer, group in saes.items():
+            alone = delta_loss_over_batches(model, group, layer, batches, **kw)
+            for got, ref in zip(both[layer], alone):
+                assert got == ref
+    with pytest.raises(ValueError, match="at least one SAE"):
+        delta_loss_by_layer(llada, {1: []}, batches, seed=0)
+    with pytest.raises(ValueError):
+        delta_loss_by_layer(llada, {99: [random_sae(1)]}, batches, seed=0)
