@@ -244,9 +244,11 @@ def decoding_orders(results: dict, cfg: DemoConfig) -> list[str]:
              f"The DLM fills {r['n_tasks']} order-sensitive world tasks (" + ", ".join(f"{g}: {n}" for g, n in
                                                                              r["groups"].items())
              + ") at temperature 0 under each order, with 1, ⌈G/2⌉ or G steps for G answers; exact match "
-             f"(all answers right), mean over seeds {r['spec']['seeds']} per task, 95% interval over tasks. "
+             f"(all answers right), mean over sampling seeds {r['spec']['seeds']} per task, 95% interval over tasks. "
              f"`sae_stable*` commit first the masked positions whose top-{r['spec']['top_k']} Mask-SAE latents at "
-             f"block {r['spec']['guide_layer']} did not change since the previous step (confidence breaks ties).", "",
+             f"block {r['spec']['guide_layer']} did not change since the previous step (confidence breaks ties). "
+             f"The Mask-SAEs are one SAE init seed each (the k sweep's, k = {cfg.k_ref}); the order study "
+             "(docs/order.md) repeats the SAE-guided comparisons over three SAE init seeds.", "",
              "| order | " + " | ".join(f"{s} step(s)" for s in steps) + " | held out (G steps) |",
              "|---|" + "---|" * (len(steps) + 1)]
     for order, by in r["accuracy"].items():
