@@ -9,6 +9,9 @@ Contents
   ``decoder_norm_step`` (= ``project_out_parallel`` + ``adam_update`` + ``normalize_rows``) and ``forward``
   (encode then decode);
   the backend primitives (dlmscope/backends/base.py): ``gather_accumulate``, ``transpose_reduce``, ``sddmm``;
+  the other sparsity rules: ``batchtopk_encode`` (+ ``batchtopk_min_selected``, the inference threshold's
+  statistic), ``threshold_encode`` (JumpReLU / BatchTopK inference), ``jumprelu`` and ``jumprelu_l0`` (with the
+  straight-through threshold gradient), ``matryoshka_reconstructions`` / ``matryoshka_loss``;
   the metric ``fraction_of_variance_explained``;
   the plain-PyTorch training step ``dense_train_step`` = ``dense_loss`` (``mse_loss`` of the dense
   reconstruction) + backward + ``dense_update``.
@@ -67,6 +70,101 @@ def transpose_reduce(coef: Tensor, idx: Tensor, X: Tensor, n: int) -> tuple[Tens
 def sddmm(G: Tensor, idx: Tensor, W: Tensor) -> Tensor:
     """out [B,k]: out[b,j] = <G[b], W[idx[b,j]]> for G [B,d], idx [B,k], W [n,d] (all B×n products, then gather)."""
     return (G @ W.T).gather(1, idx.long())
+
+
+# ---- the other sparsity rules: BatchTopK, a threshold (JumpReLU, BatchTopK at inference), Matryoshka ----------
+
+
+def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> Tensor:
+    """The dense code [B,n] of BatchTopK in training (Bussmann et al. 2024): of relu(pre) over the whole batch,
+    the entries ``>= tau`` are kept, ``tau`` the (B·k)-th largest entry of the batch; zeros are never kept. Ties
+    at ``tau`` are all kept (then more than B·k are active); with fewer than B·k positive entries every positive
+    one is kept. A row may keep anything from 0 to n latents."""
+    act = torch.relu(pre_activations(x, W_enc, b_enc, b_dec))
+    total = act.numel()
+    tau = act.flatten().topk(min(k * act.shape[0], total)).values[-1] if total else act.new_zeros(())
+    return act * ((act >= tau) & (act > 0))
+
+
+def batchtopk_min_selected(code: Tensor) -> Tensor:
+    """The smallest kept (positive) entry of a BatchTopK code [B,n] (0-d; 0 when nothing was kept): the per-batch
+    statistic whose running mean is the inference threshold."""
+    kept = code[code > 0]
+    return kept.min() if kept.numel() else code.new_zeros(())
+
+
+def threshold_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor) -> Tensor:
+    """The dense code [B,n] of a threshold rule: pre where ``pre > threshold`` (per latent [n], or a scalar), else 0
+    — JumpReLU (Rajamanoharan et al. 2024, SAELens ``jumprelu``) and BatchTopK at inference (one global
+    threshold). ``threshold`` must be >= 0, so a kept entry is positive."""
+    pre = pre_activations(x, W_enc, b_enc, b_dec)
+    return pre * (pre > threshold)
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel ``1{|u| < 1/2}`` of JumpReLU's straight-through estimator."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre · H(pre − θ)`` with the pseudo-derivative of Rajamanoharan et al. (2024) for θ:
+    ∂/∂θ = −(θ/ε) K((pre − θ)/ε); the gradient to ``pre`` is H(pre − θ) (the function's own)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        d_pre = g * (pre > theta)
+        d_theta = -(theta / ctx.eps) * rectangle((pre - theta) / ctx.eps) * g
+        return d_pre, d_theta.reshape(-1, *theta.shape).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre − θ)`` (the L0 count) with the pseudo-derivative ∂/∂θ = −(1/ε) K((pre − θ)/ε); none to ``pre``."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        d_theta = -(1.0 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * g
+        return None, d_theta.reshape(-1, *theta.shape).sum(0), None
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, eps: float) -> Tensor:
+    """JumpReLU ``pre · H(pre − θ)`` of pre [B,n] and θ [n] (> 0), with the straight-through gradient for θ
+    (bandwidth ``eps``), dense."""
+    return _JumpReLU.apply(pre, threshold, eps)
+
+
+def jumprelu_l0(pre: Tensor, threshold: Tensor, eps: float) -> Tensor:
+    """The L0 sparsity penalty of JumpReLU: the mean over rows of the number of entries above θ, with the
+    straight-through gradient for θ (none to ``pre``), dense."""
+    return _Step.apply(pre, threshold, eps).sum(-1).mean()
+
+
+def matryoshka_reconstructions(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+                               prefixes: list[int]) -> Tensor:
+    """[P,B,d]: for each prefix size m of ``prefixes`` (increasing, the last = n), the reconstruction from the
+    active latents whose index is below m only (Bussmann et al. 2025; the nested dictionaries of a Matryoshka
+    SAE), each a dense decode."""
+    return torch.stack([sparse_decode(values * (indices < m), indices, W_dec, b_dec) for m in prefixes])
+
+
+def matryoshka_loss(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
+                    prefixes: list[int]) -> Tensor:
+    """The Matryoshka training loss: the sum over prefixes of ``mse_loss`` of their reconstructions."""
+    recon = matryoshka_reconstructions(values, indices, W_dec, b_dec, prefixes)
+    return sum(mse_loss(x, r) for r in recon)
 
 
 def forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int) -> Tensor:
