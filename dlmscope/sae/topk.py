@@ -35,6 +35,9 @@ class TopKSAE(nn.Module):
     encoder matrix is the decoder's transpose in the usual [d, n] orientation), zero biases.
     """
 
+    #: the architecture this class implements (``SAEConfig.arch``)
+    ARCH = "topk"
+
     def __init__(self, d: int, n: int, k: int, *, meta: dict | None = None, backend: str | None = None,
                  device=None, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
         super().__init__()
@@ -109,6 +112,9 @@ class TopKSAE(nn.Module):
         unchanged) and later writes to ``tensors`` do not reach it. No random initialisation is materialised."""
         if isinstance(cfg, dict):
             cfg = SAEConfig.from_dict(cfg)
+        if cfg.arch != cls.ARCH:
+            raise ValueError(f"{cls.__name__}.from_state got a {cfg.arch!r} SAE's state; dlmscope.sae.load builds "
+                             f"any architecture's class")
         check_state(cfg, tensors, where="from_state")
         with torch.device("meta"):
             sae = cls(cfg.d, cfg.n, cfg.k, meta=copy.deepcopy(cfg.meta), backend=backend)

@@ -1,6 +1,6 @@
 """Checkpoint formats: save / load an SAE's state — an :class:`SAEConfig` and the tensors ``W_enc [n, d]``,
-``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` (:mod:`.config`) — in dlmscope's own format and in the formats of
-the peer libraries, detected from the files present. :class:`dlmscope.sae.topk.TopKSAE` is built from that state
+``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` and its architecture's extras (:mod:`.config`) — in dlmscope's own
+format and in the formats of the peer libraries (Top-K SAEs), detected from the files present. :class:`dlmscope.sae.topk.TopKSAE` is built from that state
 (``TopKSAE.from_state``) and hands it over to be saved (``TopKSAE.state``); this package imports nothing of it.
 
 | format | files | notes |
@@ -36,10 +36,10 @@ from torch import Tensor
 
 from dlmscope.util import atomic
 from . import _checks, dictionary_learning, dlmscope_format, saelens, sparsify
-from .config import PARAMS, SAEConfig, check_state, param_shapes
+from .config import ARCHS, PARAMS, SAEConfig, check_state, param_shapes, tensor_names
 
-__all__ = ["FORMATS", "CHECKPOINT_FILES", "PARAMS", "SAEConfig", "check_state", "param_shapes", "save", "load",
-           "detect_format", "check_target"]
+__all__ = ["FORMATS", "CHECKPOINT_FILES", "ARCHS", "PARAMS", "SAEConfig", "check_state", "param_shapes",
+           "tensor_names", "save", "load", "detect_format", "check_target"]
 
 #: format name -> module with ``save(cfg, tensors, directory)``, ``load(directory) -> (cfg, tensors)``,
 #: ``detect(...)``, ``DESCRIPTION``
@@ -113,7 +113,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load(path: str | os.PathLike) -> tuple[SAEConfig, dict[str, Tensor]]:
-    """(config, tensors on CPU) of the SAE checkpoint at ``path`` (format detected); tensors as in :data:`PARAMS`."""
+    """(config, tensors on CPU) of the SAE checkpoint at ``path`` (format detected); tensors as in :data:`PARAMS`
+    plus the architecture's extras (:func:`tensor_names`)."""
     name = detect_format(path)
     return FORMATS[name].load(_checkpoint_dir(path))
 
@@ -123,15 +124,15 @@ def _check_state(cfg: SAEConfig, tensors: Mapping[str, Tensor]) -> None:
     if not isinstance(cfg, SAEConfig) or not isinstance(tensors, Mapping):
         raise TypeError(f"save expects a TopKSAE's state (an SAEConfig and a dict of tensors), got "
                         f"{type(cfg).__name__} and {type(tensors).__name__}")
-    keys = sorted(tensors)
-    if keys != sorted(PARAMS) or not all(isinstance(t, Tensor) for t in tensors.values()):
-        raise TypeError(f"save expects a TopKSAE's state: tensors {list(PARAMS)}, got {keys}")
+    keys, want = sorted(tensors), tensor_names(cfg)
+    if keys != sorted(want) or not all(isinstance(t, Tensor) for t in tensors.values()):
+        raise TypeError(f"save expects an SAE's state: a {cfg.arch} SAE has tensors {list(want)}, got {keys}")
     try:
         json.dumps(cfg.meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise TypeError(f"cannot save: the config (including SAEConfig.meta) is not plain JSON: {e}") from e
     check_state(cfg, tensors)
-    for name in PARAMS:
+    for name in want:
         t = tensors[name]
         if t.is_meta:
             raise ValueError(f"cannot save: {name} is on the meta device (no data)")
@@ -184,6 +185,9 @@ def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike,
     """
     name = _format_name(format)
     _check_state(cfg, tensors)
+    if name != "dlmscope" and cfg.arch != "topk":
+        raise ValueError(f"cannot save a {cfg.arch} SAE in the {name} format: only the dlmscope format holds "
+                         f"architectures other than Top-K here")
     path = Path(path)
     target = atomic.resolve_link(path)  # a symlinked checkpoint is replaced where the link points; the link stays
     check_target(target)

@@ -136,19 +136,22 @@ def require_k(k: int, n: int, file: Path) -> None:
 
 
 def build_state(*, d: int, n: int, k: int, meta: dict, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
-                file: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
-    """(config, contiguous tensors) of a loaded checkpoint; a config failing SAEConfig's checks names ``file``."""
+                file: Path, arch: str = "topk", prefixes: list[int] | None = None,
+                **extras: Tensor) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """(config, contiguous tensors) of a loaded checkpoint; a config failing SAEConfig's checks names ``file``.
+    ``extras``: the architecture's tensors beyond the four parameters (e.g. ``threshold``)."""
     try:
-        cfg = SAEConfig(d=d, n=n, k=k, meta=meta)
+        cfg = SAEConfig(d=d, n=n, k=k, meta=meta, arch=arch, prefixes=prefixes)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
-    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, **extras}
     return cfg, {name: t.contiguous() for name, t in tensors.items()}
 
 
 def cpu_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The four parameters, detached, on CPU, contiguous (ready to serialise)."""
-    return {name: tensors[name].detach().cpu().contiguous() for name in PARAMS}
+    """The SAE's tensors (the four parameters first), detached, on CPU, contiguous (ready to serialise)."""
+    names = list(PARAMS) + [name for name in tensors if name not in PARAMS]
+    return {name: tensors[name].detach().cpu().contiguous() for name in names}
 
 
 def check_meta(meta: dict, file: Path) -> dict:

@@ -1,8 +1,9 @@
 """dlmscope's own format: ``sae.safetensors`` + ``cfg.json``.
 
-- ``sae.safetensors``: ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` in the parameters' dtype.
+- ``sae.safetensors``: ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` in the parameters' dtype,
+  and the architecture's extra tensors (``threshold``; :data:`~.config.ARCHS`).
 - ``cfg.json``: ``{"format": "dlmscope", "version": 1, "d": .., "n": .., "k": .., "meta": {...}}``
-  (``SAEConfig.to_dict()`` plus the two header fields).
+  (``SAEConfig.to_dict()`` plus the two header fields; ``"arch"`` and ``"prefixes"`` where not Top-K).
 """
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ from pathlib import Path
 from torch import Tensor
 
 from . import _checks as C
-from .config import SAEConfig
+from .config import SAEConfig, param_shapes, tensor_names
 
 NAME = "dlmscope"
 VERSION = 1
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
-KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 DESCRIPTION = f"{CFG} with \"format\": \"dlmscope\" + {WEIGHTS}"
 
 
@@ -50,14 +50,13 @@ def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
         raise ValueError(f"{cfg_file}: {e}") from e
 
     t = C.read_safetensors(weights_file)
-    C.require_tensors(t, KEYS, weights_file)
-    extra = sorted(set(t) - set(KEYS))
+    keys = tensor_names(sc)
+    C.require_tensors(t, keys, weights_file)
+    extra = sorted(set(t) - set(keys))
     if extra:
-        raise ValueError(f"{weights_file}: unexpected tensor(s) {extra} (a dlmscope SAE holds {list(KEYS)})")
-    d, n = sc.d, sc.n
-    C.require_shape(t, "W_enc", (n, d), weights_file, f"[n, d] with n={n}, d={d} from {CFG}")
-    C.require_shape(t, "b_enc", (n,), weights_file, f"[n] with n={n} from {CFG}")
-    C.require_shape(t, "W_dec", (n, d), weights_file, f"[n, d] with n={n}, d={d} from {CFG}")
-    C.require_shape(t, "b_dec", (d,), weights_file, f"[d] with d={d} from {CFG}")
-    C.require_float_finite(t, KEYS, weights_file)
-    return C.build_state(d=d, n=n, k=sc.k, meta=sc.meta, file=cfg_file, **{k: t[k] for k in KEYS})
+        raise ValueError(f"{weights_file}: unexpected tensor(s) {extra} (a dlmscope {sc.arch} SAE holds {list(keys)})")
+    for name, shape in param_shapes(sc).items():
+        C.require_shape(t, name, shape, weights_file, f"{list(shape)} for d={sc.d}, n={sc.n} from {CFG}")
+    C.require_float_finite(t, keys, weights_file)
+    return C.build_state(d=sc.d, n=sc.n, k=sc.k, meta=sc.meta, arch=sc.arch, prefixes=sc.prefixes, file=cfg_file,
+                         **{k: t[k] for k in keys})
