@@ -1,0 +1,101 @@
+"""BatchTopKSAE: a BatchTopK sparse autoencoder (Bussmann et al. 2024) on dlmscope's fused Top-K encoder.
+
+Training mode: the B·k largest relu'd pre-activations of the whole batch are kept (``k`` = the mean active latents
+per row; :func:`dlmscope.sae.sparsity.batch_topk_encode`). Eval mode: a JumpReLU-like rule with one global
+threshold, the entries with ``pre > threshold`` (:func:`dlmscope.sae.sparsity.threshold_encode`).
+
+The inference threshold (a 0-d buffer, saved as the state's ``threshold`` tensor) is an exponential moving average,
+updated by every training-mode ``encode``: ``θ ← β·θ + (1 − β)·m`` with ``m`` the smallest kept activation of the
+batch (``reference.batchtopk_min_selected``, Bussmann et al.'s "minimum positive activation") and ``β =
+threshold_beta`` (0.999, dictionary_learning's default); the first update sets ``θ = m`` (dictionary_learning starts
+it the same way, from a −1 sentinel; its ``m`` is the mean over rows of each row's smallest kept value). A batch
+that keeps nothing leaves θ unchanged. A loaded SAE with θ > 0 counts as updated, so further training continues
+its average. The code's width is ``cap`` (default ``min(n, 4k)``), wider only for a batch where a row has more.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .formats import SAEConfig
+from .sparsity import batch_topk_encode, batch_topk_min_selected, threshold_encode
+from .topk import TopKSAE
+
+__all__ = ["BatchTopKSAE"]
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK SAE with ``d`` inputs, ``n`` latents, ``k`` active latents per input on average over a batch.
+
+    Parameters and initialisation as :class:`TopKSAE`; buffers ``threshold`` (0-d, float32 or float64, the
+    inference threshold) and ``threshold_updates`` (0-d int64, how many batches have updated it).
+    ``cap``: the initial width of the sparse code (>= k; default ``min(n, 4k)``); ``threshold_beta`` in [0, 1)."""
+
+    ARCH = "batchtopk"
+
+    def __init__(self, d: int, n: int, k: int, *, cap: int | None = None, threshold_beta: float = 0.999,
+                 meta: dict | None = None, backend: str | None = None, device=None, dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None):
+        super().__init__(d, n, k, meta=meta, backend=backend, device=device, dtype=dtype, generator=generator)
+        self.cfg = SAEConfig(d=d, n=n, k=k, meta=self.cfg.meta, arch=self.ARCH)
+        self.cap = min(n, 4 * k) if cap is None else int(cap)
+        if not k <= self.cap <= n:
+            raise ValueError(f"cap must satisfy k <= cap <= n ({k} <= cap <= {n}), got {self.cap}")
+        if not 0.0 <= float(threshold_beta) < 1.0:
+            raise ValueError(f"threshold_beta must lie in [0, 1), got {threshold_beta}")
+        self.threshold_beta = float(threshold_beta)
+        # the EMA runs in at least float32: a bf16 buffer would stall at (1 − β)·Δ below its resolution
+        wide = torch.promote_types(dtype, torch.float32)
+        self.register_buffer("threshold", torch.zeros((), device=device, dtype=wide))
+        self.register_buffer("threshold_updates", torch.zeros((), device=device, dtype=torch.int64))
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def encode(self, x: Tensor, k: int | None = None, *, update_threshold: bool | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """(values [..., c], indices [..., c]) of x [..., d] in the padded sparse layout (zeros = inactive slots).
+
+        Training mode: BatchTopK over all leading rows with ``k`` (default ``self.k``) per row on average, then
+        the threshold update (unless ``update_threshold=False``). Eval mode: the entries with pre > threshold."""
+        self._check_input(x)
+        W_enc, b_enc, _, b_dec = self._weights_as(x.dtype)
+        if not self.training:
+            return threshold_encode(x, W_enc, b_enc, b_dec, self.threshold.to(x.dtype), self.cap,
+                                    backend=self.backend)
+        k = self.k if k is None else k
+        values, indices, _ = batch_topk_encode(x, W_enc, b_enc, b_dec, k, max(self.cap, k), backend=self.backend)
+        if update_threshold is None or update_threshold:
+            self.update_threshold(values)
+        return values, indices
+
+    @torch.no_grad()
+    def update_threshold(self, values: Tensor) -> None:
+        """Fold one training batch's code [..., c] into the threshold's moving average (see the module doc)."""
+        kept = values.detach()
+        if not bool((kept > 0).any()):
+            return
+        m = batch_topk_min_selected(kept).to(self.threshold.dtype)
+        first = bool(self.threshold_updates == 0)
+        self.threshold.copy_(m if first else self.threshold_beta * self.threshold + (1 - self.threshold_beta) * m)
+        self.threshold_updates.add_(1)
+
+    # ---- persistence --------------------------------------------------------------------------------
+    @classmethod
+    def from_state(cls, cfg: SAEConfig | dict, tensors: Mapping[str, Tensor], *,
+                   backend: str | None = None) -> "BatchTopKSAE":
+        """As :meth:`TopKSAE.from_state`, plus the 0-d ``threshold`` tensor (copied, its dtype kept)."""
+        sae = super().from_state(cfg, tensors, backend=backend)
+        threshold = tensors["threshold"].detach().clone(memory_format=torch.contiguous_format)
+        sae.threshold = threshold
+        sae.threshold_updates = torch.tensor(int(bool(threshold > 0)), device=threshold.device)
+        return sae
+
+    def state(self) -> tuple[SAEConfig, dict[str, Tensor]]:
+        """As :meth:`TopKSAE.state`, plus ``threshold`` (the buffer, detached)."""
+        cfg, tensors = super().state()
+        return cfg, {**tensors, "threshold": self.threshold.detach()}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, cap={self.cap}, threshold={float(self.threshold):.4g}"
+
