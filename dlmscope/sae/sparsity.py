@@ -91,6 +91,7 @@ def _at(threshold: Tensor, indices: Tensor) -> Tensor:
 def _above(x2, W_enc, b_enc, b_dec, t: Tensor, cap, backend) -> tuple[Tensor, Tensor, Tensor]:
     """(pre [B, c] at the selected slots, indices [B, c], kept [B, c] bool): every entry with pre > t (t [n] or
     0-d, detached, any sign), each row complete. ``pre`` is differentiable; where not kept it is meaningless."""
+    t = torch.as_tensor(t, dtype=x2.dtype if not isinstance(t, Tensor) else None)  # a float in x's precision
     if t.dim() not in (0, 1) or (t.dim() == 1 and t.shape[0] != W_enc.shape[0]):
         raise ValueError(f"threshold must be 0-d or [n] = [{W_enc.shape[0]}], got shape {list(t.shape)}")
     t = t.detach().to(device=x2.device, dtype=x2.dtype)
@@ -200,8 +201,9 @@ class _Step(torch.autograd.Function):
 
 
 def _theta(threshold: Tensor, pre: Tensor) -> Tensor:
-    if not isinstance(threshold, Tensor) or threshold.dim() not in (0, 1):
-        raise ValueError("threshold must be a 0-d or [n] tensor")
+    threshold = torch.as_tensor(threshold, dtype=pre.dtype if not isinstance(threshold, Tensor) else None)
+    if threshold.dim() not in (0, 1):
+        raise ValueError(f"threshold must be 0-d or [n], got shape {list(threshold.shape)}")
     return threshold.to(device=pre.device, dtype=pre.dtype)
 
 
@@ -220,7 +222,8 @@ def jumprelu_candidates(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, 
     gradient here (it comes from :func:`jumprelu` / :func:`jumprelu_l0`). c as in :func:`threshold_encode`."""
     x2, lead, cap = _flat(x, W_enc, cap)
     eps = _eps(eps)
-    pre, indices, kept = _above(x2, W_enc, b_enc, b_dec, threshold.detach() - eps / 2, cap, backend)
+    theta = torch.as_tensor(threshold, dtype=x2.dtype if not isinstance(threshold, Tensor) else None).detach()
+    pre, indices, kept = _above(x2, W_enc, b_enc, b_dec, theta - eps / 2, cap, backend)
     pre = torch.where(kept, pre, torch.full_like(pre, -math.inf))
     return pre.reshape(*lead, -1), indices.reshape(*lead, -1)
 

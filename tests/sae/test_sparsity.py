@@ -338,6 +338,16 @@ def test_no_tensor_of_b_times_n_outside_the_fused_encoder(backend, device, rule)
     assert not big, big
 
 
+def test_threshold_encode_takes_a_python_float_and_gives_the_threshold_no_gradient():
+    x, W_enc, b_enc, b_dec = params(6, 4, 20, seed=14)
+    theta = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    values, indices = S.threshold_encode(x, W_enc, b_enc.requires_grad_(True), b_dec, theta, 2)
+    v2, i2 = S.threshold_encode(x, W_enc, b_enc, b_dec, 0.3, 2)
+    assert torch.equal(dense(values, indices, 20), dense(v2, i2, 20))
+    values.sum().backward()
+    assert theta.grad is None and b_enc.grad is not None
+
+
 def test_bad_arguments_raise():
     x, W_enc, b_enc, b_dec = params(4, 3, 10)
     with pytest.raises(ValueError, match="cap"):

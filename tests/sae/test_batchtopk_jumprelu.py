@@ -1,0 +1,273 @@
+"""BatchTopKSAE and JumpReLUSAE: the modules on top of dlmscope.sae.sparsity — their codes against dlmscope.reference
+in training and eval mode, the BatchTopK threshold update, JumpReLU's gradients (the threshold's included),
+the adaptive code width, state / save / load round trips, on every backend available here."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dlmscope import reference
+from dlmscope.sae import formats
+from dlmscope.sae.batchtopk import BatchTopKSAE
+from dlmscope.sae.jumprelu import JumpReLUSAE
+from dlmscope.sae.topk import TopKSAE
+
+D, N, K = 8, 48, 3
+F64 = torch.float64
+
+
+def perturb(sae, seed=0):
+    """Move the SAE off its init (biases, untied encoder) so that every parameter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(sae.n, generator=g))
+        sae.b_dec.copy_(0.1 * torch.randn(sae.d, generator=g))
+        sae.W_enc.add_(0.2 * torch.randn(sae.n, sae.d, generator=g))
+    return sae
+
+
+def batchtopk(dtype=F64, **kwargs):
+    return perturb(BatchTopKSAE(D, N, K, dtype=dtype, generator=torch.Generator().manual_seed(1), **kwargs))
+
+
+def jumprelu_sae(dtype=F64, **kwargs):
+    sae = perturb(JumpReLUSAE(D, N, K, dtype=dtype, generator=torch.Generator().manual_seed(2), **kwargs))
+    with torch.no_grad():  # thresholds spread over the pre-activations' range, so that codes are neither empty nor full
+        sae.log_threshold.copy_(torch.log(0.2 + torch.rand(N, generator=torch.Generator().manual_seed(3))))
+    return sae
+
+
+def weights(sae):
+    return [p.detach().double() for p in (sae.W_enc, sae.b_enc, sae.b_dec)]
+
+
+def dense(values, indices, n=N):
+    flat = reference.densify(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), n)
+    return flat.reshape(*values.shape[:-1], n)
+
+
+def inputs(*lead, seed=0, dtype=F64):
+    return torch.randn(*lead, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def ref_args(sae, x):
+    W_enc, b_enc, b_dec = weights(sae)
+    return x.reshape(-1, D).double(), W_enc, b_enc, b_dec
+
+
+# ---- BatchTopKSAE -------------------------------------------------------------------------------------------------
+
+
+def test_batchtopk_init_config_and_buffers():
+    sae = BatchTopKSAE(D, N, K)
+    assert sae.cfg.arch == "batchtopk" and sae.ARCH == "batchtopk" and sae.cap == min(N, 4 * K)
+    assert sae.threshold.shape == () and float(sae.threshold) == 0.0 and int(sae.threshold_updates) == 0
+    assert {name for name, _ in sae.named_parameters()} == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert BatchTopKSAE(D, N, K, dtype=torch.bfloat16).threshold.dtype == torch.float32  # the EMA stays wide
+    with pytest.raises(ValueError, match="cap"):
+        BatchTopKSAE(D, N, K, cap=K - 1)
+    with pytest.raises(ValueError, match="threshold_beta"):
+        BatchTopKSAE(D, N, K, threshold_beta=1.0)
+
+
+@pytest.mark.parametrize("lead", [(16,), (4, 5), (1,)])
+def test_batchtopk_training_encode_is_the_reference(backend, device, lead):
+    sae = batchtopk().to(device)
+    sae.backend = backend
+    x = inputs(*lead, seed=4)
+    values, indices = sae.encode(x.to(device))
+    assert values.shape[:-1] == lead and values.shape[-1] >= sae.cap
+    want = reference.batchtopk_encode(*ref_args(sae, x), K)
+    torch.testing.assert_close(dense(values, indices).reshape(-1, N).cpu(), want, rtol=0, atol=1e-12)
+    x_hat = sae(x.to(device))
+    W_dec, b_dec = sae.W_dec.detach().double().cpu(), sae.b_dec.detach().double().cpu()
+    torch.testing.assert_close(x_hat.reshape(-1, D).cpu(), want @ W_dec + b_dec, rtol=1e-10, atol=1e-10)
+
+
+def test_batchtopk_threshold_is_an_ema_of_the_smallest_kept_activation():
+    sae = batchtopk(threshold_beta=0.9)
+    stats = []
+    for seed in range(3):
+        x = inputs(12, seed=10 + seed)
+        sae.encode(x)
+        stats.append(float(reference.batchtopk_min_selected(reference.batchtopk_encode(*ref_args(sae, x), K))))
+    want = stats[0]  # the first batch sets it
+    for m in stats[1:]:
+        want = 0.9 * want + 0.1 * m
+    assert float(sae.threshold) == pytest.approx(want, rel=1e-12) and int(sae.threshold_updates) == 3
+
+    before = sae.threshold.clone()
+    sae.encode(inputs(12, seed=20), update_threshold=False)
+    sae.update_threshold(torch.zeros(4, 5, dtype=F64))  # a batch that keeps nothing changes nothing
+    with torch.no_grad():
+        sae.eval()
+        sae.encode(inputs(12, seed=21))  # eval mode never updates
+    assert torch.equal(sae.threshold, before) and int(sae.threshold_updates) == 3
+
+
+def test_batchtopk_eval_encode_is_the_threshold_rule(backend, device):
+    sae = batchtopk()
+    with torch.no_grad():
+        sae.threshold.fill_(0.6)
+    sae = sae.to(device).eval()
+    sae.backend = backend
+    x = inputs(3, 7, seed=5)
+    values, indices = sae.encode(x.to(device))
+    want = reference.threshold_encode(*ref_args(sae, x), torch.tensor(0.6, dtype=F64))
+    torch.testing.assert_close(dense(values, indices).reshape(-1, N).cpu(), want, rtol=0, atol=1e-12)
+    assert values.shape[-1] < N  # the width is the cap (or a doubling of it), not n
+
+
+def test_batchtopk_gradients_match_dense_autograd():
+    sae = batchtopk()
+    x = inputs(10, seed=6)
+    (sae(x) - x).pow(2).sum().backward()
+    leaves = [p.detach().clone().requires_grad_(True) for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    code = reference.batchtopk_encode(x, leaves[0], leaves[1], leaves[3], K)
+    (code @ leaves[2] + leaves[3] - x).pow(2).sum().backward()
+    for name, p, q in zip(("W_enc", "b_enc", "W_dec", "b_dec"), (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), leaves):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_batchtopk_state_save_load_round_trip(tmp_path):
+    sae = batchtopk()
+    sae.encode(inputs(16, seed=7))  # a trained threshold
+    cfg, tensors = sae.state()
+    assert cfg.arch == "batchtopk" and tensors["threshold"].shape == () and float(tensors["threshold"]) > 0
+    sae.save(tmp_path / "sae")
+    loaded = BatchTopKSAE.load(tmp_path / "sae")
+    assert loaded.cfg == sae.cfg and int(loaded.threshold_updates) == 1 and loaded.cap == sae.cap
+    for name, t in tensors.items():
+        assert torch.equal(loaded.state()[1][name], t), name
+    sae.eval(), loaded.eval()
+    x = inputs(5, seed=8)
+    assert torch.equal(sae(x), loaded(x))
+    copy = BatchTopKSAE.from_state(*sae.state())
+    with torch.no_grad():
+        copy.threshold.fill_(9.0)
+    assert float(sae.threshold) != 9.0  # from_state copies
+    with pytest.raises(ValueError, match="'topk' SAE's state"):
+        BatchTopKSAE.from_state(*TopKSAE(D, N, K).state())
+    with pytest.raises(ValueError, match="'batchtopk' SAE's state"):
+        TopKSAE.from_state(*sae.state())
+    fresh = BatchTopKSAE.from_state(cfg, {**tensors, "threshold": torch.zeros(())})
+    assert int(fresh.threshold_updates) == 0  # an untrained threshold: the next batch sets it
+
+
+def test_batchtopk_bf16_activations_with_fp32_weights():
+    sae = batchtopk(dtype=torch.float32)
+    x = inputs(16, seed=9, dtype=torch.float32).to(torch.bfloat16)
+    x_hat = sae(x)
+    assert x_hat.dtype == torch.bfloat16 and sae.threshold.dtype == torch.float32
+    x_hat.float().pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sae.parameters())
+
+
+# ---- JumpReLUSAE --------------------------------------------------------------------------------------------------
+
+
+def test_jumprelu_init_config_and_bandwidth():
+    sae = JumpReLUSAE(D, N, K)
+    assert sae.cfg.arch == "jumprelu" and sae.cap == K and sae.eps == 0.001
+    assert sae.cfg.meta["jumprelu_bandwidth"] == 0.001
+    torch.testing.assert_close(sae.threshold, torch.full((N,), 0.001))
+    assert {name for name, _ in sae.named_parameters()} == {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
+    assert JumpReLUSAE(D, N, K, meta={"jumprelu_bandwidth": 0.05}).eps == 0.05
+    assert JumpReLUSAE(D, N, K, eps=0.2, init_threshold=0.5).cfg.meta["jumprelu_bandwidth"] == 0.2
+    with pytest.raises(ValueError, match="bandwidth"):
+        JumpReLUSAE(D, N, K, eps=0.0)
+    with pytest.raises(ValueError, match="init_threshold"):
+        JumpReLUSAE(D, N, K, init_threshold=-1.0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_jumprelu_encode_is_the_threshold_rule(backend, device, training):
+    sae = jumprelu_sae().to(device).train(training)
+    sae.backend = backend
+    x = inputs(4, 6, seed=11)
+    values, indices = sae.encode(x.to(device))
+    want = reference.threshold_encode(*ref_args(sae, x), sae.threshold.detach().double().cpu())
+    torch.testing.assert_close(dense(values, indices).reshape(-1, N).cpu(), want, rtol=0, atol=1e-12)
+    assert values.shape[:-1] == (4, 6) and values.shape[-1] < N
+
+
+def test_jumprelu_gradients_match_the_dense_reference_with_the_threshold(backend, device):
+    eps, lam = 0.3, 0.5
+    sae = jumprelu_sae(eps=eps).to(device)
+    sae.backend = backend
+    x = inputs(12, seed=12)
+    values, indices, l0 = sae.encode_with_l0(x.to(device))
+    loss = (sae.decode(values, indices) - x.to(device)).pow(2).sum() + lam * l0
+    loss.backward()
+
+    names = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")
+    leaves = {name: getattr(sae, name).detach().cpu().clone().requires_grad_(True) for name in names}
+    pre = reference.pre_activations(x, leaves["W_enc"], leaves["b_enc"], leaves["b_dec"])
+    theta = leaves["log_threshold"].exp()
+    window = ((pre - theta).abs() < eps / 2) & (pre <= theta)
+    assert bool(window.any()), "the test needs window entries below θ"
+    code = reference.jumprelu(pre, theta, eps)
+    l0_ref = reference.jumprelu_l0(pre, theta, eps)
+    torch.testing.assert_close(l0.cpu(), l0_ref.detach())
+    ((code @ leaves["W_dec"] + leaves["b_dec"] - x).pow(2).sum() + lam * l0_ref).backward()
+    for name in names:
+        torch.testing.assert_close(getattr(sae, name).grad.cpu(), leaves[name].grad, rtol=1e-10, atol=1e-10,
+                                   msg=name)
+    assert leaves["log_threshold"].grad.abs().sum() > 0
+
+
+def test_jumprelu_code_width_adapts_to_the_batch():
+    sae = jumprelu_sae()
+    x = inputs(16, seed=13)
+    pre = reference.pre_activations(*ref_args(sae, x))
+    most = int((pre > sae.threshold.detach() - sae.eps / 2).sum(-1).max())
+    assert most > K  # the first batch overflows the initial width K
+    values, _ = sae.encode(x)
+    assert values.shape[-1] >= most and sae.cap == min(N, max(K, 2 * most))
+    with torch.no_grad():
+        sae.log_threshold.fill_(math.log(1e6))  # nothing fires: the width falls back to k
+    sae.encode(x)
+    assert sae.cap == K
+    sae.eval()
+    sae.encode(x)
+    assert sae.cap == K  # eval mode leaves it
+
+
+def test_jumprelu_state_save_load_round_trip(tmp_path):
+    sae = jumprelu_sae(dtype=torch.float32, eps=0.01)
+    cfg, tensors = sae.state()
+    assert cfg.arch == "jumprelu" and tensors["threshold"].shape == (N,)
+    sae.save(tmp_path / "sae")
+    loaded = JumpReLUSAE.load(tmp_path / "sae")
+    assert loaded.cfg == sae.cfg and loaded.eps == 0.01 and loaded.cap == K
+    got = loaded.state()[1]
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(got[name], tensors[name]), name
+    # threshold = exp(log_threshold): exact to a few ulps, not bitwise
+    torch.testing.assert_close(got["threshold"], tensors["threshold"], rtol=1e-6, atol=0)
+    assert torch.equal(formats.load(tmp_path / "sae")[1]["threshold"], tensors["threshold"])
+    sae.eval(), loaded.eval()
+    x = inputs(5, seed=14, dtype=torch.float32)
+    torch.testing.assert_close(sae(x), loaded(x))
+    with pytest.raises(ValueError, match=">= 0"):
+        JumpReLUSAE.from_state(cfg, {**tensors, "threshold": -tensors["threshold"]})
+    zero = JumpReLUSAE.from_state(cfg, {**tensors, "threshold": torch.zeros(N)})
+    assert torch.equal(zero.threshold, torch.zeros(N))  # log 0 = −inf: fires at any positive pre-activation
+
+
+def test_a_training_step_moves_every_parameter():
+    for sae in (batchtopk(dtype=torch.float32), jumprelu_sae(dtype=torch.float32, eps=0.3)):
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        x = inputs(32, seed=15, dtype=torch.float32)
+        before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+        if isinstance(sae, JumpReLUSAE):
+            values, indices, l0 = sae.encode_with_l0(x)
+            loss = (sae.decode(values, indices) - x).pow(2).sum(-1).mean() + 0.01 * l0
+        else:
+            loss = (sae(x) - x).pow(2).sum(-1).mean()
+        loss.backward()
+        opt.step()
+        for name, p in sae.named_parameters():
+            assert torch.isfinite(p).all() and not torch.equal(p, before[name]), (type(sae).__name__, name)
