@@ -39,7 +39,7 @@ class BatchTopKSAE(TopKSAE):
                  meta: dict | None = None, backend: str | None = None, device=None, dtype: torch.dtype = torch.float32,
                  generator: torch.Generator | None = None):
         super().__init__(d, n, k, meta=meta, backend=backend, device=device, dtype=dtype, generator=generator)
-        self.cfg = SAEConfig(d=d, n=n, k=k, meta=self.cfg.meta, arch=self.ARCH)
+        self.cfg = SAEConfig(d=d, n=n, k=k, meta=self.cfg.meta, arch=BatchTopKSAE.ARCH)  # a subclass sets its own
         self.cap = min(n, 4 * k) if cap is None else int(cap)
         if not k <= self.cap <= n:
             raise ValueError(f"cap must satisfy k <= cap <= n ({k} <= cap <= {n}), got {self.cap}")

@@ -117,10 +117,15 @@ class TopKSAE(nn.Module):
                              f"any architecture's class")
         check_state(cfg, tensors, where="from_state")
         with torch.device("meta"):
-            sae = cls(cfg.d, cfg.n, cfg.k, meta=copy.deepcopy(cfg.meta), backend=backend)
+            sae = cls(cfg.d, cfg.n, cfg.k, meta=copy.deepcopy(cfg.meta), backend=backend, **cls._config_kwargs(cfg))
         for name in PARAMS:
             setattr(sae, name, nn.Parameter(tensors[name].detach().clone(memory_format=torch.contiguous_format)))
         return sae
+
+    @classmethod
+    def _config_kwargs(cls, cfg: SAEConfig) -> dict:
+        """The constructor arguments beyond d, n, k and meta that ``cfg`` fixes (none for Top-K)."""
+        return {}
 
     def state(self) -> tuple[SAEConfig, dict[str, Tensor]]:
         """(config, parameters detached on their device): what :func:`dlmscope.sae.formats.save` writes.
