@@ -41,6 +41,7 @@ from dlmscope.train.latent_parallel import LatentShard, ProcessGrid, make_grid
 from dlmscope.train.latent_trainer import LatentParallelTrainer, gather_saes
 from dlmscope.train.normalization import NORMALIZATIONS
 from dlmscope.data.noise import T_MAX, T_MIN
+from dlmscope.sae import CLASSES, SAEConfig
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.data.shuffle import collect
@@ -49,7 +50,7 @@ from dlmscope.train.log import LogConfig
 from .options import add_option, add_text_options, out_dir, positive_int, text_from_args
 from .sources import source_identity
 
-__all__ = ["SweepSpec", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations",
+__all__ = ["SweepSpec", "default_prefixes", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations",
            "TRAIN_BYTES_PER_PARAM", "check_sae_memory", "add_parser", "run_from_args"]
 
 #: bytes per SAE parameter while it trains: the fp32 weight, its gradient and Adam's two moments
@@ -73,11 +74,23 @@ class SweepSpec:
     t_min: float = T_MIN
     t_max: float = T_MAX
     seed: int = 0
+    #: the SAE architecture (a key of :data:`dlmscope.sae.CLASSES`) and, for ``matryoshka``, its nested
+    #: dictionary sizes (default :func:`default_prefixes`)
+    arch: str = "topk"
+    prefixes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
         check_policy(self.policy)
+        if self.arch not in CLASSES:
+            raise ValueError(f"arch must be one of {sorted(CLASSES)}, got {self.arch!r}")
+        if self.prefixes is not None and self.arch != "matryoshka":
+            raise ValueError(f"prefixes are for arch 'matryoshka' only, not {self.arch!r}")
+        if self.arch == "matryoshka":
+            prefixes = default_prefixes(self.n_latents) if self.prefixes is None else self.prefixes
+            object.__setattr__(self, "prefixes", tuple(int(m) for m in prefixes))
+            SAEConfig(d=1, n=self.n_latents, k=1, arch=self.arch, prefixes=list(self.prefixes))  # ValueError if bad
         if not self.layers or not self.ks:
             raise ValueError("SweepSpec needs at least one layer and one k")
         if len(set(self.ks)) != len(self.ks):  # two SAEs of one k would be trained and saved to one folder
@@ -92,11 +105,18 @@ class SweepSpec:
         return self.buffer_tokens if self.buffer_tokens is not None else max(64 * self.batch_size, 65536)
 
 
+def default_prefixes(n: int) -> tuple[int, ...]:
+    """A Matryoshka SAE's default nested sizes: n/8, n/4, n/2 and n (the distinct positive ones)."""
+    return tuple(sorted({m for m in (n // 8, n // 4, n // 2, n) if m >= 1}))
+
+
 def make_saes(d: int, spec: SweepSpec, layer: int, meta: dict | None = None) -> list[TopKSAE]:
-    """The k sweep of one layer, initialised from one generator seeded by ``(spec.seed, layer)`` only."""
+    """The k sweep of one layer (SAEs of ``spec.arch``), initialised from one generator seeded by
+    ``(spec.seed, layer)`` only."""
     init = torch.Generator().manual_seed(spec.seed * 1009 + layer)
     meta = {"layer": layer, "policy": spec.policy, "hook": "resid_post", **(meta or {})}
-    return [TopKSAE(d, spec.n_latents, k, generator=init, meta=meta) for k in spec.ks]
+    extra = {"prefixes": list(spec.prefixes)} if spec.arch == "matryoshka" else {}
+    return [CLASSES[spec.arch](d, spec.n_latents, k, generator=init, meta=meta, **extra) for k in spec.ks]
 
 
 def make_shards(d: int, spec: SweepSpec, layer: int, grid: ProcessGrid, meta: dict | None = None,
@@ -143,6 +163,8 @@ def train_sweep(adapter, token_batches: Iterable, spec: SweepSpec, train: TrainC
     not fit, export the sharded checkpoints instead (:func:`dlmscope.train.sharded_checkpoint.export`).
     """
     train = train or TrainConfig()
+    if latent_parallel is not None and spec.arch != "topk":
+        raise ValueError(f"latent_parallel shards Top-K SAEs only; arch {spec.arch!r} trains data parallel")
     if train.steps is not None or train.total_tokens is not None:
         raise ValueError(f"train_sweep trains spec.tokens={spec.tokens} tokens per layer; leave TrainConfig.steps "
                          f"and total_tokens unset (got steps={train.steps}, total_tokens={train.total_tokens})")
@@ -202,7 +224,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_text_options(t)
     add_option(t, "--layers")
     t.add_argument("--policy", default="mask", help="mask | unmask | all | clean")
-    t.add_argument("--k", type=positive_int, nargs="+", default=[8, 16, 32], help="the k sweep (each k once)")
+    t.add_argument("--k", type=positive_int, nargs="+", default=[8, 16, 32],
+                   help="the k sweep (each k once; BatchTopK/Matryoshka: mean active per row; JumpReLU: start width)")
+    t.add_argument("--arch", choices=sorted(CLASSES), default="topk", help="the SAE architecture")
+    t.add_argument("--prefixes", type=positive_int, nargs="+", default=None,
+                   help="matryoshka: the nested dictionary sizes, increasing, the last = --n (default n/8 n/4 n/2 n)")
     t.add_argument("--n", "--latents", dest="n", type=positive_int, default=1024,
                    help="latents per SAE (--latents under torchrun, whose parser takes --n for its own --nnodes)")
     t.add_argument("--tokens", type=positive_int, default=200_000, help="training tokens per layer")
@@ -264,6 +290,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     Every argument is checked before the model runs: ``--out`` (not a file), the k sweep (each k once), ``--n``
     (the SAEs fit in memory), the layers, the text source and any activation cache already in ``--out``."""
     out = out_dir(args.out)
+    if args.latent_parallel is not None and args.arch != "topk":
+        raise ValueError(f"--latent-parallel shards Top-K SAEs only; --arch {args.arch} trains data parallel")
+    if args.prefixes is not None and args.arch != "matryoshka":
+        raise ValueError(f"--prefixes is for --arch matryoshka, not {args.arch}")
     repeated = sorted({k for k in args.k if args.k.count(k) > 1})
     if repeated:
         raise ValueError(f"--k {' '.join(map(str, args.k))}: {repeated} given twice; each k trains one SAE, "
@@ -271,7 +301,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     adapter = models.load(args.model)
     layers = adapter.check_layers(args.layers)
     spec = SweepSpec(layers=tuple(layers), ks=tuple(args.k), n_latents=args.n, policy=args.policy,
-                     tokens=args.tokens, batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, seed=args.seed)
+                     tokens=args.tokens, batch_size=args.batch_size, buffer_tokens=args.buffer_tokens, seed=args.seed,
+                     arch=args.arch, prefixes=None if args.prefixes is None else tuple(args.prefixes))
     check_sae_memory(adapter.d_model, args.n, spec.ks, latent_parallel=args.latent_parallel,
                      device=adapter.device if args.latent_parallel else "cpu")
     train_batches, held_batches = text_from_args(adapter, args)
@@ -291,6 +322,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     for layer, layer_saes in saes.items():
         summary["layers"][layer] = {}
         for sae in layer_saes:
+            sae.eval()  # a threshold architecture evaluates (and is used) with its inference rule
             sae.save(out / f"layer_{layer}" / f"k_{sae.k}")
             metrics = evaluate_sae(sae, held_acts[layer])
             summary["layers"][layer][sae.k] = metrics
