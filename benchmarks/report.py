@@ -240,6 +240,9 @@ STEP_LABELS = {
     "triton": "dlmscope `triton` backend",
     "chunked": "dlmscope `chunked` backend (cuBLAS chunks + top-k, torch sparse ops)",
     "cuda": "dlmscope `cuda` backend (csrc/cuda kernels, cuBLAS chunks)",
+    "batchtopk": "dlmscope BatchTopK SAE (batch-level top-k on the fused encoder)",
+    "jumprelu": "dlmscope JumpReLU SAE (threshold rule, straight-through L0), L0 ≈ k",
+    "matryoshka": "dlmscope Matryoshka SAE (BatchTopK, n/8 n/4 n/2 n prefixes from one decode)",
 }
 
 

@@ -14,6 +14,13 @@ Step variants (docs/design.md: the encoder GEMM is the floor of a step), in the 
 - one variant per dlmscope backend that runs on the device (``torch``, ``cpu``, ``triton``):
   ``dlmscope.topk_encode`` + ``dlmscope.sparse_decode``, backward, ``dlmscope.decoder_norm_step`` for the
   decoder, ``torch.optim.Adam(fused=True)`` for W_enc, b_enc, b_dec; all inside ``value_checks(False)``.
+- ``batchtopk``, ``jumprelu``, ``matryoshka``: the same step for the other architectures of :mod:`dlmscope.sae`
+  on the fastest backend of the device (``cpu`` on a CPU, ``triton`` on a GPU): their encode rule on the fused
+  encoder, the decode (Matryoshka: every prefix from one decode), the loss (JumpReLU: MSE + λ·L0 with the
+  straight-through threshold gradient), the decoder step and Adam. At the same mean L0 as Top-K: BatchTopK and
+  Matryoshka keep k per row on average by construction; JumpReLU's thresholds start at each latent's
+  (1 − k/n)-quantile of the first batch's pre-activations, so its L0 starts at ≈ k (the step's ``info`` records
+  the L0 measured on the first batch).
 - ``dense``, ``dense_compiled``: the paper's plain-PyTorch step (:func:`baselines.build_step`).
 
 Loss: ``reference.mse_loss``, ``mean_b ||x - x_hat||^2`` (summed in float32 for bf16/fp16).
@@ -31,6 +38,7 @@ import torch
 import dlmscope
 from dlmscope import reference
 from dlmscope.backends import get_backend
+from dlmscope.sae import CLASSES
 
 LR = 3e-4
 BETAS = (0.9, 0.999)
@@ -164,9 +172,15 @@ def select_backends(device: str, requested: tuple[str, ...] = ()) -> tuple[str, 
     return tuple(out)
 
 
+#: the step variants of the other SAE architectures (:func:`build_arch_step`)
+ARCH_VARIANTS = ("batchtopk", "jumprelu", "matryoshka")
+#: JumpReLU's L0 coefficient in the benchmarked step (its value does not change the step's work)
+L0_COEFFICIENT = 1e-3
+
+
 def step_variants(cfg: BenchConfig) -> list[str]:
     """Step-group variants in the order they are timed (the GEMM first, the heaviest baselines last)."""
-    names = ["gemm", *cfg.backends, "dense"]
+    names = ["gemm", *cfg.backends, *ARCH_VARIANTS, "dense"]
     if cfg.compile_dense:
         names.append("dense_compiled")
     return names
@@ -303,10 +317,65 @@ def build_backend_step(cfg: BenchConfig, backend: str) -> Workload:
     return Workload(backend, fn, state, {"kind": "step", "backend": backend, "adam": mode})
 
 
+def arch_backend(cfg: BenchConfig) -> str:
+    """The backend the architecture variants run on: the fused one of the device where available."""
+    for name in ("cpu", "triton", "cuda"):
+        if name in cfg.backends:
+            return name
+    return cfg.backends[0]
+
+
+def build_arch_step(cfg: BenchConfig, arch: str) -> Workload:
+    """One training step of a BatchTopK, JumpReLU or Matryoshka SAE (see the module docstring)."""
+    backend = arch_backend(cfg)
+    p = make_params(cfg)
+    extra = {"prefixes": sorted({cfg.n // 8, cfg.n // 4, cfg.n // 2, cfg.n} - {0})} if arch == "matryoshka" else {}
+    sae = CLASSES[arch](cfg.d, cfg.n, cfg.k, backend=backend, device=cfg.device, dtype=cfg.dtype, **extra)
+    xs = Rotation(make_batches(cfg))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(p[name])
+        if arch == "jumprelu":   # start at L0 ≈ k: each latent's (1 − k/n)-quantile of the first batch
+            pre = reference.pre_activations(xs.items[0].float(), *(p[n].float() for n in ("W_enc", "b_enc", "b_dec")))
+            rank = max(1, round(cfg.B * (1 - cfg.k / cfg.n)))   # kthvalue: quantile() refuses inputs this large
+            sae.log_threshold.copy_(pre.kthvalue(rank, dim=0).values.clamp_min(1e-3).log())
+        sae.train()
+        l0 = float((sae.encode(xs.items[0], update_threshold=False)[0] > 0).sum(-1).float().mean()
+                   if arch != "jumprelu" else (sae.encode(xs.items[0])[0] > 0).sum(-1).float().mean())
+    params = [sae.W_enc, sae.b_enc, sae.b_dec] + ([sae.log_threshold] if arch == "jumprelu" else [])
+    opt, mode = adam(params, fused=True)
+    state = {"sae": sae, "opt": opt, "m": torch.zeros_like(sae.W_dec), "v": torch.zeros_like(sae.W_dec), "xs": xs,
+             "step": 0}
+
+    def fn():
+        sae, x = state["sae"], state["xs"].next()
+        with dlmscope.value_checks(False):
+            if arch == "jumprelu":
+                values, indices, l0_term = sae.encode_with_l0(x)
+                loss = reference.mse_loss(x, sae.decode(values, indices)) + L0_COEFFICIENT * l0_term
+            elif arch == "matryoshka":
+                loss = sae.prefix_losses(x).sum()
+            else:
+                loss = reference.mse_loss(x, sae.decode(*sae.encode(x)))
+            loss.backward()
+            state["step"] += 1
+            dlmscope.decoder_norm_step(sae.W_dec.detach(), sae.W_dec.grad, state["m"], state["v"], state["step"],
+                                       LR, BETAS, EPS, backend=backend)
+            sae.W_dec.grad = None
+            state["opt"].step()
+            state["opt"].zero_grad(set_to_none=True)
+        return loss
+
+    return Workload(arch, fn, state, {"kind": "step", "arch": arch, "backend": backend, "adam": mode,
+                                      "l0_first_batch": l0})
+
+
 def build_step(cfg: BenchConfig, variant: str) -> Workload:
-    """``gemm`` or a backend's step (the ``dense`` variants: :func:`baselines.build_step`)."""
+    """``gemm``, a backend's step or an architecture's (the ``dense`` variants: :func:`baselines.build_step`)."""
     if variant == "gemm":
         return build_gemm(cfg)
+    if variant in ARCH_VARIANTS:
+        return build_arch_step(cfg, variant)
     return build_backend_step(cfg, variant)
 
 
