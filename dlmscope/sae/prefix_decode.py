@@ -1,4 +1,4 @@
-"""The Matryoshka SAE's prefix reconstructions from ONE sparse decode (issue 23).
+"""The Matryoshka SAE's prefix reconstructions from ONE sparse decode.
 
 A Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024) nests its dictionaries: prefixes ``m_1 < … < m_P = n``
 of the latent index range; prefix ``p`` reconstructs from the active latents with index ``< m_p`` only, and the
