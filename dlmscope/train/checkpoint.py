@@ -35,12 +35,12 @@ from torch import Tensor
 
 from dlmscope.util import atomic
 from dlmscope.util.identity import differences
-from .step import ADAM_PARAMS, PARAMS
+from .arch_step import extra_state, set_extra_state
 
 __all__ = ["STATE_FILE", "META_FILE", "CorruptCheckpoint", "checkpoint_name", "checkpoint_step", "list_checkpoints",
            "latest_checkpoint", "save_checkpoint", "write_error", "load_checkpoint", "read_meta", "check_finite",
            "RUN_IDENTITY_IGNORES",
-           "TRAINER_META", "run_fields", "run_identity", "saved_run_fields", "run_differences", "check_identity",
+           "TRAINER_META", "SAE_IDENTITY", "run_fields", "run_identity", "saved_run_fields", "run_differences", "check_identity",
            "checkpoint_dir_problem", "check_meta", "check_tensors", "newest_intact", "state_tensors", "check_state",
            "set_state", "rng_state", "set_rng_state"]
 
@@ -186,14 +186,17 @@ def check_finite(tensors: dict[str, Tensor], file: str | Path) -> None:
 RUN_IDENTITY_IGNORES = ("checkpoint_dir", "checkpoint_every", "backend", "group_encoders", "nan_check")
 #: SAEConfig.meta keys the trainer writes itself when a run ends (not the SAE's provenance)
 TRAINER_META = ("norm_factor", "norm_factor_folded", "trained_tokens", "trained_steps")
+#: the keys of an SAE's description that join a run's identity (besides its meta)
+SAE_IDENTITY = ("d", "n", "k", "dtype", "arch", "prefixes", "threshold_beta")
 
 
 def run_fields(config: dict, saes: list[dict], world_size: int | None, data=None) -> dict:
     """A run's identity fields, as plain JSON: the trainer ``config`` (less :data:`RUN_IDENTITY_IGNORES`), each
-    SAE's ``d, n, k``, ``dtype`` (where given) and ``meta`` (less :data:`TRAINER_META`), the world size and
-    ``data`` (what the caller says the stream is). Entries absent from the inputs stay absent."""
+    SAE's ``d, n, k``, ``dtype``, ``arch``, ``prefixes``, ``threshold_beta`` (each where given: a Top-K SAE's
+    config names no arch) and ``meta`` (less :data:`TRAINER_META`), the world size and ``data`` (what the caller
+    says the stream is). Entries absent from the inputs stay absent."""
     out = {"config": {k: v for k, v in config.items() if k not in RUN_IDENTITY_IGNORES},
-           "saes": [{**{k: c[k] for k in ("d", "n", "k", "dtype") if k in c},
+           "saes": [{**{k: c[k] for k in SAE_IDENTITY if k in c},
                      "meta": {k: v for k, v in c.get("meta", {}).items() if k not in TRAINER_META}} for c in saes]}
     if world_size is not None:
         out["world_size"] = world_size
@@ -327,13 +330,16 @@ def newest_intact(directory: str | Path) -> tuple[Path, dict[str, Tensor], dict]
 
 
 def state_tensors(saes: list, optimizers: list, groups: list) -> dict[str, Tensor]:
-    """Everything that determines a trainer's next step, by name: ``sae.{i}.{param}``, ``adam.{i}.{j}.{key}``,
-    ``dec.{i}.exp_avg(_sq)``, ``dead.{i}`` (tokens since each latent fired); ``i`` indexes the SAEs, ``j``
-    :data:`~dlmscope.train.step.ADAM_PARAMS`."""
+    """Everything that determines a trainer's next step, by name: ``sae.{i}.{param}`` (every trained parameter,
+    ``optimizer.params``, and the architecture's state, :func:`~dlmscope.train.arch_step.extra_state`),
+    ``adam.{i}.{j}.{key}``, ``dec.{i}.exp_avg(_sq)``, ``dead.{i}`` (tokens since each latent fired); ``i`` indexes
+    the SAEs, ``j`` the optimiser's ``adam_names`` (:data:`~dlmscope.train.step.ADAM_PARAMS` for Top-K)."""
     tensors: dict[str, Tensor] = {}
     for i, (s, optimizer) in enumerate(zip(saes, optimizers)):
-        for p in PARAMS:
+        for p in optimizer.params:
             tensors[f"sae.{i}.{p}"] = getattr(s, p).detach()
+        for name, value in extra_state(s).items():
+            tensors[f"sae.{i}.{name}"] = value
         for j, pstate in optimizer.adam.state_dict()["state"].items():
             for key, value in pstate.items():
                 tensors[f"adam.{i}.{j}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
@@ -349,8 +355,8 @@ def check_state(tensors: dict[str, Tensor], saes: list, optimizers: list, groups
     """ValueError naming ``path`` unless ``tensors`` holds the names of :func:`state_tensors` with their shapes and
     dtypes (an SAE's Adam state is absent before its first step, then complete) and the torch RNG state."""
     expected = {name: t for name, t in state_tensors(saes, optimizers, groups).items() if not name.startswith("adam.")}
-    for i, s in enumerate(saes):
-        for j, param in enumerate(ADAM_PARAMS):
+    for i, (s, optimizer) in enumerate(zip(saes, optimizers)):
+        for j, param in enumerate(optimizer.adam_names):
             prefix = f"adam.{i}.{j}."
             if any(k.startswith(prefix) for k in tensors):
                 p = getattr(s, param)
@@ -363,11 +369,12 @@ def check_state(tensors: dict[str, Tensor], saes: list, optimizers: list, groups
 def set_state(tensors: dict[str, Tensor], saes: list, optimizers: list, groups: list) -> None:
     """Copy a state checked by :func:`check_state` into the SAEs, their optimisers and the dead counters."""
     for i, (s, optimizer) in enumerate(zip(saes, optimizers)):
-        for p in PARAMS:
+        for p in optimizer.params:
             getattr(s, p).copy_(tensors[f"sae.{i}.{p}"])
+        set_extra_state(s, {name: tensors[f"sae.{i}.{name}"] for name in extra_state(s)})
         sd = optimizer.adam.state_dict()
         state = {}
-        for j in range(len(ADAM_PARAMS)):
+        for j in range(len(optimizer.adam_names)):
             prefix = f"adam.{i}.{j}."
             entry = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
             if entry:

@@ -175,7 +175,10 @@ class LatentShard(nn.Module):
 
     @classmethod
     def from_sae(cls, sae: TopKSAE, lo: int, hi: int) -> "LatentShard":
-        """Latents ``[lo, hi)`` of a full SAE (copies)."""
+        """Latents ``[lo, hi)`` of a full Top-K SAE (copies); ValueError naming the architecture of another."""
+        if sae.cfg.arch != "topk":
+            raise ValueError(f"latent shards hold Top-K SAEs only, got a {sae.cfg.arch!r} SAE ({type(sae).__name__}): "
+                             "train it data parallel")
         tensors = {"W_enc": sae.W_enc[lo:hi], "b_enc": sae.b_enc[lo:hi], "W_dec": sae.W_dec[lo:hi], "b_dec": sae.b_dec}
         return cls(SAEConfig(sae.d, sae.n, sae.k, dict(sae.cfg.meta)), lo, hi, tensors, backend=sae.backend)
 

@@ -6,6 +6,9 @@
     trainer.fit(stream)       # every rank of a latent group yields the same batches; data ranks split each batch
     saes = gather_saes(trainer.saes, grid)                           # full TopKSAEs (when they fit in memory)
 
+Top-K SAEs only: an SAE or shard of another architecture (BatchTopK, JumpReLU, Matryoshka) is refused with a
+ValueError naming it, before any collective; those train data parallel (:mod:`.arch_step`).
+
 The step is the base trainer's phases with the sharded forward of :mod:`.latent_parallel`: gradients summed over
 the data group only (the latent group's ranks hold different parameters), fired masks and AuxK sums likewise;
 the clip norm of an SAE is summed over its shards (:class:`ShardedSAEOptimizer`); Adam and the fused
@@ -97,7 +100,12 @@ class LatentParallelTrainer(Trainer):
     # ---- the hooks of Trainer --------------------------------------------------------------------------------
     @staticmethod
     def _check_saes(saes) -> list:
-        saes = [saes] if isinstance(saes, LatentShard) else list(saes)
+        saes = [saes] if isinstance(saes, (LatentShard, TopKSAE)) else list(saes)
+        for i, s in enumerate(saes):  # before any collective: every rank refuses alike
+            arch = getattr(getattr(s, "cfg", None), "arch", "topk")
+            if arch != "topk":
+                raise ValueError(f"latent-parallel training shards Top-K SAEs only, but SAE {i} is a {arch!r} SAE "
+                                 f"({type(s).__name__}): train it data parallel (Trainer under torchrun)")
         if not saes or not all(isinstance(s, LatentShard) for s in saes):
             raise TypeError("shards must be a non-empty list of LatentShard (one per SAE, this rank's latents)")
         return saes

@@ -24,13 +24,22 @@ from dlmscope import ops
 from dlmscope.sae.metrics import fves
 from dlmscope.sae.topk import PARAMS, TopKSAE
 
-__all__ = ["PARAMS", "ADAM_PARAMS", "adam_index", "cumulative_offsets", "EncoderGroup", "GroupCodes", "SAETerms",
+__all__ = ["PARAMS", "ADAM_PARAMS", "EXTRA_PARAMS", "param_names", "adam_index", "cumulative_offsets", "EncoderGroup", "GroupCodes", "SAETerms",
            "GlobalSums", "SAELoss", "SAEOptimizer", "make_groups", "terms_by_sae", "reduce_across_ranks", "sae_loss",
            "backward", "step_metrics"]
 
 #: the SAE parameters ``torch.optim.Adam`` updates (``W_dec`` gets the fused decoder-norm step); ``PARAMS`` is
 #: every SAE parameter (gradients, checkpoints, clipping)
 ADAM_PARAMS = ("W_enc", "b_enc", "b_dec")
+#: an architecture's trained parameters beyond ``PARAMS`` (``SAEConfig.arch`` -> names): Adam updates them, and
+#: clipping, the cross-rank gradient sum and checkpoints include them
+EXTRA_PARAMS = {"jumprelu": ("log_threshold",)}
+
+
+def param_names(sae) -> tuple[str, ...]:
+    """Every trained parameter of ``sae`` (a TopKSAE of any architecture, or a latent shard): ``PARAMS`` and its
+    architecture's :data:`EXTRA_PARAMS`."""
+    return PARAMS + EXTRA_PARAMS.get(sae.cfg.arch, ())
 
 
 def adam_index(param: str) -> int:
@@ -69,6 +78,11 @@ class SAETerms:
     aux_sum: Tensor | None = None         #: 0-d ``Σ_b |e_b.detach() - aux_hat_b|²`` (AuxK on)
     any_dead: Tensor | None = None        #: 0-d bool: the SAE has a dead latent (AuxK on)
     residual_sums: Tensor | None = None   #: [d + 1] float64 ``(Σ_b e_b, Σ_b |e_b|²)`` for the AuxK normaliser
+    #: 0-d, differentiable: a sum over this rank's rows of loss terms beyond ``recon_sum`` and AuxK, weight 1
+    #: (Matryoshka: the smaller prefixes' squared errors; None for Top-K)
+    extra_sum: Tensor | None = None
+    #: 0-d, differentiable: ``Σ_b L0_b`` with the straight-through gradient to the threshold (JumpReLU; else None)
+    l0_sum: Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -187,9 +201,12 @@ class EncoderGroup:
 
 def make_groups(saes: list[TopKSAE], k_aux: list[int], *, grouped: bool, compute_dtype: torch.dtype | None,
                 backend: str | None) -> list[EncoderGroup]:
-    """SAEs sharing device and dtype form one group (``grouped=False``: one group per SAE), in SAE order."""
+    """Top-K SAEs sharing device and dtype form one group (``grouped=False``: one group per SAE), in SAE order;
+    SAEs of other architectures are left out (:mod:`.arch_step` groups them)."""
     keys: dict[tuple, list[int]] = {}
     for i, s in enumerate(saes):
+        if s.cfg.arch != "topk":
+            continue
         key = (str(s.W_dec.device), s.W_dec.dtype) if grouped else (i,)
         keys.setdefault(key, []).append(i)
     return [EncoderGroup(members, saes, k_aux, compute_dtype, backend) for members in keys.values()]
@@ -229,13 +246,19 @@ def reduce_across_ranks(groups: list[EncoderGroup], codes: list[GroupCodes], ter
     return GlobalSums(fired=fired, residual_sums=reduced)
 
 
-def sae_loss(terms: SAETerms, residual_sums: Tensor | None, batch_total: int, auxk_alpha: float) -> SAELoss:
-    """This rank's share of the global-batch loss: ``recon_sum / batch_total (+ auxk_alpha * AuxK)``.
+def sae_loss(terms: SAETerms, residual_sums: Tensor | None, batch_total: int, auxk_alpha: float,
+             l0_weight: float = 0.0) -> SAELoss:
+    """This rank's share of the global-batch loss: ``(recon_sum [+ extra_sum] [+ l0_weight * l0_sum]) /
+    batch_total (+ auxk_alpha * AuxK)``; the bracketed terms where ``terms`` has them (not Top-K).
 
     AuxK = ``aux_sum / Σ_b |e_b - mean_b e|²`` with the normaliser from the global ``residual_sums`` [d + 1]
     (``Σ|e|² - |Σe|² / batch_total``), 0 where it is not positive, times ``any_dead``.
     """
     loss = terms.recon_sum / batch_total
+    if terms.extra_sum is not None:
+        loss = loss + terms.extra_sum / batch_total
+    if terms.l0_sum is not None:
+        loss = loss + l0_weight * terms.l0_sum / batch_total
     if residual_sums is None:
         return SAELoss(loss=loss)
     denom = residual_sums[-1] - residual_sums[:-1].pow(2).sum() / batch_total
@@ -256,7 +279,7 @@ def backward(losses: list[SAELoss], saes: list[TopKSAE], group=None) -> None:
     if D.group_size(group) > 1:
         grads: dict[tuple, list[Tensor]] = {}
         for s in saes:
-            for p in PARAMS:
+            for p in param_names(s):
                 g = getattr(s, p).grad
                 grads.setdefault((str(g.device), g.dtype), []).append(g)
         for tensors in grads.values():
@@ -264,12 +287,18 @@ def backward(losses: list[SAELoss], saes: list[TopKSAE], group=None) -> None:
 
 
 class SAEOptimizer:
-    """One SAE's update: ``torch.optim.Adam`` (fused where supported) for ``W_enc, b_enc, b_dec`` and
-    :func:`dlmscope.ops.decoder_norm_step` with its own moments ``dec_exp_avg``, ``dec_exp_avg_sq`` [n, d]."""
+    """One SAE's update: ``torch.optim.Adam`` (fused where supported) for ``W_enc, b_enc, b_dec`` (and the
+    architecture's :data:`EXTRA_PARAMS`, e.g. JumpReLU's ``log_threshold``) and
+    :func:`dlmscope.ops.decoder_norm_step` with its own moments ``dec_exp_avg``, ``dec_exp_avg_sq`` [n, d].
+
+    ``params``: every trained parameter (:func:`param_names`: clipped, gradients dropped after the step);
+    ``adam_names``: those Adam updates, in the order of its state (``ADAM_PARAMS`` for Top-K)."""
 
     def __init__(self, sae: TopKSAE, lr: float, betas: tuple[float, float], eps: float, grad_clip: float | None,
                  backend: str | None):
-        params = [getattr(sae, p) for p in ADAM_PARAMS]
+        self.params = param_names(sae)
+        self.adam_names = tuple(p for p in self.params if p != "W_dec")
+        params = [getattr(sae, p) for p in self.adam_names]
         try:
             self.adam = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
         except (RuntimeError, TypeError, ValueError):
@@ -292,13 +321,13 @@ class SAEOptimizer:
         self.adam.step()
         ops.decoder_norm_step(sae.W_dec, g, self.dec_exp_avg, self.dec_exp_avg_sq, step, lr, self.betas, self.eps,
                               backend=self.backend)
-        for p in PARAMS:
+        for p in self.params:
             getattr(sae, p).grad = None
 
     def clip_(self, sae: TopKSAE) -> None:
         """Scale ``sae``'s gradients so that their global norm is at most ``grad_clip`` (a sharded SAE's
         optimiser computes the norm over its shards instead)."""
-        torch.nn.utils.clip_grad_norm_([getattr(sae, p) for p in PARAMS], self.grad_clip)
+        torch.nn.utils.clip_grad_norm_([getattr(sae, p) for p in self.params], self.grad_clip)
 
 
 @torch.no_grad()

@@ -1,8 +1,13 @@
-"""Trainer: several Top-K SAEs on one activation stream, the DLM-Scope paper's recipe (docs/reference.md §2).
+"""Trainer: several SAEs on one activation stream, the DLM-Scope paper's recipe for Top-K (docs/reference.md §2).
 
     trainer = Trainer([TopKSAE(d, n, k) for k in (50, 80, 160, 320, 520, 820)], TrainConfig(total_tokens=...),
                       log=LogConfig(log_every=100))
     saes = trainer.fit(stream)          # stream yields [B, d] float tensors; returns the trained SAEs
+
+Any mix of :class:`TopKSAE`, ``BatchTopKSAE``, ``JumpReLUSAE`` and ``MatryoshkaSAE`` trains on one stream, each
+with its architecture's loss and dead-latent handling (:mod:`.arch_step`; the recipe below is the Top-K one, which
+the others share except for their loss terms, their threshold, and — JumpReLU — no AuxK). Another SAE class is
+refused (TypeError naming it).
 
 Recipe, per step and per SAE (docs/design.md "Trainer"); :class:`TrainConfig` holds it, :class:`LogConfig` only says
 what is logged where:
@@ -26,24 +31,27 @@ what is logged where:
   scaling: the raw SAE's codes are ``s`` times the normalised ones and its reconstruction is ``s * x_hat'``); ``s``
   is recorded in ``sae.cfg.meta["norm_factor"]``.
 
-Layout: this module holds the configuration and the run (init, the step as a sequence of phases, checkpoints);
-:mod:`.step` the phases of a step over small dataclasses; :mod:`.batches` the checked, rank-agreed
-batches; :mod:`.log` the logging options and sinks (tqdm, wandb, TensorBoard).
+Layout: this module holds the run (init, the step as a sequence of phases, checkpoints); :mod:`.config` the
+recipe; :mod:`.step` the phases of a step over small dataclasses; :mod:`.arch_step` those of the other
+architectures; :mod:`.batches` the checked, rank-agreed batches; :mod:`.log` the logging options and sinks (tqdm,
+wandb, TensorBoard).
 
-Grouping: SAEs sharing device and dtype run their encoders as ONE :func:`dlmscope.ops.topk_encode_grouped` call
+Grouping: Top-K SAEs sharing device and dtype run their encoders as ONE :func:`dlmscope.ops.topk_encode_grouped` call
 (stacked ``W_enc``, each SAE's ``b_dec`` folded into its bias as ``b_enc - W_enc @ b_dec``; autograd carries the
 gradients back to every SAE's own parameters). Decoders stay per SAE. ``group_encoders=False`` makes one op call
 per SAE (same maths, for comparison).
 
-Host syncs: none inside a step except at log / checkpoint steps (ops' value checks are switched off; the stream
-is checked for NaN/Inf per batch on CPU, where the check costs no sync, and through a device flag checked at
-log / checkpoint steps and at the end elsewhere). Under torch.distributed one small all-reduce per step decides
+Host syncs: none inside a Top-K step except at log / checkpoint steps (ops' value checks are switched off; the
+stream is checked for NaN/Inf per batch on CPU, where the check costs no sync, and through a device flag checked at
+log / checkpoint steps and at the end elsewhere); the other architectures' rules sync a few times per step (their
+code widths depend on the data). Under torch.distributed one small all-reduce per step decides
 whether every rank still has a batch (it carries the batch sizes and the NaN flag), which syncs once per step.
 
 Distributed (``torchrun``; :mod:`dlmscope.util.distributed`): gradients are all-reduced so that the update is the
 one of the global batch (the per-rank loss is its share of the global-batch mean; the AuxK normaliser uses global sums),
 fired masks are merged (OR) and token counts summed, the norm factor and the geometric median use the global
-batch, rank 0 writes checkpoints, and training stops when any rank's stream is exhausted.
+batch, rank 0 writes checkpoints, and training stops when any rank's stream is exhausted. BatchTopK and Matryoshka
+SAEs select their batch-level top-k per rank (:mod:`.arch_step` says what holds under DDP).
 
 Resume: ``fit(stream, resume=True)`` continues from the latest checkpoint in ``checkpoint_dir`` (or
 ``resume_from=path``), skipping the batches already trained on from the re-created (deterministic) stream.
@@ -54,7 +62,6 @@ a malformed checkpoint raises ``ValueError`` / ``FileNotFoundError`` naming the 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -69,114 +76,21 @@ from . import checkpoint as ckpt
 from dlmscope.util import distributed as D
 from dlmscope import ops
 from .geometric_median import geometric_median
-from .normalization import NORMALIZATIONS, norm_factor
+from .normalization import norm_factor
 from dlmscope.sae.topk import TopKSAE
 from .schedule import lr_at
 from .log import LogConfig, Trackers
-from .step import PARAMS, SAEOptimizer, backward, make_groups, reduce_across_ranks, sae_loss, step_metrics, terms_by_sae
+from .step import SAEOptimizer, backward, make_groups, reduce_across_ranks, sae_loss, step_metrics, terms_by_sae
+from . import arch_step
+from .config import TrainConfig
 from .batches import CheckedBatches
 
 __all__ = ["TrainConfig", "LogConfig", "Trainer"]
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """What is trained and how the run is kept (length, recipe, checkpoints, seed, backend, NaN checks); defaults
-    follow the paper's code except ``normalization`` (the paper's is "rms"). Where metrics go is
-    :class:`~dlmscope.train.log.LogConfig`. Round-trips through JSON."""
-
-    #: training length: ``steps`` (batches) or ``total_tokens`` (steps = ceil(total_tokens / global batch of the
-    #: first step)); if both are None, ``len(stream)``.
-    steps: int | None = None
-    total_tokens: int | None = None
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 1000
-    decay_fraction: float = 0.2
-    #: max global grad norm per SAE (None: no clipping)
-    grad_clip: float | None = 1.0
-    auxk_alpha: float = 1 / 32
-    #: AuxK latents per SAE (None: min(d // 2, n))
-    k_aux: int | None = None
-    #: a latent is dead when it has not fired for this many (global) tokens
-    dead_tokens: int = 10_000_000
-    normalize_activations: bool = True
-    #: the norm factor: "centred" (root of the total variance) or "rms" (the paper's, the root mean square norm);
-    #: "rms" fails where the stream's mean dwarfs its variance (dlmscope.train.normalization)
-    normalization: str = "centred"
-    norm_batches: int = 100
-    #: initialise b_dec to the geometric median of the first batch (fresh runs only)
-    init_b_dec: bool = True
-    geometric_median_iters: int = 100
-    #: None (the master dtype) or "bfloat16": ops on bf16 casts of activations and weights, fp32 master weights
-    autocast_dtype: str | None = None
-    #: one grouped encoder op for SAEs sharing device/dtype (False: one op call per SAE)
-    group_encoders: bool = True
-    checkpoint_dir: str | None = None
-    #: checkpoint every this many steps (None/0: only at the end, if checkpoint_dir is set)
-    checkpoint_every: int | None = None
-    #: seeds python / numpy / torch at the start of a fresh run (training itself draws no random numbers)
-    seed: int | None = 0
-    #: ops backend (None: best for the device)
-    backend: str | None = None
-    #: NaN/Inf check of the stream: "auto" (per batch on CPU, deferred device flag elsewhere), "batch", "deferred"
-    nan_check: str = "auto"
-
-    def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        if self.nan_check not in ("auto", "batch", "deferred"):
-            raise ValueError(f"nan_check must be 'auto', 'batch' or 'deferred', got {self.nan_check!r}")
-        for name in ("steps", "total_tokens", "checkpoint_every", "k_aux"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"TrainConfig.{name} must be a non-negative int or None, got {value!r}")
-        if self.dead_tokens < 1 or self.norm_batches < 0 or self.warmup_steps < 0:
-            raise ValueError("dead_tokens must be >= 1 and norm_batches, warmup_steps >= 0")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        """From a dict of TrainConfig fields; any other key raises (logging options name :meth:`split_dict`)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        logging_keys = sorted(set(data) & {f.name for f in dataclasses.fields(LogConfig)})
-        if logging_keys:
-            raise ValueError(f"{logging_keys} are logging options (LogConfig), not TrainConfig fields; read a dict "
-                             "holding both with TrainConfig.split_dict(data)")
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def split_dict(cls, data: dict) -> tuple["TrainConfig", LogConfig]:
-        """``(TrainConfig, LogConfig)`` from one dict holding fields of both (e.g. one JSON file for a whole run)."""
-        recipe = {f.name for f in dataclasses.fields(cls)}
-        return cls.from_dict({k: v for k, v in data.items() if k in recipe}), LogConfig.from_dict(data, ignore=recipe)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | Path) -> "TrainConfig":
-        """From a JSON string, or from a path to a JSON file."""
-        if isinstance(text, Path) or (isinstance(text, str) and not text.lstrip().startswith("{")):
-            text = Path(text).read_text()
-        return cls.from_dict(json.loads(text))
-
-
 class Trainer:
-    """Trains a list of :class:`TopKSAE` on one activation stream (see the module docstring).
+    """Trains a list of SAEs (:class:`TopKSAE` and the architectures of :mod:`.arch_step`) on one activation
+    stream (see the module docstring).
 
     ``cfg`` is the recipe (default: the paper's), ``log`` where metrics go (default: a progress bar and a
     history entry every 100 steps). After :meth:`fit`: ``history`` (one record per log step), ``step``,
@@ -221,15 +135,17 @@ class Trainer:
         if isinstance(saes, TopKSAE):
             saes = [saes]
         saes = list(saes)
-        if not saes or not all(isinstance(s, TopKSAE) for s in saes):
-            raise TypeError("saes must be a non-empty list of TopKSAE")
+        if not saes:
+            raise TypeError("saes must be a non-empty list of SAEs (TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE)")
+        arch_step.check_trainable(saes)
         return saes
 
     def _build(self, compute_dtype: torch.dtype | None) -> tuple[list, list[SAEOptimizer]]:
-        """The encoder groups and one optimiser per SAE."""
+        """The encoder groups (Top-K groups, then one per SAE of another architecture) and one optimiser per SAE."""
         cfg = self.cfg
         groups = make_groups(self.saes, self.k_aux, grouped=cfg.group_encoders, compute_dtype=compute_dtype,
                              backend=cfg.backend)
+        groups += arch_step.make_arch_groups(self.saes, self.k_aux, compute_dtype=compute_dtype, backend=cfg.backend)
         return groups, [SAEOptimizer(s, cfg.lr, cfg.betas, cfg.eps, cfg.grad_clip, cfg.backend) for s in self.saes]
 
     def _checked_batches(self, it: Iterator, **options) -> CheckedBatches:
@@ -257,7 +173,8 @@ class Trainer:
         codes = [group.encode(xs, auxk=aux_on, dead_tokens=cfg.dead_tokens) for group in self.groups]
         terms = terms_by_sae(self.groups, xs, codes)
         sums = reduce_across_ranks(self.groups, codes, terms, self.device, self.data_group)
-        losses = [sae_loss(t, r, batch_total, cfg.auxk_alpha) for t, r in zip(terms, sums.residual_sums)]
+        l0_weight = cfg.l0_weight_at(self.step, self.d)  # JumpReLU's L0 penalty (its terms alone carry an L0)
+        losses = [sae_loss(t, r, batch_total, cfg.auxk_alpha, l0_weight) for t, r in zip(terms, sums.residual_sums)]
         backward(losses, self.saes, self.data_group)
         for sae, optimizer in zip(self.saes, self.optimizers):
             optimizer.step(sae, lr, self.step + 1)
@@ -391,7 +308,7 @@ class Trainer:
 
     @torch.no_grad()
     def _broadcast_params(self) -> None:
-        D.broadcast_([getattr(s, p).data for s in self.saes for p in PARAMS], src=0)
+        D.broadcast_([t for s in self.saes for t in arch_step.broadcast_tensors(s)], src=0)
 
     @torch.no_grad()
     def _finish(self) -> None:
@@ -401,6 +318,7 @@ class Trainer:
             if s is not None:
                 sae.b_enc.mul_(s)
                 sae.b_dec.mul_(s)
+                arch_step.fold_norm_factor(sae, s)  # the thresholds scale with the pre-activations
             sae.cfg.meta["norm_factor"] = float(s) if s is not None else 1.0
             sae.cfg.meta["norm_factor_folded"] = True
             sae.cfg.meta["trained_tokens"] = int(self.tokens_seen)
@@ -441,8 +359,9 @@ class Trainer:
     # ---- a run's identity -------------------------------------------------------------------------------------
     def _run_fields(self) -> dict:
         """What decides what this run trains (:func:`.checkpoint.run_fields`)."""
-        saes = [{**s.cfg.to_dict(), "dtype": str(s.W_dec.dtype).removeprefix("torch.")} for s in self.saes]
-        config = self.cfg.to_dict()
+        saes = [{**s.cfg.to_dict(), "dtype": str(s.W_dec.dtype).removeprefix("torch."),
+                 **arch_step.identity_fields(s)} for s in self.saes]
+        config = arch_step.run_config(self.cfg.to_dict(), self.saes)
         if config["normalization"] == "rms":  # a checkpoint that names no normalization used the paper's
             del config["normalization"]
         return ckpt.run_fields(config, saes, D.world_size(), self.data_identity)
