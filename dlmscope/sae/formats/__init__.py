@@ -1,24 +1,30 @@
 """Checkpoint formats: save / load an SAE's state — an :class:`SAEConfig` and the tensors ``W_enc [n, d]``,
 ``b_enc [n]``, ``W_dec [n, d]``, ``b_dec [d]`` and its architecture's extras (:mod:`.config`) — in dlmscope's own
-format and in the formats of the peer libraries (Top-K SAEs), detected from the files present. :class:`dlmscope.sae.topk.TopKSAE` is built from that state
-(``TopKSAE.from_state``) and hands it over to be saved (``TopKSAE.state``); this package imports nothing of it.
+format and in the formats of the peer libraries, detected from the files present. The SAE classes of
+:mod:`dlmscope.sae` are built from that state (``from_state``; :func:`dlmscope.sae.load` picks the class of
+``cfg.arch``) and hand it over to be saved (``state``); this package imports nothing of them.
 
-| format | files | notes |
+| format | files | architectures (read and written) |
 |---|---|---|
-| ``dlmscope`` | ``cfg.json`` (``"format": "dlmscope"``) + ``sae.safetensors`` | ours; :mod:`.dlmscope_format` |
-| ``dictionary_learning`` | ``ae.pt`` (+ ``config.json``) | dictionary_learning ``AutoEncoderTopK``; the paper's released SAEs |
-| ``sparsify`` | ``cfg.json`` (with ``d_in``) + ``sae.safetensors`` | EleutherAI eai-sparsify, one hookpoint directory |
-| ``saelens`` | ``cfg.json`` + ``sae_weights.safetensors`` | SAELens, v6 layout written, pre-6 Top-K read too |
+| ``dlmscope`` | ``cfg.json`` (``"format": "dlmscope"``) + ``sae.safetensors`` | all; :mod:`.dlmscope_format` |
+| ``dictionary_learning`` | ``ae.pt`` (+ ``config.json``) | ``AutoEncoderTopK`` (the paper's released SAEs), ``BatchTopKSAE``, ``MatryoshkaBatchTopKSAE``, ``JumpReluAutoEncoder`` |
+| ``sparsify`` | ``cfg.json`` (with ``d_in``) + ``sae.safetensors`` | Top-K only (EleutherAI eai-sparsify, one hookpoint directory) |
+| ``saelens`` | ``cfg.json`` + ``sae_weights.safetensors`` | ``topk``; ``jumprelu`` (BatchTopK / Matryoshka as SAELens saves them for inference); read too: ``batchtopk`` / ``matryoshka_batchtopk`` training checkpoints, pre-6 Top-K and JumpReLU |
+
+Each peer module's docstring says what maps to which class, what is folded into the weights on load and what is
+refused; saving a BatchTopK / JumpReLU / Matryoshka SAE in the sparsify format is refused (it has no such rule).
 
 ``save(cfg, tensors, path, format)`` writes atomically (:func:`dlmscope.util.atomic.atomic_directory`; the savers write
 their files plainly into its temp directory): a failure leaves any previous checkpoint at ``path`` intact, and a
 successful save deletes the hidden leftovers that crashed saves to ``path`` left beside it. A save replaces the
 directory as a whole, so it refuses (``FileExistsError``, before writing anything) a directory that holds anything
-besides the files of a checkpoint (:data:`CHECKPOINT_FILES`). Every format round-trips
-bit-exactly (tensors and ``SAEConfig``): peer configs carry our ``SAEConfig.meta`` under the extra key
-``"dlmscope_meta"``, which the peer libraries ignore. A checkpoint written by a peer library loads with
-``meta = {"source": {"format": ..., "cfg": <its config>}}`` and re-exports to that format with the peer's own fields
-intact. Both :func:`save` and ``TopKSAE.from_state`` check the tensors' shapes with :func:`check_state`.
+besides the files of a checkpoint (:data:`CHECKPOINT_FILES`). Every format round-trips what it can hold
+bit-exactly (tensors and ``SAEConfig``; the one exception, dictionary_learning's JumpReLU b_enc, is stored without
+b_dec's share and agrees to rounding): peer configs carry our ``SAEConfig.meta`` under the extra key
+``"dlmscope_meta"`` (and a JumpReLU's k under ``"dlmscope_k"``), which the peer libraries ignore. A checkpoint
+written by a peer library loads with ``meta = {"source": {"format": ..., "cfg": <its config>}}`` and re-exports to
+that format with the peer's own fields intact. Both :func:`save` and ``TopKSAE.from_state`` check the tensors'
+shapes with :func:`check_state`.
 
 ``load`` validates what it reads — missing files or tensors, shapes that disagree with each other or with the
 config, ``k > n``, non-finite weights, unsupported variants of a peer format — and raises ``ValueError`` naming the
@@ -185,9 +191,10 @@ def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike,
     """
     name = _format_name(format)
     _check_state(cfg, tensors)
-    if name != "dlmscope" and cfg.arch != "topk":
-        raise ValueError(f"cannot save a {cfg.arch} SAE in the {name} format: only the dlmscope format holds "
-                         f"architectures other than Top-K here")
+    if name == "sparsify" and cfg.arch != "topk":
+        raise ValueError(f"cannot save a {cfg.arch} SAE in the {name} format: sparsify's SparseCoder has no "
+                         f"{cfg.arch} rule (only topk and groupmax); use the dlmscope, saelens or dictionary_learning "
+                         f"format")
     path = Path(path)
     target = atomic.resolve_link(path)  # a symlinked checkpoint is replaced where the link points; the link stays
     check_target(target)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -132,6 +132,51 @@ def require_k(k: int, n: int, file: Path) -> None:
         raise ValueError(f"{file}: k={k} exceeds the number of latents n={n}")
 
 
+# ---- thresholds and folds (the BatchTopK / JumpReLU / Matryoshka architectures) ------------------------------
+
+
+def require_threshold(tensors: Mapping[str, Any], key: str, shape: tuple[int, ...], file: Path, why: str) -> Tensor:
+    """The float, finite tensor ``tensors[key]`` of ``shape`` (a one-element tensor counts as 0-d for
+    ``shape == ()``), reshaped to ``shape``; ``ValueError`` naming ``file`` otherwise."""
+    require_tensors(tensors, [key], file)
+    t = tensors[key]
+    if shape == () and t.numel() == 1:
+        t = t.reshape(())
+    require_shape({key: t}, key, shape, file, why)
+    require_float_finite({key: t}, [key], file)
+    return t
+
+
+def nonnegative(theta: Tensor) -> tuple[Tensor, int]:
+    """(θ with its negative entries set to 0, how many there were). A peer JumpReLU whose output is a ReLU'd
+    ``pre · [pre > θ]`` treats θ < 0 exactly as θ = 0 (the entries in (θ, 0] come out 0), so nothing changes."""
+    negative = int((theta < 0).sum())
+    return (theta.clamp_min(0) if negative else theta), negative
+
+
+def constant(theta: Tensor) -> Tensor | None:
+    """The 0-d value of a per-latent threshold [n] whose entries are all equal, else None."""
+    first = theta.reshape(-1)[0]
+    return first.clone() if bool((theta == first).all()) else None
+
+
+def integral(value) -> int | None:
+    """``value`` as an int if it is an integral JSON number (4 or 4.0, not True), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value)
+
+
+def fold_b_dec(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, sign: int = 1) -> Tensor:
+    """``b_enc + sign · (W_enc @ b_dec)`` (W_enc [n, d]) in float64, rounded to b_enc's dtype.
+
+    An encoder that does not subtract b_dec from its input, ``pre = W_enc x + b_enc``, is ours,
+    ``W_enc (x − b_dec) + b_enc'``, with ``b_enc' = b_enc + W_enc b_dec`` (``sign=1``); ``sign=-1`` undoes it. The
+    outputs agree to rounding, the bias is not bitwise the file's (one rounding each way)."""
+    return (b_enc.double() + sign * (W_enc.double() @ b_dec.double())).to(b_enc.dtype)
+
 # ---- the loaded state ---------------------------------------------------------------------------------------
 
 
@@ -165,27 +210,32 @@ def check_meta(meta: dict, file: Path) -> dict:
     return meta
 
 
-def meta_from_peer(cfg: dict, fmt: str, file: Path, **extra) -> dict:
+def meta_from_peer(cfg: dict, fmt: str, file: Path, top: dict | None = None, **extra) -> dict:
     """``SAEConfig.meta`` for a loaded peer checkpoint.
 
     A file written by dlmscope carries our meta under :data:`META_KEY` and gets it back verbatim; a file written by
-    the peer library itself gets ``{"source": {"format": fmt, "cfg": <its cfg>, ...extra}}`` (provenance, and what
-    re-exporting to the same format needs to reproduce the peer's fields).
+    the peer library itself gets ``{"source": {"format": fmt, "cfg": <its cfg>, ...extra}, ...top}`` (provenance,
+    and what re-exporting to the same format needs to reproduce the peer's fields; ``top``: meta entries our SAE
+    classes read, such as ``jumprelu_bandwidth``).
     """
     if META_KEY in cfg:
         meta = cfg.pop(META_KEY)
         if not isinstance(meta, dict):
             raise ValueError(f"{file}: field {META_KEY!r} must be a JSON object, got {type(meta).__name__}")
         return check_meta(meta, file)
-    return {"source": {"format": fmt, "cfg": cfg, **extra}}
+    return {"source": {"format": fmt, "cfg": cfg, **extra}, **(top or {})}
 
 
-def peer_base(meta: dict, fmt: str) -> tuple[dict, dict | None]:
-    """(the peer's own fields to start from, the meta to embed or None) when exporting to ``fmt``."""
+def peer_base(meta: dict, fmt: str, implied: Callable[[dict], dict] | None = None) -> tuple[dict, dict | None]:
+    """(the peer's own fields to start from, the meta to embed or None) when exporting to ``fmt``.
+
+    ``implied(base)``: the meta entries that the peer config ``base`` already states (e.g. a JumpReLU bandwidth
+    read from it on load); meta holding nothing else than those and the provenance counts as the peer's own."""
     source = meta.get("source")
     if isinstance(source, dict) and source.get("format") == fmt:
         base = json.loads(json.dumps(source.get("cfg") or {}))
-        rest = {k: v for k, v in meta.items() if k != "source"}
+        stated = implied(base) if implied is not None else {}
+        rest = {k: v for k, v in meta.items() if k != "source" and not (k in stated and stated[k] == v)}
         # meta that is nothing but this format's provenance is written as the peer's own file, untouched
         return base, (meta if rest else None)
     return {}, meta  # even when empty: its presence tells load() this file came from dlmscope

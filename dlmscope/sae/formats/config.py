@@ -20,6 +20,14 @@ ARCHS: dict[str, dict[str, tuple[str, ...]]] = {
     "jumprelu": {"threshold": ("n",)},
     "matryoshka": {"threshold": ()},
 }
+#: ``k`` of a JumpReLU SAE read from a peer checkpoint, which has none (it is only the width the sparse code starts
+#: from: :class:`dlmscope.sae.jumprelu.JumpReLUSAE` widens it where a row has more latents above threshold)
+JUMPRELU_DEFAULT_K = 64
+
+
+def default_jumprelu_k(n: int) -> int:
+    """The ``k`` given to a JumpReLU SAE of ``n`` latents whose checkpoint names none: min(n, 64)."""
+    return min(n, JUMPRELU_DEFAULT_K)
 
 
 @dataclasses.dataclass
