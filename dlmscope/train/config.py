@@ -17,7 +17,8 @@ __all__ = ["TrainConfig"]
 @dataclasses.dataclass
 class TrainConfig:
     """What is trained and how the run is kept (length, recipe, checkpoints, seed, backend, NaN checks); defaults
-    follow the paper's code except ``normalization`` (the paper's is "rms"). Where metrics go is
+    follow the paper's code except ``normalization`` (the paper's is "rms") and JumpReLU's ``l0_*`` (SAELens's, the
+    paper has no JumpReLU). Where metrics go is
     :class:`~dlmscope.train.log.LogConfig`. Round-trips through JSON."""
 
     #: training length: ``steps`` (batches) or ``total_tokens`` (steps = ceil(total_tokens / global batch of the

@@ -13,7 +13,7 @@ from dlmscope.util import distributed as D
 
 __all__ = ["LogConfig", "Trackers"]
 
-#: the per-SAE metrics of a record, also the keys sent to wandb / TensorBoard as ``k{k}_n{n}/{key}``
+#: the per-SAE metrics of a record, also the keys sent to wandb / TensorBoard as ``k{k}_n{n}/{key}`` (Top-K)
 SAE_METRICS = ("fve", "mse", "l0", "dead", "auxk", "loss")
 
 
@@ -58,7 +58,8 @@ class Trackers:
     """The run's progress bar and metric sinks, opened on rank 0 only; ``close()`` ends them all.
 
     ``run_config`` is what wandb records as the run's config. Records are the trainer's history entries:
-    ``{"step", "tokens", "lr", "sae": [{"k", "n", *SAE_METRICS}, ...]}``; :meth:`emit` adds ``tokens_per_s``.
+    ``{"step", "tokens", "lr", "sae": [{"arch", "k", "n", *SAE_METRICS}, ...]}``; :meth:`emit` adds
+    ``tokens_per_s``. Sinks get ``k{k}_n{n}/{metric}`` per Top-K SAE, ``{arch}_k{k}_n{n}/{metric}`` per other SAE.
     """
 
     def __init__(self, log: LogConfig, run_config: dict, total_steps: int, step: int, tokens: int):
@@ -98,8 +99,10 @@ class Trackers:
                                  tok_s=f"{record['tokens_per_s']:.3g}")
         flat = {"lr": record["lr"], "tokens": record["tokens"], "tokens_per_s": record["tokens_per_s"]}
         for r in record["sae"]:
+            # a Top-K SAE's keys name k and n; another architecture's are prefixed with it (no clash in a mixed run)
+            name = f"k{r['k']}_n{r['n']}" if r.get("arch", "topk") == "topk" else f"{r['arch']}_k{r['k']}_n{r['n']}"
             for key in SAE_METRICS:
-                flat[f"k{r['k']}_n{r['n']}/{key}"] = r[key]
+                flat[f"{name}/{key}"] = r[key]
         if self.wandb is not None:
             self.wandb.log(flat, step=record["step"])
         if self.tensorboard is not None:

@@ -333,7 +333,7 @@ class SAEOptimizer:
 @torch.no_grad()
 def step_metrics(xs: Tensor, saes: list[TopKSAE], groups: list[EncoderGroup], terms: list[SAETerms],
                  losses: list[SAELoss], dead_tokens: int) -> list[dict]:
-    """Per SAE ``k, n, fve, mse, l0, dead, auxk, loss`` of this rank's batch ``xs`` [B, d] (after the update of
+    """Per SAE ``arch, k, n, fve, mse, l0, dead, auxk, loss`` of this rank's batch ``xs`` [B, d] (after the update of
     the dead counters); one host sync for all of them."""
     fve = fves(xs, [t.residual for t in terms]).to(xs.device)  # the statistics of xs once for every SAE
     rows = [None] * len(saes)
@@ -351,5 +351,5 @@ def step_metrics(xs: Tensor, saes: list[TopKSAE], groups: list[EncoderGroup], te
                 item.loss.detach().double(),
             ]).to(xs.device)
     values = torch.stack(rows).tolist()
-    return [{"k": s.k, "n": s.n, "fve": v[0], "mse": v[1], "l0": v[2], "dead": int(v[3]), "auxk": v[4],
+    return [{"arch": s.cfg.arch, "k": s.k, "n": s.n, "fve": v[0], "mse": v[1], "l0": v[2], "dead": int(v[3]), "auxk": v[4],
              "loss": v[5]} for s, v in zip(saes, values)]
