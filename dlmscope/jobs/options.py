@@ -18,9 +18,8 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.world import LM_BATCH, SEQ_LEN
 from .sources import token_batches
 
-__all__ = ["USER_ERRORS", "SHARED", "positive_int", "positive_float", "out_dir", "out_file", "add_option",
-           "add_text_options",
-           "text_from_args", "load_model_layer_sae"]
+__all__ = ["USER_ERRORS", "SHARED", "positive_int", "positive_float", "nonnegative_float", "out_dir", "out_file",
+           "add_option", "add_text_options", "text_from_args", "load_model_layer_sae"]
 
 #: what a verb raises for bad input or a refused service: the CLI prints it as one line and exits 2
 USER_ERRORS = (ValueError, FileNotFoundError, JudgeRejected, JudgeUnreachable)
@@ -37,15 +36,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse ``type``: a finite number > 0."""
+def _float(text: str, ok, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    if not (ok(value) and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number > 0."""
+    return _float(text, lambda v: v > 0, "> 0")
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse ``type``: a finite number >= 0."""
+    return _float(text, lambda v: v >= 0, ">= 0")
 
 
 def out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -47,7 +47,7 @@ from dlmscope.sae.topk import TopKSAE
 from dlmscope.data.shuffle import collect
 from dlmscope.train.trainer import TrainConfig, Trainer
 from dlmscope.train.log import LogConfig
-from .options import add_option, add_text_options, out_dir, positive_int, text_from_args
+from .options import add_option, add_text_options, nonnegative_float, out_dir, positive_int, text_from_args
 from .sources import source_identity
 
 __all__ = ["SweepSpec", "default_prefixes", "make_saes", "make_shards", "training_stream", "train_sweep", "heldout_activations",
@@ -229,6 +229,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=sorted(CLASSES), default="topk", help="the SAE architecture")
     t.add_argument("--prefixes", type=positive_int, nargs="+", default=None,
                    help="matryoshka: the nested dictionary sizes, increasing, the last = --n (default n/8 n/4 n/2 n)")
+    t.add_argument("--l0-coefficient", type=nonnegative_float, default=TrainConfig.l0_coefficient,
+                   help="jumprelu: the L0 penalty's coefficient (see TrainConfig.l0_coefficient)")
+    t.add_argument("--l0-warmup", type=int, default=0, help="jumprelu: steps of the coefficient's linear warm-up")
     t.add_argument("--n", "--latents", dest="n", type=positive_int, default=1024,
                    help="latents per SAE (--latents under torchrun, whose parser takes --n for its own --nnodes)")
     t.add_argument("--tokens", type=positive_int, default=200_000, help="training tokens per layer")
@@ -294,6 +297,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"--latent-parallel shards Top-K SAEs only; --arch {args.arch} trains data parallel")
     if args.prefixes is not None and args.arch != "matryoshka":
         raise ValueError(f"--prefixes is for --arch matryoshka, not {args.arch}")
+    if args.arch != "jumprelu" and (args.l0_coefficient != TrainConfig.l0_coefficient or args.l0_warmup):
+        raise ValueError(f"--l0-coefficient and --l0-warmup are for --arch jumprelu, not {args.arch}")
     repeated = sorted({k for k in args.k if args.k.count(k) > 1})
     if repeated:
         raise ValueError(f"--k {' '.join(map(str, args.k))}: {repeated} given twice; each k trains one SAE, "
@@ -310,7 +315,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                            split=args.split, world_sentences=args.sentences, seed=args.seed)
     train = TrainConfig(lr=args.lr, warmup_steps=args.warmup, dead_tokens=args.dead_tokens,
                         norm_batches=args.norm_batches, normalization=args.normalization, backend=args.backend,
-                        checkpoint_every=args.checkpoint_every)
+                        checkpoint_every=args.checkpoint_every, l0_coefficient=args.l0_coefficient,
+                        l0_warmup_steps=args.l0_warmup)
     saes = train_sweep(adapter, train_batches, spec, train, cache_dir=out / "activation_cache",
                        checkpoint_root=out, resume=args.resume, log=LogConfig(log_every=args.log_every),
                        latent_parallel=args.latent_parallel, text_source=text)

@@ -195,3 +195,38 @@ def test_train_normalization_option_reaches_the_trainer(choice, tiny_llada, tmp_
     with pytest.raises(SystemExit):
         _train(tiny_llada, tmp_path / "run", *extra)
     assert seen["cfg"].normalization == choice
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "matryoshka"])
+def test_train_arch_trains_saves_and_evaluates_that_architecture(arch, tiny_llada, tmp_path, capsys):
+    """`dlmscope train --arch` builds, trains, saves (dlmscope.sae.load gives the class back) and evaluates in
+    eval mode: each architecture's inference rule."""
+    import json
+
+    from dlmscope import sae as S
+
+    extra = ["--prefixes", "8", "16", "32"] if arch == "matryoshka" else ["--l0-coefficient", "0.5"] \
+        if arch == "jumprelu" else []
+    assert cli.main(["train", "--model", str(tiny_llada), *SMALL, "--arch", arch, *extra,
+                     "--out", str(tmp_path / "run")]) == 0
+    loaded = S.load(tmp_path / "run" / "layer_0" / "k_2")
+    assert type(loaded) is S.CLASSES[arch] and loaded.cfg.arch == arch
+    if arch == "matryoshka":
+        assert loaded.prefixes == [8, 16, 32]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["layers"]["0"]["2"]["fve"] > 0
+
+
+def test_train_arch_options_are_checked_before_the_model_loads(tmp_path, capsys):
+    missing = str(tmp_path / "no-model")
+    for extra, words in ((["--arch", "topk", "--prefixes", "8", "32"], "--prefixes is for --arch matryoshka"),
+                         (["--arch", "batchtopk", "--l0-coefficient", "2"], "--l0-coefficient"),
+                         (["--arch", "jumprelu", "--latent-parallel", "2"], "--latent-parallel shards Top-K")):
+        rc = cli.main(["train", "--model", missing, "--layers", "0", "--out", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err, err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", missing, "--layers", "0", "--out", "o", "--arch", "relu"])
+    with pytest.raises(ValueError, match="prefixes"):
+        SweepSpec(layers=(0,), ks=(2,), n_latents=32, arch="matryoshka", prefixes=(8, 16))
+    assert SweepSpec(layers=(0,), ks=(2,), n_latents=32, arch="matryoshka").prefixes == (4, 8, 16, 32)
