@@ -39,8 +39,8 @@ from .arch_step import extra_state, set_extra_state
 
 __all__ = ["STATE_FILE", "META_FILE", "CorruptCheckpoint", "checkpoint_name", "checkpoint_step", "list_checkpoints",
            "latest_checkpoint", "save_checkpoint", "write_error", "load_checkpoint", "read_meta", "check_finite",
-           "RUN_IDENTITY_IGNORES",
-           "TRAINER_META", "SAE_IDENTITY", "run_fields", "run_identity", "saved_run_fields", "run_differences", "check_identity",
+           "RUN_IDENTITY_IGNORES", "TRAINER_META", "SAE_IDENTITY",
+           "run_fields", "run_identity", "saved_run_fields", "run_differences", "check_identity",
            "checkpoint_dir_problem", "check_meta", "check_tensors", "newest_intact", "state_tensors", "check_state",
            "set_state", "rng_state", "set_rng_state"]
 

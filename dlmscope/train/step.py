@@ -24,7 +24,8 @@ from dlmscope import ops
 from dlmscope.sae.metrics import fves
 from dlmscope.sae.topk import PARAMS, TopKSAE
 
-__all__ = ["PARAMS", "ADAM_PARAMS", "EXTRA_PARAMS", "param_names", "adam_index", "cumulative_offsets", "EncoderGroup", "GroupCodes", "SAETerms",
+__all__ = ["PARAMS", "ADAM_PARAMS", "EXTRA_PARAMS", "param_names", "adam_index", "cumulative_offsets", "EncoderGroup",
+           "GroupCodes", "SAETerms",
            "GlobalSums", "SAELoss", "SAEOptimizer", "make_groups", "terms_by_sae", "reduce_across_ranks", "sae_loss",
            "backward", "step_metrics"]
 
@@ -351,5 +352,5 @@ def step_metrics(xs: Tensor, saes: list[TopKSAE], groups: list[EncoderGroup], te
                 item.loss.detach().double(),
             ]).to(xs.device)
     values = torch.stack(rows).tolist()
-    return [{"arch": s.cfg.arch, "k": s.k, "n": s.n, "fve": v[0], "mse": v[1], "l0": v[2], "dead": int(v[3]), "auxk": v[4],
-             "loss": v[5]} for s, v in zip(saes, values)]
+    return [{"arch": s.cfg.arch, "k": s.k, "n": s.n, "fve": v[0], "mse": v[1], "l0": v[2], "dead": int(v[3]),
+             "auxk": v[4], "loss": v[5]} for s, v in zip(saes, values)]

@@ -30,7 +30,8 @@ def make_saes() -> list[TopKSAE]:
 
 def final_tensors(saes: list[TopKSAE]) -> dict[str, torch.Tensor]:
     """Every SAE's state (parameters and threshold) and the BatchTopK family's update count, by ``{i}.{name}``."""
-    out = {f"{i}.{name}": t.detach().clone().contiguous() for i, s in enumerate(saes) for name, t in s.state()[1].items()}
+    out = {f"{i}.{name}": t.detach().clone().contiguous()
+           for i, s in enumerate(saes) for name, t in s.state()[1].items()}
     out.update({f"{i}.threshold_updates": s.threshold_updates.clone() for i, s in enumerate(saes)
                 if isinstance(s, BatchTopKSAE)})
     return out
