@@ -4,12 +4,15 @@ format and in the formats of the peer libraries, detected from the files present
 :mod:`dlmscope.sae` are built from that state (``from_state``; :func:`dlmscope.sae.load` picks the class of
 ``cfg.arch``) and hand it over to be saved (``state``); this package imports nothing of them.
 
-| format | files | architectures (read and written) |
-|---|---|---|
-| ``dlmscope`` | ``cfg.json`` (``"format": "dlmscope"``) + ``sae.safetensors`` | all; :mod:`.dlmscope_format` |
-| ``dictionary_learning`` | ``ae.pt`` (+ ``config.json``) | ``AutoEncoderTopK`` (the paper's released SAEs), ``BatchTopKSAE``, ``MatryoshkaBatchTopKSAE``, ``JumpReluAutoEncoder`` |
-| ``sparsify`` | ``cfg.json`` (with ``d_in``) + ``sae.safetensors`` | Top-K only (EleutherAI eai-sparsify, one hookpoint directory) |
-| ``saelens`` | ``cfg.json`` + ``sae_weights.safetensors`` | ``topk``; ``jumprelu`` (BatchTopK / Matryoshka as SAELens saves them for inference); read too: ``batchtopk`` / ``matryoshka_batchtopk`` training checkpoints, pre-6 Top-K and JumpReLU |
+- ``dlmscope``: ``cfg.json`` (``"format": "dlmscope"``) + ``sae.safetensors``; every architecture
+  (:mod:`.dlmscope_format`).
+- ``dictionary_learning``: ``ae.pt`` (+ ``config.json``); ``AutoEncoderTopK`` (the paper's released SAEs),
+  ``BatchTopKSAE``, ``MatryoshkaBatchTopKSAE``, ``JumpReluAutoEncoder``.
+- ``sparsify``: ``cfg.json`` (with ``d_in``) + ``sae.safetensors``; Top-K only (EleutherAI eai-sparsify, one
+  hookpoint directory).
+- ``saelens``: ``cfg.json`` + ``sae_weights.safetensors``; ``topk`` and ``jumprelu`` (BatchTopK / Matryoshka as
+  SAELens saves them for inference) read and written; read too: ``batchtopk`` / ``matryoshka_batchtopk`` training
+  checkpoints, the pre-6 Top-K and JumpReLU layouts.
 
 Each peer module's docstring says what maps to which class, what is folded into the weights on load and what is
 refused; saving a BatchTopK / JumpReLU / Matryoshka SAE in the sparsify format is refused (it has no such rule).

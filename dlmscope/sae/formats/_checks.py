@@ -201,12 +201,16 @@ def cpu_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def check_meta(meta: dict, file: Path) -> dict:
     """``meta`` (dlmscope's ``SAEConfig.meta`` read from ``file``), checked where a reader relies on it: a recorded
-    ``norm_factor`` (the activation scale a trainer folded into the weights) is a positive finite number."""
+    ``norm_factor`` (the activation scale a trainer folded into the weights) and ``jumprelu_bandwidth`` are positive
+    finite numbers."""
     if not isinstance(meta, dict):
         raise ValueError(f"{file}: dlmscope's meta must be a JSON object, got {type(meta).__name__}")
     if "norm_factor" in meta and not (is_finite_number(meta["norm_factor"]) and meta["norm_factor"] > 0):
         raise ValueError(f"{file}: meta field 'norm_factor' must be a positive finite number (the activation scale "
                          f"folded into the weights), got {meta['norm_factor']!r}")
+    if "jumprelu_bandwidth" in meta and not is_positive_number(meta["jumprelu_bandwidth"]):
+        raise ValueError(f"{file}: meta field 'jumprelu_bandwidth' must be a positive finite number (the JumpReLU "
+                         f"straight-through bandwidth), got {meta['jumprelu_bandwidth']!r}")
     return meta
 
 
@@ -243,3 +247,8 @@ def peer_base(meta: dict, fmt: str, implied: Callable[[dict], dict] | None = Non
 
 def is_finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_positive_number(x) -> bool:
+    """A finite JSON number > 0 (a bandwidth a peer config may state; any other value is not carried over)."""
+    return is_finite_number(x) and x > 0

@@ -11,12 +11,13 @@ One directory per trained SAE (``resid_post_layer_{L}/trainer_{i}/``), checked a
   told by the tensors: ``group_sizes`` -> Matryoshka, ``W_enc`` -> JumpReLU, else Top-K (a BatchTopKSAE's
   state dict is a Top-K one's: it needs its ``config.json``).
 
-| dict_class | state dict (ours: W_enc [n, d], W_dec [n, d]) | dlmscope |
-|---|---|---|
-| ``AutoEncoderTopK`` | ``b_dec, k (int32), threshold [], decoder.weight [d, n], encoder.weight [n, d], encoder.bias`` | :class:`TopKSAE` |
-| ``BatchTopKSAE`` | the same (``threshold`` = the inference threshold) | ``BatchTopKSAE`` |
-| ``MatryoshkaBatchTopKSAE`` | ``W_enc [d, n], b_enc, W_dec [n, d], b_dec, k, threshold [], group_sizes`` | ``MatryoshkaSAE`` |
-| ``JumpReluAutoEncoder`` | ``W_enc [d, n], b_enc, W_dec [n, d], b_dec, threshold [n]`` | ``JumpReLUSAE`` |
+- ``AutoEncoderTopK`` -> :class:`TopKSAE`: ``b_dec, k (int32), threshold [], decoder.weight [d, n] (ours
+  transposed), encoder.weight [n, d], encoder.bias``.
+- ``BatchTopKSAE`` -> ``BatchTopKSAE``: the same tensors (``threshold`` = the inference threshold).
+- ``MatryoshkaBatchTopKSAE`` -> ``MatryoshkaSAE``: ``W_enc [d, n] (transposed), b_enc, W_dec [n, d], b_dec, k,
+  threshold [], group_sizes``.
+- ``JumpReluAutoEncoder`` -> ``JumpReLUSAE``: ``W_enc [d, n] (transposed), b_enc, W_dec [n, d], b_dec,
+  threshold [n]``.
 
 Semantics: Top-K: top-k of ``relu(encoder(x - b_dec))``, identical to ours (its ``threshold`` only matters for
 ``encode(use_threshold=True)``, off by default; kept in ``meta["source"]["threshold"]``). BatchTopK / Matryoshka:
@@ -88,7 +89,7 @@ def _implied(config: dict) -> dict:
     """The meta entries a dictionary_learning config states itself: a JumpReLU trainer's bandwidth."""
     trainer = config.get("trainer")
     if (isinstance(trainer, dict) and trainer.get("dict_class") == _CLASS_OF["jumprelu"]
-            and C.is_finite_number(trainer.get("bandwidth"))):
+            and C.is_positive_number(trainer.get("bandwidth"))):
         return {"jumprelu_bandwidth": trainer["bandwidth"]}
     return {}
 

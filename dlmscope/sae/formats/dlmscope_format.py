@@ -58,5 +58,7 @@ def load(path: Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     for name, shape in param_shapes(sc).items():
         C.require_shape(t, name, shape, weights_file, f"{list(shape)} for d={sc.d}, n={sc.n} from {CFG}")
     C.require_float_finite(t, keys, weights_file)
+    if sc.arch == "jumprelu" and bool((t["threshold"] < 0).any()):  # JumpReLUSAE keeps log(θ)
+        raise ValueError(f"{weights_file}: tensor 'threshold' of a JumpReLU SAE must be >= 0")
     return C.build_state(d=sc.d, n=sc.n, k=sc.k, meta=sc.meta, arch=sc.arch, prefixes=sc.prefixes, file=cfg_file,
                          **{k: t[k] for k in keys})

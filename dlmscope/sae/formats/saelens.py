@@ -19,13 +19,12 @@ What each file maps to (sae-lens 6.54.12; ``BatchTopKTrainingSAE.process_state_d
 ``threshold`` is ``topk_threshold`` for every latent, with ``metadata.training_architecture`` and
 ``training_architecture_details`` (``k``, ``matryoshka_widths``, ...) recording how it was trained):
 
-| SAELens file | dlmscope |
-|---|---|
-| ``topk`` | :class:`TopKSAE` |
-| ``jumprelu`` trained as ``batchtopk``, one threshold for all latents, integral k | ``BatchTopKSAE`` (θ = that value) |
-| ``jumprelu`` trained as ``matryoshka_batchtopk``, likewise | ``MatryoshkaSAE``, ``prefixes = matryoshka_widths`` |
-| any other ``jumprelu`` (per-latent θ) | ``JumpReLUSAE``; ``k`` = our ``"dlmscope_k"`` or min(n, 64) |
-| ``batchtopk`` / ``matryoshka_batchtopk`` training checkpoint | ``BatchTopKSAE`` / ``MatryoshkaSAE``, θ = topk_threshold |
+- ``topk`` -> :class:`TopKSAE`.
+- ``jumprelu`` trained as ``batchtopk``, one threshold for all latents, integral k -> ``BatchTopKSAE``, θ = that
+  value; trained as ``matryoshka_batchtopk``, likewise -> ``MatryoshkaSAE``, ``prefixes = matryoshka_widths``.
+- any other ``jumprelu`` (per-latent θ) -> ``JumpReLUSAE``, ``k`` = our ``"dlmscope_k"`` or min(n, 64).
+- a ``batchtopk`` / ``matryoshka_batchtopk`` training checkpoint -> ``BatchTopKSAE`` / ``MatryoshkaSAE``,
+  θ = ``topk_threshold``.
 
 Semantics: ``pre = (x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc``, optionally ``* ‖W_dec_i‖``
 (``rescale_acts_by_decoder_norm``, a ``topk`` field, and a training checkpoint's, where it defaults to true); Top-K:
@@ -46,7 +45,9 @@ We write the v6 layout with ``metadata.sae_lens_version = "6.0.0"`` (the layout 
 puts its package version there): a Top-K SAE as ``topk``; the others as the ``jumprelu`` inference SAE that
 SAELens's own trainers save, a BatchTopK / Matryoshka threshold repeated per latent, and
 ``metadata.training_architecture`` (``batchtopk`` / ``matryoshka_batchtopk`` / ``jumprelu``) with ``k``,
-``matryoshka_widths`` or ``jumprelu_bandwidth`` in its details, so that each reads back as its own class.
+``matryoshka_widths`` or ``jumprelu_bandwidth`` in its details, so that each reads back as its own class (a
+JumpReLU read from a SAELens file keeps that file's metadata as it was). A training checkpoint is written back as
+the inference save SAELens would make of it (its training fields moved into the metadata).
 """
 from __future__ import annotations
 
@@ -131,17 +132,18 @@ def _topk_k(cfg: dict, file: Path) -> int:
     return C.cfg_int(cfg, "k", file)
 
 
-def _training(cfg: dict) -> tuple[object, dict]:
-    """(metadata.training_architecture, its details as a dict) of a cfg; (None, {}) where absent."""
+def _training(cfg: dict) -> tuple[str | None, dict]:
+    """(metadata.training_architecture, its details as a dict) of a cfg; None / {} where absent or not those."""
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     details = metadata.get("training_architecture_details")
-    return metadata.get("training_architecture"), (details if isinstance(details, dict) else {})
+    trained_as = metadata.get("training_architecture")
+    return (trained_as if isinstance(trained_as, str) else None), (details if isinstance(details, dict) else {})
 
 
 def _implied(cfg: dict) -> dict:
     """The meta entries a SAELens cfg states itself: the bandwidth of a SAELens-trained JumpReLU."""
     trained_as, details = _training(cfg)
-    if trained_as == "jumprelu" and C.is_finite_number(details.get("jumprelu_bandwidth")):
+    if trained_as == "jumprelu" and C.is_positive_number(details.get("jumprelu_bandwidth")):
         return {"jumprelu_bandwidth": details["jumprelu_bandwidth"]}
     return {}
 
@@ -175,7 +177,7 @@ def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
     if base and not _is_v6(base):  # a pre-6 file re-exported: carry its model fields into v6 metadata
         metadata = {_PRE6_RENAMES.get(k, k): v for k, v in base.items() if _PRE6_RENAMES.get(k, k) in _METADATA_KEYS}
         base = {"metadata": metadata}
-    if base.get("architecture") in _BATCHTOPK:
+    if isinstance(base.get("architecture"), str) and base["architecture"] in _BATCHTOPK:
         base = _as_inference(base)
     t = C.cpu_tensors(tensors)
     dtype = t["W_enc"].dtype
@@ -196,14 +198,14 @@ def save(sc: SAEConfig, tensors: dict[str, Tensor], directory: Path) -> None:
         cfg["architecture"] = "jumprelu"
         for key in ("k", "rescale_acts_by_decoder_norm", K_KEY):  # not JumpReLU fields
             cfg.pop(key, None)
-        if sc.arch != "jumprelu" or "training_architecture" not in metadata:
+        if sc.arch != "jumprelu" or not base:  # a peer JumpReLU keeps its own provenance (or none)
             metadata["training_architecture"] = _TRAINED_AS[sc.arch]
         details = dict(metadata.get("training_architecture_details") or {})
         if sc.arch in _TRAINED_AS and sc.arch != "jumprelu":
             details["k"] = sc.k
         if sc.arch == "matryoshka":
             details["matryoshka_widths"] = list(sc.prefixes)
-        if metadata["training_architecture"] == "jumprelu" and "jumprelu_bandwidth" in sc.meta:
+        if metadata.get("training_architecture") == "jumprelu" and "jumprelu_bandwidth" in sc.meta:
             details["jumprelu_bandwidth"] = sc.meta["jumprelu_bandwidth"]
         if details:
             metadata["training_architecture_details"] = details
