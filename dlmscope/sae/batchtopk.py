@@ -7,8 +7,9 @@ threshold, the entries with ``pre > threshold`` (:func:`dlmscope.sae.sparsity.th
 The inference threshold (a 0-d buffer, saved as the state's ``threshold`` tensor) is an exponential moving average,
 updated by every training-mode ``encode``: ``θ ← β·θ + (1 − β)·m`` with ``m`` the smallest kept activation of the
 batch (``reference.batchtopk_min_selected``, Bussmann et al.'s "minimum positive activation") and ``β =
-threshold_beta`` (0.999, dictionary_learning's default); the first update sets ``θ = m`` (dictionary_learning starts
-it the same way, from a −1 sentinel; its ``m`` is the mean over rows of each row's smallest kept value). A batch
+threshold_beta`` (0.999, dictionary_learning's default; SAELens's ``topk_threshold_lr`` 0.01 is β = 0.99); the first
+update sets ``θ = m`` (dictionary_learning starts it the same way, from a −1 sentinel, with the same global minimum
+``f[f > 0].min()``; a short run wants a smaller β, or θ still reflects its first batches). A batch
 that keeps nothing leaves θ unchanged. A loaded SAE with θ > 0 counts as updated, so further training continues
 its average. The code's width is ``cap`` (default ``min(n, 4k)``), wider only for a batch where a row has more.
 """

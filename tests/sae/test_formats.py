@@ -557,9 +557,9 @@ CORRUPTIONS = {
                            r"unsupported dtype 'int8'"),
     "saelens: missing cfg": ("saelens", lambda p: (p / "cfg.json").unlink(), r"cfg.json: missing config file"),
     # dictionary_learning
-    "dl: batchtopk": ("dictionary_learning", lambda p: _edit_json(
-        p / "config.json", lambda c: c["trainer"].update(dict_class="BatchTopKSAE")),
-        r"config.json: dict_class 'BatchTopKSAE' is not supported"),
+    "dl: gated": ("dictionary_learning", lambda p: _edit_json(
+        p / "config.json", lambda c: c["trainer"].update(dict_class="GatedAutoEncoder")),
+        r"config.json: dict_class 'GatedAutoEncoder' is not supported"),
     "dl: k disagrees": ("dictionary_learning", lambda p: _edit_json(
         p / "config.json", lambda c: c["trainer"].update(k=8)),
         r"ae.pt: buffer k=4 disagrees with config.json trainer.k=8"),
