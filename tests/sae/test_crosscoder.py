@@ -1,0 +1,229 @@
+"""Crosscoder (dlmscope.sae.crosscoder): encode/decode against a dense float64 oracle on every backend here,
+training on planted paired data, save/load, bad input.
+
+Planted pairs (:func:`planted_pairs`): S = 2 sources built from one set of F unit directions in R^d. A token
+activates each direction independently (probability p, coefficient in [0.5, 1.5]); a SHARED direction adds the same
+coefficient·u to both sources, an EXCLUSIVE_0 one to source 0 only, an EXCLUSIVE_1 one to source 1 only; plus a
+little Gaussian noise. A good crosscoder then has one latent per direction with concatenated decoder row ∝ [u, u]
+(shared, relative norm 0.5), [u, 0] (0) or [0, u] (1).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dlmscope import reference
+from dlmscope.sae.crosscoder import CFG, WEIGHTS, Crosscoder, fit_crosscoder
+from tests.helpers.devices import tolerance
+
+F64 = torch.float64
+N_SHARED, N_EX0, N_EX1 = 12, 6, 6
+
+
+# ---- the dense oracle (to move to dlmscope/reference.py) ----------------------------------------------------------
+
+
+def _reference_crosscoder_code(x, W_enc, b_enc, b_dec, k, rule="topk"):
+    """Dense code [B, n] of a crosscoder: Top-K (or BatchTopK in training) of relu((concat_s(x_s − b_dec[s])) W_encᵀ
+    + b_enc), x [B, S, d], W_enc [n, S·d], b_enc [n], b_dec [S, d]."""
+    x_cat, b_cat = x.reshape(x.shape[0], -1), b_dec.reshape(-1)
+    if rule == "batchtopk":
+        return reference.batchtopk_encode(x_cat, W_enc, b_enc, b_cat, k)
+    pre = torch.relu((x_cat - b_cat) @ W_enc.T + b_enc)
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(1, indices, values)
+
+
+def _reference_crosscoder_decode(code, W_dec, b_dec):
+    """x̂ [B, S, d] = code [B, n] @ W_dec[s] + b_dec[s] per source; W_dec [S, n, d], b_dec [S, d]."""
+    return torch.einsum("bn,snd->bsd", code, W_dec) + b_dec[None]
+
+
+# ---- planted data -------------------------------------------------------------------------------------------------
+
+
+def planted_pairs(seed: int = 0, d: int = 32, p: float = 0.1):
+    """(U [F, d] unit directions, kind [F] int: 2 shared / 0 exclusive to source 0 / 1 exclusive to source 1,
+    sample(B, generator) -> x [B, 2, d]); F = N_SHARED + N_EX0 + N_EX1, in that order."""
+    g = torch.Generator().manual_seed(seed)
+    F = N_SHARED + N_EX0 + N_EX1
+    U = torch.nn.functional.normalize(torch.randn(F, d, generator=g), dim=1)
+    kind = torch.tensor([2] * N_SHARED + [0] * N_EX0 + [1] * N_EX1)
+    in0, in1 = (kind != 1).float(), (kind != 0).float()
+
+    def sample(B: int, gen: torch.Generator) -> torch.Tensor:
+        act = (torch.rand(B, F, generator=gen) < p).float() * (0.5 + torch.rand(B, F, generator=gen))
+        x = torch.stack([(act * in0) @ U, (act * in1) @ U], 1)
+        return x + 0.01 * torch.randn(x.shape, generator=gen)
+
+    return U, kind, sample
+
+
+def train_planted(rule: str = "topk", steps: int = 400, seed: int = 0):
+    """(crosscoder trained on planted pairs, U, kind, sample): d = 32, n = 64, k = 4, B = 256."""
+    U, kind, sample = planted_pairs(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    cc = Crosscoder(2, 32, 64, 4, rule=rule, backend="torch", generator=torch.Generator().manual_seed(seed))
+    history = fit_crosscoder(cc, (sample(256, gen) for _ in range(steps)), steps=steps, lr=3e-3,
+                             dead_tokens=256 * 20, seed=seed)
+    cc.eval()
+    return cc, U, kind, sample, history
+
+
+def fve(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Per-source fraction of variance explained [S] of x, x_hat [B, S, d]."""
+    err = (x - x_hat).pow(2).sum(dim=(0, 2))
+    var = (x - x.mean(0)).pow(2).sum(dim=(0, 2))
+    return 1 - err / var
+
+
+def random_crosscoder(S=2, d=5, n=40, k=3, rule="topk", seed=0, dtype=F64, device="cpu", backend=None):
+    g = torch.Generator().manual_seed(seed)
+    cc = Crosscoder(S, d, n, k, rule=rule, dtype=dtype, generator=g, backend=backend)
+    with torch.no_grad():
+        cc.b_enc.copy_(0.1 * torch.randn(n, generator=g, dtype=dtype))
+        cc.b_dec.copy_(0.1 * torch.randn(S, d, generator=g, dtype=dtype))
+        cc.W_enc.add_(0.3 * torch.randn(n, S * d, generator=g, dtype=dtype))
+    return cc.to(device)
+
+
+# ---- encode / decode ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+def test_encode_decode_match_dense_oracle(backend, device, rule):
+    cc = random_crosscoder(rule=rule, device=device, backend=backend)
+    x = torch.randn(17, 2, 5, generator=torch.Generator().manual_seed(3), dtype=F64).to(device)
+    values, indices = cc.encode(x)
+    code = values.new_zeros(17, cc.n).scatter_add_(1, indices, values)
+    want = _reference_crosscoder_code(x, cc.W_enc, cc.b_enc, cc.b_dec, cc.k, rule).detach()
+    tol = tolerance(F64, backend)
+    torch.testing.assert_close(code.detach(), want, rtol=tol, atol=tol)
+    x_hat = cc.decode(values, indices)
+    assert x_hat.shape == (17, 2, 5)
+    torch.testing.assert_close(x_hat.detach(), _reference_crosscoder_decode(want, cc.W_dec, cc.b_dec).detach(),
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(cc(x).detach(), x_hat.detach(), rtol=tol, atol=tol)
+    if rule == "batchtopk":  # eval mode: the threshold rule at the threshold the training call set
+        assert float(cc.threshold) > 0
+        cc.eval()
+        dense = cc.encode_dense(x).detach()
+        pre = torch.relu((x.reshape(17, -1) - cc.b_dec.reshape(-1)) @ cc.W_enc.T + cc.b_enc).detach()
+        torch.testing.assert_close(dense, pre * (pre > cc.threshold.to(F64)), rtol=tol, atol=tol)
+
+
+def test_gradients_match_dense_oracle():
+    cc = random_crosscoder()
+    x = torch.randn(9, 2, 5, generator=torch.Generator().manual_seed(4), dtype=F64)
+    ref = {name: p.detach().clone().requires_grad_(True) for name, p in cc.named_parameters()}
+    cc(x).pow(2).sum().backward()
+    code = _reference_crosscoder_code(x, ref["W_enc"], ref["b_enc"], ref["b_dec"], cc.k)
+    _reference_crosscoder_decode(code, ref["W_dec"], ref["b_dec"]).pow(2).sum().backward()
+    for name, p in cc.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-9, atol=1e-9)
+
+
+# ---- training on planted pairs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+def test_fit_recovers_planted_pairs(rule):
+    cc, U, kind, sample, history = train_planted(rule)
+    x = sample(4096, torch.Generator().manual_seed(99))  # held out
+    with torch.no_grad():
+        score = fve(x, cc(x))
+    assert bool((score > 0.8).all()), score
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    # the decoder convention: every concatenated row [S·d] has unit norm, per-source norms free
+    torch.testing.assert_close(cc.decoder_cat().norm(dim=1), torch.ones(cc.n), rtol=1e-5, atol=1e-5)
+    # each planted direction has a latent whose concatenated decoder row points along it
+    planted = torch.nn.functional.normalize(torch.cat([U * (kind != 1)[:, None], U * (kind != 0)[:, None]], 1), dim=1)
+    cos = planted @ torch.nn.functional.normalize(cc.decoder_cat(), dim=1).T
+    assert float((cos.max(1).values > 0.8).float().mean()) >= 0.9
+
+
+def test_auxk_runs_on_dead_latents():
+    U, kind, sample = planted_pairs(1, d=8)
+    gen = torch.Generator().manual_seed(2)
+    cc = Crosscoder(2, 8, 64, 2, backend="torch", generator=torch.Generator().manual_seed(0))
+    history = fit_crosscoder(cc, (sample(64, gen) for _ in range(30)), steps=30, lr=1e-3, dead_tokens=64 * 3)
+    assert any(h["dead"] > 0 for h in history) and any(h["auxk"] > 0 for h in history)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+# ---- save / load --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+def test_save_load_round_trip(tmp_path, rule):
+    cc = random_crosscoder(rule=rule, dtype=torch.float32)
+    x = torch.randn(8, 2, 5, generator=torch.Generator().manual_seed(5))
+    cc(x)  # a training-mode call sets the BatchTopK threshold
+    cc.meta["layer"] = 3
+    path = cc.save(tmp_path / "cc")
+    assert sorted(p.name for p in path.iterdir()) == sorted([CFG, WEIGHTS])
+    back = Crosscoder.load(path)
+    assert back.config() == cc.config()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        assert torch.equal(getattr(back, name), getattr(cc, name))
+    cc.eval(), back.eval()
+    torch.testing.assert_close(back(x), cc(x))
+    cc.save(path)  # replacing a crosscoder checkpoint is fine
+    assert Crosscoder.load(path, dtype=F64).W_dec.dtype == F64
+
+
+def test_load_refuses_mismatches(tmp_path):
+    cc = random_crosscoder(dtype=torch.float32)
+    path = cc.save(tmp_path / "cc")
+    cfg = json.loads((path / CFG).read_text())
+
+    def write(**changes):
+        (path / CFG).write_text(json.dumps({**cfg, **changes}))
+
+    write(format="dlmscope")
+    with pytest.raises(ValueError, match="not a crosscoder"):
+        Crosscoder.load(path)
+    write(version=99)
+    with pytest.raises(ValueError, match="version"):
+        Crosscoder.load(path)
+    write(d=6)
+    with pytest.raises(ValueError, match="'W_enc' has shape"):
+        Crosscoder.load(path)
+    write(k=0)
+    with pytest.raises(ValueError, match="bad crosscoder config"):
+        Crosscoder.load(path)
+    write(rule="jumprelu")
+    with pytest.raises(ValueError, match="rule"):
+        Crosscoder.load(path)
+
+
+def test_save_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "eval_results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="eval_results.json"):
+        random_crosscoder().save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_results.json"]
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_input():
+    cc = random_crosscoder()
+    with pytest.raises(ValueError, match=r"\[B, S=2, d=5\]"):
+        cc.encode(torch.randn(4, 10, dtype=F64))
+    with pytest.raises(ValueError, match=r"\[B, S=2, d=5\]"):
+        cc.encode(torch.randn(4, 3, 5, dtype=F64))
+    with pytest.raises(TypeError, match="float"):
+        cc.encode(torch.ones(4, 2, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        cc.encode([[0.0] * 5] * 2)
+    for kwargs, match in (({"k": 41}, "k must be <= n"), ({"rule": "l1"}, "rule"), ({"k": 0}, "k must be"),
+                          ({"cap": 2}, "cap"), ({"threshold_beta": 1.0}, "threshold_beta")):
+        with pytest.raises(ValueError, match=match):
+            Crosscoder(**{"S": 2, "d": 5, "n": 40, "k": 3, **kwargs})
+    with pytest.raises(ValueError, match="lr"):
+        fit_crosscoder(cc, iter([]), steps=1, lr=0.0)
+    with pytest.raises(ValueError, match=r"\[B, S=2, d=5\]"):
+        fit_crosscoder(cc, iter([torch.randn(4, 5, dtype=F64)]), steps=1, lr=1e-3)
