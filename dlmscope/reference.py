@@ -11,7 +11,8 @@ Contents
   the backend primitives (dlmscope/backends/base.py): ``gather_accumulate``, ``transpose_reduce``, ``sddmm``;
   the other sparsity rules: ``batchtopk_encode`` (+ ``batchtopk_min_selected``, the inference threshold's
   statistic), ``threshold_encode`` (JumpReLU / BatchTopK inference), ``jumprelu`` and ``jumprelu_l0`` (with the
-  straight-through threshold gradient), ``matryoshka_reconstructions`` / ``matryoshka_loss``;
+  straight-through threshold gradient), ``matryoshka_reconstructions`` / ``matryoshka_loss``; the crosscoder's
+  ``crosscoder_code`` / ``crosscoder_decode``;
   the metric ``fraction_of_variance_explained``;
   the plain-PyTorch training step ``dense_train_step`` = ``dense_loss`` (``mse_loss`` of the dense
   reconstruction) + backward + ``dense_update``.
@@ -165,6 +166,21 @@ def matryoshka_loss(x: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, b
     """The Matryoshka training loss: the sum over prefixes of ``mse_loss`` of their reconstructions."""
     recon = matryoshka_reconstructions(values, indices, W_dec, b_dec, prefixes)
     return sum(mse_loss(x, r) for r in recon)
+
+
+def crosscoder_code(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, rule: str = "topk") -> Tensor:
+    """Dense code [B,n] of a crosscoder over S sources: Top-K (or BatchTopK in training) of
+    relu(concat_s(x_s − b_dec[s]) W_encᵀ + b_enc); x [B,S,d], W_enc [n,S·d], b_enc [n], b_dec [S,d]."""
+    x_cat, b_cat = x.reshape(x.shape[0], -1), b_dec.reshape(-1)
+    if rule == "batchtopk":
+        return batchtopk_encode(x_cat, W_enc, b_enc, b_cat, k)
+    values, indices = topk_encode(x_cat, W_enc, b_enc, b_cat, k)
+    return densify(values, indices, W_enc.shape[0])
+
+
+def crosscoder_decode(code: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """x̂ [B,S,d] = code [B,n] @ W_dec[s] + b_dec[s] for every source s; W_dec [S,n,d], b_dec [S,d]."""
+    return torch.einsum("bn,snd->bsd", code, W_dec) + b_dec[None]
 
 
 def forward(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from dlmscope.analysis.crosscoder import (EXCLUSIVE_0, EXCLUSIVE_1, NO_DECODER, SHARED, beta_least_squares,
                                           classify, latent_labels, latent_scaling, relative_decoder_norm)
 from dlmscope.sae.crosscoder import Crosscoder
-from tests.sae.test_crosscoder import N_EX0, N_EX1, N_SHARED, train_planted
+from tests.helpers.planted_pairs import N_EX0, N_EX1, N_SHARED, train_planted
 
 F64 = torch.float64
 

@@ -1,7 +1,7 @@
 """Crosscoder (dlmscope.sae.crosscoder): encode/decode against a dense float64 oracle on every backend here,
 training on planted paired data, save/load, bad input.
 
-Planted pairs (:func:`planted_pairs`): S = 2 sources built from one set of F unit directions in R^d. A token
+Planted pairs (tests/helpers/planted_pairs.py): S = 2 sources built from one set of F unit directions in R^d. A token
 activates each direction independently (probability p, coefficient in [0.5, 1.5]); a SHARED direction adds the same
 coefficient·u to both sources, an EXCLUSIVE_0 one to source 0 only, an EXCLUSIVE_1 one to source 1 only; plus a
 little Gaussian noise. A good crosscoder then has one latent per direction with concatenated decoder row ∝ [u, u]
@@ -16,60 +16,10 @@ import torch
 
 from dlmscope import reference
 from dlmscope.sae.crosscoder import CFG, WEIGHTS, Crosscoder, fit_crosscoder
-from tests.helpers.devices import tolerance
+from tests.helpers.devices import native_float64, tolerance
+from tests.helpers.planted_pairs import planted_pairs, train_planted
 
 F64 = torch.float64
-N_SHARED, N_EX0, N_EX1 = 12, 6, 6
-
-
-# ---- the dense oracle (to move to dlmscope/reference.py) ----------------------------------------------------------
-
-
-def _reference_crosscoder_code(x, W_enc, b_enc, b_dec, k, rule="topk"):
-    """Dense code [B, n] of a crosscoder: Top-K (or BatchTopK in training) of relu((concat_s(x_s − b_dec[s])) W_encᵀ
-    + b_enc), x [B, S, d], W_enc [n, S·d], b_enc [n], b_dec [S, d]."""
-    x_cat, b_cat = x.reshape(x.shape[0], -1), b_dec.reshape(-1)
-    if rule == "batchtopk":
-        return reference.batchtopk_encode(x_cat, W_enc, b_enc, b_cat, k)
-    pre = torch.relu((x_cat - b_cat) @ W_enc.T + b_enc)
-    values, indices = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter_(1, indices, values)
-
-
-def _reference_crosscoder_decode(code, W_dec, b_dec):
-    """x̂ [B, S, d] = code [B, n] @ W_dec[s] + b_dec[s] per source; W_dec [S, n, d], b_dec [S, d]."""
-    return torch.einsum("bn,snd->bsd", code, W_dec) + b_dec[None]
-
-
-# ---- planted data -------------------------------------------------------------------------------------------------
-
-
-def planted_pairs(seed: int = 0, d: int = 32, p: float = 0.1):
-    """(U [F, d] unit directions, kind [F] int: 2 shared / 0 exclusive to source 0 / 1 exclusive to source 1,
-    sample(B, generator) -> x [B, 2, d]); F = N_SHARED + N_EX0 + N_EX1, in that order."""
-    g = torch.Generator().manual_seed(seed)
-    F = N_SHARED + N_EX0 + N_EX1
-    U = torch.nn.functional.normalize(torch.randn(F, d, generator=g), dim=1)
-    kind = torch.tensor([2] * N_SHARED + [0] * N_EX0 + [1] * N_EX1)
-    in0, in1 = (kind != 1).float(), (kind != 0).float()
-
-    def sample(B: int, gen: torch.Generator) -> torch.Tensor:
-        act = (torch.rand(B, F, generator=gen) < p).float() * (0.5 + torch.rand(B, F, generator=gen))
-        x = torch.stack([(act * in0) @ U, (act * in1) @ U], 1)
-        return x + 0.01 * torch.randn(x.shape, generator=gen)
-
-    return U, kind, sample
-
-
-def train_planted(rule: str = "topk", steps: int = 400, seed: int = 0):
-    """(crosscoder trained on planted pairs, U, kind, sample): d = 32, n = 64, k = 4, B = 256."""
-    U, kind, sample = planted_pairs(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    cc = Crosscoder(2, 32, 64, 4, rule=rule, backend="torch", generator=torch.Generator().manual_seed(seed))
-    history = fit_crosscoder(cc, (sample(256, gen) for _ in range(steps)), steps=steps, lr=3e-3,
-                             dead_tokens=256 * 20, seed=seed)
-    cc.eval()
-    return cc, U, kind, sample, history
 
 
 def fve(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -98,12 +48,12 @@ def test_encode_decode_match_dense_oracle(backend, device, rule):
     x = torch.randn(17, 2, 5, generator=torch.Generator().manual_seed(3), dtype=F64).to(device)
     values, indices = cc.encode(x)
     code = values.new_zeros(17, cc.n).scatter_add_(1, indices, values)
-    want = _reference_crosscoder_code(x, cc.W_enc, cc.b_enc, cc.b_dec, cc.k, rule).detach()
+    want = reference.crosscoder_code(x, cc.W_enc, cc.b_enc, cc.b_dec, cc.k, rule).detach()
     tol = tolerance(F64, backend)
     torch.testing.assert_close(code.detach(), want, rtol=tol, atol=tol)
     x_hat = cc.decode(values, indices)
     assert x_hat.shape == (17, 2, 5)
-    torch.testing.assert_close(x_hat.detach(), _reference_crosscoder_decode(want, cc.W_dec, cc.b_dec).detach(),
+    torch.testing.assert_close(x_hat.detach(), reference.crosscoder_decode(want, cc.W_dec, cc.b_dec).detach(),
                                rtol=tol, atol=tol)
     torch.testing.assert_close(cc(x).detach(), x_hat.detach(), rtol=tol, atol=tol)
     if rule == "batchtopk":  # eval mode: the threshold rule at the threshold the training call set
@@ -111,7 +61,13 @@ def test_encode_decode_match_dense_oracle(backend, device, rule):
         cc.eval()
         dense = cc.encode_dense(x).detach()
         pre = torch.relu((x.reshape(17, -1) - cc.b_dec.reshape(-1)) @ cc.W_enc.T + cc.b_enc).detach()
-        torch.testing.assert_close(dense, pre * (pre > cc.threshold.to(F64)), rtol=tol, atol=tol)
+        theta = cc.threshold.to(F64)
+        # the threshold is this batch's smallest kept value: that entry sits exactly at the cut, and a backend that
+        # computes in float32 may keep or drop it; compare away from the cut there
+        away = (pre - theta).abs() > 10 * tol * pre.abs().max()
+        if native_float64(backend):
+            away = torch.ones_like(away)
+        torch.testing.assert_close(dense[away], (pre * (pre > theta))[away], rtol=tol, atol=tol)
 
 
 def test_gradients_match_dense_oracle():
@@ -119,8 +75,8 @@ def test_gradients_match_dense_oracle():
     x = torch.randn(9, 2, 5, generator=torch.Generator().manual_seed(4), dtype=F64)
     ref = {name: p.detach().clone().requires_grad_(True) for name, p in cc.named_parameters()}
     cc(x).pow(2).sum().backward()
-    code = _reference_crosscoder_code(x, ref["W_enc"], ref["b_enc"], ref["b_dec"], cc.k)
-    _reference_crosscoder_decode(code, ref["W_dec"], ref["b_dec"]).pow(2).sum().backward()
+    code = reference.crosscoder_code(x, ref["W_enc"], ref["b_enc"], ref["b_dec"], cc.k)
+    reference.crosscoder_decode(code, ref["W_dec"], ref["b_dec"]).pow(2).sum().backward()
     for name, p in cc.named_parameters():
         torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-9, atol=1e-9)
 
