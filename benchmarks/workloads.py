@@ -287,6 +287,17 @@ def build_gemm(cfg: BenchConfig) -> Workload:
     return Workload("gemm", fn, state, {"kind": "gemm"})
 
 
+def update(state: dict, W_dec: torch.Tensor, backend: str) -> None:
+    """The update after ``backward`` of every step variant: the fused decoder-norm step on ``W_dec`` (moments
+    ``state["m"]``, ``state["v"]``), then fused Adam (``state["opt"]``) on the other parameters."""
+    state["step"] += 1
+    dlmscope.decoder_norm_step(W_dec.detach(), W_dec.grad, state["m"], state["v"], state["step"], LR, BETAS, EPS,
+                               backend=backend)
+    W_dec.grad = None
+    state["opt"].step()
+    state["opt"].zero_grad(set_to_none=True)
+
+
 def build_backend_step(cfg: BenchConfig, backend: str) -> Workload:
     """dlmscope ops on ``backend``: fused encode/decode autograd ops, fused decoder update, fused Adam."""
     p = make_params(cfg)
@@ -305,13 +316,7 @@ def build_backend_step(cfg: BenchConfig, backend: str) -> Workload:
             x_hat = dlmscope.sparse_decode(values, indices, P["W_dec"], P["b_dec"], backend=backend)
             loss = reference.mse_loss(x, x_hat)
             loss.backward()
-            state["step"] += 1
-            W_dec = P["W_dec"]
-            dlmscope.decoder_norm_step(W_dec.detach(), W_dec.grad, state["m"], state["v"], state["step"], LR,
-                                       BETAS, EPS, backend=backend)
-            W_dec.grad = None
-            state["opt"].step()
-            state["opt"].zero_grad(set_to_none=True)
+            update(state, P["W_dec"], backend)
         return loss
 
     return Workload(backend, fn, state, {"kind": "step", "backend": backend, "adam": mode})
@@ -340,8 +345,8 @@ def build_arch_step(cfg: BenchConfig, arch: str) -> Workload:
             rank = max(1, round(cfg.B * (1 - cfg.k / cfg.n)))   # kthvalue: quantile() refuses inputs this large
             sae.log_threshold.copy_(pre.kthvalue(rank, dim=0).values.clamp_min(1e-3).log())
         sae.train()
-        l0 = float((sae.encode(xs.items[0], update_threshold=False)[0] > 0).sum(-1).float().mean()
-                   if arch != "jumprelu" else (sae.encode(xs.items[0])[0] > 0).sum(-1).float().mean())
+        first = sae.encode(xs.items[0]) if arch == "jumprelu" else sae.encode(xs.items[0], update_threshold=False)
+        l0 = float((first[0] > 0).sum(-1).float().mean())
     params = [sae.W_enc, sae.b_enc, sae.b_dec] + ([sae.log_threshold] if arch == "jumprelu" else [])
     opt, mode = adam(params, fused=True)
     state = {"sae": sae, "opt": opt, "m": torch.zeros_like(sae.W_dec), "v": torch.zeros_like(sae.W_dec), "xs": xs,
@@ -358,12 +363,7 @@ def build_arch_step(cfg: BenchConfig, arch: str) -> Workload:
             else:
                 loss = reference.mse_loss(x, sae.decode(*sae.encode(x)))
             loss.backward()
-            state["step"] += 1
-            dlmscope.decoder_norm_step(sae.W_dec.detach(), sae.W_dec.grad, state["m"], state["v"], state["step"],
-                                       LR, BETAS, EPS, backend=backend)
-            sae.W_dec.grad = None
-            state["opt"].step()
-            state["opt"].zero_grad(set_to_none=True)
+            update(state, sae.W_dec, backend)
         return loss
 
     return Workload(arch, fn, state, {"kind": "step", "arch": arch, "backend": backend, "adam": mode,
