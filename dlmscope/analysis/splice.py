@@ -414,16 +414,18 @@ def delta_loss_by_layer(adapter, saes_by_layer: Mapping[int, Sequence], batches:
                   for L, act in active.items()}
         if not any(active.values()):
             break
-    return {L: [_summary(mine, combine, stratified, adapter.is_diffusion and t_sampling, target_rel_se)
+    return {L: [_summary(mine, combine, stratified, t_sampling if adapter.is_diffusion else None, target_rel_se)
                 for mine in per_sae] for L, per_sae in seen.items()}
 
 
-def _summary(mine: list[dict], combine, stratified: bool, t_sampling, target_rel_se: float | None) -> dict:
-    """One SAE's result over its batches: the pooled estimator, the per-batch one beside it, the SE's unit."""
+def _summary(mine: list[dict], combine, stratified: bool, t_sampling: str | None,
+             target_rel_se: float | None) -> dict:
+    """One SAE's result over its batches: the pooled estimator, the per-batch one beside it, the SE's unit
+    (``t_sampling``: a DLM's, None for an AR model)."""
     out: dict = {**combine(mine), "estimator": "pooled", "se_over": "batches, collapsed strata" if stratified
                  else "batches", "per_batch": combine(mine, per_batch_results)}
     out["rel_se"] = relative_se(out)
-    if t_sampling:
+    if t_sampling is not None:
         out["t_sampling"] = t_sampling
     if target_rel_se is not None:
         out["se_target"] = target_rel_se
