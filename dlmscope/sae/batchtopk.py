@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .formats import SAEConfig
-from .sparsity import batch_topk_encode, batch_topk_min_selected, threshold_encode
+from .sparsity import batch_topk_encode, threshold_encode, update_threshold_ema
 from .topk import TopKSAE
 
 __all__ = ["BatchTopKSAE"]
@@ -65,7 +65,7 @@ class BatchTopKSAE(TopKSAE):
             return threshold_encode(x, W_enc, b_enc, b_dec, self.threshold.to(x.dtype), self.cap,
                                     backend=self.backend)
         k = self.k if k is None else k
-        values, indices, _ = batch_topk_encode(x, W_enc, b_enc, b_dec, k, max(self.cap, k), backend=self.backend)
+        values, indices, _ = batch_topk_encode(x, W_enc, b_enc, b_dec, k, self.cap, backend=self.backend)
         if update_threshold is None or update_threshold:
             self.update_threshold(values)
         return values, indices
@@ -73,13 +73,7 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def update_threshold(self, values: Tensor) -> None:
         """Fold one training batch's code [..., c] into the threshold's moving average (see the module doc)."""
-        kept = values.detach()
-        if not bool((kept > 0).any()):
-            return
-        m = batch_topk_min_selected(kept).to(self.threshold.dtype)
-        first = bool(self.threshold_updates == 0)
-        self.threshold.copy_(m if first else self.threshold_beta * self.threshold + (1 - self.threshold_beta) * m)
-        self.threshold_updates.add_(1)
+        update_threshold_ema(self.threshold, self.threshold_updates, values, self.threshold_beta)
 
     # ---- persistence --------------------------------------------------------------------------------
     @classmethod

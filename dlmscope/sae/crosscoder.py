@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from dlmscope import ops
 from dlmscope.util import atomic
-from .sparsity import batch_topk_encode, batch_topk_min_selected, threshold_encode
+from .sparsity import batch_topk_encode, threshold_encode, update_threshold_ema
 
 __all__ = ["Crosscoder", "fit_crosscoder", "FORMAT", "VERSION", "CFG", "WEIGHTS", "RULES"]
 
@@ -134,12 +134,7 @@ class Crosscoder(nn.Module):
     @torch.no_grad()
     def update_threshold(self, values: Tensor) -> None:
         """Fold a training batch's BatchTopK code [B, c] into the inference threshold's moving average."""
-        if not bool((values.detach() > 0).any()):
-            return  # a batch that keeps nothing says nothing about the threshold
-        m = batch_topk_min_selected(values).to(self.threshold.dtype)
-        first = bool(self.threshold_updates == 0)
-        self.threshold.copy_(m if first else self.threshold_beta * self.threshold + (1 - self.threshold_beta) * m)
-        self.threshold_updates.add_(1)
+        update_threshold_ema(self.threshold, self.threshold_updates, values, self.threshold_beta)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """x̂ [B, S, d] from values / indices [B, c]: one ``ops.sparse_decode`` per source."""
@@ -289,19 +284,18 @@ def fit_crosscoder(cc: Crosscoder, stream: Iterable[Tensor], *, steps: int, lr: 
                 group["lr"] = lr * scale
             values, indices = cc.encode(x)
             x_hat = cc.decode(values, indices)
-            err = (x - x_hat).pow(2).sum(-1)  # [B, S]
-            mse = err.mean(0)  # [S]
+            residual = x - x_hat
+            mse = residual.pow(2).sum(-1).mean(0)  # [S]
             loss = mse.sum()
             dead = since >= dead_tokens
-            aux_value = 0.0
+            aux = loss.new_zeros(())
             if auxk_alpha > 0:
-                e_det = (x - x_hat).detach()
+                e_det = residual.detach()
                 aux_sum = _auxk_sum(cc, x, e_det, dead, k_aux)
                 if aux_sum is not None:
                     denom = (e_det - e_det.mean(0)).pow(2).sum()
                     aux = torch.where(denom > 0, aux_sum / denom.clamp_min(1e-30), torch.zeros_like(aux_sum))
                     loss = loss + auxk_alpha * aux
-                    aux_value = float(aux.detach())
             opt.zero_grad(set_to_none=True)
             cc.W_dec.grad = None
             loss.backward()
@@ -311,10 +305,13 @@ def fit_crosscoder(cc: Crosscoder, stream: Iterable[Tensor], *, steps: int, lr: 
             ops.decoder_norm_step(W_cat, grad, exp_avg, exp_avg_sq, step, lr * scale, betas, backend=cc.backend)
             with torch.no_grad():
                 cc.W_dec.copy_(W_cat.reshape(n, cc.S, cc.d).transpose(0, 1))
-                fired = torch.zeros(n, dtype=torch.bool, device=since.device)
-                fired[indices[values > 0]] = True
-                since = torch.where(fired, torch.zeros_like(since), since + x.shape[0])
-            history.append({"loss": float(loss.detach()), "mse": [float(m) for m in mse.detach()],
-                            "auxk": aux_value, "dead": int(dead.sum())})
+                # latents with a positive value this step; inactive slots land in the spare column n (no sync)
+                fired = torch.zeros(n + 1, dtype=torch.bool, device=since.device)
+                fired[torch.where(values > 0, indices, n).reshape(-1)] = True
+                since = torch.where(fired[:n], torch.zeros_like(since), since + x.shape[0])
+            # one host sync per step for the history row
+            row = torch.cat([loss.detach().reshape(1), mse.detach(), aux.detach().reshape(1),
+                             dead.sum().reshape(1).to(mse.dtype)]).tolist()
+            history.append({"loss": row[0], "mse": row[1:-2], "auxk": row[-2], "dead": int(row[-1])})
     cc.W_dec.grad = None
     return history

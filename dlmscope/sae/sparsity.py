@@ -31,7 +31,8 @@ from torch import Tensor
 
 from dlmscope import ops
 
-__all__ = ["threshold_encode", "batch_topk_encode", "batch_topk_min_selected", "jumprelu_candidates", "jumprelu",
+__all__ = ["threshold_encode", "batch_topk_encode", "batch_topk_min_selected", "update_threshold_ema",
+           "jumprelu_candidates", "jumprelu",
            "jumprelu_l0", "jumprelu_encode", "rectangle"]
 
 
@@ -141,22 +142,48 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
     x2, lead, cap = _flat(x, W_enc, cap)
     k = _require_int("k", k, 1, W_enc.shape[0])
 
+    seen: dict = {}   # the last tau_c computed and the width it was computed at
+
     def redo(values: Tensor) -> Tensor:
         low = values.min(1).values
-        return (low > 0) & (low >= _tau(values, k))
+        seen["tau"], seen["width"] = _tau(values, k), values.shape[1]
+        return (low > 0) & (low >= seen["tau"])
 
     values, indices = _grow(x2, W_enc, b_enc, b_dec, max(cap, k), backend, redo)
-    tau = _tau(values.detach(), k)
+    # the last redo saw these values unless the widening stopped at n after it
+    tau = seen["tau"] if seen.get("width") == values.shape[1] else _tau(values.detach(), k)
     kept = (values >= tau) & (values > 0)
     values = torch.where(kept, values, torch.zeros_like(values))
     return values.reshape(*lead, -1), indices.reshape(*lead, -1), tau
 
 
+def _min_positive(values: Tensor) -> Tensor:
+    """The smallest positive entry of ``values`` (0-d, detached; +inf when there is none), without a host sync."""
+    v = values.detach()
+    if v.numel() == 0:
+        return v.new_full((), math.inf)
+    return v.masked_fill(v <= 0, math.inf).amin()
+
+
 def batch_topk_min_selected(values: Tensor) -> Tensor:
     """The smallest kept (positive) value of a code [..., c] (0-d, detached; 0 when nothing is kept) — the
     statistic of ``reference.batchtopk_min_selected``, read from the sparse code."""
-    kept = values.detach()[values.detach() > 0]
-    return kept.min() if kept.numel() else values.new_zeros(())
+    m = _min_positive(values)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+@torch.no_grad()
+def update_threshold_ema(threshold: Tensor, updates: Tensor, values: Tensor, beta: float) -> None:
+    """Fold one training batch's code [..., c] into an inference threshold's moving average, in place and without
+    a host sync: ``θ ← β·θ + (1 − β)·m`` with ``m`` the smallest kept value (:func:`batch_topk_min_selected`), the
+    first update (``updates == 0``) setting ``θ = m``; a batch that keeps nothing changes neither ``threshold``
+    (0-d) nor ``updates`` (0-d int, the count of updates)."""
+    m = _min_positive(values)
+    has = torch.isfinite(m)
+    m = m.to(threshold.dtype)
+    new = torch.where(updates == 0, m, beta * threshold + (1 - beta) * m)
+    threshold.copy_(torch.where(has, new, threshold))
+    updates.add_(has.to(updates.dtype))
 
 
 # ---- JumpReLU ---------------------------------------------------------------------------------------------------
