@@ -216,9 +216,6 @@ def dlm_delta_loss(
     t_min, t_max = check_t_range(t_min, t_max)
     if t is None:
         t = draw_t(t_min, t_max, generator)
-    t = float(t)
-    if not 0.0 < t < 1.0:
-        raise ValueError(f"the masking rate t must lie in (0, 1), got {t}")
     saes, many = _as_list(sae)
     results = _dlm_batch(adapter, {layer: saes}, input_ids, attention_mask, t, generator, mask_id,
                          zero_ablation=zero_ablation, positions=positions)[layer]
@@ -229,6 +226,9 @@ def _dlm_batch(adapter, by_layer: dict[int, list], input_ids: Tensor, attention_
                generator, mask_id: int, *, zero_ablation: bool, positions=None) -> dict[int, list[dict]]:
     """:func:`dlm_delta_loss` of one batch at masking rate ``t`` for every layer's SAEs (one corruption, one clean
     forward, one host sync): ``{layer: [result dict per SAE]}``."""
+    t = float(t)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"the masking rate t must lie in (0, 1), got {t}")
     noisy, masked = corrupt(input_ids, attention_mask, mask_id, t, generator)
     valid = valid_positions(input_ids, attention_mask)
     unmasked = valid & ~masked
@@ -282,8 +282,6 @@ def ar_delta_loss(
     if adapter.is_diffusion:
         raise ValueError("ar_delta_loss is for autoregressive models; use dlm_delta_loss for diffusion LMs")
     adapter.hook_module(layer)
-    if input_ids.shape[1] < 2:
-        raise ValueError("ar_delta_loss needs sequences of at least 2 tokens")
     saes, many = _as_list(sae)
     results = _ar_batch(adapter, {layer: saes}, input_ids, attention_mask, zero_ablation=zero_ablation)[layer]
     return results if many else results[0]
@@ -293,6 +291,8 @@ def _ar_batch(adapter, by_layer: dict[int, list], input_ids: Tensor, attention_m
               zero_ablation: bool) -> dict[int, list[dict]]:
     """:func:`ar_delta_loss` of one batch for every layer's SAEs (one clean forward, one host sync):
     ``{layer: [result dict per SAE]}``."""
+    if input_ids.shape[1] < 2:
+        raise ValueError("ar_delta_loss needs sequences of at least 2 tokens")
     valid = valid_positions(input_ids, attention_mask)
     sel = valid[:, 1:] & valid[:, :-1]
     targets = input_ids[:, 1:]

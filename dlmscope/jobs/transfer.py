@@ -236,8 +236,11 @@ def run_transfer(base_adapter, instruct_adapter, layers: Sequence[int], *, polic
                                       second_base_sae=None if second is None else second[L], resamples=resamples,
                                       seed=seed)
                 if seeds > 1 and name == "instruct":
-                    reps = [fve_replicate(b[L], s2[L], t[L], acts_b[L], acts_t[L])
-                            for b, s2, t in zip(on_base["base_saes"], on_base["second_base_saes"], instruct)]
+                    # replicate 0 is the SAEs compare_layer just scored; the others are scored here
+                    reps = [{"ratio": entry["fve"]["ratio"], "ceiling_ratio": entry["ceiling"]["fve_ratio"],
+                             "null_ratio": entry["null"]["fve_ratio"]}]
+                    reps += [fve_replicate(b[L], s2[L], t[L], acts_b[L], acts_t[L]) for b, s2, t in
+                             zip(on_base["base_saes"][1:], on_base["second_base_saes"][1:], instruct[1:])]
                     measures = {**entry["verdict"]["measures"], "fve_ratio": fve_verdict_over_seeds(reps)}
                     entry["verdict"] = {**transfer_verdict(measures), "measures": measures}
                 entry["delta"] = {"base_in_target": in_target[L][0], "target_in_target": in_target[L][1]}

@@ -142,21 +142,24 @@ def _copy(out: Any) -> Any:
 
 @contextlib.contextmanager
 def replay_outputs(modules: Sequence[nn.Module], outputs: list[list[Any]]) -> Iterator[None]:
-    """Context manager: within it each module's forward does no work and returns a copy of its recorded output
-    (``outputs`` from :func:`record_outputs`), the j-th call of a forward the j-th recorded output; a call beyond
-    the recorded ones raises ``RuntimeError``. Right only when the modules' inputs are the recorded forward's:
+    """Context manager: within it each module's forward does no work and returns its recorded output (``outputs``
+    from :func:`record_outputs`), the j-th call of a forward the j-th recorded output; a call beyond the recorded
+    ones raises ``RuntimeError``. The last module's output, the only one that reaches a module that runs, is
+    handed out as a copy, so writing into it in place cannot change the next replay. Right only when the modules' inputs are the recorded forward's:
     replay blocks ``0 … L−1`` while editing block L or later, on the same input ids. Hooks on the modules
     still run."""
     if len(outputs) != len(modules):
         raise ValueError(f"{len(outputs)} recorded output lists for {len(modules)} modules")
     saved = []
     try:
-        for module, mine in zip(modules, outputs):
+        for i, (module, mine) in enumerate(zip(modules, outputs)):
             calls = iter(mine)
 
-            def forward(*_args, _calls=calls, _module=module, **_kwargs):
+            def forward(*_args, _calls=calls, _module=module, _hand=_copy if i == len(modules) - 1 else None,
+                        **_kwargs):
                 try:
-                    return _copy(next(_calls))
+                    out = next(_calls)
+                    return _hand(out) if _hand else out
                 except StopIteration:
                     raise RuntimeError(f"{type(_module).__name__} was called more often than in the recorded "
                                        f"forward") from None
