@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from dlmscope import ops
-from dlmscope.sae import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, TopKSAE
+from dlmscope.sae import CLASSES, BatchTopKSAE, JumpReLUSAE
 from dlmscope.sae.sparsity import batch_topk_min_selected
 from dlmscope.util import distributed as D
 from .step import EncoderGroup, SAETerms, param_names
@@ -60,7 +60,7 @@ __all__ = ["TRAINABLE", "check_trainable", "ArchCodes", "ArchGroup", "make_arch_
            "set_extra_state", "broadcast_tensors", "fold_norm_factor", "identity_fields", "run_config"]
 
 #: ``SAEConfig.arch`` -> the class whose training rules the trainer applies to it
-TRAINABLE = {cls.ARCH: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE)}
+TRAINABLE = CLASSES
 #: TrainConfig fields that only a JumpReLU SAE reads (left out of the identity of a run without one)
 JUMPRELU_FIELDS = ("l0_coefficient", "l0_warmup_steps")
 
@@ -131,11 +131,8 @@ class ArchGroup(EncoderGroup):
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
-        """One update of the inference threshold from this step's code [B, c]: the SAE's own update alone; under
-        DDP from the smallest kept value over all ranks (a rank that kept nothing offers +inf)."""
-        if D.world_size() <= 1:
-            self.sae.update_threshold(values)
-            return
+        """One update of the inference threshold from this step's code [B, c], from the smallest kept value over
+        all ranks (a rank that kept nothing offers 0, which the update ignores; alone: the SAE's own value)."""
         m = batch_topk_min_selected(values).double().reshape(1)
         m = torch.where(m > 0, m, torch.full_like(m, math.inf))
         D.all_reduce_(m, op="min")
