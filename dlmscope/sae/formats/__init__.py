@@ -194,10 +194,10 @@ def save(cfg: SAEConfig, tensors: Mapping[str, Tensor], path: str | os.PathLike,
     """
     name = _format_name(format)
     _check_state(cfg, tensors)
-    if name == "sparsify" and cfg.arch != "topk":
-        raise ValueError(f"cannot save a {cfg.arch} SAE in the {name} format: sparsify's SparseCoder has no "
-                         f"{cfg.arch} rule (only topk and groupmax); use the dlmscope, saelens or dictionary_learning "
-                         f"format")
+    if cfg.arch not in FORMATS[name].SUPPORTED_ARCHS:
+        holders = ", ".join(f for f, mod in FORMATS.items() if cfg.arch in mod.SUPPORTED_ARCHS)
+        raise ValueError(f"cannot save a {cfg.arch} SAE in the {name} format: it holds "
+                         f"{', '.join(FORMATS[name].SUPPORTED_ARCHS)} only; use the {holders} format")
     path = Path(path)
     target = atomic.resolve_link(path)  # a symlinked checkpoint is replaced where the link points; the link stays
     check_target(target)

@@ -43,6 +43,8 @@ from . import _checks as C
 from .config import SAEConfig, default_jumprelu_k
 
 NAME = "dictionary_learning"
+#: the SAE architectures (``SAEConfig.arch``) this format holds
+SUPPORTED_ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka")
 CFG = "config.json"
 WEIGHTS = "ae.pt"
 KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec")

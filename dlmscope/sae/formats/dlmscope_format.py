@@ -12,9 +12,11 @@ from pathlib import Path
 from torch import Tensor
 
 from . import _checks as C
-from .config import SAEConfig, param_shapes, tensor_names
+from .config import ARCHS, SAEConfig, param_shapes, tensor_names
 
 NAME = "dlmscope"
+#: the SAE architectures (``SAEConfig.arch``) this format holds
+SUPPORTED_ARCHS = tuple(ARCHS)
 VERSION = 1
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"

@@ -61,6 +61,8 @@ from . import _checks as C
 from .config import SAEConfig, default_jumprelu_k
 
 NAME = "saelens"
+#: the SAE architectures (``SAEConfig.arch``) this format holds
+SUPPORTED_ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka")
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")

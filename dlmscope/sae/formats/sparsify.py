@@ -24,6 +24,8 @@ from . import _checks as C
 from .config import SAEConfig
 
 NAME = "sparsify"
+#: the SAE architectures (``SAEConfig.arch``) this format holds
+SUPPORTED_ARCHS = ("topk",)
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
 KEYS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
