@@ -39,6 +39,8 @@ import dlmscope
 from dlmscope import reference
 from dlmscope.backends import get_backend
 from dlmscope.sae import CLASSES
+from dlmscope.sae.formats import PARAMS
+from dlmscope.sae.matryoshka import default_prefixes
 
 LR = 3e-4
 BETAS = (0.9, 0.999)
@@ -334,11 +336,11 @@ def build_arch_step(cfg: BenchConfig, arch: str) -> Workload:
     """One training step of a BatchTopK, JumpReLU or Matryoshka SAE (see the module docstring)."""
     backend = arch_backend(cfg)
     p = make_params(cfg)
-    extra = {"prefixes": sorted({cfg.n // 8, cfg.n // 4, cfg.n // 2, cfg.n} - {0})} if arch == "matryoshka" else {}
+    extra = {"prefixes": list(default_prefixes(cfg.n))} if arch == "matryoshka" else {}
     sae = CLASSES[arch](cfg.d, cfg.n, cfg.k, backend=backend, device=cfg.device, dtype=cfg.dtype, **extra)
     xs = Rotation(make_batches(cfg))
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for name in PARAMS:
             getattr(sae, name).copy_(p[name])
         if arch == "jumprelu":   # start at L0 ≈ k: each latent's (1 − k/n)-quantile of the first batch
             pre = reference.pre_activations(xs.items[0].float(), *(p[n].float() for n in ("W_enc", "b_enc", "b_dec")))

@@ -15,6 +15,7 @@ The per-batch dicts come from :func:`dlmscope.analysis.splice.dlm_delta_loss` / 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -57,8 +58,7 @@ def _check(results: Sequence[dict], strata: Sequence[int] | None = None) -> None
     if strata is not None:
         if len(strata) != len(results):
             raise ValueError(f"strata has {len(strata)} labels for {len(results)} batches")
-        sizes = {g: list(strata).count(g) for g in strata}
-        if len(results) > 1 and min(sizes.values()) < 2:
+        if len(results) > 1 and min(Counter(strata).values()) < 2:
             raise ValueError("every stratum group needs at least 2 batches (collapse single strata in pairs)")
 
 

@@ -42,6 +42,7 @@ from dlmscope.train.latent_trainer import LatentParallelTrainer, gather_saes
 from dlmscope.train.normalization import NORMALIZATIONS
 from dlmscope.data.noise import T_MAX, T_MIN
 from dlmscope.sae import CLASSES, SAEConfig
+from dlmscope.sae.matryoshka import default_prefixes
 from dlmscope.sae.metrics import evaluate_sae
 from dlmscope.sae.topk import TopKSAE
 from dlmscope.data.shuffle import collect
@@ -103,11 +104,6 @@ class SweepSpec:
     @property
     def buffer(self) -> int:
         return self.buffer_tokens if self.buffer_tokens is not None else max(64 * self.batch_size, 65536)
-
-
-def default_prefixes(n: int) -> tuple[int, ...]:
-    """A Matryoshka SAE's default nested sizes: n/8, n/4, n/2 and n (the distinct positive ones)."""
-    return tuple(sorted({m for m in (n // 8, n // 4, n // 2, n) if m >= 1}))
 
 
 def make_saes(d: int, spec: SweepSpec, layer: int, meta: dict | None = None) -> list[TopKSAE]:

@@ -18,7 +18,13 @@ from .batchtopk import BatchTopKSAE
 from .formats import SAEConfig
 from .prefix_decode import prefix_losses, prefix_reconstructions
 
-__all__ = ["MatryoshkaSAE"]
+__all__ = ["MatryoshkaSAE", "default_prefixes"]
+
+
+def default_prefixes(n: int) -> tuple[int, ...]:
+    """The default nested sizes of a Matryoshka SAE of ``n`` latents: n/8, n/4, n/2 and n (the distinct positive
+    ones)."""
+    return tuple(sorted({m for m in (n // 8, n // 4, n // 2, n) if m >= 1}))
 
 
 class MatryoshkaSAE(BatchTopKSAE):

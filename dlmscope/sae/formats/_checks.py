@@ -205,7 +205,7 @@ def check_meta(meta: dict, file: Path) -> dict:
     finite numbers."""
     if not isinstance(meta, dict):
         raise ValueError(f"{file}: dlmscope's meta must be a JSON object, got {type(meta).__name__}")
-    if "norm_factor" in meta and not (is_finite_number(meta["norm_factor"]) and meta["norm_factor"] > 0):
+    if "norm_factor" in meta and not is_positive_number(meta["norm_factor"]):
         raise ValueError(f"{file}: meta field 'norm_factor' must be a positive finite number (the activation scale "
                          f"folded into the weights), got {meta['norm_factor']!r}")
     if "jumprelu_bandwidth" in meta and not is_positive_number(meta["jumprelu_bandwidth"]):
@@ -250,5 +250,5 @@ def is_finite_number(x) -> bool:
 
 
 def is_positive_number(x) -> bool:
-    """A finite JSON number > 0 (a bandwidth a peer config may state; any other value is not carried over)."""
+    """A finite JSON number > 0 (a norm factor, a bandwidth)."""
     return is_finite_number(x) and x > 0
