@@ -54,7 +54,7 @@ from dlmscope import ops
 from dlmscope.sae import CLASSES, BatchTopKSAE, JumpReLUSAE
 from dlmscope.sae.sparsity import batch_topk_min_selected
 from dlmscope.util import distributed as D
-from .step import EncoderGroup, SAETerms, param_names
+from .step import EncoderGroup, SAETerms, add_auxk_terms, fired_latents, param_names
 
 __all__ = ["TRAINABLE", "check_trainable", "ArchCodes", "ArchGroup", "make_arch_groups", "extra_state",
            "set_extra_state", "broadcast_tensors", "fold_norm_factor", "identity_fields", "run_config"]
@@ -120,10 +120,7 @@ class ArchGroup(EncoderGroup):
         else:
             values, indices = sae.encode(x, update_threshold=False)
             self._update_threshold(values)
-        # index n is a sink for the inactive slots, so one scatter marks the fired latents
-        sink = torch.zeros(self.total + 1, dtype=torch.bool, device=self.device)
-        sink[torch.where(values > 0, indices, self.total).reshape(-1)] = True
-        codes = ArchCodes(values=values, indices=indices, fired=sink[:self.total], l0=l0)
+        codes = ArchCodes(values=values, indices=indices, fired=fired_latents(values, indices, self.total), l0=l0)
         if auxk and self.arch != "jumprelu":
             codes.dead = self.since >= dead_tokens
             codes.aux_values, codes.aux_indices = self._aux_select(x, codes.dead)
@@ -165,16 +162,8 @@ class ArchGroup(EncoderGroup):
         if codes.l0 is not None:
             out.l0_sum = codes.l0 * codes.values.shape[0]
         if codes.dead is not None:
-            e_det = e.detach()
-            if codes.aux_values is None:  # nothing dead: the term is multiplied by any_dead = False anyway
-                out.aux_sum = torch.zeros((), dtype=e_det.dtype, device=e_det.device)
-            else:  # the dead latents' decode, without b_dec, regresses the detached residual
-                a_hat = ops.sparse_decode(codes.aux_values, codes.aux_indices, s.W_dec.to(cd), self.zero_bias,
-                                          backend=self.backend)
-                out.aux_sum = (e_det - a_hat.to(e_det.dtype)).pow(2).sum()
-            out.any_dead = codes.dead.any()
-            ed = e_det.double()
-            out.residual_sums = torch.cat([ed.sum(0), ed.pow(2).sum().reshape(1)])
+            add_auxk_terms(out, codes.aux_values, codes.aux_indices, s.W_dec.to(cd), self.zero_bias,
+                           codes.dead.any(), self.backend)
         return [out]
 
 

@@ -25,9 +25,8 @@ from dlmscope.sae.metrics import fves
 from dlmscope.sae.topk import PARAMS, TopKSAE
 
 __all__ = ["PARAMS", "ADAM_PARAMS", "EXTRA_PARAMS", "param_names", "adam_index", "cumulative_offsets", "EncoderGroup",
-           "GroupCodes", "SAETerms",
-           "GlobalSums", "SAELoss", "SAEOptimizer", "make_groups", "terms_by_sae", "reduce_across_ranks", "sae_loss",
-           "backward", "step_metrics"]
+           "GroupCodes", "SAETerms", "GlobalSums", "SAELoss", "SAEOptimizer", "make_groups", "fired_latents",
+           "add_auxk_terms", "terms_by_sae", "reduce_across_ranks", "sae_loss", "backward", "step_metrics"]
 
 #: the SAE parameters ``torch.optim.Adam`` updates (``W_dec`` gets the fused decoder-norm step); ``PARAMS`` is
 #: every SAE parameter (gradients, checkpoints, clipping)
@@ -162,10 +161,7 @@ class EncoderGroup:
         """Top-k codes of ``xs`` [B, d] (normalised, master dtype) for every member; with ``auxk`` also the AuxK
         selection among the latents that have not fired for ``dead_tokens`` tokens."""
         codes, dead = self.select(xs, [s.b_dec for s in self.saes], self.k_aux, auxk=auxk, dead_tokens=dead_tokens)
-        # index S is a sink for the selected-but-zero entries, so one scatter marks the fired latents
-        sink = torch.zeros(self.total + 1, dtype=torch.bool, device=self.device)
-        sink[torch.where(codes.values > 0, codes.indices, self.total).reshape(-1)] = True
-        return GroupCodes(codes=codes, dead=dead, fired=sink[:self.total])
+        return GroupCodes(codes=codes, dead=dead, fired=fired_latents(codes.values, codes.indices, self.total))
 
     def terms(self, xs: Tensor, group_codes: GroupCodes) -> list[SAETerms]:
         """Each member's reconstruction (and, with AuxK on, AuxK) terms; ``xs`` [B, d] as given to encode."""
@@ -183,22 +179,40 @@ class EncoderGroup:
             if dead is not None:
                 aux = slice(aux_col, aux_col + self.k_aux[j])
                 aux_col += self.k_aux[j]
-                e_det = e.detach()
-                # the dead latents' decode, without b_dec, regresses the detached residual
-                a_hat = ops.sparse_decode(codes.aux_values[:, aux], codes.aux_indices[:, aux] - lo, W_dec,
-                                          self.zero_bias, backend=self.backend)
-                sae_terms.aux_sum = (e_det - a_hat.to(e_det.dtype)).pow(2).sum()
-                sae_terms.any_dead = dead[self.latents(j)].any()
-                ed = e_det.double()
-                sae_terms.residual_sums = torch.cat([ed.sum(0), ed.pow(2).sum().reshape(1)])
+                add_auxk_terms(sae_terms, codes.aux_values[:, aux], codes.aux_indices[:, aux] - lo, W_dec,
+                               self.zero_bias, dead[self.latents(j)].any(), self.backend)
             out.append(sae_terms)
         return out
+
 
     @torch.no_grad()
     def count_tokens(self, fired: Tensor, batch_total: int) -> None:
         """Dead counters after a step: 0 where ``fired`` [S] (bool, global), else ``+ batch_total``."""
         self.since = torch.where(fired, torch.zeros_like(self.since), self.since + batch_total)
 
+
+def fired_latents(values: Tensor, indices: Tensor, total: int) -> Tensor:
+    """[total] bool: the latents with a positive value in a code ``values`` / ``indices`` [B, c] (ids in
+    ``[0, total)``); index ``total`` is a sink for the zero entries, so one scatter marks them, no host sync."""
+    sink = torch.zeros(total + 1, dtype=torch.bool, device=values.device)
+    sink[torch.where(values > 0, indices, total).reshape(-1)] = True
+    return sink[:total]
+
+
+def add_auxk_terms(terms: SAETerms, aux_values: Tensor | None, aux_indices: Tensor | None, W_dec: Tensor,
+                   zero_bias: Tensor, any_dead: Tensor, backend: str | None) -> None:
+    """Set ``terms``' AuxK sums from its residual: the dead latents' decode (``aux_values`` / ``aux_indices``
+    [B, a], None when nothing is dead: the term is multiplied by ``any_dead`` = False anyway), without b_dec,
+    regresses the detached residual; plus the residual's sums for the AuxK normaliser."""
+    e_det = terms.residual.detach()
+    if aux_values is None:
+        terms.aux_sum = torch.zeros((), dtype=e_det.dtype, device=e_det.device)
+    else:
+        a_hat = ops.sparse_decode(aux_values, aux_indices, W_dec, zero_bias, backend=backend)
+        terms.aux_sum = (e_det - a_hat.to(e_det.dtype)).pow(2).sum()
+    terms.any_dead = any_dead
+    ed = e_det.double()
+    terms.residual_sums = torch.cat([ed.sum(0), ed.pow(2).sum().reshape(1)])
 
 def make_groups(saes: list[TopKSAE], k_aux: list[int], *, grouped: bool, compute_dtype: torch.dtype | None,
                 backend: str | None) -> list[EncoderGroup]:
