@@ -184,7 +184,6 @@ class EncoderGroup:
             out.append(sae_terms)
         return out
 
-
     @torch.no_grad()
     def count_tokens(self, fired: Tensor, batch_total: int) -> None:
         """Dead counters after a step: 0 where ``fired`` [S] (bool, global), else ``+ batch_total``."""
