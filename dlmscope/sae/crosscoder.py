@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dlmscope import ops
 from dlmscope.util import atomic
+from . import formats
 from .sparsity import batch_topk_encode, threshold_encode, update_threshold_ema
 
 __all__ = ["Crosscoder", "fit_crosscoder", "FORMAT", "VERSION", "CFG", "WEIGHTS", "RULES"]
@@ -178,8 +178,8 @@ class Crosscoder(nn.Module):
         tensors = {name: getattr(self, name).detach().to("cpu").contiguous() for name in PARAMS}
         tensors["threshold"] = self.threshold.detach().to("cpu").contiguous()
         with atomic.atomic_directory(target) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-            atomic.write_json(tmp / CFG, {"format": FORMAT, "version": VERSION, **self.config()}, durable=False)
+            formats.write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
+            formats.write_json(tmp / CFG, {"format": FORMAT, "version": VERSION, **self.config()})
         atomic.sweep_leftovers(target.parent, lambda owner: owner == target.name)
         return target
 
@@ -191,9 +191,9 @@ class Crosscoder(nn.Module):
         path = atomic.resolve_link(path)
         atomic.restore_directory(path)
         cfg_file, weights_file = path / CFG, path / WEIGHTS
-        cfg = atomic.read_json(cfg_file)
-        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-            got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        cfg = formats.read_json(cfg_file)  # ValueError naming the file for a missing, corrupt or non-object config
+        if cfg.get("format") != FORMAT:
+            got = cfg.get("format")
             raise ValueError(f"{cfg_file}: field 'format' is {got!r}, expected {FORMAT!r} (not a crosscoder; an "
                              f"SAE loads with dlmscope.sae.load)")
         if cfg.get("version") != VERSION:
@@ -205,7 +205,7 @@ class Crosscoder(nn.Module):
                          threshold_beta=fields["threshold_beta"], meta=fields["meta"], backend=backend)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{cfg_file}: bad crosscoder config: {e}") from e
-        tensors = load_file(str(weights_file))
+        tensors = formats.read_safetensors(weights_file)  # ValueError naming the file when missing or corrupt
         names = PARAMS + ("threshold",)
         if set(tensors) != set(names):
             raise ValueError(f"{weights_file}: tensors {sorted(tensors)}, expected {sorted(names)}")

@@ -45,10 +45,13 @@ from torch import Tensor
 
 from dlmscope.util import atomic
 from . import _checks, dictionary_learning, dlmscope_format, saelens, sparsify
+from ._checks import read_json, read_safetensors, write_json, write_safetensors
 from .config import ARCHS, PARAMS, SAEConfig, check_state, param_shapes, tensor_names
 
 __all__ = ["FORMATS", "CHECKPOINT_FILES", "ARCHS", "PARAMS", "SAEConfig", "check_state", "param_shapes",
-           "tensor_names", "save", "load", "detect_format", "check_target"]
+           "tensor_names", "save", "load", "detect_format", "check_target",
+           # the strict readers and plain writers the formats use, for other checkpoint kinds (the crosscoder's)
+           "read_json", "read_safetensors", "write_json", "write_safetensors"]
 
 #: format name -> module with ``save(cfg, tensors, directory)``, ``load(directory) -> (cfg, tensors)``,
 #: ``detect(...)``, ``DESCRIPTION``
