@@ -5,6 +5,12 @@
 - :func:`latent_labels` / :func:`classify`: ρ <= low → exclusive to 0, ρ >= high → exclusive to 1, else shared.
 - :func:`latent_scaling`: Latent Scaling (Minder et al. 2025, "Robustly identifying concepts introduced during
   chat fine-tuning using crosscoders"), which flags latents that only LOOK exclusive by decoder norm.
+- Nulls for "exclusive": :func:`swap_sources` (each token's two sources swapped with probability ½: a crosscoder
+  trained on that has no source-specific structure left, so its exclusive latents are the method's false positives)
+  and :func:`exclusive_replication` (do one training seed's exclusive latents come back, with the same label, in
+  another seed, beyond what labels assigned at random would give?).
+- :func:`firing_counts` / :func:`specificity`: how much more often a latent fires on one text than another (e.g. the
+  fine-tune's own Q&A text vs pre-training text), to check exclusive latents against what the fine-tune taught.
 
 Latent Scaling, the exact definition used here. For latent j with direction ``d_j = W_dec[s*, j]`` (s* the source
 it looks exclusive to: by default the one with the larger decoder norm) and held-out tokens t with code f_j(t)
@@ -27,16 +33,19 @@ Everything is plain torch over held-out activations.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from scipy.stats import binom
 from torch import Tensor
 
 from dlmscope.sae.crosscoder import Crosscoder
 
 __all__ = ["relative_decoder_norm", "latent_labels", "classify", "LatentScaling", "latent_scaling",
-           "beta_least_squares", "SHARED", "EXCLUSIVE_0", "EXCLUSIVE_1", "NO_DECODER"]
+           "beta_least_squares", "swap_sources", "firing_counts", "specificity", "source_partners",
+           "exclusive_replication", "SHARED", "EXCLUSIVE_0", "EXCLUSIVE_1", "NO_DECODER"]
 
 #: labels of :func:`latent_labels`
 EXCLUSIVE_0, EXCLUSIVE_1, SHARED, NO_DECODER = 0, 1, 2, -1
@@ -137,7 +146,7 @@ def latent_scaling(cc: Crosscoder, batches: Iterable[Tensor] | Tensor, latents: 
     cc.eval()
     try:
         for x in ([batches] if isinstance(batches, Tensor) else batches):
-            cc._check_input(x)
+            cc.check_input(x)
             if x.shape[0] == 0:
                 continue  # an empty batch adds nothing to the sums (and the encoder refuses it)
             values, indices = cc.encode(x)
@@ -165,3 +174,90 @@ def latent_scaling(cc: Crosscoder, batches: Iterable[Tensor] | Tensor, latents: 
 
     return LatentScaling(latents=latents, source=source, beta_error=beta_e, beta_recon=beta_r,
                          nu_error=ratio(beta_e), nu_recon=ratio(beta_r), fired=fired)
+
+
+# ---- nulls and checks for "exclusive" -------------------------------------------------------------------------------
+
+
+def swap_sources(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """x [B, 2, d] with each token's two sources swapped with probability ½ (a new tensor). Trained on such
+    batches, a crosscoder sees either model in either slot at random, so no latent has a reason to be exclusive to
+    a slot: the exclusive latents it still produces are the false positives of the classification."""
+    if x.dim() != 3 or x.shape[1] != 2:
+        raise ValueError(f"x must be [B, 2, d], got {list(x.shape)}")
+    flip = torch.rand(x.shape[0], generator=generator).to(x.device) < 0.5
+    return torch.where(flip[:, None, None], x.flip(1), x)
+
+
+@torch.no_grad()
+def firing_counts(cc: Crosscoder, batches: Iterable[Tensor] | Tensor) -> tuple[Tensor, int]:
+    """(counts [n] int64, tokens): on how many tokens of the paired batches ([T, S, d] or an iterable of
+    [B, S, d]) each latent's code is > 0 (eval mode, restored after), and the number of tokens."""
+    counts = torch.zeros(cc.n, dtype=torch.int64, device=cc.W_dec.device)
+    tokens = 0
+    was_training = cc.training
+    cc.eval()
+    try:
+        for x in ([batches] if isinstance(batches, Tensor) else batches):
+            if x.shape[0] == 0:
+                continue
+            values, indices = cc.encode(x)
+            fired = torch.zeros(x.shape[0], cc.n + 1, dtype=torch.bool, device=counts.device)
+            fired.scatter_(1, torch.where(values > 0, indices, cc.n), True)  # inactive slots -> spare column n
+            counts += fired[:, :cc.n].sum(0)
+            tokens += x.shape[0]
+    finally:
+        cc.train(was_training)
+    return counts, tokens
+
+
+def specificity(counts_a: Tensor, tokens_a: int, counts_b: Tensor, tokens_b: int) -> Tensor:
+    """[n] float64 log of latent firing rates on text A over text B, add-½ smoothed:
+    ``log((c_a + ½) / (T_a + 1)) − log((c_b + ½) / (T_b + 1))``; > 0 = fires more often on A."""
+    if tokens_a < 1 or tokens_b < 1:
+        raise ValueError(f"specificity needs tokens on both texts, got {tokens_a} and {tokens_b}")
+    a = (counts_a.double() + 0.5) / (tokens_a + 1)
+    b = (counts_b.double() + 0.5) / (tokens_b + 1)
+    return a.log() - b.log()
+
+
+def source_partners(cc_a: Crosscoder, cc_b: Crosscoder, latents: Tensor, source: int) -> tuple[Tensor, Tensor]:
+    """(partner [m] int64, cos [m]): for each of ``latents`` [m] of ``cc_a``, the latent of ``cc_b`` whose
+    decoder row in ``source`` has the largest signed cosine with ``cc_a``'s row in that source. Matching on the
+    one source's rows, not the concatenated rows, so an exclusive latent can find a shared partner (which the
+    concatenated rows would disfavour)."""
+    _require_two(cc_a)
+    _require_two(cc_b)
+    if cc_a.d != cc_b.d:
+        raise ValueError(f"the crosscoders have d={cc_a.d} and d={cc_b.d}")
+    if source not in (0, 1):
+        raise ValueError(f"source must be 0 or 1, got {source!r}")
+    latents = torch.as_tensor(latents, dtype=torch.int64, device=cc_a.W_dec.device).reshape(-1)
+    rows_a = torch.nn.functional.normalize(cc_a.W_dec.detach()[source, latents].double(), dim=1)
+    rows_b = torch.nn.functional.normalize(cc_b.W_dec.detach()[source].double(), dim=1).to(rows_a.device)
+    if latents.numel() == 0:
+        return latents.clone(), rows_a.new_zeros(0)
+    cos, partner = (rows_a @ rows_b.T).max(dim=1)
+    return partner, cos
+
+
+def exclusive_replication(cc_a: Crosscoder, exclusive_a: Tensor, cc_b: Crosscoder, exclusive_b: Tensor,
+                          eligible_b: Tensor, source: int, *, min_cos: float = 0.7) -> dict:
+    """Do the latents of ``cc_a`` marked ``exclusive_a`` [n] bool (exclusive to ``source``) come back in ``cc_b``?
+
+    Each is matched to its :func:`source_partners` partner in ``cc_b``; it is *found* when that cosine is >=
+    ``min_cos`` and *replicated* when, in addition, the partner is marked ``exclusive_b`` [n] bool (exclusive to the
+    same source) and is eligible. Null: the partners' labels drawn at random among ``eligible_b`` [n] bool (e.g. the latents of
+    ``cc_b`` that fire), so each found latent replicates with probability q = #(exclusive_b & eligible_b) /
+    #eligible_b; ``p_value`` = P(Binomial(found, q) >= replicated), one-sided. Returns ``{"exclusive", "found",
+    "replicated", "q", "chance_expected", "p_value"}`` (NaN p-value with nothing found)."""
+    ids = exclusive_a.nonzero().squeeze(1)
+    partner, cos = source_partners(cc_a, cc_b, ids, source)
+    found = cos >= min_cos
+    marked = (exclusive_b & eligible_b).to(partner.device)
+    replicated = int((found & marked[partner]).sum()) if ids.numel() else 0
+    n_found, n_eligible = int(found.sum()), int(eligible_b.sum())
+    q = float(marked.sum()) / n_eligible if n_eligible else math.nan
+    p_value = float(binom.sf(replicated - 1, n_found, q)) if n_found and not math.isnan(q) else math.nan
+    return {"exclusive": int(ids.numel()), "found": n_found, "replicated": replicated, "q": q,
+            "chance_expected": n_found * q if not math.isnan(q) else math.nan, "p_value": p_value}

@@ -17,26 +17,25 @@ of the per-source decoder norms. Top-K / BatchTopK have no L1 term, so nothing w
 ‖W_dec[s, i]‖ stay free to differ (their squares sum to 1), which is what the relative-norm analysis
 (:mod:`dlmscope.analysis.crosscoder`) reads: a latent used by one source only ends with its other rows near 0.
 
-Training is :func:`fit_crosscoder`, a dedicated loop (the stream is paired [B, S, d], unlike
-``dlmscope.train.Trainer``'s [B, d]). Persistence: :meth:`Crosscoder.save` / :meth:`Crosscoder.load`, a directory
+Training is :func:`dlmscope.train.crosscoder.fit_crosscoder`, a dedicated loop (the stream is paired [B, S, d],
+unlike ``dlmscope.train.Trainer``'s [B, d]). Persistence: :meth:`Crosscoder.save` / :meth:`Crosscoder.load`, a directory
 with ``crosscoder.safetensors`` + ``cfg.json`` (``"format": "dlmscope-crosscoder"``), written atomically.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from dlmscope import ops
 from dlmscope.util import atomic
+from dlmscope.util.checks import require_int
 from . import formats
 from .sparsity import batch_topk_encode, threshold_encode, update_threshold_ema
 
-__all__ = ["Crosscoder", "fit_crosscoder", "FORMAT", "VERSION", "CFG", "WEIGHTS", "RULES"]
+__all__ = ["Crosscoder", "FORMAT", "VERSION", "CFG", "WEIGHTS", "RULES"]
 
 FORMAT = "dlmscope-crosscoder"
 VERSION = 1
@@ -44,12 +43,6 @@ CFG = "cfg.json"
 WEIGHTS = "crosscoder.safetensors"
 RULES = ("topk", "batchtopk")
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-
-
-def _require_int(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
 
 
 class Crosscoder(nn.Module):
@@ -66,13 +59,13 @@ class Crosscoder(nn.Module):
                  threshold_beta: float = 0.999, meta: dict | None = None, backend: str | None = None, device=None,
                  dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
         super().__init__()
-        S, d, n = _require_int("S", S, 1), _require_int("d", d, 1), _require_int("n", n, 1)
-        k = _require_int("k", k, 1)
+        S, d, n = require_int("S", S, 1), require_int("d", d, 1), require_int("n", n, 1)
+        k = require_int("k", k, 1)
         if k > n:
             raise ValueError(f"k must be <= n ({n}), got {k}")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        cap = min(n, 4 * k) if cap is None else _require_int("cap", cap, 1)
+        cap = min(n, 4 * k) if cap is None else require_int("cap", cap, 1)
         if not k <= cap <= n:
             raise ValueError(f"cap must satisfy k <= cap <= n ({k} <= cap <= {n}), got {cap}")
         if not 0.0 <= float(threshold_beta) < 1.0:
@@ -100,7 +93,7 @@ class Crosscoder(nn.Module):
     def extra_repr(self) -> str:
         return f"S={self.S}, d={self.d}, n={self.n}, k={self.k}, rule={self.rule}, backend={self.backend or 'auto'}"
 
-    def _check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -117,7 +110,7 @@ class Crosscoder(nn.Module):
 
         The S sources are concatenated to one row of width S·d (source-major) and encoded with the concatenated
         b_dec. Top-K: c = k. BatchTopK: see the class doc (``update_threshold=False`` leaves the buffer alone)."""
-        self._check_input(x)
+        self.check_input(x)
         x2 = x.reshape(x.shape[0], self.S * self.d)
         W_enc, b_enc = self._cast(self.W_enc, x.dtype), self._cast(self.b_enc, x.dtype)
         b_cat = self._cast(self.b_dec, x.dtype).reshape(self.S * self.d)
@@ -223,95 +216,3 @@ class Crosscoder(nn.Module):
         if device is not None or dtype is not None:
             cc.to(device=device, dtype=dtype)
         return cc
-
-
-# ---- training ---------------------------------------------------------------------------------------------------
-
-
-def _auxk_sum(cc: Crosscoder, x: Tensor, e_det: Tensor, dead: Tensor, k_aux: int) -> Tensor | None:
-    """Σ_b Σ_s |e_s,b − â_s,b|²: the top ``min(k_aux, n_dead)`` relu'd pre-activations among the ``dead`` [n]
-    latents of x [B, S, d], decoded without b_dec (â [B, S, d]), against the detached residual e_det [B, S, d];
-    None when nothing is dead. The encoder call runs over the dead rows only."""
-    ids = dead.nonzero().squeeze(1)
-    if ids.numel() == 0:
-        return None
-    x2, dt = x.reshape(x.shape[0], -1), x.dtype  # parameters cast to the activations' dtype, as in encode
-    values, local = ops.topk_encode(x2, cc.W_enc[ids].to(dt), cc.b_enc[ids].to(dt), cc.b_dec.reshape(-1).to(dt),
-                                    min(k_aux, ids.numel()), backend=cc.backend)
-    zero = x.new_zeros(cc.d)
-    a_hat = torch.stack([ops.sparse_decode(values, local, cc.W_dec[s][ids].to(dt), zero, backend=cc.backend)
-                         for s in range(cc.S)], dim=1)
-    return (e_det - a_hat).pow(2).sum()
-
-
-def fit_crosscoder(cc: Crosscoder, stream: Iterable[Tensor], *, steps: int, lr: float, warmup_steps: int = 0,
-                   auxk_alpha: float = 1 / 32, k_aux: int | None = None, dead_tokens: int = 10_000_000,
-                   betas: tuple[float, float] = (0.9, 0.999), seed: int = 0) -> list[dict]:
-    """Train ``cc`` in place on ``steps`` batches of ``stream`` (paired activations x [B, S, d]: the same tokens
-    through each source, in cc's dtype and device); returns one dict per step (``loss``, ``mse`` [S] list, ``auxk``,
-    ``dead``). A dedicated loop, not ``dlmscope.train.Trainer`` (whose stream is [B, d] and whose SAEs have one
-    decoder); no input normalisation is applied, so scale the sources comparably beforehand.
-
-    Loss = Σ_s mean_b |x_s,b − x̂_s,b|² + auxk_alpha · AuxK. AuxK is the Top-K recipe's (Gao et al. 2024): the
-    top ``k_aux`` (default ``min(S·d // 2, n)``) relu'd pre-activations among latents that have not fired for
-    ``dead_tokens`` tokens reconstruct the detached residual, normalised by the residual's energy about its batch
-    mean (Σ over sources); zero while no latent is dead. Updates: ``torch.optim.Adam`` on W_enc, b_enc, b_dec
-    with a linear warmup over ``warmup_steps``; the decoder takes ``ops.decoder_norm_step`` on its [n, S·d]
-    concatenated view (gradient made orthogonal to each unit concatenated row, Adam, rows renormalised), which
-    keeps the decoder convention of the module doc. ``seed`` seeds torch's RNG for the loop (restored after)."""
-    steps = _require_int("steps", steps, 0)
-    warmup_steps = _require_int("warmup_steps", warmup_steps, 0)
-    dead_tokens = _require_int("dead_tokens", dead_tokens, 1)
-    if not (float(lr) > 0 and math.isfinite(float(lr))):
-        raise ValueError(f"lr must be > 0 and finite, got {lr}")
-    k_aux = min(cc.S * cc.d // 2, cc.n) if k_aux is None else _require_int("k_aux", k_aux, 1)
-    cc.train()
-    cc.normalize_decoder()
-    opt = torch.optim.Adam([cc.W_enc, cc.b_enc, cc.b_dec], lr=lr, betas=betas)
-    n, Sd = cc.n, cc.S * cc.d
-    exp_avg = cc.W_dec.new_zeros(n, Sd)
-    exp_avg_sq = cc.W_dec.new_zeros(n, Sd)
-    since = torch.zeros(n, dtype=torch.int64, device=cc.W_dec.device)  # tokens since each latent last fired
-    history: list[dict] = []
-    batches = iter(stream)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for step in range(1, steps + 1):
-            x = next(batches)
-            cc._check_input(x)
-            scale = min(1.0, step / warmup_steps) if warmup_steps else 1.0
-            for group in opt.param_groups:
-                group["lr"] = lr * scale
-            values, indices = cc.encode(x)
-            x_hat = cc.decode(values, indices)
-            residual = x - x_hat
-            mse = residual.pow(2).sum(-1).mean(0)  # [S]
-            loss = mse.sum()
-            dead = since >= dead_tokens
-            aux = loss.new_zeros(())
-            if auxk_alpha > 0:
-                e_det = residual.detach()
-                aux_sum = _auxk_sum(cc, x, e_det, dead, k_aux)
-                if aux_sum is not None:
-                    denom = (e_det - e_det.mean(0)).pow(2).sum()
-                    aux = torch.where(denom > 0, aux_sum / denom.clamp_min(1e-30), torch.zeros_like(aux_sum))
-                    loss = loss + auxk_alpha * aux
-            opt.zero_grad(set_to_none=True)
-            cc.W_dec.grad = None
-            loss.backward()
-            opt.step()
-            grad = cc.W_dec.grad.transpose(0, 1).reshape(n, Sd)
-            W_cat = cc.W_dec.detach().transpose(0, 1).reshape(n, Sd).contiguous()
-            ops.decoder_norm_step(W_cat, grad, exp_avg, exp_avg_sq, step, lr * scale, betas, backend=cc.backend)
-            with torch.no_grad():
-                cc.W_dec.copy_(W_cat.reshape(n, cc.S, cc.d).transpose(0, 1))
-                # latents with a positive value this step; inactive slots land in the spare column n (no sync)
-                fired = torch.zeros(n + 1, dtype=torch.bool, device=since.device)
-                fired[torch.where(values > 0, indices, n).reshape(-1)] = True
-                since = torch.where(fired[:n], torch.zeros_like(since), since + x.shape[0])
-            # one host sync per step for the history row
-            row = torch.cat([loss.detach().reshape(1), mse.detach(), aux.detach().reshape(1),
-                             dead.sum().reshape(1).to(mse.dtype)]).tolist()
-            history.append({"loss": row[0], "mse": row[1:-2], "auxk": row[-2], "dead": int(row[-1])})
-    cc.W_dec.grad = None
-    return history

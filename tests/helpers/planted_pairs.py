@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dlmscope.sae.crosscoder import Crosscoder, fit_crosscoder
+from dlmscope.sae.crosscoder import Crosscoder
+from dlmscope.train.crosscoder import fit_crosscoder
 
 N_SHARED, N_EX0, N_EX1 = 12, 6, 6
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dlmscope import reference
-from dlmscope.sae.crosscoder import CFG, WEIGHTS, Crosscoder, fit_crosscoder
+from dlmscope.sae.crosscoder import CFG, WEIGHTS, Crosscoder
+from dlmscope.train.crosscoder import fit_crosscoder
 from tests.helpers.devices import native_float64, tolerance
 from tests.helpers.planted_pairs import planted_pairs, train_planted
 
