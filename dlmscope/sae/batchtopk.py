@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .formats import SAEConfig
-from .sparsity import batch_topk_encode, threshold_encode, update_threshold_ema
+from .sparsity import batch_topk_encode, batch_topk_encode_aux, threshold_encode, update_threshold_ema
 from .topk import TopKSAE
 
 __all__ = ["BatchTopKSAE"]
@@ -69,6 +69,17 @@ class BatchTopKSAE(TopKSAE):
         if update_threshold is None or update_threshold:
             self.update_threshold(values)
         return values, indices
+
+    def encode_with_aux(self, x: Tensor, aux_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(values [..., c], indices [..., c], aux_values [..., k_aux], aux_indices [..., k_aux]): the training rule's
+        code of x (whatever the mode; the threshold is not updated) and AuxK's selection, the ``k_aux`` largest
+        relu'd pre-activations among the latents where ``aux_mask`` [n] (bool) is True, zero-padded where fewer —
+        both from one encoder op call (:func:`~dlmscope.sae.sparsity.batch_topk_encode_aux`), no host sync for it."""
+        self._check_input(x)
+        W_enc, b_enc, _, b_dec = self._weights_as(x.dtype)
+        values, indices, _, aux_values, aux_indices = batch_topk_encode_aux(
+            x, W_enc, b_enc, b_dec, self.k, self.cap, aux_mask, k_aux, backend=self.backend)
+        return values, indices, aux_values, aux_indices
 
     @torch.no_grad()
     def update_threshold(self, values: Tensor) -> None:

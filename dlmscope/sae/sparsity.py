@@ -4,6 +4,7 @@ Rules (each exact against its dense oracle in :mod:`dlmscope.reference`):
 
 - :func:`threshold_encode`: the entries with ``pre > threshold`` (JumpReLU, BatchTopK at inference);
 - :func:`batch_topk_encode`: BatchTopK in training (the ``B·k`` largest entries of the whole batch, ties kept);
+  :func:`batch_topk_encode_aux` adds AuxK's selection among given latents from the same first encoder call;
 - :func:`jumprelu_candidates` + :func:`jumprelu` / :func:`jumprelu_l0` (= :func:`jumprelu_encode`): JumpReLU and
   its L0 penalty, with the straight-through gradient to the threshold.
 
@@ -31,9 +32,8 @@ from torch import Tensor
 
 from dlmscope import ops
 
-__all__ = ["threshold_encode", "batch_topk_encode", "batch_topk_min_selected", "update_threshold_ema",
-           "jumprelu_candidates", "jumprelu",
-           "jumprelu_l0", "jumprelu_encode", "rectangle"]
+__all__ = ["threshold_encode", "batch_topk_encode", "batch_topk_encode_aux", "batch_topk_min_selected",
+           "update_threshold_ema", "jumprelu_candidates", "jumprelu", "jumprelu_l0", "jumprelu_encode", "rectangle"]
 
 
 # ---- the growing-cap selection ----------------------------------------------------------------------------------
@@ -59,12 +59,13 @@ def _widen(values: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor]
 
 
 def _grow(x2: Tensor, W_enc: Tensor, bias: Tensor, b_dec: Tensor, cap: int, backend: str | None,
-          redo: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+          redo: Callable[[Tensor], Tensor], first: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Top-c of ``relu((x2 − b_dec) W_encᵀ + bias)`` per row, c starting at ``cap``: while ``redo(values)`` (bool
-    [B]) names rows and c < n, those rows are re-encoded at 2c (at most n) and every row is widened to 2c."""
+    [B]) names rows and c < n, those rows are re-encoded at 2c (at most n) and every row is widened to 2c.
+    ``first``: the top-``cap`` (values, indices) when the caller has already encoded them."""
     n = W_enc.shape[0]
     c = cap
-    values, indices = ops.topk_encode(x2, W_enc, bias, b_dec, c, backend=backend)
+    values, indices = ops.topk_encode(x2, W_enc, bias, b_dec, c, backend=backend) if first is None else first
     while c < n:
         rows = redo(values.detach()).nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -139,8 +140,33 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
     positives; one whose smallest candidate is < tau_c holds all its entries >= tau_c; any other row is re-encoded
     at 2c and tau_c recomputed (it only grows). When no row is left, the entries >= tau_c of the batch are exactly
     the candidates >= tau_c, at least B·k of them, so tau_c is the batch's tau. c starts at max(cap, k), <= n."""
+    values, indices, tau, _, _ = _batch_topk(x, W_enc, b_enc, b_dec, k, cap, None, 0, backend)
+    return values, indices, tau
+
+
+def batch_topk_encode_aux(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, cap: int,
+                          aux_mask: Tensor, k_aux: int, *, backend: str | None = None
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`batch_topk_encode` plus AuxK's selection, ``(values, indices, tau, aux_values [..., k_aux],
+    aux_indices [..., k_aux])``: per row the ``k_aux`` largest relu'd pre-activations among the latents where
+    ``aux_mask`` [n] (bool) is True, zero-padded where fewer are (``ops.topk_encode_grouped``'s AuxK selection).
+    It comes out of the code's first encoder op call, without a host sync; the code is the same as without it."""
+    return _batch_topk(x, W_enc, b_enc, b_dec, k, cap, aux_mask, k_aux, backend)
+
+
+def _batch_topk(x, W_enc, b_enc, b_dec, k, cap, aux_mask, k_aux, backend):
+    """:func:`batch_topk_encode` (its doc says how), with :func:`batch_topk_encode_aux`'s selection where
+    ``aux_mask`` is given (else None, None)."""
     x2, lead, cap = _flat(x, W_enc, cap)
-    k = _require_int("k", k, 1, W_enc.shape[0])
+    n = W_enc.shape[0]
+    k = _require_int("k", k, 1, n)
+    c = max(cap, k)
+    first = aux = None  # without a mask _grow's plain first encode, as every other rule's
+    if aux_mask is not None:
+        codes = ops.topk_encode_grouped(x2, W_enc, b_enc, b_dec, [c], [n], aux_mask=aux_mask,
+                                        k_aux=[_require_int("k_aux", k_aux, 0, n)], backend=backend)
+        first, aux = (codes.values, codes.indices), (codes.aux_values.reshape(*lead, -1),
+                                                     codes.aux_indices.reshape(*lead, -1))
 
     seen: dict = {}   # the last tau_c computed and the width it was computed at
 
@@ -149,12 +175,12 @@ def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k:
         seen["tau"], seen["width"] = _tau(values, k), values.shape[1]
         return (low > 0) & (low >= seen["tau"])
 
-    values, indices = _grow(x2, W_enc, b_enc, b_dec, max(cap, k), backend, redo)
+    values, indices = _grow(x2, W_enc, b_enc, b_dec, c, backend, redo, first)
     # the last redo saw these values unless the widening stopped at n after it
     tau = seen["tau"] if seen.get("width") == values.shape[1] else _tau(values.detach(), k)
     kept = (values >= tau) & (values > 0)
     values = torch.where(kept, values, torch.zeros_like(values))
-    return values.reshape(*lead, -1), indices.reshape(*lead, -1), tau
+    return values.reshape(*lead, -1), indices.reshape(*lead, -1), tau, *(aux or (None, None))
 
 
 def _min_positive(values: Tensor) -> Tensor:

@@ -25,9 +25,9 @@ rows; every term is this rank's share ``Σ_rows / B`` of the global-batch mean):
   no AuxK. ``log_threshold`` is trained by Adam like the biases and joins the clip norm (:data:`.step.EXTRA_PARAMS`).
 - AuxK (BatchTopK, Matryoshka) is the Top-K recipe's: the top ``k_aux`` relu'd pre-activations among the dead
   latents, decoded without ``b_dec``, regress the detached residual; normalised by the global centred residual
-  energy; on once ``dead_tokens`` tokens were seen, times "some latent is dead". The selection is a second encoder
-  call over the dead latents' rows only (one host sync for their count): cheap while few are dead, at most one
-  more full encoder pass (the BatchTopK rules of :mod:`dlmscope.sae.sparsity` take no AuxK mask).
+  energy; on once ``dead_tokens`` tokens were seen, times "some latent is dead". The selection comes out of the
+  code's first encoder call, as Top-K's does (:meth:`BatchTopKSAE.encode_with_aux`): no second encoder call and
+  no host sync.
 - Every architecture: decoder rows at unit norm by the fused decoder-norm step (our convention for all of them; the
   gradient's component along each row is projected out first). For JumpReLU this is harmless: scaling latent
   i's decoder row by c and its encoder row, ``b_enc[i]`` and ``θ_i`` by 1/c changes neither ``x_hat`` nor which
@@ -82,14 +82,15 @@ def check_trainable(saes: list) -> None:
 
 @dataclasses.dataclass
 class ArchCodes:
-    """One SAE's training-mode code for this step (``c`` = its code width, ``a`` <= k_aux the AuxK width)."""
+    """One SAE's training-mode code for this step (``c`` = its code width)."""
 
     values: Tensor                      #: [B, c] padded sparse code (0 = inactive slot), compute dtype
     indices: Tensor                     #: [B, c] int64 latent ids
     fired: Tensor                       #: [n] bool, latents with a positive value on this rank
     dead: Tensor | None = None          #: [n] bool, dead before this step (None: AuxK off)
-    aux_values: Tensor | None = None    #: [B, a] the dead latents' top relu'd pre-activations (None: none dead)
-    aux_indices: Tensor | None = None   #: [B, a] their ids
+    #: [B, k_aux] the dead latents' top relu'd pre-activations, zero where fewer are dead (None: AuxK off)
+    aux_values: Tensor | None = None
+    aux_indices: Tensor | None = None   #: [B, k_aux] their ids
     l0: Tensor | None = None            #: 0-d mean L0 over this rank's rows with its STE gradient (JumpReLU)
 
 
@@ -114,17 +115,18 @@ class ArchGroup(EncoderGroup):
         sae = self.sae
         x = xs.to(device=self.device, dtype=self.compute_dtype)
         sae.train()
-        l0 = None
+        l0 = dead = aux_values = aux_indices = None
         if self.arch == "jumprelu":
             values, indices, l0 = sae.encode_with_l0(x)
         else:
-            values, indices = sae.encode(x, update_threshold=False)
+            if auxk:
+                dead = self.since >= dead_tokens
+                values, indices, aux_values, aux_indices = sae.encode_with_aux(x, dead, self.k_aux[0])
+            else:
+                values, indices = sae.encode(x, update_threshold=False)
             self._update_threshold(values)
-        codes = ArchCodes(values=values, indices=indices, fired=fired_latents(values, indices, self.total), l0=l0)
-        if auxk and self.arch != "jumprelu":
-            codes.dead = self.since >= dead_tokens
-            codes.aux_values, codes.aux_indices = self._aux_select(x, codes.dead)
-        return codes
+        return ArchCodes(values=values, indices=indices, fired=fired_latents(values, indices, self.total), dead=dead,
+                         aux_values=aux_values, aux_indices=aux_indices, l0=l0)
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
@@ -134,18 +136,6 @@ class ArchGroup(EncoderGroup):
         m = torch.where(m > 0, m, torch.full_like(m, math.inf))
         D.all_reduce_(m, op="min")
         self.sae.update_threshold(torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-
-    def _aux_select(self, x: Tensor, dead: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(values [B, a], ids [B, a]): the top ``a = min(k_aux, n_dead)`` relu'd pre-activations of ``x`` (compute
-        dtype) among the ``dead`` [n] latents, from an encoder call over their rows only; (None, None) when none is
-        dead. Differentiable to the dead rows of W_enc, b_enc and to b_dec."""
-        ids = dead.nonzero().squeeze(1)  # one host sync: the dead latents' count sizes the call
-        if ids.numel() == 0:
-            return None, None
-        s, cd = self.sae, self.compute_dtype
-        values, local = ops.topk_encode(x, s.W_enc[ids].to(cd), s.b_enc[ids].to(cd), s.b_dec.to(cd),
-                                        min(self.k_aux[0], ids.numel()), backend=self.backend)
-        return values, ids[local]
 
     def terms(self, xs: Tensor, codes: ArchCodes) -> list[SAETerms]:
         """The SAE's terms (one item): the full dictionary's residual and squared error, Matryoshka's other

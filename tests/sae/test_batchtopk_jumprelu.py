@@ -163,6 +163,19 @@ def test_batchtopk_threshold_is_an_ema_of_the_smallest_kept_activation():
     assert torch.equal(sae.threshold, before) and int(sae.threshold_updates) == 3
 
 
+def test_batchtopk_encode_with_aux_is_the_training_code_and_leaves_the_threshold():
+    """In either mode: the training code (as encode's in training mode) and the dead latents' selection, leading
+    dimensions kept; the threshold untouched."""
+    sae = batchtopk()
+    x, dead = inputs(4, 5, seed=6), torch.arange(N) % 4 == 0
+    want_v, want_i = sae.train().encode(x, update_threshold=False)
+    sae.eval()
+    values, indices, a_v, a_i = sae.encode_with_aux(x, dead, 5)
+    torch.testing.assert_close(dense(values, indices), dense(want_v, want_i), rtol=0, atol=1e-12)
+    assert a_v.shape == a_i.shape == (4, 5, 5) and bool(dead[a_i[a_v > 0]].all())
+    assert int(sae.threshold_updates) == 0 and float(sae.threshold) == 0.0
+
+
 def test_batchtopk_eval_encode_is_the_threshold_rule(backend, device):
     sae = batchtopk()
     with torch.no_grad():

@@ -234,6 +234,36 @@ def test_batch_topk_encode_keeps_every_tie_at_tau(k):
         assert float(tau) == float(want[want > 0].min())
 
 
+@pytest.mark.parametrize("B, d, n, k, cap, k_aux, n_masked", [(8, 6, 40, 3, 3, 5, 12), (8, 6, 40, 2, 2, 6, 3),
+                                                              (5, 4, 20, 2, 2, 4, 0), (5, 4, 20, 2, 2, 3, 20),
+                                                              (6, 4, 20, 2, 2, 0, 5)])
+def test_batch_topk_encode_aux_is_the_code_and_the_dense_auxk_selection(backend, device, B, d, n, k, cap, k_aux,
+                                                                        n_masked):
+    """The code is batch_topk_encode's (the reference's); the AuxK selection is, per row, the k_aux largest relu'd
+    pre-activations among the masked latents, zero past the masked ones — also for row 0, which overflows its cap
+    and is re-encoded wider (its selection is the first call's, over all n latents). No mask, all masked, k_aux 0."""
+    x, W_enc, b_enc, b_dec = params(B, d, n, seed=B + k_aux)
+    x[0] *= 20
+    g = torch.Generator().manual_seed(n_masked)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[:n_masked]] = True
+    values, indices, tau, a_v, a_i = S.batch_topk_encode_aux(*on(device, x, W_enc, b_enc, b_dec), k, cap,
+                                                             mask.to(device), k_aux, backend=backend)
+    assert values.shape[-1] > max(cap, k)  # row 0 was re-encoded
+    want = reference.batchtopk_encode(x, W_enc, b_enc, b_dec, k)
+    cut = batchtopk_cut(x, W_enc, b_enc, b_dec, k)
+    assert_code(dense(values, indices, n), want, backend, (x, W_enc, b_enc, b_dec), cut)
+    assert a_v.shape == a_i.shape == (B, k_aux) and a_i.dtype == torch.int64
+    pre, slack = pre_and_slack(backend, x, W_enc, b_enc, b_dec)
+    top = torch.where(mask, pre.clamp_min(0), float("-inf")).topk(k_aux, dim=1).values
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    tol = float(slack.max()) if k_aux else 0.0
+    torch.testing.assert_close(a_v.cpu().sort(1, descending=True).values, top, rtol=0, atol=tol + 1e-12)
+    positive = a_v.cpu() > 0  # a kept entry is a masked latent's own relu'd pre-activation
+    assert bool(mask[a_i.cpu()[positive]].all())
+    torch.testing.assert_close(a_v.cpu()[positive], pre.gather(1, a_i.cpu())[positive], rtol=0, atol=tol + 1e-12)
+
+
 # ---- leading dims, non-contiguous input, bf16 -------------------------------------------------------------------
 
 
@@ -314,7 +344,7 @@ def test_gradients_match_dense_autograd_through_the_reference(backend, device, r
     assert_grads(got, want, backend, ("x", "W_enc", "b_enc", "b_dec"))
 
 
-@pytest.mark.parametrize("rule", ["threshold", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("rule", ["threshold", "batchtopk", "batchtopk_aux", "jumprelu"])
 def test_gradcheck(rule):
     B, d, n = 4, 3, 10
     tensors = [t.requires_grad_(True) for t in params(B, d, n, seed=10)]
@@ -325,6 +355,8 @@ def test_gradcheck(rule):
             return S.threshold_encode(*t, threshold, 2, backend="torch")[0]
         if rule == "batchtopk":
             return S.batch_topk_encode(*t, 2, 1, backend="torch")[0]
+        if rule == "batchtopk_aux":  # the AuxK selection's values (the code's are the rule above's)
+            return S.batch_topk_encode_aux(*t, 2, 1, torch.arange(n) % 3 > 0, 3, backend="torch")[3]
         return S.jumprelu_encode(*t, threshold, 0.05, 2, backend="torch")[0]
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-7, atol=1e-6)
