@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import SAEConfig
-from .sparsity import jumprelu, jumprelu_candidates, jumprelu_l0, threshold_encode
+from .sparsity import jumprelu_candidates, jumprelu_with_l0, threshold_encode
 from .topk import TopKSAE
 
 __all__ = ["JumpReLUSAE"]
@@ -88,7 +88,8 @@ class JumpReLUSAE(TopKSAE):
         if self.training and k is None:
             most = int((pre > -math.inf).sum(-1).max())  # the widest row's candidates (one host sync)
             self.cap = min(self.n, max(self.k, 2 * most))
-        return jumprelu(pre, indices, theta, self.eps), indices, jumprelu_l0(pre, indices, theta, self.eps)
+        values, l0 = jumprelu_with_l0(pre, indices, theta, self.eps)
+        return values, indices, l0
 
     # ---- persistence --------------------------------------------------------------------------------
     @classmethod

@@ -5,8 +5,8 @@ Rules (each exact against its dense oracle in :mod:`dlmscope.reference`):
 - :func:`threshold_encode`: the entries with ``pre > threshold`` (JumpReLU, BatchTopK at inference);
 - :func:`batch_topk_encode`: BatchTopK in training (the ``B·k`` largest entries of the whole batch, ties kept);
   :func:`batch_topk_encode_aux` adds AuxK's selection among given latents from the same first encoder call;
-- :func:`jumprelu_candidates` + :func:`jumprelu` / :func:`jumprelu_l0` (= :func:`jumprelu_encode`): JumpReLU and
-  its L0 penalty, with the straight-through gradient to the threshold.
+- :func:`jumprelu_candidates` + :func:`jumprelu` / :func:`jumprelu_l0` (= :func:`jumprelu_encode`; both at once:
+  :func:`jumprelu_with_l0`): JumpReLU and its L0 penalty, with the straight-through gradient to the threshold.
 
 Layout: the padded sparse code of ``ops.topk_encode`` — ``values [..., c]`` and ``indices [..., c]`` int64, indices
 distinct within a row, an inactive slot holds value 0 (at an index not otherwise in the row). It feeds
@@ -33,7 +33,8 @@ from torch import Tensor
 from dlmscope import ops
 
 __all__ = ["threshold_encode", "batch_topk_encode", "batch_topk_encode_aux", "batch_topk_min_selected",
-           "update_threshold_ema", "jumprelu_candidates", "jumprelu", "jumprelu_l0", "jumprelu_encode", "rectangle"]
+           "update_threshold_ema", "jumprelu_candidates", "jumprelu", "jumprelu_l0", "jumprelu_with_l0",
+           "jumprelu_encode", "rectangle"]
 
 
 # ---- the growing-cap selection ----------------------------------------------------------------------------------
@@ -293,6 +294,13 @@ def jumprelu_l0(pre: Tensor, indices: Tensor, threshold: Tensor, eps: float) -> 
     code — the sparse ``reference.jumprelu_l0``, with its straight-through gradient to θ (none to ``pre``)."""
     theta = _theta(threshold, pre)
     return _Step.apply(pre, _at(theta, indices), _eps(eps)).sum(-1).mean()
+
+
+def jumprelu_with_l0(pre: Tensor, indices: Tensor, threshold: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(values [..., c], l0 0-d): :func:`jumprelu` and :func:`jumprelu_l0` of one code, with their gradients, from
+    one gather of θ per slot (so one scatter of θ's gradient in the backward pass)."""
+    theta, eps = _at(_theta(threshold, pre), indices), _eps(eps)
+    return _JumpReLU.apply(pre, theta, eps), _Step.apply(pre, theta, eps).sum(-1).mean()
 
 
 def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor, eps: float,

@@ -398,6 +398,47 @@ def test_jumprelu_values_and_all_gradients_match_the_reference(backend, device, 
     assert want[4].abs().sum() > 0  # the straight-through terms were exercised
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the calls of each aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_jumprelu_with_l0_is_jumprelu_and_jumprelu_l0_from_one_gather():
+    """Values, L0 and every gradient (θ's included) those of jumprelu and jumprelu_l0 apart; θ gathered per slot
+    once forward and scattered once backward."""
+    eps, G = 0.3, torch.randn(8, 40, generator=torch.Generator().manual_seed(8), dtype=F64)
+    tensors = params(8, 5, 40, seed=16)
+    theta = 0.3 + 0.4 * torch.rand(40, generator=torch.Generator().manual_seed(9), dtype=F64)
+    results = []
+    for joint in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (*tensors, theta)]
+        pre, indices = S.jumprelu_candidates(*leaves[:4], leaves[4], eps, 2, backend="torch")
+        with _CountOps() as mode:
+            if joint:
+                values, l0 = S.jumprelu_with_l0(pre, indices, leaves[4], eps)
+            else:
+                values, l0 = S.jumprelu(pre, indices, leaves[4], eps), S.jumprelu_l0(pre, indices, leaves[4], eps)
+            ((dense(values, indices, 40) * G).sum() + 0.7 * l0).backward()
+        results.append((values, l0, [t.grad for t in leaves], mode.calls))
+    (v0, l0_0, g0, calls0), (v1, l0_1, g1, calls1) = results
+    assert torch.equal(v0, v1) and torch.equal(l0_0, l0_1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert g1[4].abs().sum() > 0
+    assert calls0.get("aten.index") == 2 and calls1.get("aten.index") == 1  # θ[indices]
+    scatters = [sum(c.get(op, 0) for op in ("aten.index_put", "aten._index_put_impl", "aten.index_add"))
+                for c in (calls0, calls1)]  # θ's backward, and the test's densify
+    assert scatters[0] == scatters[1] + 1, (calls0, calls1)
+
+
 def test_jumprelu_encode_equals_threshold_encode_in_value():
     x, W_enc, b_enc, b_dec = params(8, 5, 30, seed=12)
     theta = 0.5 * torch.rand(30, generator=torch.Generator().manual_seed(7), dtype=F64)
