@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import _checks as C
 from .config import SAEConfig, default_jumprelu_k
+from .saelens import K_KEY  # config.json holds a JumpReLU's k under the same key as SAELens's cfg.json
 
 NAME = "dictionary_learning"
 #: the SAE architectures (``SAEConfig.arch``) this format holds
@@ -50,8 +51,6 @@ WEIGHTS = "ae.pt"
 KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec")
 DESCRIPTION = f"{WEIGHTS} (+ {CFG})"
 DICT_CLASS = "AutoEncoderTopK"
-#: config.json key holding a JumpReLU SAE's k where it is not :func:`default_jumprelu_k`
-K_KEY = "dlmscope_k"
 #: dict_class -> our architecture
 DICT_CLASSES = {"AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk", "MatryoshkaBatchTopKSAE": "matryoshka",
                 "JumpReluAutoEncoder": "jumprelu"}

@@ -68,7 +68,8 @@ WEIGHTS = "sae_weights.safetensors"
 KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 DESCRIPTION = f"{CFG} + {WEIGHTS}"
 LAYOUT_VERSION = "6.0.0"
-#: cfg key holding a JumpReLU SAE's k where it is not :func:`default_jumprelu_k` (SAELens ignores unknown keys)
+#: the peer config key (SAELens's cfg.json, dictionary_learning's config.json) holding a JumpReLU SAE's k where it
+#: is not :func:`default_jumprelu_k`; the peers ignore unknown keys
 K_KEY = "dlmscope_k"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
