@@ -12,9 +12,15 @@ update sets ``θ = m`` (dictionary_learning starts it the same way, from a −1 
 ``f[f > 0].min()``; a short run wants a smaller β, or θ still reflects its first batches). A batch
 that keeps nothing leaves θ unchanged. A loaded SAE with θ > 0 counts as updated, so further training continues
 its average. The code's width is ``cap`` (default ``min(n, 4k)``), wider only for a batch where a row has more.
+
+``cap`` and ``threshold_beta`` travel in the saved config's meta (:data:`CAP_KEY`, :data:`BETA_KEY`) where they
+are not the defaults, so a default SAE's files are what they were; a checkpoint without them loads with the
+defaults. The loaded SAE holds them as attributes, not in ``cfg.meta``.
 """
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from typing import Mapping
 
 import torch
@@ -24,7 +30,12 @@ from .formats import SAEConfig
 from .sparsity import batch_topk_encode, batch_topk_encode_aux, threshold_encode, update_threshold_ema
 from .topk import TopKSAE
 
-__all__ = ["BatchTopKSAE"]
+__all__ = ["BatchTopKSAE", "CAP_KEY", "BETA_KEY", "DEFAULT_THRESHOLD_BETA"]
+
+#: dictionary_learning's default moving-average factor of the inference threshold
+DEFAULT_THRESHOLD_BETA = 0.999
+#: ``cfg.meta`` keys of a saved state's ``cap`` and ``threshold_beta`` (written where not the defaults)
+CAP_KEY, BETA_KEY = "batchtopk_cap", "batchtopk_threshold_beta"
 
 
 class BatchTopKSAE(TopKSAE):
@@ -36,7 +47,8 @@ class BatchTopKSAE(TopKSAE):
 
     ARCH = "batchtopk"
 
-    def __init__(self, d: int, n: int, k: int, *, cap: int | None = None, threshold_beta: float = 0.999,
+    def __init__(self, d: int, n: int, k: int, *, cap: int | None = None,
+                 threshold_beta: float = DEFAULT_THRESHOLD_BETA,
                  meta: dict | None = None, backend: str | None = None, device=None, dtype: torch.dtype = torch.float32,
                  generator: torch.Generator | None = None):
         super().__init__(d, n, k, meta=meta, backend=backend, device=device, dtype=dtype, generator=generator)
@@ -90,16 +102,44 @@ class BatchTopKSAE(TopKSAE):
     @classmethod
     def from_state(cls, cfg: SAEConfig | dict, tensors: Mapping[str, Tensor], *,
                    backend: str | None = None) -> "BatchTopKSAE":
-        """As :meth:`TopKSAE.from_state`, plus the 0-d ``threshold`` tensor (copied, its dtype kept)."""
+        """As :meth:`TopKSAE.from_state`, plus the 0-d ``threshold`` tensor (copied, its dtype kept) and ``cap`` /
+        ``threshold_beta`` from the meta (the defaults where absent; ValueError naming the key where malformed)."""
         sae = super().from_state(cfg, tensors, backend=backend)
+        for key in (CAP_KEY, BETA_KEY):
+            sae.cfg.meta.pop(key, None)  # held as attributes; state() writes them back
         threshold = tensors["threshold"].detach().clone(memory_format=torch.contiguous_format)
         sae.threshold = threshold
         sae.threshold_updates = torch.tensor(int(bool(threshold > 0)), device=threshold.device)
         return sae
 
+    @classmethod
+    def _config_kwargs(cls, cfg: SAEConfig) -> dict:
+        """``cap`` and ``threshold_beta`` where the meta records them."""
+        out = {}
+        if CAP_KEY in cfg.meta:
+            cap = cfg.meta[CAP_KEY]
+            if isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or not cfg.k <= cap <= cfg.n:
+                raise ValueError(f"meta[{CAP_KEY!r}] must be an int in [k, n] = [{cfg.k}, {cfg.n}], got {cap!r}")
+            out["cap"] = int(cap)
+        if BETA_KEY in cfg.meta:
+            beta = cfg.meta[BETA_KEY]
+            if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
+                raise ValueError(f"meta[{BETA_KEY!r}] must be a number in [0, 1), got {beta!r}")
+            out["threshold_beta"] = float(beta)
+        return out
+
     def state(self) -> tuple[SAEConfig, dict[str, Tensor]]:
-        """As :meth:`TopKSAE.state`, plus ``threshold`` (the buffer, detached)."""
+        """As :meth:`TopKSAE.state`, plus ``threshold`` (the buffer, detached); where ``cap`` or ``threshold_beta`` is
+        not the default, the config is a copy whose meta records it (the module doc)."""
         cfg, tensors = super().state()
+        options = {}
+        if self.cap != min(self.n, 4 * self.k):
+            options[CAP_KEY] = self.cap
+        if self.threshold_beta != DEFAULT_THRESHOLD_BETA:
+            options[BETA_KEY] = self.threshold_beta
+        if options or CAP_KEY in cfg.meta or BETA_KEY in cfg.meta:  # the attributes decide, not a stale meta entry
+            meta = {key: v for key, v in cfg.meta.items() if key not in (CAP_KEY, BETA_KEY)}
+            cfg = dataclasses.replace(cfg, meta={**meta, **options})
         return cfg, {**tensors, "threshold": self.threshold.detach()}
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .batchtopk import BatchTopKSAE
+from .batchtopk import DEFAULT_THRESHOLD_BETA, BatchTopKSAE
 from .formats import SAEConfig
 from .prefix_decode import prefix_losses, prefix_reconstructions
 
@@ -34,15 +34,16 @@ class MatryoshkaSAE(BatchTopKSAE):
     ARCH = "matryoshka"
 
     def __init__(self, d: int, n: int, k: int, *, prefixes: Sequence[int], cap: int | None = None,
-                 threshold_beta: float = 0.999, meta: dict | None = None, backend: str | None = None, device=None,
-                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
+                 threshold_beta: float = DEFAULT_THRESHOLD_BETA, meta: dict | None = None,
+                 backend: str | None = None, device=None, dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None):
         super().__init__(d, n, k, cap=cap, threshold_beta=threshold_beta, meta=meta, backend=backend, device=device,
                          dtype=dtype, generator=generator)
         self.cfg = SAEConfig(d=d, n=n, k=k, meta=self.cfg.meta, arch=self.ARCH, prefixes=[int(m) for m in prefixes])
 
     @classmethod
     def _config_kwargs(cls, cfg: SAEConfig) -> dict:
-        return {"prefixes": cfg.prefixes}
+        return {**super()._config_kwargs(cfg), "prefixes": cfg.prefixes}
 
     @property
     def prefixes(self) -> list[int]:

@@ -3,6 +3,7 @@ in training and eval mode, the BatchTopK threshold update, JumpReLU's gradients 
 the adaptive code width, state / save / load round trips, on every backend available here."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -223,6 +224,30 @@ def test_batchtopk_state_save_load_round_trip(tmp_path):
         TopKSAE.from_state(*sae.state())
     fresh = BatchTopKSAE.from_state(cfg, {**tensors, "threshold": torch.zeros(())})
     assert int(fresh.threshold_updates) == 0  # an untrained threshold: the next batch sets it
+
+
+@pytest.mark.parametrize("fmt", ["dlmscope", "saelens", "dictionary_learning"])
+def test_batchtopk_cap_and_threshold_beta_are_saved_and_loaded(tmp_path, fmt):
+    """Non-default ones travel in the meta and come back as attributes (the config equal to the saved SAE's); a
+    default SAE's meta names neither, so its files are unchanged; a checkpoint without them gets the defaults."""
+    sae = batchtopk(cap=5, threshold_beta=0.9)
+    cfg, _ = sae.state()
+    assert cfg.meta["batchtopk_cap"] == 5 and cfg.meta["batchtopk_threshold_beta"] == 0.9
+    assert "batchtopk_cap" not in sae.cfg.meta  # the SAE's own config is left alone
+    loaded = BatchTopKSAE.load(sae.save(tmp_path / "a", format=fmt))
+    assert (loaded.cap, loaded.threshold_beta) == (5, 0.9) and loaded.cfg == sae.cfg
+    assert loaded.state()[0].meta == cfg.meta
+    default = batchtopk()
+    assert default.state()[0] is default.cfg and "batchtopk_cap" not in default.cfg.meta
+    old = BatchTopKSAE.load(default.save(tmp_path / "b", format=fmt))  # as written before they were saved
+    assert (old.cap, old.threshold_beta) == (min(N, 4 * K), 0.999)
+    tensors = sae.state()[1]
+    for key, bad in [("batchtopk_cap", K - 1), ("batchtopk_cap", 4.0), ("batchtopk_threshold_beta", 1.0),
+                     ("batchtopk_threshold_beta", "0.9")]:
+        with pytest.raises(ValueError, match=rf"meta\['{key}'\]"):
+            BatchTopKSAE.from_state(dataclasses.replace(cfg, meta={**cfg.meta, key: bad}), tensors)
+    stale = batchtopk(meta={"batchtopk_cap": 7})  # a stale entry in the meta does not outvote the attribute
+    assert stale.cap == min(N, 4 * K) and "batchtopk_cap" not in stale.state()[0].meta
 
 
 def test_batchtopk_bf16_activations_with_fp32_weights():

@@ -66,6 +66,13 @@ def test_load_returns_each_architectures_class(tmp_path, make):
     assert S.CLASSES[sae.cfg.arch] is type(sae)
 
 
+def test_matryoshka_saves_cap_and_threshold_beta(tmp_path):
+    sae = S.MatryoshkaSAE(8, 16, 2, prefixes=[4, 16], cap=3, threshold_beta=0.5)
+    got = S.load(sae.save(tmp_path / "m"))
+    assert type(got) is S.MatryoshkaSAE and (got.cap, got.threshold_beta, got.prefixes) == (3, 0.5, [4, 16])
+    assert got.cfg == sae.cfg
+
+
 def test_load_reads_a_peer_checkpoint_as_topk(tmp_path):
     S.TopKSAE(8, 16, 2).save(tmp_path / "p", format="saelens")
     assert type(S.load(tmp_path / "p")) is S.TopKSAE
