@@ -6,7 +6,8 @@ The threshold is learned as ``log_threshold`` [n] (``θ = exp(log_threshold)``, 
 training SAE does, with SAELens's defaults: initial θ = 0.001 and bandwidth ``ε`` = 0.001 of the rectangle
 kernel of the straight-through estimator (∂f_i/∂θ_i = −(θ_i/ε)·K((pre_i − θ_i)/ε), ∂L0/∂θ_i = −(1/ε)·K(·)). The
 state's ``threshold`` tensor [n] is ``exp(log_threshold)``; loading takes its log, so a save/load round trip of θ is
-exact to a few ulps, not bitwise. ε is saved in ``cfg.meta["jumprelu_bandwidth"]``.
+exact to a few ulps, not bitwise. ε is saved in ``cfg.meta["jumprelu_bandwidth"]``. A loaded θ = 0 stays exactly 0
+(log −inf) for inference, but cannot train: the trainer refuses it by latent until :meth:`JumpReLUSAE.floor_threshold_`.
 
 The code is the padded sparse layout of :mod:`dlmscope.sae.sparsity` — values [..., c], indices [..., c], zeros in
 inactive slots — never [..., n]. ``cfg.k`` is the initial width c; in training, after each batch, c becomes
@@ -91,12 +92,32 @@ class JumpReLUSAE(TopKSAE):
         values, l0 = jumprelu_with_l0(pre, indices, theta, self.eps)
         return values, indices, l0
 
+    # ---- training a loaded SAE ----------------------------------------------------------------------
+    def untrainable_latents(self) -> Tensor:
+        """The ids (int64, ascending) of the latents whose ``log_threshold`` is not finite — θ = 0 from a checkpoint
+        gives −inf, whose gradient through exp is 0 — so that training cannot move their thresholds (one host
+        sync). The trainer refuses an SAE that has any (:meth:`floor_threshold_` first)."""
+        return (~torch.isfinite(self.log_threshold.detach())).nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def floor_threshold_(self, theta_min: float) -> int:
+        """Raise every θ below ``theta_min`` (> 0, finite) to it, in place, so that those latents train; returns how
+        many were raised. Inference changes only for pre-activations in (old θ, theta_min]."""
+        if not (theta_min > 0 and math.isfinite(theta_min)):
+            raise ValueError(f"theta_min must be > 0 and finite, got {theta_min}")
+        floor = math.log(theta_min)
+        low = ~(self.log_threshold >= floor)  # NaN counts as low
+        self.log_threshold.copy_(torch.where(low, torch.full_like(self.log_threshold, floor), self.log_threshold))
+        return int(low.sum())
+
     # ---- persistence --------------------------------------------------------------------------------
     @classmethod
     def from_state(cls, cfg: SAEConfig | dict, tensors: Mapping[str, Tensor], *,
                    backend: str | None = None) -> "JumpReLUSAE":
         """As :meth:`TopKSAE.from_state`, plus ``threshold`` [n] (>= 0) as ``log_threshold = log(threshold)`` in its
-        dtype (a zero threshold gives −inf: that latent fires at any positive pre-activation)."""
+        dtype. A zero threshold (SAELens stores one for a plain-ReLU latent) loads exactly, as −inf: that latent
+        fires at any positive pre-activation, as in the file, but its threshold cannot train, so the trainer refuses
+        the SAE, naming those latents (:meth:`untrainable_latents`), until :meth:`floor_threshold_` raises them."""
         sae = super().from_state(cfg, tensors, backend=backend)  # checks the tensors' names and shapes
         threshold = tensors["threshold"].detach()
         if bool((threshold < 0).any()):

@@ -68,7 +68,8 @@ JUMPRELU_FIELDS = ("l0_coefficient", "l0_warmup_steps")
 def check_trainable(saes: list) -> None:
     """TypeError naming the SAE, its class and architecture unless every one is an SAE the trainer knows how to
     train (:data:`TRAINABLE`: its class's ``ARCH`` is known and the class derives from that architecture's);
-    ValueError when an SAE's config names another architecture than its class."""
+    ValueError when an SAE's config names another architecture than its class, or a JumpReLU SAE has thresholds
+    that cannot train (:meth:`JumpReLUSAE.untrainable_latents`, named)."""
     for i, s in enumerate(saes):
         arch = getattr(type(s), "ARCH", None)
         cls = TRAINABLE.get(arch) if isinstance(arch, str) else None
@@ -78,6 +79,13 @@ def check_trainable(saes: list) -> None:
                             f"trains {known}")
         if s.cfg.arch != arch:
             raise ValueError(f"SAE {i} is a {type(s).__name__} (arch {arch!r}) but its cfg.arch is {s.cfg.arch!r}")
+        if isinstance(s, JumpReLUSAE):
+            bad = s.untrainable_latents().tolist()
+            if bad:
+                shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+                raise ValueError(f"SAE {i} (JumpReLU) cannot train the thresholds of latents [{shown}] ({len(bad)} of "
+                                 f"{s.n}): their log_threshold is not finite (θ = 0 in the checkpoint gives −inf, "
+                                 "which gets no gradient); raise them first, e.g. sae.floor_threshold_(1e-3)")
 
 
 @dataclasses.dataclass

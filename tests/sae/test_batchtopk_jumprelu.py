@@ -356,6 +356,33 @@ def test_jumprelu_state_save_load_round_trip(tmp_path):
     assert torch.equal(zero.threshold, torch.zeros(N))  # log 0 = −inf: fires at any positive pre-activation
 
 
+def test_a_zero_threshold_loads_exactly_and_is_floored_to_train():
+    """θ = 0 (a SAELens plain-ReLU latent) loads as log θ = −inf: the file's inference, but no gradient to that
+    threshold; untrainable_latents names such latents and floor_threshold_ raises them so that they train."""
+    sae = jumprelu_sae(dtype=torch.float32, eps=0.3)
+    cfg, tensors = sae.state()
+    theta = tensors["threshold"].clone()
+    theta[[3, 7]] = 0.0
+    zero = JumpReLUSAE.from_state(cfg, {**tensors, "threshold": theta})
+    assert zero.untrainable_latents().tolist() == [3, 7] and sae.untrainable_latents().numel() == 0
+    assert torch.equal(zero.state()[1]["threshold"][[3, 7]], torch.zeros(2))
+    x = inputs(32, seed=16, dtype=torch.float32)
+    for floored in (False, True):
+        zero.zero_grad()
+        values, indices, l0 = zero.train().encode_with_l0(x)
+        ((zero.decode(values, indices) - x).pow(2).sum() + l0).backward()
+        grad = zero.log_threshold.grad
+        assert bool(torch.isfinite(grad).all()) and bool((grad[[3, 7]] != 0).any()) == floored
+        if not floored:
+            assert zero.floor_threshold_(0.05) == 2  # the others are >= 0.2
+            assert zero.untrainable_latents().numel() == 0
+            torch.testing.assert_close(zero.threshold.detach()[[3, 7]], torch.full((2,), 0.05))
+    kept = theta >= 0.05
+    torch.testing.assert_close(zero.threshold.detach()[kept], theta[kept])  # the others unchanged
+    with pytest.raises(ValueError, match="theta_min"):
+        zero.floor_threshold_(0.0)
+
+
 def test_a_training_step_moves_every_parameter():
     for sae in (batchtopk(dtype=torch.float32), jumprelu_sae(dtype=torch.float32, eps=0.3)):
         opt = torch.optim.Adam(sae.parameters(), lr=1e-2)

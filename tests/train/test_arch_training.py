@@ -503,6 +503,24 @@ def test_unknown_sae_class_is_refused():
         Trainer([sae])
 
 
+def test_a_jumprelu_with_zero_thresholds_is_refused_naming_the_latents():
+    """θ = 0 loaded from a checkpoint (log θ = −inf) cannot train: refused by name; trainable once floored."""
+    sae = JumpReLUSAE(16, 48, 4, generator=_gen(0))
+    with torch.no_grad():
+        sae.log_threshold[[2, 5]] = -math.inf
+    with pytest.raises(ValueError, match=r"SAE 1 \(JumpReLU\) cannot train the thresholds of latents \[2, 5\] "
+                                         r"\(2 of 48\).*floor_threshold_"):
+        Trainer([TopKSAE(16, 48, 4), sae])
+    with torch.no_grad():
+        sae.log_threshold[:20] = -math.inf
+    with pytest.raises(ValueError, match=r"latents \[0, 1, 2, 3, 4, 5, 6, 7, \.\.\.\] \(20 of 48\)"):
+        Trainer([sae])
+    assert sae.floor_threshold_(1e-3) == 20
+    trainer = Trainer([sae], TrainConfig(steps=4, lr=1e-2, warmup_steps=1, norm_batches=1), log=_log(0))
+    trainer.fit(Planted(d=16, n_true=24).stream(4, rows=64))
+    assert bool(torch.isfinite(sae.log_threshold).all())
+
+
 def test_latent_parallel_refuses_other_architectures():
     """Refused by name before any collective (so no torchrun is needed to see it)."""
     grid = ProcessGrid(1, 1)

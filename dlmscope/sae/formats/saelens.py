@@ -32,7 +32,8 @@ relu of the top-k; JumpReLU: ``relu(pre) · [pre > θ]``; BatchTopK training che
 (``encode``; its inference rule is the threshold); decode ``acts (/ ‖W_dec_i‖) @ W_dec + b_dec``.
 ``apply_b_dec_to_input=false`` and ``rescale_acts_by_decoder_norm=true`` are folded into the weights on load (same
 outputs, weights not bitwise the file's; recorded in ``meta["source"]["folded"]``), and so are negative JumpReLU
-thresholds (set to 0: the ReLU makes them act as 0). A JumpReLU's bandwidth, when its metadata records SAELens
+thresholds (set to 0: the ReLU makes them act as 0; a θ = 0 latent must be floored before training,
+``JumpReLUSAE.floor_threshold_``). A JumpReLU's bandwidth, when its metadata records SAELens
 training (``jumprelu_bandwidth``), becomes ``meta["jumprelu_bandwidth"]``. The threshold keeps its stored dtype
 (SAELens's training SAE keeps it float32 whatever the SAE's dtype); the four parameters are cast to ``cfg["dtype"]``
 as SAELens does. A file trained as BatchTopK whose threshold varies per latent, or whose k is not an integer, is a
