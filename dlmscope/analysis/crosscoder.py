@@ -5,10 +5,10 @@
 - :func:`latent_labels` / :func:`classify`: ρ <= low → exclusive to 0, ρ >= high → exclusive to 1, else shared.
 - :func:`latent_scaling`: Latent Scaling (Minder et al. 2025, "Robustly identifying concepts introduced during
   chat fine-tuning using crosscoders"), which flags latents that only LOOK exclusive by decoder norm.
-- Nulls for "exclusive": :func:`swap_sources` (each token's two sources swapped with probability ½: a crosscoder
-  trained on that has no source-specific structure left, so its exclusive latents are the method's false positives)
-  and :func:`exclusive_replication` (do one training seed's exclusive latents come back, with the same label, in
-  another seed, beyond what labels assigned at random would give?).
+- The seed-to-seed null for "exclusive": :func:`exclusive_replication` (do one training seed's exclusive latents
+  come back, with the same label, in another seed, beyond what labels assigned at random would give?). Not a null:
+  swapping each token's two sources at random — a feature present in one source only still gives slot-exclusive
+  latents (a pair of them) after the swap, so the swap keeps what it should remove.
 - :func:`firing_counts` / :func:`specificity`: how much more often a latent fires on one text than another (e.g. the
   fine-tune's own Q&A text vs pre-training text), to check exclusive latents against what the fine-tune taught.
 
@@ -44,7 +44,7 @@ from torch import Tensor
 from dlmscope.sae.crosscoder import Crosscoder
 
 __all__ = ["relative_decoder_norm", "latent_labels", "classify", "LatentScaling", "latent_scaling",
-           "beta_least_squares", "swap_sources", "firing_counts", "specificity", "source_partners",
+           "beta_least_squares", "firing_counts", "specificity", "source_partners",
            "exclusive_replication", "SHARED", "EXCLUSIVE_0", "EXCLUSIVE_1", "NO_DECODER"]
 
 #: labels of :func:`latent_labels`
@@ -177,16 +177,6 @@ def latent_scaling(cc: Crosscoder, batches: Iterable[Tensor] | Tensor, latents: 
 
 
 # ---- nulls and checks for "exclusive" -------------------------------------------------------------------------------
-
-
-def swap_sources(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """x [B, 2, d] with each token's two sources swapped with probability ½ (a new tensor). Trained on such
-    batches, a crosscoder sees either model in either slot at random, so no latent has a reason to be exclusive to
-    a slot: the exclusive latents it still produces are the false positives of the classification."""
-    if x.dim() != 3 or x.shape[1] != 2:
-        raise ValueError(f"x must be [B, 2, d], got {list(x.shape)}")
-    flip = torch.rand(x.shape[0], generator=generator).to(x.device) < 0.5
-    return torch.where(flip[:, None, None], x.flip(1), x)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """The jobs' figures, drawn from their result dicts: the steering sweep (:func:`plot_sweep`,
 :func:`plot_by_layer`, :func:`plot_tradeoff`, from :func:`dlmscope.jobs.steer.run_steer`), the decoding orders
-(:func:`plot_order`, from :func:`dlmscope.jobs.order.run_order`) and the base → instruct transfer
-(:func:`plot_transfer`, from :func:`dlmscope.jobs.transfer.run_transfer`).
+(:func:`plot_order`, from :func:`dlmscope.jobs.order.run_order`), the base → instruct transfer
+(:func:`plot_transfer`, from :func:`dlmscope.jobs.transfer.run_transfer`) and the crosscoder diff
+(:func:`plot_crosscoder`, from :func:`dlmscope.jobs.crosscoder.run_crosscoder_diff`).
 
 The figures read only the result dicts, so this module imports no model, SAE or trainer: the demo draws them
 without importing the training stack. matplotlib (the ``plot`` extra) is imported where a figure is drawn, and
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["SAE_ORDERS", "STEPS", "condition_label", "plot_sweep", "plot_by_layer", "plot_tradeoff", "plot_order",
-           "plot_transfer"]
+           "plot_transfer", "plot_crosscoder"]
 
 #: the order job's SAE-guided orders (dashed in its figures) and step labels (the x axis)
 SAE_ORDERS = ("sae_stable", "sae_stable_entropy")
@@ -306,6 +307,40 @@ def plot_transfer(result: dict, path: str | Path) -> Path:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     cfg = result["config"]
     fig.suptitle(f"base → instruct SAE transfer (policy {cfg['policy']}, n = {cfg['n_latents']}, k = {cfg['k']})")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_crosscoder(result: dict, path: str | Path) -> Path:
+    """A PNG with one panel per layer: the relative decoder norm ρ of the alive latents (0 = base only, 1 = target
+    only), one histogram per crosscoder seed, the placebo's dashed, and the exclusive thresholds as lines."""
+    from matplotlib.figure import Figure
+
+    cfg, layers = result["config"], list(result["layers"])
+    fig = Figure(figsize=(4.2 * len(layers), 3.6))
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    bins = torch.linspace(0, 1, 51).tolist()
+    for ax, L in zip(axes, layers):
+        entry = result["layers"][L]
+        groups = [("target", entry["runs"], "-")] + ([("placebo", entry["placebo"]["runs"], "--")]
+                                                     if "placebo" in entry else [])
+        for name, runs, ls in groups:
+            for r, run in enumerate(runs):
+                ax.hist([_f(v) for v in run["rho_alive"]], bins=bins, histtype="step", ls=ls,
+                        color="tab:blue" if name == "target" else "tab:gray",
+                        label=f"{name} seeds" if r == 0 else None)
+        for t in (cfg["low"], cfg["high"]):
+            ax.axvline(t, color="black", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("ρ = |W_dec target| / (|W_dec base| + |W_dec target|)")
+        counts = {side: v["counts"] for side, v in entry["verdict"].items()}
+        ax.set_title(f"L{L}: exclusive created {counts['created']['low']:.0f}–{counts['created']['high']:.0f}, "
+                     f"removed {counts['removed']['low']:.0f}–{counts['removed']['high']:.0f}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"crosscoder diff, alive latents (policy {cfg['policy']}, n = {cfg['n_latents']}, k = {cfg['k']}, "
+                 f"{cfg['seeds']} seeds)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -15,7 +15,10 @@ beside the pre-training text.
     plot_transfer(result, "transfer.png")       # from dlmscope.jobs.plots
 
 The ``dlmscope transfer`` verb (:func:`add_parser`, :func:`run_from_args`) loads the models, runs this on the
-world's corpus or ``--corpus`` (and ``--own-corpus``) and writes ``transfer.json`` and ``transfer.png``.
+world's corpus or ``--corpus`` (and ``--own-corpus``) and writes ``transfer.json`` and ``transfer.png``; with
+``--crosscoder`` it runs the crosscoder diff instead (:mod:`.crosscoder`: shared latents over both models, which
+ones the fine-tune created or removed, against a seed-to-seed and an optional ``--placebo`` null) and writes
+``crosscoder.json``, ``crosscoder.png`` and the crosscoders.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from dlmscope.util import atomic
 from dlmscope.world import LM_BATCH, SAE_K, SAE_LATENTS, SAE_TRAIN, SEQ_LEN, pack, world_batches
 from dlmscope.world.samples import qa_sample
 from .options import add_option, out_dir, positive_int, text_from_args
-from .plots import plot_transfer
+from .crosscoder import crosscoder_lines, run_crosscoder_diff
+from .plots import plot_crosscoder, plot_transfer
 from .sources import WORLD, token_batches
 from .train import SweepSpec, make_saes, train_sweep
 
@@ -325,6 +329,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--base", required=True, help="the base model (SAEs are trained on it)")
     t.add_argument("--target", required=True, help="its post-trained version (e.g. the instruct model)")
     t.add_argument("--control", default=None, help="optional: a different model (e.g. the AR twin) as reference")
+    t.add_argument("--crosscoder", action="store_true",
+                   help="instead of matching separately trained SAEs, train crosscoders on paired activations of both "
+                        "models: latents the fine-tune created or removed, with a seed-to-seed null; writes "
+                        "crosscoder.json, crosscoder.png and crosscoders/layer_<L>/seed_<r>")
+    t.add_argument("--placebo", default=None,
+                   help="with --crosscoder: the base fine-tuned on nothing new (same recipe, base text only), the "
+                        "count null for exclusive latents")
     add_option(t, "--layers")
     t.add_argument("--policy", default="unmask", help="mask | unmask | clean")
     add_option(t, "--corpus", help="as for train; 'world' is the embedded corpus")
@@ -333,9 +344,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"{WORLD_QA!r}: the world's Q&A prompts), evaluated beside the pre-training text")
     t.add_argument("--no-ceiling", action="store_true",
                    help="skip the second base SAE (no seed-to-seed ceiling, no verdict)")
-    t.add_argument("--seeds", type=positive_int, default=1,
-                   help="seed replicates of the base, second-base and instruct SAEs; > 1 judges the FVE ratio over "
-                        "them (min–max, the worst replicate's outcome)")
+    t.add_argument("--seeds", type=positive_int, default=None,
+                   help="seed replicates of the base, second-base and instruct SAEs (default 1); > 1 judges the FVE "
+                        "ratio over them (min–max, the worst replicate's outcome). With --crosscoder: crosscoder "
+                        "init seeds (default 3, at least 2)")
     t.add_argument("--n", type=positive_int, default=SAE_LATENTS)
     t.add_argument("--k", type=positive_int, default=SAE_K)
     t.add_argument("--tokens", type=positive_int, default=200_000, help="training tokens per SAE")
@@ -355,20 +367,40 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the transfer; write ``transfer.json`` and ``transfer.png`` under ``--out`` and print the summary."""
     out = out_dir(args.out)
     check_policy(args.policy)
+    if args.crosscoder and (args.control or args.no_ceiling):
+        raise ValueError("--control and --no-ceiling belong to the SAE transfer, not to --crosscoder")
+    if args.placebo and not args.crosscoder:
+        raise ValueError("--placebo is the crosscoder's null: use it with --crosscoder")
+    if args.crosscoder and args.seeds is not None and args.seeds < 2:
+        raise ValueError("--crosscoder needs --seeds >= 2: the seed-to-seed null needs a pair of seeds")
     base, target = models.load(args.base), models.load(args.target)
-    control = models.load(args.control) if args.control else None
     text = None if args.corpus == WORLD else text_from_args(base, args)
-    own = None
+    own = None  # (train, heldout) LM batches of the fine-tune's own text
     if args.own_corpus == WORLD_QA:
-        own = world_qa_batches(base.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch, seed=args.seed)
+        own = tuple(world_qa_batches(base.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch, seed=s)
+                    for s in (args.seed + 1, args.seed))
     elif args.own_corpus is not None:
-        own = list(token_batches(args.own_corpus, base.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch,
-                                 text_field=args.text_field, split=args.split, seed=args.seed)[1])
+        own = tuple(list(b) for b in token_batches(args.own_corpus, base.tokenizer, seq_len=args.seq_len,
+                                                   lm_batch=args.lm_batch, text_field=args.text_field,
+                                                   split=args.split, seed=args.seed))
+    if args.crosscoder:
+        placebo = models.load(args.placebo) if args.placebo else None
+        result = run_crosscoder_diff(base, target, args.layers, placebo=placebo, policy=args.policy, n_latents=args.n,
+                                     k=args.k, train_tokens=args.tokens, eval_tokens=args.eval_tokens,
+                                     seeds=args.seeds or 3, seed=args.seed, batches=text, own_batches=own,
+                                     sentences=args.sentences, seq_len=args.seq_len, lm_batch=args.lm_batch,
+                                     save_dir=out / "crosscoders")
+        atomic.write_json(out / "crosscoder.json", result)
+        plot_crosscoder(result, out / "crosscoder.png")
+        print("\n".join(crosscoder_lines(result)))
+        print(f"wrote {out / 'crosscoder.json'}, {out / 'crosscoder.png'} and {out / 'crosscoders'}")
+        return 0
+    control = models.load(args.control) if args.control else None
     result = run_transfer(base, target, args.layers, policy=args.policy, n_latents=args.n, k=args.k,
                           train_tokens=args.tokens, eval_tokens=args.eval_tokens, delta_batches=args.delta_batches,
-                          seed=args.seed, control=control, batches=text, own_batches=own,
+                          seed=args.seed, control=control, batches=text, own_batches=None if own is None else own[1],
                           ceiling=not args.no_ceiling, sentences=args.sentences, seq_len=args.seq_len,
-                          lm_batch=args.lm_batch, seeds=args.seeds)
+                          lm_batch=args.lm_batch, seeds=args.seeds or 1)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "transfer.json", result)
     plot_transfer(result, out / "transfer.png")

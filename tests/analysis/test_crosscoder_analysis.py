@@ -1,5 +1,6 @@
 """Model-diffing analysis of a crosscoder (dlmscope.analysis.crosscoder): relative decoder norms, classification,
-Latent Scaling — known answers on hand-set crosscoders, and the planted pairs of tests/sae/test_crosscoder.py."""
+Latent Scaling, the swap null, replication across seeds and firing-rate specificity — known answers on hand-set
+crosscoders, and the planted pairs of tests/sae/test_crosscoder.py."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,11 @@ import math
 import pytest
 import torch
 
+from scipy.stats import binom
+
 from dlmscope.analysis.crosscoder import (EXCLUSIVE_0, EXCLUSIVE_1, NO_DECODER, SHARED, beta_least_squares,
-                                          classify, latent_labels, latent_scaling, relative_decoder_norm)
+                                          classify, exclusive_replication, firing_counts, latent_labels,
+                                          latent_scaling, relative_decoder_norm, source_partners, specificity)
 from dlmscope.sae.crosscoder import Crosscoder
 from tests.helpers.planted_pairs import N_EX0, N_EX1, N_SHARED, train_planted
 
@@ -136,3 +140,60 @@ def test_latent_scaling_bad_input(planted):
         latent_scaling(cc, x[:, 0], torch.tensor([0]))
     ls = latent_scaling(cc, x[:0], torch.tensor([0, 1]))   # no tokens: NaN, nothing flagged
     assert bool(torch.isnan(ls.beta_error).all()) and not bool(ls.flagged().any())
+
+
+# ---- nulls and checks for "exclusive" -------------------------------------------------------------------------------
+
+
+def test_firing_counts_and_specificity_known_answer(planted):
+    cc, U, kind, x, match = planted
+    counts, tokens = firing_counts(cc, list(x.split(1000)))
+    assert tokens == x.shape[0]
+    dense = cc.eval().encode_dense(x)
+    assert counts.tolist() == (dense > 0).sum(0).tolist()
+    assert cc.training is False
+    a, b = torch.tensor([9, 0, 4]), torch.tensor([4, 0, 9])
+    spec = specificity(a, 19, b, 9)          # rates (9.5/20, 0.5/20, 4.5/20) over (4.5/10, 0.5/10, 9.5/10)
+    want = torch.tensor([9.5 / 20 / (4.5 / 10), 0.5, 4.5 / 20 / (9.5 / 10)], dtype=F64).log()
+    torch.testing.assert_close(spec, want)
+    with pytest.raises(ValueError, match="tokens on both"):
+        specificity(a, 0, b, 9)
+
+
+def test_source_partners_and_replication_known_answer():
+    a = Crosscoder(2, 3, 4, 1, dtype=F64)
+    with torch.no_grad():
+        a.W_dec.zero_()
+        a.W_dec[1, :3] = torch.eye(3, dtype=F64)             # latents 0-2: e0, e1, e2 in source 1
+        a.W_dec[0, 3, 0] = 1.0
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.W_dec[1] = a.W_dec[1, [2, 0, 1, 3]]                # b's latent j = a's latent perm[j]
+        b.W_dec[1, 0] = torch.tensor([0.6, 0.0, 0.8], dtype=F64)  # a's latent 2 (e2) -> cos 0.8, latent 0 -> 0.6
+    partner, cos = source_partners(a, b, torch.tensor([0, 1, 2]), 1)
+    assert partner.tolist() == [1, 2, 0]
+    torch.testing.assert_close(cos, torch.tensor([1.0, 1.0, 0.8], dtype=F64))
+    ex_a = torch.tensor([True, True, True, False])
+    ex_b = torch.tensor([True, False, True, False])          # b's latent 2 (= e1) and 0 (≈ e2) exclusive
+    eligible = torch.tensor([True, True, True, True])
+    rep = exclusive_replication(a, ex_a, b, ex_b, eligible, 1, min_cos=0.7)
+    # found: all 3 (cos 1, 1, 0.8); replicated: partners 1 (no), 2 (yes), 0 (yes)
+    assert rep["exclusive"] == 3 and rep["found"] == 3 and rep["replicated"] == 2
+    assert rep["q"] == 0.5 and rep["chance_expected"] == 1.5
+    assert rep["p_value"] == pytest.approx(float(binom.sf(1, 3, 0.5)))
+    assert exclusive_replication(a, ex_a, b, ex_b, eligible, 1, min_cos=0.9)["found"] == 2
+    none = exclusive_replication(a, torch.zeros(4, dtype=torch.bool), b, ex_b, eligible, 1)
+    assert none["found"] == 0 and math.isnan(none["p_value"])
+    with pytest.raises(ValueError, match="source"):
+        source_partners(a, b, torch.tensor([0]), 2)
+
+
+def test_planted_exclusive_latents_replicate_across_init_seeds(planted):
+    cc, U, kind, x, match = planted
+    other, *_ = train_planted("topk", steps=400, seed=0, init_seed=1)
+    alive = [firing_counts(c, x)[0] >= 20 for c in (cc, other)]
+    for label, source, planted_count in ((EXCLUSIVE_1, 1, N_EX1), (EXCLUSIVE_0, 0, N_EX0)):
+        ex = [(latent_labels(relative_decoder_norm(c)) == label) & a for c, a in zip((cc, other), alive)]
+        rep = exclusive_replication(cc, ex[0], other, ex[1], alive[1], source)
+        assert rep["exclusive"] >= planted_count and rep["replicated"] >= planted_count, rep
+        assert rep["p_value"] < 1e-3 and rep["replicated"] > 3 * rep["chance_expected"], rep
