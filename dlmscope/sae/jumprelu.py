@@ -3,8 +3,11 @@
     f_i = pre_i · H(pre_i − θ_i),   pre = W_enc (x − b_dec) + b_enc,   x_hat = W_dec.T f + b_dec
 
 The threshold is learned as ``log_threshold`` [n] (``θ = exp(log_threshold)``, positive), as SAELens's JumpReLU
-training SAE does, with SAELens's defaults: initial θ = 0.001 and bandwidth ``ε`` = 0.001 of the rectangle
-kernel of the straight-through estimator (∂f_i/∂θ_i = −(θ_i/ε)·K((pre_i − θ_i)/ε), ∂L0/∂θ_i = −(1/ε)·K(·)). The
+training SAE does. Defaults for the trainer's normalised activations (total variance 1): initial θ = 0.1 and
+bandwidth ``ε`` = 0.05 of the rectangle kernel of the straight-through estimator (∂f_i/∂θ_i =
+−(θ_i/ε)·K((pre_i − θ_i)/ε), ∂L0/∂θ_i = −(1/ε)·K(·)). SAELens's 0.001 / 0.001 suit its own scale; on this one
+almost no pre-activation falls inside the window, so θ barely trains and L0 stays far above target
+(docs/architectures.md). Both are constructor arguments. The
 state's ``threshold`` tensor [n] is ``exp(log_threshold)``; loading takes its log, so a save/load round trip of θ is
 exact to a few ulps, not bitwise. ε is saved in ``cfg.meta["jumprelu_bandwidth"]``. A loaded θ = 0 stays exactly 0
 (log −inf) for inference, but cannot train: the trainer refuses it by latent until :meth:`JumpReLUSAE.floor_threshold_`.
@@ -27,18 +30,19 @@ from .formats import SAEConfig
 from .sparsity import jumprelu_candidates, jumprelu_with_l0, threshold_encode
 from .topk import TopKSAE
 
-__all__ = ["JumpReLUSAE"]
+__all__ = ["JumpReLUSAE", "DEFAULT_THRESHOLD", "DEFAULT_BANDWIDTH"]
 
-#: SAELens's defaults (``jumprelu_init_threshold``, ``jumprelu_bandwidth``)
-DEFAULT_THRESHOLD = 0.001
-DEFAULT_BANDWIDTH = 0.001
+#: initial θ and bandwidth ε for the trainer's normalised activations (SAELens's, 0.001 each, are for its scale)
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_BANDWIDTH = 0.05
 
 
 class JumpReLUSAE(TopKSAE):
     """JumpReLU SAE with ``d`` inputs, ``n`` latents, a learned threshold per latent; ``k`` = the initial code width.
 
-    Parameters: those of :class:`TopKSAE` (same initialisation) and ``log_threshold`` [n] = log(init_threshold).
-    ``eps``: the bandwidth (default: ``meta["jumprelu_bandwidth"]`` if given, else 0.001), written to cfg.meta."""
+    Parameters: those of :class:`TopKSAE` (same initialisation) and ``log_threshold`` [n] = log(init_threshold)
+    (default :data:`DEFAULT_THRESHOLD`). ``eps``: the bandwidth (default: ``meta["jumprelu_bandwidth"]`` if given,
+    else :data:`DEFAULT_BANDWIDTH`), written to cfg.meta."""
 
     ARCH = "jumprelu"
 

@@ -242,14 +242,14 @@ def test_chain_through_every_format(tmp_path):
 
 def test_a_jumprelu_k_and_bandwidth_travel_in_the_peer_configs(tmp_path):
     sae = make("jumprelu")
-    assert sae.k == 8 and sae.cfg.meta["jumprelu_bandwidth"] == 0.001
+    assert sae.k == 8 and sae.cfg.meta["jumprelu_bandwidth"] == 0.05
     cfg = json.loads((formats.save(*sae.state(), tmp_path / "sl", "saelens") / "cfg.json").read_text())
     assert cfg["dlmscope_k"] == 8 and cfg["architecture"] == "jumprelu"
     assert cfg["metadata"]["training_architecture"] == "jumprelu"
-    assert cfg["metadata"]["training_architecture_details"] == {"jumprelu_bandwidth": 0.001}
+    assert cfg["metadata"]["training_architecture_details"] == {"jumprelu_bandwidth": 0.05}
     dl = formats.save(*sae.state(), tmp_path / "dl", "dictionary_learning")
     config = json.loads((dl / "config.json").read_text())
-    assert config["dlmscope_k"] == 8 and config["trainer"]["bandwidth"] == 0.001
+    assert config["dlmscope_k"] == 8 and config["trainer"]["bandwidth"] == 0.05
     assert config["trainer"]["dict_class"] == "JumpReluAutoEncoder"
     for name in ("batchtopk", "matryoshka"):
         cfg = json.loads((formats.save(*make(name).state(), tmp_path / name, "saelens") / "cfg.json").read_text())

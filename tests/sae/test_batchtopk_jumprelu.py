@@ -264,11 +264,11 @@ def test_batchtopk_bf16_activations_with_fp32_weights():
 
 def test_jumprelu_init_config_and_bandwidth():
     sae = JumpReLUSAE(D, N, K)
-    assert sae.cfg.arch == "jumprelu" and sae.cap == K and sae.eps == 0.001
-    assert sae.cfg.meta["jumprelu_bandwidth"] == 0.001
-    torch.testing.assert_close(sae.threshold, torch.full((N,), 0.001))
+    assert sae.cfg.arch == "jumprelu" and sae.cap == K and sae.eps == 0.05  # for the trainer's normalised scale
+    assert sae.cfg.meta["jumprelu_bandwidth"] == 0.05
+    torch.testing.assert_close(sae.threshold, torch.full((N,), 0.1))
     assert {name for name, _ in sae.named_parameters()} == {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
-    assert JumpReLUSAE(D, N, K, meta={"jumprelu_bandwidth": 0.05}).eps == 0.05
+    assert JumpReLUSAE(D, N, K, meta={"jumprelu_bandwidth": 0.001}).eps == 0.001
     assert JumpReLUSAE(D, N, K, eps=0.2, init_threshold=0.5).cfg.meta["jumprelu_bandwidth"] == 0.2
     with pytest.raises(ValueError, match="bandwidth"):
         JumpReLUSAE(D, N, K, eps=0.0)

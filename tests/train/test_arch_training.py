@@ -51,11 +51,11 @@ STEPS = 300
 def mixed_run():
     """One stream, four architectures: 300 steps x 256 rows of the planted data (d=32, 48 true directions, ~3
     active per row), n=128 latents each. The BatchTopK family's threshold average is short (beta 0.95) for so short
-    a run; JumpReLU starts at θ = 0.1 with bandwidth 0.05 (this trainer's unit-variance scale), λ = 1 (default)."""
+    a run; JumpReLU has its defaults (θ0 = 0.1, bandwidth 0.05: this trainer's normalised scale), λ = 1 (default)."""
     d, n = PLANTED.d, 128
     saes = [TopKSAE(d, n, 4, generator=_gen(0)),
             BatchTopKSAE(d, n, 4, threshold_beta=0.95, generator=_gen(0)),
-            JumpReLUSAE(d, n, 8, init_threshold=0.1, eps=0.05, generator=_gen(0)),
+            JumpReLUSAE(d, n, 8, generator=_gen(0)),
             MatryoshkaSAE(d, n, 4, prefixes=[32, 64, 128], threshold_beta=0.95, generator=_gen(0))]
     cfg = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=20, dead_tokens=256 * 20, norm_batches=5)
     trainer = Trainer(saes, cfg, log=_log(100))
@@ -103,12 +103,28 @@ def test_batchtopk_threshold_moves_and_eval_l0_is_near_k(mixed_run):
     assert jump["l0"] < 6, jump  # λ = 1 drives the 8-wide initial code down to about the planted 3 per row
 
 
+def test_jumprelu_defaults_reach_the_planted_l0_where_saelens_values_do_not_train(mixed_run):
+    """On this trainer's normalised scale, λ = 1: the defaults (θ0 0.1, ε 0.05; the mixed run's JumpReLU) bring
+    the eval L0 to about the planted 3 per row (measured 3.1, FVE 0.93, every direction recovered); with SAELens's
+    0.001 / 0.001 almost no pre-activation falls inside the straight-through window, so θ barely trains and L0
+    stays far above it (measured 55 after 150 steps)."""
+    _, _, results = mixed_run
+    assert 2.0 < results["jumprelu"]["l0"] < 4.0 and results["jumprelu"]["fve"] > 0.9, results["jumprelu"]
+    sae = JumpReLUSAE(PLANTED.d, 128, 8, init_threshold=0.001, eps=0.001, generator=_gen(0))
+    cfg = TrainConfig(steps=150, lr=1e-2, warmup_steps=20, dead_tokens=256 * 20, norm_batches=5)
+    Trainer([sae], cfg, log=_log(0)).fit(PLANTED.stream(150))
+    sae.eval()
+    with torch.no_grad():
+        values, _ = sae.encode(PLANTED.held_out())
+    assert float((values > 0).sum(-1).float().mean()) > 20
+
+
 def test_jumprelu_l0_falls_as_l0_coefficient_rises():
     """Two 150-step runs of one JumpReLU SAE: lambda 0.3 vs 3 (held-out eval L0 measured 12.1 vs 3.1, FVE 0.92 vs
     0.79): the penalty trades reconstruction for sparsity."""
     held, got = PLANTED.held_out(), {}
     for lam in (0.3, 3.0):
-        sae = JumpReLUSAE(PLANTED.d, 128, 8, init_threshold=0.1, eps=0.05, generator=_gen(0))
+        sae = JumpReLUSAE(PLANTED.d, 128, 8, generator=_gen(0))
         cfg = TrainConfig(steps=150, lr=1e-2, warmup_steps=20, dead_tokens=256 * 20, norm_batches=5,
                           l0_coefficient=lam)
         Trainer([sae], cfg, log=_log(0)).fit(PLANTED.stream(150))
