@@ -5,9 +5,11 @@ probability that falls with i (Zipf-like, ``active`` per row on average, so rows
 carry — the case BatchTopK's variable per-row L0 is for), at magnitude ``scale · U(0.5, 1.5)``, plus a constant shift
 and a little noise. Every SAE of a seed trains in ONE :class:`~dlmscope.train.trainer.Trainer` on one stream (Top-K,
 BatchTopK and Matryoshka at each k, JumpReLU at each L0 coefficient), with the library's recipe; three init seeds
-(the data stream shared). Held-out (eval-mode rules): FVE, mean L0, the rows' L0 spread, the fraction of planted
-directions some decoder row matches (cosine > 0.9), dead latents. The run-length and scale choices (the BatchTopK
-threshold's averaging, JumpReLU's start threshold and bandwidth) are stated where they are set below.
+(the data stream shared), 0, 2 and 3: not 1, the planted directions' own generator seed (see ``SEEDS``; every SAE's
+initial decoder is checked against the planted directions before training, :func:`check_init`). Held-out
+(eval-mode rules): FVE, mean L0, the rows' L0 spread, the fraction of planted directions some decoder row matches
+(cosine > 0.9), dead latents. The run-length and scale choices (the BatchTopK threshold's averaging, JumpReLU's
+start threshold and bandwidth) are stated where they are set below.
 
     python docs/arch_study.py [--out docs]      # writes arch_study.json and arch_study.md
 """
@@ -31,14 +33,20 @@ D, N_TRUE, ACTIVE, SCALE, NOISE = 64, 256, 6.0, 5.0, 0.01
 N = 512
 KS = (3, 6, 12)
 L0_COEFFICIENTS = (0.1, 0.3, 1.0, 3.0)
-SEEDS = (0, 1, 2)
+#: SAE init seeds. Not 1: PlantedData draws its directions as the first randn(256, 64) of a generator seeded 1, and
+#: every SAE of seed s draws its decoder as randn(512, 64) from a generator seeded s, so seed 1's SAEs would START
+#: at the planted dictionary (recovery 1.00 before training; check_init refuses any such init)
+SEEDS = (0, 2, 3)
 STEPS, ROWS = 800, 512
 #: the threshold's moving average for an 800-step run (the default 0.999 is dictionary_learning's, for runs of
 #: 10^4–10^5 steps: here it would still sit near the first batch's value at the end)
 BETA = 0.99
-#: JumpReLU's start threshold and bandwidth on this trainer's unit-variance activation scale (SAELens's 0.001 and
-#: 0.001 are for activations scaled to E|x|² = d: here no pre-activation would fall in so narrow a window, and the
-#: threshold would never move)
+#: JumpReLU's start threshold and bandwidth on this trainer's unit-variance activation scale: the library's defaults
+#: (dlmscope.sae.jumprelu). The peers' differ: SAELens 6.54.12's JumpReLUTrainingSAEConfig starts θ at 0.01 with
+#: bandwidth 0.05 and trains θ itself (arch_study_peers.py runs it so, on activations scaled to E|x|² = d);
+#: dictionary_learning 0.1.0 starts θ at 0.001 (JumpReluAutoEncoder, after Rajamanoharan et al. 2024, App. I) with
+#: bandwidth 0.001 (JumpReluTrainer's default). With 0.001 / 0.001 on this scale almost no pre-activation falls in
+#: the window and θ barely moves (docs/architectures.md)
 THETA0, BANDWIDTH = 0.1, 0.05
 
 
@@ -79,6 +87,20 @@ def make_saes(seed: int) -> list:
     return saes
 
 
+def check_init(data: PlantedData, saes: list, seed: int) -> float:
+    """Refuse to train SAEs whose initial decoder already matches planted directions; returns the largest share.
+
+    At chance, two random unit vectors in d = 64 have cosine > 0.9 with probability ~1e-24, so over 256 × 512 pairs
+    a random init matches none: any match means the init shares the data's random draws (as seed 1 would)."""
+    shares = {label(sae): data.recovered(sae.W_dec) for sae in saes}
+    bad = {name: share for name, share in shares.items() if share > 0}
+    if bad:
+        raise RuntimeError(f"init seed {seed}: the initial decoder already recovers planted directions before "
+                           f"training (share per SAE: {bad}); the SAE init and PlantedData share random draws — "
+                           "choose another init seed")
+    return max(shares.values())
+
+
 def label(sae) -> str:
     arch = sae.cfg.arch
     return f"{arch} λ={sae.cfg.meta['l0_coefficient']:g}" if arch == "jumprelu" else f"{arch} k={sae.k}"
@@ -87,6 +109,7 @@ def label(sae) -> str:
 def train_seed(data: PlantedData, seed: int) -> dict:
     """Train one seed's SAEs (JumpReLU SAEs one trainer per coefficient: the coefficient is the trainer's)."""
     saes = make_saes(seed)
+    check_init(data, saes, seed)
     cfg = TrainConfig(steps=STEPS, lr=4e-3, warmup_steps=50, dead_tokens=ROWS * 50, norm_batches=5)
     quiet = LogConfig(log_every=0, progress=False)
     others = [s for s in saes if s.cfg.arch != "jumprelu"]
@@ -152,7 +175,9 @@ def main(argv=None) -> int:
             f"noise {NOISE}. SAEs: n = {N}; each seed's Top-K, BatchTopK and Matryoshka SAEs (prefixes n/8, n/4, "
             f"n/2, n) train side by side in one trainer, the JumpReLU SAEs one trainer per L0 coefficient, "
             f"{STEPS} steps × {ROWS} rows of the same stream; held-out 8192 rows, eval-mode rules. Each cell: "
-            f"mean [min–max] over {len(SEEDS)} SAE init seeds.", ""] + table(summary)
+            f"mean [min–max] over {len(SEEDS)} SAE init seeds ({', '.join(map(str, SEEDS))}; not 1, the planted "
+            f"directions' generator seed, from which every SAE would start at the planted dictionary; before "
+            f"training, every initial decoder is checked to match no planted direction).", ""] + table(summary)
     atomic.write_text(out / "arch_study.md", "\n".join(text) + "\n")
     print("\n".join(table(summary)))
     return 0

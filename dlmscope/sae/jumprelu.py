@@ -2,12 +2,15 @@
 
     f_i = pre_i · H(pre_i − θ_i),   pre = W_enc (x − b_dec) + b_enc,   x_hat = W_dec.T f + b_dec
 
-The threshold is learned as ``log_threshold`` [n] (``θ = exp(log_threshold)``, positive), as SAELens's JumpReLU
-training SAE does. Defaults for the trainer's normalised activations (total variance 1): initial θ = 0.1 and
-bandwidth ``ε`` = 0.05 of the rectangle kernel of the straight-through estimator (∂f_i/∂θ_i =
-−(θ_i/ε)·K((pre_i − θ_i)/ε), ∂L0/∂θ_i = −(1/ε)·K(·)). SAELens's 0.001 / 0.001 suit its own scale; on this one
-almost no pre-activation falls inside the window, so θ barely trains and L0 stays far above target
-(docs/architectures.md). Both are constructor arguments. The
+The threshold is learned as ``log_threshold`` [n] (``θ = exp(log_threshold)``, positive), as in DeepMind's JumpReLU
+(Rajamanoharan et al. 2024); SAELens 6.54.12's ``JumpReLUTrainingSAE`` and dictionary_learning 0.1.0's
+``JumpReluTrainer`` learn θ itself. Defaults for the trainer's normalised activations (total variance 1): initial
+θ = 0.1 and bandwidth ``ε`` = 0.05 of the rectangle kernel of the straight-through estimator (∂f_i/∂θ_i =
+−(θ_i/ε)·K((pre_i − θ_i)/ε), ∂L0/∂θ_i = −(1/ε)·K(·)). The peers start elsewhere: SAELens 6.54.12
+(``JumpReLUTrainingSAEConfig``) at θ = 0.01, ε = 0.05; dictionary_learning 0.1.0 at θ = 0.001
+(``JumpReluAutoEncoder``, after the paper's Appendix I) with ε = 0.001 (``JumpReluTrainer``'s default). With
+0.001 / 0.001 on this trainer almost no pre-activation falls inside the window, so θ barely trains and L0 stays
+far above target (docs/architectures.md). Both are constructor arguments. The
 state's ``threshold`` tensor [n] is ``exp(log_threshold)``; loading takes its log, so a save/load round trip of θ is
 exact to a few ulps, not bitwise. ε is saved in ``cfg.meta["jumprelu_bandwidth"]``. A loaded θ = 0 stays exactly 0
 (log −inf) for inference, but cannot train: the trainer refuses it by latent until :meth:`JumpReLUSAE.floor_threshold_`.
@@ -32,7 +35,8 @@ from .topk import TopKSAE
 
 __all__ = ["JumpReLUSAE", "DEFAULT_THRESHOLD", "DEFAULT_BANDWIDTH"]
 
-#: initial θ and bandwidth ε for the trainer's normalised activations (SAELens's, 0.001 each, are for its scale)
+#: initial θ and bandwidth ε for the trainer's normalised activations (not a peer's: SAELens 6.54.12 starts at
+#: θ 0.01, ε 0.05; dictionary_learning 0.1.0 at θ 0.001, ε 0.001, after Rajamanoharan et al. 2024)
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_BANDWIDTH = 0.05
 
