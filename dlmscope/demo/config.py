@@ -76,6 +76,14 @@ class DemoConfig:
     transfer_delta_batches: int = 6
     #: seed replicates of the transfer section's base, second-base and instruct SAEs (the FVE ratio over them)
     transfer_seeds: int = 3
+    #: layers of the crosscoder diff (base DLM vs instruct twin, the placebo twin as the count null; empty: none),
+    #: its harvest policy (mask: the positions the instruct twin's SFT loss acts on) and budget
+    crosscoder_layers: tuple[int, ...] = (5, 7)
+    crosscoder_policy: str = "mask"
+    crosscoder_tokens: int = 120_000
+    crosscoder_eval_tokens: int = 10_000
+    crosscoder_epochs: int = 2
+    crosscoder_seeds: int = 3
 
     def __post_init__(self):
         self.layers = tuple(sorted({int(x) for x in self.layers}))
@@ -98,6 +106,9 @@ class DemoConfig:
             if missing:
                 raise ValueError(f"{name} {missing} are not among the demo layers {self.layers}")
         self.transfer_layers = tuple(sorted({int(x) for x in self.transfer_layers}))
+        self.crosscoder_layers = tuple(sorted({int(x) for x in self.crosscoder_layers}))
+        if self.crosscoder_layers and self.crosscoder_seeds < 2:
+            raise ValueError(f"crosscoder_seeds must be >= 2 (the seed-to-seed null), got {self.crosscoder_seeds}")
         if self.steer_layers and not self.steer_alphas:
             raise ValueError("steer_alphas must not be empty when steer_layers is set")
         if self.ks[-1] > self.n_latents:
@@ -120,6 +131,7 @@ class DemoConfig:
                    delta_max_batches=4,
                    concept_batches=4, sentences=40_000, steer_layers=(2,), steer_prompts=8, order_layers=(0, 2),
                    order_tasks=20, order_seeds=(0,), transfer_layers=(2,), transfer_tokens=40_000,
-                   transfer_eval_tokens=4_000, transfer_delta_batches=2, transfer_seeds=2)
+                   transfer_eval_tokens=4_000, transfer_delta_batches=2, transfer_seeds=2, crosscoder_layers=(2,),
+                   crosscoder_tokens=20_000, crosscoder_eval_tokens=2_000, crosscoder_epochs=1, crosscoder_seeds=2)
 
 

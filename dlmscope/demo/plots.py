@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from dlmscope.jobs.plots import plot_by_layer, plot_order, plot_transfer
+from dlmscope.jobs.plots import plot_by_layer, plot_crosscoder, plot_order, plot_transfer
 from .config import RUN_LABELS, DemoConfig
 from .findings import get
 from .seeds import seed_summary
@@ -108,4 +108,6 @@ def write_plots(results: dict, cfg: DemoConfig, out: Path) -> list[Path]:
         paths += plot_order(results["orders"], out / "order")
     if results.get("transfer"):
         paths.append(plot_transfer(results["transfer"], out / "transfer.png"))
+    if results.get("crosscoder"):
+        paths.append(plot_crosscoder(results["crosscoder"], out / "crosscoder.png"))
     return paths

@@ -328,6 +328,52 @@ def transfer(results: dict, cfg: DemoConfig) -> list[str]:
     return lines + [""]
 
 
+def crosscoder(results: dict, cfg: DemoConfig) -> list[str]:
+    """The crosscoder diff (base DLM vs instruct twin, placebo twin as the count null), per layer: reconstruction,
+    exclusive latents per side against the placebo and across seeds, their firing on the Q&A text, the verdict."""
+    r = results.get("crosscoder")
+    if not r:
+        return []
+    c = r["config"]
+    lines = ["## Crosscoder diff: what the instruct fine-tune created or removed", "",
+             f"{c['seeds']} crosscoders per layer ({c['rule']}, n = {c['n_latents']}, k = {c['k']}, one decoder per "
+             f"model) on paired {c['policy']}-policy activations of the base DLM and the instruct twin (one forward "
+             f"of each on the same corrupted tokens; pre-training text and Q&A prompts 1:1, the instruct twin's SFT "
+             f"mix; {c['train_tokens']:,} tokens, {c['epochs']} epochs; init seeds differ, data order shared), and "
+             f"the same between the base DLM and the placebo twin (fine-tuned with the same recipe on base text "
+             f"only). Scored on {c['eval_tokens']:,} held-out tokens each of pre-training and Q&A text. Exclusive: "
+             f"alive ({c['min_fires']} or more fires) with relative decoder norm ρ of {c['low']} or less (base "
+             f"only: removed) or {c['high']} or more (instruct only: created), not flagged by Latent Scaling (ν ≤ {c['max_nu']}). "
+             f"Pre-specified verdict per side: replicated across every ordered seed pair (one-sided p < "
+             f"{c['alpha']} against labels at random), more than the placebo in every seed, and firing more on the "
+             "Q&A text than the shared latents (interval over latents, every seed).", "",
+             "| layer | FVE base / instruct (Q&A) | alive | ρ sd (placebo) | created (placebo) | removed (placebo) "
+             "| corr(ρ, Q&A specificity) (placebo) | verdict created / removed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for L, e in r["layers"].items():
+        runs, null = e["runs"], e.get("placebo", {}).get("runs", [])
+        rng = lambda vals, d=3: f"{fmt(min(vals), d)}–{fmt(max(vals), d)}"  # noqa: E731
+        fve = " / ".join(f"{rng([x['fve']['text'][s] for x in runs])} ({rng([x['fve']['own'][s] for x in runs])})"
+                         if "own" in runs[0]["fve"] else rng([x["fve"]["text"][s] for x in runs]) for s in (0, 1))
+        sides = {side: f"{rng([x['sides'][side]['robust'] for x in runs], 0)} "
+                       f"({rng([x['sides'][side]['robust'] for x in null], 0) if null else '—'})"
+                 for side in ("created", "removed")}
+        lean = (f"{rng([x['lean_specificity_corr']['mean'] for x in runs], 2)} "
+                f"({rng([x['lean_specificity_corr']['mean'] for x in null], 2) if null else '—'})"
+                if "lean_specificity_corr" in runs[0] else "—")
+        sd = f"{rng([x['rho_sd'] for x in runs])} ({rng([x['rho_sd'] for x in null]) if null else '—'})"
+        lines.append(f"| {L} | {fve} | {rng([x['alive'] for x in runs], 0)} | {sd} | {sides['created']} | "
+                     f"{sides['removed']} | {lean} | {e['verdict']['created']['outcome']} / "
+                     f"{e['verdict']['removed']['outcome']} |")
+    lines += [""] + [f"- L{L} {side}: {v['words']}." for L, e in r["layers"].items()
+                     for side, v in e["verdict"].items()]
+    lines += ["- The threshold-free reading (per seed, correlation over alive latents of ρ with the log firing-rate "
+              "ratio Q&A / pre-training text; an interval per seed): " + "; ".join(
+                  f"L{L} {e['lean']['target']} (placebo: {e['lean']['placebo']})" for L, e in r["layers"].items())
+              + ".", ""]
+    return lines
+
+
 def _ratio_cell(sm: dict, prefix: str) -> str:
     """The FVE ratio (ceiling, null); with seed replicates, each as its mean and min–max over them."""
     g = lambda key: sm.get(prefix + key, math.nan)  # noqa: E731
@@ -348,7 +394,7 @@ def plot_gallery(results: dict, cfg: DemoConfig) -> list[str]:
              "![concept F1](concept_f1.png)", ""]
     for key, name in (("steering", "steering.png"), ("orders", "order_accuracy.png"), ("orders", "order_dynamics.png"),
                       ("orders", "order_progress.png"),
-                      ("transfer", "transfer.png")):
+                      ("transfer", "transfer.png"), ("crosscoder", "crosscoder.png")):
         if results.get(key):
             lines += [f"![{name[:-4]}]({name})", ""]
     return lines
@@ -358,7 +404,7 @@ plot_gallery.needs_plots = True
 
 #: The report's sections, in order; a section with ``needs_plots = True`` is left out of a run without plots.
 SECTIONS: tuple[Section, ...] = (header, reconstruction, splice_in, concepts, steering, decoding_orders, transfer,
-                                 plot_gallery, paper_findings)
+                                 crosscoder, plot_gallery, paper_findings)
 
 
 def write_report(results: dict, cfg: DemoConfig, out: Path, *, plots: bool = True,

@@ -30,16 +30,18 @@ from .report import write_report
 from .orders import run_orders
 from .steering import run_steering
 from .transfer import run_transfer_section
+from .crosscoder import run_crosscoder_section
 
 #: the embedded world's models (dlmscope/world/assets/models/)
-WORLD_MODELS = ("dlm", "ar", "ar_matched", "instruct")
+WORLD_MODELS = ("dlm", "ar", "ar_matched", "instruct", "placebo")
 
 __all__ = ["WORLD_MODELS", "load_world_model", "sweep_spec", "train_layer_saes", "run_demo"]
 
 
 def load_world_model(name: str):
     """The embedded world's ``dlm`` (LLaDA format), ``ar`` (Llama, the DLM's init), ``ar_matched`` (Llama, the
-    budget-matched AR twin: the DLM's steps and data) or ``instruct`` model as an adapter."""
+    budget-matched AR twin: the DLM's steps and data), ``instruct`` or ``placebo`` (the DLM fine-tuned with the
+    instruct recipe on base text only) model as an adapter."""
     if name not in WORLD_MODELS:
         raise ValueError(f"unknown embedded-world model {name!r}; expected one of {', '.join(WORLD_MODELS)}")
     return models.load(asset("models", name))
@@ -80,7 +82,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
     started = time.perf_counter()
     results: dict = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads":
                      torch.get_num_threads(), "runs": {}, "seed_runs": {}, "concept_baselines": {}, "timings_s": {}}
-    names = {m for m, _ in RUNS} | ({"instruct"} if cfg.transfer_layers else set())
+    names = ({m for m, _ in RUNS} | ({"instruct"} if cfg.transfer_layers else set())
+             | ({"instruct", "placebo"} if cfg.crosscoder_layers else set()))
     adapters = {name: load_world_model(name) for name in sorted(names)}
     for a in adapters.values():
         a.check_layers(cfg.layers)
@@ -183,6 +186,10 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", cfg: DemoConfig | None = 
         t0 = time.perf_counter()
         results["transfer"] = run_transfer_section(adapters, (train_batches, held_batches), cfg)
         results["timings_s"]["transfer"] = time.perf_counter() - t0
+    if cfg.crosscoder_layers:
+        t0 = time.perf_counter()
+        results["crosscoder"] = run_crosscoder_section(adapters, (train_batches, held_batches), cfg)
+        results["timings_s"]["crosscoder"] = time.perf_counter() - t0
     results["findings"] = findings(results, cfg)
     results["timings_s"]["total"] = time.perf_counter() - started
     atomic.write_json(out / "results.json", results)

@@ -23,7 +23,8 @@ TINY = DemoConfig(layers=(0, 3), ks=(4, 8), k_ref=8, n_latents=128, train_tokens
                   delta_batches=2, delta_max_batches=4, concept_batches=2, sentences=6_000, sae_batch=512, warmup_steps=2,
                   norm_batches=2, dead_tokens=4_000, steer_layers=(3,), steer_prompts=4, steer_gen=4,
                   order_layers=(0, 3), order_tasks=4, order_seeds=(0,), transfer_layers=(3,), transfer_tokens=6_000,
-                  transfer_eval_tokens=2_000, transfer_delta_batches=1)
+                  transfer_eval_tokens=2_000, transfer_delta_batches=1, crosscoder_layers=(3,), crosscoder_tokens=6_000,
+                  crosscoder_eval_tokens=1_000, crosscoder_epochs=1, crosscoder_seeds=2)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -97,15 +98,16 @@ def test_results_cover_every_run_layer_and_k(demo_run):
 def test_plots_and_report(demo_run):
     out, results = demo_run
     for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png", "order_accuracy.png",
-                 "order_dynamics.png", "order_progress.png", "transfer.png"):
+                 "order_dynamics.png", "order_progress.png", "transfer.png", "crosscoder.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     report = (out / "report.md").read_text()
     for heading in ("## Reconstruction", "## Splice-in", "## Planted concepts", "## Steering during generation",
-                    "## Decoding orders", "## Base → instruct transfer", "## The paper's findings"):
+                    "## Decoding orders", "## Base → instruct transfer", "## Crosscoder diff",
+                    "## The paper's findings"):
         assert heading in report
     for name in ("fve_vs_k.png", "delta_lm.png", "concept_f1.png", "steering.png", "order_accuracy.png",
-                 "transfer.png"):
+                 "transfer.png", "crosscoder.png"):
         assert f"]({name})" in report
     # every FVE in the table is the one in results.json
     fve = results["runs"]["dlm/unmask"]["3"]["8"]["fve"]
@@ -250,6 +252,12 @@ def test_order_and_transfer_sections(demo_run):
     sm = tr["summary"]["3"]
     assert -1 <= sm["fve_ratio"] <= 2 and "ceiling_fve_ratio" in sm and "own_fve_ratio" in sm
     assert "init_hungarian_mean" not in sm          # each SAE from its own init seed
+    cc = results["crosscoder"]
+    assert list(cc["layers"]) == ["3"] and cc["config"]["placebo"] and cc["config"]["policy"] == "mask"
+    entry = cc["layers"]["3"]
+    assert len(entry["runs"]) == 2 and len(entry["placebo"]["runs"]) == 2
+    assert set(entry["verdict"]) == {"created", "removed"} and set(entry["verdict"]["created"]["checks"]) == {
+        "replicates", "above_placebo", "own_text_specific"}
     f = findings(results, TINY)
     assert f["orders"]["statistic"] == "pre_stability/3" and f["transfer"]["layers"] == ["3"]
     assert set(f["orders"]["sae_vs_base"]) <= {"sae_stable/half", "sae_stable/all", "sae_stable_entropy/half",
