@@ -21,7 +21,7 @@ AR_TWINS = {"ar/clean": "AR init twin: 1200 steps, the DLM's initialisation (the
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Settings of the demo (defaults: the full demo, ≈ 10 min on 2 CPU cores)."""
+    """Settings of the demo (defaults: the full demo, ≈ 12 min on 2 CPU cores)."""
 
     layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)  # every block of the world's models
     ks: tuple[int, ...] = (4, 8, 16, 32)
