@@ -22,7 +22,7 @@ def asset(*parts: str) -> str:
     where it is missing: the assets ship with a clone of the repository, not with the wheel."""
     path = _os.path.join(ASSETS_DIR, *parts)
     if not _os.path.exists(path):
-        raise FileNotFoundError(f"embedded-world asset {path} is missing: the world's assets (22 MB) ship with a clone "
+        raise FileNotFoundError(f"embedded-world asset {path} is missing: the world's assets (37 MB) ship with a clone "
                                 "of the repository, not with the wheel; run from a clone, or regenerate them with "
                                 "`python -m dlmscope.world.build`")
     return path

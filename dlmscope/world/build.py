@@ -13,9 +13,11 @@ Writes under ``DIR`` (default ``dlmscope/world/assets``):
                        ``chain3`` never occurs in training); ``neutral`` prompts are for steering, unscored
 
 The corpora themselves are not stored: :func:`build_world` regenerates them from the seed in seconds.
-``models/{dlm,ar,ar_matched,instruct}/`` the tiny trained models (:mod:`dlmscope.world.train_models`): a
-                       LLaDA-format masked DLM, its AR init twin and the budget-matched AR twin (Llama format)
-                       and the instruct twin (LLaDA format), each with the tokenizer files; skipped for worlds under ``train_models.MIN_PRETRAIN`` sentences.
+``models/{dlm,ar,ar_matched,instruct,placebo}/`` the tiny trained models (:mod:`dlmscope.world.train_models`):
+                       a LLaDA-format masked DLM, its AR init twin and the budget-matched AR twin (Llama format),
+                       the instruct twin and the placebo twin (the instruct twin's fine-tuning on base sentences
+                       only: the null for model diffing; LLaDA format), each with the tokenizer files; skipped for
+                       worlds under ``train_models.MIN_PRETRAIN`` sentences.
 """
 from __future__ import annotations
 
@@ -86,9 +88,10 @@ def _digest(samples) -> str:
 
 
 def train_models(world: World, tokenizer, out_dir: str, log=print, **configs) -> dict:
-    """Train the tiny models (LLaDA-format masked DLM, AR twin, instruct twin) into
-    ``out_dir/models/{dlm,ar,ar_matched,instruct}``; returns their metrics (masked-token accuracy, perplexity vs unigram,
-    Q&A accuracy, exact match per task kind), stored as ``world.json["models"]``. See :mod:`dlmscope.world.train_models`."""
+    """Train the tiny models (LLaDA-format masked DLM, AR twins, instruct and placebo twins) into
+    ``out_dir/models/{dlm,ar,ar_matched,instruct,placebo}``; returns their metrics (masked-token accuracy,
+    perplexity vs unigram, Q&A accuracy, exact match per task kind), stored as ``world.json["models"]``. See
+    :mod:`dlmscope.world.train_models`."""
     return _train_models(world, tokenizer, out_dir, log=log, **configs)
 
 

@@ -71,9 +71,10 @@ def qa_accuracy(model, samples, tok, seq_len: int):
     return {"accuracy": ok.double().mean().item(), "n": len(samples)}
 
 
-def evaluate_models(dlm, ar, instruct, world, tok, tc, ar_matched=None) -> dict:
+def evaluate_models(dlm, ar, instruct, world, tok, tc, ar_matched=None, placebo=None) -> dict:
     """The metrics of ``world.json["models"]`` (``tc``: the build's :class:`~.train_models.TrainConfig`); the
-    budget-matched AR twin's perplexity and exact match when ``ar_matched`` is given."""
+    budget-matched AR twin's perplexity and exact match when ``ar_matched`` is given, the placebo twin's Q&A
+    accuracy and exact match (as the instruct twin's) when ``placebo`` is."""
     train_ids = C.pack(world.train, tok, tc.seq_len)
     unigram = unigram_counts(train_ids, len(tok), tok.pad_token_id)
     held = C.pack(world.heldout, tok, tc.seq_len)[:tc.eval_rows]
@@ -84,10 +85,10 @@ def evaluate_models(dlm, ar, instruct, world, tok, tc, ar_matched=None) -> dict:
     if ar_matched is not None:
         out["ar_matched"] = ar_perplexity(ar_matched, held, unigram)
     qa = world.instruct_heldout
-    out["qa_accuracy"] = {"dlm": qa_accuracy(dlm, qa, tok, tc.sft_seq_len),
-                          "instruct": qa_accuracy(instruct, qa, tok, tc.sft_seq_len)}
+    named = {"dlm": dlm, "ar": ar, "instruct": instruct, "ar_matched": ar_matched, "placebo": placebo}
+    out["qa_accuracy"] = {name: qa_accuracy(named[name], qa, tok, tc.sft_seq_len)
+                          for name in ("dlm", "instruct", "placebo") if named[name] is not None}
     heldout = [C.task_heldout(t, world.config.heldout_frac, world.config.seed) for t in world.tasks]
-    named = {"dlm": dlm, "ar": ar, "instruct": instruct, "ar_matched": ar_matched}
     out["quality"] = {name: task_quality(model, world.tasks, heldout, tok, causal=is_causal(model))
                       for name, model in named.items() if model is not None}
     return out

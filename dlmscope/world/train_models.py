@@ -1,4 +1,4 @@
-"""Train the embedded world's four tiny models and write them in their real checkpoint formats.
+"""Train the embedded world's five tiny models and write them in their real checkpoint formats.
 
 ``out_dir/models/dlm/``       LLaDA-format masked diffusion LM (``model_type: "llada"``, LLaDA key names),
                               trained with the masked-diffusion objective: per sequence ``t ~ U(eps, 1)``,
@@ -11,7 +11,11 @@
                               mix), so that both have seen the same rows x tokens of the same data; Llama format.
 ``out_dir/models/instruct/``  the DLM fine-tuned on the Q&A slice (LLaDA-style SFT: the prompt is never
                               masked, only answer / ``[EOS]`` positions are), with base-corpus sentences mixed
-                              in (whole sentence maskable) so it keeps the base facts; LLaDA format.
+                              in so it keeps the base facts (whole sentence maskable, except the base corpus's own
+                              Q&A-kind sentences, about a tenth, whose prompt stays visible too); LLaDA format.
+``out_dir/models/placebo/``   the placebo twin: the instruct twin's fine-tuning (same code, steps, rows, seeds)
+                              on base-corpus sentences only, none of the Q&A kind: the null for model diffing
+                              (what fine-tuning alone changes); LLaDA format.
 
 The AR twin trains first; the DLM starts from its weights (as Dream-7B starts from Qwen2.5), trains 4x
 longer with the LLaDA objective and ends with an annealing phase on a task-rich mix (as LLaDA's last
@@ -25,6 +29,7 @@ stored in ``world.json["models"]``, among them exact match per decoding-task kin
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -45,7 +50,7 @@ from .tokenizer import save_tokenizer
 __all__ = ["ModelConfig", "TrainConfig", "train_models", "evaluate_models", "masked_accuracy", "ar_perplexity",
            "qa_accuracy", "unigram_counts", "MIN_PRETRAIN", "stratified_t", "anneal_dlm", "sft_samples",
            "quality_summary",
-           "train_ar_matched", "training_record"]
+           "train_ar_matched", "train_instruct", "training_record"]
 
 #: Worlds smaller than this many pre-training sentences get no models (a model trained on a toy slice would
 #: be meaningless, and the corpus-only build tests stay fast).
@@ -83,6 +88,8 @@ class TrainConfig:
     sft_seq_len: int = 32
     #: fraction of the fine-tuning rows that are base-corpus sentences (against forgetting)
     sft_base_frac: float = 0.5
+    #: also train the placebo twin (``models/placebo``: the instruct twin's fine-tuning on base sentences only)
+    placebo: bool = True
     #: the DLM starts from the trained AR twin's weights ("ar") or from scratch ("scratch")
     dlm_init: str = "ar"
     #: the DLM's annealing phase (as LLaDA's last pre-training tokens): a fresh optimiser, the task-rich
@@ -271,6 +278,10 @@ def training_record(tc: TrainConfig) -> dict:
            "instruct": {"init": "the DLM", "phases": [phase(tc.sft_steps, "Q&A + base sentences 1:1",
                                                             "LLaDA SFT (prompt never masked)",
                                                             tc.sft_batch, tc.sft_seq_len)]}}
+    if tc.placebo:
+        rec["placebo"] = {"init": "the DLM", "phases": [phase(tc.sft_steps, "base sentences only (placebo)",
+                                                              "LLaDA SFT (prompt never masked)",
+                                                              tc.sft_batch, tc.sft_seq_len)]}
     if tc.ar_matched:
         rec["ar_matched"] = {"init": "the AR twin", "phases": ar + [
             phase(tc.dlm_steps, "pretrain corpus", "next-token CE")]
@@ -280,10 +291,11 @@ def training_record(tc: TrainConfig) -> dict:
     return rec
 
 
-def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=print):
+def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=print, name="instruct"):
     """LLaDA-style SFT of a copy of ``base_model``: prompt positions never masked; answer + [EOS] positions
     masked with probability ``t``; loss normalised by the answer length. Rows without a prompt (base-corpus
-    sentences mixed in) have only ``[BOS]`` as prompt."""
+    sentences mixed in) have only ``[BOS]`` as prompt. The placebo twin is this with base sentences only
+    (``name`` labels the log lines)."""
     import copy
 
     torch.manual_seed(tc.seed + 2)
@@ -302,17 +314,24 @@ def train_instruct(base_model, qa_ids, qa_prompt, tok, tc: TrainConfig, log=prin
         return dlm_loss(model, ids, t, masked, noisy, attention_mask=att, norm=answer.sum(1).clamp(min=1))
 
     secs = _train_loop(model, opt, tc.sft_steps, tc.sft_lr, min(tc.warmup, tc.sft_steps // 10), tc.clip, step_fn,
-                       log, "instruct", log_every=50)
+                       log, name, log_every=50)
     return model, secs
 
 
-def sft_samples(world, frac_base: float, seq_len: int, seed: int) -> list:
+def sft_samples(world, frac_base: float, seq_len: int, seed: int, placebo: bool = False) -> list:
     """The instruct twin's fine-tuning samples: the Q&A training slice plus base-corpus sentences (a fraction
-    ``frac_base`` of the total, those that fit ``seq_len`` tokens), shuffled with ``random.Random(seed)``."""
+    ``frac_base`` of the total, those that fit ``seq_len`` tokens), shuffled with ``random.Random(seed)``.
+    ``placebo``: as many rows, all base-corpus sentences that fit and are not of the Q&A kind."""
     qa = list(world.instruct_train)
     n_base = round(len(qa) * frac_base / (1 - frac_base)) if frac_base < 1 else 0
-    base = [s for s in world.train if len(s.words) + 2 <= seq_len][:n_base]
-    mixed = qa + base
+    fits = (s for s in world.train if len(s.words) + 2 <= seq_len and not (placebo and s.kind == "qa"))
+    if placebo:
+        mixed = list(itertools.islice(fits, len(qa) + n_base))
+        if len(mixed) < len(qa) + n_base:
+            raise ValueError(f"placebo: {len(mixed)} base sentences fit {seq_len} tokens, "
+                             f"the instruct mix has {len(qa) + n_base} rows")
+    else:
+        mixed = qa + list(itertools.islice(fits, n_base))
     random.Random(seed).shuffle(mixed)
     return mixed
 
@@ -320,7 +339,7 @@ def sft_samples(world, frac_base: float, seq_len: int, seed: int) -> list:
 # ------------------------------------------------------------------------------------------------ entry point
 def save_model(model, tok, models_dir: str, name: str) -> None:
     """Write one checkpoint (+ tokenizer files) to ``models_dir/name``: transformers Llama format for a causal
-    model (the AR twins), LLaDA format for a diffusion one (the DLM and the instruct twin)."""
+    model (the AR twins), LLaDA format for a diffusion one (the DLM, the instruct and placebo twins)."""
     d = os.path.join(models_dir, name)
     os.makedirs(d, exist_ok=True)
     if is_causal(model):
@@ -342,8 +361,8 @@ def _reused(models_dir: str, name: str, reuse: bool, log):
 
 def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = ModelConfig(),
                  tc: TrainConfig | None = None, reuse: bool = False) -> dict:
-    """Train the DLM, its AR twins and the instruct twin; write them under
-    ``out_dir/models/{dlm,ar,ar_matched,instruct}`` and return the metrics (stored as ``world.json["models"]``).
+    """Train the DLM, its AR twins and the instruct and placebo twins; write them under
+    ``out_dir/models/{dlm,ar,ar_matched,instruct,placebo}`` and return the metrics (stored as ``world.json["models"]``).
     ``reuse``: load a model whose checkpoint is already in ``out_dir`` instead of training it again (training is
     deterministic, so a reused checkpoint of the same recipe equals a retrained one)."""
     tc = tc or TrainConfig(seed=world.config.seed, seq_len=world.config.seq_len)
@@ -398,7 +417,13 @@ def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = Mo
         qa_ids, qa_prompt = C.encode_prompted(sft_samples(world, tc.sft_base_frac, tc.sft_seq_len, tc.seed),
                                               tokenizer, tc.sft_seq_len)
         instruct = made("instruct", lambda: train_instruct(dlm, qa_ids, qa_prompt, tokenizer, tc, log))
-        metrics = evaluate_models(dlm, ar, instruct, world, tokenizer, tc, ar_matched=ar_matched)
+        placebo = None
+        if tc.placebo:
+            pl_ids, pl_prompt = C.encode_prompted(sft_samples(world, tc.sft_base_frac, tc.sft_seq_len, tc.seed,
+                                                              placebo=True), tokenizer, tc.sft_seq_len)
+            placebo = made("placebo", lambda: train_instruct(dlm, pl_ids, pl_prompt, tokenizer, tc, log,
+                                                             name="placebo"))
+        metrics = evaluate_models(dlm, ar, instruct, world, tokenizer, tc, ar_matched=ar_matched, placebo=placebo)
         metrics.update({
             "training": training_record(tc),
             "model_config": asdict(mc), "train_config": {k: (list(v) if isinstance(v, tuple) else v)
@@ -412,8 +437,8 @@ def train_models(world, tokenizer, out_dir: str, log=print, mc: ModelConfig = Mo
         m = metrics
         log("[world] dlm masked acc " + ", ".join(f"{k}: {v['accuracy']:.3f} (unigram {v['unigram_accuracy']:.3f})"
                                                    for k, v in m["dlm_masked"].items()))
-        log(f"[world] ar ppl {m['ar']['ppl']:.2f} (unigram {m['ar']['unigram_ppl']:.2f}); qa acc dlm "
-            f"{m['qa_accuracy']['dlm']['accuracy']:.3f} instruct {m['qa_accuracy']['instruct']['accuracy']:.3f}")
+        log(f"[world] ar ppl {m['ar']['ppl']:.2f} (unigram {m['ar']['unigram_ppl']:.2f}); qa acc "
+            + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["qa_accuracy"].items()))
         log(quality_summary(m["quality"]))
         return metrics
     finally:

@@ -357,20 +357,45 @@ def test_build_with_models_is_byte_identical(tmp_path):
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert {str(f) for f in files} >= {"world.json", "tasks.jsonl", "models/dlm/model.safetensors",
                                        "models/ar/model.safetensors", "models/instruct/model.safetensors",
-                                       "models/ar_matched/model.safetensors"}
+                                       "models/ar_matched/model.safetensors", "models/placebo/model.safetensors"}
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     q = m1["models"]["quality"]
-    assert set(q) == {"dlm", "ar", "instruct", "ar_matched"}
+    assert set(q) == {"dlm", "ar", "instruct", "ar_matched", "placebo"}
+    assert set(m1["models"]["qa_accuracy"]) == {"dlm", "instruct", "placebo"}
     # the budget-matched AR twin has seen exactly the DLM's steps, rows and tokens
     tr = m1["models"]["training"]
     assert tr["ar_matched"]["total"] == tr["dlm"]["total"] and tr["ar"]["total"]["steps"] == 4
     assert tr["dlm"]["total"] == {"steps": 11, "rows": 88, "tokens": 88 * 64}
-    # a rebuild that reuses the others' checkpoints and trains only the missing one writes the same bytes
+    # the placebo twin took the instruct twin's fine-tuning budget, on base sentences only
+    assert tr["placebo"]["total"] == tr["instruct"]["total"] == {"steps": 2, "rows": 128, "tokens": 128 * 32}
+    assert tr["placebo"]["init"] == "the DLM" and tr["placebo"]["phases"][0]["data"] == "base sentences only (placebo)"
+    # a rebuild that reuses the others' checkpoints and trains only the missing ones writes the same bytes
     shutil.copytree(tmp_path / "a", tmp_path / "c")
     shutil.rmtree(tmp_path / "c" / "models" / "ar_matched")
+    shutil.rmtree(tmp_path / "c" / "models" / "placebo")
     B.build(str(tmp_path / "c"), cfg, log=lambda *_: None, reuse=True, **short)
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes(), f
     assert set(q["dlm"]["heldout"]) >= {"chain3"} and "neutral" not in q["dlm"]["in_distribution"]
     assert models.load(str(tmp_path / "a" / "models" / "dlm")).num_layers == 2
+
+
+def test_placebo_sft_samples_are_base_sentences_only():
+    """The placebo twin's fine-tuning rows: as many as the instruct mix, base sentences that fit, none of the
+    Q&A kind (so no prompt rows); the instruct mix itself is unchanged by the option."""
+    from dlmscope.world import train_models as TM
+
+    w = B.build_world(B.WorldConfig(n_pretrain=3000, n_instruct=500, n_anneal=100, n_tasks=10))
+    mix = TM.sft_samples(w, 0.5, 32, seed=0)
+    placebo = TM.sft_samples(w, 0.5, 32, seed=0, placebo=True)
+    assert len(placebo) == len(mix) == 2 * len(w.instruct_train)
+    train = {id(s) for s in w.train}
+    assert all(id(s) in train and s.kind != "qa" and s.prompt_len is None and len(s.words) + 2 <= 32
+               for s in placebo)
+    base_half = [s for s in w.train if len(s.words) + 2 <= 32][:len(w.instruct_train)]
+    assert sorted(map(id, mix)) == sorted(map(id, list(w.instruct_train) + base_half))
+    _, prompt = C.encode_prompted(placebo, build_tokenizer(), 32)
+    assert prompt.sum(1).eq(1).all()            # only [BOS] is never masked
+    with pytest.raises(ValueError, match="placebo"):
+        TM.sft_samples(w, 0.999, 32, seed=0, placebo=True)

@@ -15,13 +15,15 @@ from dlmscope.world import corpus as C
 from dlmscope.world import train_models as TM
 
 MODELS_DIR = os.path.join(ASSETS_DIR, "models")
+MODELS = ("dlm", "ar", "ar_matched", "instruct", "placebo")
 pytestmark = pytest.mark.skipif(not all(os.path.isfile(os.path.join(MODELS_DIR, n, "model.safetensors"))
-                                        for n in ("dlm", "ar", "ar_matched", "instruct")),
+                                        for n in MODELS),
                                 reason="world models not built (python -m dlmscope.world.build)")
 
 #: margins the committed models must clear (the measured values are in world.json["models"])
 MASKED_ACC_MARGIN = 0.25     # DLM masked-token accuracy at t=0.15 minus the unigram baseline's
 AR_PPL_RATIO = 0.5           # AR held-out perplexity must be below this fraction of the unigram perplexity
+PLACEBO_QA_GAP = 0.05        # the placebo's one-shot Q&A within this of the DLM's; the instruct twin's above it by more
 
 
 def _load(name):
@@ -33,7 +35,7 @@ def _load(name):
 @pytest.fixture(scope="module")
 def adapters():
     torch.manual_seed(0)
-    return {n: _load(n) for n in ("dlm", "ar", "ar_matched", "instruct")}
+    return {n: _load(n) for n in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def _config(name):
         return json.load(f)
 
 
-@pytest.mark.parametrize("name", ["dlm", "instruct"])
+@pytest.mark.parametrize("name", ["dlm", "instruct", "placebo"])
 def test_dlm_checkpoints_are_llada_format(name, adapters, tok):
     cfg = _config(name)
     assert cfg["model_type"] == "llada" and cfg["architectures"] == ["LLaDAModelLM"]
@@ -114,7 +116,7 @@ def test_ar_checkpoint_is_llama_format(name, adapters, tok):
 
 
 def test_sizes_are_small():
-    for name in ("dlm", "ar", "ar_matched", "instruct"):
+    for name in MODELS:
         size = os.path.getsize(os.path.join(MODELS_DIR, name, "model.safetensors"))
         assert 0.5e6 < size < 10.5e6, (name, size)
 
@@ -124,7 +126,7 @@ def test_dlm_is_bidirectional_ar_is_causal(adapters, data):
     y = x.clone()
     y[:, -1] = (y[:, -1] + 7) % 400 + 5
     with torch.no_grad():
-        for name in ("dlm", "instruct"):
+        for name in ("dlm", "instruct", "placebo"):
             a = adapters[name]
             assert (a.logits(x)[:, 0] - a.logits(y)[:, 0]).abs().max() > 1e-3, name
         for name in ("ar", "ar_matched"):
@@ -159,6 +161,15 @@ def test_instruct_answers_qa_better_than_base(adapters, data, tok):
     assert inst > base, (inst, base)
 
 
+def test_placebo_did_not_learn_qa(adapters, data, tok):
+    """The placebo twin took the instruct twin's fine-tuning on base sentences only: its one-shot Q&A stays at
+    the DLM's (world.json: 0.607 vs 0.601 on the full held-out slice), far below the instruct twin's (0.734)."""
+    items = data["qa_held"]
+    acc = {n: TM.qa_accuracy(adapters[n].model, items, tok, 32)["accuracy"] for n in ("dlm", "instruct", "placebo")}
+    assert abs(acc["placebo"] - acc["dlm"]) < PLACEBO_QA_GAP, acc
+    assert acc["instruct"] > acc["placebo"] + PLACEBO_QA_GAP, acc
+
+
 def test_world_json_records_model_metrics():
     meta = json.load(open(os.path.join(ASSETS_DIR, "world.json")))
     m = meta["models"]
@@ -172,6 +183,13 @@ def test_world_json_records_model_metrics():
     assert tr["ar_matched"]["total"] == tr["dlm"]["total"] == {"steps": 6700, "rows": 428_800, "tokens": 27_443_200}
     assert tr["ar"]["total"]["steps"] == 1200 and [p["data"] for p in tr["ar_matched"]["phases"]] == [
         p["data"] for p in tr["dlm"]["phases"]]
+    # the placebo twin: the instruct twin's fine-tuning budget from the same init, on base sentences only
+    assert tr["placebo"]["total"] == tr["instruct"]["total"] == {"steps": 600, "rows": 38_400, "tokens": 1_228_800}
+    assert tr["placebo"]["init"] == tr["instruct"]["init"] == "the DLM"
+    assert tr["placebo"]["phases"][0]["data"] == "base sentences only (placebo)"
+    qa = m["qa_accuracy"]
+    assert abs(qa["placebo"]["accuracy"] - qa["dlm"]["accuracy"]) < PLACEBO_QA_GAP < (
+        qa["instruct"]["accuracy"] - qa["placebo"]["accuracy"]), qa
 
 
 # ---------------------------------------------------------------------------------------------- task quality
@@ -179,9 +197,11 @@ def test_world_json_records_model_metrics():
 #: model is not asked to know (the base models' Q&A is the instruct twin's job) have the bar below.
 AIM = 0.8
 #: Below the aim at this size (8 blocks, d_model 128, a 53-minute CPU build): the DLM's two-step chains
-#: (measured 0.50) and Q&A (0.69), the instruct twin's chains (0.40); see docs/world.md. The bars sit just
-#: under the measured values, so a rebuild that loses ground fails.
-BARS = {("dlm", "arith_chain"): 0.45, ("dlm", "qa"): 0.65, ("instruct", "arith_chain"): 0.35}
+#: (measured 0.50) and Q&A (0.69), the instruct twin's chains (0.40), the placebo twin's chains (0.35) and
+#: Q&A (0.69, the DLM's: it never saw the Q&A slice); see docs/world.md. The bars sit just under the measured
+#: values, so a rebuild that loses ground fails.
+BARS = {("dlm", "arith_chain"): 0.45, ("dlm", "qa"): 0.65, ("instruct", "arith_chain"): 0.35,
+        ("placebo", "arith_chain"): 0.30, ("placebo", "qa"): 0.65}
 #: how far a re-measurement may sit from world.json's record (argmax ties on another CPU)
 RECORD_TOLERANCE = 0.03
 
@@ -197,7 +217,7 @@ def measured_quality(adapters, shipped_tasks, tok):
 
     tasks, heldout = shipped_tasks
     return {name: task_quality(adapters[name], tasks, heldout, tok, causal=name.startswith("ar"))
-            for name in ("dlm", "ar", "ar_matched", "instruct")}
+            for name in MODELS}
 
 
 def test_quality_matches_world_json(measured_quality):
@@ -213,10 +233,17 @@ def test_quality_matches_world_json(measured_quality):
 
 def test_models_know_the_world(measured_quality):
     """The aim of the world: both base models know every in-distribution task kind; the instruct twin
-    answers the Q&A slice and keeps the base facts."""
+    answers the Q&A slice and keeps the base facts; so does the placebo twin, Q&A aside."""
     for name, kinds in (("dlm", C.SCORED_KINDS), ("ar", C.SCORED_KINDS), ("ar_matched", C.SCORED_KINDS),
-                        ("instruct", C.SCORED_KINDS)):
+                        ("instruct", C.SCORED_KINDS), ("placebo", C.SCORED_KINDS)):
         q = measured_quality[name]["in_distribution"]
         for kind in kinds:
             if kind in q:
                 assert q[kind]["exact_match"] >= BARS.get((name, kind), AIM), (name, kind, q[kind])
+
+
+def test_placebo_qa_stays_at_the_dlm(measured_quality):
+    """Exact match on the Q&A tasks: the instruct twin's gain over the DLM (0.69 -> 0.92) comes from the Q&A
+    slice, not from fine-tuning as such: the placebo twin stays at the DLM's (0.69)."""
+    qa = {n: measured_quality[n]["in_distribution"]["qa"]["exact_match"] for n in ("dlm", "instruct", "placebo")}
+    assert abs(qa["placebo"] - qa["dlm"]) <= 0.1 and qa["instruct"] >= qa["placebo"] + 0.15, qa
