@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .batchtopk import DEFAULT_THRESHOLD_BETA, BatchTopKSAE
+from .batchtopk import DEFAULT_ENCODER_INIT_SCALE, DEFAULT_THRESHOLD_BETA, BatchTopKSAE
 from .formats import SAEConfig
 from .prefix_decode import prefix_losses, prefix_reconstructions
 
@@ -36,9 +36,9 @@ class MatryoshkaSAE(BatchTopKSAE):
     def __init__(self, d: int, n: int, k: int, *, prefixes: Sequence[int], cap: int | None = None,
                  threshold_beta: float = DEFAULT_THRESHOLD_BETA, meta: dict | None = None,
                  backend: str | None = None, device=None, dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, encoder_init_scale: float = DEFAULT_ENCODER_INIT_SCALE):
         super().__init__(d, n, k, cap=cap, threshold_beta=threshold_beta, meta=meta, backend=backend, device=device,
-                         dtype=dtype, generator=generator)
+                         dtype=dtype, generator=generator, encoder_init_scale=encoder_init_scale)
         self.cfg = SAEConfig(d=d, n=n, k=k, meta=self.cfg.meta, arch=self.ARCH, prefixes=[int(m) for m in prefixes])
 
     @classmethod

@@ -39,14 +39,17 @@ class TopKSAE(nn.Module):
     ARCH = "topk"
 
     def __init__(self, d: int, n: int, k: int, *, meta: dict | None = None, backend: str | None = None,
-                 device=None, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
+                 device=None, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
+                 encoder_init_scale: float = 1.0):
         super().__init__()
+        if not float(encoder_init_scale) > 0:
+            raise ValueError(f"encoder_init_scale must be > 0, got {encoder_init_scale}")
         self.cfg = SAEConfig(d=d, n=n, k=k, meta=dict(meta or {}))
         self.backend = backend
         W_dec = torch.randn(n, d, generator=generator, dtype=torch.float32)
         W_dec = nn.functional.normalize(W_dec, dim=1).to(device=device, dtype=dtype)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.clone())
+        self.W_enc = nn.Parameter(W_dec * float(encoder_init_scale))  # tied at init, scaled (1 for Top-K)
         self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
 

@@ -397,3 +397,18 @@ def test_a_training_step_moves_every_parameter():
         opt.step()
         for name, p in sae.named_parameters():
             assert torch.isfinite(p).all() and not torch.equal(p, before[name]), (type(sae).__name__, name)
+
+
+def test_encoder_init_scale_per_architecture():
+    from dlmscope.sae import CLASSES
+    from dlmscope.sae.batchtopk import DEFAULT_ENCODER_INIT_SCALE
+
+    for arch, scale in (("topk", 1.0), ("jumprelu", 1.0), ("batchtopk", DEFAULT_ENCODER_INIT_SCALE),
+                        ("matryoshka", DEFAULT_ENCODER_INIT_SCALE)):
+        extra = {"prefixes": [4, 16]} if arch == "matryoshka" else {}
+        sae = CLASSES[arch](8, 16, 2, generator=torch.Generator().manual_seed(0), **extra)
+        torch.testing.assert_close(sae.W_enc.detach(), scale * sae.W_dec.detach(), msg=arch)
+    custom = CLASSES["batchtopk"](8, 16, 2, encoder_init_scale=0.5)
+    torch.testing.assert_close(custom.W_enc.detach(), 0.5 * custom.W_dec.detach())
+    with pytest.raises(ValueError, match="encoder_init_scale must be > 0"):
+        CLASSES["topk"](8, 16, 2, encoder_init_scale=0.0)
