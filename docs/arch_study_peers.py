@@ -14,11 +14,10 @@ Two steps, two interpreters (dlmscope is not installed beside sae-lens, and the 
    directions each initial decoder already matches.
 2. ``eval`` — run with dlmscope's python. It checks that arch_study.py's ``PlantedData`` gives the same bytes as
    those SHA-256s, loads every saved SAELens file with ``dlmscope.sae.load`` and measures it with
-   :func:`measure`, the measurement of ``arch_study.train_seed``. Our side is re-trained here through
-   ``arch_study.train_seed`` (unchanged recipe) for seeds 0, 2 and 3, not read from arch_study.json: that file's
-   seed 1 initialises every SAE at the planted dictionary (see ``OUR_SEEDS``). It checks that :func:`measure` gives
-   train_seed's own figures, compares seeds 0 and 2 with arch_study.json, and writes arch_study_peers.json and
-   arch_study_peers.md.
+   :func:`measure`, the measurement of ``arch_study.train_seed``. Our side is trained here through
+   ``arch_study.train_seed`` on arch_study.py's own ``SEEDS`` (its recipe and its init check, ``check_init``), so
+   that :func:`measure` runs on the SAE objects themselves. It checks that :func:`measure` gives train_seed's own
+   figures, compares them with arch_study.json, and writes arch_study_peers.json and arch_study_peers.md.
 
 The SAELens recipe, where it is not the library's default, is set to arch_study.py's budget: ``lr`` 4e-3, linear
 warmup 50 steps, constant, linear decay to 0 over the last 160 steps (arch_study's ``decay_fraction`` 0.2);
@@ -28,7 +27,8 @@ scale SAELens's JumpReLU λ is stated in, the one our ``l0_coefficient`` mirrors
 arch_study's norm factor uses; Matryoshka widths n/8, n/4, n/2, n. Everything else is SAELens's default (AuxK
 coefficient 1, decoder rows treated as normalised, decoder init norm 0.1, BatchTopK threshold rate 0.01 =
 arch_study's β 0.99, JumpReLU θ₀ 0.01, bandwidth 0.05, step L0 loss, grad-norm clip 1). Init seeds 0, 1, 2 through
-``torch.manual_seed`` (the inits cannot match ours: different code draws them).
+``torch.manual_seed`` (SAELens's own code draws the init, so it shares no draws with ``PlantedData``; ``inits``
+records that no initial decoder matches a planted direction).
 
     /tmp/peers-venv/bin/python docs/arch_study_peers.py train [--work DIR]
     .venv/bin/python docs/arch_study_peers.py eval [--work DIR] [--out docs]
@@ -39,7 +39,6 @@ import argparse
 import ast
 import hashlib
 import json
-import statistics
 import sys
 import subprocess
 import tempfile
@@ -52,10 +51,6 @@ HERE = Path(__file__).resolve().parent
 STUDY = HERE / "arch_study.py"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "arch_study_peers"
 HELD_SEED, HELD_ROWS, STREAM_SEED = 99, 8192, 7      # arch_study.py's held-out draw and stream seed
-#: our init seeds here: arch_study.py's 0 and 2, and 3 for its 1 — with seed 1 every SAE starts AT the planted
-#: dictionary (PlantedData draws its truth as the first randn(256, 64) of a generator seeded 1, and an SAE's init
-#: draws randn(512, 64) from a generator seeded with its seed: the same first 256 rows)
-OUR_SEEDS = (0, 2, 3)
 KEYS = ("fve", "l0", "l0_std", "recovered", "dead")
 NORM_BATCHES, LR, WARMUP, DECAY_FRACTION, DEAD_STEPS = 5, 4e-3, 50, 0.2, 50   # arch_study.py's TrainConfig
 
@@ -215,9 +210,10 @@ def measure(sae, held: torch.Tensor, data) -> dict:
 
 
 def train_ours(study, data, held: torch.Tensor, seeds) -> tuple[list[dict], dict]:
-    """Our side at this commit: each seed through ``arch_study.train_seed`` (its SAEs recorded as make_saes builds
-    them), measured by :func:`measure`; plus the recovery of each initial decoder and the largest difference between
-    :func:`measure` and train_seed's own figures (0 if they are one measurement)."""
+    """Our side: each seed through ``arch_study.train_seed`` (its SAEs recorded as make_saes builds them), measured
+    by :func:`measure`; plus the recovery of each initial decoder (train_seed's ``check_init`` refuses any above 0)
+    and the largest difference between :func:`measure` and train_seed's own figures (0 if they are one
+    measurement)."""
     per_seed, inits, gap = [], {}, 0.0
     make = study.make_saes
     for seed in seeds:
@@ -288,31 +284,21 @@ def evaluate(work: Path, out: Path) -> int:
         loader_gap["l0"] = max(loader_gap["l0"], abs(m["l0"] - run["saelens_l0"]))
         per_seed.setdefault(run["seed"], {})[run["label"]] = m
     peers = study.summarise([per_seed[s] for s in sorted(per_seed)])
-    mine, check = train_ours(study, data, held, OUR_SEEDS)
+    seeds = list(study.SEEDS)
+    mine, check = train_ours(study, data, held, seeds)
     recorded = dict(zip(ours["config"]["seeds"], ours["per_seed"]))
     check["rerun_vs_arch_study_json"] = {str(seed): largest_gap(m, recorded[seed])
-                                         for seed, m in zip(OUR_SEEDS, mine) if seed in recorded}
-    check["arch_study_inits_recovered"] = {str(seed): {study.label(sae): data.recovered(sae.W_dec)
-                                                       for sae in study.make_saes(seed)} for seed in study.SEEDS}
-    leaked = [s for s, v in check["arch_study_inits_recovered"].items() if max(v.values()) > 0.5]
-    check["arch_study_json_leaked_seeds"] = {seed: {
-        "recovered": [min(r["recovered"] for r in recorded[int(seed)].values()),
-                      max(r["recovered"] for r in recorded[int(seed)].values())],
-        "others_recovered": [min(r[n]["recovered"] for s, r in recorded.items() if str(s) != seed for n in r),
-                             max(r[n]["recovered"] for s, r in recorded.items() if str(s) != seed for n in r)],
-        "highest_fve_of_the_seeds": sum(recorded[int(seed)][n]["fve"] >= max(r[n]["fve"] for r in recorded.values())
-                                        for n in recorded[int(seed)]),
-        "saes": len(recorded[int(seed)])} for seed in leaked}
+                                         for seed, m in zip(seeds, mine) if seed in recorded}
+    check["arch_study_json_threads"] = ours.get("threads")
     inits = work / "inits.json"
     check["saelens_inits_recovered"] = json.loads(inits.read_text()) if inits.exists() else None
     result = {"saelens": manifest, "dlmscope_commit": head, "dlmscope_uncommitted": dirty,
               "arch_study_json_commit": json_commit,
-              "our_seeds": list(OUR_SEEDS), "data_identical_to_arch_study": same,
+              "our_seeds": seeds, "data_identical_to_arch_study": same,
               "loader_vs_saelens_own_outputs_max_abs_diff": loader_gap, "checks": check,
               "interval": "min–max over SAE init seeds (the data stream shared)",
-              "summary": {"dlmscope": study.summarise(mine), "saelens": peers,
-                          "dlmscope_arch_study_json": ours["summary"]},
-              "per_seed": {"dlmscope": {str(s): m for s, m in zip(OUR_SEEDS, mine)},
+              "summary": {"dlmscope": study.summarise(mine), "saelens": peers},
+              "per_seed": {"dlmscope": {str(s): m for s, m in zip(seeds, mine)},
                            "saelens": {str(s): per_seed[s] for s in sorted(per_seed)}}}
     (out / "arch_study_peers.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
     (out / "arch_study_peers.md").write_text(report(result, study) + "\n")
@@ -321,7 +307,7 @@ def evaluate(work: Path, out: Path) -> int:
 
 
 def report(result: dict, study) -> str:
-    ours, peers, old = (result["summary"][k] for k in ("dlmscope", "saelens", "dlmscope_arch_study_json"))
+    ours, peers = result["summary"]["dlmscope"], result["summary"]["saelens"]
     man, check = result["saelens"], result["checks"]
     fmt = lambda c, p=3: f"{c['mean']:.{p}f} [{c['low']:.{p}f}–{c['high']:.{p}f}]"  # noqa: E731
     front = pareto({("dlmscope", k): (v["l0"]["mean"], v["fve"]["mean"]) for k, v in ours.items()}
@@ -346,22 +332,24 @@ def report(result: dict, study) -> str:
                       f"{sign(q['recovered']['mean'] - o['recovered']['mean'], 2)} | "
                       f"{apart(q['recovered'], o['recovered'])} |")
     tc, gap, d = man["trainer_cfg"], result["loader_vs_saelens_own_outputs_max_abs_diff"], man["sae_defaults"]
-    inits_ours, inits_old = check["inits_recovered"], check["arch_study_inits_recovered"]
+    init_most = lambda inits: max(max(v.values()) for v in inits.values())  # noqa: E731
     inits_peer = check["saelens_inits_recovered"]
-    peer_init = ("" if inits_peer is None else
-                 f" SAELens's inits: at most {max(max(v.values()) for v in inits_peer.values()):.2f}.")
+    init_line = (" No SAE starts at the answer: the share of planted directions an initial decoder already matches "
+                 f"is at most {init_most(check['inits_recovered']):.2f} for ours (`check_init` refuses more than 0)"
+                 + ("" if inits_peer is None else f" and {init_most(inits_peer):.2f} for SAELens's") + ".")
     rerun = check["rerun_vs_arch_study_json"]
     worst = max(rerun.values(), key=lambda g: g["max_abs_diff"]) if rerun else None
+    threads = check.get("arch_study_json_threads")
     rerun_line = ("" if worst is None else
-                  f" Re-trained here, our seeds {', '.join(rerun)} differ from arch_study.json (committed at "
-                  f"`{result['arch_study_json_commit'][:7]}`) by at most {worst['max_abs_diff']:.1e} "
-                  f"({worst['figure']} of {worst['sae']}: {worst['values'][0]:.4f} here, {worst['values'][1]:.4f} "
-                  f"there).")
+                  f" Our seeds {', '.join(rerun)} differ from arch_study.json (committed at "
+                  f"`{result['arch_study_json_commit'][:7]}`"
+                  + (f", written with {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+                  + ") by " + ("0" if worst["max_abs_diff"] == 0 else
+                               f"at most {worst['max_abs_diff']:.1e} ({worst['figure']} of {worst['sae']}: "
+                               f"{worst['values'][0]:.4f} here, {worst['values'][1]:.4f} there)") + ".")
     dirty = result["dlmscope_uncommitted"]
     at = f"`{result['dlmscope_commit'][:7]}`" + (f" with uncommitted changes to {len(dirty)} files of dlmscope/, "
                                                   "listed in the json" if dirty else "")
-    rec_old = statistics.fmean(v["recovered"]["mean"] for v in old.values())
-    rec_new = statistics.fmean(v["recovered"]["mean"] for v in ours.values())
     text = [
         "# SAE architectures on planted data: ours beside SAELens's trainer", "",
         f"Written by `docs/arch_study_peers.py` (SAELens {man['versions']['sae_lens']}, torch "
@@ -369,8 +357,8 @@ def report(result: dict, study) -> str:
         "those of [`arch_study.md`](arch_study.md): the same planted problem, the same 800 batches × 512 rows (the "
         "SHA-256 of the batches SAELens's trainer consumed equals that of arch_study.py's stream), the same 8192 "
         "held-out rows, n = 512, k ∈ {3, 6, 12}, JumpReLU λ ∈ {0.1, 0.3, 1, 3}. Each cell: mean [min–max] over 3 "
-        f"init seeds: SAELens {', '.join(map(str, man['seeds']))}; ours {', '.join(map(str, result['our_seeds']))}, "
-        "re-trained here (below: why not arch_study.json's 0, 1, 2).", "",
+        f"init seeds: SAELens {', '.join(map(str, man['seeds']))}; ours {', '.join(map(str, result['our_seeds']))} "
+        "(arch_study.py's), trained here.", "",
         "**Code paths.** dlmscope rows: `arch_study.train_seed` (`dlmscope.train.trainer.Trainer`, the library's "
         "recipe, unchanged). SAELens rows: SAELens's own training SAEs (`TopKTrainingSAE`, `BatchTopKTrainingSAE`, "
         "`MatryoshkaBatchTopKTrainingSAE`, `JumpReLUTrainingSAE`), each trained alone by SAELens's own "
@@ -390,22 +378,9 @@ def report(result: dict, study) -> str:
         f"(our β = {study.BETA:g} is the same rate), JumpReLU θ₀ {d['jumprelu']['jumprelu_init_threshold']:g} and "
         f"bandwidth {d['jumprelu']['jumprelu_bandwidth']:g} (ours: {study.THETA0:g} and {study.BANDWIDTH:g} on "
         f"unit-variance activations), `{d['jumprelu']['jumprelu_sparsity_loss_mode']}` L0 loss, grad-norm clip 1.", "",
-        "**arch_study.json's seed 1 starts at the answer.** `PlantedData` draws the planted directions as the first "
-        "`randn(256, 64)` of a generator seeded 1, and each SAE of seed s draws its decoder as `randn(512, 64)` from a "
-        "generator seeded s; at s = 1 the first 256 decoder rows are the planted directions. The share of planted "
-        "directions the initial decoder already matches (the most over a seed's SAEs), per arch_study.py seed: "
-        + ", ".join(f"{seed}: {max(v.values()):.2f}" for seed, v in inits_old.items())
-        + f"; our seeds here: at most {max(max(v.values()) for v in inits_ours.values()):.2f}.{peer_init}"
-        + "".join(f" In arch_study.json seed {seed} recovers {v['recovered'][0]:.2f}–{v['recovered'][1]:.2f} of the "
-                  f"planted directions with every SAE (the other seeds {v['others_recovered'][0]:.2f}–"
-                  f"{v['others_recovered'][1]:.2f}) and has the highest FVE of the seeds in "
-                  f"{v['highest_fve_of_the_seeds']} of its {v['saes']} SAEs."
-                  for seed, v in check["arch_study_json_leaked_seeds"].items())
-        + f" arch_study.md's mean recovery over its {len(old)} SAEs is {rec_old:.2f}, against {rec_new:.2f} "
-        "over the seeds used here.", "",
         f"**Checks.** SAELens's own inference SAE (`SAE.load_from_disk`) and our loader agree on every file to "
         f"{gap['fve']:.1e} in FVE and {gap['l0']:.1e} in mean L0. `measure` on our SAEs gives `train_seed`'s own "
-        f"figures to {check['max_abs_diff_measure_vs_train_seed']:.1e}." + rerun_line, "",
+        f"figures to {check['max_abs_diff_measure_vs_train_seed']:.1e}." + rerun_line + init_line, "",
         "★: on the FVE–L0 Pareto front of all 26 rows (no other row has both lower-or-equal mean L0 and "
         "higher-or-equal mean FVE).", ""] + lines + [
         "", "SAELens minus ours (means); \"ranges\": which side's min–max lies wholly above the other's, or overlap.",

@@ -103,11 +103,11 @@ def test_batchtopk_threshold_moves_and_eval_l0_is_near_k(mixed_run):
     assert jump["l0"] < 6, jump  # λ = 1 drives the 8-wide initial code down to about the planted 3 per row
 
 
-def test_jumprelu_defaults_reach_the_planted_l0_where_saelens_values_do_not_train(mixed_run):
+def test_jumprelu_defaults_reach_the_planted_l0_where_dictionary_learning_values_do_not_train(mixed_run):
     """On this trainer's normalised scale, λ = 1: the defaults (θ0 0.1, ε 0.05; the mixed run's JumpReLU) bring
-    the eval L0 to about the planted 3 per row (measured 3.1, FVE 0.93, every direction recovered); with SAELens's
-    0.001 / 0.001 almost no pre-activation falls inside the straight-through window, so θ barely trains and L0
-    stays far above it (measured 55 after 150 steps)."""
+    the eval L0 to about the planted 3 per row (measured 3.1, FVE 0.93, every direction recovered); with
+    dictionary_learning 0.1.0's θ0 0.001 / ε 0.001 almost no pre-activation falls inside the straight-through window,
+    so θ barely trains and L0 stays far above it (measured 55 after 150 steps)."""
     _, _, results = mixed_run
     assert 2.0 < results["jumprelu"]["l0"] < 4.0 and results["jumprelu"]["fve"] > 0.9, results["jumprelu"]
     sae = JumpReLUSAE(PLANTED.d, 128, 8, init_threshold=0.001, eps=0.001, generator=_gen(0))
