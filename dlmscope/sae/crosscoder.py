@@ -33,7 +33,7 @@ from dlmscope import ops
 from dlmscope.util import atomic
 from dlmscope.util.checks import require_int
 from . import formats
-from .sparsity import batch_topk_encode, threshold_encode, update_threshold_ema
+from .sparsity import batch_topk_encode, batch_topk_encode_aux, threshold_encode, update_threshold_ema
 
 __all__ = ["Crosscoder", "FORMAT", "VERSION", "CFG", "WEIGHTS", "RULES"]
 
@@ -123,6 +123,25 @@ class Crosscoder(nn.Module):
         if update_threshold is None or update_threshold:
             self.update_threshold(values)
         return values, indices
+
+    def encode_with_aux(self, x: Tensor, aux_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Training-mode :meth:`encode` plus AuxK's selection from the same encoder op call (no second encode, no
+        host sync): ``(values, indices, aux_values [B, k_aux], aux_indices [B, k_aux])``, the aux code being per
+        row the ``k_aux`` largest relu'd pre-activations among the latents where ``aux_mask`` [n] bool is True,
+        zero-padded where fewer are (``ops.topk_encode_grouped``'s AuxK selection). Updates the BatchTopK
+        threshold as :meth:`encode` does."""
+        self.check_input(x)
+        x2 = x.reshape(x.shape[0], self.S * self.d)
+        W_enc, b_enc = self._cast(self.W_enc, x.dtype), self._cast(self.b_enc, x.dtype)
+        b_cat = self._cast(self.b_dec, x.dtype).reshape(self.S * self.d)
+        if self.rule == "topk":
+            codes = ops.topk_encode_grouped(x2, W_enc, b_enc, b_cat, [self.k], [self.n], aux_mask=aux_mask,
+                                            k_aux=[k_aux], backend=self.backend)
+            return codes.values, codes.indices, codes.aux_values, codes.aux_indices
+        values, indices, _, aux_values, aux_indices = batch_topk_encode_aux(
+            x2, W_enc, b_enc, b_cat, self.k, self.cap, aux_mask, k_aux, backend=self.backend)
+        self.update_threshold(values)
+        return values, indices, aux_values, aux_indices
 
     @torch.no_grad()
     def update_threshold(self, values: Tensor) -> None:

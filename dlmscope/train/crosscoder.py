@@ -23,22 +23,6 @@ from .step import fired_latents
 __all__ = ["fit_crosscoder"]
 
 
-def _auxk_sum(cc: Crosscoder, x: Tensor, e_det: Tensor, dead: Tensor, k_aux: int) -> Tensor | None:
-    """Σ_b Σ_s |e_s,b − â_s,b|²: the top ``min(k_aux, n_dead)`` relu'd pre-activations among the ``dead`` [n]
-    latents of x [B, S, d], decoded without b_dec (â [B, S, d]), against the detached residual e_det [B, S, d];
-    None when nothing is dead. The encoder call runs over the dead rows only."""
-    ids = dead.nonzero().squeeze(1)
-    if ids.numel() == 0:
-        return None
-    x2, dt = x.reshape(x.shape[0], -1), x.dtype  # parameters cast to the activations' dtype, as in encode
-    values, local = ops.topk_encode(x2, cc.W_enc[ids].to(dt), cc.b_enc[ids].to(dt), cc.b_dec.reshape(-1).to(dt),
-                                    min(k_aux, ids.numel()), backend=cc.backend)
-    zero = x.new_zeros(cc.d)
-    a_hat = torch.stack([ops.sparse_decode(values, local, cc.W_dec[s][ids].to(dt), zero, backend=cc.backend)
-                         for s in range(cc.S)], dim=1)
-    return (e_det - a_hat).pow(2).sum()
-
-
 def fit_crosscoder(cc: Crosscoder, stream: Iterable[Tensor], *, steps: int, lr: float, warmup_steps: int = 0,
                    auxk_alpha: float = 1 / 32, k_aux: int | None = None, dead_tokens: int = 10_000_000,
                    betas: tuple[float, float] = (0.9, 0.999), init_b_dec: bool = True, seed: int = 0) -> list[dict]:
@@ -51,7 +35,8 @@ def fit_crosscoder(cc: Crosscoder, stream: Iterable[Tensor], *, steps: int, lr: 
 
     Loss = Σ_s mean_b |x_s,b − x̂_s,b|² + auxk_alpha · AuxK. AuxK is the Top-K recipe's (Gao et al. 2024): the
     top ``k_aux`` (default ``min(S·d // 2, n)``) relu'd pre-activations among latents that have not fired for
-    ``dead_tokens`` tokens reconstruct the detached residual, normalised by the residual's energy about its batch
+    ``dead_tokens`` tokens (selected in the code's own encoder call, :meth:`Crosscoder.encode_with_aux`, zero-padded
+    where fewer are dead) reconstruct the detached residual, normalised by the residual's energy about its batch
     mean (Σ over sources); zero while no latent is dead. Updates: ``torch.optim.Adam`` on W_enc, b_enc, b_dec
     with a linear warmup over ``warmup_steps``; the decoder takes ``ops.decoder_norm_step`` on its [n, S·d]
     concatenated view (gradient made orthogonal to each unit concatenated row, Adam, rows renormalised), which
@@ -86,20 +71,26 @@ def fit_crosscoder(cc: Crosscoder, stream: Iterable[Tensor], *, steps: int, lr: 
             scale = min(1.0, step / warmup_steps) if warmup_steps else 1.0
             for group in opt.param_groups:
                 group["lr"] = lr * scale
-            values, indices = cc.encode(x)
+            dead = since >= dead_tokens
+            if auxk_alpha > 0:  # the dead latents' selection comes out of the code's own encoder call
+                values, indices, aux_values, aux_indices = cc.encode_with_aux(x, dead, k_aux)
+            else:
+                values, indices = cc.encode(x)
             x_hat = cc.decode(values, indices)
             residual = x - x_hat
             mse = residual.pow(2).sum(-1).mean(0)  # [S]
             loss = mse.sum()
-            dead = since >= dead_tokens
             aux = loss.new_zeros(())
             if auxk_alpha > 0:
                 e_det = residual.detach()
-                aux_sum = _auxk_sum(cc, x, e_det, dead, k_aux)
-                if aux_sum is not None:
-                    denom = (e_det - e_det.mean(0)).pow(2).sum()
-                    aux = torch.where(denom > 0, aux_sum / denom.clamp_min(1e-30), torch.zeros_like(aux_sum))
-                    loss = loss + auxk_alpha * aux
+                W_dec, zero = cc.W_dec.to(x.dtype), x.new_zeros(cc.d)  # decoded without b_dec
+                a_hat = torch.stack([ops.sparse_decode(aux_values, aux_indices, W_dec[s], zero, backend=cc.backend)
+                                     for s in range(cc.S)], dim=1)
+                aux_sum = (e_det - a_hat).pow(2).sum()
+                denom = (e_det - e_det.mean(0)).pow(2).sum()
+                # zero while nothing is dead (the padded selection is all zeros then); a tensor test, no sync
+                aux = torch.where(dead.any() & (denom > 0), aux_sum / denom.clamp_min(1e-30), torch.zeros_like(aux_sum))
+                loss = loss + auxk_alpha * aux
             opt.zero_grad(set_to_none=True)
             cc.W_dec.grad = None
             loss.backward()

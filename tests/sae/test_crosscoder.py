@@ -110,6 +110,27 @@ def test_auxk_runs_on_dead_latents():
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
 
 
+@pytest.mark.parametrize("rule", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+def test_encode_with_aux_matches_a_dense_selection(rule, n_dead):
+    """The AuxK code of encode_with_aux equals, per row, the k_aux largest relu'd pre-activations among the dead
+    latents (zero-padded where fewer), and its main code equals encode's; none dead, 3 (< k_aux) or all."""
+    cc = random_crosscoder(rule=rule)
+    x = torch.randn(16, 2, 5, generator=torch.Generator().manual_seed(3), dtype=F64)
+    dead = torch.zeros(cc.n, dtype=torch.bool)
+    dead[torch.randperm(cc.n, generator=torch.Generator().manual_seed(4))[:n_dead]] = True
+    k_aux = 5
+    values, indices, aux_values, aux_indices = cc.encode_with_aux(x, dead, k_aux)
+    want_v, want_i = cc.encode(x, update_threshold=False)
+    dense = lambda v, i: v.new_zeros(v.shape[0], cc.n).scatter_add_(1, i, v)  # noqa: E731
+    torch.testing.assert_close(dense(values, indices), dense(want_v, want_i))
+    pre = torch.relu((x.reshape(16, -1) - cc.b_dec.detach().reshape(-1)) @ cc.W_enc.detach().T + cc.b_enc.detach())
+    pre = torch.where(dead, pre, torch.zeros_like(pre))
+    top = pre.topk(k_aux, dim=1)
+    want_aux = pre.new_zeros(pre.shape).scatter_(1, top.indices, top.values)
+    torch.testing.assert_close(dense(aux_values, aux_indices), want_aux)
+
+
 # ---- save / load --------------------------------------------------------------------------------------------------
 
 
