@@ -135,6 +135,12 @@ def latent_scaling(cc: Crosscoder, batches: Iterable[Tensor] | Tensor, latents: 
     source = torch.as_tensor(source, dtype=torch.int64, device=W.device).expand(latents.shape).clone()
     if bool(((source < 0) | (source > 1)).any()):
         raise ValueError("source must be 0 or 1")
+    # the code of the requested latents only, not [B, n]: each distinct id gets a column, every other id the spare
+    # column u; repeated ids read their column back through ``inverse``
+    uniq, inverse = latents.unique(return_inverse=True)
+    u = uniq.numel()
+    column = torch.full((cc.n,), u, dtype=torch.int64, device=W.device)
+    column[uniq] = torch.arange(u, device=W.device)
     rows = W[:, latents]                                     # [2, m, d]: latent j's decoder row per source
     direction = rows[source, torch.arange(latents.numel(), device=W.device)]  # [m, d]
     dot_rows = (rows * direction).sum(-1)                    # [2, m]: ⟨W_dec[s, j], d_j⟩
@@ -151,7 +157,7 @@ def latent_scaling(cc: Crosscoder, batches: Iterable[Tensor] | Tensor, latents: 
                 continue  # an empty batch adds nothing to the sums (and the encoder refuses it)
             values, indices = cc.encode(x)
             x_hat = cc.decode(values, indices)
-            f = values.new_zeros(x.shape[0], cc.n).scatter_add_(1, indices, values)[:, latents]  # [B, m]
+            f = values.new_zeros(x.shape[0], u + 1).scatter_add_(1, column[indices], values)[:, inverse]  # [B, m]
             err_proj = torch.einsum("bsd,md->bsm", x - x_hat, direction)                        # ⟨x_s − x̂_s, d_j⟩
             rec_proj = torch.einsum("bsd,md->bsm", x_hat - cc.b_dec.detach()[None], direction)  # ⟨x̂_s − b_dec, d_j⟩
             fd = f.double()
@@ -192,9 +198,9 @@ def firing_counts(cc: Crosscoder, batches: Iterable[Tensor] | Tensor) -> tuple[T
             if x.shape[0] == 0:
                 continue
             values, indices = cc.encode(x)
-            fired = torch.zeros(x.shape[0], cc.n + 1, dtype=torch.bool, device=counts.device)
-            fired.scatter_(1, torch.where(values > 0, indices, cc.n), True)  # inactive slots -> spare column n
-            counts += fired[:, :cc.n].sum(0)
+            # a latent appears at most once per row of the code, so counting its active slots counts tokens;
+            # inactive slots land in the spare bin n (no [B, n] tensor)
+            counts += torch.bincount(torch.where(values > 0, indices, cc.n).reshape(-1), minlength=cc.n + 1)[:cc.n]
             tokens += x.shape[0]
     finally:
         cc.train(was_training)

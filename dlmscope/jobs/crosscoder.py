@@ -69,8 +69,15 @@ def _interleave(a: Sequence, b: Sequence | None) -> list:
     """a[0], b[0], a[1], b[1], ... (then the rest of the longer one); ``a`` when ``b`` is None."""
     if b is None:
         return list(a)
-    out = [x for pair in itertools.zip_longest(a, b) for x in pair if x is not None]
-    return out
+    return [x for pair in itertools.zip_longest(a, b) for x in pair if x is not None]
+
+
+def _check_counts(**counts) -> None:
+    """Every count an int >= 1 and ``seeds`` >= 2 (the seed-to-seed null needs a pair): one ValueError naming it."""
+    for name, value in counts.items():
+        require_int(name, value, 1)
+    if counts["seeds"] < 2:
+        raise ValueError("seeds must be >= 2: the seed-to-seed null needs a pair of seeds")
 
 
 def _stream(x: Tensor, batch: int, seed: int) -> Iterator[Tensor]:
@@ -98,7 +105,9 @@ def _analyse(cc: Crosscoder, held: Tensor, own: Tensor | None, *, min_fires: int
     replication test: ``alive`` [n] bool and ``robust[side]`` [n] bool)."""
     cc.eval()
     both = held if own is None else torch.cat([held, own])
-    counts, tokens = firing_counts(cc, both.split(4096))
+    c_text, t_text = firing_counts(cc, held.split(4096))
+    c_own, t_own = firing_counts(cc, own.split(4096)) if own is not None else (0, 0)
+    counts, tokens = c_text + c_own, t_text + t_own
     alive = counts >= min_fires
     rho = relative_decoder_norm(cc)
     labels = latent_labels(rho, low, high)
@@ -109,8 +118,6 @@ def _analyse(cc: Crosscoder, held: Tensor, own: Tensor | None, *, min_fires: int
                  "rho_sd": float(rho[alive].double().std()) if int(alive.sum()) > 1 else math.nan, "sides": {}}
     if own is not None:
         out["fve"]["own"] = _fve(cc, own)
-        c_text, t_text = firing_counts(cc, held.split(4096))
-        c_own, t_own = firing_counts(cc, own.split(4096))
         spec = specificity(c_own, t_own, c_text, t_text)
         # the threshold-free reading: do latents that lean to the target fire more on the fine-tune's own text?
         iv = correlation(rho[alive], spec[alive], resamples=resamples, seed=seed)
@@ -218,10 +225,7 @@ def diff_layer(train_x: Tensor, held_x: Tensor, own_x: Tensor | None, *, placebo
     layer``) train for ``epochs`` passes over one data order (``seed``). Returns ``{"scales", "runs",
     "replication", "verdict"}`` (+ ``"placebo"``: its scales and runs; module doc); ``save_dir``: the target's
     crosscoders saved to ``save_dir/seed_<r>``."""
-    for name, value in (("seeds", seeds), ("epochs", epochs), ("batch_size", batch_size), ("min_fires", min_fires)):
-        require_int(name, value, 1)
-    if seeds < 2:
-        raise ValueError("seeds must be >= 2: the seed-to-seed null needs a pair of seeds")
+    _check_counts(seeds=seeds, epochs=epochs, batch_size=batch_size, min_fires=min_fires)
     d = train_x.shape[-1]
     for name, x in (("train_x", train_x), ("held_x", held_x), ("own_x", own_x)) + tuple(
             (f"placebo[{i}]", t) for i, t in enumerate(placebo or ())):
@@ -283,11 +287,8 @@ def run_crosscoder_diff(base, target, layers: Sequence[int], *, placebo=None, po
     if placebo is not None:
         check_models(base, placebo, policy)
         placebo.check_layers(layers)
-    for name, value in (("seeds", seeds), ("epochs", epochs), ("train_tokens", train_tokens),
-                        ("eval_tokens", eval_tokens), ("batch_size", batch_size), ("min_fires", min_fires)):
-        require_int(name, value, 1)
-    if seeds < 2:
-        raise ValueError("seeds must be >= 2: the seed-to-seed null needs a pair of seeds")
+    _check_counts(seeds=seeds, epochs=epochs, train_tokens=train_tokens, eval_tokens=eval_tokens,
+                  batch_size=batch_size, min_fires=min_fires)
     if batches is None:
         if base.tokenizer is None:
             raise ValueError("the base model has no tokenizer; pass batches=(train, heldout) token batches")
