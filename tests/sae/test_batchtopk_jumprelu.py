@@ -15,6 +15,7 @@ from dlmscope.sae.batchtopk import BatchTopKSAE
 from dlmscope.sae.jumprelu import JumpReLUSAE
 from dlmscope.sae.topk import TopKSAE
 
+from tests.helpers.codes import assert_code, batchtopk_cut, pre_and_slack
 from tests.helpers.devices import native_float64, tolerance
 
 D, N, K = 8, 48, 3
@@ -60,44 +61,7 @@ def ref_args(sae, x):
     return x.reshape(-1, D).double(), W_enc, b_enc, b_dec
 
 
-# Where a backend computes float64 natively, its codes and gradients must equal the float64 reference (1e-12, 1e-10).
-# Triton has no float64 (tests/helpers/devices.py): it computes float64 inputs in float32, so it is held to float32
-# level (``tolerance``), and an entry whose pre-activation lies within float32 rounding of a selection cut (a
-# threshold, BatchTopK's tau, a JumpReLU window edge) may legitimately land on either side of it.
-
-
-def pre_and_slack(backend, x, W_enc, b_enc, b_dec):
-    """The float64 reference pre-activations [R, n] and how far ``backend``'s may be from them: 0 where it computes
-    float64 natively, else ``tolerance`` times the size of the terms summed into each entry."""
-    x, W_enc, b_enc, b_dec = (t.detach().double().cpu() for t in (x, W_enc, b_enc, b_dec))
-    pre = reference.pre_activations(x, W_enc, b_enc, b_dec)
-    if native_float64(backend):
-        return pre, torch.zeros_like(pre)
-    return pre, tolerance(F64, backend) * ((x.abs() + b_dec.abs()) @ W_enc.abs().T + b_enc.abs())
-
-
-def batchtopk_cut(x, W_enc, b_enc, b_dec, k):
-    """Where the reference's BatchTopK selection cuts: midway between the (B·k)-th and (B·k+1)-th largest entries
-    of relu(pre) (0 when B·k is every entry)."""
-    act = reference.pre_activations(x, W_enc, b_enc, b_dec).clamp_min(0)
-    kept = k * act.shape[0]
-    return act.new_zeros(()) if kept >= act.numel() else act.flatten().topk(kept + 1).values[-2:].mean()
-
-
-def assert_code(got, want, backend, args, cut):
-    """A dense code got [R, n] from ``backend`` against the float64 reference code want [R, n] of ref_args ``args``,
-    whose selection cuts at ``cut``. Native float64: equal to 1e-12. Otherwise values to float32 level, and the
-    selection compared only away from the cut: an entry within float32 rounding of it may be kept or dropped, but
-    if kept its value is its pre-activation."""
-    got, want = got.detach().reshape(want.shape).cpu(), want.detach()
-    if native_float64(backend):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-        return
-    pre, slack = pre_and_slack(backend, *args)
-    near = (pre - cut).abs() <= slack
-    assert not bool(near.all())
-    ok = ((got - want).abs() <= slack) | (near & ((got == 0) | ((got - pre).abs() <= slack)))
-    assert bool(ok.all()), f"{int((~ok).sum())} entries differ; largest {float((got - want).abs()[~ok].max())}"
+# Codes are compared with tests/helpers/codes.py (float64 where native, else float32 level away from a cut).
 
 
 def assert_close_at(got, want, backend, exact, msg=None):
