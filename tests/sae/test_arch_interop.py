@@ -12,8 +12,6 @@ import dataclasses
 import json
 import os
 import random
-import subprocess
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from dlmscope.sae import formats
 from dlmscope.sae.batchtopk import BatchTopKSAE
 from dlmscope.sae.jumprelu import JumpReLUSAE
 from dlmscope.sae.matryoshka import MatryoshkaSAE
+from tests.helpers.peers import run_peer
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "interop"
 D, N, K, PREFIXES = 16, 64, 4, [8, 24, 64]
@@ -406,38 +405,23 @@ def test_mutated_files_raise_only_value_errors_naming_the_file(tmp_path, source,
 
 # ---- our exports, read by the peer libraries themselves (optional) ---------------------------------------------
 
-_PEER_SCRIPT = textwrap.dedent('''
-    import json, sys, traceback
-    from pathlib import Path
-    import torch
-    from safetensors.torch import load_file, save_file
+_PEER_BODY = """
+out = {}
+if case.startswith("saelens"):
+    from sae_lens import SAE
+    sae = SAE.load_from_disk(path)
+    out["f"] = sae.encode(x)
+    out["x_hat"] = sae.decode(out["f"])
+else:
+    from dictionary_learning.utils import load_dictionary
+    sae, _config = load_dictionary(str(path), device="cpu")
+    out["x_hat"], out["f"] = sae(x, output_features=True)
+    if "jumprelu" not in case:  # its training rule: BatchTopK over the batch
+        out["f_train"] = sae.encode(x, use_threshold=False)
+        out["x_hat_train"] = sae.decode(out["f_train"])
+name = type(sae).__name__
+"""
 
-    root = Path(sys.argv[1])
-    x = load_file(str(root / "x.safetensors"))["x"]
-    report = {}
-    for case in sys.argv[2:]:
-        path = root / case
-        try:
-            out = {}
-            with torch.no_grad():
-                if case.startswith("saelens"):
-                    from sae_lens import SAE
-                    sae = SAE.load_from_disk(path)
-                    out["f"] = sae.encode(x)
-                    out["x_hat"] = sae.decode(out["f"])
-                else:
-                    from dictionary_learning.utils import load_dictionary
-                    sae, _config = load_dictionary(str(path), device="cpu")
-                    out["x_hat"], out["f"] = sae(x, output_features=True)
-                    if "jumprelu" not in case:  # its training rule: BatchTopK over the batch
-                        out["f_train"] = sae.encode(x, use_threshold=False)
-                        out["x_hat_train"] = sae.decode(out["f_train"])
-            save_file({k: v.contiguous() for k, v in out.items()}, str(root / f"{case}.out.safetensors"))
-            report[case] = type(sae).__name__
-        except Exception:
-            report[case] = "error: " + traceback.format_exc()
-    print(json.dumps(report))
-''')
 PEER_CASES = {f"{fmt}_{arch}": (fmt, arch) for fmt in ("saelens", "dl") for arch in ("batchtopk", "matryoshka",
                                                                                       "jumprelu")}
 PEER_CLASSES = {"saelens": "JumpReLUSAE", "dl_batchtopk": "BatchTopKSAE", "dl_matryoshka": "MatryoshkaBatchTopKSAE",
@@ -460,10 +444,7 @@ def peer_run(tmp_path_factory):
     # a SAELens training checkpoint, exported by us as the inference file
     formats.save(*formats.load(FIXTURES / "saelens/matryoshka_training"), root / "saelens_from_training", "saelens")
     cases = [*PEER_CASES, "saelens_from_training"]
-    proc = subprocess.run([python, "-c", _PEER_SCRIPT, str(root), *cases], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return saes, x, root, json.loads(proc.stdout.strip().splitlines()[-1])
+    return saes, x, root, run_peer(python, root, _PEER_BODY, cases)
 
 
 @pytest.mark.parametrize("case", sorted(PEER_CASES))

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from dlmscope.util import atomic
 
 from dlmscope.sae import formats
 from dlmscope.sae.topk import TopKSAE
+from tests.helpers.peers import run_peer
 from tests.helpers.saes import perturbed_sae
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "interop"
@@ -618,40 +618,25 @@ def test_dictionary_learning_without_config_uses_the_k_buffer(tmp_path):
 
 _PEER_MODULES = {"sparsify": "sparsify", "saelens": "sae_lens", "dictionary_learning": "dictionary_learning"}
 
-_PEER_SCRIPT = textwrap.dedent('''
-    import json, sys, traceback
-    from pathlib import Path
-    import torch
-    from safetensors.torch import load_file, save_file
+_PEER_BODY = """
+if case == "sparsify":
+    from sparsify import SparseCoder
+    sae = SparseCoder.load_from_disk(path)
+    acts, idx, _ = sae.encode(x)
+    x_hat = sae.decode(acts, idx)
+    f = torch.zeros(x.shape[0], sae.num_latents).scatter_(-1, idx, acts)
+elif case == "saelens":
+    from sae_lens import SAE
+    sae = SAE.load_from_disk(path)
+    f = sae.encode(x)
+    x_hat = sae.decode(f)
+else:
+    from dictionary_learning.utils import load_dictionary
+    sae, _config = load_dictionary(str(path), device="cpu")
+    x_hat, f = sae(x, output_features=True)
+out, name = {"x_hat": x_hat, "f": f}, "ok"
+"""
 
-    root = Path(sys.argv[1])
-    x = load_file(str(root / "x.safetensors"))["x"]
-    report = {}
-    for fmt in sys.argv[2:]:
-        path = root / fmt
-        try:
-            with torch.no_grad():
-                if fmt == "sparsify":
-                    from sparsify import SparseCoder
-                    sae = SparseCoder.load_from_disk(path)
-                    acts, idx, _ = sae.encode(x)
-                    x_hat = sae.decode(acts, idx)
-                    f = torch.zeros(x.shape[0], sae.num_latents).scatter_(-1, idx, acts)
-                elif fmt == "saelens":
-                    from sae_lens import SAE
-                    sae = SAE.load_from_disk(path)
-                    f = sae.encode(x)
-                    x_hat = sae.decode(f)
-                else:
-                    from dictionary_learning.utils import load_dictionary
-                    sae, _config = load_dictionary(str(path), device="cpu")
-                    x_hat, f = sae(x, output_features=True)
-            save_file({"x_hat": x_hat.contiguous(), "f": f.contiguous()}, str(root / f"{fmt}.out.safetensors"))
-            report[fmt] = "ok"
-        except Exception:
-            report[fmt] = traceback.format_exc()
-    print(json.dumps(report))
-''')
 
 
 def _peer_python() -> tuple[str | None, list[str]]:
@@ -678,10 +663,7 @@ def peer_outputs(tmp_path_factory):
     save_file({"x": x}, str(root / "x.safetensors"))
     for fmt in available:
         save(sae, root / fmt, format=fmt)
-    proc = subprocess.run([python, "-c", _PEER_SCRIPT, str(root), *available], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_peer(python, root, _PEER_BODY, available, timeout=300)
     return sae, x, root, available, report
 
 
