@@ -104,7 +104,7 @@ def _analyse(cc: Crosscoder, held: Tensor, own: Tensor | None, *, min_fires: int
     """(the JSON-able analysis of one trained crosscoder on held-out paired tokens, its tensors for the
     replication test: ``alive`` [n] bool and ``robust[side]`` [n] bool)."""
     cc.eval()
-    both = held if own is None else torch.cat([held, own])
+    both = lambda: itertools.chain(held.split(4096), () if own is None else own.split(4096))  # noqa: E731
     c_text, t_text = firing_counts(cc, held.split(4096))
     c_own, t_own = firing_counts(cc, own.split(4096)) if own is not None else (0, 0)
     counts, tokens = c_text + c_own, t_text + t_own
@@ -129,7 +129,7 @@ def _analyse(cc: Crosscoder, held: Tensor, own: Tensor | None, *, min_fires: int
         keep = torch.zeros_like(candidates)
         entry: dict = {"exclusive": int(ids.numel())}
         if ids.numel():
-            scaling = latent_scaling(cc, both.split(4096), ids, source=source)
+            scaling = latent_scaling(cc, both(), ids, source=source)
             keep[ids[~scaling.flagged(max_nu)]] = True
             entry.update(nu_error=[round(float(v), 4) for v in scaling.nu_error],
                          nu_recon=[round(float(v), 4) for v in scaling.nu_recon])
@@ -320,7 +320,8 @@ def run_crosscoder_diff(base, target, layers: Sequence[int], *, placebo=None, po
             placebo=None if null_x is None else tuple(None if t is None else t[L] for t in null_x),
             epochs=epochs, seeds=seeds, seed=seed, layer=L, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
             dead_tokens=dead_tokens, min_fires=min_fires, low=low, high=high, max_nu=max_nu, resamples=resamples,
-            meta={"layer": L, "policy": policy, "base": str(base.source), "target": str(target.source)}, save_dir=None if save_dir is None else Path(save_dir) / f"layer_{L}")
+            meta={"layer": L, "policy": policy, "base": str(base.source), "target": str(target.source)},
+            save_dir=None if save_dir is None else Path(save_dir) / f"layer_{L}")
     return out
 
 

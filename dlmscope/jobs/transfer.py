@@ -375,10 +375,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError("--crosscoder needs --seeds >= 2: the seed-to-seed null needs a pair of seeds")
     base, target = models.load(args.base), models.load(args.target)
     text = None if args.corpus == WORLD else text_from_args(base, args)
-    own = None  # (train, heldout) LM batches of the fine-tune's own text
+    own = None  # (train, heldout) LM batches of the fine-tune's own text; the SAE transfer reads only heldout
     if args.own_corpus == WORLD_QA:
-        own = tuple(world_qa_batches(base.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch, seed=s)
-                    for s in (args.seed + 1, args.seed))
+        def qa(s):
+            return world_qa_batches(base.tokenizer, seq_len=args.seq_len, lm_batch=args.lm_batch, seed=s)
+        own = (qa(args.seed + 1) if args.crosscoder else None, qa(args.seed))
     elif args.own_corpus is not None:
         own = tuple(list(b) for b in token_batches(args.own_corpus, base.tokenizer, seq_len=args.seq_len,
                                                    lm_batch=args.lm_batch, text_field=args.text_field,

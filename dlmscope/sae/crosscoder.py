@@ -104,16 +104,20 @@ class Crosscoder(nn.Module):
     def _cast(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return t if t.dtype == dtype else t.to(dtype)
 
+    def _encoder_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [B, S, d] checked and concatenated to [B, S·d], with W_enc, b_enc and the concatenated b_dec [S·d] in
+        x's dtype: the one encoder over all sources."""
+        self.check_input(x)
+        return (x.reshape(x.shape[0], self.S * self.d), self._cast(self.W_enc, x.dtype),
+                self._cast(self.b_enc, x.dtype), self._cast(self.b_dec, x.dtype).reshape(self.S * self.d))
+
     # ---- forward -----------------------------------------------------------------------------------------
     def encode(self, x: Tensor, *, update_threshold: bool | None = None) -> tuple[Tensor, Tensor]:
         """(values [B, c], indices [B, c] int64) of x [B, S, d]: the padded sparse code (zero = inactive slot).
 
         The S sources are concatenated to one row of width S·d (source-major) and encoded with the concatenated
         b_dec. Top-K: c = k. BatchTopK: see the class doc (``update_threshold=False`` leaves the buffer alone)."""
-        self.check_input(x)
-        x2 = x.reshape(x.shape[0], self.S * self.d)
-        W_enc, b_enc = self._cast(self.W_enc, x.dtype), self._cast(self.b_enc, x.dtype)
-        b_cat = self._cast(self.b_dec, x.dtype).reshape(self.S * self.d)
+        x2, W_enc, b_enc, b_cat = self._encoder_inputs(x)
         if self.rule == "topk":
             return ops.topk_encode(x2, W_enc, b_enc, b_cat, self.k, backend=self.backend)
         if not self.training:
@@ -130,10 +134,7 @@ class Crosscoder(nn.Module):
         row the ``k_aux`` largest relu'd pre-activations among the latents where ``aux_mask`` [n] bool is True,
         zero-padded where fewer are (``ops.topk_encode_grouped``'s AuxK selection). Updates the BatchTopK
         threshold as :meth:`encode` does."""
-        self.check_input(x)
-        x2 = x.reshape(x.shape[0], self.S * self.d)
-        W_enc, b_enc = self._cast(self.W_enc, x.dtype), self._cast(self.b_enc, x.dtype)
-        b_cat = self._cast(self.b_dec, x.dtype).reshape(self.S * self.d)
+        x2, W_enc, b_enc, b_cat = self._encoder_inputs(x)
         if self.rule == "topk":
             codes = ops.topk_encode_grouped(x2, W_enc, b_enc, b_cat, [self.k], [self.n], aux_mask=aux_mask,
                                             k_aux=[k_aux], backend=self.backend)
